@@ -1,0 +1,76 @@
+"""Shared inputs and the one tolerance every float32-vs-float64 comparison uses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import tvm_attn
+from tvm_attn import references
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+# Knob values each pruned variant is tested with (the default grid uses the first).
+KNOBS = {
+    "threshold": [{"threshold": t} for t in (0.05, 0.001, 0.3)],
+    "topk": [{"top_k": k} for k in (5, 1, 64, 1000)],
+}
+
+
+def knobs_for(variant: str) -> list[dict]:
+    return KNOBS.get(variant, [{}])
+
+
+def tolerance(spec: tvm_attn.AttentionSpec) -> float:
+    """atol = rtol for float32 kernels against the float64 reference.
+
+    A float32 output is a chain of D-term dot products, a seq_kv-term softmax sum and a seq_kv-term P V sum; rounding
+    errors of such sums grow like eps * sqrt(terms) when they are independent. Allow 8x that.
+    """
+    return 8 * EPS32 * math.sqrt(spec.head_dim + spec.seq_kv)
+
+
+def make_inputs(spec: tvm_attn.AttentionSpec, seed: int = 0, q_scale: float = 1.0):
+    """Gaussian float32 q, k, v. q_scale > 1 sharpens the softmax (more weights clear a threshold)."""
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal(spec.q_shape) * q_scale).astype(np.float32)
+    k = rng.standard_normal(spec.kv_shape).astype(np.float32)
+    v = rng.standard_normal(spec.kv_shape).astype(np.float32)
+    return q, k, v
+
+
+def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k) -> np.ndarray:
+    """(B, H, Sq) bool: rows whose keep decision float32 rounding could flip (a weight within 1e-4 relative of the
+    threshold, or k-th and (k+1)-th scores within 1e-4). Elsewhere kernel and reference must agree."""
+    s = references.scores(spec, q, k)
+    vis = references.visible_mask(spec)
+    if variant == "threshold":
+        p = references.softmax_weights(spec, s)
+        return (vis & (np.abs(p - spec.threshold) < 1e-4 * spec.threshold)).any(axis=-1)
+    if variant == "topk":
+        ordered = -np.sort(-np.where(vis, s, -np.inf), axis=-1)
+        n = spec.top_k
+        if n >= spec.seq_kv:
+            return np.zeros(s.shape[:3], dtype=bool)
+        with np.errstate(invalid="ignore"):  # -inf - -inf in rows with fewer than top_k + 1 visible keys
+            gap = ordered[..., n - 1] - ordered[..., n]
+        return np.isfinite(gap) & (gap < 1e-4)
+    return np.zeros(s.shape[:3], dtype=bool)
+
+
+def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v):
+    ref = tvm_attn.get_variant(variant).reference(spec, q, k, v)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert np.isfinite(out).all(), "kernel produced non-finite values"
+    skip = ambiguous_rows(variant, spec, q, k)
+    assert skip.mean() <= 0.05, f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
+    tol = tolerance(spec)
+    np.testing.assert_allclose(out[~skip], ref[~skip], rtol=tol, atol=tol,
+                               err_msg=f"{variant} {spec.name} differs from its float64 reference")
+
+
+@pytest.fixture(scope="session")
+def host_key() -> str:
+    return tvm_attn.target_key("host")

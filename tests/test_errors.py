@@ -1,0 +1,102 @@
+"""Bad input gets a ValueError/TypeError naming the argument and its value, never a crash."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tvm_attn
+
+
+def _qkv(b=1, h=4, kvh=2, sq=5, skv=6, d=8, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((b, h, sq, d)).astype(dtype),
+            rng.standard_normal((b, kvh, skv, d)).astype(dtype),
+            rng.standard_normal((b, kvh, skv, d)).astype(dtype))
+
+
+def test_good_inputs_pass():
+    q, k, v = _qkv()
+    assert tvm_attn.attention(q, k, v).shape == q.shape
+
+
+BAD_ARRAYS = [
+    ("rank", lambda q, k, v: (q[0], k, v), ValueError, "q must have rank 4"),
+    ("k vs v", lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "k and v must have the same shape"),
+    ("batch", lambda q, k, v: (q, np.concatenate([k, k]), np.concatenate([v, v])), ValueError, "batch of q"),
+    ("head_dim", lambda q, k, v: (q[..., :4], k, v), ValueError, "head_dim of q (4) and k/v (8)"),
+    ("heads", lambda q, k, v: (q[:, :3], k, v), ValueError, "heads=3 is not a multiple of kv_heads=2"),
+    ("seq 0", lambda q, k, v: (q[:, :, :0], k, v), ValueError, "seq_q must be >= 1, got 0"),
+    ("seq_kv 0", lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, "seq_kv must be >= 1, got 0"),
+    ("dtype", lambda q, k, v: (q.astype(np.float64), k, v), TypeError, "q must be float32, got float64"),
+    ("mixed dtype", lambda q, k, v: (q, k, v.astype(np.float16)), TypeError, "v must be float32, got float16"),
+    ("not an array", lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be an array"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,error,message", BAD_ARRAYS, ids=[b[0] for b in BAD_ARRAYS])
+def test_bad_arrays(name, mutate, error, message):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(error, match=_literal(message)):
+        tvm_attn.attention(q, k, v)
+    with pytest.raises(error, match=_literal(message)):
+        tvm_attn.reference(q, k, v)
+
+
+BAD_KNOBS = [
+    (dict(variant="nope"), ValueError, "unknown variant 'nope'"),
+    (dict(variant="threshold", threshold=0.0), ValueError, "threshold must be in (0, 1), got 0.0"),
+    (dict(variant="threshold", threshold=1.0), ValueError, "threshold must be in (0, 1), got 1.0"),
+    (dict(variant="threshold", threshold=-0.1), ValueError, "threshold must be in (0, 1), got -0.1"),
+    (dict(variant="threshold"), ValueError, "variant 'threshold' needs threshold=..."),
+    (dict(variant="topk", top_k=0), ValueError, "top_k must be >= 1, got 0"),
+    (dict(variant="topk", top_k=2.5), TypeError, "top_k must be an int, got 2.5"),
+    (dict(variant="topk"), ValueError, "variant 'topk' needs top_k=..."),
+    (dict(variant="topk", top_k=3, threshold=0.1), ValueError, "give threshold or top_k, not both"),
+    (dict(variant="flash", top_k=3), ValueError, "top_k=3 is only used by variant 'topk', not 'flash'"),
+    (dict(variant="standard", threshold=0.1), ValueError, "threshold=0.1 is only used by variant 'threshold'"),
+    (dict(scale=0.0), ValueError, "scale must be a finite non-zero number, got 0.0"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite non-zero number, got nan"),
+    (dict(causal="yes"), TypeError, "causal must be a bool, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_KNOBS, ids=[str(b[0]) for b in BAD_KNOBS])
+def test_bad_knobs(kwargs, error, message):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=_literal(message)):
+        tvm_attn.attention(q, k, v, **kwargs)
+    with pytest.raises(error, match=_literal(message)):
+        tvm_attn.reference(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("target,message", [
+    ("cuda", "unknown target 'cuda'"),
+    ("apple-m9", "unknown target 'apple-m9'"),
+    ({"kind": "cuda"}, "only CPU targets of kind 'llvm'"),
+    ("{not json", "is not valid JSON"),
+    (42, "target must be a name, a dict or a tvm Target, got int"),
+])
+def test_bad_targets(target, message):
+    q, k, v = _qkv()
+    with pytest.raises((ValueError, TypeError), match=_literal(message)):
+        tvm_attn.attention(q, k, v, target=target)
+
+
+def test_bad_schedule():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown schedule 'fastest'"):
+        tvm_attn.attention(q, k, v, schedule="fastest")
+
+
+def test_kernel_rejects_other_shapes():
+    q, k, v = _qkv()
+    kernel = tvm_attn.build("flash", tvm_attn.AttentionSpec.from_arrays(q, k, v))
+    q2, k2, v2 = _qkv(sq=7)
+    with pytest.raises(ValueError, match="this kernel was built for b1_h4_kv2_q5_k6_d8"):
+        kernel(q2, k2, v2)
+
+
+def _literal(message: str) -> str:
+    import re
+    return re.escape(message)

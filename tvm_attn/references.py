@@ -1,0 +1,80 @@
+"""Float64 numpy references: the definition of every variant's output.
+
+Rows with no visible key (causal with seq_q > seq_kv) output 0, as in FlashAttention.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .spec import AttentionSpec
+
+
+def scores(spec: AttentionSpec, q, k) -> np.ndarray:
+    """scale * q k^T in float64, shape (batch, heads, seq_q, seq_kv), KV heads broadcast over their group."""
+    q64 = np.asarray(q, dtype=np.float64)
+    k64 = np.repeat(np.asarray(k, dtype=np.float64), spec.group_size, axis=1)
+    return spec.scale * np.einsum("bhid,bhjd->bhij", q64, k64)
+
+
+def visible_mask(spec: AttentionSpec) -> np.ndarray:
+    """(seq_q, seq_kv) bool: which keys each query row sees."""
+    i = np.arange(spec.seq_q)[:, None]
+    j = np.arange(spec.seq_kv)[None, :]
+    if not spec.causal:
+        return np.ones((spec.seq_q, spec.seq_kv), dtype=bool)
+    return j <= i + spec.causal_offset
+
+
+def softmax_weights(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+    """Row softmax over the visible keys; masked keys and empty rows get weight 0."""
+    vis = visible_mask(spec)
+    masked = np.where(vis, s, -np.inf)
+    row_max = masked.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    e = np.where(vis, np.exp(masked - row_max), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def _weighted_sum(spec: AttentionSpec, w: np.ndarray, v) -> np.ndarray:
+    """Renormalize w over each row and multiply by V."""
+    total = w.sum(axis=-1, keepdims=True)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    v64 = np.repeat(np.asarray(v, dtype=np.float64), spec.group_size, axis=1)
+    return np.einsum("bhij,bhjd->bhid", w, v64)
+
+
+def dense(spec: AttentionSpec, q, k, v) -> np.ndarray:
+    """softmax(scale * q k^T) v over the visible keys (standard, flash and mqa)."""
+    return _weighted_sum(spec, softmax_weights(spec, scores(spec, q, k)), v)
+
+
+def threshold_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+    """Keys kept by threshold pruning: weight >= threshold, plus every key holding the row's largest weight."""
+    vis = visible_mask(spec)
+    p = softmax_weights(spec, s)
+    row_max = np.where(vis, s, -np.inf).max(axis=-1, keepdims=True)
+    return vis & ((p >= spec.threshold) | (s == row_max))
+
+
+def threshold(spec: AttentionSpec, q, k, v) -> np.ndarray:
+    """Softmax weights below the threshold dropped (the row's largest always kept), then renormalized."""
+    s = scores(spec, q, k)
+    return _weighted_sum(spec, softmax_weights(spec, s) * threshold_keep(spec, s), v)
+
+
+def topk_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+    """Keys kept by top-k: the top_k largest visible scores of each row, ties to the lower key index."""
+    vis = visible_mask(spec)
+    # A stable sort of -s orders equal scores by key index; masked keys sort last and are dropped below.
+    order = np.argsort(np.where(vis, -s, np.inf), axis=-1, kind="stable")[..., : spec.top_k]
+    keep = np.zeros(s.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return keep & vis
+
+
+def topk(spec: AttentionSpec, q, k, v) -> np.ndarray:
+    """Softmax over the top_k largest scores of each row (dense when top_k >= the visible keys)."""
+    s = scores(spec, q, k)
+    return _weighted_sum(spec, softmax_weights(spec, s) * topk_keep(spec, s), v)

@@ -1,0 +1,149 @@
+"""The shape-and-knob spec every kernel is built for, and the checks on user input."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+DTYPE = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Shapes (layout BHSD) and semantic knobs of one attention call.
+
+    q is (batch, heads, seq_q, head_dim); k and v are (batch, kv_heads, seq_kv, head_dim). Query head h reads
+    KV head h // (heads // kv_heads). ``causal`` aligns the mask bottom-right: query i sees keys
+    j <= i + (seq_kv - seq_q). ``scale`` None means 1/sqrt(head_dim). ``threshold`` and ``top_k`` are the
+    pruning knobs of the variants of the same names and are None elsewhere.
+    """
+
+    batch: int = 2
+    heads: int = 8
+    kv_heads: int | None = None
+    seq_q: int = 512
+    seq_kv: int | None = None
+    head_dim: int = 64
+    causal: bool = False
+    scale: float | None = None
+    threshold: float | None = None
+    top_k: int | None = None
+    dtype: str = DTYPE
+
+    def __post_init__(self):
+        # Fill the derived defaults so equal specs hash equal (kernels are cached on the spec).
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.seq_kv is None:
+            object.__setattr__(self, "seq_kv", self.seq_q)
+        for name in ("batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+            object.__setattr__(self, name, int(value))
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}"
+            )
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+        object.__setattr__(self, "causal", bool(self.causal))
+        if self.dtype != DTYPE:
+            raise TypeError(f"dtype must be {DTYPE!r} (the only one supported), got {self.dtype!r}")
+        if self.scale is None:
+            object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
+        elif not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale == 0:
+            raise ValueError(f"scale must be a finite non-zero number, got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        if self.threshold is not None and self.top_k is not None:
+            raise ValueError(
+                f"give threshold or top_k, not both (threshold={self.threshold!r}, top_k={self.top_k!r})"
+            )
+        if self.threshold is not None:
+            if not _is_real(self.threshold) or not 0.0 < self.threshold < 1.0:
+                raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
+            object.__setattr__(self, "threshold", float(self.threshold))
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+                raise TypeError(f"top_k must be an int, got {self.top_k!r}")
+            if self.top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            object.__setattr__(self, "top_k", int(self.top_k))
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def causal_offset(self) -> int:
+        """Query i sees keys j <= i + causal_offset when causal."""
+        return self.seq_kv - self.seq_q
+
+    @property
+    def q_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, self.seq_q, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.kv_heads, self.seq_kv, self.head_dim)
+
+    def visible_keys(self, i: int) -> int:
+        """How many keys (a prefix 0..n-1) query row i sees."""
+        if not self.causal:
+            return self.seq_kv
+        return min(self.seq_kv, max(0, i + self.causal_offset + 1))
+
+    def dense_flops(self) -> int:
+        """FLOPs of the two matmuls of dense attention, 4*B*H*Sq*Skv*D (the peers' convention)."""
+        return 4 * self.batch * self.heads * self.seq_q * self.seq_kv * self.head_dim
+
+    @property
+    def name(self) -> str:
+        """A short readable id, e.g. b2_h8_kv8_q512_k512_d64_causal."""
+        parts = [
+            f"b{self.batch}", f"h{self.heads}", f"kv{self.kv_heads}",
+            f"q{self.seq_q}", f"k{self.seq_kv}", f"d{self.head_dim}",
+        ]
+        if self.causal:
+            parts.append("causal")
+        if self.threshold is not None:
+            parts.append(f"tau{self.threshold:g}")
+        if self.top_k is not None:
+            parts.append(f"top{self.top_k}")
+        return "_".join(parts)
+
+    @classmethod
+    def from_arrays(cls, q, k, v, **knobs) -> "AttentionSpec":
+        """The spec of numpy-like arrays q, k, v; raises ValueError/TypeError naming what is wrong."""
+        for name, arr in (("q", q), ("k", k), ("v", v)):
+            if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+                raise TypeError(f"{name} must be an array with shape and dtype, got {type(arr).__name__}")
+            if len(arr.shape) != 4:
+                raise ValueError(
+                    f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(arr.shape)}"
+                )
+            if np.dtype(arr.dtype) != np.float32:
+                raise TypeError(f"{name} must be float32, got {np.dtype(arr.dtype)} (use .astype(np.float32))")
+        if tuple(k.shape) != tuple(v.shape):
+            raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        b, h, sq, d = q.shape
+        kb, kvh, skv, kd = k.shape
+        if kb != b:
+            raise ValueError(f"batch of q ({b}) and k/v ({kb}) differ")
+        if kd != d:
+            raise ValueError(f"head_dim of q ({d}) and k/v ({kd}) differ")
+        for name, value in (("seq_q", sq), ("seq_kv", skv), ("batch", b), ("heads", h),
+                            ("kv_heads", kvh), ("head_dim", d)):
+            if value == 0:
+                raise ValueError(f"{name} must be >= 1, got 0 (empty input)")
+        return cls(batch=b, heads=h, kv_heads=kvh, seq_q=sq, seq_kv=skv, head_dim=d, **knobs)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

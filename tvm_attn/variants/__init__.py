@@ -1,0 +1,67 @@
+"""The registry of attention variants that tune, bench, export and the tests all iterate."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from .. import references as _ref
+from ..schedules import flash as _flash_schedule
+from ..schedules import standard as _standard_schedule
+from ..schedules import threshold as _threshold_schedule
+from ..schedules import topk as _topk_schedule
+from ..spec import AttentionSpec
+from . import flash, standard, threshold, topk
+
+KNOBS = ("threshold", "top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One attention variant: its compute definition, hand schedule and float64 reference."""
+
+    name: str
+    summary: str
+    compute: Callable  # AttentionSpec -> tvm PrimFunc
+    schedule: Callable  # (tvm.s_tir.Schedule, tvm Target) -> None; also a MetaSchedule design space
+    reference: Callable[..., np.ndarray]  # (AttentionSpec, q, k, v) -> float64 output
+    knob: str | None = None  # the AttentionSpec field this variant requires
+
+    def check(self, spec: AttentionSpec) -> None:
+        """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs."""
+        for knob in KNOBS:
+            value = getattr(spec, knob)
+            if knob == self.knob and value is None:
+                raise ValueError(f"variant {self.name!r} needs {knob}=..., got {knob}=None")
+            if knob != self.knob and value is not None:
+                users = [v.name for v in VARIANTS.values() if v.knob == knob]
+                raise ValueError(f"{knob}={value!r} is only used by variant {users[0]!r}, not {self.name!r}")
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("standard", "softmax(scale q k^T) v with the score matrix materialized",
+                standard.compute, _standard_schedule.schedule, _ref.dense),
+        Variant("flash", "blocked online softmax over KV tiles, no score matrix",
+                flash.compute, _flash_schedule.schedule, _ref.dense),
+        Variant("mqa", "flash whose row tiles stack the query heads of a KV group (multi-/grouped-query)",
+                flash.compute_grouped, _flash_schedule.schedule, _ref.dense),
+        Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
+                threshold.compute, _threshold_schedule.schedule, _ref.threshold, knob="threshold"),
+        Variant("topk", "softmax over the top_k largest scores of each row",
+                topk.compute, _topk_schedule.schedule, _ref.topk, knob="top_k"),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The registered variant called ``name``; ValueError naming the known ones otherwise."""
+    if isinstance(name, Variant):
+        return name
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown variant {name!r}: use one of {', '.join(VARIANTS)}") from None
