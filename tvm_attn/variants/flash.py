@@ -5,16 +5,27 @@ the unnormalized output ``acc`` are rescaled by alpha = exp(m_old - m_new) whene
 (rows x block_kv) score tile exists at a time. With ``group_rows`` (the ``mqa`` variant) a row tile spans the query
 heads of one KV group, so every K/V tile loaded serves the whole group: multi-query and grouped-query attention.
 
-Block names (the contract with schedules/flash.py): a "tile" block per row tile owns the scratch buffers; inside it
-init_stats, init_acc, then per KV tile a "kv_tile" block holding qk, tile_max, rescale, p, tile_sum, pv; then out.
-The reductions' inits do the rescaling (m_new = m, l *= alpha, acc *= alpha). Their predicates only cut tails
-(j < seq_kv holds at j = 0), never the causal mask, which is a Select, so an init can never be skipped.
+Blocks (the contract with schedules/flash.py):
+  k_t          K transposed to (d, key), zero-padded to whole KV tiles: keys lie along vector lanes in qk
+  tile         one per row tile, owning the scratch buffers; inside it:
+    q_tile     the tile's query rows, pre-scaled, zero-padded past the last row
+    init_stats, init_acc
+    kv_tile    one per KV tile (causal: only tiles some row of the tile can see); inside it:
+      qk         S = q_tile k_t                               (a BQ x BK x D matmul)
+      tile_max   the tile's row max over visible keys         (pure reductions, so rfactor/cache_write apply)
+      rescale    m_new = max(m, tile_max), alpha = exp(m - m_new)
+      p          P = exp(S - m_new), 0 where masked
+      tile_sum   row sums of P
+      pv         O = P v                                      (a BQ x BK x D matmul)
+      update     acc = alpha acc + O, l = alpha l + tile_sum
+    out        acc / l (0 for rows that see no key)
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..fast_exp import fast_exp
 from ..spec import AttentionSpec
 
 BLOCK_Q = 32
@@ -33,7 +44,7 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
     GO = G // GI  # query heads of a group handled by separate tiles
     R = GI * SQ  # rows of one (batch, kv head, outer group) slice: row r is head (r // SQ), query (r % SQ)
     BQ = min(block_q, R)
-    BK = min(block_kv, SKV)
+    BK = block_kv  # not clamped to seq_kv: k_t is zero-padded, so tiles are whole vectors
     NT = _ceil_div(R, BQ)
     NK = _ceil_div(SKV, BK)
     OFF = spec.causal_offset
@@ -50,8 +61,11 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
     def query(r):
         return r % SQ if GI > 1 else r
 
-    def visible(r, j):
-        return j <= query(r) + OFF if CAUSAL else True
+    def usable(rt, r, j):
+        """Key j exists and row r of tile rt may see it."""
+        if CAUSAL:
+            return T.And(j < SKV, j <= query(rt * BQ + r) + OFF)
+        return j < SKV
 
     def kv_tiles(rt):
         """KV tiles that row tile rt needs: all of them, or causal ones up to its last visible key."""
@@ -65,9 +79,6 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
         n_visible = T.min(SKV, T.max(0, last_q + OFF + 1))
         return (n_visible + BK - 1) // BK
 
-    def row_ok(rt, r):
-        return rt * BQ + r < R
-
     @T.prim_func(s_tir=True)
     def flash(
         q: T.Buffer((B, KVH * G, SQ, D), dtype),
@@ -76,83 +87,95 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
         out: T.Buffer((B, KVH * G, SQ, D), dtype),
     ):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        for b, kh, go, rt in T.grid(B, KVH, GO, NT):
-            with T.sblock("tile"):
-                vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
-                S = T.sblock_alloc_buffer((BQ, BK), dtype)
-                P = T.sblock_alloc_buffer((BQ, BK), dtype)
-                m = T.sblock_alloc_buffer((BQ,), dtype)
-                m_new = T.sblock_alloc_buffer((BQ,), dtype)
-                alpha = T.sblock_alloc_buffer((BQ,), dtype)
-                l = T.sblock_alloc_buffer((BQ,), dtype)
-                acc = T.sblock_alloc_buffer((BQ, D), dtype)
-                for ri in range(BQ):
-                    with T.sblock("init_stats"):
-                        r = T.axis.spatial(BQ, ri)
-                        T.where(row_ok(vrt, ri))
-                        m[r] = NEG
-                        l[r] = ZERO
-                for ri, d in T.grid(BQ, D):
-                    with T.sblock("init_acc"):
-                        r, dd = T.axis.remap("SS", [ri, d])
-                        T.where(row_ok(vrt, ri))
-                        acc[r, dd] = ZERO
-                for t in range(kv_tiles(vrt)):
-                    with T.sblock("kv_tile"):
-                        vt = T.axis.opaque(NK, t)
-                        for ri, jj, d in T.grid(BQ, BK, D):
-                            with T.sblock("qk"):
-                                r, j, dd = T.axis.remap("SSR", [ri, jj, d])
-                                T.where(row_ok(vrt, ri) and vt * BK + jj < SKV)
-                                with T.init():
-                                    S[r, j] = ZERO
-                                S[r, j] = S[r, j] + (
-                                    q[vb, head(vkh, vgo, vrt * BQ + r), query(vrt * BQ + r), dd]
-                                    * k[vb, vkh, vt * BK + j, dd]
-                                )
-                        for ri, jj in T.grid(BQ, BK):
-                            with T.sblock("tile_max"):
-                                r, j = T.axis.remap("SR", [ri, jj])
-                                T.where(row_ok(vrt, ri) and vt * BK + jj < SKV)
-                                with T.init():
-                                    m_new[r] = m[r]
-                                m_new[r] = T.max(
-                                    m_new[r], T.Select(visible(vrt * BQ + r, vt * BK + j), S[r, j] * SCALE, NEG)
-                                )
-                        for ri in range(BQ):
-                            with T.sblock("rescale"):
-                                r = T.axis.spatial(BQ, ri)
-                                T.where(row_ok(vrt, ri))
-                                alpha[r] = T.Select(m[r] == m_new[r], ONE, T.exp(m[r] - m_new[r]))
-                                m[r] = m_new[r]
-                        for ri, jj in T.grid(BQ, BK):
-                            with T.sblock("p"):
-                                r, j = T.axis.remap("SS", [ri, jj])
-                                T.where(row_ok(vrt, ri) and vt * BK + jj < SKV)
-                                P[r, j] = T.Select(
-                                    visible(vrt * BQ + r, vt * BK + j), T.exp(S[r, j] * SCALE - m[r]), ZERO
-                                )
-                        for ri, jj in T.grid(BQ, BK):
-                            with T.sblock("tile_sum"):
-                                r, j = T.axis.remap("SR", [ri, jj])
-                                T.where(row_ok(vrt, ri) and vt * BK + jj < SKV)
-                                with T.init():
-                                    l[r] = l[r] * alpha[r]
-                                l[r] = l[r] + P[r, j]
-                        for ri, jj, d in T.grid(BQ, BK, D):
-                            with T.sblock("pv"):
-                                r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                                T.where(row_ok(vrt, ri) and vt * BK + jj < SKV)
-                                with T.init():
-                                    acc[r, dd] = acc[r, dd] * alpha[r]
-                                acc[r, dd] = acc[r, dd] + P[r, j] * v[vb, vkh, vt * BK + j, dd]
-                for ri, d in T.grid(BQ, D):
-                    with T.sblock("out"):
-                        r, dd = T.axis.remap("SS", [ri, d])
-                        T.where(row_ok(vrt, ri))
-                        out[vb, head(vkh, vgo, vrt * BQ + r), query(vrt * BQ + r), dd] = T.Select(
-                            l[r] > ZERO, acc[r, dd] / l[r], ZERO
-                        )
+        with T.sblock("root"):
+            k_t = T.sblock_alloc_buffer((B, KVH, D, NK * BK), dtype)
+            for b, kh, d, j in T.grid(B, KVH, D, NK * BK):
+                with T.sblock("k_t"):
+                    vb, vkh, vd, vj = T.axis.remap("SSSS", [b, kh, d, j])
+                    k_t[vb, vkh, vd, vj] = T.if_then_else(vj < SKV, k[vb, vkh, T.min(vj, SKV - 1), vd], ZERO)
+            for b, kh, go, rt in T.grid(B, KVH, GO, NT):
+                with T.sblock("tile"):
+                    vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
+                    q_tile = T.sblock_alloc_buffer((BQ, D), dtype)
+                    S = T.sblock_alloc_buffer((BQ, BK), dtype)
+                    P = T.sblock_alloc_buffer((BQ, BK), dtype)
+                    O = T.sblock_alloc_buffer((BQ, D), dtype)
+                    m = T.sblock_alloc_buffer((BQ,), dtype)
+                    t_max = T.sblock_alloc_buffer((BQ,), dtype)
+                    t_sum = T.sblock_alloc_buffer((BQ,), dtype)
+                    alpha = T.sblock_alloc_buffer((BQ,), dtype)
+                    l = T.sblock_alloc_buffer((BQ,), dtype)
+                    acc = T.sblock_alloc_buffer((BQ, D), dtype)
+                    for ri, d in T.grid(BQ, D):
+                        with T.sblock("q_tile"):
+                            r, dd = T.axis.remap("SS", [ri, d])
+                            q_tile[r, dd] = T.if_then_else(
+                                vrt * BQ + r < R,
+                                q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1)), query(T.min(vrt * BQ + r, R - 1)), dd]
+                                * SCALE,
+                                ZERO,
+                            )
+                    for ri in range(BQ):
+                        with T.sblock("init_stats"):
+                            r = T.axis.spatial(BQ, ri)
+                            m[r] = NEG
+                            l[r] = ZERO
+                    for ri, d in T.grid(BQ, D):
+                        with T.sblock("init_acc"):
+                            r, dd = T.axis.remap("SS", [ri, d])
+                            acc[r, dd] = ZERO
+                    for t in range(kv_tiles(vrt)):
+                        with T.sblock("kv_tile"):
+                            vt = T.axis.opaque(NK, t)
+                            for ri, jj, d in T.grid(BQ, BK, D):
+                                with T.sblock("qk"):
+                                    r, j, dd = T.axis.remap("SSR", [ri, jj, d])
+                                    with T.init():
+                                        S[r, j] = ZERO
+                                    S[r, j] = S[r, j] + q_tile[r, dd] * k_t[vb, vkh, dd, vt * BK + j]
+                            for ri, jj in T.grid(BQ, BK):
+                                with T.sblock("tile_max"):
+                                    r, j = T.axis.remap("SR", [ri, jj])
+                                    with T.init():
+                                        t_max[r] = NEG
+                                    t_max[r] = T.max(t_max[r], T.Select(usable(vrt, r, vt * BK + j), S[r, j], NEG))
+                            for ri in range(BQ):
+                                with T.sblock("rescale"):
+                                    r = T.axis.spatial(BQ, ri)
+                                    alpha[r] = T.Select(m[r] >= t_max[r], ONE, fast_exp(m[r] - t_max[r]))
+                                    m[r] = T.max(m[r], t_max[r])
+                            for ri, jj in T.grid(BQ, BK):
+                                with T.sblock("p"):
+                                    r, j = T.axis.remap("SS", [ri, jj])
+                                    P[r, j] = T.Select(usable(vrt, r, vt * BK + j), fast_exp(S[r, j] - m[r]), ZERO)
+                            for ri, jj in T.grid(BQ, BK):
+                                with T.sblock("tile_sum"):
+                                    r, j = T.axis.remap("SR", [ri, jj])
+                                    with T.init():
+                                        t_sum[r] = ZERO
+                                    t_sum[r] = t_sum[r] + P[r, j]
+                            for ri, jj, d in T.grid(BQ, BK, D):
+                                with T.sblock("pv"):
+                                    r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+                                    T.where(vt * BK + jj < SKV)
+                                    with T.init():
+                                        O[r, dd] = ZERO
+                                    O[r, dd] = O[r, dd] + P[r, j] * v[vb, vkh, vt * BK + j, dd]
+                            for ri, d in T.grid(BQ, D):
+                                with T.sblock("update"):
+                                    r, dd = T.axis.remap("SS", [ri, d])
+                                    acc[r, dd] = acc[r, dd] * alpha[r] + O[r, dd]
+                            for ri in range(BQ):
+                                with T.sblock("update_sum"):
+                                    r = T.axis.spatial(BQ, ri)
+                                    l[r] = l[r] * alpha[r] + t_sum[r]
+                    for ri, d in T.grid(BQ, D):
+                        with T.sblock("out"):
+                            r, dd = T.axis.remap("SS", [ri, d])
+                            T.where(vrt * BQ + ri < R)
+                            out[vb, head(vkh, vgo, vrt * BQ + r), query(vrt * BQ + r), dd] = T.Select(
+                                l[r] > ZERO, acc[r, dd] / l[r], ZERO
+                            )
 
     return flash
 
