@@ -1,12 +1,13 @@
 """TE pieces shared by the materialized-score variants (standard, threshold).
 
-Block names are the contract with schedules/: qk, row_max, exp, row_sum, pv, out.
+Block names are the contract with schedules/: k_t, qk, row_max, exp, row_sum, pv, out.
 """
 
 from __future__ import annotations
 
 from tvm import te, tirx
 
+from ..fast_exp import fast_exp
 from ..spec import AttentionSpec
 
 
@@ -17,35 +18,35 @@ def inputs(spec: AttentionSpec):
     return q, k, v
 
 
-def visible(spec: AttentionSpec, i, j):
-    """Causal visibility of key j from query i (bottom-right aligned), or None when every key is visible."""
-    return j <= i + spec.causal_offset if spec.causal else None
-
-
-def masked(spec: AttentionSpec, i, j, value):
-    cond = visible(spec, i, j)
-    return value if cond is None else tirx.Select(cond, value, tirx.const(0.0, spec.dtype))
+def masked(spec: AttentionSpec, i, j, value, fill):
+    """``value`` where query i sees key j (causal, bottom-right aligned), else ``fill``."""
+    if not spec.causal:
+        return value
+    return tirx.Select(j <= i + spec.causal_offset, value, tirx.const(fill, spec.dtype))
 
 
 def scores_and_softmax_stats(spec: AttentionSpec, q, k):
-    """qk = q k^T (unscaled), row_max = max visible scale*qk, exp = exp(scale*qk - row_max) (0 when masked)."""
-    b_, h_, sq, d_ = spec.q_shape
+    """qk = q k^T (unscaled; k read transposed from k_t so keys lie along vector lanes), row_max = max visible
+    scale*qk, exp = exp(scale*qk - row_max), 0 where masked."""
     g = spec.group_size
+    k_t = te.compute((spec.batch, spec.kv_heads, spec.head_dim, spec.seq_kv),
+                     lambda b, kh, d, j: k[b, kh, j, d], name="k_t")
     d = te.reduce_axis((0, spec.head_dim), name="d")
     qk = te.compute(
         (spec.batch, spec.heads, spec.seq_q, spec.seq_kv),
-        lambda b, h, i, j: te.sum(q[b, h, i, d] * k[b, h // g, j, d], axis=d),
+        lambda b, h, i, j: te.sum(q[b, h, i, d] * k_t[b, h // g, d, j], axis=d),
         name="qk",
     )
+    neg = tirx.min_value(spec.dtype).value
     j = te.reduce_axis((0, spec.seq_kv), name="j")
     row_max = te.compute(
         (spec.batch, spec.heads, spec.seq_q),
-        lambda b, h, i: te.max(qk[b, h, i, j] * spec.scale, axis=j, where=visible(spec, i, j)),
+        lambda b, h, i: te.max(masked(spec, i, j, qk[b, h, i, j] * spec.scale, neg), axis=j),
         name="row_max",
     )
     exp = te.compute(
         qk.shape,
-        lambda b, h, i, j: masked(spec, i, j, te.exp(qk[b, h, i, j] * spec.scale - row_max[b, h, i])),
+        lambda b, h, i, j: masked(spec, i, j, fast_exp(qk[b, h, i, j] * spec.scale - row_max[b, h, i]), 0.0),
         name="exp",
     )
     return qk, row_max, exp
