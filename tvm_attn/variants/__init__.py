@@ -9,11 +9,10 @@ import numpy as np
 
 from .. import references as _ref
 from ..schedules import flash as _flash_schedule
+from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
-from ..schedules import threshold as _threshold_schedule
-from ..schedules import topk as _topk_schedule
 from ..spec import AttentionSpec
-from . import flash, standard, threshold, topk
+from . import flash, pruned, standard
 
 KNOBS = ("threshold", "top_k")
 
@@ -50,9 +49,9 @@ VARIANTS: dict[str, Variant] = {
         Variant("mqa", "flash whose row tiles stack the query heads of a KV group (multi-/grouped-query)",
                 flash.compute_grouped, _flash_schedule.schedule, _ref.dense),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
-                threshold.compute, _threshold_schedule.schedule, _ref.threshold, knob="threshold"),
+                pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold"),
         Variant("topk", "softmax over the top_k largest scores of each row",
-                topk.compute, _topk_schedule.schedule, _ref.topk, knob="top_k"),
+                pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k"),
     )
 }
 
