@@ -45,3 +45,19 @@ def test_clamps_instead_of_overflowing():
 def test_vectorizes_without_libm_calls():
     asm = _compiled(1024).mod.inspect_source("asm")
     assert "expf" not in asm
+
+
+def test_softmax_exp_is_exactly_zero_below_the_cutoff():
+    """No subnormal weights: they would put the FPU on its slow path (see softmax_exp)."""
+    from tvm_attn.fast_exp import SOFTMAX_CUTOFF, softmax_exp
+
+    n = 64
+    x = te.placeholder((n,), "float32", name="x")
+    y = te.compute((n,), lambda i: softmax_exp(x[i]), name="y")
+    ex = tvm.compile(te.create_prim_func([x, y]), target="llvm")
+    values = np.linspace(-120.0, 0.0, n, dtype=np.float32)
+    out = _run(ex, values)
+    below = values < SOFTMAX_CUTOFF
+    assert (out[below] == 0).all()
+    np.testing.assert_allclose(out[~below], np.exp(values[~below].astype(np.float64)), rtol=2e-7)
+    assert (out[~below] >= np.finfo(np.float32).tiny).all()

@@ -37,3 +37,16 @@ def fast_exp(x):
     two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
     body = tirx.Let(n, tirx.floor(xc * c(_LOG2E) + c(0.5)), exp_r * two_n)
     return tirx.Let(xc, tirx.max(tirx.min(x, c(X_MAX)), c(X_MIN)), body)
+
+
+SOFTMAX_CUTOFF = -80.0
+
+
+def softmax_exp(x):
+    """fast_exp(x), but exactly 0 for x < -80, which is what softmax weights (x = score - row max <= 0) use.
+
+    exp(-80) = 1.8e-35 is far below float32 resolution next to the row's largest weight (1). Without the cutoff,
+    peaked rows produce weights near 1e-38 whose products with v are subnormal floats, which x86 CPUs process
+    dozens of times slower: measured 4 ms instead of 0.1 ms for flash at seq 128 on peaked inputs.
+    """
+    return tirx.Select(x < tirx.const(SOFTMAX_CUTOFF, "float32"), tirx.const(0.0, "float32"), fast_exp(x))

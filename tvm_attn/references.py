@@ -14,7 +14,7 @@ def scores(spec: AttentionSpec, q, k) -> np.ndarray:
     """scale * q k^T in float64, shape (batch, heads, seq_q, seq_kv), KV heads broadcast over their group."""
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.repeat(np.asarray(k, dtype=np.float64), spec.group_size, axis=1)
-    return spec.scale * np.einsum("bhid,bhjd->bhij", q64, k64)
+    return spec.scale * (q64 @ k64.swapaxes(-1, -2))
 
 
 def visible_mask(spec: AttentionSpec) -> np.ndarray:
@@ -42,7 +42,7 @@ def _weighted_sum(spec: AttentionSpec, w: np.ndarray, v) -> np.ndarray:
     total = w.sum(axis=-1, keepdims=True)
     w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
     v64 = np.repeat(np.asarray(v, dtype=np.float64), spec.group_size, axis=1)
-    return np.einsum("bhij,bhjd->bhid", w, v64)
+    return w @ v64
 
 
 def dense(spec: AttentionSpec, q, k, v) -> np.ndarray:

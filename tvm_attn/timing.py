@@ -1,7 +1,12 @@
 """The one timer every measurement uses.
 
-Policy: one warm-up call, then calls until at least ``min_seconds`` have passed and at least ``min_repeats`` calls
-were made (at most ``max_repeats``); report median and quartiles of the per-call times.
+Policy: each callable is called once to warm up (first-touch page faults, thread-pool start). Then the callables
+of one comparison take turns, round-robin, so that machine drift hits all of them alike. A turn opens with one
+untimed call when several callables share the machine (another library's worker threads may still be spinning
+after its own turn, e.g. OpenMP's busy-wait after a torch call delays TVM's next parallel region by ~4 ms), then
+times calls until the turn has lasted ``turn_seconds`` (at least one). A callable stops once it has at least
+``min_repeats`` timed calls and ``min_seconds`` of them (or ``max_repeats``). Reported: median and quartiles of
+its per-call times.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import dataclasses
 import time
 
 import numpy as np
+
+_SLOW_CALL = 0.1  # seconds: no untimed opening call for callables this slow (a few ms of spin are < 1% of one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +30,38 @@ class Timing:
         return flops / (self.median_ms * 1e-3) / 1e9
 
 
-def measure(fn, *, min_seconds: float = 0.2, min_repeats: int = 5, max_repeats: int = 1000) -> Timing:
-    """Time ``fn()`` by the policy above."""
-    fn()  # warm-up: first-touch page faults, thread-pool start
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    q25, q50, q75 = np.percentile(np.array(times) * 1e3, [25, 50, 75])
-    return Timing(float(q50), float(q25), float(q75), len(times))
+def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int = 5, max_repeats: int = 1000,
+                        turn_seconds: float = 0.02) -> dict:
+    """Time each ``fns[name]()`` by the policy above; returns {name: Timing}."""
+    first = {name: _timed(fn) for name, fn in fns.items()}  # warm-up
+    samples = {name: [] for name in fns}
+    active = list(fns)
+    while active:
+        for name in active:
+            fn = fns[name]
+            last = samples[name][-1] if samples[name] else first[name]
+            if len(fns) > 1 and last < _SLOW_CALL:
+                fn()
+            turn_start = time.perf_counter()
+            while True:
+                samples[name].append(_timed(fn))
+                if time.perf_counter() - turn_start >= turn_seconds or len(samples[name]) >= max_repeats:
+                    break
+        active = [n for n in active if len(samples[n]) < max_repeats
+                  and (len(samples[n]) < min_repeats or sum(samples[n]) < min_seconds)]
+    result = {}
+    for name, times in samples.items():
+        q25, q50, q75 = np.percentile(np.array(times) * 1e3, [25, 50, 75])
+        result[name] = Timing(float(q50), float(q25), float(q75), len(times))
+    return result
+
+
+def measure(fn, **policy) -> Timing:
+    """Time one callable by the same policy."""
+    return measure_interleaved({"fn": fn}, **policy)["fn"]
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

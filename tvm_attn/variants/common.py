@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..fast_exp import fast_exp
+from ..fast_exp import softmax_exp
 from ..spec import AttentionSpec
 
 
@@ -46,7 +46,7 @@ def scores_and_softmax_stats(spec: AttentionSpec, q, k):
     )
     exp = te.compute(
         qk.shape,
-        lambda b, h, i, j: masked(spec, i, j, fast_exp(qk[b, h, i, j] * spec.scale - row_max[b, h, i]), 0.0),
+        lambda b, h, i, j: masked(spec, i, j, softmax_exp(qk[b, h, i, j] * spec.scale - row_max[b, h, i]), 0.0),
         name="exp",
     )
     return qk, row_max, exp

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..fast_exp import fast_exp
+from ..fast_exp import softmax_exp
 from ..spec import AttentionSpec
 
 BLOCK_Q = 32
@@ -142,12 +142,12 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
                             for ri in range(BQ):
                                 with T.sblock("rescale"):
                                     r = T.axis.spatial(BQ, ri)
-                                    alpha[r] = T.Select(m[r] >= t_max[r], ONE, fast_exp(m[r] - t_max[r]))
+                                    alpha[r] = T.Select(m[r] >= t_max[r], ONE, softmax_exp(m[r] - t_max[r]))
                                     m[r] = T.max(m[r], t_max[r])
                             for ri, jj in T.grid(BQ, BK):
                                 with T.sblock("p"):
                                     r, j = T.axis.remap("SS", [ri, jj])
-                                    P[r, j] = T.Select(usable(vrt, r, vt * BK + j), fast_exp(S[r, j] - m[r]), ZERO)
+                                    P[r, j] = T.Select(usable(vrt, r, vt * BK + j), softmax_exp(S[r, j] - m[r]), ZERO)
                             for ri, jj in T.grid(BQ, BK):
                                 with T.sblock("tile_sum"):
                                     r, j = T.axis.remap("SR", [ri, jj])

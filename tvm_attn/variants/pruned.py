@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..fast_exp import fast_exp
+from ..fast_exp import softmax_exp
 from ..spec import AttentionSpec
 
 BLOCK_Q = 32
@@ -140,7 +140,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                         for ri, j in T.grid(BQ, SKVP):
                             with T.sblock("exp"):
                                 r, vj = T.axis.remap("SS", [ri, j])
-                                E[r, vj] = T.Select(vj < n_visible(vrt * BQ + r), fast_exp(S[r, vj] - row_max[r]), ZERO)
+                                E[r, vj] = T.Select(vj < n_visible(vrt * BQ + r), softmax_exp(S[r, vj] - row_max[r]), ZERO)
                         for ri, c, lane in T.grid(BQ, SKVP // LANES, LANES):
                             with T.sblock("row_sum_part"):
                                 r, vc, vl = T.axis.remap("SRS", [ri, c, lane])
@@ -245,7 +245,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                                 acc[r, d] = ZERO
                             for c in range(cnt[r]):
                                 if IS_TOPK:
-                                    w[0] = fast_exp(S[r, idx[r, c]] - row_max[r])
+                                    w[0] = softmax_exp(S[r, idx[r, c]] - row_max[r])
                                 else:
                                     w[0] = E[r, idx[r, c]]
                                 l[r] = l[r] + w[0]

@@ -1,0 +1,57 @@
+"""python -m tvm_attn.bench --quick end to end: every study measured, the report generated from the CSV."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "tvm_attn.bench", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, rows, proc.stderr
+
+
+def test_every_study_has_rows(quick_run):
+    _, rows, _ = quick_run
+    studies = {r["study"] for r in rows}
+    assert {"seq_sweep", "threshold_effect", "topk_effect", "causal", "decode", "ceiling"} <= studies
+    providers = {r["provider"] for r in rows if r["study"] == "seq_sweep"}
+    assert {"hand", "untuned", "numpy"} <= providers
+
+
+def test_rows_are_complete_and_accurate(quick_run):
+    _, rows, _ = quick_run
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["gflops"]) > 0
+        if r["study"] != "ceiling":
+            assert r["threads"] and r["target"]
+        if r["provider"] in ("hand", "untuned"):
+            assert int(r["bytes_intermediate"]) > 0
+            if r["variant"] in ("standard", "flash", "mqa"):
+                assert float(r["rel_err_dense"]) < 1e-5, r
+            else:
+                assert float(r["rel_err_own"]) < 1e-4, r
+                assert 0 < float(r["kept_fraction"]) <= 1
+
+
+def test_report_is_generated_from_the_csv(quick_run):
+    out, rows, stderr = quick_run
+    report = (out / "report.md").read_text()
+    ceiling = next(r for r in rows if r["study"] == "ceiling")
+    assert f"{float(ceiling['gflops']):.0f} GFLOP/s" in report
+    for name in ("speedup_vs_torch", "gflops_vs_seq", "memory", "accuracy", "threshold_effect", "topk_effect",
+                 "timing_comparison", "causal", "decode"):
+        assert f"({name}.png)" in report
+        assert os.path.getsize(out / f"{name}.png") > 1000
+    progress = [line for line in stderr.splitlines() if line.startswith("[") and line.endswith(" ms")]
+    assert len(progress) == len(rows) - 1  # one progress line per measured row (not the sgemm ceiling)

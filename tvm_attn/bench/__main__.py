@@ -1,0 +1,60 @@
+"""python -m tvm_attn.bench [--quick] [--out DIR] [--study NAME] [--variant NAME] [--seq N ...]"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tvm_attn.bench",
+        description="Benchmark every attention variant against its untuned compute, the hand-scheduled standard, "
+                    "torch SDPA (if installed) and numpy; write results.csv, report.md and plots.")
+    parser.add_argument("--quick", action="store_true", help="a reduced study on tiny shapes (under 2 minutes)")
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>)")
+    parser.add_argument("--study", action="append", help="run only these studies (repeatable)")
+    parser.add_argument("--variant", action="append", help="only lines of these registry variants (repeatable)")
+    parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths of the seq_sweep study")
+    parser.add_argument("--provider", action="append", help="only these providers (repeatable)")
+    parser.add_argument("--min-seconds", type=float, default=None, help="timed seconds per provider and point")
+    parser.add_argument("--report-only", action="store_true", help="regenerate report.md and plots from results.csv")
+    args = parser.parse_args(argv)
+
+    import tvm_attn
+
+    from .report import write_report
+    from .runner import run_studies
+    from .studies import default_studies
+
+    out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + ("-quick" if args.quick else ""))
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, "results.csv")
+    if not args.report_only:
+        studies = default_studies(quick=args.quick)
+        known = [s.name for s in studies]
+        for name in args.study or []:
+            if name not in known:
+                parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
+        for name in args.variant or []:
+            tvm_attn.get_variant(name)
+        if args.study:
+            studies = [s for s in studies if s.name in args.study]
+        if args.variant:
+            studies = [dataclasses.replace(s, lines=tuple(l for l in s.lines if l.variant in args.variant))
+                       for s in studies]
+        if args.provider:
+            studies = [dataclasses.replace(s, providers=tuple(p for p in s.providers if p in args.provider))
+                       for s in studies]
+        if args.seq:
+            studies = [dataclasses.replace(s, x_vals=tuple(args.seq)) if s.name == "seq_sweep" else s
+                       for s in studies]
+        min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 0.2)
+        run_studies(studies, csv_path, min_seconds=min_seconds)
+    print(f"wrote {write_report(csv_path, out)} and {csv_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

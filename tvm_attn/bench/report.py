@@ -1,0 +1,319 @@
+"""report.md and the PNG plots, generated from results.csv alone: no figure is typed by hand."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "threshold", "top_k", "median_ms",
+           "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
+           "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads")
+
+
+def load(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in NUMERIC:
+            value = row.get(key, "")
+            row[key] = float(value) if value not in ("", None) else None
+        row["causal"] = row.get("causal") == "True"
+    return rows
+
+
+def _pick(rows, **match):
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def _one(rows, **match):
+    found = _pick(rows, **match)
+    return found[0] if found else None
+
+
+def _ms(row):
+    return f"{row['median_ms']:.2f}" if row else "-"
+
+
+def _ratio(a, b):
+    return f"{b['median_ms'] / a['median_ms']:.2f}x" if a and b else "-"
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _sci(x):
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _mb(x):
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def _table(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _plot(path, title, xlabel, ylabel, series, *, logx=True, logy=False, hline=None):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, xs, ys in series:
+        if xs:
+            ax.plot(xs, ys, marker="o", label=label)
+    if hline:
+        ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(csv_path: str, out_dir: str) -> str:
+    rows = load(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows")
+    meta = rows[0]
+    machine = f"{meta['target']}, {int(meta['threads'])} threads"
+    ceiling = _one(rows, study="ceiling")
+    parts = [f"# tvm_attn benchmark: {meta['target']}",
+             "",
+             f"Generated from `results.csv` by `python -m tvm_attn.bench` on {machine}. Every figure below comes "
+             "from that file.",
+             "",
+             "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
+             "each has at least 5 calls and 0.2 s of timed calls; median (and quartiles in the CSV) of per-call "
+             "times. Inputs are float32 and 64-byte aligned; output buffers are preallocated for the TVM kernels.",
+             "",
+             "**FLOPs.** 4 * D * (visible query-key pairs) per head: 4*B*H*Sq*Skv*D without a mask, about half with "
+             "the causal mask. Pruned variants are given the same count (GFLOP/s = the work of dense attention "
+             "divided by their time).",
+             "",
+             "**Errors.** On batch 0 and the first query heads: rel_err = mean|out - ref| / mean|ref| against the "
+             "float64 reference of dense attention (`rel_err_dense`) and, for pruned variants, of the variant itself "
+             "(`rel_err_own`). Kept fraction = kept / visible query-key pairs, from the float64 keep mask.",
+             ""]
+    if ceiling:
+        parts += [f"**Ceiling.** numpy float32 matmul ({int(ceiling['x'])}^3) on this machine: "
+                  f"{ceiling['gflops']:.0f} GFLOP/s.", ""]
+    entropies = defaultdict(list)
+    for r in rows:
+        if r["entropy_nats"] is not None and r["distribution"]:
+            entropies[(r["distribution"], int(r["seq_kv"]))].append(r["entropy_nats"])
+    if entropies:
+        parts += ["**Inputs.** `gaussian`: q, k, v ~ N(0, 1), so scale * q.k has std 1 (a broad softmax). "
+                  "`peaked`: q scaled by 4 (scores of std 4). Mean row entropy of the softmax, in nats "
+                  "(log(seq_kv) would be uniform): " + "; ".join(
+                      f"{d} at seq_kv {s}: {sum(v) / len(v):.2f} (uniform {__import__('math').log(s):.2f})"
+                      for (d, s), v in sorted(entropies.items())) + ".", ""]
+
+    sweep = _pick(rows, study="seq_sweep")
+    if sweep:
+        lines = list(dict.fromkeys(r["line"] for r in sweep))
+        seqs = sorted({int(r["x"]) for r in sweep})
+        parts += ["## 1. Speedup vs sequence length", "",
+                  "Each line's hand-scheduled kernel (`hand`) against the untuned standard compute (`untuned`, "
+                  "measured up to the seq where it still runs in seconds), the hand-scheduled standard, torch SDPA "
+                  "(same process, same threads) and the float32 numpy formula.", ""]
+        body = []
+        for s in seqs:
+            std_hand = _one(sweep, x=s, line="standard", provider="hand")
+            std_untuned = _one(sweep, x=s, line="standard", provider="untuned")
+            for line in lines:
+                hand = _one(sweep, x=s, line=line, provider="hand")
+                torch_row = _one(sweep, x=s, line=line, provider="torch-sdpa")
+                numpy_row = _one(sweep, x=s, line=line, provider="numpy")
+                own_untuned = _one(sweep, x=s, line=line, provider="untuned")
+                body.append([s, line, _ms(hand), f"{hand['gflops']:.1f}" if hand else "-",
+                             _ratio(hand, std_untuned), _ratio(hand, own_untuned), _ratio(hand, std_hand),
+                             _ratio(hand, torch_row), _ms(torch_row), _ms(numpy_row),
+                             _pct(hand["kept_fraction"]) if hand else "-"])
+        parts += [_table(["seq", "line", "hand ms", "GFLOP/s", "vs untuned standard", "vs own untuned",
+                          "vs hand standard", "vs torch SDPA", "torch ms", "numpy ms", "kept"], body), ""]
+        series = []
+        for line in lines:
+            pts = [(s, _one(sweep, x=s, line=line, provider="hand"), _one(sweep, x=s, line="standard",
+                                                                          provider="torch-sdpa")) for s in seqs]
+            pts = [(s, t["median_ms"] / h["median_ms"]) for s, h, t in pts if h and t]
+            series.append((line, [p[0] for p in pts], [p[1] for p in pts]))
+        _plot(os.path.join(out_dir, "speedup_vs_torch.png"), f"Speedup over torch SDPA (dense) ({machine})",
+              "sequence length", "torch SDPA time / tvm_attn time", series, hline=(1.0, "torch SDPA"))
+        series = []
+        for line in lines:
+            pts = [(s, _one(sweep, x=s, line=line, provider="hand")) for s in seqs]
+            series.append((line, [s for s, h in pts if h], [h["gflops"] for s, h in pts if h]))
+        torch_pts = [(s, _one(sweep, x=s, line="flash", provider="torch-sdpa")) for s in seqs]
+        series.append(("torch SDPA", [s for s, t in torch_pts if t], [t["gflops"] for s, t in torch_pts if t]))
+        _plot(os.path.join(out_dir, "gflops_vs_seq.png"), f"Throughput ({machine})", "sequence length",
+              "GFLOP/s (dense-equivalent)", series,
+              hline=(ceiling["gflops"], "numpy sgemm") if ceiling else None)
+        parts += ["![speedup over torch](speedup_vs_torch.png)", "", "![GFLOP/s](gflops_vs_seq.png)", ""]
+
+        parts += ["## 2. Memory", "",
+                  "Bytes the kernel holds, counted from its own IR after TVM places and shrinks allocations: "
+                  "inputs (q, k, v), output, and intermediates (scratch inside a parallel loop counted once per "
+                  "thread). MB = 2^20 bytes.", ""]
+        body = []
+        for s in (seqs[0], seqs[-1]):
+            for line in lines:
+                for p in ("untuned", "hand"):
+                    r = _one(sweep, x=s, line=line, provider=p)
+                    if r and r["bytes_inputs"] is not None:
+                        body.append([s, line, p, _mb(r["bytes_inputs"]), _mb(r["bytes_output"]),
+                                     _mb(r["bytes_intermediate"])])
+        parts += [_table(["seq", "line", "schedule", "inputs MB", "output MB", "intermediate MB"], body), ""]
+        series = []
+        for line in ("standard", "flash", lines[2] if len(lines) > 2 else "flash"):
+            for p in ("untuned", "hand"):
+                pts = [(s, _one(sweep, x=s, line=line, provider=p)) for s in seqs]
+                pts = [(s, r["bytes_intermediate"] / 2**20) for s, r in pts if r and r["bytes_intermediate"]]
+                if pts:
+                    series.append((f"{line} {p}", [a for a, _ in pts], [b for _, b in pts]))
+        _plot(os.path.join(out_dir, "memory.png"), f"Intermediate memory ({machine})", "sequence length",
+              "MB", series, logy=True)
+        parts += ["![memory](memory.png)", ""]
+
+        parts += ["## 3. Accuracy", "",
+                  "Relative error of each provider's output against the float64 reference of dense attention, "
+                  "and for pruned variants against their own float64 reference.", ""]
+        body = []
+        for s in seqs:
+            for line in lines:
+                r = _one(sweep, x=s, line=line, provider="hand")
+                if r:
+                    body.append([s, line, _sci(r["rel_err_dense"]), _sci(r["max_abs_err_dense"]),
+                                 _sci(r["rel_err_own"]), _pct(r["kept_fraction"])])
+        parts += [_table(["seq", "line", "rel err vs dense", "max abs err vs dense", "rel err vs own reference",
+                          "kept"], body), ""]
+        series = []
+        for line in lines:
+            pts = [(s, _one(sweep, x=s, line=line, provider="hand")) for s in seqs]
+            series.append((line, [s for s, r in pts if r], [r["rel_err_dense"] for s, r in pts if r]))
+        _plot(os.path.join(out_dir, "accuracy.png"), f"Relative error vs dense float64 ({machine})",
+              "sequence length", "mean |out - dense| / mean |dense|", series, logy=True)
+        parts += ["![accuracy](accuracy.png)", ""]
+
+    for study, knob, title, number in (("threshold_effect", "threshold", "Effect of the pruning threshold", 4),
+                                       ("topk_effect", "top_k", "Effect of top-k", 5)):
+        rs = _pick(rows, study=study)
+        if not rs:
+            continue
+        seq = int(rs[0]["seq_q"])
+        parts += [f"## {number}. {title} (seq {seq})", ""]
+        body = []
+        fig_series = []
+        for dist in dict.fromkeys(r["distribution"] for r in rs):
+            std = _one(rs, distribution=dist, line="standard")
+            fl = _one(rs, distribution=dist, line="flash")
+            pts = sorted((r for r in rs if r["distribution"] == dist and r[knob] is not None), key=lambda r: r[knob])
+            for r in pts:
+                body.append([dist, f"{r[knob]:g}", _ms(r), _pct(r["kept_fraction"]), _sci(r["rel_err_dense"]),
+                             _ratio(r, std), _ratio(r, fl)])
+            fig_series.append((dist, pts, std, fl))
+            body.append([dist, "(dense) standard / flash", f"{_ms(std)} / {_ms(fl)}", "100%", "", "", ""])
+        parts += [_table(["inputs", knob, "ms", "kept", "rel err vs dense", "vs hand standard", "vs flash"],
+                         body), ""]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for dist, pts, std, fl in fig_series:
+            xs = [r[knob] for r in pts]
+            ax1.plot(xs, [r["median_ms"] for r in pts], marker="o", label=f"{dist}")
+            if fl:
+                ax1.axhline(fl["median_ms"], linestyle="--", alpha=0.5, label=f"flash ({dist})")
+            ax2.plot(xs, [r["rel_err_dense"] for r in pts], marker="o", label=f"{dist} rel err")
+            ax2.plot(xs, [r["kept_fraction"] for r in pts], marker="x", linestyle=":", label=f"{dist} kept")
+        for ax in (ax1, ax2):
+            ax.set_xscale("log")
+            ax.set_xlabel(knob)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        ax1.set_ylabel("ms")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("fraction")
+        fig.suptitle(f"{title}, seq {seq} ({machine})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"{study}.png"), dpi=110)
+        plt.close(fig)
+        parts += [f"![{study}]({study}.png)", ""]
+
+    if sweep:
+        seq_cmp = 512 if any(int(r["x"]) == 512 for r in sweep) else max(int(r["x"]) for r in sweep)
+        at = [r for r in sweep if int(r["x"]) == seq_cmp]
+        parts += [f"## 6. Timing comparison at seq {seq_cmp}", ""]
+        labels = [f"{r['line']}\n{r['provider']}" for r in at]
+        fig, ax = plt.subplots(figsize=(max(7, len(at) * 0.55), 4.5))
+        ax.bar(range(len(at)), [r["median_ms"] for r in at],
+               yerr=[[r["median_ms"] - r["q25_ms"] for r in at], [r["q75_ms"] - r["median_ms"] for r in at]])
+        ax.set_xticks(range(len(at)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median, quartile bars)")
+        ax.set_title(f"Every line and provider at seq {seq_cmp} ({machine})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "timing_comparison.png"), dpi=110)
+        plt.close(fig)
+        parts += [_table(["line", "provider", "ms", "q25", "q75", "GFLOP/s"],
+                         [[r["line"], r["provider"], _ms(r), f"{r['q25_ms']:.2f}", f"{r['q75_ms']:.2f}",
+                           f"{r['gflops']:.1f}"] for r in at]), "", "![timing](timing_comparison.png)", ""]
+
+        parts += [f"## 7. Tuning: untuned vs hand schedule at seq {seq_cmp}", ""]
+        body = []
+        for line in lines:
+            u = _one(sweep, x=seq_cmp, line=line, provider="untuned")
+            h = _one(sweep, x=seq_cmp, line=line, provider="hand")
+            t = _one(sweep, x=seq_cmp, line=line, provider="tuned")
+            body.append([line, _ms(u), _ms(h), _ms(t), _ratio(h, u),
+                         f"{100 * h['gflops'] / ceiling['gflops']:.0f}%" if h and ceiling else "-"])
+        parts += [_table(["line", "untuned ms", "hand ms", "tuned ms", "hand vs untuned", "hand GFLOP/s / sgemm"],
+                         body), ""]
+
+    for study, title in (("causal", "Causal attention"), ("decode", "Decode (seq_q = 1)")):
+        rs = _pick(rows, study=study)
+        if not rs:
+            continue
+        xs = sorted({int(r["x"]) for r in rs})
+        x_name = rs[0]["x_name"]
+        parts += [f"## {title}", ""]
+        body = []
+        series = []
+        for line in dict.fromkeys(r["line"] for r in rs):
+            pts = []
+            for x in xs:
+                h = _one(rs, x=x, line=line, provider="hand")
+                t = _one(rs, x=x, line=line, provider="torch-sdpa")
+                nrow = _one(rs, x=x, line=line, provider="numpy")
+                body.append([x, line, _ms(h), f"{h['gflops']:.1f}" if h else "-", _ms(t), _ratio(h, t), _ms(nrow),
+                             _sci(h["rel_err_dense"]) if h else "-"])
+                if h:
+                    pts.append((x, h["median_ms"]))
+            series.append((line, [p[0] for p in pts], [p[1] for p in pts]))
+        parts += [_table([x_name, "line", "hand ms", "GFLOP/s", "torch ms", "vs torch", "numpy ms",
+                          "rel err"], body), ""]
+        if study == "causal":
+            full = _pick(rows, study="seq_sweep", provider="hand", line="flash")
+            causal_flash = _pick(rs, provider="hand", line="flash")
+            ratios = [(int(c["x"]), f["median_ms"] / c["median_ms"]) for c in causal_flash for f in full
+                      if int(f["x"]) == int(c["x"])]
+            if ratios:
+                parts += ["Flash, non-causal time / causal time: " + ", ".join(
+                    f"seq {s}: {r:.2f}x" for s, r in ratios) + ".", ""]
+        _plot(os.path.join(out_dir, f"{study}.png"), f"{title} ({machine})", x_name, "ms", series, logy=True)
+        parts += [f"![{study}]({study}.png)", ""]
+
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path

@@ -1,0 +1,156 @@
+"""Runs studies and writes one CSV row per measurement."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+
+import numpy as np
+
+import tvm_attn
+
+from .. import references
+from ..kernel import scheduled_module
+from ..timing import measure, measure_interleaved
+from .inputs import make_inputs, row_entropy
+from .memory import memory_use
+from .providers import PROVIDERS
+from .studies import Study
+
+FIELDS = (
+    "study", "x_name", "x", "line", "variant", "provider", "distribution",
+    "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "causal", "threshold", "top_k",
+    "median_ms", "q25_ms", "q75_ms", "repeats", "flops", "gflops",
+    "bytes_inputs", "bytes_output", "bytes_intermediate",
+    "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
+    "threads", "target",
+)
+SLOW_PROVIDERS = ("untuned", "numpy")
+KNOB_AXES = ("threshold", "top_k")
+
+
+def threads() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+
+
+def useful_flops(spec) -> int:
+    """4 * D * (query, key) pairs each head sees: 4*B*H*Sq*Skv*D when not causal."""
+    pairs = sum(spec.visible_keys(i) for i in range(spec.seq_q))
+    return 4 * spec.batch * spec.heads * spec.head_dim * pairs
+
+
+def _spec_for(study: Study, line, x) -> tvm_attn.AttentionSpec:
+    fields = dict(study.base)
+    fields.update(line.spec_fields())
+    if study.x_name == "seq_q":
+        fields["seq_q"] = fields["seq_kv"] = x
+    elif study.x_name != tvm_attn.get_variant(line.variant).knob and study.x_name in KNOB_AXES:
+        pass  # a dense baseline in a knob sweep: the knob is not its
+    else:
+        fields[study.x_name] = x
+    return tvm_attn.AttentionSpec(**fields)
+
+
+def _subsample(spec, q, k, v):
+    """Batch 0 and the first query heads of the first KV group(s): where errors and kept fractions are computed."""
+    g = spec.group_size
+    hq = g if g > 1 else min(2, spec.heads)
+    kvh = max(1, hq // g)
+    sub = tvm_attn.AttentionSpec(batch=1, heads=hq, kv_heads=kvh, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
+                                 head_dim=spec.head_dim, causal=spec.causal, scale=spec.scale,
+                                 threshold=spec.threshold, top_k=spec.top_k)
+    return sub, (q[:1, :hq], k[:1, :kvh], v[:1, :kvh])
+
+
+def _accuracy(variant: str, spec, q, k, v, out) -> dict:
+    sub, (sq, sk, sv) = _subsample(spec, q, k, v)
+    o = out[:1, : sub.heads].astype(np.float64)
+    dense = references.dense(sub, sq, sk, sv)
+    scale = np.abs(dense).mean()
+    row = {
+        "rel_err_dense": np.abs(o - dense).mean() / scale,
+        "max_abs_err_dense": np.abs(o - dense).max(),
+    }
+    v_ = tvm_attn.get_variant(variant)
+    if v_.knob:
+        own = v_.reference(sub, sq, sk, sv)
+        row["rel_err_own"] = np.abs(o - own).mean() / np.abs(own).mean()
+        s = references.scores(sub, sq, sk)
+        keep = references.threshold_keep(sub, s) if v_.knob == "threshold" else references.topk_keep(sub, s)
+        row["kept_fraction"] = keep.sum() / (references.visible_mask(sub).sum() * sub.heads)
+    return row
+
+
+def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, log=sys.stderr) -> list[dict]:
+    """Measure every point of ``studies``; write and return the rows."""
+    target = tvm_attn.resolve_target("host")
+    key = tvm_attn.target_key(target)
+    n_threads = threads()
+    try:
+        import torch
+        torch.set_num_threads(n_threads)
+    except ImportError:
+        pass
+    points = [(s, line, x, dist) for s in studies for x in s.x_vals for dist in s.distributions for line in s.lines]
+    rows = []
+    start = time.time()
+    for n, (study, line, x, dist) in enumerate(points, 1):
+        if study.x_name in KNOB_AXES and tvm_attn.get_variant(line.variant).knob != study.x_name \
+                and x != study.x_vals[0]:
+            continue  # a dense baseline in a knob sweep is measured once per distribution
+        spec = _spec_for(study, line, x)
+        q, k, v = make_inputs(spec, dist)
+        providers = [p for p in study.providers
+                     if not (p in SLOW_PROVIDERS and study.slow_providers_max_x and x > study.slow_providers_max_x)]
+        prepared = {}
+        for p in providers:
+            prep = PROVIDERS[p](line.variant, spec, q, k, v)
+            if prep is not None:
+                prepared[p] = prep
+        timings = measure_interleaved({p: prep.run for p, prep in prepared.items()}, min_seconds=min_seconds)
+        entropy = row_entropy(spec, q, k)
+        flops = useful_flops(spec)
+        for p, prep in prepared.items():
+            t = timings[p]
+            row = dict(
+                study=study.name, x_name=study.x_name, x=x, line=line.label, variant=line.variant, provider=p,
+                distribution=dist, batch=spec.batch, heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q,
+                seq_kv=spec.seq_kv, head_dim=spec.head_dim, causal=spec.causal, threshold=spec.threshold,
+                top_k=spec.top_k, median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats,
+                flops=flops, gflops=t.gflops(flops), threads=n_threads, target=key, entropy_nats=entropy,
+            )
+            if prep.kernel is not None:
+                mem = memory_use(scheduled_module(tvm_attn.get_variant(line.variant), spec, target,
+                                                  prep.kernel.schedule), spec, n_threads)
+                row.update(bytes_inputs=mem.inputs, bytes_output=mem.output, bytes_intermediate=mem.intermediate)
+            row.update(_accuracy(line.variant, spec, q, k, v, prep.output()))
+            rows.append(row)
+            print(f"[{n}/{len(points)} {time.time() - start:5.0f}s] {study.name} {study.x_name}={x} {dist} "
+                  f"{line.label} {p}: {t.median_ms:.2f} ms", file=log, flush=True)
+    rows.append(_sgemm_ceiling(key, n_threads, quick=len(points) < 60, min_seconds=min_seconds))
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in FIELDS})
+    return rows
+
+
+def _sgemm_ceiling(key: str, n_threads: int, quick: bool, min_seconds: float) -> dict:
+    """numpy's float32 matmul (its BLAS, same machine): the practical ceiling the GFLOP/s columns compare to."""
+    n = 512 if quick else 2048
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    t = measure(lambda: a @ a, min_seconds=min_seconds)
+    return dict(study="ceiling", line="sgemm", variant="", provider="numpy-sgemm", x_name="n", x=n,
+                median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats,
+                flops=2 * n**3, gflops=t.gflops(2 * n**3), threads=n_threads, target=key)
+
+
+def _fmt(value):
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}"
+    return value

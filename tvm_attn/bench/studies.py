@@ -1,0 +1,78 @@
+"""The benchmark, declared as data: each Study is one question of the seed report (or one it left out), with its
+x axis, the variants (label, registry name, fixed knobs), the providers and the input distributions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SEED_SHAPE = {"batch": 2, "heads": 8, "head_dim": 64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One curve: a registry variant with fixed spec fields (e.g. mqa = kv_heads 1)."""
+
+    label: str
+    variant: str
+    fields: tuple = ()  # (name, value) pairs of AttentionSpec fields
+
+    def spec_fields(self) -> dict:
+        return dict(self.fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    question: str
+    x_name: str  # an AttentionSpec field ("seq_q" sets seq_kv too) or a knob ("threshold", "top_k")
+    x_vals: tuple
+    lines: tuple
+    providers: tuple
+    base: tuple = tuple(SEED_SHAPE.items())
+    distributions: tuple = ("gaussian",)
+    slow_providers_max_x: int | None = None  # untuned/numpy only up to this x (they take seconds per call)
+
+
+DENSE_LINES = (
+    Line("standard", "standard"),
+    Line("flash", "flash"),
+    Line("mqa (kv_heads=1)", "mqa", (("kv_heads", 1),)),
+)
+PRUNED_LINES = (
+    Line("threshold 0.01", "threshold", (("threshold", 0.01),)),
+    Line("topk 64", "topk", (("top_k", 64),)),
+)
+BASELINES = (Line("standard", "standard"), Line("flash", "flash"))
+
+
+def default_studies(quick: bool = False) -> list[Study]:
+    """The default study (about 15 minutes on 2 cores), or with ``quick`` a reduced one on tiny shapes."""
+    seqs = (64, 128) if quick else (128, 256, 512, 1024, 2048)
+    mid = 128 if quick else 1024
+    base = (("batch", 1), ("heads", 4), ("head_dim", 32)) if quick else tuple(SEED_SHAPE.items())
+    all_providers = ("hand", "untuned", "numpy", "torch-sdpa")
+    return [
+        Study("seq_sweep", "Speedup vs sequence length; timing, memory and accuracy of every variant",
+              "seq_q", seqs, DENSE_LINES + PRUNED_LINES, all_providers, base,
+              slow_providers_max_x=128 if quick else 512),
+        Study("threshold_effect", "Effect of the pruning threshold: time, kept fraction, error",
+              "threshold", (0.01, 0.1) if quick else (0.001, 0.01, 0.05, 0.1),
+              (Line("threshold", "threshold", (("seq_q", mid),)),) + tuple(
+                  Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
+              ("hand",), base, distributions=("gaussian", "peaked")),
+        Study("topk_effect", "Effect of top-k: time, kept fraction, error",
+              "top_k", (8, 32) if quick else (32, 64, 128, 256),
+              (Line("topk", "topk", (("seq_q", mid),)),) + tuple(
+                  Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
+              ("hand",), base, distributions=("gaussian", "peaked")),
+        Study("causal", "Causal attention (LLM prefill), the case the seed left out",
+              "seq_q", seqs[-2:] if quick else (512, 1024, 2048),
+              tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES),
+              ("hand", "torch-sdpa"), base),
+        Study("decode", "Decode: one query against a KV cache (seq_q = 1)",
+              "seq_kv", (128, 256) if quick else (512, 1024, 2048, 4096),
+              (Line("flash", "flash", (("seq_q", 1), ("causal", True))),
+               Line("mqa (kv_heads=1)", "mqa", (("seq_q", 1), ("causal", True), ("kv_heads", 1))),
+               Line("gqa (kv_heads=2)", "mqa", (("seq_q", 1), ("causal", True), ("kv_heads", 2)))),
+              ("hand", "numpy", "torch-sdpa"), base),
+    ]
