@@ -19,7 +19,6 @@ from .common import register_blocked_matmul, vectorize_last, vectorized_row_redu
 def schedule(sch: s_tir.Schedule, target=None) -> None:
     lanes = vector_lanes(target) if target is not None else 16
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("tile"))))
-    # NEON has 32 128-bit registers, AVX-512 32 512-bit ones: 4 rows x 4 vectors of accumulators fit both.
     # Loops: (row, key, d) for qk, (row, key, d) for pv with key the reduction.
     register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes)
     register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes)

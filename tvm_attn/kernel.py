@@ -9,16 +9,23 @@ import numpy as np
 import tvm
 from tvm import s_tir
 
+from . import tuning
 from .spec import AttentionSpec
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant
 
-SCHEDULES = ("best", "hand", "untuned")
+SCHEDULES = ("best", "tuned", "hand", "untuned")
 
 
 def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str) -> tvm.IRModule:
-    """The variant's compute for ``spec`` as an IRModule, with the requested schedule applied."""
-    mod = tvm.IRModule({"main": variant.compute(spec)})
+    """The variant's compute for ``spec`` as an IRModule with ``schedule`` ("tuned", "hand", "untuned") applied."""
+    if schedule == "tuned":
+        sch = tuning.tuned_schedule(variant, spec, target)
+        if sch is None:
+            raise LookupError(f"no tuned record for {variant.name} {spec.name} on {target_key(target)} "
+                              f"(python -m tvm_attn.tune tunes it)")
+        return sch.mod
+    mod = tuning.workload(variant, spec)
     if schedule == "untuned":
         return mod
     sch = s_tir.Schedule(mod)
@@ -33,7 +40,7 @@ class Kernel:
     variant: str
     spec: AttentionSpec
     target: tvm.target.Target
-    schedule: str  # the schedule actually used: "hand" or "untuned"
+    schedule: str  # the schedule actually used: "tuned", "hand" or "untuned"
     executable: object  # tvm.runtime.Executable
 
     @property
@@ -61,8 +68,9 @@ class Kernel:
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
-    """Compile ``variant`` for ``spec`` on ``target``. ``schedule``: "best" (currently the hand schedule),
-    "hand", or "untuned" (the compute with no schedule at all, the reference the benchmarks compare against)."""
+    """Compile ``variant`` for ``spec`` on ``target``. ``schedule``: "best" (the tuned record for this target if
+    one exists, else the hand schedule, with a warning once), "tuned", "hand", or "untuned" (the compute with no
+    schedule at all, the reference the benchmarks compare against)."""
     v = get_variant(variant)
     spec = spec if spec is not None else AttentionSpec()
     if not isinstance(spec, AttentionSpec):
@@ -70,13 +78,20 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     v.check(spec)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    t = resolve_target(target)
-    return _build_cached(v.name, spec, str(t), "hand" if schedule == "best" else schedule)
+    return _build_cached(v.name, spec, str(resolve_target(target)), schedule)
 
 
 @functools.lru_cache(maxsize=256)
 def _build_cached(variant: str, spec: AttentionSpec, target_json: str, schedule: str) -> Kernel:
     v = get_variant(variant)
     target = resolve_target(target_json)
-    mod = scheduled_module(v, spec, target, schedule)
+    if schedule == "best":
+        tuned = tuning.tuned_schedule(v, spec, target)
+        if tuned is None:
+            tuning.warn_untuned(v.name, spec, target)
+            mod, schedule = scheduled_module(v, spec, target, "hand"), "hand"
+        else:
+            mod, schedule = tuned.mod, "tuned"
+    else:
+        mod = scheduled_module(v, spec, target, schedule)
     return Kernel(variant, spec, target, schedule, tvm.compile(mod, target=target))

@@ -41,7 +41,8 @@ def useful_flops(spec) -> int:
     return 4 * spec.batch * spec.heads * spec.head_dim * pairs
 
 
-def _spec_for(study: Study, line, x) -> tvm_attn.AttentionSpec:
+def spec_for(study: Study, line, x) -> tvm_attn.AttentionSpec:
+    """The spec of one point of a study."""
     fields = dict(study.base)
     fields.update(line.spec_fields())
     if study.x_name == "seq_q":
@@ -100,7 +101,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
         if study.x_name in KNOB_AXES and tvm_attn.get_variant(line.variant).knob != study.x_name \
                 and x != study.x_vals[0]:
             continue  # a dense baseline in a knob sweep is measured once per distribution
-        spec = _spec_for(study, line, x)
+        spec = spec_for(study, line, x)
         q, k, v = make_inputs(spec, dist)
         providers = [p for p in study.providers
                      if not (p in SLOW_PROVIDERS and study.slow_providers_max_x and x > study.slow_providers_max_x)]

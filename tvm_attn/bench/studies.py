@@ -43,6 +43,7 @@ PRUNED_LINES = (
     Line("topk 64", "topk", (("top_k", 64),)),
 )
 BASELINES = (Line("standard", "standard"), Line("flash", "flash"))
+NO_MASK = "flash (no mask)"
 
 
 def default_studies(quick: bool = False) -> list[Study]:
@@ -50,7 +51,7 @@ def default_studies(quick: bool = False) -> list[Study]:
     seqs = (64, 128) if quick else (128, 256, 512, 1024, 2048)
     mid = 128 if quick else 1024
     base = (("batch", 1), ("heads", 4), ("head_dim", 32)) if quick else tuple(SEED_SHAPE.items())
-    all_providers = ("hand", "untuned", "numpy", "torch-sdpa")
+    all_providers = ("hand", "tuned", "untuned", "numpy", "torch-sdpa")
     return [
         Study("seq_sweep", "Speedup vs sequence length; timing, memory and accuracy of every variant",
               "seq_q", seqs, DENSE_LINES + PRUNED_LINES, all_providers, base,
@@ -59,20 +60,21 @@ def default_studies(quick: bool = False) -> list[Study]:
               "threshold", (0.01, 0.1) if quick else (0.001, 0.01, 0.05, 0.1),
               (Line("threshold", "threshold", (("seq_q", mid),)),) + tuple(
                   Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
-              ("hand",), base, distributions=("gaussian", "peaked")),
+              ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
         Study("topk_effect", "Effect of top-k: time, kept fraction, error",
               "top_k", (8, 32) if quick else (32, 64, 128, 256),
               (Line("topk", "topk", (("seq_q", mid),)),) + tuple(
                   Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
-              ("hand",), base, distributions=("gaussian", "peaked")),
+              ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
         Study("causal", "Causal attention (LLM prefill), the case the seed left out",
               "seq_q", seqs[-2:] if quick else (512, 1024, 2048),
-              tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES),
-              ("hand", "torch-sdpa"), base),
+              tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
+              + (Line(NO_MASK, "flash"),),  # measured in the same points, for the causal speedup
+              ("hand", "tuned", "torch-sdpa"), base),
         Study("decode", "Decode: one query against a KV cache (seq_q = 1)",
               "seq_kv", (128, 256) if quick else (512, 1024, 2048, 4096),
               (Line("flash", "flash", (("seq_q", 1), ("causal", True))),
                Line("mqa (kv_heads=1)", "mqa", (("seq_q", 1), ("causal", True), ("kv_heads", 1))),
                Line("gqa (kv_heads=2)", "mqa", (("seq_q", 1), ("causal", True), ("kv_heads", 2)))),
-              ("hand", "numpy", "torch-sdpa"), base),
+              ("hand", "tuned", "numpy", "torch-sdpa"), base),
     ]

@@ -1,0 +1,187 @@
+"""python -m tvm_attn.tune: design spaces that replay, records that resume and are looked up per target, logs
+that fail loudly when corrupt, and measuring through an RPC tracker on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+from tvm import s_tir
+from tvm.s_tir.schedule import Trace
+
+import tvm_attn
+from conftest import assert_matches_reference, make_inputs
+from tvm_attn import tuning
+
+TINY = dict(batch=1, heads=2, seq_q=32, head_dim=32)
+
+
+@pytest.mark.parametrize("variant,knobs", [("standard", {}), ("flash", {}), ("mqa", {"kv_heads": 1}),
+                                           ("threshold", {"threshold": 0.05}), ("topk", {"top_k": 8})])
+@pytest.mark.parametrize("seq", [33, 128])
+def test_design_space_replays_with_any_decisions(variant, knobs, seq):
+    """MetaSchedule replays a schedule's trace with re-sampled decisions: loop counts must not depend on them."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=seq, head_dim=64, **knobs)
+    v = tvm_attn.get_variant(variant)
+    mod = tuning.workload(v, spec)
+    sch = s_tir.Schedule(mod, seed=1)
+    v.schedule(sch, tvm_attn.resolve_target("host"))
+    for seed in range(2, 30):
+        Trace(sch.trace.insts, {}).apply_to_schedule(s_tir.Schedule(mod, seed=seed), remove_postproc=True)
+
+
+def _tune(logs, *extra, trials=4):
+    cmd = [sys.executable, "-m", "tvm_attn.tune", "--variant", "flash", "--seq", "32", "--batch", "1",
+           "--heads", "2", "--head-dim", "32", "--trials", str(trials), "--logs", str(logs), "--seed", "1", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _records(logs) -> int:
+    path = logs / tvm_attn.target_key("host") / tuning.RECORD_FILE
+    return sum(1 for line in open(path) if line.strip())
+
+
+@pytest.fixture(scope="module")
+def tuned_logs(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("tuning_logs")
+    proc = _tune(logs)
+    return logs, proc
+
+
+def test_tune_reports_progress_and_summary(tuned_logs):
+    logs, proc = tuned_logs
+    assert "hand schedule measured" in proc.stderr
+    assert "[1/1] flash_b1_h2_kv2_q32_k32_d32: 4/4 trials, best" in proc.stderr
+    assert "flash_b1_h2_kv2_q32_k32_d32" in proc.stdout.splitlines()[-1]
+    assert "Logging directory" not in proc.stdout + proc.stderr  # MetaSchedule's own logs went to files
+    assert _records(logs) == 1 + 4  # the hand schedule, then 4 trials
+
+
+def test_tuned_record_is_used(tuned_logs, monkeypatch):
+    logs, _ = tuned_logs
+    monkeypatch.setenv("TVM_ATTN_TUNING_LOGS", str(logs))
+    tuning._cached_database.cache_clear()
+    spec = tvm_attn.AttentionSpec(**TINY)
+    try:
+        kernel = tvm_attn.build("flash", spec, schedule="tuned")
+        assert kernel.schedule == "tuned"
+        q, k, v = make_inputs(spec)
+        assert_matches_reference("flash", spec, kernel(q, k, v), q, k, v)
+    finally:
+        tuning._cached_database.cache_clear()
+
+
+def test_running_again_resumes_and_adds_trials(tuned_logs, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned_logs[0], logs)
+    before = _records(logs)
+    proc = _tune(logs, trials=2)
+    assert "hand schedule measured" not in proc.stderr  # the recorded hand schedule is reused
+    assert _records(logs) == before + 2
+
+
+def test_records_of_another_target_are_never_applied(tuned_logs, tmp_path):
+    """MetaSchedule's database ignores targets: x86 records copied under an Apple key must not be used there."""
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned_logs[0] / tvm_attn.target_key("host"), logs / "arm64-apple-macos-apple-m3")
+    spec = tvm_attn.AttentionSpec(**TINY)
+    assert tuning.tuned_schedule(tvm_attn.get_variant("flash"), spec, "apple-m3", root=logs) is None
+    assert tuning.tuned_schedule(tvm_attn.get_variant("flash"), spec, "host", root=tuned_logs[0]) is not None
+
+
+def test_truncated_log_is_a_clear_error(tuned_logs, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned_logs[0], logs)
+    path = logs / tvm_attn.target_key("host") / tuning.RECORD_FILE
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])  # a run killed in the middle of writing its last record
+    n_lines = text.count("\n")
+    with pytest.raises(tuning.CorruptTuningLog, match=f"{tuning.RECORD_FILE}:{n_lines} is not valid JSON"):
+        tuning.open_database("host", logs)
+    proc = subprocess.run([sys.executable, "-m", "tvm_attn.tune", "--variant", "flash", "--seq", "32", "--batch",
+                           "1", "--heads", "2", "--head-dim", "32", "--trials", "1", "--logs", str(logs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is not valid JSON" in proc.stderr
+    assert path.read_text() == text[: len(text) - 40]  # nothing overwritten
+
+
+def test_foreign_file_is_a_clear_error(tmp_path):
+    directory = tmp_path / tvm_attn.target_key("host")
+    directory.mkdir()
+    (directory / tuning.RECORD_FILE).write_text('{"not": "a metaschedule record"}\n')
+    with pytest.raises(tuning.CorruptTuningLog, match="is not a MetaSchedule database entry"):
+        tuning.open_database("host", tmp_path)
+
+
+def test_untuned_kernels_warn_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_ATTN_TUNING_LOGS", str(tmp_path))
+    tuning._cached_database.cache_clear()
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=17, head_dim=16)
+    q, k, v = make_inputs(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tvm_attn.attention(q, k, v)
+        tvm_attn.attention(q, k, v)
+    untuned = [w for w in caught if issubclass(w.category, tuning.UntunedWarning)]
+    assert len(untuned) == 1 and "using the hand schedule" in str(untuned[0].message)
+    tuning._cached_database.cache_clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_device(port: int, key: str, timeout: float = 60.0) -> None:
+    """Poll the tracker until a server with ``key`` is registered and free."""
+    import tvm.rpc
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if tvm.rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"][key]["free"] >= 1:
+                return
+        except Exception:  # tracker not up yet, or key not registered yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no free RPC server with key {key!r} on tracker port {port} after {timeout} s")
+
+
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
+    tracker_port, server_port = _free_port(), _free_port()  # each binds in [port, --port-end)
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                               "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                                       "--port", str(server_port), "--port-end", str(server_port + 1),
+                                       "--tracker", f"127.0.0.1:{tracker_port}",
+                                       "--key", "loopback"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for_device(tracker_port, "loopback")
+        proc = _tune(tmp_path, "--rpc-tracker", f"127.0.0.1:{tracker_port}", "--rpc-key", "loopback", trials=2)
+        assert "2/2 trials" in proc.stderr
+        assert _records(tmp_path) == 1 + 2
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_rpc_options_are_checked():
+    proc = subprocess.run([sys.executable, "-m", "tvm_attn.tune", "--variant", "flash", "--rpc-tracker", "nohost"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--rpc-tracker must be HOST:PORT, got 'nohost'" in proc.stderr

@@ -1,0 +1,254 @@
+"""python -m tvm_attn.tune: MetaSchedule + XGBoost autotuning of the hand schedules' knobs, per target.
+
+Each workload is one (variant, spec). Its design space is the variant's hand schedule (schedules/<name>.py), whose
+sampled knobs MetaSchedule's evolutionary search explores with the XGBoost cost model. Before searching, the hand
+schedule with its default decisions is measured and recorded, so the best record is never slower than it. Records
+go to tuning_logs/<target key>/ as they are measured: an interrupted run loses at most the batch being measured,
+and running again resumes and adds trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import tvm
+from tvm import s_tir
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from . import tuning
+from .spec import AttentionSpec
+from .targets import resolve_target, runs_on_host, target_key
+from .variants import get_variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    variant: str
+    spec: AttentionSpec
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_{self.spec.name}"
+
+
+def default_plan(quick: bool = False) -> list[Workload]:
+    """The workloads `python -m tvm_attn.bench` reports with the hand/tuned providers, deduplicated."""
+    from .bench.runner import KNOB_AXES, spec_for
+    from .bench.studies import default_studies
+
+    plan = []
+    for study in default_studies(quick):
+        if "hand" not in study.providers:
+            continue
+        for x in study.x_vals:
+            for line in study.lines:
+                if study.x_name in KNOB_AXES and get_variant(line.variant).knob != study.x_name \
+                        and x != study.x_vals[0]:
+                    continue
+                w = Workload(line.variant, spec_for(study, line, x))
+                if w not in plan:
+                    plan.append(w)
+    return plan
+
+
+def _cores() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+
+
+def make_runner(rpc_tracker: str | None, rpc_key: str | None, timeout_sec: float):
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False)
+    if rpc_tracker:
+        host, _, port = rpc_tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--rpc-tracker must be HOST:PORT, got {rpc_tracker!r}")
+        if not rpc_key:
+            raise ValueError("--rpc-key is required with --rpc-tracker")
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
+                                     session_timeout_sec=int(max(timeout_sec, 10)))
+        return ms.runner.RPCRunner(config, evaluator_config=evaluator, max_workers=1)
+    return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator)
+
+
+BUILD_FUNC = "tvm_attn.tune.build"
+
+
+@tvm.register_global_func(BUILD_FUNC, override=True)
+def _build(mod: tvm.IRModule, target, _params):
+    """MetaSchedule's default_build without its `import tvm.s_tir.tensor_intrin`, which takes ~27 s in every
+    builder worker (the pool restarts each batch) and which these kernels do not use."""
+    return tvm.driver.build(mod, target=target)
+
+
+def _init_builder_worker() -> None:
+    """Builder workers are fresh processes: importing this module registers BUILD_FUNC there."""
+    import tvm_attn.tune  # noqa: F401
+
+
+def make_builder(target):
+    """Builds in worker processes; artifacts are MetaSchedule's default .tar of objects (an RPC server links them
+    on the device, e.g. with the Mac's own clang)."""
+    return ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=60, f_build=BUILD_FUNC,
+                                   initializer=_init_builder_worker)
+
+
+def _measure_hand(variant, spec, target, mod, builder, runner):
+    """The hand schedule with its default decisions, measured by the same builder and runner: (trace, seconds)."""
+    sch = s_tir.Schedule(mod)
+    variant.schedule(sch, target)
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg:
+        raise RuntimeError(f"the hand schedule of {variant.name} {spec.name} does not build: {built.error_msg}")
+    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+    result = future.result()
+    if result.error_msg:
+        raise RuntimeError(f"the hand schedule of {variant.name} {spec.name} failed to run: {result.error_msg}")
+    return sch.trace, [float(s) for s in result.run_secs], args_info
+
+
+def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work_dir: str, progress,
+                  seed: int | None = None) -> dict:
+    """Tune one workload; return {"hand_ms", "best_ms", "trials"}."""
+    variant = get_variant(w.variant)
+    mod = tuning.workload(variant, w.spec)
+    if tuning.best_record(db, mod, target) is None:
+        trace, secs, args_info = _measure_hand(variant, w.spec, target, mod, builder, runner)
+        db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(mod), secs, target, args_info))
+        progress.hand(min(secs))
+    hand = tuning.best_record(db, mod, target)
+    hand_ms = min(float(s) for s in hand.run_secs) * 1e3
+    progress.start(w, hand_ms)
+    if trials > 0:
+        space = ms.space_generator.ScheduleFn(lambda sch: variant.schedule(sch, target), sch_rules=[], postprocs=[],
+                                              mutator_probs={ms.mutator.MutateTileSize(): 1.0})
+        # MetaSchedule logs to files under work_dir/logs and echoes to stdout: send the echo to a file too.
+        with open(Path(work_dir) / "metaschedule_console.log", "a") as console, contextlib.redirect_stdout(console):
+            ms.tune_tir(mod=mod, target=target, work_dir=work_dir, max_trials_global=trials,
+                        num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, database=db,
+                        cost_model="xgb", space=space, num_tuning_cores=_cores(), seed=seed,
+                        measure_callbacks=ms.measure_callback.MeasureCallback.create("default")
+                        + [progress.callback()])
+    best = tuning.best_record(db, mod, target)
+    return {"hand_ms": hand_ms, "best_ms": min(float(s) for s in best.run_secs) * 1e3}
+
+
+class Progress:
+    """Terminal progress: workload i of n, trials done, best time and GFLOP/s so far, time left."""
+
+    def __init__(self, n: int, trials: int, budget_s: float, out=sys.stderr):
+        self.n, self.trials, self.budget_s, self.out = n, trials, budget_s, out
+        self.i, self.started = 0, time.time()
+        self.w, self.best_ms, self.done = None, math.inf, 0
+
+    def hand(self, secs: float) -> None:
+        print(f"  hand schedule measured: {secs * 1e3:.3f} ms", file=self.out, flush=True)
+
+    def start(self, w: Workload, best_ms: float) -> None:
+        self.i += 1
+        self.w, self.best_ms, self.done = w, best_ms, 0
+        self.line()
+
+    def line(self) -> None:
+        left = self.budget_s - (time.time() - self.started)
+        gflops = self.w.spec.dense_flops() / (self.best_ms * 1e-3) / 1e9
+        print(f"[{self.i}/{self.n}] {self.w.name}: {self.done}/{self.trials} trials, best {self.best_ms:.3f} ms "
+              f"({gflops:.1f} GFLOP/s), {left / 60:.1f} min left", file=self.out, flush=True)
+
+    def callback(self):
+        progress = self
+
+        @derived_object
+        class _Callback(ms.measure_callback.PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                for result in runner_results:
+                    progress.done += 1
+                    if result.run_secs and not result.error_msg:
+                        progress.best_ms = min(progress.best_ms, min(float(s) for s in result.run_secs) * 1e3)
+                progress.line()
+
+        return _Callback()
+
+
+def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_root: Path, rpc_tracker=None,
+        rpc_key=None, seed=None, runner_timeout: float = 10.0, out=sys.stderr) -> list[dict]:
+    """Tune ``plan`` for ``target`` within ``budget_min`` minutes; return one summary row per workload."""
+    t = resolve_target(target)
+    if not rpc_tracker and not runs_on_host(t):
+        raise ValueError(f"target {target_key(t)} cannot run on this {target_key('host')} host: "
+                         f"measure it on the device with --rpc-tracker HOST:PORT --rpc-key KEY")
+    db = tuning.open_database(t, logs_root, create=True)
+    work_dir = Path(logs_root) / target_key(t) / "logs"  # MetaSchedule's own logs; not committed
+    work_dir.mkdir(parents=True, exist_ok=True)
+    builder, runner = make_builder(t), make_runner(rpc_tracker, rpc_key, runner_timeout)
+    progress = Progress(len(plan), trials, budget_min * 60, out)
+    rows = []
+    for w in plan:
+        if time.time() - progress.started > budget_min * 60:
+            print(f"time budget of {budget_min:g} min used: {len(plan) - len(rows)} workloads not tuned",
+                  file=out, flush=True)
+            break
+        row = tune_workload(w, t, db, trials=trials, builder=builder, runner=runner, work_dir=str(work_dir),
+                            progress=progress, seed=seed)
+        row.update(workload=w.name, gflops=w.spec.dense_flops() / (row["best_ms"] * 1e-3) / 1e9)
+        rows.append(row)
+        print(f"  done {w.name}: hand {row['hand_ms']:.3f} ms -> best {row['best_ms']:.3f} ms "
+              f"({row['hand_ms'] / row['best_ms']:.2f}x)", file=out, flush=True)
+    tuning._cached_database.cache_clear()
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tvm_attn.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", help="tune this variant (repeatable); default: the default "
+                        "plan, the workloads python -m tvm_attn.bench reports")
+    parser.add_argument("--seq", type=int, nargs="+", help="seq_q = seq_kv values (with --variant)")
+    parser.add_argument("--seq-kv", type=int, default=None, help="seq_kv when it differs from seq_q (decode: --seq 1)")
+    parser.add_argument("--batch", type=int, default=2, help="default 2")
+    parser.add_argument("--heads", type=int, default=8, help="default 8")
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
+    parser.add_argument("--head-dim", type=int, default=64, help="default 64")
+    parser.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    parser.add_argument("--threshold", type=float, default=0.01, help="threshold variant's knob (default 0.01)")
+    parser.add_argument("--top-k", type=int, default=64, help="topk variant's knob (default 64)")
+    parser.add_argument("--target", default="host", help="host, apple-m1..apple-m4, or a TVM target JSON")
+    parser.add_argument("--trials", type=int, default=16, help="measured trials per workload beyond the hand "
+                        "schedule (default 16)")
+    parser.add_argument("--time-budget", type=float, default=45.0, help="minutes for the whole plan (default 45); "
+                        "workloads not started by then are skipped and listed")
+    parser.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker: measure on its devices")
+    parser.add_argument("--rpc-key", default=None, help="device key registered with the tracker")
+    parser.add_argument("--logs", default=None, help="tuning log root (default: the repository's tuning_logs/)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed of the search")
+    parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
+    args = parser.parse_args(argv)
+
+    if args.variant:
+        knobs = {"threshold": {"threshold": args.threshold}, "topk": {"top_k": args.top_k}}
+        plan = [Workload(get_variant(name).name, AttentionSpec(
+                    batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=seq, seq_kv=args.seq_kv,
+                    head_dim=args.head_dim, causal=args.causal, **knobs.get(get_variant(name).name, {})))
+                for name in args.variant for seq in (args.seq or [512])]
+    else:
+        plan = default_plan(args.quick)
+    logs_root = Path(args.logs) if args.logs else tuning.default_logs_root()
+    print(f"tuning {len(plan)} workloads for {target_key(args.target)} into {logs_root / target_key(args.target)}, "
+          f"{args.trials} trials each, budget {args.time_budget:g} min", file=sys.stderr, flush=True)
+    rows = run(plan, args.target, trials=args.trials, budget_min=args.time_budget, logs_root=logs_root,
+               rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, seed=args.seed)
+    print(f"\n{'workload':60s} {'hand ms':>10s} {'tuned ms':>10s} {'speedup':>8s} {'GFLOP/s':>8s}")
+    for r in rows:
+        print(f"{r['workload']:60s} {r['hand_ms']:10.3f} {r['best_ms']:10.3f} {r['hand_ms'] / r['best_ms']:7.2f}x "
+              f"{r['gflops']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Tuning records: one MetaSchedule JSONDatabase per target under tuning_logs/<target key>/, looked up per kernel.
+
+MetaSchedule's database matches workloads by structure and ignores the target a record was measured on, so records
+live in one directory per target key and every record's own target is checked again on lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+
+import tvm
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+from .spec import AttentionSpec
+from .targets import resolve_target, target_key
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+
+
+def default_logs_root() -> Path:
+    """$TVM_ATTN_TUNING_LOGS, else the repository's tuning_logs/ next to the package."""
+    env = os.environ.get("TVM_ATTN_TUNING_LOGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+def logs_dir(target, root: Path | None = None) -> Path:
+    return Path(root or default_logs_root()) / target_key(target)
+
+
+def workload(variant, spec: AttentionSpec) -> tvm.IRModule:
+    """The IRModule a variant is tuned as (its compute, unscheduled): the key of its records."""
+    return tvm.IRModule({"main": variant.compute(spec)})
+
+
+class CorruptTuningLog(ValueError):
+    """A tuning log file that is not a MetaSchedule JSON database of this project."""
+
+
+def check_log_files(directory: Path) -> None:
+    """Raise CorruptTuningLog naming the file and line when a database file is not line-by-line valid JSON of
+    the expected shape (a truncated last line after a killed run included)."""
+    for name, width in ((WORKLOAD_FILE, 2), (RECORD_FILE, 2)):
+        path = directory / name
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorruptTuningLog(
+                        f"{path}:{number} is not valid JSON ({err.msg}); the file is corrupt or was cut off by an "
+                        f"interrupted run. Remove that line (or the file) and tune again."
+                    ) from None
+                if not isinstance(entry, list) or len(entry) != width:
+                    raise CorruptTuningLog(f"{path}:{number} is not a MetaSchedule database entry")
+                if name == RECORD_FILE and (not isinstance(entry[1], list) or len(entry[1]) < 4):
+                    raise CorruptTuningLog(f"{path}:{number} is not a MetaSchedule tuning record")
+
+
+def open_database(target, root: Path | None = None, *, create: bool = False) -> ms.database.JSONDatabase | None:
+    """The JSONDatabase of ``target``, checked first; None when there is none (and not ``create``)."""
+    directory = logs_dir(target, root)
+    if not create and not (directory / RECORD_FILE).exists():
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    check_log_files(directory)
+    try:
+        return ms.database.JSONDatabase(path_workload=str(directory / WORKLOAD_FILE),
+                                        path_tuning_record=str(directory / RECORD_FILE),
+                                        allow_missing=True)
+    except Exception as err:  # TVM's own parse errors
+        raise CorruptTuningLog(f"{directory}: MetaSchedule could not load the database: {err}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_database(target_json: str, root: str):
+    return open_database(resolve_target(target_json), Path(root))
+
+
+def best_record(db, mod: tvm.IRModule, target):
+    """The fastest successful record of ``mod`` measured on ``target`` (same target key), or None."""
+    if db is None or not db.has_workload(mod):
+        return None
+    key = target_key(target)
+    for record in db.get_top_k(db.commit_workload(mod), 16):
+        if record.target is not None and target_key(record.target) != key:
+            continue
+        if record.run_secs and all(float(s) < 1e9 for s in record.run_secs):
+            return record
+    return None
+
+
+def tuned_schedule(variant, spec: AttentionSpec, target, root: Path | None = None) -> s_tir.Schedule | None:
+    """The tuned schedule of (variant, spec) on ``target``, or None when no record exists."""
+    t = resolve_target(target)
+    db = _cached_database(str(t), str(root or default_logs_root()))
+    mod = workload(variant, spec)
+    record = best_record(db, mod, t)
+    if record is None:
+        return None
+    sch = s_tir.Schedule(mod)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+class UntunedWarning(UserWarning):
+    """No tuned record exists for a kernel; the hand schedule is used."""
+
+
+_warned: set = set()
+
+
+def warn_untuned(variant_name: str, spec: AttentionSpec, target) -> None:
+    """Say once per workload that no tuned record exists and the hand schedule is used."""
+    key = (variant_name, spec, target_key(target))
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"no tuned record for {variant_name} {spec.name} on {target_key(target)}: using the hand "
+                      f"schedule (python -m tvm_attn.tune tunes it)", UntunedWarning, stacklevel=6)
