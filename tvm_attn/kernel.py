@@ -17,20 +17,33 @@ from .variants import Variant, get_variant
 SCHEDULES = ("best", "tuned", "hand", "untuned")
 
 
-def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str) -> tvm.IRModule:
-    """The variant's compute for ``spec`` as an IRModule with ``schedule`` ("tuned", "hand", "untuned") applied."""
-    if schedule == "tuned":
-        sch = tuning.tuned_schedule(variant, spec, target)
-        if sch is None:
+@dataclasses.dataclass(frozen=True)
+class Scheduled:
+    """A variant's compute for one spec with a schedule applied."""
+
+    mod: tvm.IRModule
+    schedule: str  # the schedule actually applied: "tuned", "hand" or "untuned"
+    record: str | None = None  # digest of the tuning record, when tuned
+
+
+def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str) -> Scheduled:
+    """The variant's compute for ``spec`` with ``schedule`` applied: "best" (the tuned record for this target if
+    one exists, else the hand schedule, with a warning once), "tuned", "hand" or "untuned"."""
+    if schedule in ("best", "tuned"):
+        record = tuning.tuned_record(variant, spec, target)
+        if record is not None:
+            return Scheduled(tuning.apply_record(variant, spec, record).mod, "tuned", tuning.record_digest(record))
+        if schedule == "tuned":
             raise LookupError(f"no tuned record for {variant.name} {spec.name} on {target_key(target)} "
                               f"(python -m tvm_attn.tune tunes it)")
-        return sch.mod
+        tuning.warn_untuned(variant.name, spec, target)
+        schedule = "hand"
     mod = tuning.workload(variant, spec)
     if schedule == "untuned":
-        return mod
+        return Scheduled(mod, "untuned")
     sch = s_tir.Schedule(mod)
     variant.schedule(sch, target)
-    return sch.mod
+    return Scheduled(sch.mod, "hand")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +54,7 @@ class Kernel:
     spec: AttentionSpec
     target: tvm.target.Target
     schedule: str  # the schedule actually used: "tuned", "hand" or "untuned"
+    record: str | None  # digest of the tuning record, when tuned
     executable: object  # tvm.runtime.Executable
 
     @property
@@ -83,15 +97,7 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
 
 @functools.lru_cache(maxsize=256)
 def _build_cached(variant: str, spec: AttentionSpec, target_json: str, schedule: str) -> Kernel:
-    v = get_variant(variant)
     target = resolve_target(target_json)
-    if schedule == "best":
-        tuned = tuning.tuned_schedule(v, spec, target)
-        if tuned is None:
-            tuning.warn_untuned(v.name, spec, target)
-            mod, schedule = scheduled_module(v, spec, target, "hand"), "hand"
-        else:
-            mod, schedule = tuned.mod, "tuned"
-    else:
-        mod = scheduled_module(v, spec, target, schedule)
-    return Kernel(variant, spec, target, schedule, tvm.compile(mod, target=target))
+    scheduled = scheduled_module(get_variant(variant), spec, target, schedule)
+    return Kernel(variant, spec, target, scheduled.schedule, scheduled.record,
+                  tvm.compile(scheduled.mod, target=target))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import sys
@@ -24,39 +23,9 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from . import tuning
-from .spec import AttentionSpec
+from .plan import Workload, add_workload_arguments, workloads_from_args
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import get_variant
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    variant: str
-    spec: AttentionSpec
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}_{self.spec.name}"
-
-
-def default_plan(quick: bool = False) -> list[Workload]:
-    """The workloads `python -m tvm_attn.bench` reports with the hand/tuned providers, deduplicated."""
-    from .bench.runner import KNOB_AXES, spec_for
-    from .bench.studies import default_studies
-
-    plan = []
-    for study in default_studies(quick):
-        if "hand" not in study.providers:
-            continue
-        for x in study.x_vals:
-            for line in study.lines:
-                if study.x_name in KNOB_AXES and get_variant(line.variant).knob != study.x_name \
-                        and x != study.x_vals[0]:
-                    continue
-                w = Workload(line.variant, spec_for(study, line, x))
-                if w not in plan:
-                    plan.append(w)
-    return plan
 
 
 def _cores() -> int:
@@ -208,17 +177,7 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tvm_attn.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", help="tune this variant (repeatable); default: the default "
-                        "plan, the workloads python -m tvm_attn.bench reports")
-    parser.add_argument("--seq", type=int, nargs="+", help="seq_q = seq_kv values (with --variant)")
-    parser.add_argument("--seq-kv", type=int, default=None, help="seq_kv when it differs from seq_q (decode: --seq 1)")
-    parser.add_argument("--batch", type=int, default=2, help="default 2")
-    parser.add_argument("--heads", type=int, default=8, help="default 8")
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
-    parser.add_argument("--head-dim", type=int, default=64, help="default 64")
-    parser.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
-    parser.add_argument("--threshold", type=float, default=0.01, help="threshold variant's knob (default 0.01)")
-    parser.add_argument("--top-k", type=int, default=64, help="topk variant's knob (default 64)")
+    add_workload_arguments(parser, "tune")
     parser.add_argument("--target", default="host", help="host, apple-m1..apple-m4, or a TVM target JSON")
     parser.add_argument("--trials", type=int, default=16, help="measured trials per workload beyond the hand "
                         "schedule (default 16)")
@@ -228,17 +187,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rpc-key", default=None, help="device key registered with the tracker")
     parser.add_argument("--logs", default=None, help="tuning log root (default: the repository's tuning_logs/)")
     parser.add_argument("--seed", type=int, default=None, help="random seed of the search")
-    parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
     args = parser.parse_args(argv)
 
-    if args.variant:
-        knobs = {"threshold": {"threshold": args.threshold}, "topk": {"top_k": args.top_k}}
-        plan = [Workload(get_variant(name).name, AttentionSpec(
-                    batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=seq, seq_kv=args.seq_kv,
-                    head_dim=args.head_dim, causal=args.causal, **knobs.get(get_variant(name).name, {})))
-                for name in args.variant for seq in (args.seq or [512])]
-    else:
-        plan = default_plan(args.quick)
+    plan = workloads_from_args(args)
     logs_root = Path(args.logs) if args.logs else tuning.default_logs_root()
     print(f"tuning {len(plan)} workloads for {target_key(args.target)} into {logs_root / target_key(args.target)}, "
           f"{args.trials} trials each, budget {args.time_budget:g} min", file=sys.stderr, flush=True)

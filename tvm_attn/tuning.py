@@ -7,6 +7,7 @@ live in one directory per target key and every record's own target is checked ag
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import warnings
@@ -101,17 +102,29 @@ def best_record(db, mod: tvm.IRModule, target):
     return None
 
 
-def tuned_schedule(variant, spec: AttentionSpec, target, root: Path | None = None) -> s_tir.Schedule | None:
-    """The tuned schedule of (variant, spec) on ``target``, or None when no record exists."""
+def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None):
+    """The best tuning record of (variant, spec) measured on ``target``, or None."""
     t = resolve_target(target)
     db = _cached_database(str(t), str(root or default_logs_root()))
-    mod = workload(variant, spec)
-    record = best_record(db, mod, t)
-    if record is None:
-        return None
-    sch = s_tir.Schedule(mod)
+    return best_record(db, workload(variant, spec), t)
+
+
+def apply_record(variant, spec: AttentionSpec, record) -> s_tir.Schedule:
+    """Replay a record's trace on the variant's compute."""
+    sch = s_tir.Schedule(workload(variant, spec))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
+
+
+def record_digest(record) -> str:
+    """A short stable id of a record's schedule (sha256 of its trace), for manifests and reports."""
+    return hashlib.sha256(str(record.trace).encode()).hexdigest()[:16]
+
+
+def tuned_schedule(variant, spec: AttentionSpec, target, root: Path | None = None) -> s_tir.Schedule | None:
+    """The tuned schedule of (variant, spec) on ``target``, or None when no record exists."""
+    record = tuned_record(variant, spec, target, root)
+    return None if record is None else apply_record(variant, spec, record)
 
 
 class UntunedWarning(UserWarning):

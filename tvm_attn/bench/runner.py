@@ -124,7 +124,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
             )
             if prep.kernel is not None:
                 mem = memory_use(scheduled_module(tvm_attn.get_variant(line.variant), spec, target,
-                                                  prep.kernel.schedule), spec, n_threads)
+                                                  prep.kernel.schedule).mod, spec, n_threads)
                 row.update(bytes_inputs=mem.inputs, bytes_output=mem.output, bytes_intermediate=mem.intermediate)
             row.update(_accuracy(line.variant, spec, q, k, v, prep.output()))
             rows.append(row)

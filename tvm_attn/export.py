@@ -1,0 +1,210 @@
+"""python -m tvm_attn.export: kernels as shared libraries other programs load, each with a JSON manifest.
+
+For the host: DIR/<name>.so, plus libtvm_runtime.so (thread pool and workspace of parallel kernels) copied once into
+DIR. For Apple targets: DIR/<name>.dylib, a Mach-O arm64 library cross-linked here with clang and ld64.lld (a .tar
+of objects when they are missing, said clearly). Load them with `tvm_attn.runtime.load(path)`, which needs only
+apache-tvm-ffi and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm.target import codegen
+
+from . import __version__
+from .kernel import scheduled_module
+from .plan import Workload, add_workload_arguments, workloads_from_args
+from .runtime import ALIGNMENT_BYTES, MANIFEST_FORMAT
+from .spec import AttentionSpec
+from .targets import resolve_target, target_key
+from .variants import get_variant
+
+# Features whose /proc/cpuinfo names equal LLVM's: the loader refuses a kernel whose CPU lacks one it was built with.
+CHECKED_X86_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl")
+APPLE_DEPLOYMENT = "arm64-apple-macos11"
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    name: str
+    library: Path
+    manifest: Path
+    schedule: str  # "tuned" or "hand"
+    linked: bool  # False: .tar of objects, no linker was found
+
+
+def export_name(variant: str, spec: AttentionSpec, target) -> str:
+    """e.g. attn_flash_b2_h8_kv8_q512_k512_d64_f32_arm64-apple-macos-apple-m3."""
+    return f"attn_{variant}_{spec.name}_f32_{target_key(target)}"
+
+
+def function_name(name: str) -> str:
+    """The exported symbol: the export name as a C identifier."""
+    return re.sub(r"\W", "_", name)
+
+
+def _is_apple(target) -> bool:
+    return "apple" in str(target.attrs.get("mtriple", ""))
+
+
+def _platform(target) -> dict:
+    if _is_apple(target):
+        return {"arch": "arm64", "os": "darwin", "cpu_features": []}
+    arch = str(target.attrs.get("mtriple", "") or "x86_64").split("-")[0]
+    arch = {"aarch64": "arm64"}.get(arch, arch)
+    features = []
+    if arch == "x86_64":
+        llvm_features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+        features = [f for f in CHECKED_X86_FEATURES if f in llvm_features]
+    return {"arch": arch, "os": "linux", "cpu_features": features}
+
+
+def apple_linker() -> str | None:
+    """Why Apple dylibs cannot be linked here (None when clang and ld64.lld are found)."""
+    clang = shutil.which("clang")
+    if clang is None:
+        return "clang not found (Debian: apt-get install clang lld)"
+    beside_clang = Path(os.path.realpath(clang)).parent / "ld64.lld"
+    if not beside_clang.exists() and shutil.which("ld64.lld") is None:
+        return "ld64.lld not found (Debian: apt-get install lld)"
+    return None
+
+
+def _apple_compiler(name: str):
+    from tvm.support import cc
+
+    return cc.cross_compiler("clang", options=[
+        "-target", APPLE_DEPLOYMENT, "-fuse-ld=lld", "-nostdlib",
+        "-Wl,-undefined,dynamic_lookup",  # libSystem (memset, expf) and the TVM runtime resolve when loaded
+        f"-Wl,-install_name,@rpath/{name}.dylib",
+    ], output_format="dylib")
+
+
+def host_runtime_library() -> Path:
+    """libtvm_runtime.so of the installed apache-tvm."""
+    path = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the apache-tvm installation is incomplete")
+    return path
+
+
+def fetch_apple_runtime(dest: Path) -> Path:
+    """libtvm_runtime.dylib from PyPI's apache-tvm macOS arm64 wheel of our TVM version (a ~80 MB download)."""
+    target = dest / "libtvm_runtime.dylib"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", f"apache-tvm=={tvm.__version__}", "--no-deps",
+                        "--only-binary=:all:", "--platform", "macosx_11_0_arm64", "-d", tmp, "-q"], check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            target.write_bytes(zf.read("tvm/lib/libtvm_runtime.dylib"))
+    return target
+
+
+def _arguments(func, spec: AttentionSpec) -> list[dict]:
+    shapes = (spec.q_shape, spec.kv_shape, spec.kv_shape, spec.q_shape)
+    roles = ("input", "input", "input", "output")
+    return [{"name": str(p.name), "role": role, "shape": list(shape), "dtype": spec.dtype}
+            for p, role, shape in zip(func.params, roles, shapes, strict=True)]
+
+
+def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fetch_runtime: bool = False,
+           log=sys.stderr) -> Exported:
+    """Build ``variant`` for ``spec`` with the best schedule for ``target`` and write the library and manifest."""
+    v = get_variant(variant)
+    v.check(spec)
+    t = resolve_target(target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = export_name(v.name, spec, t)
+    fname = function_name(name)
+
+    scheduled = scheduled_module(v, spec, t, "best")
+    func = scheduled.mod["main"].with_attr("global_symbol", fname)
+    executable = tvm.compile(tvm.IRModule({fname: func}), target=t)
+
+    linked = True
+    if _is_apple(t):
+        missing = apple_linker()
+        if missing is None:
+            library = out_dir / f"{name}.dylib"
+            executable.export_library(str(library), fcompile=_apple_compiler(name))
+        else:
+            linked = False
+            library = out_dir / f"{name}.tar"
+            executable.export_library(str(library))
+            print(f"warning: {missing}: wrote {library.name}, object files only; link them on the Mac "
+                  f"(clang -dynamiclib) or export again with clang and lld installed", file=log)
+        runtime_name = "libtvm_runtime.dylib"
+        if fetch_runtime:
+            fetch_apple_runtime(out_dir)
+    else:
+        library = out_dir / f"{name}.so"
+        executable.export_library(str(library))
+        runtime_name = "libtvm_runtime.so"
+        runtime = host_runtime_library()
+        shipped = out_dir / runtime_name
+        if not shipped.exists() or shipped.stat().st_size != runtime.stat().st_size:
+            shutil.copy2(runtime, shipped)
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": name,
+        "library": library.name,
+        "function": fname,
+        "call": f"{fname}(q, k, v, out)",
+        "arguments": _arguments(func, spec),
+        "layout": "BHSD: q and out (batch, heads, seq_q, head_dim); k, v (batch, kv_heads, seq_kv, head_dim)",
+        "semantics": {
+            "variant": v.name, "batch": spec.batch, "heads": spec.heads, "kv_heads": spec.kv_heads,
+            "seq_q": spec.seq_q, "seq_kv": spec.seq_kv, "head_dim": spec.head_dim, "causal": spec.causal,
+            "causal_alignment": "bottom-right: query i sees keys j <= i + seq_kv - seq_q",
+            "scale": spec.scale, "threshold": spec.threshold, "top_k": spec.top_k, "dtype": spec.dtype,
+        },
+        "target": {"key": target_key(t), "tvm_target": json.loads(str(t)), **_platform(t)},
+        "schedule": scheduled.schedule,
+        "tuning_record": scheduled.record,
+        "alignment_bytes": ALIGNMENT_BYTES,
+        "runtime_library": runtime_name,
+        "linked": linked,
+        "versions": {"tvm_attn": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__},
+    }
+    manifest_path = out_dir / f"{name}.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    how = f"tuned record {scheduled.record}" if scheduled.schedule == "tuned" else "hand schedule (no tuned record)"
+    print(f"{library}: {how}", file=log, flush=True)
+    return Exported(name, library, manifest_path, scheduled.schedule, linked)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tvm_attn.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser, "export")
+    parser.add_argument("--target", default="host", help="host, apple-m1..apple-m4, or a TVM target JSON")
+    parser.add_argument("-o", "--out", required=True, help="output directory")
+    parser.add_argument("--fetch-runtime", action="store_true", help="Apple targets: download libtvm_runtime.dylib "
+                        "from PyPI's apache-tvm macOS wheel into the output directory (~80 MB download)")
+    args = parser.parse_args(argv)
+    plan: list[Workload] = workloads_from_args(args)
+    results = [export(w.variant, w.spec, args.target, args.out, fetch_runtime=args.fetch_runtime) for w in plan]
+    tuned = sum(r.schedule == "tuned" for r in results)
+    print(f"exported {len(results)} kernels to {args.out} ({tuned} tuned, {len(results) - tuned} hand-scheduled)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Workloads (a variant and a spec) and the plan that `tune`, `export` and `bench` share, with their CLI options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .spec import AttentionSpec
+from .variants import get_variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    variant: str
+    spec: AttentionSpec
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_{self.spec.name}"
+
+
+def default_plan(quick: bool = False) -> list[Workload]:
+    """The workloads `python -m tvm_attn.bench` times with our kernels, deduplicated, in the studies' order."""
+    from .bench.runner import KNOB_AXES, spec_for
+    from .bench.studies import default_studies
+
+    plan = []
+    for study in default_studies(quick):
+        if "hand" not in study.providers:
+            continue
+        for x in study.x_vals:
+            for line in study.lines:
+                # A knob sweep varies one variant's knob: the other lines are timed at the first x only.
+                if study.x_name in KNOB_AXES and get_variant(line.variant).knob != study.x_name \
+                        and x != study.x_vals[0]:
+                    continue
+                w = Workload(line.variant, spec_for(study, line, x))
+                if w not in plan:
+                    plan.append(w)
+    return plan
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The options that name workloads: --variant with shape and knob options, or the default plan."""
+    parser.add_argument("--variant", action="append", help=f"{verb} this variant (repeatable); default: the default "
+                        "plan, the workloads python -m tvm_attn.bench reports")
+    parser.add_argument("--seq", type=int, nargs="+", help="seq_q = seq_kv values (with --variant; default 512)")
+    parser.add_argument("--seq-kv", type=int, default=None, help="seq_kv when it differs from seq_q (decode: --seq 1)")
+    parser.add_argument("--batch", type=int, default=2, help="default 2")
+    parser.add_argument("--heads", type=int, default=8, help="default 8")
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
+    parser.add_argument("--head-dim", type=int, default=64, help="default 64")
+    parser.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    parser.add_argument("--threshold", type=float, default=0.01, help="threshold variant's knob (default 0.01)")
+    parser.add_argument("--top-k", type=int, default=64, help="topk variant's knob (default 64)")
+    parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
+
+
+def workloads_from_args(args: argparse.Namespace) -> list[Workload]:
+    if not args.variant:
+        return default_plan(args.quick)
+    knobs = {"threshold": {"threshold": args.threshold}, "topk": {"top_k": args.top_k}}
+    plan = []
+    for name in args.variant:
+        variant = get_variant(name)
+        for seq in args.seq or [512]:
+            spec = AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=seq,
+                                 seq_kv=args.seq_kv, head_dim=args.head_dim, causal=args.causal,
+                                 **knobs.get(variant.name, {}))
+            variant.check(spec)
+            plan.append(Workload(variant.name, spec))
+    return plan

@@ -1,0 +1,207 @@
+"""Load kernels exported by `python -m tvm_attn.export`, with apache-tvm-ffi and numpy only.
+
+    import tvm_attn.runtime
+    kernel = tvm_attn.runtime.load("kernels/attn_flash_b2_h8_kv8_q512_k512_d64_f32_x86_64-znver4.so")
+    out = kernel(q, k, v)          # numpy in, numpy out; torch tensors in, a torch tensor out (via DLPack)
+
+This module never imports `tvm` (the compiler): a program that only runs kernels needs `apache-tvm-ffi`, numpy and
+the TVM runtime library shipped next to the kernel (`libtvm_runtime.so` / `.dylib`), which parallel kernels and
+kernels with scratch memory call into for their thread pool and workspace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_FORMAT = "tvm_attn.kernel/1"
+ALIGNMENT_BYTES = 64  # TVM's kernels assume 64-byte aligned buffers (aligned vector loads) and do not check
+ARGUMENTS = ("q", "k", "v")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable, or describes a kernel this machine cannot run."""
+
+
+def _manifest_path(path: Path) -> Path:
+    if path.suffix == ".json":
+        return path
+    return path.with_name(path.name[: -len(path.suffix)] + ".json") if path.suffix else path.with_suffix(".json")
+
+
+def read_manifest(path) -> dict:
+    """The manifest of an exported kernel, given the library or the manifest itself."""
+    manifest_path = _manifest_path(Path(path))
+    if not manifest_path.exists():
+        raise ManifestError(f"no manifest {manifest_path}: export kernels with python -m tvm_attn.export, which "
+                            f"writes <name>.json next to the library")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{manifest_path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{manifest_path} is not a tvm_attn kernel manifest (format {MANIFEST_FORMAT!r})")
+    manifest["_dir"] = str(manifest_path.parent)
+    return manifest
+
+
+def _host_platform() -> tuple[str, str]:
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "aarch64": "arm64"}.get(machine, machine)
+    return arch, sys.platform
+
+
+def _host_cpu_flags() -> set[str] | None:
+    """x86 feature flags from /proc/cpuinfo (None where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def check_runs_here(manifest: dict) -> None:
+    """Raise ManifestError when the kernel was built for another architecture, OS or CPU features."""
+    target = manifest["target"]
+    arch, os_name = _host_platform()
+    if target["arch"] != arch or target["os"] != os_name:
+        raise ManifestError(f"kernel {manifest['name']} was built for {target['key']} ({target['arch']}, "
+                            f"{target['os']}); this machine is {arch}, {os_name}: export it for this machine's target")
+    flags = _host_cpu_flags()
+    missing = [f for f in target.get("cpu_features", []) if flags is not None and f not in flags]
+    if missing:
+        raise ManifestError(f"kernel {manifest['name']} needs CPU features {', '.join(missing)} that this CPU lacks: "
+                            f"export it for this machine's target")
+
+
+_runtime_loaded: dict[str, ctypes.CDLL] = {}
+
+
+def _installed_tvm() -> str | None:
+    try:
+        return importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _runtime_library(manifest: dict) -> Path | None:
+    """The TVM runtime library: an installed apache-tvm's (found, not imported), else the one next to the kernel."""
+    name = manifest.get("runtime_library")
+    if not name:
+        return None
+    # An installed apache-tvm's own copy comes first: `import tvm` later in the process then reuses the loaded
+    # library, where a second copy would register TVM's global functions twice and abort the process.
+    candidates = []
+    spec = importlib.util.find_spec("tvm")  # locates the package without executing it
+    if spec is not None and spec.submodule_search_locations and _installed_tvm() == manifest["versions"]["tvm"]:
+        candidates += [Path(p) / "lib" / name for p in spec.submodule_search_locations]
+    candidates.append(Path(manifest["_dir"]) / name)
+    for path in candidates:
+        if path.exists():
+            return path
+    raise ManifestError(f"kernel {manifest['name']} needs the TVM runtime library {name} (thread pool, workspace); "
+                        f"looked in {', '.join(str(c) for c in candidates)}. Export with python -m tvm_attn.export "
+                        f"(it ships the library for the host), or copy {name} of apache-tvm "
+                        f"{manifest['versions']['tvm']} next to the kernel")
+
+
+def _load_runtime(path: Path) -> None:
+    # RTLD_GLOBAL: the kernel's TVMBackend* calls resolve against it when the kernel library is loaded.
+    key = str(path.resolve())
+    if key not in _runtime_loaded:
+        _runtime_loaded[key] = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
+
+
+def _aligned_empty(shape, dtype, alignment: int) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    return raw[offset: offset + nbytes].view(dtype).reshape(shape)
+
+
+class ExportedKernel:
+    """An exported attention kernel: call it as kernel(q, k, v) or kernel(q, k, v, out=out)."""
+
+    def __init__(self, manifest: dict, function):
+        self.manifest = manifest
+        self.name = manifest["name"]
+        self._function = function
+        self._args = {a["name"]: a for a in manifest["arguments"]}
+        self.alignment = int(manifest["alignment_bytes"])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self._args["out"]["shape"])
+
+    def __repr__(self) -> str:
+        return f"ExportedKernel({self.name!r}, schedule={self.manifest['schedule']!r})"
+
+    def _prepare(self, name: str, array, *, writable: bool = False) -> np.ndarray:
+        arg = self._args[name]
+        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(array).__name__}")
+        if not isinstance(array, np.ndarray):
+            array = np.from_dlpack(array)  # torch and other DLPack producers: a zero-copy view on the CPU
+        if tuple(array.shape) != tuple(arg["shape"]):
+            raise ValueError(f"{name} has shape {tuple(array.shape)}, kernel {self.name} takes {tuple(arg['shape'])}")
+        if array.dtype != np.dtype(arg["dtype"]):
+            raise TypeError(f"{name} is {array.dtype}, kernel {self.name} takes {arg['dtype']}")
+        aligned = array.flags.c_contiguous and array.ctypes.data % self.alignment == 0
+        if aligned:
+            return array
+        if writable:
+            raise ValueError(f"out must be C-contiguous and {self.alignment}-byte aligned")
+        # The kernels assume aligned, dense buffers (aligned vector loads): copy the ones that are not.
+        copy = _aligned_empty(array.shape, array.dtype, self.alignment)
+        copy[...] = array
+        return copy
+
+    def __call__(self, q, k, v, *, out=None):
+        import tvm_ffi
+
+        args = [self._prepare(n, x) for n, x in zip(ARGUMENTS, (q, k, v))]
+        result = out
+        if out is None:
+            out = result = _aligned_empty(self.out_shape, self._args["out"]["dtype"], self.alignment)
+            if all(type(x).__module__.startswith("torch") for x in (q, k, v)):
+                import torch
+
+                result = torch.from_dlpack(out)  # torch in, torch out, sharing the output buffer
+        out_view = self._prepare("out", out, writable=True)
+        self._function(*(tvm_ffi.from_dlpack(a) for a in (*args, out_view)))
+        return result
+
+
+def load(path) -> ExportedKernel:
+    """Load an exported kernel from its library or its manifest; checks that it runs on this machine."""
+    import tvm_ffi
+
+    manifest = read_manifest(path)
+    check_runs_here(manifest)
+    library = Path(manifest["_dir"]) / manifest["library"]
+    if library.suffix == ".tar":
+        raise ManifestError(f"{library} holds object files only (no linker was found when it was exported): link "
+                            f"it into a shared library, or export again where clang and lld are installed")
+    if not library.exists():
+        raise ManifestError(f"the library {library} named by the manifest does not exist")
+    if "tvm" not in sys.modules:  # else the compiler already loaded the runtime
+        runtime = _runtime_library(manifest)
+        if runtime is not None:
+            _load_runtime(runtime)
+    module = tvm_ffi.load_module(str(library))
+    try:
+        function = module[manifest["function"]]
+    except Exception as err:  # tvm_ffi raises its own error types for a missing symbol
+        raise ManifestError(f"{library} does not export {manifest['function']!r}: {err}") from None
+    return ExportedKernel(manifest, function)
