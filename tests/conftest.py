@@ -16,6 +16,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 KNOBS = {
     "threshold": [{"threshold": t} for t in (0.05, 0.001, 0.3)],
     "topk": [{"top_k": k} for k in (5, 1, 64, 1000)],
+    "mass": [{"eps": e} for e in (0.05, 0.01, 0.3, 0.9)],
 }
 
 
@@ -57,6 +58,14 @@ def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k) -> np.ndarr
         with np.errstate(invalid="ignore"):  # -inf - -inf in rows with fewer than top_k + 1 visible keys
             gap = ordered[..., n - 1] - ordered[..., n]
         return np.isfinite(gap) & (gap < 1e-4)
+    if variant == "mass":
+        # A cumulative weight (descending order) so close to 1 - eps that float32 sums (error ~ eps32 sqrt(n))
+        # could move the cut by one key.
+        p = references.softmax_weights(spec, s)
+        ordered = -np.sort(-np.where(vis, p, -1.0), axis=-1)
+        cumulative = np.cumsum(np.maximum(ordered, 0.0), axis=-1)
+        margin = 4 * EPS32 * math.sqrt(spec.seq_kv)
+        return (np.abs(cumulative - (1.0 - spec.eps)) < margin).any(axis=-1)
     return np.zeros(s.shape[:3], dtype=bool)
 
 
@@ -65,7 +74,8 @@ def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q,
     assert out.shape == ref.shape and out.dtype == np.float32
     assert np.isfinite(out).all(), "kernel produced non-finite values"
     skip = ambiguous_rows(variant, spec, q, k)
-    assert skip.mean() <= 0.05, f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
+    # Mass cuts with a small eps fall among many tiny weights, where more rows sit within float32 reach of 1 - eps.
+    assert skip.mean() <= 0.1, f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
     tol = tolerance(spec)
     np.testing.assert_allclose(out[~skip], ref[~skip], rtol=tol, atol=tol,
                                err_msg=f"{variant} {spec.name} differs from its float64 reference")

@@ -50,7 +50,7 @@ def test_every_head_grouping_and_head_dim(variant, kvh, d):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("variant,knobs", [(v, kn) for v in ("threshold", "topk") for kn in knobs_for(v)],
+@pytest.mark.parametrize("variant,knobs", [(v, kn) for v in ("threshold", "topk", "mass") for kn in knobs_for(v)],
                          ids=lambda x: str(x))
 def test_pruning_knobs(variant, knobs, causal):
     _check(variant, _spec(variant, 100, 256, causal, 2, 32, **knobs))

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from tvm_attn.plan import add_knob_arguments, knobs_from_args
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tvm_attn", description=__doc__)
@@ -16,8 +18,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--threshold", type=float, default=0.01, help="for the threshold variant")
-    parser.add_argument("--top-k", type=int, default=64, help="for the topk variant")
+    add_knob_arguments(parser)
     parser.add_argument("--variant", action="append", help="repeat to pick several (default: all)")
     parser.add_argument("--untuned", action="store_true", help="also time the untuned reference (slow)")
     args = parser.parse_args(argv)
@@ -27,13 +28,12 @@ def main(argv=None) -> None:
     from tvm_attn.timing import measure
 
     variants = args.variant or list(tvm_attn.VARIANTS)
-    knobs = {"threshold": {"threshold": args.threshold}, "topk": {"top_k": args.top_k}}
     schedules = ["best", "untuned"] if args.untuned else ["best"]
     print(f"target {tvm_attn.target_key('host')}, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")
     for name in variants:
         variant = tvm_attn.get_variant(name)
         spec = tvm_attn.AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=args.seq,
-                                      head_dim=args.head_dim, causal=args.causal, **knobs.get(variant.name, {}))
+                                      head_dim=args.head_dim, causal=args.causal, **knobs_from_args(variant, args))
         rng = np.random.default_rng(0)
         q, k, v = (rng.standard_normal(shape).astype(np.float32)
                    for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape))

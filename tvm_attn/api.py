@@ -10,7 +10,8 @@ from .variants import get_variant
 
 
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
-              threshold: float | None = None, top_k: int | None = None, target="host", tuned: bool = True,
+              threshold: float | None = None, top_k: int | None = None, eps: float | None = None, target="host",
+              tuned: bool = True,
               schedule: str | None = None) -> np.ndarray:
     """Attention of float32 numpy q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel.
 
@@ -19,16 +20,18 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
     schedule (the slow reference the benchmarks compare against).
     """
     v_ = get_variant(variant)
-    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, scale=scale, threshold=threshold, top_k=top_k)
+    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, scale=scale, threshold=threshold, top_k=top_k,
+                                     eps=eps)
     if schedule is None:
         schedule = "best" if tuned else "hand"
     return build(v_, spec, target=target, schedule=schedule)(q, k, v)
 
 
 def reference(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
-              threshold: float | None = None, top_k: int | None = None) -> np.ndarray:
+              threshold: float | None = None, top_k: int | None = None, eps: float | None = None) -> np.ndarray:
     """The float64 numpy reference of ``variant`` (same arguments as ``attention``)."""
     v_ = get_variant(variant)
-    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, scale=scale, threshold=threshold, top_k=top_k)
+    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, scale=scale, threshold=threshold, top_k=top_k,
+                                     eps=eps)
     v_.check(spec)
     return v_.reference(spec, q, k, v)

@@ -69,7 +69,7 @@ class Kernel:
 
     def __call__(self, q, k, v) -> np.ndarray:
         spec = AttentionSpec.from_arrays(q, k, v, causal=self.spec.causal, scale=self.spec.scale,
-                                         threshold=self.spec.threshold, top_k=self.spec.top_k)
+                                         **self.spec.knobs())
         if spec != self.spec:
             raise ValueError(f"inputs have spec {spec.name}, this kernel was built for {self.spec.name}")
         fn = self.function

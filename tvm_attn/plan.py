@@ -51,22 +51,33 @@ def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
     parser.add_argument("--head-dim", type=int, default=64, help="default 64")
     parser.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    add_knob_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
+
+
+def add_knob_arguments(parser: argparse.ArgumentParser) -> None:
+    """--threshold, --top-k, --eps: each applies to the variant that uses it (Variant.knob)."""
     parser.add_argument("--threshold", type=float, default=0.01, help="threshold variant's knob (default 0.01)")
     parser.add_argument("--top-k", type=int, default=64, help="topk variant's knob (default 64)")
-    parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
+    parser.add_argument("--eps", type=float, default=0.05, help="mass variant's knob (default 0.05)")
+
+
+def knobs_from_args(variant, args: argparse.Namespace) -> dict:
+    """{knob: value} for the variant's knob from the parsed --threshold/--top-k/--eps (empty for dense variants)."""
+    v = get_variant(variant)
+    return {v.knob: getattr(args, v.knob)} if v.knob else {}
 
 
 def workloads_from_args(args: argparse.Namespace) -> list[Workload]:
     if not args.variant:
         return default_plan(args.quick)
-    knobs = {"threshold": {"threshold": args.threshold}, "topk": {"top_k": args.top_k}}
     plan = []
     for name in args.variant:
         variant = get_variant(name)
         for seq in args.seq or [512]:
             spec = AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=seq,
                                  seq_kv=args.seq_kv, head_dim=args.head_dim, causal=args.causal,
-                                 **knobs.get(variant.name, {}))
+                                 **knobs_from_args(variant, args))
             variant.check(spec)
             plan.append(Workload(variant.name, spec))
     return plan

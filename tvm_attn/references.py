@@ -78,3 +78,28 @@ def topk(spec: AttentionSpec, q, k, v) -> np.ndarray:
     """Softmax over the top_k largest scores of each row (dense when top_k >= the visible keys)."""
     s = scores(spec, q, k)
     return _weighted_sum(spec, softmax_weights(spec, s) * topk_keep(spec, s), v)
+
+
+def mass_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+    """Keys kept by mass pruning: the shortest prefix of the row's weights in descending order (ties to the lower
+    key index) whose sum is >= 1 - eps."""
+    vis = visible_mask(spec)
+    p = softmax_weights(spec, s)
+    order = np.argsort(np.where(vis, -s, np.inf), axis=-1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
+    # Key number n of the order is kept when the keys before it hold less than 1 - eps.
+    before = cumulative - np.take_along_axis(p, order, axis=-1)
+    keep = np.zeros(s.shape, dtype=bool)
+    np.put_along_axis(keep, order, before < 1.0 - spec.eps, axis=-1)
+    return keep & vis
+
+
+def mass(spec: AttentionSpec, q, k, v) -> np.ndarray:
+    """Softmax restricted to the fewest largest weights holding 1 - eps of the row's mass, renormalized.
+
+    Error bound: with P >= 1 - eps the kept mass, dense = P a + (1 - P) b where a (this output) and b are the
+    weighted means of v over the kept and the dropped keys, so |a - dense| = (1 - P) |a - b| <= 2 eps max_j |v_j|
+    per element.
+    """
+    s = scores(spec, q, k)
+    return _weighted_sum(spec, softmax_weights(spec, s) * mass_keep(spec, s), v)

@@ -9,6 +9,7 @@ import numbers
 import numpy as np
 
 DTYPE = "float32"
+KNOBS = ("threshold", "top_k", "eps")  # the pruning knobs: at most one is set, by the variant that uses it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,7 @@ class AttentionSpec:
     q is (batch, heads, seq_q, head_dim); k and v are (batch, kv_heads, seq_kv, head_dim). Query head h reads
     KV head h // (heads // kv_heads). ``causal`` aligns the mask bottom-right: query i sees keys
     j <= i + (seq_kv - seq_q). ``scale`` None means 1/sqrt(head_dim). ``threshold`` and ``top_k`` are the
-    pruning knobs of the variants of the same names and are None elsewhere.
+    pruning knobs of the variants of the same names, ``eps`` the mass variant's, and are None elsewhere.
     """
 
     batch: int = 2
@@ -31,6 +32,7 @@ class AttentionSpec:
     scale: float | None = None
     threshold: float | None = None
     top_k: int | None = None
+    eps: float | None = None
     dtype: str = DTYPE
 
     def __post_init__(self):
@@ -60,10 +62,9 @@ class AttentionSpec:
         elif not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError(f"scale must be a finite non-zero number, got {self.scale!r}")
         object.__setattr__(self, "scale", float(self.scale))
-        if self.threshold is not None and self.top_k is not None:
-            raise ValueError(
-                f"give threshold or top_k, not both (threshold={self.threshold!r}, top_k={self.top_k!r})"
-            )
+        given = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
+        if len(given) > 1:
+            raise ValueError(f"give at most one pruning knob, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
         if self.threshold is not None:
             if not _is_real(self.threshold) or not 0.0 < self.threshold < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
@@ -74,6 +75,14 @@ class AttentionSpec:
             if self.top_k < 1:
                 raise ValueError(f"top_k must be >= 1, got {self.top_k}")
             object.__setattr__(self, "top_k", int(self.top_k))
+        if self.eps is not None:
+            if not _is_real(self.eps) or not 0.0 < self.eps < 1.0:
+                raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+            object.__setattr__(self, "eps", float(self.eps))
+
+    def knobs(self) -> dict:
+        """The pruning knob that is set, as {name: value} (empty for dense variants)."""
+        return {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
 
     @property
     def group_size(self) -> int:
@@ -116,6 +125,8 @@ class AttentionSpec:
             parts.append(f"tau{self.threshold:g}")
         if self.top_k is not None:
             parts.append(f"top{self.top_k}")
+        if self.eps is not None:
+            parts.append(f"eps{self.eps:g}")
         return "_".join(parts)
 
     @classmethod

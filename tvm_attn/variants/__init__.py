@@ -11,10 +11,9 @@ from .. import references as _ref
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
-from ..spec import AttentionSpec
+from ..spec import KNOBS, AttentionSpec
 from . import flash, pruned, standard
 
-KNOBS = ("threshold", "top_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +26,7 @@ class Variant:
     schedule: Callable  # (tvm.s_tir.Schedule, tvm Target) -> None; also a MetaSchedule design space
     reference: Callable[..., np.ndarray]  # (AttentionSpec, q, k, v) -> float64 output
     knob: str | None = None  # the AttentionSpec field this variant requires
+    keep: Callable | None = None  # pruned variants: (AttentionSpec, float64 scores) -> bool mask of kept keys
 
     def check(self, spec: AttentionSpec) -> None:
         """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs."""
@@ -49,9 +49,14 @@ VARIANTS: dict[str, Variant] = {
         Variant("mqa", "flash whose row tiles stack the query heads of a KV group (multi-/grouped-query)",
                 flash.compute_grouped, _flash_schedule.schedule, _ref.dense),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
-                pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold"),
+                pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
+                keep=_ref.threshold_keep),
         Variant("topk", "softmax over the top_k largest scores of each row",
-                pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k"),
+                pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k",
+                keep=_ref.topk_keep),
+        Variant("mass", "the fewest largest weights holding 1 - eps of each row's softmax mass, renormalized",
+                pruned.compute, _pruned_schedule.schedule, _ref.mass, knob="eps",
+                keep=_ref.mass_keep),
     )
 }
 

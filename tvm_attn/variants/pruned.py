@@ -1,4 +1,4 @@
-"""Pruned attention in TensorIR: threshold and top-k, whose P V product touches only the kept keys.
+"""Pruned attention in TensorIR: threshold, top-k and mass, whose P V product touches only the kept keys.
 
 Per tile of query rows (rows of one head), with block names (the contract with schedules/pruned.py):
   k_t        K transposed to (d, key), zero-padded to whole KV tiles (as in flash)
@@ -6,12 +6,15 @@ Per tile of query rows (rows of one head), with block names (the contract with s
     q_tile     the rows, pre-scaled, zero-padded
     kv_tile/qk S = q k^T for the KV tiles the rows can see (causal: tiles past the diagonal are skipped)
     row_max_part, row_max        per-row max over visible keys (16 lane-wise partials, then their max)
-    exp, row_sum_part, row_sum   (threshold only) e_j = exp(s_j - max) and its full sum, which decide who passes
-    keys       (topk only) order-preserving int32 keys of the scores
+    exp, row_sum_part, row_sum   (threshold, mass) e_j = exp(s_j - max) and its full sum, which decide who passes
+    keys       (topk, mass) order-preserving int32 keys of the scores
     select     per row: the cut. threshold: keep e_j >= min(tau * sum, 1), i.e. p_j >= tau or the row's largest
                (e = 1 exactly there). topk: the k-th largest score, found by bisection over order-preserving int32
                keys from the row's [min, max] bracket, stopping as soon as exactly k keys are above the midpoint
                (about 16 passes instead of a sort); on ties, the first keys by index fill the quota.
+               mass: the key of the score where the descending cumulative weight reaches (1 - eps) * sum, found
+               by radix selection, 8 bits of the key per pass, with histograms of e_j (4 passes + 4 x 256 bins);
+               keys above it are kept, then ties by index until the mass is reached.
     compact    per row: the kept key indices, written branchless
     pv         per row: sum over kept keys of w_j v_j and of w_j, v rows gathered
     out        acc / l (0 for rows that see no key)
@@ -42,12 +45,15 @@ def order_key(x):
 
 
 def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
-    """The threshold or topk PrimFunc for ``spec`` (whichever knob it sets)."""
-    if (spec.threshold is None) == (spec.top_k is None):
-        raise ValueError("pruned attention needs exactly one of threshold, top_k")
+    """The threshold, topk or mass PrimFunc for ``spec`` (whichever knob it sets)."""
+    if sum(x is not None for x in (spec.threshold, spec.top_k, spec.eps)) != 1:
+        raise ValueError("pruned attention needs exactly one of threshold, top_k, eps")
     B, H, KVH, SQ, SKV, D = spec.batch, spec.heads, spec.kv_heads, spec.seq_q, spec.seq_kv, spec.head_dim
     G = spec.group_size
     IS_TOPK = spec.top_k is not None
+    IS_MASS = spec.eps is not None
+    KEYS = IS_TOPK or IS_MASS  # keep by the order of the scores (else by weight against the threshold)
+    MASS = T.float32(1.0 - (spec.eps or 0.0))
     TOP_K = spec.top_k or 0
     TAU = T.float32(spec.threshold or 0.0)
     KMAX = min(TOP_K, SKV) if IS_TOPK else SKV  # most keys a row can keep
@@ -153,7 +159,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                                 with T.init():
                                     row_sum[r] = ZERO
                                 row_sum[r] = row_sum[r] + sum_part[r, vl]
-                    if IS_TOPK:
+                    if KEYS:
                         for ri, j in T.grid(BQ, SKVP):
                             with T.sblock("keys"):
                                 r, vj = T.axis.remap("SS", [ri, j])
@@ -162,16 +168,50 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                         with T.sblock("select"):
                             r = T.axis.spatial(BQ, ri)
                             T.where(vrt * BQ + ri < SQ)
-                            T.reads(keys[r, 0:SKVP], row_sum[r])
+                            T.reads(keys[r, 0:SKVP], row_sum[r], E[r, 0:SKVP])
                             T.writes(cut[r], cut_key[r], cut_index[r])
                             lo = T.sblock_alloc_buffer((1,), "int32")
                             hi = T.sblock_alloc_buffer((1,), "int64")
                             mid = T.sblock_alloc_buffer((1,), "int32")
                             count = T.sblock_alloc_buffer((1,), "int32")
                             found = T.sblock_alloc_buffer((1,), "int32")
+                            hist = T.sblock_alloc_buffer((256,), dtype)
+                            need = T.sblock_alloc_buffer((1,), dtype)
+                            above = T.sblock_alloc_buffer((1,), dtype)
+                            prefix = T.sblock_alloc_buffer((1,), "int64")
                             n: T.let[T.int32] = n_visible(vrt * BQ + r)
-                            if not IS_TOPK:
+                            if not KEYS:
                                 cut[r] = T.min(TAU * row_sum[r], ONE)
+                            elif IS_MASS:
+                                # Radix select on u = key + 2^31 (unsigned order), most significant byte first:
+                                # per pass, a histogram of e_j over the keys matching the bytes chosen so far, then
+                                # the byte where the mass from the top reaches what is still needed.
+                                need[0] = MASS * row_sum[r]
+                                prefix[0] = T.int64(0)
+                                for level in range(4):
+                                    for bin in range(256):
+                                        hist[bin] = ZERO
+                                    for j in range(n):
+                                        u: T.let[T.int64] = T.Cast("int64", keys[r, j]) + T.int64(2**31)
+                                        if T.shift_right(u, T.Cast("int64", 32 - 8 * level)) == prefix[0]:
+                                            b8: T.let[T.int32] = T.Cast("int32", T.bitwise_and(
+                                                T.shift_right(u, T.Cast("int64", 24 - 8 * level)), T.int64(255)))
+                                            hist[b8] = hist[b8] + E[r, j]
+                                    above[0] = ZERO
+                                    mid[0] = 255
+                                    while mid[0] > 0 and above[0] + hist[mid[0]] < need[0]:
+                                        above[0] = above[0] + hist[mid[0]]
+                                        mid[0] = mid[0] - 1
+                                    need[0] = need[0] - above[0]
+                                    prefix[0] = prefix[0] * T.int64(256) + T.Cast("int64", mid[0])
+                                cut_key[r] = T.Cast("int32", prefix[0] - T.int64(2**31))
+                                # Keys above the cut hold less than the mass needed; ties fill the rest by index.
+                                above[0] = ZERO
+                                cut_index[r] = -1
+                                for j in range(n):
+                                    if above[0] < need[0] and keys[r, j] == cut_key[r]:
+                                        above[0] = above[0] + E[r, j]
+                                        cut_index[r] = j
                             else:
                                 kk: T.let[T.int32] = T.min(TOP_K, n)
                                 cut_key[r] = INT32_MIN
@@ -222,7 +262,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                             for j in range(n_visible(vrt * BQ + r)):
                                 # Branchless: always write, advance only past kept keys (idx has KMAX + 1 slots).
                                 idx[r, cnt[r]] = j
-                                if IS_TOPK:
+                                if KEYS:
                                     cnt[r] = cnt[r] + T.Cast(
                                         "int32",
                                         T.Or(
