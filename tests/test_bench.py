@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
 def test_every_study_has_rows(quick_run):
     _, rows, _ = quick_run
     studies = {r["study"] for r in rows}
-    assert {"seq_sweep", "threshold_effect", "topk_effect", "causal", "decode", "ceiling"} <= studies
+    assert {"seq_sweep", "threshold_effect", "topk_effect", "mass_effect", "causal", "decode", "ceiling"} <= studies
     providers = {r["provider"] for r in rows if r["study"] == "seq_sweep"}
     assert {"hand", "untuned", "numpy"} <= providers
 
@@ -50,8 +50,9 @@ def test_report_is_generated_from_the_csv(quick_run):
     ceiling = next(r for r in rows if r["study"] == "ceiling")
     assert f"{float(ceiling['gflops']):.0f} GFLOP/s" in report
     for name in ("speedup_vs_torch", "gflops_vs_seq", "memory", "accuracy", "threshold_effect", "topk_effect",
-                 "timing_comparison", "causal", "decode"):
+                 "mass_effect", "tradeoff", "timing_comparison", "causal", "decode"):
         assert f"({name}.png)" in report
         assert os.path.getsize(out / f"{name}.png") > 1000
+    assert "| inputs | error budget | pruning | pick |" in report
     progress = [line for line in stderr.splitlines() if line.startswith("[") and line.endswith(" ms")]
     assert len(progress) == len(rows) - 1  # one progress line per measured row (not the sgemm ceiling)

@@ -7,6 +7,9 @@ after its own turn, e.g. OpenMP's busy-wait after a torch call delays TVM's next
 times calls until the turn has lasted ``turn_seconds`` (at least one). A callable stops once it has at least
 ``min_repeats`` timed calls and ``min_seconds`` of them (or ``max_repeats``). Reported: median and quartiles of
 its per-call times.
+
+That opening call is not enough when pools spin for tens of ms (OpenBLAS): `python -m tvm_attn.bench` makes
+every pool sleep when idle (tvm_attn/bench/__init__.py).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
-NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "threshold", "top_k", "median_ms",
+NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "threshold", "top_k", "eps", "median_ms",
            "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
            "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads")
 
@@ -36,6 +37,12 @@ def _pick(rows, **match):
 def _one(rows, **match):
     found = _pick(rows, **match)
     return found[0] if found else None
+
+
+def _best(rows, **match):
+    """The faster of the `hand` and `tuned` rows matching (what a user gets from schedule="best")."""
+    found = [r for r in _pick(rows, **match) if r["provider"] in ("hand", "tuned")]
+    return min(found, key=lambda r: r["median_ms"]) if found else None
 
 
 def _ms(row):
@@ -85,6 +92,74 @@ def _plot(path, title, xlabel, ylabel, series, *, logx=True, logy=False, hline=N
     plt.close(fig)
 
 
+TRADEOFF = (("threshold_effect", "threshold", "threshold"), ("topk_effect", "top_k", "top-k"),
+            ("mass_effect", "eps", "mass"))
+ERROR_BUDGETS = (0.01, 0.05, 0.10)
+
+
+def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
+    """Kept fraction against error for every pruning knob and input, and the knob to pick for an error budget."""
+    points = {}  # (distribution, label, knob) -> rows sorted by kept fraction
+    flash = {}
+    for study, knob, label in TRADEOFF:
+        rs = _pick(rows, study=study)
+        for dist in dict.fromkeys(r["distribution"] for r in rs):
+            vals = sorted({r[knob] for r in rs if r["distribution"] == dist and r[knob] is not None})
+            pts = [p for p in (_best(rs, distribution=dist, **{knob: x}) for x in vals) if p]
+            points[(dist, label, knob)] = sorted(pts, key=lambda r: r["kept_fraction"])
+            flash.setdefault(dist, _best(rs, distribution=dist, line="flash"))
+    if not points:
+        return []
+    seq = int(next(iter(points.values()))[0]["seq_q"])
+    parts = [f"## Accuracy against work: which knob for an error budget (seq {seq})", "",
+             "Every point of the threshold, top-k and mass studies: kept fraction of the query-key pairs (x) "
+             "against the relative error to dense attention (y), labelled with its time in ms. Mass pruning "
+             "bounds the error by its eps (|out - dense| <= 2 eps max|v| per element); threshold and top-k do not "
+             "bound it.", ""]
+    dists = list(dict.fromkeys(d for d, _, _ in points))
+    fig, axes = plt.subplots(1, len(dists), figsize=(5.5 * len(dists), 4.5), squeeze=False)
+    for ax, dist in zip(axes[0], dists):
+        for (d, label, _), pts in points.items():
+            if d != dist or not pts:
+                continue
+            xs = [r["kept_fraction"] for r in pts]
+            ys = [max(r["rel_err_dense"], 1e-7) for r in pts]
+            ax.plot(xs, ys, marker="o", label=label)
+            for x, y, r in zip(xs, ys, pts):
+                ax.annotate(f"{r['median_ms']:.1f}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if flash.get(dist):
+            ax.set_title(f"{dist} (flash: {flash[dist]['median_ms']:.1f} ms)", fontsize=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("kept fraction")
+        ax.set_ylabel("mean |out - dense| / mean |dense|")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Accuracy against work, seq {seq} ({machine}); labels: ms", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "tradeoff.png"), dpi=110)
+    plt.close(fig)
+    parts += ["![tradeoff](tradeoff.png)", ""]
+    body = []
+    for dist in dists:
+        for budget in ERROR_BUDGETS:
+            for (d, label, knob), pts in points.items():
+                if d != dist:
+                    continue
+                ok = [r for r in pts if r["rel_err_dense"] <= budget]
+                if not ok:
+                    body.append([dist, f"{100 * budget:g}%", label, "none measured", "-", "-", "-", "-"])
+                    continue
+                r = min(ok, key=lambda r: r["median_ms"])
+                body.append([dist, f"{100 * budget:g}%", label, f"{knob} = {r[knob]:g}", _pct(r["kept_fraction"]),
+                             _sci(r["rel_err_dense"]), _ms(r), _ratio(r, flash.get(dist))])
+    parts += ["For each error budget, the fastest measured setting of each knob whose error stays within it, and "
+              "its speed against flash (dense) on the same inputs:", "",
+              _table(["inputs", "error budget", "pruning", "pick", "kept", "rel err", "ms", "vs flash"], body), ""]
+    return parts
+
+
 def write_report(csv_path: str, out_dir: str) -> str:
     rows = load(csv_path)
     if not rows:
@@ -99,7 +174,10 @@ def write_report(csv_path: str, out_dir: str) -> str:
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
              "each has at least 5 calls and 0.2 s of timed calls; median (and quartiles in the CSV) of per-call "
-             "times. Inputs are float32 and 64-byte aligned; output buffers are preallocated for the TVM kernels.",
+             "times. Inputs are float32 and 64-byte aligned; output buffers are preallocated for the TVM kernels. "
+             "Idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, "
+             "TVM_THREAD_POOL_SPIN_COUNT=0), so that one library's spinning pool does not stall the next one's "
+             "parallel region.",
              "",
              "**FLOPs.** 4 * D * (visible query-key pairs) per head: 4*B*H*Sq*Skv*D without a mask, about half with "
              "the causal mask. Pruned variants are given the same count (GFLOP/s = the work of dense attention "
@@ -212,7 +290,8 @@ def write_report(csv_path: str, out_dir: str) -> str:
         parts += ["![accuracy](accuracy.png)", ""]
 
     for study, knob, title, number in (("threshold_effect", "threshold", "Effect of the pruning threshold", 4),
-                                       ("topk_effect", "top_k", "Effect of top-k", 5)):
+                                       ("topk_effect", "top_k", "Effect of top-k", 5),
+                                       ("mass_effect", "eps", "Effect of mass pruning's error budget eps", "5b")):
         rs = _pick(rows, study=study)
         if not rs:
             continue
@@ -221,16 +300,17 @@ def write_report(csv_path: str, out_dir: str) -> str:
         body = []
         fig_series = []
         for dist in dict.fromkeys(r["distribution"] for r in rs):
-            std = _one(rs, distribution=dist, line="standard")
-            fl = _one(rs, distribution=dist, line="flash")
-            pts = sorted((r for r in rs if r["distribution"] == dist and r[knob] is not None), key=lambda r: r[knob])
+            std = _best(rs, distribution=dist, line="standard")
+            fl = _best(rs, distribution=dist, line="flash")
+            knob_vals = sorted({r[knob] for r in rs if r["distribution"] == dist and r[knob] is not None})
+            pts = [_best(rs, distribution=dist, **{knob: x}) for x in knob_vals]
             for r in pts:
                 body.append([dist, f"{r[knob]:g}", _ms(r), _pct(r["kept_fraction"]), _sci(r["rel_err_dense"]),
                              _ratio(r, std), _ratio(r, fl)])
             fig_series.append((dist, pts, std, fl))
             body.append([dist, "(dense) standard / flash", f"{_ms(std)} / {_ms(fl)}", "100%", "", "", ""])
-        parts += [_table(["inputs", knob, "ms", "kept", "rel err vs dense", "vs hand standard", "vs flash"],
-                         body), ""]
+        parts += ["Times are the faster of the hand and tuned schedules (what `schedule=\"best\"` gives).", "",
+                  _table(["inputs", knob, "ms", "kept", "rel err vs dense", "vs standard", "vs flash"], body), ""]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         for dist, pts, std, fl in fig_series:
             xs = [r[knob] for r in pts]
@@ -252,6 +332,8 @@ def write_report(csv_path: str, out_dir: str) -> str:
         fig.savefig(os.path.join(out_dir, f"{study}.png"), dpi=110)
         plt.close(fig)
         parts += [f"![{study}]({study}.png)", ""]
+
+    parts += _tradeoff_section(rows, out_dir, machine)
 
     if sweep:
         seq_cmp = 512 if any(int(r["x"]) == 512 for r in sweep) else max(int(r["x"]) for r in sweep)

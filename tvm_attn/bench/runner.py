@@ -13,6 +13,7 @@ import tvm_attn
 
 from .. import references
 from ..kernel import scheduled_module
+from ..spec import KNOBS
 from ..timing import measure, measure_interleaved
 from .inputs import make_inputs, row_entropy
 from .memory import memory_use
@@ -21,14 +22,14 @@ from .studies import Study
 
 FIELDS = (
     "study", "x_name", "x", "line", "variant", "provider", "distribution",
-    "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "causal", "threshold", "top_k",
+    "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "causal", "threshold", "top_k", "eps",
     "median_ms", "q25_ms", "q75_ms", "repeats", "flops", "gflops",
     "bytes_inputs", "bytes_output", "bytes_intermediate",
     "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
     "threads", "target",
 )
 SLOW_PROVIDERS = ("untuned", "numpy")
-KNOB_AXES = ("threshold", "top_k")
+KNOB_AXES = KNOBS
 
 
 def threads() -> int:
@@ -61,7 +62,7 @@ def _subsample(spec, q, k, v):
     kvh = max(1, hq // g)
     sub = tvm_attn.AttentionSpec(batch=1, heads=hq, kv_heads=kvh, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
                                  head_dim=spec.head_dim, causal=spec.causal, scale=spec.scale,
-                                 threshold=spec.threshold, top_k=spec.top_k)
+                                 **spec.knobs())
     return sub, (q[:1, :hq], k[:1, :kvh], v[:1, :kvh])
 
 
@@ -79,7 +80,7 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
         own = v_.reference(sub, sq, sk, sv)
         row["rel_err_own"] = np.abs(o - own).mean() / np.abs(own).mean()
         s = references.scores(sub, sq, sk)
-        keep = references.threshold_keep(sub, s) if v_.knob == "threshold" else references.topk_keep(sub, s)
+        keep = v_.keep(sub, s)
         row["kept_fraction"] = keep.sum() / (references.visible_mask(sub).sum() * sub.heads)
     return row
 
@@ -119,7 +120,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
                 study=study.name, x_name=study.x_name, x=x, line=line.label, variant=line.variant, provider=p,
                 distribution=dist, batch=spec.batch, heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q,
                 seq_kv=spec.seq_kv, head_dim=spec.head_dim, causal=spec.causal, threshold=spec.threshold,
-                top_k=spec.top_k, median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats,
+                top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats,
                 flops=flops, gflops=t.gflops(flops), threads=n_threads, target=key, entropy_nats=entropy,
             )
             if prep.kernel is not None:

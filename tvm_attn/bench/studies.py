@@ -24,7 +24,7 @@ class Line:
 class Study:
     name: str
     question: str
-    x_name: str  # an AttentionSpec field ("seq_q" sets seq_kv too) or a knob ("threshold", "top_k")
+    x_name: str  # an AttentionSpec field ("seq_q" sets seq_kv too) or a knob ("threshold", "top_k", "eps")
     x_vals: tuple
     lines: tuple
     providers: tuple
@@ -47,7 +47,7 @@ NO_MASK = "flash (no mask)"
 
 
 def default_studies(quick: bool = False) -> list[Study]:
-    """The default study (about 15 minutes on 2 cores), or with ``quick`` a reduced one on tiny shapes."""
+    """The default studies (a few minutes on 2 cores), or with ``quick`` reduced ones on tiny shapes."""
     seqs = (64, 128) if quick else (128, 256, 512, 1024, 2048)
     mid = 128 if quick else 1024
     base = (("batch", 1), ("heads", 4), ("head_dim", 32)) if quick else tuple(SEED_SHAPE.items())
@@ -64,6 +64,11 @@ def default_studies(quick: bool = False) -> list[Study]:
         Study("topk_effect", "Effect of top-k: time, kept fraction, error",
               "top_k", (8, 32) if quick else (32, 64, 128, 256),
               (Line("topk", "topk", (("seq_q", mid),)),) + tuple(
+                  Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
+              ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
+        Study("mass_effect", "Error-bounded pruning: eps against time, kept fraction and error",
+              "eps", (0.05, 0.2) if quick else (0.01, 0.05, 0.1, 0.2),
+              (Line("mass", "mass", (("seq_q", mid),)),) + tuple(
                   Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
               ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
         Study("causal", "Causal attention (LLM prefill), the case the seed left out",
