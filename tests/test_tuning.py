@@ -3,6 +3,7 @@ that fail loudly when corrupt, and measuring through an RPC tracker on loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -185,3 +186,21 @@ def test_rpc_options_are_checked():
     proc = subprocess.run([sys.executable, "-m", "tvm_attn.tune", "--variant", "flash", "--rpc-tracker", "nohost"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--rpc-tracker must be HOST:PORT, got 'nohost'" in proc.stderr
+
+
+def test_lookup_follows_the_confirmed_winner(tuned_logs, tmp_path):
+    """tune times its pick against the hand schedule in-process and notes the winner; lookups use that record."""
+    logs, _ = tuned_logs
+    directory = logs / tvm_attn.target_key("host")
+    confirmed = json.loads((directory / tuning.CONFIRMED_FILE).read_text())
+    spec = tvm_attn.AttentionSpec(**TINY)
+    flash = tvm_attn.get_variant("flash")
+    key = tuning.workload_key(tuning.workload(flash, spec))
+    assert tuning.record_digest(tuning.tuned_record(flash, spec, "host", root=logs)) == confirmed[key]
+    copy = tmp_path / "logs"
+    shutil.copytree(logs, copy)
+    (copy / tvm_attn.target_key("host") / tuning.CONFIRMED_FILE).write_text("{cut off")
+    tuning._cached_database.cache_clear()
+    with pytest.raises(tuning.CorruptTuningLog, match="confirmed.json is not valid JSON"):
+        tuning.tuned_record(flash, spec, "host", root=copy)
+    tuning._cached_database.cache_clear()

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
@@ -22,6 +23,7 @@ from .targets import resolve_target, target_key
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+CONFIRMED_FILE = "confirmed.json"  # {workload key: digest of the schedule that won the confirmation timing}
 
 
 def default_logs_root() -> Path:
@@ -84,29 +86,64 @@ def open_database(target, root: Path | None = None, *, create: bool = False) -> 
         raise CorruptTuningLog(f"{directory}: MetaSchedule could not load the database: {err}") from None
 
 
+def workload_key(mod: tvm.IRModule) -> str:
+    """The structural hash MetaSchedule keys workloads by, as a string."""
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def read_confirmed(target, root: Path | None = None) -> dict:
+    """The confirmation winners of ``target``: {workload key: schedule digest}; CorruptTuningLog when unreadable."""
+    path = logs_dir(target, root) / CONFIRMED_FILE
+    if not path.exists():
+        return {}
+    try:
+        confirmed = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptTuningLog(f"{path} is not valid JSON ({err.msg}); remove it and run "
+                               f"python -m tvm_attn.tune --trials 0 to confirm again") from None
+    if not isinstance(confirmed, dict) or not all(isinstance(v, str) for v in confirmed.values()):
+        raise CorruptTuningLog(f"{path} is not a map of workload keys to schedule digests")
+    return confirmed
+
+
+def write_confirmed(target, root: Path | None, mod: tvm.IRModule, digest: str) -> None:
+    path = logs_dir(target, root) / CONFIRMED_FILE
+    confirmed = read_confirmed(target, root)
+    confirmed[workload_key(mod)] = digest
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(confirmed, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a killed run never leaves half a file
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_database(target_json: str, root: str):
-    return open_database(resolve_target(target_json), Path(root))
+    t = resolve_target(target_json)
+    db = open_database(t, Path(root))
+    return db, (read_confirmed(t, Path(root)) if db is not None else {})
 
 
-def best_record(db, mod: tvm.IRModule, target):
-    """The fastest successful record of ``mod`` measured on ``target`` (same target key), or None."""
+def best_record(db, mod: tvm.IRModule, target, confirmed: dict | None = None):
+    """The record of ``mod`` measured on ``target`` (same target key) to use: the confirmation winner if there is
+    one, else the fastest successful record; None without records."""
     if db is None or not db.has_workload(mod):
         return None
     key = target_key(target)
-    for record in db.get_top_k(db.commit_workload(mod), 16):
-        if record.target is not None and target_key(record.target) != key:
-            continue
-        if record.run_secs and all(float(s) < 1e9 for s in record.run_secs):
-            return record
-    return None
+    records = [r for r in db.get_top_k(db.commit_workload(mod), 100000)
+               if (r.target is None or target_key(r.target) == key)
+               and r.run_secs and all(float(s) < 1e9 for s in r.run_secs)]
+    winner = (confirmed or {}).get(workload_key(mod))
+    if winner is not None:
+        for record in records:
+            if record_digest(record) == winner:
+                return record
+    return records[0] if records else None
 
 
 def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None):
     """The best tuning record of (variant, spec) measured on ``target``, or None."""
     t = resolve_target(target)
-    db = _cached_database(str(t), str(root or default_logs_root()))
-    return best_record(db, workload(variant, spec), t)
+    db, confirmed = _cached_database(str(t), str(root or default_logs_root()))
+    return best_record(db, workload(variant, spec), t, confirmed)
 
 
 def apply_record(variant, spec: AttentionSpec, record) -> s_tir.Schedule:
