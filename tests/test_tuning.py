@@ -4,7 +4,6 @@ that fail loudly when corrupt, and measuring through an RPC tracker on loopback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -12,7 +11,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import pytest
 from tvm import s_tir
 from tvm.s_tir.schedule import Trace

@@ -85,7 +85,8 @@ def _measure_hand(variant, spec, target, mod, builder, runner):
 
 def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work_dir: str, logs_root, progress,
                   seed: int | None = None) -> dict:
-    """Tune one workload; return {"hand_ms", "best_ms", "trials"}."""
+    """Tune one workload. Returns {"hand_ms": the best time before this run (the hand schedule's on a first run),
+    "best_ms": after it (both MetaSchedule runner times)}, plus the confirmation's times when it ran."""
     variant = get_variant(w.variant)
     mod = tuning.workload(variant, w.spec)
     if tuning.best_record(db, mod, target) is None:
