@@ -13,8 +13,8 @@ Per tile of query rows (rows of one head), with block names (the contract with s
                keys from the row's [min, max] bracket, stopping as soon as exactly k keys are above the midpoint
                (about 16 passes instead of a sort); on ties, the first keys by index fill the quota.
                mass: the key of the score where the descending cumulative weight reaches (1 - eps) * sum, found
-               by radix selection, 8 bits of the key per pass, with histograms of e_j (4 passes + 4 x 256 bins);
-               keys above it are kept, then ties by index until the mass is reached.
+               by the same bisection with vectorized masked sums of e_j (up to 32 passes); keys above it are
+               kept, then ties by index until the mass is reached.
     compact    per row: the kept key indices, written branchless
     pv         per row: sum over kept keys of w_j v_j and of w_j, v rows gathered
     out        acc / l (0 for rows that see no key)
@@ -175,36 +175,48 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                             mid = T.sblock_alloc_buffer((1,), "int32")
                             count = T.sblock_alloc_buffer((1,), "int32")
                             found = T.sblock_alloc_buffer((1,), "int32")
-                            hist = T.sblock_alloc_buffer((256,), dtype)
+                            part = T.sblock_alloc_buffer((LANES,), dtype)
                             need = T.sblock_alloc_buffer((1,), dtype)
                             above = T.sblock_alloc_buffer((1,), dtype)
-                            prefix = T.sblock_alloc_buffer((1,), "int64")
                             n: T.let[T.int32] = n_visible(vrt * BQ + r)
                             if not KEYS:
                                 cut[r] = T.min(TAU * row_sum[r], ONE)
                             elif IS_MASS:
-                                # Radix select on u = key + 2^31 (unsigned order), most significant byte first:
-                                # per pass, a histogram of e_j over the keys matching the bytes chosen so far, then
-                                # the byte where the mass from the top reaches what is still needed.
+                                # Bisection over the order keys, as for top-k, on the mass above the midpoint: each
+                                # pass is a masked sum over the whole (zero-weight padded) row in LANES partial sums,
+                                # which vectorizes. Invariant: the keys >= lo hold >= need, the keys >= hi less.
                                 need[0] = MASS * row_sum[r]
-                                prefix[0] = T.int64(0)
-                                for level in range(4):
-                                    for bin in range(256):
-                                        hist[bin] = ZERO
-                                    for j in range(n):
-                                        u: T.let[T.int64] = T.Cast("int64", keys[r, j]) + T.int64(2**31)
-                                        if T.shift_right(u, T.Cast("int64", 32 - 8 * level)) == prefix[0]:
-                                            b8: T.let[T.int32] = T.Cast("int32", T.bitwise_and(
-                                                T.shift_right(u, T.Cast("int64", 24 - 8 * level)), T.int64(255)))
-                                            hist[b8] = hist[b8] + E[r, j]
+                                lo[0] = T.int32(2**31 - 1)
+                                hi[0] = T.int64(-(2**31))
+                                for j in range(n):
+                                    lo[0] = T.min(lo[0], keys[r, j])
+                                    hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
+                                while hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
+                                    mid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", lo[0]) + hi[0], T.int64(1)))
+                                    for lane in T.vectorized(LANES):
+                                        part[lane] = ZERO
+                                    for c in range(SKVP // LANES):
+                                        for lane in T.vectorized(LANES):
+                                            part[lane] = part[lane] + T.Select(
+                                                keys[r, c * LANES + lane] >= mid[0], E[r, c * LANES + lane], ZERO)
                                     above[0] = ZERO
-                                    mid[0] = 255
-                                    while mid[0] > 0 and above[0] + hist[mid[0]] < need[0]:
-                                        above[0] = above[0] + hist[mid[0]]
-                                        mid[0] = mid[0] - 1
-                                    need[0] = need[0] - above[0]
-                                    prefix[0] = prefix[0] * T.int64(256) + T.Cast("int64", mid[0])
-                                cut_key[r] = T.Cast("int32", prefix[0] - T.int64(2**31))
+                                    for lane in range(LANES):
+                                        above[0] = above[0] + part[lane]
+                                    if above[0] >= need[0]:
+                                        lo[0] = mid[0]
+                                    else:
+                                        hi[0] = T.Cast("int64", mid[0])
+                                cut_key[r] = lo[0]
+                                for lane in T.vectorized(LANES):
+                                    part[lane] = ZERO
+                                for c in range(SKVP // LANES):
+                                    for lane in T.vectorized(LANES):
+                                        part[lane] = part[lane] + T.Select(
+                                            keys[r, c * LANES + lane] > cut_key[r], E[r, c * LANES + lane], ZERO)
+                                above[0] = ZERO
+                                for lane in range(LANES):
+                                    above[0] = above[0] + part[lane]
+                                need[0] = need[0] - above[0]
                                 # Keys above the cut hold less than the mass needed; ties fill the rest by index.
                                 above[0] = ZERO
                                 cut_index[r] = -1
