@@ -21,7 +21,7 @@ class Workload:
 
 def default_plan(quick: bool = False) -> list[Workload]:
     """The workloads `python -m tvm_attn.bench` times with our kernels, deduplicated, in the studies' order."""
-    from .bench.runner import KNOB_AXES, spec_for
+    from .bench.runner import spec_for
     from .bench.studies import default_studies
 
     plan = []
@@ -30,9 +30,7 @@ def default_plan(quick: bool = False) -> list[Workload]:
             continue
         for x in study.x_vals:
             for line in study.lines:
-                # A knob sweep varies one variant's knob: the other lines are timed at the first x only.
-                if study.x_name in KNOB_AXES and get_variant(line.variant).knob != study.x_name \
-                        and x != study.x_vals[0]:
+                if not study.measures(line, x):
                     continue
                 w = Workload(line.variant, spec_for(study, line, x))
                 if w not in plan:

@@ -141,8 +141,7 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
         fns[name] = lambda fn=fn: fn(*args, result)
     timings = measure_interleaved(fns)
     winner = min(timings, key=lambda name: timings[name].median_ms)
-    hand_record = next((r for r in db.get_top_k(db.commit_workload(mod), 100000)
-                        if str(r.trace) == str(hand.trace)), None)
+    hand_record = next((r for r in tuning.valid_records(db, mod, target) if str(r.trace) == str(hand.trace)), None)
     if winner == "hand" and hand_record is None:  # cannot happen after tune_workload, which records it first
         raise RuntimeError(f"no record of the hand schedule of {variant.name} {spec.name}")
     tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(hand_record if winner == "hand" else best))

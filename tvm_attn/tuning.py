@@ -122,15 +122,20 @@ def _cached_database(target_json: str, root: str):
     return db, (read_confirmed(t, Path(root)) if db is not None else {})
 
 
-def best_record(db, mod: tvm.IRModule, target, confirmed: dict | None = None):
-    """The record of ``mod`` measured on ``target`` (same target key) to use: the confirmation winner if there is
-    one, else the fastest successful record; None without records."""
+def valid_records(db, mod: tvm.IRModule, target) -> list:
+    """The successful records of ``mod`` measured on ``target`` (same target key), fastest first."""
     if db is None or not db.has_workload(mod):
-        return None
+        return []
     key = target_key(target)
-    records = [r for r in db.get_top_k(db.commit_workload(mod), 100000)
-               if (r.target is None or target_key(r.target) == key)
-               and r.run_secs and all(float(s) < 1e9 for s in r.run_secs)]
+    return [r for r in db.get_top_k(db.commit_workload(mod), 100000)
+            if (r.target is None or target_key(r.target) == key)
+            and r.run_secs and all(float(s) < 1e9 for s in r.run_secs)]
+
+
+def best_record(db, mod: tvm.IRModule, target, confirmed: dict | None = None):
+    """The record of ``mod`` measured on ``target`` to use: the confirmation winner if there is one, else the
+    fastest successful record; None without records."""
+    records = valid_records(db, mod, target)
     winner = (confirmed or {}).get(workload_key(mod))
     if winner is not None:
         for record in records:

@@ -45,6 +45,12 @@ def _best(rows, **match):
     return min(found, key=lambda r: r["median_ms"]) if found else None
 
 
+def _knob_points(rs, dist: str, knob: str) -> list[dict]:
+    """The best row (see _best) at each value of ``knob`` on inputs ``dist``, in knob order."""
+    vals = sorted({r[knob] for r in rs if r["distribution"] == dist and r[knob] is not None})
+    return [p for p in (_best(rs, distribution=dist, **{knob: x}) for x in vals) if p]
+
+
 def _ms(row):
     return f"{row['median_ms']:.2f}" if row else "-"
 
@@ -104,9 +110,7 @@ def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
     for study, knob, label in TRADEOFF:
         rs = _pick(rows, study=study)
         for dist in dict.fromkeys(r["distribution"] for r in rs):
-            vals = sorted({r[knob] for r in rs if r["distribution"] == dist and r[knob] is not None})
-            pts = [p for p in (_best(rs, distribution=dist, **{knob: x}) for x in vals) if p]
-            points[(dist, label, knob)] = sorted(pts, key=lambda r: r["kept_fraction"])
+            points[(dist, label, knob)] = sorted(_knob_points(rs, dist, knob), key=lambda r: r["kept_fraction"])
             flash.setdefault(dist, _best(rs, distribution=dist, line="flash"))
     if not points:
         return []
@@ -302,8 +306,7 @@ def write_report(csv_path: str, out_dir: str) -> str:
         for dist in dict.fromkeys(r["distribution"] for r in rs):
             std = _best(rs, distribution=dist, line="standard")
             fl = _best(rs, distribution=dist, line="flash")
-            knob_vals = sorted({r[knob] for r in rs if r["distribution"] == dist and r[knob] is not None})
-            pts = [_best(rs, distribution=dist, **{knob: x}) for x in knob_vals]
+            pts = _knob_points(rs, dist, knob)
             for r in pts:
                 body.append([dist, f"{r[knob]:g}", _ms(r), _pct(r["kept_fraction"]), _sci(r["rel_err_dense"]),
                              _ratio(r, std), _ratio(r, fl)])

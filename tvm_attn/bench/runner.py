@@ -13,7 +13,6 @@ import tvm_attn
 
 from .. import references
 from ..kernel import scheduled_module
-from ..spec import KNOBS
 from ..timing import measure, measure_interleaved
 from .inputs import make_inputs, row_entropy
 from .memory import memory_use
@@ -29,7 +28,6 @@ FIELDS = (
     "threads", "target",
 )
 SLOW_PROVIDERS = ("untuned", "numpy")
-KNOB_AXES = KNOBS
 
 
 def threads() -> int:
@@ -48,9 +46,7 @@ def spec_for(study: Study, line, x) -> tvm_attn.AttentionSpec:
     fields.update(line.spec_fields())
     if study.x_name == "seq_q":
         fields["seq_q"] = fields["seq_kv"] = x
-    elif study.x_name != tvm_attn.get_variant(line.variant).knob and study.x_name in KNOB_AXES:
-        pass  # a dense baseline in a knob sweep: the knob is not its
-    else:
+    elif study.varies(line):
         fields[study.x_name] = x
     return tvm_attn.AttentionSpec(**fields)
 
@@ -99,9 +95,8 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
     rows = []
     start = time.time()
     for n, (study, line, x, dist) in enumerate(points, 1):
-        if study.x_name in KNOB_AXES and tvm_attn.get_variant(line.variant).knob != study.x_name \
-                and x != study.x_vals[0]:
-            continue  # a dense baseline in a knob sweep is measured once per distribution
+        if not study.measures(line, x):
+            continue
         spec = spec_for(study, line, x)
         q, k, v = make_inputs(spec, dist)
         providers = [p for p in study.providers

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..spec import KNOBS
+from ..variants import get_variant
+
 SEED_SHAPE = {"batch": 2, "heads": 8, "head_dim": 64}
 
 
@@ -32,6 +35,14 @@ class Study:
     distributions: tuple = ("gaussian",)
     slow_providers_max_x: int | None = None  # untuned/numpy only up to this x (they take seconds per call)
 
+    def varies(self, line: Line) -> bool:
+        """Whether x sets a field of this line's spec: a knob sweep does not vary its dense baselines."""
+        return self.x_name not in KNOBS or get_variant(line.variant).knob == self.x_name
+
+    def measures(self, line: Line, x) -> bool:
+        """Whether the point (line, x) is timed: lines that x does not vary only at the first x."""
+        return self.varies(line) or x == self.x_vals[0]
+
 
 DENSE_LINES = (
     Line("standard", "standard"),
@@ -46,6 +57,13 @@ BASELINES = (Line("standard", "standard"), Line("flash", "flash"))
 NO_MASK = "flash (no mask)"
 
 
+def _knob_study(name: str, question: str, knob: str, variant: str, x_vals: tuple, seq: int, base: tuple) -> Study:
+    """One pruning knob swept at one seq, beside the dense baselines, on gaussian and peaked inputs."""
+    lines = (Line(variant, variant, (("seq_q", seq),)),) + tuple(
+        Line(b.label, b.variant, (("seq_q", seq),)) for b in BASELINES)
+    return Study(name, question, knob, x_vals, lines, ("hand", "tuned"), base, distributions=("gaussian", "peaked"))
+
+
 def default_studies(quick: bool = False) -> list[Study]:
     """The default studies (a few minutes on 2 cores), or with ``quick`` reduced ones on tiny shapes."""
     seqs = (64, 128) if quick else (128, 256, 512, 1024, 2048)
@@ -56,21 +74,12 @@ def default_studies(quick: bool = False) -> list[Study]:
         Study("seq_sweep", "Speedup vs sequence length; timing, memory and accuracy of every variant",
               "seq_q", seqs, DENSE_LINES + PRUNED_LINES, all_providers, base,
               slow_providers_max_x=128 if quick else 512),
-        Study("threshold_effect", "Effect of the pruning threshold: time, kept fraction, error",
-              "threshold", (0.01, 0.1) if quick else (0.001, 0.01, 0.05, 0.1),
-              (Line("threshold", "threshold", (("seq_q", mid),)),) + tuple(
-                  Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
-              ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
-        Study("topk_effect", "Effect of top-k: time, kept fraction, error",
-              "top_k", (8, 32) if quick else (32, 64, 128, 256),
-              (Line("topk", "topk", (("seq_q", mid),)),) + tuple(
-                  Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
-              ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
-        Study("mass_effect", "Error-bounded pruning: eps against time, kept fraction and error",
-              "eps", (0.05, 0.2) if quick else (0.01, 0.05, 0.1, 0.2),
-              (Line("mass", "mass", (("seq_q", mid),)),) + tuple(
-                  Line(b.label, b.variant, (("seq_q", mid),)) for b in BASELINES),
-              ("hand", "tuned"), base, distributions=("gaussian", "peaked")),
+        _knob_study("threshold_effect", "Effect of the pruning threshold: time, kept fraction, error",
+                    "threshold", "threshold", (0.01, 0.1) if quick else (0.001, 0.01, 0.05, 0.1), mid, base),
+        _knob_study("topk_effect", "Effect of top-k: time, kept fraction, error",
+                    "top_k", "topk", (8, 32) if quick else (32, 64, 128, 256), mid, base),
+        _knob_study("mass_effect", "Error-bounded pruning: eps against time, kept fraction and error",
+                    "eps", "mass", (0.05, 0.2) if quick else (0.01, 0.05, 0.1, 0.2), mid, base),
         Study("causal", "Causal attention (LLM prefill), the case the seed left out",
               "seq_q", seqs[-2:] if quick else (512, 1024, 2048),
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)

@@ -1,4 +1,4 @@
-"""TE pieces shared by the materialized-score variants (standard, threshold).
+"""Pieces shared by the variants: TE stages of the materialized-score ones (standard), tile arithmetic of all.
 
 Block names are the contract with schedules/: k_t, qk, row_max, exp, row_sum, pv, out.
 """
@@ -72,3 +72,8 @@ def weighted_output(spec: AttentionSpec, weights, v):
         name="out",
     )
     return out
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Tiles of size b covering a."""
+    return (a + b - 1) // b

@@ -27,13 +27,10 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import AttentionSpec
+from .common import ceil_div
 
 BLOCK_Q = 32
 BLOCK_KV = 64
-
-
-def _ceil_div(a, b):
-    return (a + b - 1) // b
 
 
 def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
@@ -45,8 +42,8 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
     R = GI * SQ  # rows of one (batch, kv head, outer group) slice: row r is head (r // SQ), query (r % SQ)
     BQ = min(block_q, R)
     BK = block_kv  # not clamped to seq_kv: k_t is zero-padded, so tiles are whole vectors
-    NT = _ceil_div(R, BQ)
-    NK = _ceil_div(SKV, BK)
+    NT = ceil_div(R, BQ)
+    NK = ceil_div(SKV, BK)
     OFF = spec.causal_offset
     CAUSAL = spec.causal
     SCALE = T.float32(spec.scale)

@@ -26,15 +26,12 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import AttentionSpec
+from .common import ceil_div
 
 BLOCK_Q = 32
 BLOCK_KV = 64
 INT32_MIN = -(2**31)
 LANES = 16  # partial results per row reduction; BLOCK_KV is a multiple
-
-
-def _ceil_div(a, b):
-    return (a + b - 1) // b
 
 
 def order_key(x):
@@ -59,8 +56,8 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
     KMAX = min(TOP_K, SKV) if IS_TOPK else SKV  # most keys a row can keep
     BQ = min(block_q, SQ)
     BK = block_kv
-    NT = _ceil_div(SQ, BQ)
-    NK = _ceil_div(SKV, BK)
+    NT = ceil_div(SQ, BQ)
+    NK = ceil_div(SKV, BK)
     SKVP = NK * BK
     OFF = spec.causal_offset
     CAUSAL = spec.causal
