@@ -1,11 +1,8 @@
-"""Schedule steps shared by the variants: register-blocked matmuls, lane-wise row reductions, row tiling."""
+"""Schedule steps shared by the variants: register-blocked matmuls, lane-wise row reductions, vectorized loops."""
 
 from __future__ import annotations
 
 from tvm import s_tir
-
-ROW_TILES = (4, 8, 16, 32)
-
 
 def largest_divisor(n: int, limit: int) -> int:
     """The largest factor of n that is <= limit (1 at worst): splits by it need no tail predicate."""
@@ -47,24 +44,19 @@ def register_blocked_matmul(sch: s_tir.Schedule, name: str, row, col, red, *, la
 
 def vectorized_row_reduction(sch: s_tir.Schedule, name: str, lanes: int):
     """Split a reduction over the block's last loop so each vector lane keeps a partial result (block
-    ``<name>_rf``, lanes vectorized), then reduce the lanes. Call before compute_at: rfactor needs the reduction to
-    own its loop nest. Returns the rf block, or None when the loop is not a multiple of a vector."""
-    loops = sch.get_loops(sch.get_sblock(name))
+    ``<name>_rf``, its lane loop vectorized), then reduce the lanes. Returns the rf block, or None when the loop is
+    not a multiple of a vector."""
+    block = sch.get_sblock(name)
+    loops = sch.get_loops(block)
     extent = sch.get(loops[-1]).extent.value
     vec = largest_divisor(extent, lanes)
     if vec == 1:
         return None
     _, inner = sch.split(loops[-1], [None, vec])
-    return sch.rfactor(inner, len(loops) - 1)
-
-
-def vectorize_lanes(sch: s_tir.Schedule, rf) -> None:
-    """Vectorize an rf block's lane loop, moved inside its reduction loop."""
-    if rf is None:
-        return
-    *_, lanes_loop, red = sch.get_loops(rf)
-    sch.reorder(red, lanes_loop)
-    sch.vectorize(lanes_loop)
+    rf = sch.rfactor(inner, len(sch.get(block).writes[0].region))  # lanes: the rf buffer's last axis
+    # Explicitly: LLVM vectorizes the lane loop by itself only when no mask test guards the loads.
+    sch.vectorize(sch.get_loops(rf)[-1])
+    return rf
 
 
 def vectorize_last(sch: s_tir.Schedule, name: str, lanes: int) -> None:
@@ -74,54 +66,3 @@ def vectorize_last(sch: s_tir.Schedule, name: str, lanes: int) -> None:
     if vec > 1:
         _, inner = sch.split(loop, [None, vec])
         sch.vectorize(inner)
-
-
-def sample_row_tile(sch: s_tir.Schedule, default: int = 16):
-    """Query rows per parallel task, a sampled knob (default decision ``default``)."""
-    return sch.sample_categorical(list(ROW_TILES), [1.0 / len(ROW_TILES)] * len(ROW_TILES),
-                                  decision=ROW_TILES.index(default))
-
-
-def fused_row_tiles(sch: s_tir.Schedule, producers: list[str], out: str = "out"):
-    """Split ``out``'s query rows into tiles, run (batch, head, tile) in parallel, and compute each producer
-    (given consumers first) under the tile, so every intermediate buffer holds one tile of rows. Returns the
-    parallel loop."""
-    block = sch.get_sblock(out)
-    b, h, i, d = sch.get_loops(block)
-    tile = sample_row_tile(sch)
-    i_outer, _ = sch.split(i, factors=[None, tile])
-    rows = sch.fuse(b, h, i_outer)
-    sch.parallel(rows)
-    sch.vectorize(d)
-    for name in producers:
-        sch.compute_at(sch.get_sblock(name), rows, preserve_unit_loops=True)
-    return rows
-
-
-def parallel_transpose(sch: s_tir.Schedule, name: str = "k_t") -> None:
-    """The K transpose runs once per KV head, before the row tiles: parallel over (batch, kv head, d)."""
-    b, kh, d, _ = sch.get_loops(sch.get_sblock(name))
-    sch.parallel(sch.fuse(b, kh, d))
-
-
-def fused_softmax_schedule(sch: s_tir.Schedule, target, chain: list[str], row_reductions: list[str]) -> None:
-    """The schedule of the materialized-score variants. ``chain`` lists the blocks computed under each row tile,
-    consumers first (from pv back to qk); ``row_reductions`` the reductions over keys to vectorize by lanes."""
-    from tvm_attn.targets import vector_lanes
-
-    lanes = vector_lanes(target) if target is not None else 16
-    parallel_transpose(sch)
-    rf_blocks = {name: vectorized_row_reduction(sch, name, lanes) for name in row_reductions}
-    producers = []
-    for name in chain:
-        producers.append(name)
-        if rf_blocks.get(name) is not None:
-            producers.append(f"{name}_rf")
-    fused_row_tiles(sch, producers)
-    # Loops under the tile: (unit b, unit h, row, key, d) for qk; (unit b, unit h, row, d, key) for pv.
-    register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes)
-    register_blocked_matmul(sch, "pv", row=-3, col=-2, red=-1, lanes=lanes)
-    for name, rf in rf_blocks.items():
-        if rf is not None:
-            vectorize_lanes(sch, sch.get_sblock(f"{name}_rf"))
-    vectorize_last(sch, "exp", lanes)

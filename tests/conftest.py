@@ -75,7 +75,7 @@ def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q,
     assert np.isfinite(out).all(), "kernel produced non-finite values"
     skip = ambiguous_rows(variant, spec, q, k)
     # Mass cuts with a small eps fall among many tiny weights, where more rows sit within float32 reach of 1 - eps.
-    assert skip.mean() <= 0.1, f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
+    assert skip.sum() <= max(1, 0.1 * skip.size), f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
     tol = tolerance(spec)
     np.testing.assert_allclose(out[~skip], ref[~skip], rtol=tol, atol=tol,
                                err_msg=f"{variant} {spec.name} differs from its float64 reference")

@@ -94,12 +94,14 @@ def test_bad_schedule():
         tvm_attn.attention(q, k, v, schedule="fastest")
 
 
-def test_kernel_rejects_other_shapes():
+def test_kernel_serves_other_lengths_but_not_other_heads():
     q, k, v = _qkv()
     kernel = tvm_attn.build("flash", tvm_attn.AttentionSpec.from_arrays(q, k, v))
-    q2, k2, v2 = _qkv(sq=7)
-    with pytest.raises(ValueError, match="this kernel was built for b1_h4_kv2_q5_k6_d8"):
-        kernel(q2, k2, v2)
+    q2, k2, v2 = _qkv(b=3, sq=7, skv=20)
+    np.testing.assert_allclose(kernel(q2, k2, v2), tvm_attn.reference(q2, k2, v2), rtol=1e-5, atol=1e-5)
+    for other in (_qkv(h=8), _qkv(kvh=4), _qkv(d=16)):
+        with pytest.raises(ValueError, match="this kernel was built for h4_kv2_d8"):
+            kernel(*other)
 
 
 def _literal(message: str) -> str:

@@ -17,6 +17,7 @@ from tvm.s_tir.schedule import Trace
 
 import tvm_attn
 from conftest import assert_matches_reference, make_inputs
+from tvm_attn import kernel as kernel_module
 from tvm_attn import tuning
 
 TINY = dict(batch=1, heads=2, seq_q=32, head_dim=32)
@@ -93,8 +94,8 @@ def test_records_of_another_target_are_never_applied(tuned_logs, tmp_path):
     logs = tmp_path / "logs"
     shutil.copytree(tuned_logs[0] / tvm_attn.target_key("host"), logs / "arm64-apple-macos-apple-m3")
     spec = tvm_attn.AttentionSpec(**TINY)
-    assert tuning.tuned_schedule(tvm_attn.get_variant("flash"), spec, "apple-m3", root=logs) is None
-    assert tuning.tuned_schedule(tvm_attn.get_variant("flash"), spec, "host", root=tuned_logs[0]) is not None
+    assert tuning.tuned_record(tvm_attn.get_variant("flash"), spec, "apple-m3", root=logs) is None
+    assert tuning.tuned_record(tvm_attn.get_variant("flash"), spec, "host", root=tuned_logs[0]) is not None
 
 
 def test_truncated_log_is_a_clear_error(tuned_logs, tmp_path):
@@ -124,6 +125,8 @@ def test_foreign_file_is_a_clear_error(tmp_path):
 def test_untuned_kernels_warn_once(tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_ATTN_TUNING_LOGS", str(tmp_path))
     tuning._cached_database.cache_clear()
+    kernel_module._build_cached.cache_clear()  # kernels serve every length: other tests may have built this one
+    monkeypatch.setattr(tuning, "_warned", set())
     spec = tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=17, head_dim=16)
     q, k, v = make_inputs(spec)
     with warnings.catch_warnings(record=True) as caught:

@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "attention": ".api", "reference": ".api",
-    "SCHEDULES": ".kernel", "Kernel": ".kernel", "build": ".kernel",
-    "AttentionSpec": ".spec",
+    "SCHEDULES": ".kernel", "Kernel": ".kernel", "build": ".kernel", "compile_count": ".kernel",
+    "AttentionSpec": ".spec", "KernelSpec": ".spec",
+    "KVCache": ".cache",
     "APPLE_PRESETS": ".targets", "TARGET_NAMES": ".targets", "resolve_target": ".targets", "target_key": ".targets",
     "VARIANTS": ".variants", "Variant": ".variants", "get_variant": ".variants",
 }

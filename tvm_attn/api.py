@@ -9,29 +9,31 @@ from .spec import AttentionSpec
 from .variants import get_variant
 
 
-def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
-              threshold: float | None = None, top_k: int | None = None, eps: float | None = None, target="host",
-              tuned: bool = True,
-              schedule: str | None = None) -> np.ndarray:
+def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
+              scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
+              eps: float | None = None, target="host", tuned: bool = True, schedule: str | None = None) -> np.ndarray:
     """Attention of float32 numpy q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel.
 
-    The kernel is compiled once per shape and cached. ``tuned`` picks the best schedule available; ``tuned=False``
-    or ``schedule="hand"`` forces the variant's hand schedule; ``schedule="untuned"`` compiles the compute with no
-    schedule (the slow reference the benchmarks compare against).
+    A kernel is compiled once per (variant, heads, kv_heads, head_dim, mask, knob) and its path (decode for a few
+    query rows, prefill for more) and serves every batch and length. Arrays whose last axis is contiguous (strided
+    views such as ``k_buf[:, :, :n]``, any alignment) are read in place. ``tuned`` picks the best schedule available;
+    ``tuned=False`` or ``schedule="hand"`` forces the variant's hand schedule; ``schedule="untuned"`` compiles the
+    compute with no schedule (the slow reference the benchmarks compare against).
     """
     v_ = get_variant(variant)
-    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, scale=scale, threshold=threshold, top_k=top_k,
-                                     eps=eps)
+    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
+                                     top_k=top_k, eps=eps)
     if schedule is None:
         schedule = "best" if tuned else "hand"
     return build(v_, spec, target=target, schedule=schedule)(q, k, v)
 
 
-def reference(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
-              threshold: float | None = None, top_k: int | None = None, eps: float | None = None) -> np.ndarray:
+def reference(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
+              scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
+              eps: float | None = None) -> np.ndarray:
     """The float64 numpy reference of ``variant`` (same arguments as ``attention``)."""
     v_ = get_variant(variant)
-    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, scale=scale, threshold=threshold, top_k=top_k,
-                                     eps=eps)
+    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
+                                     top_k=top_k, eps=eps)
     v_.check(spec)
     return v_.reference(spec, q, k, v)

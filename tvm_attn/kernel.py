@@ -1,25 +1,35 @@
-"""Building kernels: a variant's compute, scheduled, compiled for a target, cached per (variant, spec, target)."""
+"""Building kernels: a variant's compute, scheduled and compiled for a target, one per (variant, path, kernel spec,
+target, schedule). Batch, seq_q and seq_kv are run-time sizes: a kernel serves every length."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 
 import numpy as np
 import tvm
 from tvm import s_tir
 
 from . import tuning
-from .spec import AttentionSpec
+from .spec import AttentionSpec, KernelSpec
 from .targets import resolve_target, runs_on_host, target_key
-from .variants import Variant, get_variant
+from .variants import Variant, get_variant, path_for
 
 SCHEDULES = ("best", "tuned", "hand", "untuned")
+
+_compiles = 0
+_compiles_lock = threading.Lock()
+
+
+def compile_count() -> int:
+    """How many kernels this process has compiled (a loop over many lengths must not add one per length)."""
+    return _compiles
 
 
 @dataclasses.dataclass(frozen=True)
 class Scheduled:
-    """A variant's compute for one spec with a schedule applied."""
+    """A variant's compute for one kernel with a schedule applied."""
 
     mod: tvm.IRModule
     schedule: str  # the schedule actually applied: "tuned", "hand" or "untuned"
@@ -27,31 +37,54 @@ class Scheduled:
 
 
 def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str) -> Scheduled:
-    """The variant's compute for ``spec`` with ``schedule`` applied: "best" (the tuned record for this target if
-    one exists, else the hand schedule, with a warning once), "tuned", "hand" or "untuned"."""
+    """The kernel serving ``spec`` (its path's compute, generic over batch and lengths) with ``schedule`` applied:
+    "best" (the tuned record for this target if one exists, else the hand schedule, with a warning once), "tuned",
+    "hand" or "untuned"."""
+    path = path_for(spec.seq_q)
     if schedule in ("best", "tuned"):
         record = tuning.tuned_record(variant, spec, target)
         if record is not None:
             return Scheduled(tuning.apply_record(variant, spec, record).mod, "tuned", tuning.record_digest(record))
         if schedule == "tuned":
-            raise LookupError(f"no tuned record for {variant.name} {spec.name} on {target_key(target)} "
-                              f"(python -m tvm_attn.tune tunes it)")
+            raise LookupError(f"no tuned record for the {variant.name} {path} kernel {spec.kernel.name} on "
+                              f"{target_key(target)} (python -m tvm_attn.tune tunes it)")
         tuning.warn_untuned(variant.name, spec, target)
         schedule = "hand"
-    mod = tuning.workload(variant, spec)
+    mod = tuning.generic_workload(variant, spec.kernel, path)
     if schedule == "untuned":
         return Scheduled(mod, "untuned")
     sch = s_tir.Schedule(mod)
-    variant.schedule(sch, target)
+    variant.kernel_parts(path)[1](sch, target)
     return Scheduled(sch.mod, "hand")
+
+
+def _argument(name: str, x) -> np.ndarray:
+    """x as the kernel takes it without a copy when possible: a float32 array whose last axis is contiguous (any
+    other strides, any alignment). Read-only and otherwise strided arrays are copied."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.strides[-1] != x.itemsize or not x.flags.writeable or any(s % x.itemsize for s in x.strides):
+        # DLPack cannot mark an array read-only, so numpy refuses to export one; the kernels never write inputs.
+        x = np.array(x, order="C")
+    return x
+
+
+def first_visible_key(kspec: KernelSpec, seq_q: int, seq_kv: int) -> int:
+    """The first key any query sees: windowed kernels are passed only the keys from there on (dropping a prefix
+    of keys keeps the bottom-right alignment, so the result is the same and the skipped keys are never read)."""
+    if kspec.window is None:
+        return 0
+    return max(0, seq_kv - seq_q + 1 - kspec.window)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Kernel:
-    """A compiled attention kernel for one spec and target. Call it with numpy q, k, v."""
+    """A compiled attention kernel for one kernel spec, path and target; it serves every batch, seq_q and seq_kv.
+    Call it with numpy q, k, v."""
 
     variant: str
-    spec: AttentionSpec
+    kernel_spec: KernelSpec
+    path: str  # "prefill" or "decode": which compute it is (both give the same result for any seq_q)
     target: tvm.target.Target
     schedule: str  # the schedule actually used: "tuned", "hand" or "untuned"
     record: str | None  # digest of the tuning record, when tuned
@@ -59,7 +92,8 @@ class Kernel:
 
     @property
     def function(self):
-        """The runtime function, called as f(q, k, v, out) on tvm tensors (64-byte aligned)."""
+        """The runtime function, called as f(q, k, v, out) on tvm tensors or numpy arrays (any strides with a
+        contiguous last axis, any alignment; out float32 of q's shape)."""
         if not runs_on_host(self.target):
             raise RuntimeError(
                 f"this kernel was built for {target_key(self.target)} and cannot run on this "
@@ -67,24 +101,34 @@ class Kernel:
             )
         return self.executable["main"]
 
-    def __call__(self, q, k, v) -> np.ndarray:
-        spec = AttentionSpec.from_arrays(q, k, v, causal=self.spec.causal, scale=self.spec.scale,
-                                         **self.spec.knobs())
-        if spec != self.spec:
-            raise ValueError(f"inputs have spec {spec.name}, this kernel was built for {self.spec.name}")
-        fn = self.function
-        dev = tvm.cpu()
-        # tvm.runtime.tensor copies into 64-byte aligned memory: the kernels assume aligned buffers.
-        args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in (q, k, v)]
-        out = tvm.runtime.empty(self.spec.q_shape, self.spec.dtype, dev)
-        fn(*args, out)
-        return out.numpy()
+    def check(self, q, k, v) -> AttentionSpec:
+        """The spec of a call with q, k, v; ValueError/TypeError when this kernel cannot serve it."""
+        ks = self.kernel_spec
+        spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale, **ks.knobs())
+        if spec.kernel != ks:
+            raise ValueError(f"inputs have heads={spec.heads}, kv_heads={spec.kv_heads}, head_dim={spec.head_dim}; "
+                             f"this kernel was built for {ks.name}")
+        return spec
+
+    def __call__(self, q, k, v, out=None) -> np.ndarray:
+        spec = self.check(q, k, v)
+        if out is None:
+            out = np.empty(spec.q_shape, np.float32)
+        elif not isinstance(out, np.ndarray) or out.shape != spec.q_shape or out.dtype != np.float32:
+            raise ValueError(f"out must be a float32 numpy array of shape {spec.q_shape}")
+        first = first_visible_key(self.kernel_spec, spec.seq_q, spec.seq_kv)
+        if first:
+            k, v = k[:, :, first:], v[:, :, first:]
+        self.function(_argument("q", q), _argument("k", k), _argument("v", v), out)
+        return out
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
-    """Compile ``variant`` for ``spec`` on ``target``. ``schedule``: "best" (the tuned record for this target if
-    one exists, else the hand schedule, with a warning once), "tuned", "hand", or "untuned" (the compute with no
-    schedule at all, the reference the benchmarks compare against)."""
+    """Compile ``variant`` for the kernel serving ``spec`` on ``target``: the decode kernel when spec.seq_q is small,
+    else the prefill one; either serves every batch, seq_q and seq_kv with spec's heads, head_dim, mask and knob.
+    ``schedule``: "best" (the tuned record for this target if one exists, else the hand schedule, with a warning
+    once), "tuned", "hand", or "untuned" (the compute with no schedule at all, the reference the benchmarks compare
+    against). Kernels are cached: building again for another length returns the same kernel."""
     v = get_variant(variant)
     spec = spec if spec is not None else AttentionSpec()
     if not isinstance(spec, AttentionSpec):
@@ -92,12 +136,26 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     v.check(spec)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    return _build_cached(v.name, spec, str(resolve_target(target)), schedule)
+    path = path_for(spec.seq_q)
+    if path == "decode" and not v.has_decode_kernel():
+        path = "prefill"
+    return _build_cached(v.name, spec.kernel, path, str(resolve_target(target)), schedule)
+
+
+def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
+    """An AttentionSpec of the kernel (its sizes only pick the path: the record is the kernel's, not the shape's)."""
+    seq_q = 1 if path == "decode" else 1024
+    return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
+                         head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
+                         **kspec.knobs())
 
 
 @functools.lru_cache(maxsize=256)
-def _build_cached(variant: str, spec: AttentionSpec, target_json: str, schedule: str) -> Kernel:
+def _build_cached(variant: str, kspec: KernelSpec, path: str, target_json: str, schedule: str) -> Kernel:
+    global _compiles
     target = resolve_target(target_json)
-    scheduled = scheduled_module(get_variant(variant), spec, target, schedule)
-    return Kernel(variant, spec, target, scheduled.schedule, scheduled.record,
-                  tvm.compile(scheduled.mod, target=target))
+    scheduled = scheduled_module(get_variant(variant), _representative(kspec, path), target, schedule)
+    executable = tvm.compile(scheduled.mod, target=target)
+    with _compiles_lock:
+        _compiles += 1
+    return Kernel(variant, kspec, path, target, scheduled.schedule, scheduled.record, executable)

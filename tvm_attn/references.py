@@ -1,6 +1,7 @@
 """Float64 numpy references: the definition of every variant's output.
 
 Rows with no visible key (causal with seq_q > seq_kv) output 0, as in FlashAttention.
+A sliding window (``spec.window``) only narrows the visible keys: every variant prunes within them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ def visible_mask(spec: AttentionSpec) -> np.ndarray:
     j = np.arange(spec.seq_kv)[None, :]
     if not spec.causal:
         return np.ones((spec.seq_q, spec.seq_kv), dtype=bool)
-    return j <= i + spec.causal_offset
+    visible = j <= i + spec.causal_offset
+    if spec.window is not None:
+        visible &= j > i + spec.causal_offset - spec.window
+    return visible
 
 
 def softmax_weights(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:

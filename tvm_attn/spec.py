@@ -18,8 +18,10 @@ class AttentionSpec:
 
     q is (batch, heads, seq_q, head_dim); k and v are (batch, kv_heads, seq_kv, head_dim). Query head h reads
     KV head h // (heads // kv_heads). ``causal`` aligns the mask bottom-right: query i sees keys
-    j <= i + (seq_kv - seq_q). ``scale`` None means 1/sqrt(head_dim). ``threshold`` and ``top_k`` are the
-    pruning knobs of the variants of the same names, ``eps`` the mass variant's, and are None elsewhere.
+    j <= i + (seq_kv - seq_q). ``window`` (needs causal) also hides keys j <= i + (seq_kv - seq_q) - window, so
+    each query sees at most ``window`` keys, as in Mistral's sliding window. ``scale`` None means 1/sqrt(head_dim).
+    ``threshold`` and ``top_k`` are the pruning knobs of the variants of the same names, ``eps`` the mass
+    variant's, and are None elsewhere. A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
     """
 
     batch: int = 2
@@ -29,6 +31,7 @@ class AttentionSpec:
     seq_kv: int | None = None
     head_dim: int = 64
     causal: bool = False
+    window: int | None = None
     scale: float | None = None
     threshold: float | None = None
     top_k: int | None = None
@@ -55,6 +58,15 @@ class AttentionSpec:
         if not isinstance(self.causal, (bool, np.bool_)):
             raise TypeError(f"causal must be a bool, got {self.causal!r}")
         object.__setattr__(self, "causal", bool(self.causal))
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral):
+                raise TypeError(f"window must be an int or None, got {self.window!r}")
+            if self.window < 1:
+                raise ValueError(f"window must be >= 1, got {self.window}")
+            if not self.causal:
+                raise ValueError(f"window={self.window} needs causal=True (a sliding window looks back from each "
+                                 f"query)")
+            object.__setattr__(self, "window", int(self.window))
         if self.dtype != DTYPE:
             raise TypeError(f"dtype must be {DTYPE!r} (the only one supported), got {self.dtype!r}")
         if self.scale is None:
@@ -80,6 +92,12 @@ class AttentionSpec:
                 raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
             object.__setattr__(self, "eps", float(self.eps))
 
+    @property
+    def kernel(self) -> "KernelSpec":
+        """What a compiled kernel is specialized for: everything but batch, seq_q and seq_kv."""
+        return KernelSpec(self.heads, self.kv_heads, self.head_dim, self.causal, self.window, self.scale,
+                          self.threshold, self.top_k, self.eps, self.dtype)
+
     def knobs(self) -> dict:
         """The pruning knob that is set, as {name: value} (empty for dense variants)."""
         return {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
@@ -102,11 +120,18 @@ class AttentionSpec:
     def kv_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.kv_heads, self.seq_kv, self.head_dim)
 
-    def visible_keys(self, i: int) -> int:
-        """How many keys (a prefix 0..n-1) query row i sees."""
+    def visible_range(self, i: int) -> tuple[int, int]:
+        """The keys lo..hi-1 query row i sees (lo = hi when none)."""
         if not self.causal:
-            return self.seq_kv
-        return min(self.seq_kv, max(0, i + self.causal_offset + 1))
+            return 0, self.seq_kv
+        hi = min(self.seq_kv, max(0, i + self.causal_offset + 1))
+        lo = 0 if self.window is None else min(hi, max(0, i + self.causal_offset + 1 - self.window))
+        return lo, hi
+
+    def visible_keys(self, i: int) -> int:
+        """How many keys query row i sees."""
+        lo, hi = self.visible_range(i)
+        return hi - lo
 
     def dense_flops(self) -> int:
         """FLOPs of the two matmuls of dense attention, 4*B*H*Sq*Skv*D (the peers' convention)."""
@@ -121,6 +146,8 @@ class AttentionSpec:
         ]
         if self.causal:
             parts.append("causal")
+        if self.window is not None:
+            parts.append(f"win{self.window}")
         if self.threshold is not None:
             parts.append(f"tau{self.threshold:g}")
         if self.top_k is not None:
@@ -158,3 +185,41 @@ class AttentionSpec:
 
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """The fields of an AttentionSpec that a compiled kernel is specialized for (see AttentionSpec for their
+    meaning); batch, seq_q and seq_kv are run-time sizes of the kernel's arguments. Build one with
+    ``AttentionSpec(...).kernel``, which checks the values."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    window: int | None
+    scale: float
+    threshold: float | None
+    top_k: int | None
+    eps: float | None
+    dtype: str
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+    def knobs(self) -> dict:
+        return {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
+
+    @property
+    def name(self) -> str:
+        """e.g. h8_kv2_d64_causal_win256_top64."""
+        parts = [f"h{self.heads}", f"kv{self.kv_heads}", f"d{self.head_dim}"]
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append(f"win{self.window}")
+        for knob, tag in (("threshold", "tau"), ("top_k", "top"), ("eps", "eps")):
+            if getattr(self, knob) is not None:
+                parts.append(f"{tag}{getattr(self, knob):g}")
+        return "_".join(parts)

@@ -25,7 +25,7 @@ from tvm.s_tir import meta_schedule as ms
 from . import tuning
 from .plan import Workload, add_workload_arguments, workloads_from_args
 from .targets import resolve_target, runs_on_host, target_key
-from .variants import get_variant
+from .variants import get_variant, path_for
 
 
 def _cores() -> int:
@@ -71,7 +71,7 @@ def make_builder(target):
 def _measure_hand(variant, spec, target, mod, builder, runner):
     """The hand schedule with its default decisions, measured by the same builder and runner: (trace, seconds)."""
     sch = s_tir.Schedule(mod)
-    variant.schedule(sch, target)
+    hand_schedule(variant, spec)(sch, target)
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     if built.error_msg:
         raise RuntimeError(f"the hand schedule of {variant.name} {spec.name} does not build: {built.error_msg}")
@@ -97,7 +97,8 @@ def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work
     hand_ms = min(float(s) for s in hand.run_secs) * 1e3
     progress.start(w, hand_ms)
     if trials > 0:
-        space = ms.space_generator.ScheduleFn(lambda sch: variant.schedule(sch, target), sch_rules=[], postprocs=[],
+        schedule = hand_schedule(variant, w.spec)
+        space = ms.space_generator.ScheduleFn(lambda sch: schedule(sch, target), sch_rules=[], postprocs=[],
                                               mutator_probs={ms.mutator.MutateTileSize(): 1.0})
         # MetaSchedule logs to files under work_dir/logs and echoes to stdout: send the echo to a file too.
         with open(Path(work_dir) / "metaschedule_console.log", "a") as console, contextlib.redirect_stdout(console):
@@ -110,7 +111,18 @@ def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work
     row = {"hand_ms": hand_ms, "best_ms": min(float(s) for s in best.run_secs) * 1e3}
     if runs_on_host(target):
         row.update(confirm(variant, w.spec, target, db, mod, best, logs_root, progress.out))
+    else:  # no device here to confirm on: the kernel uses the runner's pick
+        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, w.spec))
     return row
+
+
+def hand_schedule(variant, spec):
+    """The hand schedule (and design space) of the kernel serving ``spec``."""
+    return variant.kernel_parts(path_for(spec.seq_q))[1]
+
+
+def _family(variant, spec) -> str:
+    return tuning.family_key(variant, spec.kernel, path_for(spec.seq_q))
 
 
 def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
@@ -123,9 +135,9 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
     from .timing import measure_interleaved
 
     hand = s_tir.Schedule(mod)
-    variant.schedule(hand, target)
+    hand_schedule(variant, spec)(hand, target)
     if str(hand.trace) == str(best.trace):
-        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best))
+        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, spec))
         return {}
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
@@ -144,7 +156,8 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
     hand_record = next((r for r in tuning.valid_records(db, mod, target) if str(r.trace) == str(hand.trace)), None)
     if winner == "hand" and hand_record is None:  # cannot happen after tune_workload, which records it first
         raise RuntimeError(f"no record of the hand schedule of {variant.name} {spec.name}")
-    tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(hand_record if winner == "hand" else best))
+    tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(hand_record if winner == "hand" else best),
+                           _family(variant, spec))
     print(f"  confirmed here: hand {timings['hand'].median_ms:.3f} ms, tuned {timings['tuned'].median_ms:.3f} ms: "
           f"keeps the {winner} schedule", file=out, flush=True)
     return {"confirmed_hand_ms": timings["hand"].median_ms, "confirmed_best_ms": timings[winner].median_ms}
@@ -202,6 +215,7 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
     if not rpc_tracker and not runs_on_host(t):
         raise ValueError(f"target {target_key(t)} cannot run on this {target_key('host')} host: "
                          f"measure it on the device with --rpc-tracker HOST:PORT --rpc-key KEY")
+    runner = make_runner(rpc_tracker, rpc_key, runner_timeout)  # checks the RPC options before writing anything
     db = tuning.open_database(t, logs_root, create=True)
     work_dir = Path(logs_root) / target_key(t) / "logs"  # MetaSchedule's own logs; not committed
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +223,7 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
         searched = [w for w in plan if _searched(db, w)]
         plan = [w for w in plan if w not in searched]
         print(f"{len(searched)} workloads already tuned, skipped", file=out, flush=True)
-    builder, runner = make_builder(t), make_runner(rpc_tracker, rpc_key, runner_timeout)
+    builder = make_builder(t)
     progress = Progress(len(plan), trials, budget_min * 60, out)
     rows = []
     for w in plan:

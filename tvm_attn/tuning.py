@@ -1,5 +1,8 @@
 """Tuning records: one MetaSchedule JSONDatabase per target under tuning_logs/<target key>/, looked up per kernel.
 
+A kernel serves every batch and length, but MetaSchedule measures concrete shapes: a workload is the kernel's
+compute with its sizes fixed to one (variant, spec), and `tune` notes for each kernel (its family: variant, path,
+kernel spec) the record that won at the shape it was tuned at; every length the kernel serves uses that record.
 MetaSchedule's database matches workloads by structure and ignores the target a record was measured on, so records
 live in one directory per target key and every record's own target is checked again on lookup.
 """
@@ -18,12 +21,16 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from .spec import AttentionSpec
+from .spec import AttentionSpec, KernelSpec
 from .targets import resolve_target, target_key
+from .variants import path_for
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
-CONFIRMED_FILE = "confirmed.json"  # {workload key: digest of the schedule that won the confirmation timing}
+# {workload key: digest of the schedule that won the confirmation timing,
+#  "family:<family key>": "<workload key>/<digest>", the record every length of that kernel uses}
+CONFIRMED_FILE = "confirmed.json"
+FAMILY = "family:"
 
 
 def default_logs_root() -> Path:
@@ -38,9 +45,34 @@ def logs_dir(target, root: Path | None = None) -> Path:
     return Path(root or default_logs_root()) / target_key(target)
 
 
+def generic_workload(variant, kspec: KernelSpec, path: str) -> tvm.IRModule:
+    """The IRModule of the kernel serving ``path`` for ``kspec``: batch and lengths are run-time sizes."""
+    compute, _ = variant.kernel_parts(path)
+    return tvm.IRModule({"main": compute(kspec)})
+
+
 def workload(variant, spec: AttentionSpec) -> tvm.IRModule:
-    """The IRModule a variant is tuned as (its compute, unscheduled): the key of its records."""
-    return tvm.IRModule({"main": variant.compute(spec)})
+    """The IRModule a variant is tuned as for ``spec``: the kernel of spec's path (its compute, unscheduled) with
+    batch, seq_q and seq_kv fixed to spec's. The key of its records."""
+    return tvm.IRModule({"main": with_sizes(generic_workload(variant, spec.kernel, path_for(spec.seq_q))["main"],
+                                            spec)})
+
+
+def with_sizes(func, spec: AttentionSpec):
+    """A kernel's PrimFunc (scheduled or not) with batch, seq_q and seq_kv fixed to spec's."""
+    q, k, v, out = func.params
+    sized = {}
+    for param, shape in ((q, spec.q_shape), (k, spec.kv_shape), (v, spec.kv_shape), (out, spec.q_shape)):
+        # Strides stay run-time values, as in the kernel a record of this workload is applied to.
+        strides = [tvm.tirx.Var(f"{param.name}_stride{i}", "int32") for i in range(3)] + [1]
+        sized[param] = tvm.tirx.decl_buffer(shape, param.dtype, param.name, strides=strides,
+                                            data_alignment=param.data_alignment, offset_factor=1)
+    return func.specialize(sized)
+
+
+def family_key(variant, kspec: KernelSpec, path: str) -> str:
+    """The key of one compiled kernel (variant, path, kernel spec): the structural hash of its generic IR."""
+    return workload_key(generic_workload(variant, kspec, path))
 
 
 class CorruptTuningLog(ValueError):
@@ -106,10 +138,13 @@ def read_confirmed(target, root: Path | None = None) -> dict:
     return confirmed
 
 
-def write_confirmed(target, root: Path | None, mod: tvm.IRModule, digest: str) -> None:
+def write_confirmed(target, root: Path | None, mod: tvm.IRModule, digest: str, family: str | None = None) -> None:
+    """Note ``digest`` as the record ``mod`` uses, and, given ``family``, as the record that kernel uses."""
     path = logs_dir(target, root) / CONFIRMED_FILE
     confirmed = read_confirmed(target, root)
     confirmed[workload_key(mod)] = digest
+    if family is not None:
+        confirmed[FAMILY + family] = f"{workload_key(mod)}/{digest}"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(confirmed, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a killed run never leaves half a file
@@ -120,6 +155,16 @@ def _cached_database(target_json: str, root: str):
     t = resolve_target(target_json)
     db = open_database(t, Path(root))
     return db, (read_confirmed(t, Path(root)) if db is not None else {})
+
+
+@functools.lru_cache(maxsize=8)
+def _records_by_workload(target_json: str, root: str) -> dict:
+    """{workload key: [records]} of one target's database (read once per process)."""
+    db, _ = _cached_database(target_json, root)
+    found: dict = {}
+    for record in db.get_all_tuning_records() if db is not None else []:
+        found.setdefault(workload_key(record.workload.mod), []).append(record)
+    return found
 
 
 def valid_records(db, mod: tvm.IRModule, target) -> list:
@@ -145,15 +190,25 @@ def best_record(db, mod: tvm.IRModule, target, confirmed: dict | None = None):
 
 
 def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None):
-    """The best tuning record of (variant, spec) measured on ``target``, or None."""
+    """The tuning record the kernel serving ``spec`` uses on ``target`` (noted by `tune` for the kernel, whatever
+    length it was tuned at), or None."""
     t = resolve_target(target)
-    db, confirmed = _cached_database(str(t), str(root or default_logs_root()))
-    return best_record(db, workload(variant, spec), t, confirmed)
+    key = (str(t), str(root or default_logs_root()))
+    db, confirmed = _cached_database(*key)
+    noted = confirmed.get(FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q)))
+    if db is None or noted is None:
+        return None
+    wkey, _, digest = noted.partition("/")
+    target_k = target_key(t)
+    for record in _records_by_workload(*key).get(wkey, []):
+        if record_digest(record) == digest and (record.target is None or target_key(record.target) == target_k):
+            return record
+    return None
 
 
 def apply_record(variant, spec: AttentionSpec, record) -> s_tir.Schedule:
-    """Replay a record's trace on the variant's compute."""
-    sch = s_tir.Schedule(workload(variant, spec))
+    """Replay a record's trace on the kernel serving ``spec`` (generic over batch and lengths)."""
+    sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path_for(spec.seq_q)))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
 
@@ -161,12 +216,6 @@ def apply_record(variant, spec: AttentionSpec, record) -> s_tir.Schedule:
 def record_digest(record) -> str:
     """A short stable id of a record's schedule (sha256 of its trace), for manifests and reports."""
     return hashlib.sha256(str(record.trace).encode()).hexdigest()[:16]
-
-
-def tuned_schedule(variant, spec: AttentionSpec, target, root: Path | None = None) -> s_tir.Schedule | None:
-    """The tuned schedule of (variant, spec) on ``target``, or None when no record exists."""
-    record = tuned_record(variant, spec, target, root)
-    return None if record is None else apply_record(variant, spec, record)
 
 
 class UntunedWarning(UserWarning):
@@ -177,9 +226,11 @@ _warned: set = set()
 
 
 def warn_untuned(variant_name: str, spec: AttentionSpec, target) -> None:
-    """Say once per workload that no tuned record exists and the hand schedule is used."""
-    key = (variant_name, spec, target_key(target))
+    """Say once per kernel that no tuned record exists and the hand schedule is used."""
+    path = path_for(spec.seq_q)
+    key = (variant_name, spec.kernel, path, target_key(target))
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"no tuned record for {variant_name} {spec.name} on {target_key(target)}: using the hand "
+        warnings.warn(f"no tuned record for the {variant_name} {path} kernel {spec.kernel.name} on "
+                      f"{target_key(target)}: using the hand "
                       f"schedule (python -m tvm_attn.tune tunes it)", UntunedWarning, stacklevel=6)

@@ -14,6 +14,8 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
+from ..tuning import with_sizes
+
 _PLACE_AND_COMPACT = (
     s_tir.transform.CanonicalizeLoop,
     s_tir.transform.LowerInitBlock,
@@ -68,6 +70,7 @@ def _walk(stmt, in_parallel: int, found: list) -> None:
 
 def memory_use(mod: tvm.IRModule, spec, threads: int) -> MemoryUse:
     """Bytes of ``mod`` (a scheduled or untuned kernel of ``spec``) with ``threads`` worker threads."""
+    mod = tvm.IRModule({"main": with_sizes(mod["main"], spec)})  # kernels take any length: count spec's
     low = tvm.ir.transform.Sequential([p() for p in _PLACE_AND_COMPACT])(mod)
     found: list = []
     _walk(low["main"].body, 0, found)

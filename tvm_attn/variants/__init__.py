@@ -8,25 +8,49 @@ from typing import Callable
 import numpy as np
 
 from .. import references as _ref
+from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
 from ..spec import KNOBS, AttentionSpec
-from . import flash, pruned, standard
+from . import decode, flash, pruned, standard
 
+
+PATHS = ("prefill", "decode")
+DECODE_MAX_ROWS = 8  # calls with at most this many query rows (seq_q) take a variant's decode kernel
+
+
+def path_for(seq_q: int) -> str:
+    """Which kernel of a variant serves ``seq_q`` query rows: "decode" for a few, "prefill" for more."""
+    return "decode" if seq_q <= DECODE_MAX_ROWS else "prefill"
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One attention variant: its compute definition, hand schedule and float64 reference."""
+    """One attention variant: its compute definition, hand schedule and float64 reference, and optionally a second
+    compute and schedule for decode (few query rows). Both kernels compute the same function and serve every
+    length; the decode one is organized for few rows."""
 
     name: str
     summary: str
-    compute: Callable  # AttentionSpec -> tvm PrimFunc
+    compute: Callable  # KernelSpec -> tvm PrimFunc (batch and lengths are run-time sizes)
     schedule: Callable  # (tvm.s_tir.Schedule, tvm Target) -> None; also a MetaSchedule design space
     reference: Callable[..., np.ndarray]  # (AttentionSpec, q, k, v) -> float64 output
     knob: str | None = None  # the AttentionSpec field this variant requires
     keep: Callable | None = None  # pruned variants: (AttentionSpec, float64 scores) -> bool mask of kept keys
+    decode_compute: Callable | None = None  # as compute, for few query rows (None: compute serves decode too)
+    decode_schedule: Callable | None = None
+
+    def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
+        """(compute, schedule) of the kernel serving ``path`` ("prefill" or "decode")."""
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
+        if path == "decode" and self.decode_compute is not None:
+            return self.decode_compute, self.decode_schedule
+        return self.compute, self.schedule
+
+    def has_decode_kernel(self) -> bool:
+        return self.decode_compute is not None
 
     def check(self, spec: AttentionSpec) -> None:
         """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs."""
@@ -39,15 +63,18 @@ class Variant:
                 raise ValueError(f"{knob}={value!r} is only used by variant {users[0]!r}, not {self.name!r}")
 
 
+# The dense variants compute one function: their decode calls share the split-KV kernel.
+DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule)
+
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("standard", "softmax(scale q k^T) v with the score matrix materialized",
-                standard.compute, _standard_schedule.schedule, _ref.dense),
+                standard.compute, _standard_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("flash", "blocked online softmax over KV tiles, no score matrix",
-                flash.compute, _flash_schedule.schedule, _ref.dense),
+                flash.compute, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("mqa", "flash whose row tiles stack the query heads of a KV group (multi-/grouped-query)",
-                flash.compute_grouped, _flash_schedule.schedule, _ref.dense),
+                flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
                 keep=_ref.threshold_keep),

@@ -1,79 +1,198 @@
-"""Pieces shared by the variants: TE stages of the materialized-score ones (standard), tile arithmetic of all.
+"""Pieces the TensorIR computes share: argument buffers of any length and layout, the visibility rule, and the
+statement blocks every variant writes the same way (``@T.macro``: the K transpose, the pre-scaled query tile, the
+QK^T tile).
 
-Block names are the contract with schedules/: k_t, qk, row_max, exp, row_sum, pv, out.
+Block names are the contract with schedules/: k_t, q_tile, qk, ... (each compute's docstring lists its own).
 """
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import tirx
+from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
-from ..spec import AttentionSpec
+from ..spec import KernelSpec
+
+# The kernels assume only element alignment of their arguments: numpy and torch tensors, strided views into a KV
+# cache and slices at any offset are passed without a copy (unaligned vector loads cost nothing on aligned data).
+ELEMENT_ALIGN = 4
 
 
-def inputs(spec: AttentionSpec):
-    q = te.placeholder(spec.q_shape, spec.dtype, name="q")
-    k = te.placeholder(spec.kv_shape, spec.dtype, name="k")
-    v = te.placeholder(spec.kv_shape, spec.dtype, name="v")
-    return q, k, v
+def ceil_div(a, b: int):
+    """Tiles of size b covering a (an int, or an int32 PrimExpr computed in int64: see Visibility)."""
+    if isinstance(a, int):
+        return (a + b - 1) // b
+    return (a + (b - 1)) // b
 
 
-def masked(spec: AttentionSpec, i, j, value, fill):
-    """``value`` where query i sees key j (causal, bottom-right aligned), else ``fill``."""
-    if not spec.causal:
-        return value
-    return tirx.Select(j <= i + spec.causal_offset, value, tirx.const(fill, spec.dtype))
+def run_time_sizes():
+    """The size variables of a kernel's arguments: (batch, seq_q, seq_kv), bound from the tensors at each call."""
+    return tirx.Var("batch", "int32"), tirx.Var("seq_q", "int32"), tirx.Var("seq_kv", "int32")
 
 
-def scores_and_softmax_stats(spec: AttentionSpec, q, k):
-    """qk = q k^T (unscaled; k read transposed from k_t so keys lie along vector lanes), row_max = max visible
-    scale*qk, exp = exp(scale*qk - row_max), 0 where masked."""
-    g = spec.group_size
-    k_t = te.compute((spec.batch, spec.kv_heads, spec.head_dim, spec.seq_kv),
-                     lambda b, kh, d, j: k[b, kh, j, d], name="k_t")
-    d = te.reduce_axis((0, spec.head_dim), name="d")
-    qk = te.compute(
-        (spec.batch, spec.heads, spec.seq_q, spec.seq_kv),
-        lambda b, h, i, j: te.sum(q[b, h, i, d] * k_t[b, h // g, d, j], axis=d),
-        name="qk",
-    )
-    neg = tirx.min_value(spec.dtype).value
-    j = te.reduce_axis((0, spec.seq_kv), name="j")
-    row_max = te.compute(
-        (spec.batch, spec.heads, spec.seq_q),
-        lambda b, h, i: te.max(masked(spec, i, j, qk[b, h, i, j] * spec.scale, neg), axis=j),
-        name="row_max",
-    )
-    exp = te.compute(
-        qk.shape,
-        lambda b, h, i, j: masked(spec, i, j, softmax_exp(qk[b, h, i, j] * spec.scale - row_max[b, h, i]), 0.0),
-        name="exp",
-    )
-    return qk, row_max, exp
+def bhsd(handle, batch, heads, seq, head_dim: int, dtype: str):
+    """A (batch, heads, seq, head_dim) argument: any strides but a contiguous last axis, element alignment."""
+    return T.match_buffer(handle, (batch, heads, seq, head_dim), dtype,
+                          strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_ALIGN, offset_factor=1)
 
 
-def weighted_output(spec: AttentionSpec, weights, v):
-    """out = (sum_j w_ij v_j) / (sum_j w_ij), 0 for rows whose weights are all 0."""
-    g = spec.group_size
-    j = te.reduce_axis((0, spec.seq_kv), name="j")
-    row_sum = te.compute(
-        weights.shape[:3], lambda b, h, i: te.sum(weights[b, h, i, j], axis=j), name="row_sum"
-    )
-    j = te.reduce_axis((0, spec.seq_kv), name="j")
-    pv = te.compute(
-        spec.q_shape,
-        lambda b, h, i, dd: te.sum(weights[b, h, i, j] * v[b, h // g, j, dd], axis=j),
-        name="pv",
-    )
-    zero = tirx.const(0.0, spec.dtype)
-    out = te.compute(
-        spec.q_shape,
-        lambda b, h, i, dd: tirx.Select(row_sum[b, h, i] > zero, pv[b, h, i, dd] / row_sum[b, h, i], zero),
-        name="out",
-    )
-    return out
+class Visibility:
+    """Which keys query i sees for a kernel spec and run-time lengths: j < seq_kv; causal: j <= i + off
+    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window.
+
+    Positions are compared in int64: TVM bounds int32 size variables by the whole int32 range, and bounds of
+    seq_kv - seq_q + i would overflow it (CompactBufferAllocation then fails)."""
+
+    def __init__(self, kspec: KernelSpec, seq_q, seq_kv):
+        self.causal = kspec.causal
+        self.window = kspec.window
+        self.seq_kv = seq_kv
+        self.off = seq_kv - seq_q
+
+    def _last(self, i):
+        """The last key position query i may see (before clamping to the keys that exist)."""
+        return i + self.off
+
+    def first(self, i):
+        """The first key query i sees (0 unless windowed)."""
+        if self.window is None:
+            return 0
+        return T.min(self.seq_kv, T.max(0, self._last(i) + 1 - self.window))
+
+    def end(self, i):
+        """One past the last key query i sees."""
+        if not self.causal:
+            return self.seq_kv
+        return T.min(self.seq_kv, T.max(0, self._last(i) + 1))
+
+    def sees(self, i, j):
+        """Query i sees key j (j < seq_kv included)."""
+        cond = j < self.seq_kv
+        if self.causal:
+            cond = T.And(cond, j <= self._last(i))
+        if self.window is not None:
+            cond = T.And(cond, j > self._last(i) - self.window)
+        return cond
+
+    def first_tile(self, first_q, block: int):
+        """The first KV tile (of ``block`` keys) that queries first_q.. need."""
+        if self.window is None:
+            return 0
+        return self.first(first_q) // block
+
+    def end_tile(self, last_q, block: int):
+        """One past the last KV tile (of ``block`` keys) that queries ..last_q need."""
+        if not self.causal:
+            return ceil_div(self.seq_kv, block)
+        return ceil_div(self.end(last_q), block)
 
 
-def ceil_div(a: int, b: int) -> int:
-    """Tiles of size b covering a."""
-    return (a + b - 1) // b
+def _i64(x):
+    return T.Cast("int64", x)
+
+
+@T.macro
+def transpose_k(k, k_t, batch, kv_heads, head_dim, seq_kv, padded, zero):
+    """k_t[b, kh, d, j] = k[b, kh, j, d], zero past seq_kv: keys lie along vector lanes in the QK^T tiles."""
+    for b, kh, d, j in T.grid(batch, kv_heads, head_dim, padded):
+        with T.sblock("k_t"):
+            vb, vkh, vd, vj = T.axis.remap("SSSS", [b, kh, d, j])
+            k_t[vb, vkh, vd, vj] = T.if_then_else(vj < seq_kv, k[vb, vkh, T.min(vj, seq_kv - 1), vd], zero)
+
+
+@T.macro
+def qk_tile(S, s_col, q_tile, k_t, vb, vkh, key0, rows, block_kv, head_dim, zero):
+    """S[r, s_col + j] = q_tile[r] . k[key0 + j] for the tile's rows and block_kv keys (k read from k_t)."""
+    for ri, jj, d in T.grid(rows, block_kv, head_dim):
+        with T.sblock("qk"):
+            r, j, dd = T.axis.remap("SSR", [ri, jj, d])
+            with T.init():
+                S[r, s_col + j] = zero
+            S[r, s_col + j] = S[r, s_col + j] + q_tile[r, dd] * k_t[vb, vkh, dd, key0 + j]
+
+
+# The row-tile blocks of the materialized-score variants (standard, threshold, topk, mass): one tile of query rows
+# of one head, its scores S over the whole (padded) key range in a (rows, padded) buffer.
+LANES = 16  # partial results per row reduction; BLOCK_KV is a multiple
+
+
+@T.macro
+def load_q_rows(q_tile, q, vb, vh, row0, rows, seq_q, head_dim, scale, zero):
+    """q_tile[r] = scale * q[row0 + r], zero past seq_q."""
+    for ri, d in T.grid(rows, head_dim):
+        with T.sblock("q_tile"):
+            r, dd = T.axis.remap("SS", [ri, d])
+            q_tile[r, dd] = T.if_then_else(row0 + r < seq_q, q[vb, vh, T.min(row0 + r, seq_q - 1), dd] * scale, zero)
+
+
+@T.macro
+def scores_of_rows(S, q_tile, k_t, vb, vkh, row0, rows, seq_q, n_tiles, block_kv, head_dim, vis, zero):
+    """S = q_tile k^T over the KV tiles some row of the tile sees; other tiles of S are left unwritten."""
+    # Tiles before the window are skipped by a test rather than a loop start: TVM's buffer compaction cannot bound
+    # S's region when the loop starts at a run-time tile.
+    for t in range(T.min(vis.end_tile(T.min(row0 + rows, seq_q) - 1, block_kv), n_tiles)):
+        with T.sblock("kv_tile"):
+            vt = T.axis.opaque(n_tiles, t)
+            if vt >= vis.first_tile(row0, block_kv):
+                qk_tile(S, vt * block_kv, q_tile, k_t, vb, vkh, vt * block_kv, rows, block_kv, head_dim, zero)
+
+
+@T.macro
+def row_max_of_scores(S, max_part, row_max, row0, rows, padded, vis, neg):
+    """row_max[r] = max of S[r, j] over the keys row0 + r sees (neg when none), in LANES lane-wise partials
+    (lane l covers keys l, l + LANES, ...) so it vectorizes: LLVM will not reassociate a scalar float reduction."""
+    for ri, c, lane in T.grid(rows, padded // LANES, LANES):
+        with T.sblock("row_max_part"):
+            r, vc, vl = T.axis.remap("SRS", [ri, c, lane])
+            with T.init():
+                max_part[r, vl] = neg
+            max_part[r, vl] = T.max(max_part[r, vl], T.Select(vis.sees(row0 + r, vc * LANES + vl),
+                                                              S[r, vc * LANES + vl], neg))
+    for ri, lane in T.grid(rows, LANES):
+        with T.sblock("row_max"):
+            r, vl = T.axis.remap("SR", [ri, lane])
+            with T.init():
+                row_max[r] = neg
+            row_max[r] = T.max(row_max[r], max_part[r, vl])
+
+
+@T.macro
+def softmax_numerators(S, E, row_max, sum_part, row_sum, row0, rows, padded, vis, zero):
+    """E[r, j] = exp(S[r, j] - row_max[r]) where row0 + r sees key j, else 0; row_sum[r] = sum_j E[r, j]."""
+    for ri, c, lane in T.grid(rows, padded // LANES, LANES):
+        with T.sblock("exp"):
+            r, vc, vl = T.axis.remap("SSS", [ri, c, lane])
+            E[r, vc * LANES + vl] = T.Select(vis.sees(row0 + r, vc * LANES + vl),
+                                             softmax_exp(S[r, vc * LANES + vl] - row_max[r]), zero)
+    for ri, c, lane in T.grid(rows, padded // LANES, LANES):
+        with T.sblock("row_sum_part"):
+            r, vc, vl = T.axis.remap("SRS", [ri, c, lane])
+            with T.init():
+                sum_part[r, vl] = zero
+            sum_part[r, vl] = sum_part[r, vl] + E[r, vc * LANES + vl]
+    for ri, lane in T.grid(rows, LANES):
+        with T.sblock("row_sum"):
+            r, vl = T.axis.remap("SR", [ri, lane])
+            with T.init():
+                row_sum[r] = zero
+            row_sum[r] = row_sum[r] + sum_part[r, vl]
+
+
+def _macro_state(wrapper):
+    """The TVMScript macro object behind a ``@T.macro`` function (the decorator returns a closure over it)."""
+    for cell in wrapper.__closure__ or ():
+        if hasattr(cell.cell_contents, "call_count"):
+            return cell.cell_contents
+    raise RuntimeError(f"{wrapper.__name__}: this TVM's T.macro keeps no call_count; see fresh_block_names")
+
+
+MACROS = tuple(_macro_state(m) for m in (transpose_k, qk_tile, load_q_rows, scores_of_rows, row_max_of_scores,
+                                         softmax_numerators))
+
+
+def fresh_block_names() -> None:
+    """Call at the start of every compute: TVMScript suffixes the block names of a macro's second and later
+    invocations (qk_1, qk_2, ...) with a counter that lives on the macro, across PrimFuncs. Each of our computes
+    invokes each macro once, so its blocks keep the names the schedules look up."""
+    for m in MACROS:
+        m.call_count = 0

@@ -5,6 +5,9 @@ the unnormalized output ``acc`` are rescaled by alpha = exp(m_old - m_new) whene
 (rows x block_kv) score tile exists at a time. With ``group_rows`` (the ``mqa`` variant) a row tile spans the query
 heads of one KV group, so every K/V tile loaded serves the whole group: multi-query and grouped-query attention.
 
+Batch, seq_q and seq_kv are run-time sizes: one compiled kernel serves every length. Causal and windowed row tiles
+visit only the KV tiles some of their rows can see.
+
 Blocks (the contract with schedules/flash.py):
   k_t          K transposed to (d, key), zero-padded to whole KV tiles: keys lie along vector lanes in qk
   tile         one per row tile, owning the scratch buffers; inside it:
@@ -26,71 +29,64 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
-from ..spec import AttentionSpec
-from .common import ceil_div
+from ..spec import KernelSpec
+from .common import Visibility, bhsd, ceil_div, fresh_block_names, qk_tile, run_time_sizes, transpose_k
 
 BLOCK_Q = 32
 BLOCK_KV = 64
 
 
-def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
-    """The flash PrimFunc for ``spec``; ``group_rows`` stacks a KV group's query heads in one row tile."""
-    B, KVH, SQ, SKV, D = spec.batch, spec.kv_heads, spec.seq_q, spec.seq_kv, spec.head_dim
-    G = spec.group_size
+def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
+    """The flash PrimFunc for ``kspec``; ``group_rows`` stacks a KV group's query heads in one row tile."""
+    H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
+    G = kspec.group_size
     GI = G if group_rows else 1  # query heads stacked inside one row tile
     GO = G // GI  # query heads of a group handled by separate tiles
-    R = GI * SQ  # rows of one (batch, kv head, outer group) slice: row r is head (r // SQ), query (r % SQ)
-    BQ = min(block_q, R)
-    BK = block_kv  # not clamped to seq_kv: k_t is zero-padded, so tiles are whole vectors
-    NT = ceil_div(R, BQ)
-    NK = ceil_div(SKV, BK)
-    OFF = spec.causal_offset
-    CAUSAL = spec.causal
-    SCALE = T.float32(spec.scale)
+    BQ = block_q
+    BK = block_kv
+    SCALE = T.float32(kspec.scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     ONE = T.float32(1)
-    dtype = spec.dtype
+    dtype = kspec.dtype
 
-    def head(kh, go, r):
+    # Rows of one (batch, kv head, outer group) slice: row r is head r // SQ of the tile's group, query r % SQ.
+    def head(kh, go, r, SQ):
         return kh * G + go * GI + (r // SQ if GI > 1 else 0)
 
-    def query(r):
+    def query(r, SQ):
         return r % SQ if GI > 1 else r
 
-    def usable(rt, r, j):
-        """Key j exists and row r of tile rt may see it."""
-        if CAUSAL:
-            return T.And(j < SKV, j <= query(rt * BQ + r) + OFF)
-        return j < SKV
+    def tile_queries(rt, SQ):
+        """The smallest and largest query index among row tile rt's rows."""
+        r0 = rt * BQ
+        r_last = T.min(r0 + BQ, GI * SQ) - 1
+        if GI == 1:
+            return r0, r_last
+        same_head = r0 // SQ == r_last // SQ  # else the tile wraps into the next head: every query index occurs
+        return T.Select(same_head, r0 % SQ, 0), T.Select(same_head, r_last % SQ, SQ - 1)
+
+    fresh_block_names()
+    B, SQ, SKV = run_time_sizes()
+    vis = Visibility(kspec, SQ, SKV)
+    R = GI * SQ
 
     def kv_tiles(rt):
-        """KV tiles that row tile rt needs: all of them, or causal ones up to its last visible key."""
-        if not CAUSAL:
-            return NK
-        r_last = T.min(rt * BQ + BQ, R) - 1
-        if GI > 1:  # a tile may wrap from one head to the next: then its rows cover every query index
-            last_q = T.Select((rt * BQ) // SQ == r_last // SQ, r_last % SQ, SQ - 1)
-        else:
-            last_q = r_last
-        n_visible = T.min(SKV, T.max(0, last_q + OFF + 1))
-        return (n_visible + BK - 1) // BK
+        """The KV tiles row tile rt needs: range(first, end)."""
+        first_q, last_q = tile_queries(rt, SQ)
+        return vis.first_tile(first_q, BK), vis.end_tile(last_q, BK)
 
     @T.prim_func(s_tir=True)
-    def flash(
-        q: T.Buffer((B, KVH * G, SQ, D), dtype),
-        k: T.Buffer((B, KVH, SKV, D), dtype),
-        v: T.Buffer((B, KVH, SKV, D), dtype),
-        out: T.Buffer((B, KVH * G, SQ, D), dtype),
-    ):
+    def flash(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = bhsd(q_h, B, H, SQ, D, dtype)
+        k = bhsd(k_h, B, KVH, SKV, D, dtype)
+        v = bhsd(v_h, B, KVH, SKV, D, dtype)
+        out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            k_t = T.sblock_alloc_buffer((B, KVH, D, NK * BK), dtype)
-            for b, kh, d, j in T.grid(B, KVH, D, NK * BK):
-                with T.sblock("k_t"):
-                    vb, vkh, vd, vj = T.axis.remap("SSSS", [b, kh, d, j])
-                    k_t[vb, vkh, vd, vj] = T.if_then_else(vj < SKV, k[vb, vkh, T.min(vj, SKV - 1), vd], ZERO)
-            for b, kh, go, rt in T.grid(B, KVH, GO, NT):
+            k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), dtype)
+            transpose_k(k, k_t, B, KVH, D, SKV, ceil_div(SKV, BK) * BK, ZERO)
+            for b, kh, go, rt in T.grid(B, KVH, GO, ceil_div(GI * SQ, BQ)):
                 with T.sblock("tile"):
                     vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
                     q_tile = T.sblock_alloc_buffer((BQ, D), dtype)
@@ -108,8 +104,8 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
                             r, dd = T.axis.remap("SS", [ri, d])
                             q_tile[r, dd] = T.if_then_else(
                                 vrt * BQ + r < R,
-                                q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1)), query(T.min(vrt * BQ + r, R - 1)), dd]
-                                * SCALE,
+                                q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
+                                  query(T.min(vrt * BQ + r, R - 1), SQ), dd] * SCALE,
                                 ZERO,
                             )
                     for ri in range(BQ):
@@ -121,21 +117,17 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
                         with T.sblock("init_acc"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             acc[r, dd] = ZERO
-                    for t in range(kv_tiles(vrt)):
+                    for t in range(kv_tiles(vrt)[0], kv_tiles(vrt)[1]):
                         with T.sblock("kv_tile"):
-                            vt = T.axis.opaque(NK, t)
-                            for ri, jj, d in T.grid(BQ, BK, D):
-                                with T.sblock("qk"):
-                                    r, j, dd = T.axis.remap("SSR", [ri, jj, d])
-                                    with T.init():
-                                        S[r, j] = ZERO
-                                    S[r, j] = S[r, j] + q_tile[r, dd] * k_t[vb, vkh, dd, vt * BK + j]
+                            vt = T.axis.opaque(ceil_div(SKV, BK), t)
+                            qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
                             for ri, jj in T.grid(BQ, BK):
                                 with T.sblock("tile_max"):
                                     r, j = T.axis.remap("SR", [ri, jj])
                                     with T.init():
                                         t_max[r] = NEG
-                                    t_max[r] = T.max(t_max[r], T.Select(usable(vrt, r, vt * BK + j), S[r, j], NEG))
+                                    t_max[r] = T.max(t_max[r], T.Select(
+                                        vis.sees(query(vrt * BQ + r, SQ), vt * BK + j), S[r, j], NEG))
                             for ri in range(BQ):
                                 with T.sblock("rescale"):
                                     r = T.axis.spatial(BQ, ri)
@@ -144,7 +136,8 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
                             for ri, jj in T.grid(BQ, BK):
                                 with T.sblock("p"):
                                     r, j = T.axis.remap("SS", [ri, jj])
-                                    P[r, j] = T.Select(usable(vrt, r, vt * BK + j), softmax_exp(S[r, j] - m[r]), ZERO)
+                                    P[r, j] = T.Select(vis.sees(query(vrt * BQ + r, SQ), vt * BK + j),
+                                                       softmax_exp(S[r, j] - m[r]), ZERO)
                             for ri, jj in T.grid(BQ, BK):
                                 with T.sblock("tile_sum"):
                                     r, j = T.axis.remap("SR", [ri, jj])
@@ -154,10 +147,11 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
                             for ri, jj, d in T.grid(BQ, BK, D):
                                 with T.sblock("pv"):
                                     r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                                    T.where(vt * BK + jj < SKV)
                                     with T.init():
                                         O[r, dd] = ZERO
-                                    O[r, dd] = O[r, dd] + P[r, j] * v[vb, vkh, vt * BK + j, dd]
+                                    # Keys past seq_kv have P = 0 and read the last row of v: a predicate here
+                                    # (seq_kv is a run-time size) would stay in the micro-kernel's inner loop.
+                                    O[r, dd] = O[r, dd] + P[r, j] * v[vb, vkh, T.min(vt * BK + j, SKV - 1), dd]
                             for ri, d in T.grid(BQ, D):
                                 with T.sblock("update"):
                                     r, dd = T.axis.remap("SS", [ri, d])
@@ -170,13 +164,13 @@ def compute(spec: AttentionSpec, *, group_rows: bool = False, block_q: int = BLO
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < R)
-                            out[vb, head(vkh, vgo, vrt * BQ + r), query(vrt * BQ + r), dd] = T.Select(
+                            out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = T.Select(
                                 l[r] > ZERO, acc[r, dd] / l[r], ZERO
                             )
 
     return flash
 
 
-def compute_grouped(spec: AttentionSpec):
+def compute_grouped(kspec: KernelSpec):
     """The mqa variant: flash whose row tiles stack the query heads sharing one KV head."""
-    return compute(spec, group_rows=True)
+    return compute(kspec, group_rows=True)

@@ -1,5 +1,8 @@
 """Pruned attention in TensorIR: threshold, top-k and mass, whose P V product touches only the kept keys.
 
+Batch, seq_q and seq_kv are run-time sizes: one compiled kernel serves every length. A sliding window narrows the
+keys each row sees (and the KV tiles computed); selection happens among the visible keys only.
+
 Per tile of query rows (rows of one head), with block names (the contract with schedules/pruned.py):
   k_t        K transposed to (d, key), zero-padded to whole KV tiles (as in flash)
   tile       one per row tile, owning its scratch; inside it:
@@ -25,13 +28,13 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
-from ..spec import AttentionSpec
-from .common import ceil_div
+from ..spec import KernelSpec
+from .common import (LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
+                     run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
 INT32_MIN = -(2**31)
-LANES = 16  # partial results per row reduction; BLOCK_KV is a multiple
 
 
 def order_key(x):
@@ -41,11 +44,11 @@ def order_key(x):
     return T.Select(x == T.float32(0), T.int32(0), flipped)
 
 
-def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
+def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
     """The threshold, topk or mass PrimFunc for ``spec`` (whichever knob it sets)."""
     if sum(x is not None for x in (spec.threshold, spec.top_k, spec.eps)) != 1:
         raise ValueError("pruned attention needs exactly one of threshold, top_k, eps")
-    B, H, KVH, SQ, SKV, D = spec.batch, spec.heads, spec.kv_heads, spec.seq_q, spec.seq_kv, spec.head_dim
+    H, KVH, D = spec.heads, spec.kv_heads, spec.head_dim
     G = spec.group_size
     IS_TOPK = spec.top_k is not None
     IS_MASS = spec.eps is not None
@@ -53,43 +56,38 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
     MASS = T.float32(1.0 - (spec.eps or 0.0))
     TOP_K = spec.top_k or 0
     TAU = T.float32(spec.threshold or 0.0)
-    KMAX = min(TOP_K, SKV) if IS_TOPK else SKV  # most keys a row can keep
-    BQ = min(block_q, SQ)
+    BQ = block_q
     BK = block_kv
-    NT = ceil_div(SQ, BQ)
-    NK = ceil_div(SKV, BK)
-    SKVP = NK * BK
-    OFF = spec.causal_offset
-    CAUSAL = spec.causal
     SCALE = T.float32(spec.scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     ONE = T.float32(1)
     dtype = spec.dtype
 
-    def n_visible(i):
-        return T.min(SKV, T.max(0, i + OFF + 1)) if CAUSAL else SKV
+    fresh_block_names()
+    B, SQ, SKV = run_time_sizes()
+    vis = Visibility(spec, SQ, SKV)
+    NK = ceil_div(SKV, BK)
+    SKVP = NK * BK
+    KMAX = T.min(TOP_K, SKV) if IS_TOPK else SKV  # most keys a row can keep
 
-    def kv_tiles(rt):
-        if not CAUSAL:
-            return NK
-        return (n_visible(T.min(rt * BQ + BQ, SQ) - 1) + BK - 1) // BK
+    def row_end(i):
+        """vis.end(i), with a bound TVM's buffer compaction can handle (it fails on int32 overflow otherwise)."""
+        return T.min(vis.end(i), SKVP)
+
+    SLOTS = T.min(TOP_K + 1, SKVP) if IS_TOPK else SKVP  # idx slots: KMAX + 1 (one spare: see compact), <= SKVP
 
     @T.prim_func(s_tir=True)
-    def pruned(
-        q: T.Buffer((B, H, SQ, D), dtype),
-        k: T.Buffer((B, KVH, SKV, D), dtype),
-        v: T.Buffer((B, KVH, SKV, D), dtype),
-        out: T.Buffer((B, H, SQ, D), dtype),
-    ):
+    def pruned(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = bhsd(q_h, B, H, SQ, D, dtype)
+        k = bhsd(k_h, B, KVH, SKV, D, dtype)
+        v = bhsd(v_h, B, KVH, SKV, D, dtype)
+        out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
             k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), dtype)
-            for b, kh, d, j in T.grid(B, KVH, D, SKVP):
-                with T.sblock("k_t"):
-                    vb, vkh, vd, vj = T.axis.remap("SSSS", [b, kh, d, j])
-                    k_t[vb, vkh, vd, vj] = T.if_then_else(vj < SKV, k[vb, vkh, T.min(vj, SKV - 1), vd], ZERO)
-            for b, h, rt in T.grid(B, H, NT):
+            transpose_k(k, k_t, B, KVH, D, SKV, SKVP, ZERO)
+            for b, h, rt in T.grid(B, H, ceil_div(SQ, BQ)):
                 with T.sblock("tile"):
                     vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
                     q_tile = T.sblock_alloc_buffer((BQ, D), dtype)
@@ -103,64 +101,22 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                     keys = T.sblock_alloc_buffer((BQ, SKVP), "int32")
                     cut_key = T.sblock_alloc_buffer((BQ,), "int32")
                     cut_index = T.sblock_alloc_buffer((BQ,), "int32")
-                    idx = T.sblock_alloc_buffer((BQ, KMAX + 1), "int32")
+                    idx = T.sblock_alloc_buffer((BQ, SLOTS), "int32")
                     cnt = T.sblock_alloc_buffer((BQ,), "int32")
                     acc = T.sblock_alloc_buffer((BQ, D), dtype)
                     l = T.sblock_alloc_buffer((BQ,), dtype)
-                    for ri, d in T.grid(BQ, D):
-                        with T.sblock("q_tile"):
-                            r, dd = T.axis.remap("SS", [ri, d])
-                            q_tile[r, dd] = T.if_then_else(
-                                vrt * BQ + r < SQ, q[vb, vh, T.min(vrt * BQ + r, SQ - 1), dd] * SCALE, ZERO
-                            )
-                    for t in range(kv_tiles(vrt)):
-                        with T.sblock("kv_tile"):
-                            vt = T.axis.opaque(NK, t)
-                            for ri, jj, d in T.grid(BQ, BK, D):
-                                with T.sblock("qk"):
-                                    r, j, dd = T.axis.remap("SSR", [ri, jj, d])
-                                    with T.init():
-                                        S[r, vt * BK + j] = ZERO
-                                    S[r, vt * BK + j] = S[r, vt * BK + j] + q_tile[r, dd] * k_t[vb, vh // G, dd, vt * BK + j]
-                    # Row reductions keep LANES partial results (lane l sums keys l, l + LANES, ...), so they
-                    # vectorize: LLVM will not reassociate a scalar float reduction.
-                    for ri, c, lane in T.grid(BQ, SKVP // LANES, LANES):
-                        with T.sblock("row_max_part"):
-                            r, vc, vl = T.axis.remap("SRS", [ri, c, lane])
-                            with T.init():
-                                max_part[r, vl] = NEG
-                            max_part[r, vl] = T.max(
-                                max_part[r, vl],
-                                T.Select(vc * LANES + vl < n_visible(vrt * BQ + r), S[r, vc * LANES + vl], NEG),
-                            )
-                    for ri, lane in T.grid(BQ, LANES):
-                        with T.sblock("row_max"):
-                            r, vl = T.axis.remap("SR", [ri, lane])
-                            with T.init():
-                                row_max[r] = NEG
-                            row_max[r] = T.max(row_max[r], max_part[r, vl])
+                    load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
+                    scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
+                    row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
                     if not IS_TOPK:
-                        for ri, j in T.grid(BQ, SKVP):
-                            with T.sblock("exp"):
-                                r, vj = T.axis.remap("SS", [ri, j])
-                                E[r, vj] = T.Select(vj < n_visible(vrt * BQ + r), softmax_exp(S[r, vj] - row_max[r]), ZERO)
-                        for ri, c, lane in T.grid(BQ, SKVP // LANES, LANES):
-                            with T.sblock("row_sum_part"):
-                                r, vc, vl = T.axis.remap("SRS", [ri, c, lane])
-                                with T.init():
-                                    sum_part[r, vl] = ZERO
-                                sum_part[r, vl] = sum_part[r, vl] + E[r, vc * LANES + vl]
-                        for ri, lane in T.grid(BQ, LANES):
-                            with T.sblock("row_sum"):
-                                r, vl = T.axis.remap("SR", [ri, lane])
-                                with T.init():
-                                    row_sum[r] = ZERO
-                                row_sum[r] = row_sum[r] + sum_part[r, vl]
+                        softmax_numerators(S, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
                     if KEYS:
-                        for ri, j in T.grid(BQ, SKVP):
+                        for ri, c, lane in T.grid(BQ, SKVP // LANES, LANES):
                             with T.sblock("keys"):
-                                r, vj = T.axis.remap("SS", [ri, j])
-                                keys[r, vj] = order_key(S[r, vj])
+                                r, vc, vl = T.axis.remap("SSS", [ri, c, lane])
+                                # Keys a row does not see (before its window) sort below every score.
+                                keys[r, vc * LANES + vl] = T.Select(vis.sees(vrt * BQ + r, vc * LANES + vl),
+                                                                    order_key(S[r, vc * LANES + vl]), INT32_MIN)
                     for ri in range(BQ):
                         with T.sblock("select"):
                             r = T.axis.spatial(BQ, ri)
@@ -175,7 +131,6 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                             part = T.sblock_alloc_buffer((LANES,), dtype)
                             need = T.sblock_alloc_buffer((1,), dtype)
                             above = T.sblock_alloc_buffer((1,), dtype)
-                            n: T.let[T.int32] = n_visible(vrt * BQ + r)
                             if not KEYS:
                                 cut[r] = T.min(TAU * row_sum[r], ONE)
                             elif IS_MASS:
@@ -185,7 +140,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                                 need[0] = MASS * row_sum[r]
                                 lo[0] = T.int32(2**31 - 1)
                                 hi[0] = T.int64(-(2**31))
-                                for j in range(n):
+                                for j in range(row_end(vrt * BQ + r)):
                                     lo[0] = T.min(lo[0], keys[r, j])
                                     hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
                                 while hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
@@ -217,18 +172,18 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                                 # Keys above the cut hold less than the mass needed; ties fill the rest by index.
                                 above[0] = ZERO
                                 cut_index[r] = -1
-                                for j in range(n):
+                                for j in range(row_end(vrt * BQ + r)):
                                     if above[0] < need[0] and keys[r, j] == cut_key[r]:
                                         above[0] = above[0] + E[r, j]
                                         cut_index[r] = j
                             else:
-                                kk: T.let[T.int32] = T.min(TOP_K, n)
+                                kk: T.let[T.int32] = T.min(TOP_K, vis.end(vrt * BQ + r) - vis.first(vrt * BQ + r))
                                 cut_key[r] = INT32_MIN
                                 cut_index[r] = SKV
-                                if kk < n:
+                                if kk < vis.end(vrt * BQ + r) - vis.first(vrt * BQ + r):
                                     lo[0] = T.int32(2**31 - 1)
                                     hi[0] = T.int64(-(2**31))
-                                    for j in range(n):
+                                    for j in range(row_end(vrt * BQ + r)):
                                         lo[0] = T.min(lo[0], keys[r, j])
                                         hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
                                     # Invariant: at least kk keys are >= lo, fewer than kk are >= hi. (hi may be
@@ -237,7 +192,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                                     while found[0] == 0 and hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
                                         mid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", lo[0]) + hi[0], T.int64(1)))
                                         count[0] = 0
-                                        for j in range(n):
+                                        for j in range(row_end(vrt * BQ + r)):
                                             count[0] = count[0] + T.Cast("int32", keys[r, j] >= mid[0])
                                         if count[0] == kk:
                                             found[0] = 1
@@ -253,11 +208,11 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                                         # what the keys above lo leave of the quota.
                                         cut_key[r] = lo[0]
                                         count[0] = 0
-                                        for j in range(n):
+                                        for j in range(row_end(vrt * BQ + r)):
                                             count[0] = count[0] + T.Cast("int32", keys[r, j] > cut_key[r])
                                         count[0] = kk - count[0]
                                         cut_index[r] = -1
-                                        for j in range(n):
+                                        for j in range(row_end(vrt * BQ + r)):
                                             if count[0] > 0 and keys[r, j] == cut_key[r]:
                                                 count[0] = count[0] - 1
                                                 cut_index[r] = j
@@ -266,18 +221,18 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                             r = T.axis.spatial(BQ, ri)
                             T.where(vrt * BQ + ri < SQ)
                             T.reads(keys[r, 0:SKVP], E[r, 0:SKVP], cut[r], cut_key[r], cut_index[r])
-                            T.writes(idx[r, 0 : KMAX + 1], cnt[r])
+                            T.writes(idx[r, 0:SLOTS], cnt[r])
                             cnt[r] = 0
-                            for j in range(n_visible(vrt * BQ + r)):
-                                # Branchless: always write, advance only past kept keys (idx has KMAX + 1 slots).
+                            for j in range(row_end(vrt * BQ + r)):
+                                # Branchless: always write, advance only past kept keys (idx has a spare slot).
                                 idx[r, cnt[r]] = j
                                 if KEYS:
                                     cnt[r] = cnt[r] + T.Cast(
                                         "int32",
-                                        T.Or(
+                                        T.And(j >= vis.first(vrt * BQ + r), T.Or(
                                             keys[r, j] > cut_key[r],
                                             T.And(keys[r, j] == cut_key[r], j <= cut_index[r]),
-                                        ),
+                                        )),
                                     )
                                 else:
                                     cnt[r] = cnt[r] + T.Cast("int32", E[r, j] >= cut[r])
@@ -285,7 +240,7 @@ def compute(spec: AttentionSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOC
                         with T.sblock("pv"):
                             r = T.axis.spatial(BQ, ri)
                             T.where(vrt * BQ + ri < SQ)
-                            T.reads(cnt[r], idx[r, 0 : KMAX + 1], S[r, 0:SKVP], E[r, 0:SKVP], row_max[r],
+                            T.reads(cnt[r], idx[r, 0:SLOTS], S[r, 0:SKVP], E[r, 0:SKVP], row_max[r],
                                     v[vb, vh // G, 0:SKV, 0:D])
                             T.writes(acc[r, 0:D], l[r])
                             w = T.sblock_alloc_buffer((1,), dtype)

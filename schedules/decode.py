@@ -1,0 +1,53 @@
+"""Hand schedule of the decode kernel: (batch, KV head, chunk) tasks in parallel; the dot products of QK^T as a
+register-blocked micro-kernel over LANES-wide partial vectors (keys x lanes accumulators, head_dim streamed), P V as
+the flash micro-kernel (rows x head_dim accumulators, keys streamed), row reductions and the merge vectorized."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from tvm_attn.targets import vector_lanes
+
+from .common import largest_divisor, register_blocked_matmul, vectorize_last, vectorized_row_reduction
+
+
+def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, rows: int = 2, keys: int = 4) -> None:
+    """Block ``name`` has loops (row, key, step, lane) accumulating partial dot products over steps: keep a
+    rows x keys block of lane vectors in registers while the steps stream through, so each K vector loaded serves
+    several query rows and each q vector several keys. Both counts are sampled (default decisions rows, keys)."""
+    block = sch.get_sblock(name)
+    g, j, c, lane = sch.get_loops(block)[-4:]
+    n_rows, n_keys = sch.get(g).extent.value, sch.get(j).extent.value
+    rows, keys = largest_divisor(n_rows, rows), largest_divisor(n_keys, keys)
+    g_o, g_i = sch.split(g, sch.sample_perfect_tile(g, n=2, max_innermost_factor=4, decision=[n_rows // rows, rows]))
+    j_o, j_i = sch.split(j, sch.sample_perfect_tile(j, n=2, max_innermost_factor=8, decision=[n_keys // keys, keys]))
+    sch.reorder(g_o, j_o, c, g_i, j_i, lane)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
+    sch.unroll(g_i)
+    sch.unroll(j_i)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, c)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(local)[-1])
+
+
+def schedule(sch: s_tir.Schedule, target=None) -> None:
+    lanes = vector_lanes(target) if target is not None else 16
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
+    dot_product_micro_kernel(sch, "qk_part")
+    # pv loops: (row, key, d) with key the reduction.
+    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes)
+    vectorized_row_reduction(sch, "tile_max", lanes)
+    vectorized_row_reduction(sch, "tile_sum", lanes)
+    for name in ("qk_half8", "qk_half4", "qk_half2", "p"):
+        vectorize_last(sch, name, lanes)
+    for name in ("q_rows", "init_acc", "save_acc"):
+        vectorize_last(sch, name, lanes)
+    b, h, i, d, s = sch.get_loops(sch.get_sblock("merge_acc"))
+    sch.parallel(sch.fuse(b, h, i))
+    sch.reorder(s, d)
+    vectorize_last(sch, "merge_acc", lanes)
+    b, h, i, d = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b, h, i))
+    vectorize_last(sch, "out", lanes)

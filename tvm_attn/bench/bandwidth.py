@@ -1,0 +1,53 @@
+"""The read bandwidth of this machine, measured in the benchmark's own run: the ceiling of decode attention, which
+must read every cached key and value once.
+
+Two readers of the same 256 MB, the larger figure kept: a TVM kernel that sums it with every thread (vectorized,
+each thread streaming its own contiguous part, as the decode kernel's tasks do) and torch.sum (when torch is
+installed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import s_tir
+from tvm.script import tirx as T
+
+from ..timing import measure
+
+BYTES = 256 * 2**20
+ROW = 16384  # floats per parallel task
+
+
+def _parallel_sum(rows: int):
+    @T.prim_func(s_tir=True)
+    def read(a: T.Buffer((rows, ROW), "float32"), out: T.Buffer((rows, 16), "float32")):
+        for i, c, lane in T.grid(rows, ROW // 16, 16):
+            with T.sblock("sum"):
+                vi, vc, vl = T.axis.remap("SRS", [i, c, lane])
+                with T.init():
+                    out[vi, vl] = T.float32(0)
+                out[vi, vl] = out[vi, vl] + a[vi, vc * 16 + vl]
+
+    sch = s_tir.Schedule(read)
+    i, _, lane = sch.get_loops(sch.get_sblock("sum"))
+    sch.parallel(i)
+    sch.vectorize(lane)
+    return tvm.compile(sch.mod, target=tvm.target.Target.from_device("cpu"))["main"]
+
+
+def read_bandwidth(min_seconds: float = 0.5) -> dict:
+    """{reader name: GB/s} for the readers available here."""
+    rows = BYTES // 4 // ROW
+    dev = tvm.cpu()
+    a = tvm.runtime.tensor(np.ones((rows, ROW), np.float32), dev)
+    out = tvm.runtime.empty((rows, 16), "float32", dev)
+    fn = _parallel_sum(rows)
+    found = {"tvm parallel sum": BYTES / (measure(lambda: fn(a, out), min_seconds=min_seconds).median_ms * 1e-3) / 1e9}
+    try:
+        import torch
+    except ImportError:
+        return found
+    t = torch.ones(BYTES // 4, dtype=torch.float32)
+    found["torch.sum"] = BYTES / (measure(lambda: t.sum(), min_seconds=min_seconds).median_ms * 1e-3) / 1e9
+    return found

@@ -1,0 +1,159 @@
+"""A KV cache the kernels read in place: what an inference loop keeps between steps.
+
+    cache = tvm_attn.KVCache(batch=1, kv_heads=8, head_dim=128, capacity=16384)
+    cache.append(k, v)                              # (batch, kv_heads, n, head_dim), written in place
+    out = cache.attend(q, variant="flash")          # q: (batch, heads, n_q, head_dim), the n_q newest positions
+
+K and V live in two 64-byte aligned (batch, kv_heads, capacity, head_dim) buffers; ``attend`` passes the filled
+part to a length-generic kernel as a strided view (no copy, no compile per length).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .kernel import SCHEDULES, Kernel, build, first_visible_key
+from .spec import DTYPE, KNOBS, AttentionSpec
+from .variants import get_variant, path_for
+
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple, dtype=np.float32, alignment: int = ALIGNMENT) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an ``alignment``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _float32_rank4(name: str, x) -> np.ndarray:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array with shape and dtype, got {type(x).__name__}")
+    if len(x.shape) != 4:
+        raise ValueError(f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
+    if np.dtype(x.dtype) != np.float32:
+        raise TypeError(f"{name} must be float32 like the cache, got {np.dtype(x.dtype)}")
+    return np.asarray(x)
+
+
+class KVCache:
+    """Keys and values of ``batch`` sequences, ``kv_heads`` heads of ``head_dim``, up to ``capacity`` positions."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE):
+        self.batch = _positive_int("batch", batch)
+        self.kv_heads = _positive_int("kv_heads", kv_heads)
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.capacity = _positive_int("capacity", capacity)
+        if dtype != DTYPE:
+            raise TypeError(f"dtype must be {DTYPE!r} (the only one supported), got {dtype!r}")
+        self.dtype = dtype
+        shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
+        self._k = aligned_empty(shape)
+        self._v = aligned_empty(shape)
+        self._length = 0
+        self._kernels: dict = {}
+
+    @property
+    def length(self) -> int:
+        """Positions filled so far."""
+        return self._length
+
+    @property
+    def k(self) -> np.ndarray:
+        """The filled part of K, (batch, kv_heads, length, head_dim): a view, not a copy."""
+        return self._k[:, :, : self._length]
+
+    @property
+    def v(self) -> np.ndarray:
+        """The filled part of V: a view."""
+        return self._v[:, :, : self._length]
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"capacity={self.capacity}, length={self._length})")
+
+    def append(self, k, v) -> None:
+        """Write ``n`` new positions, k and v of shape (batch, kv_heads, n, head_dim), after the filled part. The
+        cache is unchanged when this raises (wrong shape or dtype, or more positions than the capacity left)."""
+        k = _float32_rank4("k", k)
+        v = _float32_rank4("v", v)
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+        b, kvh, n, d = k.shape
+        if (b, kvh, d) != (self.batch, self.kv_heads, self.head_dim):
+            raise ValueError(f"k and v must have shape (batch={self.batch}, kv_heads={self.kv_heads}, n, "
+                             f"head_dim={self.head_dim}), got {k.shape}")
+        if self._length + n > self.capacity:
+            raise ValueError(f"cannot append {n} positions to a cache holding {self._length} of capacity "
+                             f"{self.capacity} ({self.capacity - self._length} left); nothing was written")
+        end = self._length + n
+        self._k[:, :, self._length:end] = k
+        self._v[:, :, self._length:end] = v
+        self._length = end
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (e.g. rejected speculative tokens); 0 empties the cache."""
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= self._length:
+            raise ValueError(f"length must be an int in [0, {self._length}], got {length!r}")
+        self._length = int(length)
+
+    def attend(self, q, variant: str = "flash", causal: bool = True, scale: float | None = None,
+               window: int | None = None, schedule: str = "best", out=None, **knob) -> np.ndarray:
+        """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
+        positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
+        variant's pruning knob (threshold=, top_k= or eps=). Returns a new array, or fills ``out``."""
+        q = _float32_rank4("q", q)
+        b, heads, n_q, d = q.shape
+        if b != self.batch:
+            raise ValueError(f"q has batch {b}, the cache {self.batch}")
+        if d != self.head_dim:
+            raise ValueError(f"q has head_dim {d}, the cache {self.head_dim}")
+        if self._length == 0:
+            raise ValueError("the cache is empty: append keys and values before attend")
+        if n_q < 1:
+            raise ValueError("q must have at least one position, got n_q=0")
+        if causal and n_q > self._length:
+            raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
+                             f"queries must be the newest cached positions (append their keys first)")
+        kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
+        if out is None:
+            out = np.empty(q.shape, np.float32)
+        elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != np.float32:
+            raise ValueError(f"out must be a float32 numpy array of shape {q.shape}")
+        if not q.flags.writeable or q.strides[-1] != 4:
+            q = np.array(q, order="C")
+        first = first_visible_key(kernel.kernel_spec, n_q, self._length)
+        kernel.function(q, self._k[:, :, first:self._length], self._v[:, :, first:self._length], out)
+        return out
+
+    def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
+        key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            unknown = set(knob) - set(KNOBS)
+            if unknown:
+                raise TypeError(f"attend() got unexpected keyword arguments {sorted(unknown)}: the pruning knobs "
+                                f"are {', '.join(KNOBS)}")
+            if schedule not in SCHEDULES:
+                raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+            if heads % self.kv_heads:
+                raise ValueError(f"q has heads={heads}, not a multiple of the cache's kv_heads={self.kv_heads}")
+            v = get_variant(variant)
+            spec = AttentionSpec(batch=self.batch, heads=heads, kv_heads=self.kv_heads, seq_q=n_q,
+                                 seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
+                                 scale=scale, **knob)
+            kernel = build(v, spec, schedule=schedule)
+            self._kernels[key] = kernel
+        return kernel

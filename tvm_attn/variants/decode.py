@@ -1,0 +1,241 @@
+"""Decode attention in TensorIR: a few query rows against a long KV sequence, split across threads
+(flash-decoding), K and V read once in their own layout.
+
+The dense variants (standard, flash, mqa) compute the same function; this kernel serves their calls with at most
+DECODE_MAX_ROWS query rows. The KV sequence of each (batch, KV head) is cut into up to ``max_splits`` chunks of at
+least ``chunk_keys`` keys; every (batch, KV head, chunk) is a parallel task that keeps, per query row, a running max,
+sum and unnormalized output over its chunk (the online softmax of flash); a second step merges the chunks. A task's
+rows are the query heads of one KV group, so GQA reads each K/V row once for the whole group; with several query
+positions (speculative decoding, short prefill chunks), a task walks its chunk once per position, from cache.
+
+K is read as stored, rows of head_dim (no transpose per call): QK^T is a dot product per key, accumulated in
+LANES-wide partial vectors (head_dim padded to a multiple of LANES, q zero there) and summed by a halving tree.
+
+Blocks (the contract with schedules/decode.py):
+  split      one per (batch, KV head, chunk); inside it, per query position:
+    q_rows                 the group's query rows, pre-scaled
+    init_stats, init_acc
+    kv_tile                one per KV tile of the chunk the position can see; inside it:
+      qk_part                per (row, key, lane): partial dot products over head_dim / LANES steps
+      qk_half8 .. qk_half1   the lanes summed pairwise (a tree: LLVM will not reorder a float sum), qk: S = q k^T
+      tile_max, rescale, p, tile_sum, pv, update, update_sum   as in flash
+    save_acc, save_stats   the chunk's (output, max, sum) per row
+  merge_max, merge_sum, merge_acc, out     the chunks merged: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm.script import tirx as T
+
+from ..fast_exp import softmax_exp
+from ..spec import KernelSpec
+from .common import Visibility, bhsd, ceil_div, fresh_block_names, run_time_sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How the decode kernel splits the KV sequence: tiles of ``block_kv`` keys, chunks of at least ``chunk_keys``
+    keys (whole tiles), at most ``max_splits`` chunks per (batch, KV head)."""
+
+    block_kv: int = 64
+    chunk_keys: int = 512
+    max_splits: int = 64
+
+    def __post_init__(self):
+        for name in ("block_kv", "chunk_keys", "max_splits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeConfig.{name} must be an int >= 1, got {value!r}")
+        if self.chunk_keys % self.block_kv:
+            raise ValueError(f"DecodeConfig.chunk_keys={self.chunk_keys} must be a multiple of "
+                             f"block_kv={self.block_kv}")
+
+
+LANES = 16  # partial sums per dot product, summed by a tree of 4 halvings
+
+
+def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
+    """The decode PrimFunc for ``kspec`` (dense attention; any seq_q, organized for a few)."""
+    fresh_block_names()
+    H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
+    G = kspec.group_size
+    BK = config.block_kv
+    NSMAX = config.max_splits
+    CHUNK_TILES = config.chunk_keys // BK
+    DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
+
+    def dim(d):
+        """Index d of a K row, clamped into head_dim where the padding reaches past it."""
+        return d if DP == D else T.min(d, D - 1)
+    SCALE = T.float32(kspec.scale)
+    NEG = T.min_value("float32")
+    ZERO = T.float32(0)
+    ONE = T.float32(1)
+    dtype = kspec.dtype
+    B, SQ, SKV = run_time_sizes()
+    vis = Visibility(kspec, SQ, SKV)
+    NK = ceil_div(SKV, BK)
+    # Chunks: as many as fit chunk_keys each, at most max_splits; every chunk gets TPC whole tiles.
+    NS = T.max(1, T.min(NSMAX, ceil_div(NK, CHUNK_TILES)))
+    TPC = ceil_div(NK, NS)
+    NSR = ceil_div(NK, TPC)  # chunks that hold a tile (<= NS)
+
+    def tile_range(s, i):
+        """The KV tiles of chunk s that query i sees: range(first, end) (empty when none)."""
+        first = T.max(s * TPC, vis.first_tile(i, BK))
+        return first, T.max(first, T.min(T.min((s + 1) * TPC, NK), vis.end_tile(i, BK)))
+
+    @T.prim_func(s_tir=True)
+    def decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = bhsd(q_h, B, H, SQ, D, dtype)
+        k = bhsd(k_h, B, KVH, SKV, D, dtype)
+        v = bhsd(v_h, B, KVH, SKV, D, dtype)
+        out = bhsd(out_h, B, H, SQ, D, dtype)
+        with T.sblock("root"):
+            m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), dtype)
+            l_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), dtype)
+            o_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G, D), dtype)
+            merged_max = T.sblock_alloc_buffer((B, H, SQ), dtype)
+            merged_sum = T.sblock_alloc_buffer((B, H, SQ), dtype)
+            merged_acc = T.sblock_alloc_buffer((B, H, SQ, D), dtype)
+            for b, kh, s in T.grid(B, KVH, NSR):
+                with T.sblock("split"):
+                    vb, vkh, vs = T.axis.remap("SSS", [b, kh, s])
+                    T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D])
+                    T.writes(m_part[vb, vkh, vs, 0:SQ, 0:G], l_part[vb, vkh, vs, 0:SQ, 0:G],
+                             o_part[vb, vkh, vs, 0:SQ, 0:G, 0:D])
+                    q_rows = T.sblock_alloc_buffer((G, DP), dtype)
+                    part = T.sblock_alloc_buffer((G, BK, LANES), dtype)
+                    half8 = T.sblock_alloc_buffer((G, BK, 8), dtype)
+                    half4 = T.sblock_alloc_buffer((G, BK, 4), dtype)
+                    half2 = T.sblock_alloc_buffer((G, BK, 2), dtype)
+                    S = T.sblock_alloc_buffer((G, BK), dtype)
+                    P = T.sblock_alloc_buffer((G, BK), dtype)
+                    O = T.sblock_alloc_buffer((G, D), dtype)
+                    m = T.sblock_alloc_buffer((G,), dtype)
+                    t_max = T.sblock_alloc_buffer((G,), dtype)
+                    t_sum = T.sblock_alloc_buffer((G,), dtype)
+                    alpha = T.sblock_alloc_buffer((G,), dtype)
+                    l = T.sblock_alloc_buffer((G,), dtype)
+                    acc = T.sblock_alloc_buffer((G, D), dtype)
+                    for i in range(SQ):
+                        with T.sblock("query"):
+                            vi = T.axis.opaque(SQ, i)
+                            for g, d in T.grid(G, DP):
+                                with T.sblock("q_rows"):
+                                    vg, vd = T.axis.remap("SS", [g, d])
+                                    q_rows[vg, vd] = T.if_then_else(vd < D, q[vb, vkh * G + vg, vi, T.min(vd, D - 1)] * SCALE,
+                                                                    ZERO)
+                            for g in range(G):
+                                with T.sblock("init_stats"):
+                                    vg = T.axis.spatial(G, g)
+                                    m[vg] = NEG
+                                    l[vg] = ZERO
+                            for g, d in T.grid(G, D):
+                                with T.sblock("init_acc"):
+                                    vg, vd = T.axis.remap("SS", [g, d])
+                                    acc[vg, vd] = ZERO
+                            for t in range(tile_range(vs, vi)[0], tile_range(vs, vi)[1]):
+                                with T.sblock("kv_tile"):
+                                    vt = T.axis.opaque(NK, t)
+                                    for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                        with T.sblock("qk_part"):
+                                            vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                            with T.init():
+                                                part[vg, j, vl] = ZERO
+                                            # Keys past seq_kv read the last key; tile_max and p mask them.
+                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * k[
+                                                vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)]
+                                    for g, jj, lane in T.grid(G, BK, 8):
+                                        with T.sblock("qk_half8"):
+                                            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
+                                            half8[vg, j, vl] = part[vg, j, vl] + part[vg, j, vl + 8]
+                                    for g, jj, lane in T.grid(G, BK, 4):
+                                        with T.sblock("qk_half4"):
+                                            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
+                                            half4[vg, j, vl] = half8[vg, j, vl] + half8[vg, j, vl + 4]
+                                    for g, jj, lane in T.grid(G, BK, 2):
+                                        with T.sblock("qk_half2"):
+                                            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
+                                            half2[vg, j, vl] = half4[vg, j, vl] + half4[vg, j, vl + 2]
+                                    for g, jj in T.grid(G, BK):
+                                        with T.sblock("qk"):
+                                            vg, j = T.axis.remap("SS", [g, jj])
+                                            S[vg, j] = half2[vg, j, 0] + half2[vg, j, 1]
+                                    for g, jj in T.grid(G, BK):
+                                        with T.sblock("tile_max"):
+                                            vg, j = T.axis.remap("SR", [g, jj])
+                                            with T.init():
+                                                t_max[vg] = NEG
+                                            t_max[vg] = T.max(t_max[vg], T.Select(
+                                                vis.sees(vi, vt * BK + j), S[vg, j], NEG))
+                                    for g in range(G):
+                                        with T.sblock("rescale"):
+                                            vg = T.axis.spatial(G, g)
+                                            alpha[vg] = T.Select(m[vg] >= t_max[vg], ONE, softmax_exp(m[vg] - t_max[vg]))
+                                            m[vg] = T.max(m[vg], t_max[vg])
+                                    for g, jj in T.grid(G, BK):
+                                        with T.sblock("p"):
+                                            vg, j = T.axis.remap("SS", [g, jj])
+                                            P[vg, j] = T.Select(vis.sees(vi, vt * BK + j),
+                                                                softmax_exp(S[vg, j] - m[vg]), ZERO)
+                                    for g, jj in T.grid(G, BK):
+                                        with T.sblock("tile_sum"):
+                                            vg, j = T.axis.remap("SR", [g, jj])
+                                            with T.init():
+                                                t_sum[vg] = ZERO
+                                            t_sum[vg] = t_sum[vg] + P[vg, j]
+                                    for g, jj, d in T.grid(G, BK, D):
+                                        with T.sblock("pv"):
+                                            vg, j, vd = T.axis.remap("SRS", [g, jj, d])
+                                            with T.init():
+                                                O[vg, vd] = ZERO
+                                            O[vg, vd] = O[vg, vd] + P[vg, j] * v[vb, vkh, T.min(vt * BK + j, SKV - 1), vd]
+                                    for g, d in T.grid(G, D):
+                                        with T.sblock("update"):
+                                            vg, vd = T.axis.remap("SS", [g, d])
+                                            acc[vg, vd] = acc[vg, vd] * alpha[vg] + O[vg, vd]
+                                    for g in range(G):
+                                        with T.sblock("update_sum"):
+                                            vg = T.axis.spatial(G, g)
+                                            l[vg] = l[vg] * alpha[vg] + t_sum[vg]
+                            for g, d in T.grid(G, D):
+                                with T.sblock("save_acc"):
+                                    vg, vd = T.axis.remap("SS", [g, d])
+                                    o_part[vb, vkh, vs, vi, vg, vd] = acc[vg, vd]
+                            for g in range(G):
+                                with T.sblock("save_stats"):
+                                    vg = T.axis.spatial(G, g)
+                                    m_part[vb, vkh, vs, vi, vg] = m[vg]
+                                    l_part[vb, vkh, vs, vi, vg] = l[vg]
+            for b, h, i, s in T.grid(B, H, SQ, NSR):
+                with T.sblock("merge_max"):
+                    vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
+                    with T.init():
+                        merged_max[vb, vh, vi] = NEG
+                    merged_max[vb, vh, vi] = T.max(merged_max[vb, vh, vi], m_part[vb, vh // G, vs, vi, vh % G])
+            for b, h, i, s in T.grid(B, H, SQ, NSR):
+                with T.sblock("merge_sum"):
+                    vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
+                    with T.init():
+                        merged_sum[vb, vh, vi] = ZERO
+                    merged_sum[vb, vh, vi] = merged_sum[vb, vh, vi] + l_part[vb, vh // G, vs, vi, vh % G] * \
+                        softmax_exp(m_part[vb, vh // G, vs, vi, vh % G] - merged_max[vb, vh, vi])
+            for b, h, i, d, s in T.grid(B, H, SQ, D, NSR):
+                with T.sblock("merge_acc"):
+                    vb, vh, vi, vd, vs = T.axis.remap("SSSSR", [b, h, i, d, s])
+                    with T.init():
+                        merged_acc[vb, vh, vi, vd] = ZERO
+                    merged_acc[vb, vh, vi, vd] = merged_acc[vb, vh, vi, vd] + \
+                        o_part[vb, vh // G, vs, vi, vh % G, vd] * \
+                        softmax_exp(m_part[vb, vh // G, vs, vi, vh % G] - merged_max[vb, vh, vi])
+            for b, h, i, d in T.grid(B, H, SQ, D):
+                with T.sblock("out"):
+                    vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                    out[vb, vh, vi, vd] = T.Select(merged_sum[vb, vh, vi] > ZERO,
+                                                   merged_acc[vb, vh, vi, vd] / merged_sum[vb, vh, vi], ZERO)
+
+    return decode
