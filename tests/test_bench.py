@@ -24,7 +24,8 @@ def quick_run(tmp_path_factory):
 def test_every_study_has_rows(quick_run):
     _, rows, _ = quick_run
     studies = {r["study"] for r in rows}
-    assert {"seq_sweep", "threshold_effect", "topk_effect", "mass_effect", "causal", "decode", "ceiling"} <= studies
+    assert {"seq_sweep", "threshold_effect", "topk_effect", "mass_effect", "causal", "decode", "ceiling",
+            "generation"} <= studies
     providers = {r["provider"] for r in rows if r["study"] == "seq_sweep"}
     assert {"hand", "untuned", "numpy"} <= providers
 
@@ -32,9 +33,9 @@ def test_every_study_has_rows(quick_run):
 def test_rows_are_complete_and_accurate(quick_run):
     _, rows, _ = quick_run
     for r in rows:
-        assert float(r["median_ms"]) > 0 and float(r["gflops"]) > 0
-        if r["study"] != "ceiling":
-            assert r["threads"] and r["target"]
+        assert float(r["median_ms"]) > 0
+        if r["study"] not in ("ceiling", "generation"):
+            assert r["threads"] and r["target"] and float(r["gflops"]) > 0 and float(r["gbs"]) > 0
         if r["provider"] in ("hand", "untuned"):
             assert int(r["bytes_intermediate"]) > 0
             if r["variant"] in ("standard", "flash", "mqa"):
@@ -47,12 +48,17 @@ def test_rows_are_complete_and_accurate(quick_run):
 def test_report_is_generated_from_the_csv(quick_run):
     out, rows, stderr = quick_run
     report = (out / "report.md").read_text()
-    ceiling = next(r for r in rows if r["study"] == "ceiling")
+    ceiling = next(r for r in rows if r["study"] == "ceiling" and r["line"] == "sgemm")
     assert f"{float(ceiling['gflops']):.0f} GFLOP/s" in report
+    bandwidth = max(float(r["gbs"]) for r in rows if r["line"] == "read bandwidth")
+    assert f"the percentages use {bandwidth:.1f} GB/s" in report
+    generation = next(r for r in rows if r["study"] == "generation")
+    assert int(generation["compiles"]) == 0  # a decode loop over growing lengths compiles nothing
+    assert f"{float(generation['overhead_us']):.1f} us outside the kernel" in report
     for name in ("speedup_vs_torch", "gflops_vs_seq", "memory", "accuracy", "threshold_effect", "topk_effect",
                  "mass_effect", "tradeoff", "timing_comparison", "causal", "decode"):
         assert f"({name}.png)" in report
         assert os.path.getsize(out / f"{name}.png") > 1000
     assert "| inputs | error budget | pruning | pick |" in report
     progress = [line for line in stderr.splitlines() if line.startswith("[") and line.endswith(" ms")]
-    assert len(progress) == len(rows) - 1  # one progress line per measured row (not the sgemm ceiling)
+    assert len(progress) == len([r for r in rows if r["study"] not in ("ceiling", "generation")])

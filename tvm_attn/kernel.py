@@ -90,7 +90,7 @@ class Kernel:
     record: str | None  # digest of the tuning record, when tuned
     executable: object  # tvm.runtime.Executable
 
-    @property
+    @functools.cached_property
     def function(self):
         """The runtime function, called as f(q, k, v, out) on tvm tensors or numpy arrays (any strides with a
         contiguous last axis, any alignment; out float32 of q's shape)."""

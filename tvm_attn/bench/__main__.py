@@ -8,6 +8,10 @@ import os
 import sys
 
 
+GENERATION = "generation"  # the KVCache generation loop (bench/generation.py), not a Study
+QUICK_GENERATION = dict(heads=4, kv_heads=2, head_dim=32, prefill=100, steps=32)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m tvm_attn.bench",
@@ -34,10 +38,13 @@ def main(argv=None) -> None:
     csv_path = os.path.join(out, "results.csv")
     if not args.report_only:
         studies = default_studies(quick=args.quick)
-        known = [s.name for s in studies]
+        known = [s.name for s in studies] + [GENERATION]
         for name in args.study or []:
             if name not in known:
                 parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
+        generation = None
+        if not args.study or GENERATION in args.study:
+            generation = QUICK_GENERATION if args.quick else {}
         for name in args.variant or []:
             tvm_attn.get_variant(name)
         if args.study:
@@ -52,7 +59,7 @@ def main(argv=None) -> None:
             studies = [dataclasses.replace(s, x_vals=tuple(args.seq)) if s.name == "seq_sweep" else s
                        for s in studies]
         min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 0.2)
-        run_studies(studies, csv_path, min_seconds=min_seconds)
+        run_studies(studies, csv_path, min_seconds=min_seconds, generation=generation)
     print(f"wrote {write_report(csv_path, out)} and {csv_path}", file=sys.stderr)
 
 

@@ -1,7 +1,9 @@
 """What the benchmark times: tvm_attn kernels under each schedule, and the peers a user would otherwise pick.
 
-A provider turns (variant, spec, q, k, v) into a zero-argument callable that computes the output once, plus a
-function returning that output (for the error columns); None where it does not apply.
+A provider turns (variant, spec, layers) into a zero-argument callable that computes one output, plus a function
+returning the output of the first layer (for the error columns); None where it does not apply. ``layers`` is a list
+of (q, k, v): calls take them in turn, as a model's layers do, so that a study can make each call find its K and V
+outside the CPU caches.
 """
 
 from __future__ import annotations
@@ -23,16 +25,33 @@ class Prepared:
     kernel: object = None  # the tvm_attn Kernel, when the provider is one
 
 
+def _in_turn(calls: list) -> Callable[[], object]:
+    """One callable that makes the next of ``calls`` each time."""
+    if len(calls) == 1:
+        return calls[0]
+    turn = [0]
+
+    def run():
+        turn[0] = (turn[0] + 1) % len(calls)
+        return calls[turn[0]]()
+
+    return run
+
+
 def _tvm(schedule: str):
-    def prepare(variant: str, spec, q, k, v):
+    def prepare(variant: str, spec, layers):
         if schedule == "tuned" and tuning.tuned_record(tvm_attn.get_variant(variant), spec, "host") is None:
             return None  # no record for this workload: the row is left out, not faked with the hand schedule
         kernel = tvm_attn.build(variant, spec, schedule=schedule)
         dev = tvm.cpu()
-        args = [tvm.runtime.tensor(x, dev) for x in (q, k, v)]
-        out = tvm.runtime.empty(spec.q_shape, spec.dtype, dev)
         fn = kernel.function
-        return Prepared(lambda: fn(*args, out), out.numpy, kernel)
+        calls, outs = [], []
+        for q, k, v in layers:
+            args = [tvm.runtime.tensor(x, dev) for x in (q, k, v)]
+            out = tvm.runtime.empty(spec.q_shape, spec.dtype, dev)
+            calls.append(lambda args=args, out=out: fn(*args, out))
+            outs.append(out)
+        return Prepared(_in_turn(calls), lambda: (calls[0](), outs[0].numpy())[1], kernel)
 
     return prepare
 
@@ -40,26 +59,31 @@ def _tvm(schedule: str):
 DENSE = ("standard", "flash", "mqa")
 
 
-def _numpy(variant: str, spec, q, k, v):
+def _numpy(variant: str, spec, layers):
     """The float32 numpy formula (matmul, softmax, matmul) of dense attention."""
     if variant not in DENSE:
         return None
-    kk = np.repeat(k, spec.group_size, axis=1)
-    vv = np.repeat(v, spec.group_size, axis=1)
     mask = tvm_attn.references.visible_mask(spec)
     result = {}
 
-    def run():
-        s = (q @ kk.swapaxes(-1, -2)) * np.float32(spec.scale)
-        if spec.causal:
-            s = np.where(mask, s, np.float32(-np.inf))
-        s = np.exp(s - s.max(axis=-1, keepdims=True))
-        result["out"] = (s / s.sum(axis=-1, keepdims=True)) @ vv
+    def call(q, k, v):
+        kk = np.repeat(k, spec.group_size, axis=1)
+        vv = np.repeat(v, spec.group_size, axis=1)
 
-    return Prepared(run, lambda: result["out"])
+        def run():
+            s = (q @ kk.swapaxes(-1, -2)) * np.float32(spec.scale)
+            if spec.causal:
+                s = np.where(mask, s, np.float32(-np.inf))
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            result["out"] = (s / s.sum(axis=-1, keepdims=True)) @ vv
+
+        return run
+
+    calls = [call(*layer) for layer in layers]
+    return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"])[1])
 
 
-def _torch_sdpa(variant: str, spec, q, k, v):
+def _torch_sdpa(variant: str, spec, layers):
     """torch.nn.functional.scaled_dot_product_attention, same threads, bottom-right causal mask."""
     if variant not in DENSE:
         return None
@@ -67,18 +91,23 @@ def _torch_sdpa(variant: str, spec, q, k, v):
         import torch
     except ImportError:
         return None
-    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
     mask = None
     if spec.causal:  # torch's is_causal aligns top-left; the contract here is bottom-right
         mask = torch.from_numpy(tvm_attn.references.visible_mask(spec))
     gqa = spec.kv_heads != spec.heads
     result = {}
 
-    def run():
-        result["out"] = torch.nn.functional.scaled_dot_product_attention(
-            tq, tk, tv, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
+    def call(q, k, v):
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
 
-    return Prepared(run, lambda: result["out"].numpy())
+        def run():
+            result["out"] = torch.nn.functional.scaled_dot_product_attention(
+                tq, tk, tv, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
+
+        return run
+
+    calls = [call(*layer) for layer in layers]
+    return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"].numpy())[1])
 
 
 PROVIDERS: dict[str, Callable] = {

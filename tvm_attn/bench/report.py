@@ -16,7 +16,8 @@ import matplotlib.ticker  # noqa: E402
 
 NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "threshold", "top_k", "eps", "median_ms",
            "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
-           "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads")
+           "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads",
+           "layers", "bytes_kv", "gbs", "kernel_ms", "overhead_us", "compiles", "prefill_ms")
 
 
 def load(path: str) -> list[dict]:
@@ -103,6 +104,62 @@ TRADEOFF = (("threshold_effect", "threshold", "threshold"), ("topk_effect", "top
 ERROR_BUDGETS = (0.01, 0.05, 0.10)
 
 
+def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
+    """Decode against the machine's read bandwidth and torch SDPA, and the KVCache generation loop."""
+    rs = _pick(rows, study="decode")
+    parts = []
+    if rs:
+        readers = _pick(rows, study="ceiling", line="read bandwidth")
+        bandwidth = max(readers, key=lambda r: r["gbs"]) if readers else None
+        shape = rs[0]
+        parts += [f"## Decode (seq_q = 1): batch {int(shape['batch'])}, {int(shape['heads'])} query heads, head_dim "
+                  f"{int(shape['head_dim'])}, fp32", "",
+                  "GB/s = bytes of K and V (every key and value is read once) / median time. Each call reads a "
+                  f"different copy of the inputs ({int(shape['layers'])} copies at the shortest length, as many as "
+                  "make 512 MB), as a model's layers do, so that K and V come from memory, not the CPU caches. "
+                  "tvm_attn is the faster of the hand and tuned schedules (`schedule=\"best\"`); torch SDPA "
+                  "with `enable_gqa=True`, same threads."]
+        if bandwidth:
+            parts += ["", "Read bandwidth measured in this run: " + ", ".join(
+                f"{r['provider']} {r['gbs']:.1f} GB/s" for r in readers) + f"; the percentages use "
+                f"{bandwidth['gbs']:.1f} GB/s."]
+        parts.append("")
+        body, series = [], []
+        xs = sorted({int(r["x"]) for r in rs})
+        for line in dict.fromkeys(r["line"] for r in rs):
+            ours, theirs = [], []
+            for x in xs:
+                best = _best(rs, x=x, line=line)
+                torch_row = _one(rs, x=x, line=line, provider="torch-sdpa")
+                numpy_row = _one(rs, x=x, line=line, provider="numpy")
+                share = f"{100 * best['gbs'] / bandwidth['gbs']:.0f}%" if best and bandwidth else "-"
+                body.append([x, line, _ms(best), f"{best['gbs']:.1f}" if best else "-", share, _ms(torch_row),
+                             f"{torch_row['gbs']:.1f}" if torch_row else "-", _ratio(best, torch_row),
+                             _ms(numpy_row), _sci(best["rel_err_dense"]) if best else "-"])
+                if best:
+                    ours.append((x, best["gbs"]))
+                if torch_row:
+                    theirs.append((x, torch_row["gbs"]))
+            series.append((f"tvm_attn {line}", [a for a, _ in ours], [b for _, b in ours]))
+            if theirs:
+                series.append((f"torch SDPA {line}", [a for a, _ in theirs], [b for _, b in theirs]))
+        parts += [_table(["seq_kv", "line", "tvm_attn ms", "GB/s", "of bandwidth", "torch ms", "torch GB/s",
+                          "tvm_attn vs torch", "numpy ms", "rel err"], body), ""]
+        _plot(os.path.join(out_dir, "decode.png"), f"Decode: K+V read rate ({machine})", "seq_kv", "GB/s", series,
+              hline=(bandwidth["gbs"], f"read bandwidth ({bandwidth['provider']})") if bandwidth else None)
+        parts += ["![decode](decode.png)", ""]
+    gen = _one(rows, study="generation")
+    if gen:
+        parts += ["## A generation loop through KVCache", "",
+                  f"Prefill of {int(gen['seq_kv'] - gen['repeats'])} positions, then {int(gen['repeats'])} decode "
+                  f"steps (append one position, attend one query) at batch {int(gen['batch'])}, {int(gen['heads'])} "
+                  f"query heads, {int(gen['kv_heads'])} KV heads, head_dim {int(gen['head_dim'])}: prefill "
+                  f"{gen['prefill_ms']:.1f} ms; a step {gen['median_ms'] * 1e3:.0f} us (median), of which "
+                  f"{gen['overhead_us']:.1f} us outside the kernel (the step's time minus the kernel's alone on the "
+                  f"same arrays, median over steps); {int(gen['compiles'])} kernels compiled during the loop.", ""]
+    return parts
+
+
 def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
     """Kept fraction against error for every pruning knob and input, and the knob to pick for an error budget."""
     points = {}  # (distribution, label, knob) -> rows sorted by kept fraction
@@ -170,7 +227,7 @@ def write_report(csv_path: str, out_dir: str) -> str:
         raise ValueError(f"{csv_path} has no rows")
     meta = rows[0]
     machine = f"{meta['target']}, {int(meta['threads'])} threads"
-    ceiling = _one(rows, study="ceiling")
+    ceiling = _one(rows, study="ceiling", line="sgemm")
     parts = [f"# tvm_attn benchmark: {meta['target']}",
              "",
              f"Generated from `results.csv` by `python -m tvm_attn.bench` on {machine}. Every figure below comes "
@@ -370,7 +427,9 @@ def write_report(csv_path: str, out_dir: str) -> str:
         parts += [_table(["line", "untuned ms", "hand ms", "tuned ms", "hand vs untuned", "hand GFLOP/s / sgemm"],
                          body), ""]
 
-    for study, title in (("causal", "Causal attention"), ("decode", "Decode (seq_q = 1)")):
+    parts += _decode_section(rows, out_dir, machine)
+
+    for study, title in (("causal", "Causal attention"),):
         rs = _pick(rows, study=study)
         if not rs:
             continue

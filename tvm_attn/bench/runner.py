@@ -14,6 +14,9 @@ import tvm_attn
 from .. import references
 from ..kernel import scheduled_module
 from ..timing import measure, measure_interleaved
+from .bandwidth import BYTES as BANDWIDTH_BYTES
+from .bandwidth import read_bandwidth
+from .generation import generation_loop
 from .inputs import make_inputs, row_entropy
 from .memory import memory_use
 from .providers import PROVIDERS
@@ -22,11 +25,12 @@ from .studies import Study
 FIELDS = (
     "study", "x_name", "x", "line", "variant", "provider", "distribution",
     "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "causal", "threshold", "top_k", "eps",
-    "median_ms", "q25_ms", "q75_ms", "repeats", "flops", "gflops",
+    "median_ms", "q25_ms", "q75_ms", "repeats", "flops", "gflops", "layers", "bytes_kv", "gbs",
     "bytes_inputs", "bytes_output", "bytes_intermediate",
     "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
-    "threads", "target",
+    "threads", "target", "kernel_ms", "overhead_us", "compiles", "prefill_ms",
 )
+MAX_LAYERS = 64
 SLOW_PROVIDERS = ("untuned", "numpy")
 
 
@@ -81,8 +85,10 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
     return row
 
 
-def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, log=sys.stderr) -> list[dict]:
-    """Measure every point of ``studies``; write and return the rows."""
+def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, generation: dict | None = None,
+                log=sys.stderr) -> list[dict]:
+    """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop); write
+    and return the rows."""
     target = tvm_attn.resolve_target("host")
     key = tvm_attn.target_key(target)
     n_threads = threads()
@@ -98,12 +104,15 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
         if not study.measures(line, x):
             continue
         spec = spec_for(study, line, x)
-        q, k, v = make_inputs(spec, dist)
+        kv_bytes = 2 * np.prod(spec.kv_shape) * 4
+        n_layers = min(MAX_LAYERS, max(1, -(-study.rotate_bytes // kv_bytes)))
+        layers = [make_inputs(spec, dist, seed=n) for n in range(n_layers)]
+        q, k, v = layers[0]
         providers = [p for p in study.providers
                      if not (p in SLOW_PROVIDERS and study.slow_providers_max_x and x > study.slow_providers_max_x)]
         prepared = {}
         for p in providers:
-            prep = PROVIDERS[p](line.variant, spec, q, k, v)
+            prep = PROVIDERS[p](line.variant, spec, layers)
             if prep is not None:
                 prepared[p] = prep
         timings = measure_interleaved({p: prep.run for p, prep in prepared.items()}, min_seconds=min_seconds)
@@ -117,6 +126,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
                 seq_kv=spec.seq_kv, head_dim=spec.head_dim, causal=spec.causal, threshold=spec.threshold,
                 top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats,
                 flops=flops, gflops=t.gflops(flops), threads=n_threads, target=key, entropy_nats=entropy,
+                layers=n_layers, bytes_kv=kv_bytes, gbs=kv_bytes / (t.median_ms * 1e-3) / 1e9,
             )
             if prep.kernel is not None:
                 mem = memory_use(scheduled_module(tvm_attn.get_variant(line.variant), spec, target,
@@ -127,6 +137,18 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
             print(f"[{n}/{len(points)} {time.time() - start:5.0f}s] {study.name} {study.x_name}={x} {dist} "
                   f"{line.label} {p}: {t.median_ms:.2f} ms", file=log, flush=True)
     rows.append(_sgemm_ceiling(key, n_threads, quick=len(points) < 60, min_seconds=min_seconds))
+    if any(s.name == "decode" for s in studies):
+        for reader, gbs in read_bandwidth(min_seconds=min_seconds).items():
+            rows.append(dict(study="ceiling", line="read bandwidth", variant="", provider=reader, x_name="bytes",
+                             x=BANDWIDTH_BYTES, median_ms=BANDWIDTH_BYTES / gbs / 1e6, gbs=gbs, threads=n_threads,
+                             target=key))
+            print(f"read bandwidth ({reader}): {gbs:.1f} GB/s", file=log, flush=True)
+    if generation is not None:
+        row = generation_loop(**generation)
+        row.update(threads=n_threads, target=key)
+        rows.append(row)
+        print(f"generation loop: {row['median_ms'] * 1e3:.1f} us per step, {row['overhead_us']:.1f} us outside the "
+              f"kernel, {row['compiles']} compiles during the loop", file=log, flush=True)
     with open(out_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

@@ -34,6 +34,9 @@ class Study:
     base: tuple = tuple(SEED_SHAPE.items())
     distributions: tuple = ("gaussian",)
     slow_providers_max_x: int | None = None  # untuned/numpy only up to this x (they take seconds per call)
+    # Replicate the inputs into as many "layers" as make this many bytes of K and V, called in turn, so that a call
+    # finds its K and V in memory, not in the CPU caches, as in a model's decode step (0: one set of inputs).
+    rotate_bytes: int = 0
 
     def varies(self, line: Line) -> bool:
         """Whether x sets a field of this line's spec: a knob sweep does not vary its dense baselines."""
@@ -54,6 +57,9 @@ PRUNED_LINES = (
     Line("topk 64", "topk", (("top_k", 64),)),
 )
 BASELINES = (Line("standard", "standard"), Line("flash", "flash"))
+DECODE_SHAPE = (("batch", 1), ("heads", 32), ("head_dim", 128))
+DECODE_HEADS = (("kv_heads=32 (MHA)", 32), ("kv_heads=8 (GQA)", 8), ("kv_heads=1 (MQA)", 1))
+DECODE_ROTATE_BYTES = 512 * 2**20  # well past any L3 these VMs have
 NO_MASK = "flash (no mask)"
 
 
@@ -85,10 +91,11 @@ def default_studies(quick: bool = False) -> list[Study]:
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
               + (Line(NO_MASK, "flash"),),  # measured in the same points, for the causal speedup
               ("hand", "tuned", "torch-sdpa"), base),
-        Study("decode", "Decode: one query against a KV cache (seq_q = 1)",
-              "seq_kv", (128, 256) if quick else (512, 1024, 2048, 4096),
-              (Line("flash", "flash", (("seq_q", 1), ("causal", True))),
-               Line("mqa (kv_heads=1)", "mqa", (("seq_q", 1), ("causal", True), ("kv_heads", 1))),
-               Line("gqa (kv_heads=2)", "mqa", (("seq_q", 1), ("causal", True), ("kv_heads", 2)))),
-              ("hand", "tuned", "numpy", "torch-sdpa"), base),
+        Study("decode", "Decode: one query against a KV cache (seq_q = 1), a Llama-7B-like layer",
+              "seq_kv", (128, 512) if quick else (1024, 2048, 4096, 8192, 16384, 32768),
+              tuple(Line(label, "flash", (("seq_q", 1), ("causal", True), ("kv_heads", kvh)))
+                    for label, kvh in DECODE_HEADS),
+              ("hand", "tuned", "numpy", "torch-sdpa"),
+              (("batch", 1), ("heads", 32), ("head_dim", 32)) if quick else DECODE_SHAPE,
+              slow_providers_max_x=128 if quick else 4096, rotate_bytes=2**22 if quick else DECODE_ROTATE_BYTES),
     ]
