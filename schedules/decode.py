@@ -21,7 +21,7 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, rows: int = 2, keys
     rows, keys = largest_divisor(n_rows, rows), largest_divisor(n_keys, keys)
     g_o, g_i = sch.split(g, sch.sample_perfect_tile(g, n=2, max_innermost_factor=4, decision=[n_rows // rows, rows]))
     j_o, j_i = sch.split(j, sch.sample_perfect_tile(j, n=2, max_innermost_factor=8, decision=[n_keys // keys, keys]))
-    sch.reorder(g_o, j_o, c, g_i, j_i, lane)
+    sch.reorder(g_o, j_o, g_i, j_i, c, lane)  # each K row read whole, in memory order
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
     sch.unroll(g_i)
@@ -36,8 +36,11 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     lanes = vector_lanes(target) if target is not None else 16
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
     dot_product_micro_kernel(sch, "qk_part")
-    # pv loops: (row, key, d) with key the reduction.
-    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes)
+    # pv loops: (row, key, d) with key the reduction. Whole V rows per key (up to 8 vectors) keep the reads in
+    # memory order; fewer rows then keep the accumulators within the vector registers.
+    vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock("pv"))[-1]).extent.value // lanes))
+    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, rows=max(1, 16 // vectors),
+                            vectors=vectors)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     for name in ("qk_half8", "qk_half4", "qk_half2", "p"):

@@ -172,6 +172,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         "semantics": {
             "variant": v.name, "batch": spec.batch, "heads": spec.heads, "kv_heads": spec.kv_heads,
             "seq_q": spec.seq_q, "seq_kv": spec.seq_kv, "head_dim": spec.head_dim, "causal": spec.causal,
+            "window": spec.window,
             "causal_alignment": "bottom-right: query i sees keys j <= i + seq_kv - seq_q",
             "scale": spec.scale, "threshold": spec.threshold, "top_k": spec.top_k, "eps": spec.eps, "dtype": spec.dtype,
         },

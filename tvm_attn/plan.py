@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from .spec import AttentionSpec
-from .variants import get_variant
+from .variants import get_variant, path_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,12 +19,17 @@ class Workload:
         return f"{self.variant}_{self.spec.name}"
 
 
+# The length a kernel is tuned at when the benchmark times it at several: every length then uses that record.
+TUNING_LENGTH = {"prefill": 1024, "decode": 4096}
+
+
 def default_plan(quick: bool = False) -> list[Workload]:
-    """The workloads `python -m tvm_attn.bench` times with our kernels, deduplicated, in the studies' order."""
+    """One workload per kernel that `python -m tvm_attn.bench` times, at the timed length nearest TUNING_LENGTH,
+    in the studies' order."""
     from .bench.runner import spec_for
     from .bench.studies import default_studies
 
-    plan = []
+    chosen: dict = {}  # kernel -> workload
     for study in default_studies(quick):
         if "hand" not in study.providers:
             continue
@@ -33,9 +38,16 @@ def default_plan(quick: bool = False) -> list[Workload]:
                 if not study.measures(line, x):
                     continue
                 w = Workload(line.variant, spec_for(study, line, x))
-                if w not in plan:
-                    plan.append(w)
-    return plan
+                path = path_for(w.spec.seq_q)
+                kernel = (get_variant(w.variant).kernel_parts(path), w.spec.kernel)
+                best = chosen.get(kernel)
+                if best is None or _distance(w, path) < _distance(best, path):
+                    chosen[kernel] = w
+    return list(chosen.values())
+
+
+def _distance(w: Workload, path: str) -> int:
+    return abs(w.spec.seq_kv - TUNING_LENGTH[path])
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -49,6 +61,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
     parser.add_argument("--head-dim", type=int, default=64, help="default 64")
     parser.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    parser.add_argument("--window", type=int, default=None, help="sliding window (with --causal)")
     add_knob_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
 
@@ -75,6 +88,7 @@ def workloads_from_args(args: argparse.Namespace) -> list[Workload]:
         for seq in args.seq or [512]:
             spec = AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=seq,
                                  seq_kv=args.seq_kv, head_dim=args.head_dim, causal=args.causal,
+                                 window=args.window,
                                  **knobs_from_args(variant, args))
             variant.check(spec)
             plan.append(Workload(variant.name, spec))

@@ -1,6 +1,6 @@
-"""Pieces the TensorIR computes share: argument buffers of any length and layout, the visibility rule, and the
-statement blocks every variant writes the same way (``@T.macro``: the K transpose, the pre-scaled query tile, the
-QK^T tile).
+"""Pieces the TensorIR computes share: argument buffers of any length and layout, the visibility rule (causal,
+window), and the statement blocks several variants write the same way (``@T.macro``: the K transpose, the QK^T tile,
+and the row-tile blocks of the materialized-score variants).
 
 Block names are the contract with schedules/: k_t, q_tile, qk, ... (each compute's docstring lists its own).
 """
@@ -19,9 +19,7 @@ ELEMENT_ALIGN = 4
 
 
 def ceil_div(a, b: int):
-    """Tiles of size b covering a (an int, or an int32 PrimExpr computed in int64: see Visibility)."""
-    if isinstance(a, int):
-        return (a + b - 1) // b
+    """Tiles of size b covering a (an int or a PrimExpr)."""
     return (a + (b - 1)) // b
 
 
@@ -38,10 +36,7 @@ def bhsd(handle, batch, heads, seq, head_dim: int, dtype: str):
 
 class Visibility:
     """Which keys query i sees for a kernel spec and run-time lengths: j < seq_kv; causal: j <= i + off
-    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window.
-
-    Positions are compared in int64: TVM bounds int32 size variables by the whole int32 range, and bounds of
-    seq_kv - seq_q + i would overflow it (CompactBufferAllocation then fails)."""
+    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window."""
 
     def __init__(self, kspec: KernelSpec, seq_q, seq_kv):
         self.causal = kspec.causal
@@ -85,10 +80,6 @@ class Visibility:
         if not self.causal:
             return ceil_div(self.seq_kv, block)
         return ceil_div(self.end(last_q), block)
-
-
-def _i64(x):
-    return T.Cast("int64", x)
 
 
 @T.macro

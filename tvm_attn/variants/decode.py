@@ -129,8 +129,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                             for g, d in T.grid(G, DP):
                                 with T.sblock("q_rows"):
                                     vg, vd = T.axis.remap("SS", [g, d])
-                                    q_rows[vg, vd] = T.if_then_else(vd < D, q[vb, vkh * G + vg, vi, T.min(vd, D - 1)] * SCALE,
-                                                                    ZERO)
+                                    q_rows[vg, vd] = T.if_then_else(
+                                        vd < D, q[vb, vkh * G + vg, vi, T.min(vd, D - 1)] * SCALE, ZERO)
                             for g in range(G):
                                 with T.sblock("init_stats"):
                                     vg = T.axis.spatial(G, g)
@@ -177,7 +177,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                     for g in range(G):
                                         with T.sblock("rescale"):
                                             vg = T.axis.spatial(G, g)
-                                            alpha[vg] = T.Select(m[vg] >= t_max[vg], ONE, softmax_exp(m[vg] - t_max[vg]))
+                                            alpha[vg] = T.Select(m[vg] >= t_max[vg], ONE,
+                                                                 softmax_exp(m[vg] - t_max[vg]))
                                             m[vg] = T.max(m[vg], t_max[vg])
                                     for g, jj in T.grid(G, BK):
                                         with T.sblock("p"):
@@ -195,7 +196,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                             vg, j, vd = T.axis.remap("SRS", [g, jj, d])
                                             with T.init():
                                                 O[vg, vd] = ZERO
-                                            O[vg, vd] = O[vg, vd] + P[vg, j] * v[vb, vkh, T.min(vt * BK + j, SKV - 1), vd]
+                                            O[vg, vd] = O[vg, vd] + \
+                                                P[vg, j] * v[vb, vkh, T.min(vt * BK + j, SKV - 1), vd]
                                     for g, d in T.grid(G, D):
                                         with T.sblock("update"):
                                             vg, vd = T.axis.remap("SS", [g, d])

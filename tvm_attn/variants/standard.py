@@ -78,7 +78,8 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                                         with T.init():
                                             O[r, dd] = ZERO
                                         # Keys past seq_kv have weight 0 and read the last row of v.
-                                        O[r, dd] = O[r, dd] + E[r, vt * BK + j] * v[vb, vh // G, T.min(vt * BK + j, SKV - 1), dd]
+                                        O[r, dd] = O[r, dd] + \
+                                            E[r, vt * BK + j] * v[vb, vh // G, T.min(vt * BK + j, SKV - 1), dd]
                                 for ri, d in T.grid(BQ, D):
                                     with T.sblock("update"):
                                         r, dd = T.axis.remap("SS", [ri, d])
