@@ -107,3 +107,26 @@ def test_kernel_serves_other_lengths_but_not_other_heads():
 def _literal(message: str) -> str:
     import re
     return re.escape(message)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(block_kv=0), "DecodeConfig.block_kv must be an int >= 1, got 0"),
+    (dict(max_splits=2.5), "DecodeConfig.max_splits must be an int >= 1, got 2.5"),
+    (dict(block_kv=64, chunk_keys=100), "DecodeConfig.chunk_keys=100 must be a multiple of block_kv=64"),
+])
+def test_bad_decode_configs(fields, message):
+    from tvm_attn.variants.decode import DecodeConfig
+
+    with pytest.raises(ValueError, match=_literal(message)):
+        DecodeConfig(**fields)
+
+
+@pytest.mark.parametrize("window,causal,error,message", [
+    (0, True, ValueError, "window must be >= 1, got 0"),
+    (2.5, True, TypeError, "window must be an int or None, got 2.5"),
+    (4, False, ValueError, "window=4 needs causal=True"),
+])
+def test_bad_windows(window, causal, error, message):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=_literal(message)):
+        tvm_attn.attention(q, k, v, causal=causal, window=window)

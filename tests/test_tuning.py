@@ -11,7 +11,9 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
+import tvm
 from tvm import s_tir
 from tvm.s_tir.schedule import Trace
 
@@ -19,22 +21,43 @@ import tvm_attn
 from conftest import assert_matches_reference, make_inputs
 from tvm_attn import kernel as kernel_module
 from tvm_attn import tuning
+from tvm_attn.variants import path_for
 
 TINY = dict(batch=1, heads=2, seq_q=32, head_dim=32)
 
 
 @pytest.mark.parametrize("variant,knobs", [("standard", {}), ("flash", {}), ("mqa", {"kv_heads": 1}),
-                                           ("threshold", {"threshold": 0.05}), ("topk", {"top_k": 8})])
+                                           ("threshold", {"threshold": 0.05}), ("topk", {"top_k": 8}),
+                                           ("flash", {"seq_q": 1, "heads": 8, "kv_heads": 2})])
 @pytest.mark.parametrize("seq", [33, 128])
 def test_design_space_replays_with_any_decisions(variant, knobs, seq):
     """MetaSchedule replays a schedule's trace with re-sampled decisions: loop counts must not depend on them."""
-    spec = tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=seq, head_dim=64, **knobs)
+    fields = dict(batch=1, heads=2, seq_q=seq, seq_kv=seq, head_dim=64) | knobs
+    spec = tvm_attn.AttentionSpec(**fields)
     v = tvm_attn.get_variant(variant)
     mod = tuning.workload(v, spec)
     sch = s_tir.Schedule(mod, seed=1)
-    v.schedule(sch, tvm_attn.resolve_target("host"))
+    v.kernel_parts(path_for(spec.seq_q))[1](sch, tvm_attn.resolve_target("host"))
     for seed in range(2, 30):
         Trace(sch.trace.insts, {}).apply_to_schedule(s_tir.Schedule(mod, seed=seed), remove_postproc=True)
+
+
+def test_a_record_applies_to_every_length():
+    """Records are measured at one length; the kernel they schedule takes every length."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=300, head_dim=32, causal=True)
+    v = tvm_attn.get_variant("flash")
+    sch = s_tir.Schedule(tuning.workload(v, spec), seed=3)
+    v.kernel_parts("decode")[1](sch, tvm_attn.resolve_target("host"))
+    generic = s_tir.Schedule(tuning.generic_workload(v, spec.kernel, "decode"))
+    sch.trace.apply_to_schedule(generic, remove_postproc=False)
+    fn = tvm.compile(generic.mod, target=tvm_attn.resolve_target("host"))["main"]
+    for batch, seq_q, seq_kv in ((1, 1, 300), (2, 3, 1000), (1, 1, 5)):
+        other = tvm_attn.AttentionSpec(batch=batch, heads=4, kv_heads=2, seq_q=seq_q, seq_kv=seq_kv, head_dim=32,
+                                       causal=True)
+        q, k, vv = make_inputs(other)
+        out = np.empty(other.q_shape, np.float32)
+        fn(q, k, vv, out)
+        assert_matches_reference("flash", other, out, q, k, vv)
 
 
 def _tune(logs, *extra, trials=4):

@@ -102,6 +102,51 @@ def qk_tile(S, s_col, q_tile, k_t, vb, vkh, key0, rows, block_kv, head_dim, zero
             S[r, s_col + j] = S[r, s_col + j] + q_tile[r, dd] * k_t[vb, vkh, dd, key0 + j]
 
 
+@T.macro
+def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
+                        row0, sees, neg, zero, one):
+    """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
+    are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
+    exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added. ``sees(row0, r, j)`` says whether row r sees
+    key j. Keys past seq_kv have P = 0 and read the last row of v (a predicate in pv, seq_kv being a run-time size,
+    would stay in the micro-kernel's inner loop)."""
+    for ri, jj in T.grid(rows, block_kv):
+        with T.sblock("tile_max"):
+            r, j = T.axis.remap("SR", [ri, jj])
+            with T.init():
+                t_max[r] = neg
+            t_max[r] = T.max(t_max[r], T.Select(sees(row0, r, key0 + j), S[r, j], neg))
+    for ri in range(rows):
+        with T.sblock("rescale"):
+            r = T.axis.spatial(rows, ri)
+            alpha[r] = T.Select(m[r] >= t_max[r], one, softmax_exp(m[r] - t_max[r]))
+            m[r] = T.max(m[r], t_max[r])
+    for ri, jj in T.grid(rows, block_kv):
+        with T.sblock("p"):
+            r, j = T.axis.remap("SS", [ri, jj])
+            P[r, j] = T.Select(sees(row0, r, key0 + j), softmax_exp(S[r, j] - m[r]), zero)
+    for ri, jj in T.grid(rows, block_kv):
+        with T.sblock("tile_sum"):
+            r, j = T.axis.remap("SR", [ri, jj])
+            with T.init():
+                t_sum[r] = zero
+            t_sum[r] = t_sum[r] + P[r, j]
+    for ri, jj, d in T.grid(rows, block_kv, head_dim):
+        with T.sblock("pv"):
+            r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+            with T.init():
+                O[r, dd] = zero
+            O[r, dd] = O[r, dd] + P[r, j] * v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd]
+    for ri, d in T.grid(rows, head_dim):
+        with T.sblock("update"):
+            r, dd = T.axis.remap("SS", [ri, d])
+            acc[r, dd] = acc[r, dd] * alpha[r] + O[r, dd]
+    for ri in range(rows):
+        with T.sblock("update_sum"):
+            r = T.axis.spatial(rows, ri)
+            l[r] = l[r] * alpha[r] + t_sum[r]
+
+
 # The row-tile blocks of the materialized-score variants (standard, threshold, topk, mass): one tile of query rows
 # of one head, its scores S over the whole (padded) key range in a (rows, padded) buffer.
 LANES = 16  # partial results per row reduction; BLOCK_KV is a multiple
@@ -177,8 +222,8 @@ def _macro_state(wrapper):
     raise RuntimeError(f"{wrapper.__name__}: this TVM's T.macro keeps no call_count; see fresh_block_names")
 
 
-MACROS = tuple(_macro_state(m) for m in (transpose_k, qk_tile, load_q_rows, scores_of_rows, row_max_of_scores,
-                                         softmax_numerators))
+MACROS = tuple(_macro_state(m) for m in (transpose_k, qk_tile, online_softmax_tile, load_q_rows, scores_of_rows,
+                                         row_max_of_scores, softmax_numerators))
 
 
 def fresh_block_names() -> None:

@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import Visibility, bhsd, ceil_div, fresh_block_names, run_time_sizes
+from .common import Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, run_time_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,10 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
     # with one division each: TVM's lowering of nested symbolic divisions grows exponentially.)
     TPC = T.max(CHUNK_TILES, ceil_div(NK, NSMAX))
     NSR = ceil_div(NK, TPC)  # chunks
+
+    def query_sees(i, g, j):
+        """Every row g of a task is query position i."""
+        return vis.sees(i, j)
 
     def tile_range(s, i):
         """The KV tiles of chunk s that query i sees: range(first, end) (empty when none)."""
@@ -167,45 +171,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                         with T.sblock("qk"):
                                             vg, j = T.axis.remap("SS", [g, jj])
                                             S[vg, j] = half2[vg, j, 0] + half2[vg, j, 1]
-                                    for g, jj in T.grid(G, BK):
-                                        with T.sblock("tile_max"):
-                                            vg, j = T.axis.remap("SR", [g, jj])
-                                            with T.init():
-                                                t_max[vg] = NEG
-                                            t_max[vg] = T.max(t_max[vg], T.Select(
-                                                vis.sees(vi, vt * BK + j), S[vg, j], NEG))
-                                    for g in range(G):
-                                        with T.sblock("rescale"):
-                                            vg = T.axis.spatial(G, g)
-                                            alpha[vg] = T.Select(m[vg] >= t_max[vg], ONE,
-                                                                 softmax_exp(m[vg] - t_max[vg]))
-                                            m[vg] = T.max(m[vg], t_max[vg])
-                                    for g, jj in T.grid(G, BK):
-                                        with T.sblock("p"):
-                                            vg, j = T.axis.remap("SS", [g, jj])
-                                            P[vg, j] = T.Select(vis.sees(vi, vt * BK + j),
-                                                                softmax_exp(S[vg, j] - m[vg]), ZERO)
-                                    for g, jj in T.grid(G, BK):
-                                        with T.sblock("tile_sum"):
-                                            vg, j = T.axis.remap("SR", [g, jj])
-                                            with T.init():
-                                                t_sum[vg] = ZERO
-                                            t_sum[vg] = t_sum[vg] + P[vg, j]
-                                    for g, jj, d in T.grid(G, BK, D):
-                                        with T.sblock("pv"):
-                                            vg, j, vd = T.axis.remap("SRS", [g, jj, d])
-                                            with T.init():
-                                                O[vg, vd] = ZERO
-                                            O[vg, vd] = O[vg, vd] + \
-                                                P[vg, j] * v[vb, vkh, T.min(vt * BK + j, SKV - 1), vd]
-                                    for g, d in T.grid(G, D):
-                                        with T.sblock("update"):
-                                            vg, vd = T.axis.remap("SS", [g, d])
-                                            acc[vg, vd] = acc[vg, vd] * alpha[vg] + O[vg, vd]
-                                    for g in range(G):
-                                        with T.sblock("update_sum"):
-                                            vg = T.axis.spatial(G, g)
-                                            l[vg] = l[vg] * alpha[vg] + t_sum[vg]
+                                    online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
+                                                        BK, D, SKV, vi, query_sees, NEG, ZERO, ONE)
                             for g, d in T.grid(G, D):
                                 with T.sblock("save_acc"):
                                     vg, vd = T.axis.remap("SS", [g, d])

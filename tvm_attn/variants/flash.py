@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import Visibility, bhsd, ceil_div, fresh_block_names, qk_tile, run_time_sizes, transpose_k
+from .common import (Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, run_time_sizes,
+                     transpose_k)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -70,6 +70,10 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
     B, SQ, SKV = run_time_sizes()
     vis = Visibility(kspec, SQ, SKV)
     R = GI * SQ
+
+    def row_sees(row0, r, j):
+        """Row r of the tile starting at row row0 sees key j."""
+        return vis.sees(query(row0 + r, SQ), j)
 
     def kv_tiles(rt):
         """The KV tiles row tile rt needs: range(first, end)."""
@@ -121,45 +125,8 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
                         with T.sblock("kv_tile"):
                             vt = T.axis.opaque(ceil_div(SKV, BK), t)
                             qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                            for ri, jj in T.grid(BQ, BK):
-                                with T.sblock("tile_max"):
-                                    r, j = T.axis.remap("SR", [ri, jj])
-                                    with T.init():
-                                        t_max[r] = NEG
-                                    t_max[r] = T.max(t_max[r], T.Select(
-                                        vis.sees(query(vrt * BQ + r, SQ), vt * BK + j), S[r, j], NEG))
-                            for ri in range(BQ):
-                                with T.sblock("rescale"):
-                                    r = T.axis.spatial(BQ, ri)
-                                    alpha[r] = T.Select(m[r] >= t_max[r], ONE, softmax_exp(m[r] - t_max[r]))
-                                    m[r] = T.max(m[r], t_max[r])
-                            for ri, jj in T.grid(BQ, BK):
-                                with T.sblock("p"):
-                                    r, j = T.axis.remap("SS", [ri, jj])
-                                    P[r, j] = T.Select(vis.sees(query(vrt * BQ + r, SQ), vt * BK + j),
-                                                       softmax_exp(S[r, j] - m[r]), ZERO)
-                            for ri, jj in T.grid(BQ, BK):
-                                with T.sblock("tile_sum"):
-                                    r, j = T.axis.remap("SR", [ri, jj])
-                                    with T.init():
-                                        t_sum[r] = ZERO
-                                    t_sum[r] = t_sum[r] + P[r, j]
-                            for ri, jj, d in T.grid(BQ, BK, D):
-                                with T.sblock("pv"):
-                                    r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                                    with T.init():
-                                        O[r, dd] = ZERO
-                                    # Keys past seq_kv have P = 0 and read the last row of v: a predicate here
-                                    # (seq_kv is a run-time size) would stay in the micro-kernel's inner loop.
-                                    O[r, dd] = O[r, dd] + P[r, j] * v[vb, vkh, T.min(vt * BK + j, SKV - 1), dd]
-                            for ri, d in T.grid(BQ, D):
-                                with T.sblock("update"):
-                                    r, dd = T.axis.remap("SS", [ri, d])
-                                    acc[r, dd] = acc[r, dd] * alpha[r] + O[r, dd]
-                            for ri in range(BQ):
-                                with T.sblock("update_sum"):
-                                    r = T.axis.spatial(BQ, ri)
-                                    l[r] = l[r] * alpha[r] + t_sum[r]
+                            online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, BQ, BK,
+                                                D, SKV, vrt * BQ, row_sees, NEG, ZERO, ONE)
                     for ri, d in T.grid(BQ, D):
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])

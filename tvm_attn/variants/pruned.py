@@ -69,13 +69,12 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
     vis = Visibility(spec, SQ, SKV)
     NK = ceil_div(SKV, BK)
     SKVP = NK * BK
-    KMAX = T.min(TOP_K, SKV) if IS_TOPK else SKV  # most keys a row can keep
 
     def row_end(i):
         """vis.end(i), with a bound TVM's buffer compaction can handle (it fails on int32 overflow otherwise)."""
         return T.min(vis.end(i), SKVP)
 
-    SLOTS = T.min(TOP_K + 1, SKVP) if IS_TOPK else SKVP  # idx slots: KMAX + 1 (one spare: see compact), <= SKVP
+    SLOTS = T.min(TOP_K + 1, SKVP) if IS_TOPK else SKVP  # idx slots: the most keys a row keeps, + 1 spare (compact)
 
     @T.prim_func(s_tir=True)
     def pruned(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
