@@ -155,8 +155,9 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
                   f"steps (append one position, attend one query) at batch {int(gen['batch'])}, {int(gen['heads'])} "
                   f"query heads, {int(gen['kv_heads'])} KV heads, head_dim {int(gen['head_dim'])}: prefill "
                   f"{gen['prefill_ms']:.1f} ms; a step {gen['median_ms'] * 1e3:.0f} us (median), of which "
-                  f"{gen['overhead_us']:.1f} us outside the kernel (the step's time minus the kernel's alone on the "
-                  f"same arrays, median over steps); {int(gen['compiles'])} kernels compiled during the loop.", ""]
+                  f"{gen['overhead_us']:.1f} us outside the kernel (the step's time minus the time inside the call of the "
+                  f"kernel's runtime function in that step, median over steps); {int(gen['compiles'])} kernels "
+                  f"compiled during the loop.", ""]
     return parts
 
 

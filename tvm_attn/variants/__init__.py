@@ -65,6 +65,7 @@ class Variant:
 
 # The dense variants compute one function: their decode calls share the split-KV kernel.
 DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule)
+PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -77,13 +78,13 @@ VARIANTS: dict[str, Variant] = {
                 flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
-                keep=_ref.threshold_keep),
+                keep=_ref.threshold_keep, **PRUNED_DECODE),
         Variant("topk", "softmax over the top_k largest scores of each row",
                 pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k",
-                keep=_ref.topk_keep),
+                keep=_ref.topk_keep, **PRUNED_DECODE),
         Variant("mass", "the fewest largest weights holding 1 - eps of each row's softmax mass, renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.mass, knob="eps",
-                keep=_ref.mass_keep),
+                keep=_ref.mass_keep, **PRUNED_DECODE),
     )
 }
 

