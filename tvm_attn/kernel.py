@@ -58,7 +58,7 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     return Scheduled(sch.mod, "hand")
 
 
-def _argument(name: str, x) -> np.ndarray:
+def _argument(x) -> np.ndarray:
     """x as the kernel takes it without a copy when possible: a float32 array whose last axis is contiguous (any
     other strides, any alignment). Read-only and otherwise strided arrays are copied."""
     if not isinstance(x, np.ndarray):
@@ -119,7 +119,7 @@ class Kernel:
         first = first_visible_key(self.kernel_spec, spec.seq_q, spec.seq_kv)
         if first:
             k, v = k[:, :, first:], v[:, :, first:]
-        self.function(_argument("q", q), _argument("k", k), _argument("v", v), out)
+        self.function(_argument(q), _argument(k), _argument(v), out)
         return out
 
 

@@ -150,21 +150,24 @@ def write_confirmed(target, root: Path | None, mod: tvm.IRModule, digest: str, f
     tmp.replace(path)  # atomic: a killed run never leaves half a file
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_database(target_json: str, root: str):
-    t = resolve_target(target_json)
-    db = open_database(t, Path(root))
-    return db, (read_confirmed(t, Path(root)) if db is not None else {})
+class _LoadedLogs:
+    """One target's database and confirmed.json as read once per process, and its records by workload."""
+
+    def __init__(self, target, root: Path):
+        self.db = open_database(target, root)
+        self.confirmed = read_confirmed(target, root) if self.db is not None else {}
+
+    @functools.cached_property
+    def records_by_workload(self) -> dict:
+        found: dict = {}
+        for record in self.db.get_all_tuning_records() if self.db is not None else []:
+            found.setdefault(workload_key(record.workload.mod), []).append(record)
+        return found
 
 
 @functools.lru_cache(maxsize=8)
-def _records_by_workload(target_json: str, root: str) -> dict:
-    """{workload key: [records]} of one target's database (read once per process)."""
-    db, _ = _cached_database(target_json, root)
-    found: dict = {}
-    for record in db.get_all_tuning_records() if db is not None else []:
-        found.setdefault(workload_key(record.workload.mod), []).append(record)
-    return found
+def _cached_database(target_json: str, root: str) -> _LoadedLogs:
+    return _LoadedLogs(resolve_target(target_json), Path(root))
 
 
 def valid_records(db, mod: tvm.IRModule, target) -> list:
@@ -193,14 +196,13 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     """The tuning record the kernel serving ``spec`` uses on ``target`` (noted by `tune` for the kernel, whatever
     length it was tuned at), or None."""
     t = resolve_target(target)
-    key = (str(t), str(root or default_logs_root()))
-    db, confirmed = _cached_database(*key)
-    noted = confirmed.get(FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q)))
-    if db is None or noted is None:
+    logs = _cached_database(str(t), str(root or default_logs_root()))
+    noted = logs.confirmed.get(FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q)))
+    if logs.db is None or noted is None:
         return None
     wkey, _, digest = noted.partition("/")
     target_k = target_key(t)
-    for record in _records_by_workload(*key).get(wkey, []):
+    for record in logs.records_by_workload.get(wkey, []):
         if record_digest(record) == digest and (record.target is None or target_key(record.target) == target_k):
             return record
     return None
