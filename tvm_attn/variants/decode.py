@@ -17,7 +17,8 @@ Blocks (the contract with schedules/decode.py):
     init_stats, init_acc
     kv_tile                one per KV tile of the chunk the position can see; inside it:
       qk_part                per (row, key, lane): partial dot products over head_dim / LANES steps
-      qk_half8 .. qk_half1   the lanes summed pairwise (a tree: LLVM will not reorder a float sum), qk: S = q k^T
+      qk_half8, qk_half4, qk_half2, qk
+                             the lanes summed pairwise (a tree: LLVM will not reorder a float sum) into S = q k^T
       tile_max, rescale, p, tile_sum, pv, update, update_sum   as in flash
     save_acc, save_stats   the chunk's (output, max, sum) per row
   merge_max, merge_weight, merge_sum, merge_acc, out
