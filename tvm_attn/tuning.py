@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -235,4 +236,14 @@ def warn_untuned(variant_name: str, spec: AttentionSpec, target) -> None:
         _warned.add(key)
         warnings.warn(f"no tuned record for the {variant_name} {path} kernel {spec.kernel.name} on "
                       f"{target_key(target)}: using the hand "
-                      f"schedule (python -m tvm_attn.tune tunes it)", UntunedWarning, stacklevel=6)
+                      f"schedule (python -m tvm_attn.tune tunes it)", UntunedWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package: warnings then point at the user's call (attention,
+    build or KVCache.attend, whichever it came through)."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
