@@ -80,7 +80,7 @@ def test_unaligned_and_strided_inputs(exported):
     strided = np.ascontiguousarray(np.concatenate([k, k], axis=-1))[..., ::2]
     assert not strided.flags.c_contiguous
     assert_matches_reference("flash", spec, kernel(buf, strided, v), q, strided, v)
-    out = runtime._aligned_empty(spec.q_shape, np.float32, 64)
+    out = runtime.aligned_empty(spec.q_shape, np.float32, 64)
     assert kernel(q, k, v, out=out) is out
 
 

@@ -14,28 +14,12 @@ import numbers
 
 import numpy as np
 
-from .kernel import SCHEDULES, Kernel, build, first_visible_key
-from .spec import DTYPE, KNOBS, AttentionSpec
+from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, first_visible_key
+from .runtime import aligned_empty
+from .spec import DTYPE, KNOBS, AttentionSpec, positive_int
 from .variants import get_variant, path_for
 
 ALIGNMENT = 64
-
-
-def aligned_empty(shape: tuple, dtype=np.float32, alignment: int = ALIGNMENT) -> np.ndarray:
-    """An uninitialized C-contiguous array whose data starts on an ``alignment``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _float32_rank4(name: str, x) -> np.ndarray:
@@ -52,16 +36,16 @@ class KVCache:
     """Keys and values of ``batch`` sequences, ``kv_heads`` heads of ``head_dim``, up to ``capacity`` positions."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE):
-        self.batch = _positive_int("batch", batch)
-        self.kv_heads = _positive_int("kv_heads", kv_heads)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.capacity = _positive_int("capacity", capacity)
+        self.batch = positive_int("batch", batch)
+        self.kv_heads = positive_int("kv_heads", kv_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.capacity = positive_int("capacity", capacity)
         if dtype != DTYPE:
             raise TypeError(f"dtype must be {DTYPE!r} (the only one supported), got {dtype!r}")
         self.dtype = dtype
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
-        self._k = aligned_empty(shape)
-        self._v = aligned_empty(shape)
+        self._k = aligned_empty(shape, np.float32, ALIGNMENT)
+        self._v = aligned_empty(shape, np.float32, ALIGNMENT)
         self._length = 0
         self._kernels: dict = {}
 
@@ -132,10 +116,8 @@ class KVCache:
             out = np.empty(q.shape, np.float32)
         elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != np.float32:
             raise ValueError(f"out must be a float32 numpy array of shape {q.shape}")
-        if not q.flags.writeable or q.strides[-1] != 4:
-            q = np.array(q, order="C")
         first = first_visible_key(kernel.kernel_spec, n_q, self._length)
-        kernel.function(q, self._k[:, :, first:self._length], self._v[:, :, first:self._length], out)
+        kernel.function(as_kernel_argument(q), self._k[:, :, first:self._length], self._v[:, :, first:self._length], out)
         return out
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:

@@ -58,7 +58,7 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     return Scheduled(sch.mod, "hand")
 
 
-def _argument(x) -> np.ndarray:
+def as_kernel_argument(x) -> np.ndarray:
     """x as the kernel takes it without a copy when possible: a float32 array whose last axis is contiguous (any
     other strides, any alignment). Read-only and otherwise strided arrays are copied."""
     if not isinstance(x, np.ndarray):
@@ -119,7 +119,7 @@ class Kernel:
         first = first_visible_key(self.kernel_spec, spec.seq_q, spec.seq_kv)
         if first:
             k, v = k[:, :, first:], v[:, :, first:]
-        self.function(_argument(q), _argument(k), _argument(v), out)
+        self.function(as_kernel_argument(q), as_kernel_argument(k), as_kernel_argument(v), out)
         return out
 
 

@@ -122,7 +122,8 @@ def _load_runtime(path: Path) -> None:
         _runtime_loaded[key] = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
 
 
-def _aligned_empty(shape, dtype, alignment: int) -> np.ndarray:
+def aligned_empty(shape, dtype, alignment: int) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an ``alignment``-byte boundary."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(nbytes + alignment, dtype=np.uint8)
@@ -163,7 +164,7 @@ class ExportedKernel:
         if writable:
             raise ValueError(f"out must be C-contiguous and {self.alignment}-byte aligned")
         # The manifest describes dense buffers aligned to alignment_bytes: copy the ones that are not.
-        copy = _aligned_empty(array.shape, array.dtype, self.alignment)
+        copy = aligned_empty(array.shape, array.dtype, self.alignment)
         copy[...] = array
         return copy
 
@@ -173,7 +174,7 @@ class ExportedKernel:
         args = [self._prepare(n, x) for n, x in zip(ARGUMENTS, (q, k, v))]
         result = out
         if out is None:
-            out = result = _aligned_empty(self.out_shape, self._args["out"]["dtype"], self.alignment)
+            out = result = aligned_empty(self.out_shape, self._args["out"]["dtype"], self.alignment)
             if all(type(x).__module__.startswith("torch") for x in (q, k, v)):
                 import torch
 

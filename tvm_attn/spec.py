@@ -45,12 +45,7 @@ class AttentionSpec:
         if self.seq_kv is None:
             object.__setattr__(self, "seq_kv", self.seq_q)
         for name in ("batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
         if self.heads % self.kv_heads:
             raise ValueError(
                 f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}"
@@ -181,6 +176,15 @@ class AttentionSpec:
             if value == 0:
                 raise ValueError(f"{name} must be >= 1, got 0 (empty input)")
         return cls(batch=b, heads=h, kv_heads=kvh, seq_q=sq, seq_kv=skv, head_dim=d, **knobs)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1; TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def _is_real(x) -> bool:
