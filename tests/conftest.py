@@ -1,4 +1,4 @@
-"""Shared inputs and the one tolerance every float32-vs-float64 comparison uses."""
+"""Shared inputs and the one tolerance every kernel-vs-float64-reference comparison uses."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import pytest
 
 import tvm_attn
 from tvm_attn import references
+from tvm_attn.runtime import numpy_dtype
 
 EPS32 = float(np.finfo(np.float32).eps)
+# Unit roundoff (half an ulp, relative) of rounding a result to the output dtype.
+UNIT_ROUNDOFF = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+DTYPES_16 = ("float16", "bfloat16")
 
 # Knob values each pruned variant is tested with (the default grid uses the first).
 KNOBS = {
@@ -25,7 +29,7 @@ def knobs_for(variant: str) -> list[dict]:
 
 
 def tolerance(spec: tvm_attn.AttentionSpec) -> float:
-    """atol = rtol for float32 kernels against the float64 reference.
+    """atol = rtol of the float32 computation every kernel does, against the float64 reference on the same inputs.
 
     A float32 output is a chain of D-term dot products, a seq_kv-term softmax sum and a seq_kv-term P V sum; rounding
     errors of such sums grow like eps * sqrt(terms) when they are independent. Allow 8x that.
@@ -33,12 +37,21 @@ def tolerance(spec: tvm_attn.AttentionSpec) -> float:
     return 8 * EPS32 * math.sqrt(spec.head_dim + spec.seq_kv)
 
 
+def output_tolerance(spec: tvm_attn.AttentionSpec) -> tuple[float, float]:
+    """(rtol, atol) of a kernel's output in spec.dtype against the float64 reference computed on the same (16-bit
+    rounded) inputs: the float32 computation's tolerance, plus the one rounding of each result to the output dtype
+    (|error| <= unit roundoff * |value|; float16 subnormals, below 6e-5, add at most 2^-25 absolute)."""
+    tol = tolerance(spec)
+    return tol + UNIT_ROUNDOFF[spec.dtype], tol
+
+
 def make_inputs(spec: tvm_attn.AttentionSpec, seed: int = 0, q_scale: float = 1.0):
-    """Gaussian float32 q, k, v. q_scale > 1 sharpens the softmax (more weights clear a threshold)."""
+    """Gaussian q, k, v of spec.dtype. q_scale > 1 sharpens the softmax (more weights clear a threshold)."""
     rng = np.random.default_rng(seed)
-    q = (rng.standard_normal(spec.q_shape) * q_scale).astype(np.float32)
-    k = rng.standard_normal(spec.kv_shape).astype(np.float32)
-    v = rng.standard_normal(spec.kv_shape).astype(np.float32)
+    dtype = numpy_dtype(spec.dtype)
+    q = (rng.standard_normal(spec.q_shape) * q_scale).astype(dtype)
+    k = rng.standard_normal(spec.kv_shape).astype(dtype)
+    v = rng.standard_normal(spec.kv_shape).astype(dtype)
     return q, k, v
 
 
@@ -71,13 +84,14 @@ def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k) -> np.ndarr
 
 def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v):
     ref = tvm_attn.get_variant(variant).reference(spec, q, k, v)
-    assert out.shape == ref.shape and out.dtype == np.float32
+    assert out.shape == ref.shape and out.dtype == numpy_dtype(spec.dtype)
+    out = out.astype(np.float64)
     assert np.isfinite(out).all(), "kernel produced non-finite values"
     skip = ambiguous_rows(variant, spec, q, k)
     # Mass cuts with a small eps fall among many tiny weights, where more rows sit within float32 reach of 1 - eps.
     assert skip.sum() <= max(1, 0.1 * skip.size), f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
-    tol = tolerance(spec)
-    np.testing.assert_allclose(out[~skip], ref[~skip], rtol=tol, atol=tol,
+    rtol, atol = output_tolerance(spec)
+    np.testing.assert_allclose(out[~skip], ref[~skip], rtol=rtol, atol=atol,
                                err_msg=f"{variant} {spec.name} differs from its float64 reference")
 
 

@@ -162,7 +162,7 @@ def test_append_past_capacity_leaves_the_cache_unchanged():
 
 
 BAD_APPENDS = [
-    (lambda k: (k.astype(np.float64), k), TypeError, "k must be float32 like the cache, got float64"),
+    (lambda k: (k.astype(np.float64), k), TypeError, "k must be float32, float16 or bfloat16, got float64"),
     (lambda k: (k, k.astype(np.float16)), TypeError, "v must be float32 like the cache, got float16"),
     (lambda k: (k[0], k[0]), ValueError, "k must have rank 4"),
     (lambda k: (k, k[:, :, :1]), ValueError, "k and v must have the same shape"),
@@ -185,7 +185,7 @@ BAD_ATTENDS = [
     (dict(q=np.zeros((1, 4, 1, D), np.float32)), ValueError, "q has batch 1, the cache 2"),
     (dict(q=np.zeros((2, 4, 1, 16), np.float32)), ValueError, "q has head_dim 16, the cache 32"),
     (dict(q=np.zeros((2, 3, 1, D), np.float32)), ValueError, "q has heads=3, not a multiple of the cache's kv_heads=2"),
-    (dict(q=np.zeros((2, 4, 1, D), np.float64)), TypeError, "q must be float32 like the cache, got float64"),
+    (dict(q=np.zeros((2, 4, 1, D), np.float64)), TypeError, "q must be float32, float16 or bfloat16, got float64"),
     (dict(q=np.zeros((2, 4, 6, D), np.float32)), ValueError, "n_q=6 query positions but the cache holds 5"),
     (dict(window=0), ValueError, "window must be >= 1, got 0"),
     (dict(window=4, causal=False), ValueError, "window=4 needs causal=True"),
@@ -213,8 +213,8 @@ def test_attend_on_an_empty_cache_and_bad_construction():
         tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=0)
     with pytest.raises(TypeError, match="kv_heads must be an int, got 2.5"):
         tvm_attn.KVCache(batch=1, kv_heads=2.5, head_dim=8, capacity=4)
-    with pytest.raises(TypeError, match="dtype must be 'float32'"):
-        tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=4, dtype="float16")
+    with pytest.raises(TypeError, match="dtype must be one of float32, float16, bfloat16, got 'int8'"):
+        tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=4, dtype="int8")
 
 
 def _literal(message: str) -> str:

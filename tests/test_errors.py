@@ -28,8 +28,8 @@ BAD_ARRAYS = [
     ("heads", lambda q, k, v: (q[:, :3], k, v), ValueError, "heads=3 is not a multiple of kv_heads=2"),
     ("seq 0", lambda q, k, v: (q[:, :, :0], k, v), ValueError, "seq_q must be >= 1, got 0"),
     ("seq_kv 0", lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, "seq_kv must be >= 1, got 0"),
-    ("dtype", lambda q, k, v: (q.astype(np.float64), k, v), TypeError, "q must be float32, got float64"),
-    ("mixed dtype", lambda q, k, v: (q, k, v.astype(np.float16)), TypeError, "v must be float32, got float16"),
+    ("dtype", lambda q, k, v: (q.astype(np.float64), k, v), TypeError, "q must be float32, float16 or bfloat16, got float64"),
+    ("mixed dtype", lambda q, k, v: (q, k, v.astype(np.float16)), TypeError, "v is float16 but q is float32: q, k and v must have one dtype"),
     ("not an array", lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be an array"),
 ]
 

@@ -12,7 +12,9 @@ from .variants import get_variant
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
               eps: float | None = None, target="host", tuned: bool = True, schedule: str | None = None) -> np.ndarray:
-    """Attention of float32 numpy q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel.
+    """Attention of numpy q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel; returns an
+    array of q's dtype. q, k, v share one dtype: float32, float16 or bfloat16 (ml_dtypes.bfloat16); scores, softmax
+    and accumulation are float32 for all three.
 
     A kernel is compiled once per (variant, heads, kv_heads, head_dim, mask, knob) and its path (decode for a few
     query rows, prefill for more) and serves every batch and length. Arrays whose last axis is contiguous (strided

@@ -4,8 +4,9 @@
     cache.append(k, v)                              # (batch, kv_heads, n, head_dim), written in place
     out = cache.attend(q, variant="flash")          # q: (batch, heads, n_q, head_dim), the n_q newest positions
 
-K and V live in two 64-byte aligned (batch, kv_heads, capacity, head_dim) buffers; ``attend`` passes the filled
-part to a length-generic kernel as a strided view (no copy, no compile per length).
+K and V live in two 64-byte aligned (batch, kv_heads, capacity, head_dim) buffers of the cache's dtype (float32,
+float16 or bfloat16: a 16-bit cache halves the bytes a decode step reads); ``attend`` passes the filled part to a
+length-generic kernel as a strided view (no copy, no compile per length). q, k and v have the cache's dtype.
 """
 
 from __future__ import annotations
@@ -14,38 +15,41 @@ import numbers
 
 import numpy as np
 
-from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, first_visible_key
-from .runtime import aligned_empty
-from .spec import DTYPE, KNOBS, AttentionSpec, positive_int
+from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out, first_visible_key
+from .runtime import aligned_empty, dlpack_argument, numpy_dtype
+from .spec import DTYPE, DTYPES, KNOBS, AttentionSpec, array_dtype, positive_int
 from .variants import get_variant, path_for
 
 ALIGNMENT = 64
 
 
-def _float32_rank4(name: str, x) -> np.ndarray:
+def _rank4(name: str, x, dtype: str) -> np.ndarray:
+    """x as a rank-4 numpy array of ``dtype``; TypeError/ValueError naming ``name`` otherwise."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array with shape and dtype, got {type(x).__name__}")
     if len(x.shape) != 4:
         raise ValueError(f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
-    if np.dtype(x.dtype) != np.float32:
-        raise TypeError(f"{name} must be float32 like the cache, got {np.dtype(x.dtype)}")
+    if array_dtype(name, x) != dtype:
+        raise TypeError(f"{name} must be {dtype} like the cache, got {array_dtype(name, x)} "
+                        f"(convert it, e.g. {name}.astype(cache.k.dtype))")
     return np.asarray(x)
 
 
 class KVCache:
-    """Keys and values of ``batch`` sequences, ``kv_heads`` heads of ``head_dim``, up to ``capacity`` positions."""
+    """Keys and values of ``batch`` sequences, ``kv_heads`` heads of ``head_dim``, up to ``capacity`` positions,
+    stored as ``dtype`` (float32, float16 or bfloat16)."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE):
         self.batch = positive_int("batch", batch)
         self.kv_heads = positive_int("kv_heads", kv_heads)
         self.head_dim = positive_int("head_dim", head_dim)
         self.capacity = positive_int("capacity", capacity)
-        if dtype != DTYPE:
-            raise TypeError(f"dtype must be {DTYPE!r} (the only one supported), got {dtype!r}")
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
-        self._k = aligned_empty(shape, np.float32, ALIGNMENT)
-        self._v = aligned_empty(shape, np.float32, ALIGNMENT)
+        self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+        self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
         self._length = 0
         self._kernels: dict = {}
 
@@ -66,13 +70,13 @@ class KVCache:
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"capacity={self.capacity}, length={self._length})")
+                f"capacity={self.capacity}, length={self._length}, dtype={self.dtype!r})")
 
     def append(self, k, v) -> None:
         """Write ``n`` new positions, k and v of shape (batch, kv_heads, n, head_dim), after the filled part. The
         cache is unchanged when this raises (wrong shape or dtype, or more positions than the capacity left)."""
-        k = _float32_rank4("k", k)
-        v = _float32_rank4("v", v)
+        k = _rank4("k", k, self.dtype)
+        v = _rank4("v", v, self.dtype)
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
         b, kvh, n, d = k.shape
@@ -98,7 +102,7 @@ class KVCache:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
         variant's pruning knob (threshold=, top_k= or eps=). Returns a new array, or fills ``out``."""
-        q = _float32_rank4("q", q)
+        q = _rank4("q", q, self.dtype)
         b, heads, n_q, d = q.shape
         if b != self.batch:
             raise ValueError(f"q has batch {b}, the cache {self.batch}")
@@ -112,12 +116,10 @@ class KVCache:
             raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
-        if out is None:
-            out = np.empty(q.shape, np.float32)
-        elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != np.float32:
-            raise ValueError(f"out must be a float32 numpy array of shape {q.shape}")
+        out = checked_out(out, q.shape, self.dtype)
         first = first_visible_key(kernel.kernel_spec, n_q, self._length)
-        kernel.function(as_kernel_argument(q), self._k[:, :, first:self._length], self._v[:, :, first:self._length], out)
+        kernel.function(*(dlpack_argument(x) for x in (as_kernel_argument(q), self._k[:, :, first:self._length],
+                                                         self._v[:, :, first:self._length], out)))
         return out
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
@@ -135,7 +137,7 @@ class KVCache:
             v = get_variant(variant)
             spec = AttentionSpec(batch=self.batch, heads=heads, kv_heads=self.kv_heads, seq_q=n_q,
                                  seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
-                                 scale=scale, **knob)
+                                 scale=scale, dtype=self.dtype, **knob)
             kernel = build(v, spec, schedule=schedule)
             self._kernels[key] = kernel
         return kernel

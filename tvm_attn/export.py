@@ -28,7 +28,7 @@ from . import __version__
 from .kernel import scheduled_module
 from .plan import Workload, add_workload_arguments, workloads_from_args
 from .runtime import ALIGNMENT_BYTES, MANIFEST_FORMAT
-from .spec import AttentionSpec
+from .spec import DTYPE, DTYPE_TAGS, AttentionSpec
 from .targets import resolve_target, target_key
 from .variants import get_variant
 
@@ -47,8 +47,9 @@ class Exported:
 
 
 def export_name(variant: str, spec: AttentionSpec, target) -> str:
-    """e.g. attn_flash_b2_h8_kv8_q512_k512_d64_f32_arm64-apple-macos-apple-m3."""
-    return f"attn_{variant}_{spec.name}_f32_{target_key(target)}"
+    """e.g. attn_flash_b2_h8_kv8_q512_k512_d64_f32_arm64-apple-macos-apple-m3 (f16, bf16 for 16-bit kernels)."""
+    shape = dataclasses.replace(spec, dtype=DTYPE).name  # the dtype tag goes last, for every dtype
+    return f"attn_{variant}_{shape}_{DTYPE_TAGS[spec.dtype]}_{target_key(target)}"
 
 
 def function_name(name: str) -> str:

@@ -12,6 +12,7 @@ import tvm
 from tvm import s_tir
 
 from . import tuning
+from .runtime import dlpack_argument, numpy_dtype
 from .spec import AttentionSpec, KernelSpec
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant, path_for
@@ -59,14 +60,26 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
 
 
 def as_kernel_argument(x) -> np.ndarray:
-    """x as the kernel takes it without a copy when possible: a float32 array whose last axis is contiguous (any
-    other strides, any alignment). Read-only and otherwise strided arrays are copied."""
+    """x as the kernel takes it without a copy when possible: an array whose last axis is contiguous (any other
+    strides, any alignment). Read-only and otherwise strided arrays are copied."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.strides[-1] != x.itemsize or not x.flags.writeable or any(s % x.itemsize for s in x.strides):
         # DLPack cannot mark an array read-only, so numpy refuses to export one; the kernels never write inputs.
         x = np.array(x, order="C")
     return x
+
+
+def checked_out(out, shape: tuple, dtype: str) -> np.ndarray:
+    """``out`` if it is a writable numpy array of ``shape`` and ``dtype`` with a contiguous last axis (a new array
+    when None); ValueError otherwise."""
+    if out is None:
+        return np.empty(shape, numpy_dtype(dtype))
+    if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != numpy_dtype(dtype)
+            or not out.flags.writeable or out.strides[-1] != out.itemsize or any(s % out.itemsize for s in out.strides)):
+        raise ValueError(f"out must be a writable {dtype} numpy array of shape {shape} with a contiguous last axis, "
+                         f"got {type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
+    return out
 
 
 def first_visible_key(kspec: KernelSpec, seq_q: int, seq_kv: int) -> int:
@@ -80,7 +93,7 @@ def first_visible_key(kspec: KernelSpec, seq_q: int, seq_kv: int) -> int:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Kernel:
     """A compiled attention kernel for one kernel spec, path and target; it serves every batch, seq_q and seq_kv.
-    Call it with numpy q, k, v."""
+    Call it with numpy q, k, v of its kernel spec's dtype."""
 
     variant: str
     kernel_spec: KernelSpec
@@ -93,7 +106,8 @@ class Kernel:
     @functools.cached_property
     def function(self):
         """The runtime function, called as f(q, k, v, out) on tvm tensors or numpy arrays (any strides with a
-        contiguous last axis, any alignment; out float32 of q's shape)."""
+        contiguous last axis, any alignment; out of q's shape and dtype; bfloat16 numpy arrays through
+        ``runtime.dlpack_argument``)."""
         if not runs_on_host(self.target):
             raise RuntimeError(
                 f"this kernel was built for {target_key(self.target)} and cannot run on this "
@@ -105,6 +119,8 @@ class Kernel:
         """The spec of a call with q, k, v; ValueError/TypeError when this kernel cannot serve it."""
         ks = self.kernel_spec
         spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale, **ks.knobs())
+        if spec.dtype != ks.dtype:
+            raise TypeError(f"q, k and v are {spec.dtype}; this kernel was built for {ks.dtype}")
         if spec.kernel != ks:
             raise ValueError(f"inputs have heads={spec.heads}, kv_heads={spec.kv_heads}, head_dim={spec.head_dim}; "
                              f"this kernel was built for {ks.name}")
@@ -112,14 +128,11 @@ class Kernel:
 
     def __call__(self, q, k, v, out=None) -> np.ndarray:
         spec = self.check(q, k, v)
-        if out is None:
-            out = np.empty(spec.q_shape, np.float32)
-        elif not isinstance(out, np.ndarray) or out.shape != spec.q_shape or out.dtype != np.float32:
-            raise ValueError(f"out must be a float32 numpy array of shape {spec.q_shape}")
+        out = checked_out(out, spec.q_shape, spec.dtype)
         first = first_visible_key(self.kernel_spec, spec.seq_q, spec.seq_kv)
         if first:
             k, v = k[:, :, first:], v[:, :, first:]
-        self.function(as_kernel_argument(q), as_kernel_argument(k), as_kernel_argument(v), out)
+        self.function(*(dlpack_argument(as_kernel_argument(x)) for x in (q, k, v)), dlpack_argument(out))
         return out
 
 
@@ -147,7 +160,7 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     seq_q = 1 if path == "decode" else 1024
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
-                         **kspec.knobs())
+                         dtype=kspec.dtype, **kspec.knobs())
 
 
 @functools.lru_cache(maxsize=256)

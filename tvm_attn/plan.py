@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .spec import AttentionSpec
+from .spec import DTYPE, DTYPES, AttentionSpec
 from .variants import get_variant, path_for
 
 
@@ -62,6 +62,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--head-dim", type=int, default=64, help="default 64")
     parser.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
     parser.add_argument("--window", type=int, default=None, help="sliding window (with --causal)")
+    parser.add_argument("--dtype", choices=DTYPES, default=DTYPE, help=f"of q, k, v and the output (default {DTYPE})")
     add_knob_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
 
@@ -88,7 +89,7 @@ def workloads_from_args(args: argparse.Namespace) -> list[Workload]:
         for seq in args.seq or [512]:
             spec = AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=seq,
                                  seq_kv=args.seq_kv, head_dim=args.head_dim, causal=args.causal,
-                                 window=args.window,
+                                 window=args.window, dtype=args.dtype,
                                  **knobs_from_args(variant, args))
             variant.check(spec)
             plan.append(Workload(variant.name, spec))

@@ -4,6 +4,8 @@
     kernel = tvm_attn.runtime.load("kernels/attn_flash_b2_h8_kv8_q512_k512_d64_f32_x86_64-znver4.so")
     out = kernel(q, k, v)          # numpy in, numpy out; torch tensors in, a torch tensor out (via DLPack)
 
+Kernels take float32, float16 or bfloat16 (the manifest's ``dtype``; bfloat16 numpy arrays are ml_dtypes').
+
 This module never imports `tvm` (the compiler): a program that only runs kernels needs `apache-tvm-ffi`, numpy and
 the TVM runtime library shipped next to the kernel (`libtvm_runtime.so` / `.dylib`), which parallel kernels and
 kernels with scratch memory call into for their thread pool and workspace.
@@ -122,6 +124,38 @@ def _load_runtime(path: Path) -> None:
         _runtime_loaded[key] = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a kernel dtype name: float32, float16, or bfloat16 (ml_dtypes.bfloat16)."""
+    if name == "bfloat16":
+        import ml_dtypes  # a dependency of apache-tvm; only bfloat16 users need it here
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+_DL_UINT, _DL_BFLOAT = 1, 4  # DLDataTypeCode values
+_DTYPE_OFFSET = 20  # of DLTensor.dtype in a DLManagedTensor: data (8 bytes), device (8), ndim (4)
+
+
+def dlpack_argument(array: np.ndarray):
+    """``array`` as a kernel argument without a copy. numpy exports every dtype the kernels take through DLPack
+    except bfloat16 (ml_dtypes' is not a dtype numpy knows): such arrays go as the DLPack export of their uint16
+    view, relabelled bfloat16."""
+    if array.dtype.name != "bfloat16":
+        return array
+    import tvm_ffi
+
+    capsule = array.view(np.uint16).__dlpack__()  # no max_version: the unversioned "dltensor" capsule
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    dtype = (ctypes.c_uint8 * 2).from_address(get_pointer(capsule, b"dltensor") + _DTYPE_OFFSET)
+    if (dtype[0], dtype[1]) != (_DL_UINT, 16):
+        raise RuntimeError(f"numpy's DLPack export of a uint16 array has dtype code {dtype[0]}, bits {dtype[1]}: "
+                           f"this numpy lays DLPack out differently; pass bfloat16 as torch tensors instead")
+    dtype[0] = _DL_BFLOAT
+    return tvm_ffi.from_dlpack(capsule)
+
+
 def aligned_empty(shape, dtype, alignment: int) -> np.ndarray:
     """An uninitialized C-contiguous array whose data starts on an ``alignment``-byte boundary."""
     dtype = np.dtype(dtype)
@@ -153,10 +187,10 @@ class ExportedKernel:
         if not hasattr(array, "shape") or not hasattr(array, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(array).__name__}")
         if not isinstance(array, np.ndarray):
-            array = np.from_dlpack(array)  # torch and other DLPack producers: a zero-copy view on the CPU
+            array = _numpy_view(array)  # torch and other DLPack producers: a zero-copy view on the CPU
         if tuple(array.shape) != tuple(arg["shape"]):
             raise ValueError(f"{name} has shape {tuple(array.shape)}, kernel {self.name} takes {tuple(arg['shape'])}")
-        if array.dtype != np.dtype(arg["dtype"]):
+        if array.dtype != numpy_dtype(arg["dtype"]):
             raise TypeError(f"{name} is {array.dtype}, kernel {self.name} takes {arg['dtype']}")
         aligned = array.flags.c_contiguous and array.ctypes.data % self.alignment == 0
         if aligned:
@@ -169,19 +203,39 @@ class ExportedKernel:
         return copy
 
     def __call__(self, q, k, v, *, out=None):
-        import tvm_ffi
-
         args = [self._prepare(n, x) for n, x in zip(ARGUMENTS, (q, k, v))]
         result = out
         if out is None:
-            out = result = aligned_empty(self.out_shape, self._args["out"]["dtype"], self.alignment)
-            if all(type(x).__module__.startswith("torch") for x in (q, k, v)):
-                import torch
-
-                result = torch.from_dlpack(out)  # torch in, torch out, sharing the output buffer
+            out = result = aligned_empty(self.out_shape, numpy_dtype(self._args["out"]["dtype"]), self.alignment)
+            if all(_is_torch(x) for x in (q, k, v)):
+                result = torch_view(out)  # torch in, torch out, sharing the output buffer
         out_view = self._prepare("out", out, writable=True)
-        self._function(*(tvm_ffi.from_dlpack(a) for a in (*args, out_view)))
+        self._function(*(dlpack_argument(a) for a in (*args, out_view)))
         return result
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _numpy_view(x) -> np.ndarray:
+    """A DLPack producer's CPU tensor as a numpy array without a copy (torch bfloat16 through its int16 bits, as
+    numpy imports no bfloat16)."""
+    if _is_torch(x) and str(x.dtype) == "torch.bfloat16":
+        import torch
+
+        return np.from_dlpack(x.view(torch.int16)).view(numpy_dtype("bfloat16"))
+    return np.from_dlpack(x)
+
+
+def torch_view(array: np.ndarray):
+    """A numpy array as a torch tensor of its dtype sharing its memory (bfloat16 through its bits, as torch
+    imports no ml_dtypes array)."""
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_dlpack(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(array)
 
 
 def load(path) -> ExportedKernel:

@@ -8,7 +8,11 @@ import numbers
 
 import numpy as np
 
-DTYPE = "float32"
+DTYPE = "float32"  # the default
+# The dtypes of q, k, v and the output; 16-bit ones are converted to float32 on load, and scores, softmax statistics
+# and accumulators are float32 for every dtype.
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 KNOBS = ("threshold", "top_k", "eps")  # the pruning knobs: at most one is set, by the variant that uses it
 
 
@@ -21,7 +25,8 @@ class AttentionSpec:
     j <= i + (seq_kv - seq_q). ``window`` (needs causal) also hides keys j <= i + (seq_kv - seq_q) - window, so
     each query sees at most ``window`` keys, as in Mistral's sliding window. ``scale`` None means 1/sqrt(head_dim).
     ``threshold`` and ``top_k`` are the pruning knobs of the variants of the same names, ``eps`` the mass
-    variant's, and are None elsewhere. A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
+    variant's, and are None elsewhere. ``dtype`` (one of DTYPES) is that of q, k, v and the output; computation is
+    float32 for every dtype. A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
     """
 
     batch: int = 2
@@ -62,8 +67,8 @@ class AttentionSpec:
                 raise ValueError(f"window={self.window} needs causal=True (a sliding window looks back from each "
                                  f"query)")
             object.__setattr__(self, "window", int(self.window))
-        if self.dtype != DTYPE:
-            raise TypeError(f"dtype must be {DTYPE!r} (the only one supported), got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.scale is None:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
         elif not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale == 0:
@@ -149,11 +154,14 @@ class AttentionSpec:
             parts.append(f"top{self.top_k}")
         if self.eps is not None:
             parts.append(f"eps{self.eps:g}")
+        if self.dtype != DTYPE:
+            parts.append(DTYPE_TAGS[self.dtype])
         return "_".join(parts)
 
     @classmethod
     def from_arrays(cls, q, k, v, **knobs) -> "AttentionSpec":
-        """The spec of numpy-like arrays q, k, v; raises ValueError/TypeError naming what is wrong."""
+        """The spec of numpy-like arrays q, k, v (one dtype of DTYPES for all three); raises ValueError/TypeError
+        naming what is wrong."""
         for name, arr in (("q", q), ("k", k), ("v", v)):
             if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
                 raise TypeError(f"{name} must be an array with shape and dtype, got {type(arr).__name__}")
@@ -161,8 +169,11 @@ class AttentionSpec:
                 raise ValueError(
                     f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(arr.shape)}"
                 )
-            if np.dtype(arr.dtype) != np.float32:
-                raise TypeError(f"{name} must be float32, got {np.dtype(arr.dtype)} (use .astype(np.float32))")
+        dtype = array_dtype("q", q)
+        for name, arr in (("k", k), ("v", v)):
+            if array_dtype(name, arr) != dtype:
+                raise TypeError(f"{name} is {array_dtype(name, arr)} but q is {dtype}: q, k and v must have one dtype "
+                                f"(convert one side, e.g. q.astype(k.dtype))")
         if tuple(k.shape) != tuple(v.shape):
             raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
         b, h, sq, d = q.shape
@@ -175,7 +186,19 @@ class AttentionSpec:
                             ("kv_heads", kvh), ("head_dim", d)):
             if value == 0:
                 raise ValueError(f"{name} must be >= 1, got 0 (empty input)")
-        return cls(batch=b, heads=h, kv_heads=kvh, seq_q=sq, seq_kv=skv, head_dim=d, **knobs)
+        return cls(batch=b, heads=h, kv_heads=kvh, seq_q=sq, seq_kv=skv, head_dim=d, dtype=dtype, **knobs)
+
+
+def array_dtype(name: str, arr) -> str:
+    """The name of ``arr``'s dtype, one of DTYPES (bfloat16: ml_dtypes.bfloat16 numpy arrays); TypeError naming
+    ``name`` otherwise."""
+    try:
+        dtype = np.dtype(arr.dtype).name
+    except TypeError:
+        dtype = str(arr.dtype)
+    if dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
 
 
 def positive_int(name: str, value) -> int:
@@ -226,4 +249,6 @@ class KernelSpec:
         for knob, tag in (("threshold", "tau"), ("top_k", "top"), ("eps", "eps")):
             if getattr(self, knob) is not None:
                 parts.append(f"{tag}{getattr(self, knob):g}")
+        if self.dtype != DTYPE:
+            parts.append(DTYPE_TAGS[self.dtype])
         return "_".join(parts)

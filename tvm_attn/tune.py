@@ -23,6 +23,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from . import tuning
+from .runtime import dlpack_argument, numpy_dtype
 from .plan import Workload, add_workload_arguments, workloads_from_args
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import get_variant, path_for
@@ -141,7 +142,7 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
         return {}
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(shape).astype(np.float32), dev)
+    args = [dlpack_argument(rng.standard_normal(shape).astype(numpy_dtype(spec.dtype)))
             for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape)]
     result = tvm.runtime.empty(spec.q_shape, spec.dtype, dev)
     traces = {"hand": hand.trace, "tuned": best.trace}

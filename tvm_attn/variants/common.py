@@ -13,6 +13,8 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 
+ACC = "float32"  # scores, softmax statistics, accumulators and scratch, whatever the arguments' dtype
+
 # The kernels assume only element alignment of their arguments: numpy and torch tensors, strided views into a KV
 # cache and slices at any offset are passed without a copy (unaligned vector loads cost nothing on aligned data).
 ELEMENT_ALIGN = 4
@@ -21,6 +23,16 @@ ELEMENT_ALIGN = 4
 def ceil_div(a, b: int):
     """Tiles of size b covering a (an int or a PrimExpr)."""
     return (a + (b - 1)) // b
+
+
+def widen(x):
+    """A loaded argument element as float32 (16-bit inputs are converted on load; float32 ones pass through)."""
+    return x if str(x.ty) == ACC else T.Cast(ACC, x)
+
+
+def narrow(x, dtype: str):
+    """A float32 result as the output's dtype (rounded to nearest even for 16-bit outputs)."""
+    return x if dtype == ACC else T.Cast(dtype, x)
 
 
 def run_time_sizes():
@@ -84,11 +96,12 @@ class Visibility:
 
 @T.macro
 def transpose_k(k, k_t, batch, kv_heads, head_dim, seq_kv, padded, zero):
-    """k_t[b, kh, d, j] = k[b, kh, j, d], zero past seq_kv: keys lie along vector lanes in the QK^T tiles."""
+    """k_t[b, kh, d, j] = k[b, kh, j, d] as float32, zero past seq_kv: keys lie along vector lanes in the QK^T
+    tiles."""
     for b, kh, d, j in T.grid(batch, kv_heads, head_dim, padded):
         with T.sblock("k_t"):
             vb, vkh, vd, vj = T.axis.remap("SSSS", [b, kh, d, j])
-            k_t[vb, vkh, vd, vj] = T.if_then_else(vj < seq_kv, k[vb, vkh, T.min(vj, seq_kv - 1), vd], zero)
+            k_t[vb, vkh, vd, vj] = T.if_then_else(vj < seq_kv, widen(k[vb, vkh, T.min(vj, seq_kv - 1), vd]), zero)
 
 
 @T.macro
@@ -136,7 +149,7 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
             r, j, dd = T.axis.remap("SRS", [ri, jj, d])
             with T.init():
                 O[r, dd] = zero
-            O[r, dd] = O[r, dd] + P[r, j] * v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd]
+            O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
     for ri, d in T.grid(rows, head_dim):
         with T.sblock("update"):
             r, dd = T.axis.remap("SS", [ri, d])
@@ -154,11 +167,12 @@ LANES = 16  # partial results per row reduction; BLOCK_KV is a multiple
 
 @T.macro
 def load_q_rows(q_tile, q, vb, vh, row0, rows, seq_q, head_dim, scale, zero):
-    """q_tile[r] = scale * q[row0 + r], zero past seq_q."""
+    """q_tile[r] = scale * q[row0 + r] as float32, zero past seq_q."""
     for ri, d in T.grid(rows, head_dim):
         with T.sblock("q_tile"):
             r, dd = T.axis.remap("SS", [ri, d])
-            q_tile[r, dd] = T.if_then_else(row0 + r < seq_q, q[vb, vh, T.min(row0 + r, seq_q - 1), dd] * scale, zero)
+            q_tile[r, dd] = T.if_then_else(row0 + r < seq_q, widen(q[vb, vh, T.min(row0 + r, seq_q - 1), dd]) * scale,
+                                            zero)
 
 
 @T.macro

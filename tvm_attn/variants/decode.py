@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, run_time_sizes
+from .common import ACC, narrow, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, run_time_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,33 +101,33 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
         v = bhsd(v_h, B, KVH, SKV, D, dtype)
         out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), dtype)
-            l_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), dtype)
-            o_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G, D), dtype)
-            merged_max = T.sblock_alloc_buffer((B, H, SQ), dtype)
-            weight = T.sblock_alloc_buffer((B, H, SQ, NSR), dtype)
-            merged_sum = T.sblock_alloc_buffer((B, H, SQ), dtype)
-            merged_acc = T.sblock_alloc_buffer((B, H, SQ, D), dtype)
+            m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
+            l_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
+            o_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G, D), ACC)
+            merged_max = T.sblock_alloc_buffer((B, H, SQ), ACC)
+            weight = T.sblock_alloc_buffer((B, H, SQ, NSR), ACC)
+            merged_sum = T.sblock_alloc_buffer((B, H, SQ), ACC)
+            merged_acc = T.sblock_alloc_buffer((B, H, SQ, D), ACC)
             for b, kh, s in T.grid(B, KVH, NSR):
                 with T.sblock("split"):
                     vb, vkh, vs = T.axis.remap("SSS", [b, kh, s])
                     T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D])
                     T.writes(m_part[vb, vkh, vs, 0:SQ, 0:G], l_part[vb, vkh, vs, 0:SQ, 0:G],
                              o_part[vb, vkh, vs, 0:SQ, 0:G, 0:D])
-                    q_rows = T.sblock_alloc_buffer((G, DP), dtype)
-                    part = T.sblock_alloc_buffer((G, BK, LANES), dtype)
-                    half8 = T.sblock_alloc_buffer((G, BK, 8), dtype)
-                    half4 = T.sblock_alloc_buffer((G, BK, 4), dtype)
-                    half2 = T.sblock_alloc_buffer((G, BK, 2), dtype)
-                    S = T.sblock_alloc_buffer((G, BK), dtype)
-                    P = T.sblock_alloc_buffer((G, BK), dtype)
-                    O = T.sblock_alloc_buffer((G, D), dtype)
-                    m = T.sblock_alloc_buffer((G,), dtype)
-                    t_max = T.sblock_alloc_buffer((G,), dtype)
-                    t_sum = T.sblock_alloc_buffer((G,), dtype)
-                    alpha = T.sblock_alloc_buffer((G,), dtype)
-                    l = T.sblock_alloc_buffer((G,), dtype)
-                    acc = T.sblock_alloc_buffer((G, D), dtype)
+                    q_rows = T.sblock_alloc_buffer((G, DP), ACC)
+                    part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
+                    half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
+                    half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
+                    half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
+                    S = T.sblock_alloc_buffer((G, BK), ACC)
+                    P = T.sblock_alloc_buffer((G, BK), ACC)
+                    O = T.sblock_alloc_buffer((G, D), ACC)
+                    m = T.sblock_alloc_buffer((G,), ACC)
+                    t_max = T.sblock_alloc_buffer((G,), ACC)
+                    t_sum = T.sblock_alloc_buffer((G,), ACC)
+                    alpha = T.sblock_alloc_buffer((G,), ACC)
+                    l = T.sblock_alloc_buffer((G,), ACC)
+                    acc = T.sblock_alloc_buffer((G, D), ACC)
                     for i in range(SQ):
                         with T.sblock("query"):
                             vi = T.axis.opaque(SQ, i)
@@ -135,7 +135,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                 with T.sblock("q_rows"):
                                     vg, vd = T.axis.remap("SS", [g, d])
                                     q_rows[vg, vd] = T.if_then_else(
-                                        vd < D, q[vb, vkh * G + vg, vi, T.min(vd, D - 1)] * SCALE, ZERO)
+                                        vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
                             for g in range(G):
                                 with T.sblock("init_stats"):
                                     vg = T.axis.spatial(G, g)
@@ -154,8 +154,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                             with T.init():
                                                 part[vg, j, vl] = ZERO
                                             # Keys past seq_kv read the last key; tile_max and p mask them.
-                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * k[
-                                                vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)]
+                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * widen(k[
+                                                vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
                                     for g, jj, lane in T.grid(G, BK, 8):
                                         with T.sblock("qk_half8"):
                                             vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
@@ -210,7 +210,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
             for b, h, i, d in T.grid(B, H, SQ, D):
                 with T.sblock("out"):
                     vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
-                    out[vb, vh, vi, vd] = T.Select(merged_sum[vb, vh, vi] > ZERO,
-                                                   merged_acc[vb, vh, vi, vd] / merged_sum[vb, vh, vi], ZERO)
+                    out[vb, vh, vi, vd] = narrow(T.Select(merged_sum[vb, vh, vi] > ZERO,
+                                                          merged_acc[vb, vh, vi, vd] / merged_sum[vb, vh, vi], ZERO),
+                                                 dtype)
 
     return decode

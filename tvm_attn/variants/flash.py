@@ -29,7 +29,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, run_time_sizes,
+from .common import (ACC, narrow, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, run_time_sizes,
                      transpose_k)
 
 BLOCK_Q = 32
@@ -88,28 +88,28 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
         v = bhsd(v_h, B, KVH, SKV, D, dtype)
         out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), dtype)
+            k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), ACC)
             transpose_k(k, k_t, B, KVH, D, SKV, ceil_div(SKV, BK) * BK, ZERO)
             for b, kh, go, rt in T.grid(B, KVH, GO, ceil_div(GI * SQ, BQ)):
                 with T.sblock("tile"):
                     vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
-                    q_tile = T.sblock_alloc_buffer((BQ, D), dtype)
-                    S = T.sblock_alloc_buffer((BQ, BK), dtype)
-                    P = T.sblock_alloc_buffer((BQ, BK), dtype)
-                    O = T.sblock_alloc_buffer((BQ, D), dtype)
-                    m = T.sblock_alloc_buffer((BQ,), dtype)
-                    t_max = T.sblock_alloc_buffer((BQ,), dtype)
-                    t_sum = T.sblock_alloc_buffer((BQ,), dtype)
-                    alpha = T.sblock_alloc_buffer((BQ,), dtype)
-                    l = T.sblock_alloc_buffer((BQ,), dtype)
-                    acc = T.sblock_alloc_buffer((BQ, D), dtype)
+                    q_tile = T.sblock_alloc_buffer((BQ, D), ACC)
+                    S = T.sblock_alloc_buffer((BQ, BK), ACC)
+                    P = T.sblock_alloc_buffer((BQ, BK), ACC)
+                    O = T.sblock_alloc_buffer((BQ, D), ACC)
+                    m = T.sblock_alloc_buffer((BQ,), ACC)
+                    t_max = T.sblock_alloc_buffer((BQ,), ACC)
+                    t_sum = T.sblock_alloc_buffer((BQ,), ACC)
+                    alpha = T.sblock_alloc_buffer((BQ,), ACC)
+                    l = T.sblock_alloc_buffer((BQ,), ACC)
+                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
                     for ri, d in T.grid(BQ, D):
                         with T.sblock("q_tile"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             q_tile[r, dd] = T.if_then_else(
                                 vrt * BQ + r < R,
-                                q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
-                                  query(T.min(vrt * BQ + r, R - 1), SQ), dd] * SCALE,
+                                widen(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
+                                        query(T.min(vrt * BQ + r, R - 1), SQ), dd]) * SCALE,
                                 ZERO,
                             )
                     for ri in range(BQ):
@@ -131,9 +131,8 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < R)
-                            out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = T.Select(
-                                l[r] > ZERO, acc[r, dd] / l[r], ZERO
-                            )
+                            out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = narrow(
+                                T.Select(l[r] > ZERO, acc[r, dd] / l[r], ZERO), dtype)
 
     return flash
 

@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
+from .common import (ACC, narrow, widen, LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
                      run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
 
 BLOCK_Q = 32
@@ -84,26 +84,26 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
         v = bhsd(v_h, B, KVH, SKV, D, dtype)
         out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), dtype)
+            k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), ACC)
             transpose_k(k, k_t, B, KVH, D, SKV, SKVP, ZERO)
             for b, h, rt in T.grid(B, H, ceil_div(SQ, BQ)):
                 with T.sblock("tile"):
                     vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
-                    q_tile = T.sblock_alloc_buffer((BQ, D), dtype)
-                    S = T.sblock_alloc_buffer((BQ, SKVP), dtype)
-                    max_part = T.sblock_alloc_buffer((BQ, LANES), dtype)
-                    row_max = T.sblock_alloc_buffer((BQ,), dtype)
-                    sum_part = T.sblock_alloc_buffer((BQ, LANES), dtype)
-                    E = T.sblock_alloc_buffer((BQ, SKVP), dtype)
-                    row_sum = T.sblock_alloc_buffer((BQ,), dtype)
-                    cut = T.sblock_alloc_buffer((BQ,), dtype)
+                    q_tile = T.sblock_alloc_buffer((BQ, D), ACC)
+                    S = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    max_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
+                    row_max = T.sblock_alloc_buffer((BQ,), ACC)
+                    sum_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
+                    E = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    row_sum = T.sblock_alloc_buffer((BQ,), ACC)
+                    cut = T.sblock_alloc_buffer((BQ,), ACC)
                     keys = T.sblock_alloc_buffer((BQ, SKVP), "int32")
                     cut_key = T.sblock_alloc_buffer((BQ,), "int32")
                     cut_index = T.sblock_alloc_buffer((BQ,), "int32")
                     idx = T.sblock_alloc_buffer((BQ, SLOTS), "int32")
                     cnt = T.sblock_alloc_buffer((BQ,), "int32")
-                    acc = T.sblock_alloc_buffer((BQ, D), dtype)
-                    l = T.sblock_alloc_buffer((BQ,), dtype)
+                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                    l = T.sblock_alloc_buffer((BQ,), ACC)
                     load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                     row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
@@ -127,9 +127,9 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                             mid = T.sblock_alloc_buffer((1,), "int32")
                             count = T.sblock_alloc_buffer((1,), "int32")
                             found = T.sblock_alloc_buffer((1,), "int32")
-                            part = T.sblock_alloc_buffer((LANES,), dtype)
-                            need = T.sblock_alloc_buffer((1,), dtype)
-                            above = T.sblock_alloc_buffer((1,), dtype)
+                            part = T.sblock_alloc_buffer((LANES,), ACC)
+                            need = T.sblock_alloc_buffer((1,), ACC)
+                            above = T.sblock_alloc_buffer((1,), ACC)
                             if not KEYS:
                                 cut[r] = T.min(TAU * row_sum[r], ONE)
                             elif IS_MASS:
@@ -242,7 +242,7 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                             T.reads(cnt[r], idx[r, 0:SLOTS], S[r, 0:SKVP], E[r, 0:SKVP], row_max[r],
                                     v[vb, vh // G, 0:SKV, 0:D])
                             T.writes(acc[r, 0:D], l[r])
-                            w = T.sblock_alloc_buffer((1,), dtype)
+                            w = T.sblock_alloc_buffer((1,), ACC)
                             l[r] = ZERO
                             for d in range(D):
                                 acc[r, d] = ZERO
@@ -253,12 +253,12 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                                     w[0] = E[r, idx[r, c]]
                                 l[r] = l[r] + w[0]
                                 for d in range(D):
-                                    acc[r, d] = acc[r, d] + w[0] * v[vb, vh // G, idx[r, c], d]
+                                    acc[r, d] = acc[r, d] + w[0] * widen(v[vb, vh // G, idx[r, c], d])
                     for ri, d in T.grid(BQ, D):
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < SQ)
-                            out[vb, vh, vrt * BQ + r, dd] = T.Select(l[r] > ZERO, acc[r, dd] / l[r], ZERO)
+                            out[vb, vh, vrt * BQ + r, dd] = narrow(T.Select(l[r] > ZERO, acc[r, dd] / l[r], ZERO), dtype)
 
     return pruned
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
+from .common import (ACC, narrow, widen, LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
                      run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
 
 BLOCK_Q = 16
@@ -46,20 +46,20 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
         v = bhsd(v_h, B, KVH, SKV, D, dtype)
         out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), dtype)
+            k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), ACC)
             transpose_k(k, k_t, B, KVH, D, SKV, SKVP, ZERO)
             for b, h, rt in T.grid(B, H, ceil_div(SQ, BQ)):
                 with T.sblock("tile"):
                     vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
-                    q_tile = T.sblock_alloc_buffer((BQ, D), dtype)
-                    S = T.sblock_alloc_buffer((BQ, SKVP), dtype)
-                    E = T.sblock_alloc_buffer((BQ, SKVP), dtype)
-                    max_part = T.sblock_alloc_buffer((BQ, LANES), dtype)
-                    row_max = T.sblock_alloc_buffer((BQ,), dtype)
-                    sum_part = T.sblock_alloc_buffer((BQ, LANES), dtype)
-                    row_sum = T.sblock_alloc_buffer((BQ,), dtype)
-                    O = T.sblock_alloc_buffer((BQ, D), dtype)
-                    acc = T.sblock_alloc_buffer((BQ, D), dtype)
+                    q_tile = T.sblock_alloc_buffer((BQ, D), ACC)
+                    S = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    E = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    max_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
+                    row_max = T.sblock_alloc_buffer((BQ,), ACC)
+                    sum_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
+                    row_sum = T.sblock_alloc_buffer((BQ,), ACC)
+                    O = T.sblock_alloc_buffer((BQ, D), ACC)
+                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
                     load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                     row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
@@ -79,7 +79,7 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                                             O[r, dd] = ZERO
                                         # Keys past seq_kv have weight 0 and read the last row of v.
                                         O[r, dd] = O[r, dd] + \
-                                            E[r, vt * BK + j] * v[vb, vh // G, T.min(vt * BK + j, SKV - 1), dd]
+                                            E[r, vt * BK + j] * widen(v[vb, vh // G, T.min(vt * BK + j, SKV - 1), dd])
                                 for ri, d in T.grid(BQ, D):
                                     with T.sblock("update"):
                                         r, dd = T.axis.remap("SS", [ri, d])
@@ -88,6 +88,6 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < SQ)
-                            out[vb, vh, vrt * BQ + r, dd] = T.Select(row_sum[r] > ZERO, acc[r, dd] / row_sum[r], ZERO)
+                            out[vb, vh, vrt * BQ + r, dd] = narrow(T.Select(row_sum[r] > ZERO, acc[r, dd] / row_sum[r], ZERO), dtype)
 
     return standard
