@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import references
+from ..runtime import numpy_dtype
 
 # name -> scale of q. With scale 1/sqrt(d), gaussian q and k give scores of std 1: a broad softmax. Scaling q by 4
 # gives scores of std 4: a peaked softmax closer to trained attention (see row_entropy for what each gives).
@@ -12,13 +13,14 @@ DISTRIBUTIONS = {"gaussian": 1.0, "peaked": 4.0}
 
 
 def make_inputs(spec, distribution: str, seed: int = 0):
-    """float32 q, k, v of ``spec`` drawn from ``distribution``."""
+    """q, k, v of ``spec`` (its dtype) drawn from ``distribution``."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}: use one of {', '.join(DISTRIBUTIONS)}")
     rng = np.random.default_rng(seed)
-    q = (rng.standard_normal(spec.q_shape) * DISTRIBUTIONS[distribution]).astype(np.float32)
-    k = rng.standard_normal(spec.kv_shape).astype(np.float32)
-    v = rng.standard_normal(spec.kv_shape).astype(np.float32)
+    dtype = numpy_dtype(spec.dtype)
+    q = (rng.standard_normal(spec.q_shape) * DISTRIBUTIONS[distribution]).astype(dtype)
+    k = rng.standard_normal(spec.kv_shape).astype(dtype)
+    v = rng.standard_normal(spec.kv_shape).astype(dtype)
     return q, k, v
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
+from ..runtime import numpy_dtype
 from ..tuning import with_sizes
 
 _PLACE_AND_COMPACT = (
@@ -44,7 +44,7 @@ def _walk(stmt, in_parallel: int, found: list) -> None:
     if isinstance(stmt, s_tir.SBlock):
         for buf in stmt.alloc_buffers:
             elems = math.prod(int(x) for x in buf.shape)
-            found.append((elems * np.dtype(str(buf.dtype)).itemsize, in_parallel))
+            found.append((elems * numpy_dtype(str(buf.dtype)).itemsize, in_parallel))
         _walk(stmt.init, in_parallel, found)
         _walk(stmt.body, in_parallel, found)
         return
@@ -75,6 +75,6 @@ def memory_use(mod: tvm.IRModule, spec, threads: int) -> MemoryUse:
     found: list = []
     _walk(low["main"].body, 0, found)
     intermediate = sum(size * (min(threads, par) if par else 1) for size, par in found)
-    itemsize = np.dtype(spec.dtype).itemsize
+    itemsize = numpy_dtype(spec.dtype).itemsize
     inputs = (math.prod(spec.q_shape) + 2 * math.prod(spec.kv_shape)) * itemsize
     return MemoryUse(inputs, math.prod(spec.q_shape) * itemsize, intermediate)

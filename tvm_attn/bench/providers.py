@@ -12,10 +12,10 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
-import tvm
 
 import tvm_attn
 from tvm_attn import tuning
+from tvm_attn.runtime import dlpack_argument, numpy_dtype, torch_view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +43,14 @@ def _tvm(schedule: str):
         if schedule == "tuned" and tuning.tuned_record(tvm_attn.get_variant(variant), spec, "host") is None:
             return None  # no record for this workload: the row is left out, not faked with the hand schedule
         kernel = tvm_attn.build(variant, spec, schedule=schedule)
-        dev = tvm.cpu()
         fn = kernel.function
         calls, outs = [], []
         for q, k, v in layers:
-            args = [tvm.runtime.tensor(x, dev) for x in (q, k, v)]
-            out = tvm.runtime.empty(spec.q_shape, spec.dtype, dev)
-            calls.append(lambda args=args, out=out: fn(*args, out))
+            out = np.empty(spec.q_shape, numpy_dtype(spec.dtype))
+            args = [dlpack_argument(x) for x in (q, k, v, out)]
+            calls.append(lambda args=args: fn(*args))
             outs.append(out)
-        return Prepared(_in_turn(calls), lambda: (calls[0](), outs[0].numpy())[1], kernel)
+        return Prepared(_in_turn(calls), lambda: (calls[0](), outs[0])[1], kernel)
 
     return prepare
 
@@ -61,7 +60,7 @@ DENSE = ("standard", "flash", "mqa")
 
 def _numpy(variant: str, spec, layers):
     """The float32 numpy formula (matmul, softmax, matmul) of dense attention."""
-    if variant not in DENSE:
+    if variant not in DENSE or spec.dtype != "float32":
         return None
     mask = tvm_attn.references.visible_mask(spec)
     result = {}
@@ -84,7 +83,7 @@ def _numpy(variant: str, spec, layers):
 
 
 def _torch_sdpa(variant: str, spec, layers):
-    """torch.nn.functional.scaled_dot_product_attention, same threads, bottom-right causal mask."""
+    """torch.nn.functional.scaled_dot_product_attention, same threads and dtype, bottom-right causal mask."""
     if variant not in DENSE:
         return None
     try:
@@ -98,7 +97,7 @@ def _torch_sdpa(variant: str, spec, layers):
     result = {}
 
     def call(q, k, v):
-        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        tq, tk, tv = (torch_view(x) for x in (q, k, v))
 
         def run():
             result["out"] = torch.nn.functional.scaled_dot_product_attention(
@@ -107,7 +106,7 @@ def _torch_sdpa(variant: str, spec, layers):
         return run
 
     calls = [call(*layer) for layer in layers]
-    return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"].numpy())[1])
+    return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"].float().numpy())[1])
 
 
 PROVIDERS: dict[str, Callable] = {

@@ -113,7 +113,9 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
         bandwidth = max(readers, key=lambda r: r["gbs"]) if readers else None
         shape = rs[0]
         parts += [f"## Decode (seq_q = 1): batch {int(shape['batch'])}, {int(shape['heads'])} query heads, head_dim "
-                  f"{int(shape['head_dim'])}, fp32", "",
+                  f"{int(shape['head_dim'])}", "",
+                  "Inputs and KV cache in float32, or in float16/bfloat16 where the line says so (computed in "
+                  "float32 either way). "
                   "GB/s = bytes of K and V (every key and value is read once) / median time. Each call reads a "
                   f"different copy of the inputs ({int(shape['layers'])} copies at the shortest length, as many as "
                   "make 512 MB), as a model's layers do, so that K and V come from memory, not the CPU caches. "
@@ -148,6 +150,7 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
         _plot(os.path.join(out_dir, "decode.png"), f"Decode: K+V read rate ({machine})", "seq_kv", "GB/s", series,
               hline=(bandwidth["gbs"], f"read bandwidth ({bandwidth['provider']})") if bandwidth else None)
         parts += ["![decode](decode.png)", ""]
+        parts += _half_precision_decode(rs, xs)
     gen = _one(rows, study="generation")
     if gen:
         parts += ["## A generation loop through KVCache", "",
@@ -159,6 +162,24 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
                   f"kernel's runtime function in that step, median over steps); {int(gen['compiles'])} kernels "
                   f"compiled during the loop.", ""]
     return parts
+
+
+def _half_precision_decode(rs, xs) -> list[str]:
+    """How much faster a decode step is with a 16-bit cache than with a float32 one, per KV head count."""
+    half = [r for r in rs if r.get("dtype") not in ("", "float32", None)]
+    if not half:
+        return []
+    body = []
+    for line in dict.fromkeys(r["line"] for r in half):
+        dtype = _one(half, line=line)["dtype"]
+        base_line = line.removesuffix(" " + dtype)
+        for x in xs:
+            fast, base = _best(rs, x=x, line=line), _best(rs, x=x, line=base_line)
+            body.append([x, line, _ms(base), _ms(fast), _ratio(fast, base)])
+    return ["### 16-bit KV caches", "",
+            "The same decode step with float16 or bfloat16 q, K, V and output beside float32 (tvm_attn, best "
+            "schedule, same points): half the bytes, so up to 2x when the step is bandwidth-bound.", "",
+            _table(["seq_kv", "line", "float32 ms", "16-bit ms", "speedup"], body), ""]
 
 
 def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
@@ -430,7 +451,8 @@ def write_report(csv_path: str, out_dir: str) -> str:
 
     parts += _decode_section(rows, out_dir, machine)
 
-    for study, title in (("causal", "Causal attention"),):
+    for study, title in (("causal", "Causal attention"),
+                         ("prefill_16bit", "Causal prefill in float16 and bfloat16 (torch SDPA in the same dtype)")):
         rs = _pick(rows, study=study)
         if not rs:
             continue

@@ -13,6 +13,7 @@ import tvm_attn
 
 from .. import references
 from ..kernel import scheduled_module
+from ..runtime import numpy_dtype
 from ..timing import measure, measure_interleaved
 from .bandwidth import BYTES as BANDWIDTH_BYTES
 from .bandwidth import read_bandwidth
@@ -23,7 +24,7 @@ from .providers import PROVIDERS
 from .studies import Study
 
 FIELDS = (
-    "study", "x_name", "x", "line", "variant", "provider", "distribution",
+    "study", "x_name", "x", "line", "variant", "provider", "distribution", "dtype",
     "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "causal", "threshold", "top_k", "eps",
     "median_ms", "q25_ms", "q75_ms", "repeats", "flops", "gflops", "layers", "bytes_kv", "gbs",
     "bytes_inputs", "bytes_output", "bytes_intermediate",
@@ -62,7 +63,7 @@ def _subsample(spec, q, k, v):
     kvh = max(1, hq // g)
     sub = tvm_attn.AttentionSpec(batch=1, heads=hq, kv_heads=kvh, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
                                  head_dim=spec.head_dim, causal=spec.causal, scale=spec.scale,
-                                 **spec.knobs())
+                                 dtype=spec.dtype, **spec.knobs())
     return sub, (q[:1, :hq], k[:1, :kvh], v[:1, :kvh])
 
 
@@ -104,7 +105,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
         if not study.measures(line, x):
             continue
         spec = spec_for(study, line, x)
-        kv_bytes = 2 * np.prod(spec.kv_shape) * 4
+        kv_bytes = 2 * np.prod(spec.kv_shape) * numpy_dtype(spec.dtype).itemsize
         n_layers = min(MAX_LAYERS, max(1, -(-study.rotate_bytes // kv_bytes)))
         layers = [make_inputs(spec, dist, seed=n) for n in range(n_layers)]
         q, k, v = layers[0]
@@ -122,7 +123,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
             t = timings[p]
             row = dict(
                 study=study.name, x_name=study.x_name, x=x, line=line.label, variant=line.variant, provider=p,
-                distribution=dist, batch=spec.batch, heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q,
+                distribution=dist, dtype=spec.dtype, batch=spec.batch, heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q,
                 seq_kv=spec.seq_kv, head_dim=spec.head_dim, causal=spec.causal, threshold=spec.threshold,
                 top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms,
                 repeats=t.repeats,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..spec import KNOBS
+from ..spec import DTYPE, KNOBS
 from ..variants import get_variant
 
 SEED_SHAPE = {"batch": 2, "heads": 8, "head_dim": 64}
@@ -60,6 +60,12 @@ BASELINES = (Line("standard", "standard"), Line("flash", "flash"))
 DECODE_SHAPE = (("batch", 1), ("heads", 32), ("head_dim", 128))
 DECODE_HEADS = (("kv_heads=32 (MHA)", 32), ("kv_heads=8 (GQA)", 8), ("kv_heads=1 (MQA)", 1))
 DECODE_ROTATE_BYTES = 512 * 2**20  # well past any L3 these VMs have
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def with_dtype(label: str, dtype: str) -> str:
+    """A line label with its dtype named unless float32."""
+    return label if dtype == DTYPE else f"{label} {dtype}"
 NO_MASK = "flash (no mask)"
 
 
@@ -93,9 +99,15 @@ def default_studies(quick: bool = False) -> list[Study]:
               ("hand", "tuned", "torch-sdpa"), base),
         Study("decode", "Decode: one query against a KV cache (seq_q = 1), a Llama-7B-like layer",
               "seq_kv", (128, 512) if quick else (1024, 2048, 4096, 8192, 16384, 32768),
-              tuple(Line(label, "flash", (("seq_q", 1), ("causal", True), ("kv_heads", kvh)))
-                    for label, kvh in DECODE_HEADS),
+              tuple(Line(with_dtype(label, dtype), "flash",
+                         (("seq_q", 1), ("causal", True), ("kv_heads", kvh), ("dtype", dtype)))
+                    for label, kvh in DECODE_HEADS for dtype in (DTYPE,) + HALF_DTYPES),
               ("hand", "tuned", "numpy", "torch-sdpa"),
               (("batch", 1), ("heads", 32), ("head_dim", 32)) if quick else DECODE_SHAPE,
               slow_providers_max_x=128 if quick else 4096, rotate_bytes=2**22 if quick else DECODE_ROTATE_BYTES),
+        Study("prefill_16bit", "Causal prefill with float16 and bfloat16 inputs, against torch SDPA in the same dtype",
+              "seq_q", seqs[-1:] if quick else (512, 1024, 2048),
+              tuple(Line(with_dtype("flash", dtype), "flash", (("causal", True), ("dtype", dtype)))
+                    for dtype in (DTYPE,) + HALF_DTYPES),
+              ("hand", "tuned", "torch-sdpa"), base),
     ]
