@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from tvm_attn.plan import add_knob_arguments, knobs_from_args
+from tvm_attn.spec import DTYPE, DTYPES
 
 
 def main(argv=None) -> None:
@@ -18,13 +19,14 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dtype", choices=DTYPES, default=DTYPE, help=f"of q, k, v and the output (default {DTYPE})")
     add_knob_arguments(parser)
     parser.add_argument("--variant", action="append", help="repeat to pick several (default: all)")
     parser.add_argument("--untuned", action="store_true", help="also time the untuned reference (slow)")
     args = parser.parse_args(argv)
 
-    import tvm
     import tvm_attn
+    from tvm_attn.runtime import dlpack_argument, numpy_dtype
     from tvm_attn.timing import measure
 
     variants = args.variant or list(tvm_attn.VARIANTS)
@@ -33,19 +35,19 @@ def main(argv=None) -> None:
     for name in variants:
         variant = tvm_attn.get_variant(name)
         spec = tvm_attn.AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=args.seq,
-                                      head_dim=args.head_dim, causal=args.causal, **knobs_from_args(variant, args))
+                                      head_dim=args.head_dim, causal=args.causal, dtype=args.dtype,
+                                      **knobs_from_args(variant, args))
         rng = np.random.default_rng(0)
-        q, k, v = (rng.standard_normal(shape).astype(np.float32)
+        q, k, v = (rng.standard_normal(shape).astype(numpy_dtype(spec.dtype))
                    for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape))
         ref = variant.reference(spec, q, k, v)
         for schedule in schedules:
             kernel = tvm_attn.build(variant.name, spec, schedule=schedule)
             err = np.abs(kernel(q, k, v) - ref).max() / np.abs(ref).mean()
-            dev = tvm.cpu()
-            args_t = [tvm.runtime.tensor(x, dev) for x in (q, k, v)]
-            out = tvm.runtime.empty(spec.q_shape, spec.dtype, dev)
+            out = np.empty(spec.q_shape, numpy_dtype(spec.dtype))
+            call = [dlpack_argument(x) for x in (q, k, v, out)]
             fn = kernel.function
-            timing = measure(lambda: fn(*args_t, out))
+            timing = measure(lambda: fn(*call))
             print(f"{variant.name:10s} {kernel.schedule:8s} {spec.name:40s} {timing.median_ms:9.2f} ms "
                   f"{timing.gflops(spec.dense_flops()):7.1f} GFLOP/s  max rel err {err:.1e}")
 
