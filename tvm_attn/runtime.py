@@ -14,6 +14,7 @@ kernels with scratch memory call into for their thread pool and workspace.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -124,6 +125,7 @@ def _load_runtime(path: Path) -> None:
         _runtime_loaded[key] = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
 
 
+@functools.lru_cache(maxsize=None)
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a kernel dtype name: float32, float16, or bfloat16 (ml_dtypes.bfloat16)."""
     if name == "bfloat16":
@@ -141,7 +143,7 @@ def dlpack_argument(array: np.ndarray):
     """``array`` as a kernel argument without a copy. numpy exports every dtype the kernels take through DLPack
     except bfloat16 (ml_dtypes' is not a dtype numpy knows): such arrays go as the DLPack export of their uint16
     view, relabelled bfloat16."""
-    if array.dtype.name != "bfloat16":
+    if array.dtype.kind == "f" or array.dtype.name != "bfloat16":  # kind first: .name is slow, and decode calls add up
         return array
     import tvm_ffi
 

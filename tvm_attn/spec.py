@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -192,13 +193,19 @@ class AttentionSpec:
 def array_dtype(name: str, arr) -> str:
     """The name of ``arr``'s dtype, one of DTYPES (bfloat16: ml_dtypes.bfloat16 numpy arrays); TypeError naming
     ``name`` otherwise."""
-    try:
-        dtype = np.dtype(arr.dtype).name
-    except TypeError:
-        dtype = str(arr.dtype)
+    dtype = _dtype_name(arr.dtype)
     if dtype not in DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
     return dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype) -> str:
+    """numpy's name of a dtype (cached: numpy computes .name in Python, slow next to a decode step's kernel)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 def positive_int(name: str, value) -> int:
