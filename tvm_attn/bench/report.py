@@ -178,7 +178,8 @@ def _half_precision_decode(rs, xs) -> list[str]:
             body.append([x, line, _ms(base), _ms(fast), _ratio(fast, base)])
     return ["### 16-bit KV caches", "",
             "The same decode step with float16 or bfloat16 q, K, V and output beside float32 (tvm_attn, best "
-            "schedule, same points): half the bytes, so up to 2x when the step is bandwidth-bound.", "",
+            "schedule), the lines of each seq_kv timed interleaved in one round: half the bytes, so up to 2x when "
+            "the step is bandwidth-bound.", "",
             _table(["seq_kv", "line", "float32 ms", "16-bit ms", "speedup"], body), ""]
 
 
@@ -257,7 +258,8 @@ def write_report(csv_path: str, out_dir: str) -> str:
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
              "each has at least 5 calls and 0.2 s of timed calls; median (and quartiles in the CSV) of per-call "
-             "times. Inputs are float32 and 64-byte aligned; output buffers are preallocated for the TVM kernels. "
+             "times. Inputs are float32 (float16 or bfloat16 where a line names its dtype); output buffers are "
+             "preallocated for the TVM kernels. "
              "Idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, "
              "TVM_THREAD_POOL_SPIN_COUNT=0), so that one library's spinning pool does not stall the next one's "
              "parallel region.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -99,45 +100,24 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
     except ImportError:
         pass
     points = [(s, line, x, dist) for s in studies for x in s.x_vals for dist in s.distributions for line in s.lines]
+    # The points timed in one interleaved round: each point alone, or all lines of a point for interleave_lines.
+    rounds: dict = {}
+    for n, (study, line, x, dist) in enumerate(points, 1):
+        if study.measures(line, x):
+            key = (study.name, x, dist) if study.interleave_lines else n
+            rounds.setdefault(key, []).append((n, study, line, x, dist))
     rows = []
     start = time.time()
-    for n, (study, line, x, dist) in enumerate(points, 1):
-        if not study.measures(line, x):
-            continue
-        spec = spec_for(study, line, x)
-        kv_bytes = 2 * np.prod(spec.kv_shape) * numpy_dtype(spec.dtype).itemsize
-        n_layers = min(MAX_LAYERS, max(1, -(-study.rotate_bytes // kv_bytes)))
-        layers = [make_inputs(spec, dist, seed=n) for n in range(n_layers)]
-        q, k, v = layers[0]
-        providers = [p for p in study.providers
-                     if not (p in SLOW_PROVIDERS and study.slow_providers_max_x and x > study.slow_providers_max_x)]
-        prepared = {}
-        for p in providers:
-            prep = PROVIDERS[p](line.variant, spec, layers)
-            if prep is not None:
-                prepared[p] = prep
-        timings = measure_interleaved({p: prep.run for p, prep in prepared.items()}, min_seconds=min_seconds)
-        entropy = row_entropy(spec, q, k)
-        flops = useful_flops(spec)
-        for p, prep in prepared.items():
-            t = timings[p]
-            row = dict(
-                study=study.name, x_name=study.x_name, x=x, line=line.label, variant=line.variant, provider=p,
-                distribution=dist, dtype=spec.dtype, batch=spec.batch, heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q,
-                seq_kv=spec.seq_kv, head_dim=spec.head_dim, causal=spec.causal, threshold=spec.threshold,
-                top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms,
-                repeats=t.repeats,
-                flops=flops, gflops=t.gflops(flops), threads=n_threads, target=key, entropy_nats=entropy,
-                layers=n_layers, bytes_kv=kv_bytes, gbs=kv_bytes / (t.median_ms * 1e-3) / 1e9,
-            )
-            if prep.kernel is not None:
-                mem = memory_use(scheduled_module(tvm_attn.get_variant(line.variant), spec, target,
-                                                  prep.kernel.schedule).mod, spec, n_threads)
-                row.update(bytes_inputs=mem.inputs, bytes_output=mem.output, bytes_intermediate=mem.intermediate)
-            row.update(_accuracy(line.variant, spec, q, k, v, prep.output()))
-            rows.append(row)
-            print(f"[{n}/{len(points)} {time.time() - start:5.0f}s] {study.name} {study.x_name}={x} {dist} "
-                  f"{line.label} {p}: {t.median_ms:.2f} ms", file=log, flush=True)
+    for members in rounds.values():
+        prepared = [_prepare_point(*member) for member in members]
+        timings = measure_interleaved({(point.n, p): prep.run for point in prepared
+                                       for p, prep in point.providers.items()}, min_seconds=min_seconds)
+        for point in prepared:
+            for p in point.providers:
+                rows.append(_row(point, p, timings[(point.n, p)], target, key, n_threads))
+                print(f"[{point.n}/{len(points)} {time.time() - start:5.0f}s] {point.study.name} "
+                      f"{point.study.x_name}={point.x} {point.dist} {point.line.label} {p}: "
+                      f"{timings[(point.n, p)].median_ms:.2f} ms", file=log, flush=True)
     rows.append(_sgemm_ceiling(key, n_threads, quick=len(points) < 60, min_seconds=min_seconds))
     if any(s.name == "decode" for s in studies):
         for reader, gbs in read_bandwidth(min_seconds=min_seconds).items():
@@ -158,6 +138,58 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
             writer.writerow({k: _fmt(row.get(k)) for k in FIELDS})
     return rows
 
+
+
+@dataclasses.dataclass
+class _Point:
+    """One (study, line, x, distribution) with its inputs and prepared providers."""
+
+    n: int
+    study: Study
+    line: object
+    x: object
+    dist: str
+    spec: tvm_attn.AttentionSpec
+    kv_bytes: int
+    n_layers: int
+    inputs: tuple  # (q, k, v) of the first layer: where errors are computed
+    providers: dict  # provider name -> Prepared
+
+
+def _prepare_point(n, study, line, x, dist) -> _Point:
+    spec = spec_for(study, line, x)
+    kv_bytes = 2 * np.prod(spec.kv_shape) * numpy_dtype(spec.dtype).itemsize
+    n_layers = min(MAX_LAYERS, max(1, -(-study.rotate_bytes // kv_bytes)))
+    layers = [make_inputs(spec, dist, seed=seed) for seed in range(n_layers)]
+    providers = {}
+    for p in study.providers:
+        if p in SLOW_PROVIDERS and study.slow_providers_max_x and x > study.slow_providers_max_x:
+            continue
+        prep = PROVIDERS[p](line.variant, spec, layers)
+        if prep is not None:
+            providers[p] = prep
+    return _Point(n, study, line, x, dist, spec, kv_bytes, n_layers, layers[0], providers)
+
+
+def _row(point: _Point, provider: str, t, target, key: str, n_threads: int) -> dict:
+    """The CSV row of one provider at one point: its timing, memory and accuracy."""
+    spec, (q, k, v), prep = point.spec, point.inputs, point.providers[provider]
+    flops = useful_flops(spec)
+    row = dict(
+        study=point.study.name, x_name=point.study.x_name, x=point.x, line=point.line.label,
+        variant=point.line.variant, provider=provider, distribution=point.dist, dtype=spec.dtype, batch=spec.batch,
+        heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q, seq_kv=spec.seq_kv, head_dim=spec.head_dim,
+        causal=spec.causal, threshold=spec.threshold, top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms,
+        q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats, flops=flops, gflops=t.gflops(flops),
+        threads=n_threads, target=key, entropy_nats=row_entropy(spec, q, k), layers=point.n_layers,
+        bytes_kv=point.kv_bytes, gbs=point.kv_bytes / (t.median_ms * 1e-3) / 1e9,
+    )
+    if prep.kernel is not None:
+        mem = memory_use(scheduled_module(tvm_attn.get_variant(point.line.variant), spec, target,
+                                          prep.kernel.schedule).mod, spec, n_threads)
+        row.update(bytes_inputs=mem.inputs, bytes_output=mem.output, bytes_intermediate=mem.intermediate)
+    row.update(_accuracy(point.line.variant, spec, q, k, v, prep.output()))
+    return row
 
 def _sgemm_ceiling(key: str, n_threads: int, quick: bool, min_seconds: float) -> dict:
     """numpy's float32 matmul (its BLAS, same machine): the practical ceiling the GFLOP/s columns compare to."""
