@@ -178,7 +178,7 @@ def _half_precision_decode(rs, xs) -> list[str]:
             body.append([x, line, _ms(base), _ms(fast), _ratio(fast, base)])
     return ["### 16-bit KV caches", "",
             "The same decode step with float16 or bfloat16 q, K, V and output beside float32 (tvm_attn, best "
-            "schedule), the lines of each seq_kv timed interleaved in one round: half the bytes, so up to 2x when "
+            "schedule), each 16-bit line timed interleaved with its float32 line: half the bytes, so up to 2x when "
             "the step is bandwidth-bound.", "",
             _table(["seq_kv", "line", "float32 ms", "16-bit ms", "speedup"], body), ""]
 

@@ -100,12 +100,10 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
     except ImportError:
         pass
     points = [(s, line, x, dist) for s in studies for x in s.x_vals for dist in s.distributions for line in s.lines]
-    # The points timed in one interleaved round: each point alone, or all lines of a point for interleave_lines.
-    rounds: dict = {}
+    rounds: dict = {}  # the points timed in one interleaved round (Study.round_key)
     for n, (study, line, x, dist) in enumerate(points, 1):
         if study.measures(line, x):
-            key = (study.name, x, dist) if study.interleave_lines else n
-            rounds.setdefault(key, []).append((n, study, line, x, dist))
+            rounds.setdefault(study.round_key(line, x, dist), []).append((n, study, line, x, dist))
     rows = []
     start = time.time()
     for members in rounds.values():

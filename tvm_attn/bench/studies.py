@@ -37,9 +37,15 @@ class Study:
     # Replicate the inputs into as many "layers" as make this many bytes of K and V, called in turn, so that a call
     # finds its K and V in memory, not in the CPU caches, as in a model's decode step (0: one set of inputs).
     rotate_bytes: int = 0
-    # Time all lines of a point in one interleaved round (not line after line), so ratios between lines (a 16-bit
-    # cache against float32) are as trustworthy as ratios between providers. Costs the memory of every line's inputs.
-    interleave_lines: bool = False
+    # Time the lines that differ only in dtype in one interleaved round (not line after line), so a 16-bit line's
+    # ratio to its float32 line is as trustworthy as ratios between providers. (All lines of a decode point at
+    # once would hold ~20 GB of rotated inputs and numpy's repeated K/V.)
+    interleave_dtypes: bool = False
+
+    def round_key(self, line: Line, x, dist) -> tuple:
+        """Points with equal keys are timed in one interleaved round."""
+        fields = tuple(f for f in line.fields if f[0] != "dtype") if self.interleave_dtypes else line.label
+        return (self.name, x, dist, line.variant, fields)
 
     def varies(self, line: Line) -> bool:
         """Whether x sets a field of this line's spec: a knob sweep does not vary its dense baselines."""
@@ -108,10 +114,10 @@ def default_studies(quick: bool = False) -> list[Study]:
               ("hand", "tuned", "numpy", "torch-sdpa"),
               (("batch", 1), ("heads", 32), ("head_dim", 32)) if quick else DECODE_SHAPE,
               slow_providers_max_x=128 if quick else 4096, rotate_bytes=2**22 if quick else DECODE_ROTATE_BYTES,
-              interleave_lines=True),
+              interleave_dtypes=True),
         Study("prefill_16bit", "Causal prefill with float16 and bfloat16 inputs, against torch SDPA in the same dtype",
               "seq_q", seqs[-1:] if quick else (512, 1024, 2048),
               tuple(Line(with_dtype("flash", dtype), "flash", (("causal", True), ("dtype", dtype)))
                     for dtype in (DTYPE,) + HALF_DTYPES),
-              ("hand", "tuned", "torch-sdpa"), base, interleave_lines=True),
+              ("hand", "tuned", "torch-sdpa"), base, interleave_dtypes=True),
     ]
