@@ -168,3 +168,12 @@ def test_export_cli_names_the_schedule(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tvm_attn.export", "--variant", "flash", "--target", "cuda",
                           "-o", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown target 'cuda'" in bad.stderr
+
+
+def test_read_only_inputs_are_copied_not_refused(exported):
+    _, results = exported
+    kernel = runtime.load(results["flash"].library)
+    q, k, v = make_inputs(_spec("flash"), seed=7)
+    for x in (q, k, v):
+        x.flags.writeable = False
+    assert_matches_reference("flash", _spec("flash"), kernel(q, k, v), q, k, v)

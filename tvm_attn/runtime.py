@@ -195,11 +195,12 @@ class ExportedKernel:
         if array.dtype != numpy_dtype(arg["dtype"]):
             raise TypeError(f"{name} is {array.dtype}, kernel {self.name} takes {arg['dtype']}")
         aligned = array.flags.c_contiguous and array.ctypes.data % self.alignment == 0
-        if aligned:
+        if aligned and array.flags.writeable:
             return array
         if writable:
-            raise ValueError(f"out must be C-contiguous and {self.alignment}-byte aligned")
-        # The manifest describes dense buffers aligned to alignment_bytes: copy the ones that are not.
+            raise ValueError(f"out must be a writable C-contiguous array, {self.alignment}-byte aligned")
+        # The manifest describes dense buffers aligned to alignment_bytes: copy the ones that are not. Read-only
+        # arrays too: DLPack cannot mark a tensor read-only, so numpy refuses to export them.
         copy = aligned_empty(array.shape, array.dtype, self.alignment)
         copy[...] = array
         return copy
