@@ -79,10 +79,12 @@ def _table(header, body) -> str:
 
 
 def _plot(path, title, xlabel, ylabel, series, *, logx=True, logy=False, hline=None):
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, xs, ys in series:
+    """series: (label, xs, ys) or (label, xs, ys, matplotlib style keywords)."""
+    many = len(series) > 8
+    fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.2))
+    for label, xs, ys, *style in series:
         if xs:
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, **{"marker": "o", **(style[0] if style else {})}, label=label)
     if hline:
         ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
     if logx:
@@ -93,11 +95,16 @@ def _plot(path, title, xlabel, ylabel, series, *, logx=True, logy=False, hline=N
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:  # beside the axes, not over the lines
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+DTYPE_STYLES = {"float32": "-", "float16": "--", "bfloat16": ":"}
 
 TRADEOFF = (("threshold_effect", "threshold", "threshold"), ("topk_effect", "top_k", "top-k"),
             ("mass_effect", "eps", "mass"))
@@ -128,7 +135,10 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
         parts.append("")
         body, series = [], []
         xs = sorted({int(r["x"]) for r in rs})
+        heads_colors = {h: f"C{i}" for i, h in enumerate(dict.fromkeys(r["kv_heads"] for r in rs))}
         for line in dict.fromkeys(r["line"] for r in rs):
+            first = _one(rs, line=line)
+            style = dict(color=heads_colors[first["kv_heads"]], linestyle=DTYPE_STYLES.get(first["dtype"], "-"))
             ours, theirs = [], []
             for x in xs:
                 best = _best(rs, x=x, line=line)
@@ -142,9 +152,10 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
                     ours.append((x, best["gbs"]))
                 if torch_row:
                     theirs.append((x, torch_row["gbs"]))
-            series.append((f"tvm_attn {line}", [a for a, _ in ours], [b for _, b in ours]))
-            if theirs:
-                series.append((f"torch SDPA {line}", [a for a, _ in theirs], [b for _, b in theirs]))
+            series.append((f"tvm_attn {line}", [a for a, _ in ours], [b for _, b in ours], style))
+            if theirs and first["dtype"] == "float32":  # 16-bit torch SDPA decode is in the table (< 5 GB/s)
+                series.append((f"torch SDPA {line}", [a for a, _ in theirs], [b for _, b in theirs],
+                               {**style, "marker": "x", "alpha": 0.6}))
         parts += [_table(["seq_kv", "line", "tvm_attn ms", "GB/s", "of bandwidth", "torch ms", "torch GB/s",
                           "tvm_attn vs torch", "numpy ms", "rel err"], body), ""]
         _plot(os.path.join(out_dir, "decode.png"), f"Decode: K+V read rate ({machine})", "seq_kv", "GB/s", series,
