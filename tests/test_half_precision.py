@@ -94,9 +94,11 @@ def test_kernel_reads_strided_16_bit_views_in_place(dtype):
     spec = _spec("flash", 1, 50, True, 2, 32, dtype=dtype, batch=1)
     q, k, v = make_inputs(spec)
     k_buf = np.zeros((1, 2, 80, 32), k.dtype)
-    v_buf = np.zeros((1, 2, 80, 32), v.dtype)
-    k_buf[:, :, :50], v_buf[:, :, :50] = k, v
-    out = tvm_attn.attention(q, k_buf[:, :, :50], v_buf[:, :, :50], causal=True)
+    v_raw = np.zeros(v.size + 1, v.dtype)
+    v_odd = v_raw[1:].reshape(v.shape)  # 2 bytes past an aligned address: element alignment only
+    k_buf[:, :, :50], v_odd[...] = k, v
+    assert v_odd.ctypes.data % 4 == 2
+    out = tvm_attn.attention(q, k_buf[:, :, :50], v_odd, causal=True)
     assert_matches_reference("flash", spec, out, q, k, v)
 
 

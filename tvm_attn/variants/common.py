@@ -15,9 +15,10 @@ from ..spec import KernelSpec
 
 ACC = "float32"  # scores, softmax statistics, accumulators and scratch, whatever the arguments' dtype
 
-# The kernels assume only element alignment of their arguments: numpy and torch tensors, strided views into a KV
-# cache and slices at any offset are passed without a copy (unaligned vector loads cost nothing on aligned data).
-ELEMENT_ALIGN = 4
+# The kernels assume only element alignment of their arguments (the element's bytes): numpy and torch tensors,
+# strided views into a KV cache and slices at any offset are passed without a copy (unaligned vector loads cost
+# nothing on aligned data).
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def ceil_div(a, b: int):
@@ -43,7 +44,7 @@ def run_time_sizes():
 def bhsd(handle, batch, heads, seq, head_dim: int, dtype: str):
     """A (batch, heads, seq, head_dim) argument: any strides but a contiguous last axis, element alignment."""
     return T.match_buffer(handle, (batch, heads, seq, head_dim), dtype,
-                          strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_ALIGN, offset_factor=1)
+                          strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_BYTES[dtype], offset_factor=1)
 
 
 class Visibility:
