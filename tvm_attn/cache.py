@@ -15,8 +15,8 @@ import numbers
 
 import numpy as np
 
-from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out, first_visible_key
-from .runtime import aligned_empty, dlpack_argument, numpy_dtype
+from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out
+from .runtime import aligned_empty, numpy_dtype
 from .spec import DTYPE, DTYPES, KNOBS, AttentionSpec, array_dtype, positive_int
 from .variants import get_variant, path_for
 
@@ -117,9 +117,7 @@ class KVCache:
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
         out = checked_out(out, q.shape, self.dtype)
-        first = first_visible_key(kernel.kernel_spec, n_q, self._length)
-        kernel.function(*(dlpack_argument(x) for x in (as_kernel_argument(q), self._k[:, :, first:self._length],
-                                                         self._v[:, :, first:self._length], out)))
+        kernel.launch(as_kernel_argument(q), self.k, self.v, out)
         return out
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:

@@ -59,15 +59,18 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     return Scheduled(sch.mod, "hand")
 
 
+def _passes_in_place(x: np.ndarray) -> bool:
+    """Whether the kernels take x as it is: writable (DLPack cannot mark an array read-only, so numpy refuses to
+    export one), last axis contiguous, every stride a whole number of elements."""
+    return x.flags.writeable and x.strides[-1] == x.itemsize and not any(s % x.itemsize for s in x.strides)
+
+
 def as_kernel_argument(x) -> np.ndarray:
     """x as the kernel takes it without a copy when possible: an array whose last axis is contiguous (any other
-    strides, any alignment). Read-only and otherwise strided arrays are copied."""
+    strides, any alignment). Read-only and otherwise strided arrays are copied (the kernels never write inputs)."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
-    if x.strides[-1] != x.itemsize or not x.flags.writeable or any(s % x.itemsize for s in x.strides):
-        # DLPack cannot mark an array read-only, so numpy refuses to export one; the kernels never write inputs.
-        x = np.array(x, order="C")
-    return x
+    return x if _passes_in_place(x) else np.array(x, order="C")
 
 
 def checked_out(out, shape: tuple, dtype: str) -> np.ndarray:
@@ -76,7 +79,7 @@ def checked_out(out, shape: tuple, dtype: str) -> np.ndarray:
     if out is None:
         return np.empty(shape, numpy_dtype(dtype))
     if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != numpy_dtype(dtype)
-            or not out.flags.writeable or out.strides[-1] != out.itemsize or any(s % out.itemsize for s in out.strides)):
+            or not _passes_in_place(out)):
         raise ValueError(f"out must be a writable {dtype} numpy array of shape {shape} with a contiguous last axis, "
                          f"got {type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
     return out
@@ -129,11 +132,16 @@ class Kernel:
     def __call__(self, q, k, v, out=None) -> np.ndarray:
         spec = self.check(q, k, v)
         out = checked_out(out, spec.q_shape, spec.dtype)
-        first = first_visible_key(self.kernel_spec, spec.seq_q, spec.seq_kv)
+        self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
+        return out
+
+    def launch(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+        """Run on arrays already checked and laid out as the kernel takes them (``as_kernel_argument``,
+        ``checked_out``): keys before every query's window are dropped, bfloat16 arrays go through DLPack."""
+        first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
         if first:
             k, v = k[:, :, first:], v[:, :, first:]
-        self.function(*(dlpack_argument(as_kernel_argument(x)) for x in (q, k, v)), dlpack_argument(out))
-        return out
+        self.function(dlpack_argument(q), dlpack_argument(k), dlpack_argument(v), dlpack_argument(out))
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:

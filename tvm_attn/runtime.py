@@ -137,6 +137,9 @@ def numpy_dtype(name: str) -> np.dtype:
 
 _DL_UINT, _DL_BFLOAT = 1, 4  # DLDataTypeCode values
 _DTYPE_OFFSET = 20  # of DLTensor.dtype in a DLManagedTensor: data (8 bytes), device (8), ndim (4)
+# Our own prototype of PyCapsule_GetPointer (setting restype on ctypes.pythonapi's would change it for everyone).
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
 def dlpack_argument(array: np.ndarray):
@@ -148,9 +151,7 @@ def dlpack_argument(array: np.ndarray):
     import tvm_ffi
 
     capsule = array.view(np.uint16).__dlpack__()  # no max_version: the unversioned "dltensor" capsule
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    dtype = (ctypes.c_uint8 * 2).from_address(get_pointer(capsule, b"dltensor") + _DTYPE_OFFSET)
+    dtype = (ctypes.c_uint8 * 2).from_address(_capsule_pointer(capsule, b"dltensor") + _DTYPE_OFFSET)
     if (dtype[0], dtype[1]) != (_DL_UINT, 16):
         raise RuntimeError(f"numpy's DLPack export of a uint16 array has dtype code {dtype[0]}, bits {dtype[1]}: "
                            f"this numpy lays DLPack out differently; pass bfloat16 as torch tensors instead")

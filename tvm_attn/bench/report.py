@@ -182,10 +182,9 @@ def _half_precision_decode(rs, xs) -> list[str]:
         return []
     body = []
     for line in dict.fromkeys(r["line"] for r in half):
-        dtype = _one(half, line=line)["dtype"]
-        base_line = line.removesuffix(" " + dtype)
+        kv_heads = _one(half, line=line)["kv_heads"]  # the study's lines differ only in kv_heads and dtype
         for x in xs:
-            fast, base = _best(rs, x=x, line=line), _best(rs, x=x, line=base_line)
+            fast, base = _best(rs, x=x, line=line), _best(rs, x=x, kv_heads=kv_heads, dtype="float32")
             body.append([x, line, _ms(base), _ms(fast), _ratio(fast, base)])
     return ["### 16-bit KV caches", "",
             "The same decode step with float16 or bfloat16 q, K, V and output beside float32 (tvm_attn, best "
