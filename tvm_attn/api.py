@@ -1,20 +1,22 @@
-"""The numpy-in, numpy-out entry points."""
+"""The entry points: numpy in, numpy out; torch CPU tensors in, a torch tensor out."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .kernel import build
+from .kernel import build, host_array
 from .spec import AttentionSpec
 from .variants import get_variant
 
 
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
-              eps: float | None = None, target="host", tuned: bool = True, schedule: str | None = None) -> np.ndarray:
-    """Attention of numpy q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel; returns an
-    array of q's dtype. q, k, v share one dtype: float32, float16 or bfloat16 (ml_dtypes.bfloat16); scores, softmax
-    and accumulation are float32 for all three.
+              eps: float | None = None, target="host", tuned: bool = True, schedule: str | None = None,
+              out=None):
+    """Attention of q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel; returns an array of
+    q's dtype, or fills ``out``. q, k, v share one dtype: float32, float16 or bfloat16 (ml_dtypes.bfloat16);
+    scores, softmax and accumulation are float32 for all three. numpy arrays or torch CPU tensors (read in place
+    through DLPack; with torch q the result is a torch tensor; no autograd).
 
     A kernel is compiled once per (variant, heads, kv_heads, head_dim, mask, knob) and its path (decode for a few
     query rows, prefill for more) and serves every batch and length. Arrays whose last axis is contiguous (strided
@@ -23,18 +25,19 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
     compute with no schedule (the slow reference the benchmarks compare against).
     """
     v_ = get_variant(variant)
-    spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
-                                     top_k=top_k, eps=eps)
+    spec = AttentionSpec.from_arrays(*(host_array(n, x) for n, x in zip("qkv", (q, k, v))), causal=causal,
+                                     window=window, scale=scale, threshold=threshold, top_k=top_k, eps=eps)
     if schedule is None:
         schedule = "best" if tuned else "hand"
-    return build(v_, spec, target=target, schedule=schedule)(q, k, v)
+    return build(v_, spec, target=target, schedule=schedule)(q, k, v, out)
 
 
 def reference(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
               eps: float | None = None) -> np.ndarray:
-    """The float64 numpy reference of ``variant`` (same arguments as ``attention``)."""
+    """The float64 numpy reference of ``variant`` (same arguments as ``attention``; returns numpy)."""
     v_ = get_variant(variant)
+    q, k, v = (host_array(n, x) for n, x in zip("qkv", (q, k, v)))
     spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
                                      top_k=top_k, eps=eps)
     v_.check(spec)

@@ -6,7 +6,8 @@
 
 K and V live in two 64-byte aligned (batch, kv_heads, capacity, head_dim) buffers of the cache's dtype (float32,
 float16 or bfloat16: a 16-bit cache halves the bytes a decode step reads); ``attend`` passes the filled part to a
-length-generic kernel as a strided view (no copy, no compile per length). q, k and v have the cache's dtype.
+length-generic kernel as a strided view (no copy, no compile per length). q, k and v have the cache's dtype:
+numpy arrays or torch CPU tensors (a torch q gets a torch output).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numbers
 
 import numpy as np
 
-from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out
+from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out, host_array
 from .runtime import aligned_empty, numpy_dtype
 from .spec import DTYPE, DTYPES, KNOBS, AttentionSpec, array_dtype, positive_int
 from .variants import get_variant, path_for
@@ -24,7 +25,8 @@ ALIGNMENT = 64
 
 
 def _rank4(name: str, x, dtype: str) -> np.ndarray:
-    """x as a rank-4 numpy array of ``dtype``; TypeError/ValueError naming ``name`` otherwise."""
+    """x (numpy or torch) as a rank-4 numpy array of ``dtype``; TypeError/ValueError naming ``name`` otherwise."""
+    x = host_array(name, x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array with shape and dtype, got {type(x).__name__}")
     if len(x.shape) != 4:
@@ -68,6 +70,12 @@ class KVCache:
         """The filled part of V: a view."""
         return self._v[:, :, : self._length]
 
+    @property
+    def buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole K and V buffers, (batch, kv_heads, capacity, head_dim): positions from ``length`` on are
+        unfilled. For wrappers that keep their own views of the memory (e.g. torch tensors)."""
+        return self._k, self._v
+
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"capacity={self.capacity}, length={self._length}, dtype={self.dtype!r})")
@@ -101,7 +109,9 @@ class KVCache:
                window: int | None = None, schedule: str = "best", out=None, **knob) -> np.ndarray:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
-        variant's pruning knob (threshold=, top_k= or eps=). Returns a new array, or fills ``out``."""
+        variant's pruning knob (threshold=, top_k= or eps=). Returns a new array (a torch tensor when q is one), or
+        fills ``out``."""
+        like = q
         q = _rank4("q", q, self.dtype)
         b, heads, n_q, d = q.shape
         if b != self.batch:
@@ -116,9 +126,9 @@ class KVCache:
             raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
-        out = checked_out(out, q.shape, self.dtype)
+        out, result = checked_out(out, q.shape, self.dtype, like)
         kernel.launch(as_kernel_argument(q), self.k, self.v, out)
-        return out
+        return result
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())))

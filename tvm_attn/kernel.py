@@ -12,7 +12,7 @@ import tvm
 from tvm import s_tir
 
 from . import tuning
-from .runtime import dlpack_argument, numpy_dtype
+from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, torch_view
 from .spec import AttentionSpec, KernelSpec
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant, path_for
@@ -73,16 +73,38 @@ def as_kernel_argument(x) -> np.ndarray:
     return x if _passes_in_place(x) else np.array(x, order="C")
 
 
-def checked_out(out, shape: tuple, dtype: str) -> np.ndarray:
-    """``out`` if it is a writable numpy array of ``shape`` and ``dtype`` with a contiguous last axis (a new array
-    when None); ValueError otherwise."""
+def host_array(name: str, x):
+    """x as a numpy array: a torch CPU tensor becomes a view of its memory (DLPack, no copy); anything else is
+    returned unchanged. ValueError for a tensor on another device; TypeError for one that requires grad while grad
+    mode is on (the kernels have no backward, so its gradient would be silently lost)."""
+    if not is_torch(x):
+        return x
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device}: tvm_attn kernels run on the CPU (pass {name}.cpu())")
+    if x.requires_grad:
+        import torch
+
+        if torch.is_grad_enabled():
+            raise TypeError(f"{name} requires grad, and tvm_attn kernels have no backward: call them under "
+                            f"torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
+        x = x.detach()
+    return numpy_view(x)
+
+
+def checked_out(out, shape: tuple, dtype: str, like=None) -> tuple[np.ndarray, object]:
+    """(the array a kernel writes, what the call returns). ``out`` None: a new array, returned as a torch tensor
+    when ``like`` (the caller's q) is one. Else ``out`` itself, which must be a writable numpy array or torch CPU
+    tensor of ``shape`` and ``dtype`` with a contiguous last axis; ValueError otherwise."""
     if out is None:
-        return np.empty(shape, numpy_dtype(dtype))
-    if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != numpy_dtype(dtype)
-            or not _passes_in_place(out)):
-        raise ValueError(f"out must be a writable {dtype} numpy array of shape {shape} with a contiguous last axis, "
-                         f"got {type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}")
-    return out
+        array = np.empty(shape, numpy_dtype(dtype))
+        return array, (torch_view(array) if is_torch(like) else array)
+    array = host_array("out", out)
+    if (not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != numpy_dtype(dtype)
+            or not _passes_in_place(array)):
+        raise ValueError(f"out must be a writable {dtype} array or torch CPU tensor of shape {shape} with a "
+                         f"contiguous last axis, got {type(out).__name__} {getattr(out, 'dtype', '')} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    return array, out
 
 
 def first_visible_key(kspec: KernelSpec, seq_q: int, seq_kv: int) -> int:
@@ -96,7 +118,7 @@ def first_visible_key(kspec: KernelSpec, seq_q: int, seq_kv: int) -> int:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Kernel:
     """A compiled attention kernel for one kernel spec, path and target; it serves every batch, seq_q and seq_kv.
-    Call it with numpy q, k, v of its kernel spec's dtype."""
+    Call it with numpy arrays or torch CPU tensors q, k, v of its kernel spec's dtype."""
 
     variant: str
     kernel_spec: KernelSpec
@@ -129,15 +151,19 @@ class Kernel:
                              f"this kernel was built for {ks.name}")
         return spec
 
-    def __call__(self, q, k, v, out=None) -> np.ndarray:
+    def __call__(self, q, k, v, out=None):
+        """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``."""
+        like = q
+        q, k, v = (host_array(name, x) for name, x in zip("qkv", (q, k, v)))
         spec = self.check(q, k, v)
-        out = checked_out(out, spec.q_shape, spec.dtype)
+        out, result = checked_out(out, spec.q_shape, spec.dtype, like)
         self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
-        return out
+        return result
 
-    def launch(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
-        """Run on arrays already checked and laid out as the kernel takes them (``as_kernel_argument``,
-        ``checked_out``): keys before every query's window are dropped, bfloat16 arrays go through DLPack."""
+    def launch(self, q, k, v, out) -> None:
+        """Run on numpy arrays or torch tensors already checked and laid out as the kernel takes them
+        (``as_kernel_argument``, ``checked_out``): keys before every query's window are dropped, bfloat16 numpy
+        arrays go through DLPack. The runtime function itself still checks dtypes and the kernel's fixed sizes."""
         first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
         if first:
             k, v = k[:, :, first:], v[:, :, first:]

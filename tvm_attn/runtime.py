@@ -142,12 +142,12 @@ _capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c
     ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
-def dlpack_argument(array: np.ndarray):
-    """``array`` as a kernel argument without a copy. numpy exports every dtype the kernels take through DLPack
+def dlpack_argument(array):
+    """``array`` (numpy, or a torch tensor: passed as it is) as a kernel argument without a copy. numpy exports every dtype the kernels take through DLPack
     except bfloat16 (ml_dtypes' is not a dtype numpy knows): such arrays go as the DLPack export of their uint16
     view, relabelled bfloat16."""
-    if array.dtype.kind == "f" or array.dtype.name != "bfloat16":  # kind first: .name is slow, and decode calls add up
-        return array
+    if not isinstance(array, np.ndarray) or array.dtype.kind == "f" or array.dtype.name != "bfloat16":
+        return array  # torch tensors export bfloat16 themselves; kind before .name: .name is slow
     import tvm_ffi
 
     capsule = array.view(np.uint16).__dlpack__()  # no max_version: the unversioned "dltensor" capsule
@@ -190,7 +190,7 @@ class ExportedKernel:
         if not hasattr(array, "shape") or not hasattr(array, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(array).__name__}")
         if not isinstance(array, np.ndarray):
-            array = _numpy_view(array)  # torch and other DLPack producers: a zero-copy view on the CPU
+            array = numpy_view(array)  # torch and other DLPack producers: a zero-copy view on the CPU
         if tuple(array.shape) != tuple(arg["shape"]):
             raise ValueError(f"{name} has shape {tuple(array.shape)}, kernel {self.name} takes {tuple(arg['shape'])}")
         if array.dtype != numpy_dtype(arg["dtype"]):
@@ -211,21 +211,22 @@ class ExportedKernel:
         result = out
         if out is None:
             out = result = aligned_empty(self.out_shape, numpy_dtype(self._args["out"]["dtype"]), self.alignment)
-            if all(_is_torch(x) for x in (q, k, v)):
+            if all(is_torch(x) for x in (q, k, v)):
                 result = torch_view(out)  # torch in, torch out, sharing the output buffer
         out_view = self._prepare("out", out, writable=True)
         self._function(*(dlpack_argument(a) for a in (*args, out_view)))
         return result
 
 
-def _is_torch(x) -> bool:
+def is_torch(x) -> bool:
+    """Whether x is a torch tensor (checked without importing torch)."""
     return type(x).__module__.startswith("torch")
 
 
-def _numpy_view(x) -> np.ndarray:
+def numpy_view(x) -> np.ndarray:
     """A DLPack producer's CPU tensor as a numpy array without a copy (torch bfloat16 through its int16 bits, as
     numpy imports no bfloat16)."""
-    if _is_torch(x) and str(x.dtype) == "torch.bfloat16":
+    if is_torch(x) and str(x.dtype) == "torch.bfloat16":
         import torch
 
         return np.from_dlpack(x.view(torch.int16)).view(numpy_dtype("bfloat16"))

@@ -1,0 +1,143 @@
+"""The transformers backend (tvm_attn.hf) on tiny random models, and SmolLM2 greedy generation when installed."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is optional: pip install torch")
+pytest.importorskip("transformers", reason="the transformers backend is optional: pip install tvm_attn[hf]")
+
+import tvm_attn.hf  # noqa: E402
+import tvm_attn.kernel  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
+
+TINY = dict(vocab_size=96, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def _logits(model, implementation, ids, **kwargs):
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def test_prefill_logits_match_sdpa_and_gqa_reads_kv_heads_as_they_are(llama, monkeypatch):
+    tvm_attn.hf.register()
+    seen = []
+    launch = tvm_attn.kernel.Kernel.launch
+    monkeypatch.setattr(tvm_attn.kernel.Kernel, "launch",
+                        lambda self, q, k, v, out: seen.append((q.shape[1], k.shape[1])) or launch(self, q, k, v, out))
+    ids = torch.randint(0, 96, (2, 21))
+    torch.testing.assert_close(_logits(llama, "tvm_attn", ids), _logits(llama, "sdpa", ids), rtol=1e-4, atol=1e-4)
+    assert seen and all(shape == (6, 2) for shape in seen)  # 6 query heads over 2 KV heads: no repeat_kv copy
+
+
+def test_generate_with_the_tvm_attn_cache_matches_sdpa(llama):
+    tvm_attn.hf.register()
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        llama.set_attn_implementation("sdpa")
+        expected = llama.generate(ids, max_new_tokens=12, do_sample=False)
+        llama.set_attn_implementation("tvm_attn")
+        cache = tvm_attn.hf.Cache.for_model(llama, capacity=22)
+        compiles = tvm_attn.kernel.compile_count()
+        ours = llama.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
+        assert tvm_attn.kernel.compile_count() - compiles <= 2  # one prefill and one decode kernel at most
+        dynamic = llama.generate(ids, max_new_tokens=12, do_sample=False)  # transformers' own DynamicCache
+    assert torch.equal(ours, expected) and torch.equal(dynamic, expected)
+    assert cache.get_seq_length() == 21  # the last token is never fed back
+    assert cache.layers[1].cache.k.shape == (1, 2, 21, 16)  # batch, KV heads, positions, head_dim
+
+
+def test_chunked_prefill_through_the_cache_is_causal(llama):
+    tvm_attn.hf.register()
+    ids = torch.randint(0, 96, (1, 19))
+    full = _logits(llama, "sdpa", ids)
+    cache = tvm_attn.hf.Cache.for_model(llama, capacity=32)
+    first = _logits(llama, "tvm_attn", ids[:, :11], cache=cache)
+    second = _logits(llama, "tvm_attn", ids[:, 11:], cache=cache)  # 8 queries over 19 keys: masked
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-4, atol=1e-4)
+    cache.crop(-5)
+    assert cache.get_seq_length() == 14
+    again = _logits(llama, "tvm_attn", ids[:, 14:], cache=cache)
+    torch.testing.assert_close(again, full[:, 14:], rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_model_matches_sdpa():
+    torch.manual_seed(1)
+    model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=5)).eval()
+    tvm_attn.hf.register()
+    ids = torch.randint(0, 96, (1, 17))
+    torch.testing.assert_close(_logits(model, "tvm_attn", ids), _logits(model, "sdpa", ids), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # decode steps: the window reaches back 5 positions through the cache
+        model.set_attn_implementation("sdpa")
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.set_attn_implementation("tvm_attn")
+        ours = model.generate(ids, max_new_tokens=8, do_sample=False,
+                              cache=tvm_attn.hf.Cache.for_model(model, 25))
+    assert torch.equal(ours, expected)
+
+
+def test_pruned_variants_under_names_of_their_own(llama):
+    ids = torch.randint(0, 96, (1, 30))
+    dense = _logits(llama, "sdpa", ids)
+    tvm_attn.hf.register("tvm_attn_top_all", variant="topk", top_k=1000)  # keeps every key: dense
+    torch.testing.assert_close(_logits(llama, "tvm_attn_top_all", ids), dense, rtol=1e-4, atol=1e-4)
+    tvm_attn.hf.register("tvm_attn_top1", variant="topk", top_k=1)
+    assert not torch.allclose(_logits(llama, "tvm_attn_top1", ids), dense, atol=1e-3)
+
+
+def test_refusals(llama):
+    with pytest.raises(ValueError, match="unknown variant 'flsh'"):
+        tvm_attn.hf.register(variant="flsh")
+    with pytest.raises(ValueError, match="variant 'mass' needs eps"):
+        tvm_attn.hf.register(variant="mass")
+    with pytest.raises(ValueError, match="eps must be in"):
+        tvm_attn.hf.register(variant="mass", eps=2.0)
+    tvm_attn.hf.register()
+    ids = torch.randint(0, 96, (2, 9))
+    padding = torch.ones_like(ids)
+    padding[1, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        _logits(llama, "tvm_attn", ids, attention_mask=padding)
+    llama.set_attn_implementation("tvm_attn")
+    with pytest.raises(TypeError, match="requires grad.*no_grad"):
+        llama(ids)  # grad mode on, weights need grad: the kernels have no backward
+    attention_layers = [m for m in llama.modules() if hasattr(m, "attention_dropout")]
+    for m in attention_layers:
+        m.attention_dropout = 0.1
+    llama.train()
+    try:
+        with pytest.raises(ValueError, match="dropout=0.1: tvm_attn kernels are inference-only"):
+            llama(ids)
+    finally:
+        for m in attention_layers:
+            m.attention_dropout = 0.0
+        llama.eval()
+    cache = tvm_attn.hf.Cache.for_model(llama, capacity=8)
+    with pytest.raises(ValueError, match="cannot append 9 positions"), torch.no_grad():
+        llama(ids[:1], cache=cache)
+
+
+def test_smollm2_greedy_tokens_identical_to_sdpa():
+    try:
+        tvm_attn.hf.smollm2_path()
+    except FileNotFoundError as err:
+        pytest.skip(f"the real model is not installed ({err})")
+    pytest.importorskip("gguf", reason="loading the GGUF needs the gguf package: pip install tvm_attn[hf]")
+    from tvm_attn import generate
+
+    tvm_attn.hf.register()
+    model, tokenizer = tvm_attn.hf.load_smollm2()
+    prompt = "The capital of France is"
+    ours = generate.run(model, tokenizer, prompt, 12, "tvm_attn")
+    sdpa = generate.run(model, tokenizer, prompt, 12, "sdpa")
+    assert ours.tokens == sdpa.tokens
+    assert tokenizer.decode(ours.tokens).startswith(" Paris")
+    assert ours.compiles_during_decode <= 1  # the prompt's 6 rows already took the decode kernel
