@@ -67,3 +67,43 @@ def test_report_is_generated_from_the_csv(quick_run):
     assert "| seq_kv | line | float32 ms | 16-bit ms | speedup |" in report
     progress = [line for line in stderr.splitlines() if line.startswith("[") and line.endswith(" ms")]
     assert len(progress) == len([r for r in rows if r["study"] not in ("ceiling", "generation")])
+
+
+def test_model_study_on_a_tiny_model(tmp_path):
+    """The model study's rows and report section, on a tiny random Llama and a stand-in tokenizer (the real run
+    loads SmolLM2; see README)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import types
+
+    from tvm_attn.bench.model import CONFIGS
+    from tvm_attn.bench.report import write_report
+    from tvm_attn.bench.runner import run_studies
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(config).eval()
+
+    def tokenizer(text, return_tensors):
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) % 64 for c in text]]))
+
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 4)
+    configs = [c for c in CONFIGS if c[0] in ("flash", "topk 256", "topk 16", "mass 0.01")]
+    study = dict(model=model, tokenizer=tokenizer, text_path=text, window=40, windows=3, prompt=20, steps=4,
+                 rounds=1, configs=configs)
+    csv_path = tmp_path / "results.csv"
+    rows = [r for r in run_studies([], str(csv_path), model=study) if r["study"] == "model"]
+    quality = {r["line"]: r for r in rows if r["x_name"] == "perplexity"}
+    assert quality["flash"]["x"] == 3 * 39  # next-token predictions in three windows
+    assert quality["flash"]["perplexity"] == pytest.approx(quality["torch sdpa"]["perplexity"], rel=1e-5)
+    assert quality["flash"]["top1_agreement"] == 1.0
+    assert quality["topk 256"]["top1_agreement"] == 1.0  # more keys than a window holds: dense
+    assert quality["topk 256"]["perplexity"] == pytest.approx(quality["flash"]["perplexity"], rel=1e-5)
+    assert quality["topk 16"]["perplexity"] != pytest.approx(quality["flash"]["perplexity"], rel=1e-5)
+    speed = {r["provider"]: r for r in rows if r["x_name"] == "prompt"}
+    assert set(speed) == {"tvm_attn", "torch-sdpa"} and all(r["tokens_per_s"] > 0 for r in speed.values())
+    report = open(write_report(str(csv_path), str(tmp_path))).read()
+    assert "## Model: SmolLM2-135M-Instruct through tvm_attn" in report
+    assert f"| topk 16 | {quality['topk 16']['perplexity']:.3f} |" in report

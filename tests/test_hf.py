@@ -96,6 +96,8 @@ def test_pruned_variants_under_names_of_their_own(llama):
 def test_refusals(llama):
     with pytest.raises(ValueError, match="unknown variant 'flsh'"):
         tvm_attn.hf.register(variant="flsh")
+    with pytest.raises(ValueError, match="name must be a str without 'flash'"):
+        tvm_attn.hf.register("tvm_attn_flash")
     with pytest.raises(ValueError, match="variant 'mass' needs eps"):
         tvm_attn.hf.register(variant="mass")
     with pytest.raises(ValueError, match="eps must be in"):

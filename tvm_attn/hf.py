@@ -43,6 +43,9 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def register(name: str = NAME, variant: str = "flash", schedule: str = "best", **knob) -> str:
     """Register ``variant`` (with its pruning knob: threshold=, top_k= or eps=) as the attention implementation
     ``name`` of transformers models; returns ``name``. Register several names to compare knobs in one process."""
+    if not isinstance(name, str) or "flash" in name or "/" in name:
+        # transformers reads such names as requests for flash-attention or Hub kernels
+        raise ValueError(f"name must be a str without 'flash' or '/', got {name!r}")
     get_variant(variant).check(AttentionSpec(**knob))  # a bad variant or knob fails here, not inside a model
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")

@@ -10,6 +10,7 @@ import sys
 
 GENERATION = "generation"  # the KVCache generation loop (bench/generation.py), not a Study
 QUICK_GENERATION = dict(heads=4, kv_heads=2, head_dim=32, prefill=100, steps=32)
+MODEL = "model"  # SmolLM2 with tvm_attn attention (bench/model.py): full runs and --study model, when installed
 
 
 def main(argv=None) -> None:
@@ -38,13 +39,22 @@ def main(argv=None) -> None:
     csv_path = os.path.join(out, "results.csv")
     if not args.report_only:
         studies = default_studies(quick=args.quick)
-        known = [s.name for s in studies] + [GENERATION]
+        known = [s.name for s in studies] + [GENERATION, MODEL]
         for name in args.study or []:
             if name not in known:
                 parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
         generation = None
         if not args.study or GENERATION in args.study:
             generation = QUICK_GENERATION if args.quick else {}
+        model = None
+        if (not args.study and not args.quick) or MODEL in (args.study or []):
+            from .model import unavailable
+
+            reason = unavailable()
+            if reason is None:
+                model = {}
+            else:
+                print(f"model study skipped: {reason}", file=sys.stderr)
         for name in args.variant or []:
             tvm_attn.get_variant(name)
         if args.study:
@@ -59,7 +69,7 @@ def main(argv=None) -> None:
             studies = [dataclasses.replace(s, x_vals=tuple(args.seq)) if s.name == "seq_sweep" else s
                        for s in studies]
         min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 0.2)
-        run_studies(studies, csv_path, min_seconds=min_seconds, generation=generation)
+        run_studies(studies, csv_path, min_seconds=min_seconds, generation=generation, model=model)
     print(f"wrote {write_report(csv_path, out)} and {csv_path}", file=sys.stderr)
 
 

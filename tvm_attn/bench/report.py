@@ -17,7 +17,8 @@ import matplotlib.ticker  # noqa: E402
 NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "threshold", "top_k", "eps", "median_ms",
            "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
            "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads",
-           "layers", "bytes_kv", "gbs", "kernel_ms", "overhead_us", "compiles", "prefill_ms")
+           "layers", "bytes_kv", "gbs", "kernel_ms", "overhead_us", "compiles", "prefill_ms", "perplexity",
+           "top1_agreement", "tokens_per_s")
 
 
 def load(path: str) -> list[dict]:
@@ -496,7 +497,52 @@ def write_report(csv_path: str, out_dir: str) -> str:
         _plot(os.path.join(out_dir, f"{study}.png"), f"{title} ({machine})", x_name, "ms", series, logy=True)
         parts += [f"![{study}]({study}.png)", ""]
 
+    parts += _model_section(rows)
+
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def _model_section(rows) -> list[str]:
+    """SmolLM2 with tvm_attn attention: decode and prefill speed against torch SDPA, and each pruning knob's
+    perplexity and top-1 agreement with dense attention (bench/model.py)."""
+    rs = _pick(rows, study="model")
+    if not rs:
+        return []
+    speed = _pick(rs, x_name="prompt")
+    quality = _pick(rs, x_name="perplexity")
+    first = rs[0]
+    parts = ["## Model: SmolLM2-135M-Instruct through tvm_attn", "",
+             f"30 layers, {int(first['heads'])} query heads over {int(first['kv_heads'])} KV heads, head_dim "
+             f"{int(first['head_dim'])}, float32, in transformers with `attn_implementation` set to a tvm_attn "
+             "registration (`tvm_attn.hf`) or to `sdpa`; everything but attention is the same torch code.", ""]
+    if speed:
+        ours, sdpa = _one(speed, provider="tvm_attn"), _one(speed, provider="torch-sdpa")
+        parts += [f"**Speed.** Greedy decoding after a {int(speed[0]['x'])}-token prompt: tvm_attn flash with "
+                  "`tvm_attn.hf.Cache` (K/V appended in place) against torch SDPA with transformers' DynamicCache, "
+                  "alternating over rounds; median step time.", ""]
+        body = [[r["line"], f"{r['prefill_ms']:.0f}", f"{int(r['x']) / r['prefill_ms'] * 1e3:.0f}",
+                 f"{r['median_ms']:.1f}", f"{r['tokens_per_s']:.1f}"] for r in (ours, sdpa) if r]
+        parts += [_table(["attention", "prefill ms", "prefill tokens/s", "decode ms/token", "decode tokens/s"],
+                         body), ""]
+        if ours and sdpa:
+            parts += [f"tvm_attn vs torch SDPA in the model: prefill {sdpa['prefill_ms'] / ours['prefill_ms']:.2f}x, "
+                      f"decode {sdpa['median_ms'] / ours['median_ms']:.2f}x (attention is a small part of a "
+                      "135M model's step; the rest is the same torch matmuls).", ""]
+    if quality:
+        dense = _one(quality, line="flash")
+        text = quality[0]["distribution"].removeprefix("text:")
+        parts += [f"**Pruning judged by the model.** Perplexity over {int(quality[0]['x'])} next-token predictions "
+                  f"of `{text}` (windows of {int(quality[0]['seq_q'])} tokens, teacher-forced: every attention "
+                  "row is pruned as a decode step would be), and the share of positions whose top-1 prediction is "
+                  "dense (flash) attention's. Time: one window's forward pass.", ""]
+        body = []
+        for r in quality:
+            body.append([r["line"], f"{r['perplexity']:.3f}",
+                         f"{(r['perplexity'] / dense['perplexity'] - 1) * 100:+.2f}%" if dense else "-",
+                         "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%",
+                         f"{r['median_ms'] / 1e3:.2f}"])
+        parts += [_table(["attention", "perplexity", "vs dense", "top-1 = dense", "forward s"], body), ""]
+    return parts

@@ -21,6 +21,7 @@ from .bandwidth import read_bandwidth
 from .generation import generation_loop
 from .inputs import make_inputs, row_entropy
 from .memory import memory_use
+from .model import model_study
 from .providers import PROVIDERS
 from .studies import Study
 
@@ -31,6 +32,7 @@ FIELDS = (
     "bytes_inputs", "bytes_output", "bytes_intermediate",
     "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
     "threads", "target", "kernel_ms", "overhead_us", "compiles", "prefill_ms",
+    "perplexity", "top1_agreement", "tokens_per_s",
 )
 MAX_LAYERS = 64
 SLOW_PROVIDERS = ("untuned", "numpy")
@@ -88,9 +90,9 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
 
 
 def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, generation: dict | None = None,
-                log=sys.stderr) -> list[dict]:
-    """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop); write
-    and return the rows."""
+                model: dict | None = None, log=sys.stderr) -> list[dict]:
+    """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
+    ``model``, those of model_study); write and return the rows."""
     target = tvm_attn.resolve_target("host")
     key = tvm_attn.target_key(target)
     n_threads = threads()
@@ -129,6 +131,10 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
         rows.append(row)
         print(f"generation loop: {row['median_ms'] * 1e3:.1f} us per step, {row['overhead_us']:.1f} us outside the "
               f"kernel, {row['compiles']} compiles during the loop", file=log, flush=True)
+    if model is not None:
+        for row in model_study(log=log, **model):
+            row.update(threads=n_threads, target=key)
+            rows.append(row)
     with open(out_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
