@@ -107,3 +107,22 @@ def test_model_study_on_a_tiny_model(tmp_path):
     report = open(write_report(str(csv_path), str(tmp_path))).read()
     assert "## Model: SmolLM2-135M-Instruct through tvm_attn" in report
     assert f"| topk 16 | {quality['topk 16']['perplexity']:.3f} |" in report
+
+
+def test_a_partial_run_replaces_only_its_studies_rows(tmp_path):
+    from tvm_attn.bench.runner import FIELDS, merge_results
+
+    def write(path, rows):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    full, partial = tmp_path / "results.csv", tmp_path / "results.csv.partial"
+    write(full, [dict(study="decode", median_ms=1), dict(study="model", median_ms=2), dict(study="ceiling",
+                                                                                        median_ms=3)])
+    write(partial, [dict(study="model", median_ms=4), dict(study="ceiling", median_ms=5)])
+    merge_results(str(full), str(partial), {"model"})
+    with open(full, newline="") as f:
+        rows = [(r["study"], r["median_ms"]) for r in csv.DictReader(f)]
+    assert rows == [("decode", "1"), ("ceiling", "3"), ("model", "4")] and not partial.exists()

@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     import tvm_attn
 
     from .report import write_report
-    from .runner import run_studies
+    from .runner import merge_results, run_studies
     from .studies import default_studies
 
     out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + ("-quick" if args.quick else ""))
@@ -69,7 +69,14 @@ def main(argv=None) -> None:
             studies = [dataclasses.replace(s, x_vals=tuple(args.seq)) if s.name == "seq_sweep" else s
                        for s in studies]
         min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 0.2)
-        run_studies(studies, csv_path, min_seconds=min_seconds, generation=generation, model=model)
+        # A partial run updates its studies' rows in an existing results.csv instead of overwriting the file.
+        partial = bool(args.study) and os.path.exists(csv_path)
+        run_csv = csv_path + ".partial" if partial else csv_path
+        run_studies(studies, run_csv, min_seconds=min_seconds, generation=generation, model=model)
+        if partial:
+            merge_results(csv_path, run_csv, set(args.study))
+            print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "
+                  f"ceilings) are from the run that wrote it", file=sys.stderr)
     print(f"wrote {write_report(csv_path, out)} and {csv_path}", file=sys.stderr)
 
 

@@ -144,6 +144,20 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
 
 
 
+def merge_results(csv_path: str, partial_csv: str, studies: set[str]) -> None:
+    """Replace the rows of ``studies`` in ``csv_path`` by those of ``partial_csv`` (a run of only those studies),
+    keeping every other study's rows, and delete ``partial_csv``."""
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["study"] not in studies]
+    with open(partial_csv, newline="") as f:
+        rows += [r for r in csv.DictReader(f) if r["study"] in studies]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.remove(partial_csv)
+
+
 @dataclasses.dataclass
 class _Point:
     """One (study, line, x, distribution) with its inputs and prepared providers."""
