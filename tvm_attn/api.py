@@ -25,11 +25,12 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
     compute with no schedule (the slow reference the benchmarks compare against).
     """
     v_ = get_variant(variant)
-    spec = AttentionSpec.from_arrays(*(host_array(n, x) for n, x in zip("qkv", (q, k, v))), causal=causal,
-                                     window=window, scale=scale, threshold=threshold, top_k=top_k, eps=eps)
+    arrays = [host_array(n, x) for n, x in zip("qkv", (q, k, v))]
+    spec = AttentionSpec.from_arrays(*arrays, causal=causal, window=window, scale=scale, threshold=threshold,
+                                     top_k=top_k, eps=eps)
     if schedule is None:
         schedule = "best" if tuned else "hand"
-    return build(v_, spec, target=target, schedule=schedule)(q, k, v, out)
+    return build(v_, spec, target=target, schedule=schedule).run_checked(spec, *arrays, out, like=q)
 
 
 def reference(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,

@@ -153,9 +153,11 @@ class Kernel:
 
     def __call__(self, q, k, v, out=None):
         """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``."""
-        like = q
-        q, k, v = (host_array(name, x) for name, x in zip("qkv", (q, k, v)))
-        spec = self.check(q, k, v)
+        arrays = [host_array(name, x) for name, x in zip("qkv", (q, k, v))]
+        return self.run_checked(self.check(*arrays), *arrays, out, like=q)
+
+    def run_checked(self, spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, out, like=None):
+        """``__call__`` after ``check``: numpy q, k, v of ``spec``; the result is a torch tensor when ``like`` is."""
         out, result = checked_out(out, spec.q_shape, spec.dtype, like)
         self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
         return result

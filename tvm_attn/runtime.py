@@ -143,9 +143,9 @@ _capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c
 
 
 def dlpack_argument(array):
-    """``array`` (numpy, or a torch tensor: passed as it is) as a kernel argument without a copy. numpy exports every dtype the kernels take through DLPack
-    except bfloat16 (ml_dtypes' is not a dtype numpy knows): such arrays go as the DLPack export of their uint16
-    view, relabelled bfloat16."""
+    """``array`` (numpy, or a torch tensor: passed as it is) as a kernel argument without a copy. numpy exports every
+    dtype the kernels take through DLPack except bfloat16 (ml_dtypes' is not a dtype numpy knows): such arrays go as
+    the DLPack export of their uint16 view, relabelled bfloat16."""
     if not isinstance(array, np.ndarray) or array.dtype.kind == "f" or array.dtype.name != "bfloat16":
         return array  # torch tensors export bfloat16 themselves; kind before .name: .name is slow
     import tvm_ffi
