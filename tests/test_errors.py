@@ -81,6 +81,10 @@ def test_bad_knobs(kwargs, error, message):
     ({"kind": "cuda"}, "only CPU targets of kind 'llvm'"),
     ("{not json", "is not valid JSON"),
     (42, "target must be a name, a dict or a tvm Target, got int"),
+    # LLVM crashes the process on such triples: refused before TVM sees them
+    ({"kind": "llvm", "mtriple": "garbage-triple"}, "target mtriple 'garbage-triple': give arch-vendor-os"),
+    ({"kind": "llvm", "mtriple": "x86_64-garbage"}, "no operating system LLVM knows"),
+    ({"kind": "llvm", "mcpu": "apple-m9"}, "target mcpu 'apple-m9' is not a CPU LLVM knows"),
 ])
 def test_bad_targets(target, message):
     q, k, v = _qkv()
@@ -130,3 +134,69 @@ def test_bad_windows(window, causal, error, message):
     q, k, v = _qkv()
     with pytest.raises(error, match=_literal(message)):
         tvm_attn.attention(q, k, v, causal=causal, window=window)
+
+
+def test_code_for_another_os_or_abi_is_never_run_here():
+    host = tvm_attn.resolve_target("host")
+    cpu = str(host.attrs["mcpu"])
+    for triple in ("x86_64-pc-windows-msvc", "x86_64-apple-macos", "x86_64-pc-linux-musl"):
+        kernel = tvm_attn.build("flash", tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=4, head_dim=8),
+                                target={"kind": "llvm", "mtriple": triple, "mcpu": cpu})
+        with pytest.raises(RuntimeError, match="cannot run on this"):
+            kernel.function
+    assert tvm_attn.targets.runs_on_host({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": cpu})
+
+
+def test_sizes_past_int32_name_the_argument_and_limit():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="top_k must be at most 2147483647"):
+        tvm_attn.attention(q, k, v, variant="topk", top_k=2**31)
+    with pytest.raises(ValueError, match="seq_kv must be at most 2147483647"):
+        tvm_attn.AttentionSpec(seq_q=1, seq_kv=2**31)
+    with pytest.raises(ValueError, match="q would have 4294967296 elements"):
+        tvm_attn.AttentionSpec(batch=2**16, heads=8, seq_q=128, head_dim=64)
+
+
+def test_out_sharing_memory_with_an_input_is_refused():
+    q, k, v = _qkv(sq=6)
+    with pytest.raises(ValueError, match="out overlaps q"):
+        tvm_attn.attention(q, k, v, out=q)
+    kk = np.concatenate([k, k], axis=1)  # (1, 4, 6, 8): the shape of q
+    with pytest.raises(ValueError, match="out overlaps k"):
+        tvm_attn.attention(q, kk[:, :2], v, out=kk)
+    cache = tvm_attn.KVCache(batch=1, kv_heads=4, head_dim=8, capacity=16)
+    cache.append(kk, kk)
+    with pytest.raises(ValueError, match="out overlaps k"):
+        cache.attend(q[:, :, -1:], out=cache.buffers[0][:, :, :1])
+
+
+def test_misaligned_arrays_are_copied_not_misread():
+    q, k, v = _qkv()
+    raw = np.zeros(q.nbytes + 1, np.uint8)
+    shifted = raw[1:].view(np.float32).reshape(q.shape)  # a float32 view at an odd address
+    shifted[...] = q
+    assert not shifted.flags.aligned
+    np.testing.assert_array_equal(tvm_attn.attention(shifted, k, v), tvm_attn.attention(q, k, v))
+
+
+@pytest.mark.parametrize("command,message", [
+    (["tvm_attn.export", "-o", "OUT", "--variant", "flsh"], "unknown variant 'flsh'"),
+    (["tvm_attn.export", "-o", "OUT", "--target", "apple-m9"], "unknown target 'apple-m9'"),
+    (["tvm_attn.export", "-o", "OUT", "--variant", "flash", "--seq", "0"], "seq_q must be >= 1, got 0"),
+    (["tvm_attn.export", "-o", "OUT", "--variant", "mass", "--eps", "2"], "eps must be in (0, 1), got 2.0"),
+    (["tvm_attn.export", "-o", "OUT", "--variant", "flash", "--eps", "0.1"], "--eps 0.1 is only used by variant"),
+    (["tvm_attn.tune", "--variant", "flash", "--target", '{"kind": "llvm", "mtriple": "garbage-triple"}'],
+     "target mtriple 'garbage-triple'"),
+    (["tvm_attn", "--variant", "flsh"], "unknown variant 'flsh'"),
+    (["tvm_attn.bench", "--provider", "torch", "--out", "OUT"], "unknown provider 'torch'"),
+    (["tvm_attn.bench", "--report-only", "--out", "OUT"], "there is no"),
+])
+def test_cli_errors_are_usage_errors(command, message, tmp_path):
+    import subprocess
+    import sys
+
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written

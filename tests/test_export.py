@@ -177,3 +177,50 @@ def test_read_only_inputs_are_copied_not_refused(exported):
     for x in (q, k, v):
         x.flags.writeable = False
     assert_matches_reference("flash", _spec("flash"), kernel(q, k, v), q, k, v)
+
+
+def _copy_export(results, name, tmp_path):
+    """The exported kernel ``name`` and its manifest, copied into tmp_path (with the runtime library)."""
+    src = results[name]
+    for path in (src.library, src.manifest, src.library.with_name("libtvm_runtime.so")):
+        shutil.copy2(path, tmp_path / path.name)
+    return tmp_path / src.library.name, tmp_path / src.manifest.name
+
+
+def test_a_corrupted_or_substituted_library_is_refused_before_loading(exported, tmp_path):
+    _, results = exported
+    library, manifest_path = _copy_export(results, "flash", tmp_path)
+    data = library.read_bytes()
+    library.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(runtime.ManifestError, match="sha256 differs"):
+        runtime.load(manifest_path)
+    library.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])  # one byte flipped
+    with pytest.raises(runtime.ManifestError, match="sha256 differs"):
+        runtime.load(manifest_path)
+    library.write_bytes(data)
+    manifest = json.loads(manifest_path.read_text())
+    for library_name in ("libtvm_runtime.so", "../" + library.name):
+        manifest_path.write_text(json.dumps(dict(manifest, library=library_name)))
+        with pytest.raises(runtime.ManifestError, match="names the library"):
+            runtime.load(manifest_path)
+    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}))
+    with pytest.raises(runtime.ManifestError, match="no sha256"):
+        runtime.load(manifest_path)
+    manifest_path.write_text(json.dumps(dict(manifest, versions=dict(manifest["versions"], tvm="0.1.0"))))
+    with pytest.raises(runtime.ManifestError, match="exported with apache-tvm 0.1.0"):
+        runtime.load(manifest_path)
+
+
+def test_a_manifest_cannot_lower_the_alignment_or_alias_out(exported, tmp_path):
+    _, results = exported
+    library, manifest_path = _copy_export(results, "flash", tmp_path)
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(manifest, alignment_bytes=1)))
+    kernel = runtime.load(manifest_path)
+    assert kernel.alignment == 4  # float32 elements
+    q, k, v = make_inputs(_spec("flash"))
+    buf = np.empty(q.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(q.shape)  # 1 byte off
+    buf[...] = q
+    assert_matches_reference("flash", _spec("flash"), kernel(buf, k, v), q, k, v)
+    with pytest.raises(ValueError, match="out overlaps q"):
+        kernel(q, k, v, out=q)

@@ -228,3 +228,35 @@ def test_lookup_follows_the_confirmed_winner(tuned_logs, tmp_path):
     with pytest.raises(tuning.CorruptTuningLog, match="confirmed.json is not valid JSON"):
         tuning.tuned_record(flash, spec, "host", root=copy)
     tuning._cached_database.cache_clear()
+
+
+def test_records_without_a_target_are_not_applied(tuned_logs, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned_logs[0], logs)
+    path = logs / tvm_attn.target_key("host") / tuning.RECORD_FILE
+    lines = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        entry[1][2] = None  # the record's target
+        lines.append(json.dumps(entry))
+    path.write_text("\n".join(lines) + "\n")
+    tuning._cached_database.cache_clear()
+    try:
+        assert tuning.tuned_record(tvm_attn.get_variant("flash"), tvm_attn.AttentionSpec(**TINY), "host",
+                                   root=logs) is None
+    finally:
+        tuning._cached_database.cache_clear()
+
+
+def test_binary_garbage_in_a_log_names_the_file_and_line(tuned_logs, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned_logs[0], logs)
+    directory = logs / tvm_attn.target_key("host")
+    with open(directory / tuning.RECORD_FILE, "ab") as f:
+        f.write(b"\xff\xfe\x00garbage\n")
+    n_lines = (directory / tuning.RECORD_FILE).read_bytes().count(b"\n")
+    with pytest.raises(tuning.CorruptTuningLog, match=f"{tuning.RECORD_FILE}:{n_lines} is not text"):
+        tuning.open_database("host", logs)
+    (directory / tuning.CONFIRMED_FILE).write_bytes(b"\xff\xfe")
+    with pytest.raises(tuning.CorruptTuningLog, match="confirmed.json is not valid JSON"):
+        tuning.read_confirmed("host", logs)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tvm_attn.plan import add_knob_arguments, knobs_from_args
+from tvm_attn.plan import add_knob_arguments, check_knob_arguments, knobs_from_args
 from tvm_attn.spec import DTYPE, DTYPES
 
 
@@ -31,12 +31,17 @@ def main(argv=None) -> None:
 
     variants = args.variant or list(tvm_attn.VARIANTS)
     schedules = ["best", "untuned"] if args.untuned else ["best"]
+    try:
+        check_knob_arguments(variants, args)
+        specs = {name: tvm_attn.AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+                                              seq_q=args.seq, head_dim=args.head_dim, causal=args.causal,
+                                              dtype=args.dtype, **knobs_from_args(name, args))
+                 for name in variants}
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
     print(f"target {tvm_attn.target_key('host')}, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")
-    for name in variants:
+    for name, spec in specs.items():
         variant = tvm_attn.get_variant(name)
-        spec = tvm_attn.AttentionSpec(batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, seq_q=args.seq,
-                                      head_dim=args.head_dim, causal=args.causal, dtype=args.dtype,
-                                      **knobs_from_args(variant, args))
         rng = np.random.default_rng(0)
         q, k, v = (rng.standard_normal(shape).astype(numpy_dtype(spec.dtype))
                    for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape))

@@ -20,7 +20,7 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
 
     A kernel is compiled once per (variant, heads, kv_heads, head_dim, mask, knob) and its path (decode for a few
     query rows, prefill for more) and serves every batch and length. Arrays whose last axis is contiguous (strided
-    views such as ``k_buf[:, :, :n]``, any alignment) are read in place. ``tuned`` picks the best schedule available;
+    views such as ``k_buf[:, :, :n]``, any element-aligned address) are read in place. ``tuned`` picks the best schedule available;
     ``tuned=False`` or ``schedule="hand"`` forces the variant's hand schedule; ``schedule="untuned"`` compiles the
     compute with no schedule (the slow reference the benchmarks compare against).
     """

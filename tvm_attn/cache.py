@@ -126,7 +126,7 @@ class KVCache:
             raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
-        out, result = checked_out(out, q.shape, self.dtype, like)
+        out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         kernel.launch(as_kernel_argument(q), self.k, self.v, out)
         return result
 

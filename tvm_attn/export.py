@@ -26,8 +26,8 @@ from tvm.target import codegen
 
 from . import __version__
 from .kernel import scheduled_module
-from .plan import Workload, add_workload_arguments, workloads_from_args
-from .runtime import ALIGNMENT_BYTES, MANIFEST_FORMAT
+from .plan import Workload, add_workload_arguments, cli_workloads
+from .runtime import ALIGNMENT_BYTES, MANIFEST_FORMAT, file_sha256
 from .spec import DTYPE, DTYPE_TAGS, AttentionSpec
 from .targets import resolve_target, target_key
 from .variants import get_variant
@@ -183,6 +183,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         "alignment_bytes": ALIGNMENT_BYTES,
         "runtime_library": runtime_name,
         "linked": linked,
+        "sha256": file_sha256(library),  # runtime.load refuses a library that differs (truncated, corrupted)
         "versions": {"tvm_attn": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__},
     }
     manifest_path = out_dir / f"{name}.json"
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fetch-runtime", action="store_true", help="Apple targets: download libtvm_runtime.dylib "
                         "from PyPI's apache-tvm macOS wheel into the output directory (~80 MB download)")
     args = parser.parse_args(argv)
-    plan: list[Workload] = workloads_from_args(args)
+    plan: list[Workload] = cli_workloads(parser, args)
     results = [export(w.variant, w.spec, args.target, args.out, fetch_runtime=args.fetch_runtime) for w in plan]
     tuned = sum(r.schedule == "tuned" for r in results)
     print(f"exported {len(results)} kernels to {args.out} ({tuned} tuned, {len(results) - tuned} hand-scheduled)",

@@ -61,13 +61,16 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
 
 def _passes_in_place(x: np.ndarray) -> bool:
     """Whether the kernels take x as it is: writable (DLPack cannot mark an array read-only, so numpy refuses to
-    export one), last axis contiguous, every stride a whole number of elements."""
-    return x.flags.writeable and x.strides[-1] == x.itemsize and not any(s % x.itemsize for s in x.strides)
+    export one), element-aligned (the alignment the kernels are built for), last axis contiguous, every stride a
+    whole number of elements."""
+    return (x.flags.writeable and x.flags.aligned and x.strides[-1] == x.itemsize
+            and not any(s % x.itemsize for s in x.strides))
 
 
 def as_kernel_argument(x) -> np.ndarray:
-    """x as the kernel takes it without a copy when possible: an array whose last axis is contiguous (any other
-    strides, any alignment). Read-only and otherwise strided arrays are copied (the kernels never write inputs)."""
+    """x as the kernel takes it without a copy when possible: an element-aligned array whose last axis is contiguous
+    (any other strides). Read-only, misaligned and otherwise strided arrays are copied (the kernels never write
+    inputs)."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     return x if _passes_in_place(x) else np.array(x, order="C")
@@ -91,10 +94,11 @@ def host_array(name: str, x):
     return numpy_view(x)
 
 
-def checked_out(out, shape: tuple, dtype: str, like=None) -> tuple[np.ndarray, object]:
+def checked_out(out, shape: tuple, dtype: str, like=None, inputs: dict | None = None) -> tuple[np.ndarray, object]:
     """(the array a kernel writes, what the call returns). ``out`` None: a new array, returned as a torch tensor
     when ``like`` (the caller's q) is one. Else ``out`` itself, which must be a writable numpy array or torch CPU
-    tensor of ``shape`` and ``dtype`` with a contiguous last axis; ValueError otherwise."""
+    tensor of ``shape`` and ``dtype`` with a contiguous last axis, sharing no memory with ``inputs`` ({name:
+    array}: the kernel reads them while it writes out); ValueError otherwise."""
     if out is None:
         array = np.empty(shape, numpy_dtype(dtype))
         return array, (torch_view(array) if is_torch(like) else array)
@@ -104,6 +108,10 @@ def checked_out(out, shape: tuple, dtype: str, like=None) -> tuple[np.ndarray, o
         raise ValueError(f"out must be a writable {dtype} array or torch CPU tensor of shape {shape} with a "
                          f"contiguous last axis, got {type(out).__name__} {getattr(out, 'dtype', '')} "
                          f"{tuple(getattr(out, 'shape', ()))}")
+    for name, x in (inputs or {}).items():
+        if np.may_share_memory(array, x):
+            raise ValueError(f"out overlaps {name}: the kernel reads {name} while it writes out; pass an out of its "
+                             f"own")
     return array, out
 
 
@@ -130,8 +138,9 @@ class Kernel:
 
     @functools.cached_property
     def function(self):
-        """The runtime function, called as f(q, k, v, out) on tvm tensors or numpy arrays (any strides with a
-        contiguous last axis, any alignment; out of q's shape and dtype; bfloat16 numpy arrays through
+        """The runtime function, called as f(q, k, v, out) on tvm tensors, numpy arrays or torch tensors (any
+        strides with a contiguous last axis; element-aligned data, which the function does not check: calling the
+        kernel instead copies arrays that are not; out of q's shape and dtype; bfloat16 numpy arrays through
         ``runtime.dlpack_argument``)."""
         if not runs_on_host(self.target):
             raise RuntimeError(
@@ -158,7 +167,7 @@ class Kernel:
 
     def run_checked(self, spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, out, like=None):
         """``__call__`` after ``check``: numpy q, k, v of ``spec``; the result is a torch tensor when ``like`` is."""
-        out, result = checked_out(out, spec.q_shape, spec.dtype, like)
+        out, result = checked_out(out, spec.q_shape, spec.dtype, like, inputs=dict(q=q, k=k, v=v))
         self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
         return result
 

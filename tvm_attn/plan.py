@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from .spec import DTYPE, DTYPES, AttentionSpec
-from .variants import get_variant, path_for
+from .variants import VARIANTS, get_variant, path_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +67,50 @@ def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
 
 
+KNOB_DEFAULTS = {"threshold": 0.01, "top_k": 64, "eps": 0.05}
+
+
 def add_knob_arguments(parser: argparse.ArgumentParser) -> None:
     """--threshold, --top-k, --eps: each applies to the variant that uses it (Variant.knob)."""
-    parser.add_argument("--threshold", type=float, default=0.01, help="threshold variant's knob (default 0.01)")
-    parser.add_argument("--top-k", type=int, default=64, help="topk variant's knob (default 64)")
-    parser.add_argument("--eps", type=float, default=0.05, help="mass variant's knob (default 0.05)")
+    parser.add_argument("--threshold", type=float, default=None, help="threshold variant's knob (default 0.01)")
+    parser.add_argument("--top-k", type=int, default=None, help="topk variant's knob (default 64)")
+    parser.add_argument("--eps", type=float, default=None, help="mass variant's knob (default 0.05)")
 
 
 def knobs_from_args(variant, args: argparse.Namespace) -> dict:
-    """{knob: value} for the variant's knob from the parsed --threshold/--top-k/--eps (empty for dense variants)."""
+    """{knob: value} for the variant's knob from the parsed --threshold/--top-k/--eps, else its default (empty
+    for dense variants)."""
     v = get_variant(variant)
-    return {v.knob: getattr(args, v.knob)} if v.knob else {}
+    if not v.knob:
+        return {}
+    value = getattr(args, v.knob)
+    return {v.knob: KNOB_DEFAULTS[v.knob] if value is None else value}
+
+
+def check_knob_arguments(variants, args: argparse.Namespace) -> None:
+    """ValueError for a knob option that none of ``variants`` uses (it would be silently ignored)."""
+    used = {get_variant(name).knob for name in variants}
+    for knob in KNOB_DEFAULTS:
+        if getattr(args, knob) is not None and knob not in used:
+            users = [v.name for v in VARIANTS.values() if v.knob == knob]
+            raise ValueError(f"--{knob.replace('_', '-')} {getattr(args, knob)} is only used by variant {users[0]!r}, "
+                             f"not by {', '.join(variants)}")
+
+
+def cli_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """The workloads of tune's and export's options, and their --target checked; bad values end the program
+    with an argparse error (exit status 2) naming them, not a traceback."""
+    from .targets import resolve_target
+
+    try:
+        resolve_target(args.target)
+        if not args.variant and any(getattr(args, knob) is not None for knob in KNOB_DEFAULTS):
+            raise ValueError("--threshold, --top-k and --eps apply to the variants named with --variant")
+        if args.variant:
+            check_knob_arguments(args.variant, args)
+        return workloads_from_args(args)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
 
 
 def workloads_from_args(args: argparse.Namespace) -> list[Workload]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -168,6 +169,15 @@ def aligned_empty(shape, dtype, alignment: int) -> np.ndarray:
     return raw[offset: offset + nbytes].view(dtype).reshape(shape)
 
 
+def file_sha256(path) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ExportedKernel:
     """An exported attention kernel: call it as kernel(q, k, v) or kernel(q, k, v, out=out)."""
 
@@ -176,7 +186,10 @@ class ExportedKernel:
         self.name = manifest["name"]
         self._function = function
         self._args = {a["name"]: a for a in manifest["arguments"]}
-        self.alignment = int(manifest["alignment_bytes"])
+        # Never below the element alignment every kernel is built for: a manifest claiming less would make us pass
+        # buffers the kernel cannot read.
+        element = numpy_dtype(self._args["out"]["dtype"]).itemsize
+        self.alignment = max(int(manifest["alignment_bytes"]), element)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -214,6 +227,10 @@ class ExportedKernel:
             if all(is_torch(x) for x in (q, k, v)):
                 result = torch_view(out)  # torch in, torch out, sharing the output buffer
         out_view = self._prepare("out", out, writable=True)
+        for name, arg in zip(ARGUMENTS, args):
+            if np.may_share_memory(out_view, arg):
+                raise ValueError(f"out overlaps {name}: the kernel reads {name} while it writes out; pass an out of "
+                                 f"its own")
         self._function(*(dlpack_argument(a) for a in (*args, out_view)))
         return result
 
@@ -253,8 +270,27 @@ def load(path) -> ExportedKernel:
     if library.suffix == ".tar":
         raise ManifestError(f"{library} holds object files only (no linker was found when it was exported): link "
                             f"it into a shared library, or export again where clang and lld are installed")
+    suffix = library.suffix
+    if (manifest["library"] != library.name or library.name != f"{manifest['name']}{suffix}"
+            or suffix not in (".so", ".dylib")):
+        raise ManifestError(f"the manifest of {manifest['name']} names the library {library.name!r}: an exported "
+                            f"kernel's library is {manifest['name']}.so or .dylib")
     if not library.exists():
         raise ManifestError(f"the library {library} named by the manifest does not exist")
+    expected = manifest.get("sha256")
+    if not isinstance(expected, str):
+        raise ManifestError(f"{manifest['name']}'s manifest has no sha256 of its library (exported before tvm_attn "
+                            f"recorded one): export it again")
+    if file_sha256(library) != expected:
+        raise ManifestError(f"{library} is not the library its manifest describes (sha256 differs: truncated, "
+                            f"corrupted or replaced); export it again")
+    installed = _installed_tvm()
+    if installed is not None and installed != manifest["versions"]["tvm"]:
+        # The kernel would bring its own runtime library next to this environment's, and TVM aborts the process
+        # when the second one registers its functions.
+        raise ManifestError(f"kernel {manifest['name']} was exported with apache-tvm {manifest['versions']['tvm']}, "
+                            f"this environment has apache-tvm {installed}: export it again here, or load it where "
+                            f"apache-tvm {manifest['versions']['tvm']} (or none) is installed")
     if "tvm" not in sys.modules:  # else the compiler already loaded the runtime
         runtime = _runtime_library(manifest)
         if runtime is not None:

@@ -15,6 +15,7 @@ DTYPE = "float32"  # the default
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 KNOBS = ("threshold", "top_k", "eps")  # the pruning knobs: at most one is set, by the variant that uses it
+INT32_MAX = 2**31 - 1  # kernels index and count in int32: sizes, top_k and each argument's element count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,10 @@ class AttentionSpec:
             object.__setattr__(self, "seq_kv", self.seq_q)
         for name in ("batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim"):
             object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        for name, shape in (("q", self.q_shape), ("k and v", self.kv_shape)):
+            if math.prod(shape) > INT32_MAX:
+                raise ValueError(f"{name} would have {math.prod(shape)} elements {shape}: the kernels index in "
+                                 f"int32, at most {INT32_MAX} elements per argument (split the batch)")
         if self.heads % self.kv_heads:
             raise ValueError(
                 f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}"
@@ -87,6 +92,8 @@ class AttentionSpec:
                 raise TypeError(f"top_k must be an int, got {self.top_k!r}")
             if self.top_k < 1:
                 raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            if self.top_k > INT32_MAX:
+                raise ValueError(f"top_k must be at most {INT32_MAX} (the kernels count in int32), got {self.top_k}")
             object.__setattr__(self, "top_k", int(self.top_k))
         if self.eps is not None:
             if not _is_real(self.eps) or not 0.0 < self.eps < 1.0:
@@ -214,6 +221,8 @@ def positive_int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > INT32_MAX:
+        raise ValueError(f"{name} must be at most {INT32_MAX} (the kernels' sizes are int32), got {value}")
     return int(value)
 
 

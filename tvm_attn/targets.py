@@ -40,11 +40,56 @@ def resolve_target(target) -> tvm.target.Target:
     if isinstance(target, dict):
         if target.get("kind") != "llvm":
             raise ValueError(f"target {target!r}: only CPU targets of kind 'llvm' are supported")
+        _check_triple_and_cpu(target)
         try:
             return tvm.target.Target(target)
         except Exception as err:  # TVM raises its own error types for bad keys and values
             raise ValueError(f"target {target!r} is not a valid TVM target: {err}") from None
     raise TypeError(f"target must be a name, a dict or a tvm Target, got {type(target).__name__}")
+
+
+# CPU architectures the schedules are written for (their vector widths; arm64 is LLVM's name for aarch64 on Apple).
+ARCHES = ("x86_64", "aarch64", "arm64")
+_OS_NAMES = {"linux": "linux", "darwin": "macos", "macos": "macos", "macosx": "macos", "windows": "windows",
+             "win32": "windows", "freebsd": "freebsd", "ios": "ios"}
+
+
+def _check_triple_and_cpu(target: dict) -> None:
+    """ValueError for an mtriple or mcpu LLVM would not know (LLVM crashes the process on some bad triples)."""
+    from tvm.target import codegen
+
+    triple = target.get("mtriple")
+    if triple is not None:
+        parts = str(triple).split("-")
+        if not isinstance(triple, str) or len(parts) < 2 or parts[0] not in ARCHES:
+            raise ValueError(f"target mtriple {triple!r}: give arch-vendor-os[-env] with arch one of "
+                             f"{', '.join(ARCHES)} (e.g. x86_64-pc-linux-gnu, arm64-apple-macos)")
+        if _triple_os(triple) is None:
+            raise ValueError(f"target mtriple {triple!r}: no operating system LLVM knows in it (one of "
+                             f"{', '.join(sorted(set(_OS_NAMES)))})")
+    cpu = target.get("mcpu")
+    if cpu is not None:
+        check_triple = triple or str(_host_target().attrs.get("mtriple", ""))
+        if not isinstance(cpu, str) or not codegen.llvm_is_valid_cpu(cpu, check_triple):
+            raise ValueError(f"target mcpu {cpu!r} is not a CPU LLVM knows for {check_triple}")
+
+
+def _triple_os(triple: str) -> str | None:
+    """The operating system named in an LLVM triple (normalized: darwin and macosx are macos), else None."""
+    for part in triple.split("-")[1:]:
+        name = part.rstrip("0123456789.")  # macos14.0, darwin23
+        if name in _OS_NAMES:
+            return _OS_NAMES[name]
+    return None
+
+
+def _triple_abi(triple: str) -> str:
+    """What follows the OS in a triple (gnu, msvc, musl, ...), or ""."""
+    parts = triple.split("-")
+    for i, part in enumerate(parts[1:], 1):
+        if part.rstrip("0123456789.") in _OS_NAMES:
+            return "-".join(parts[i + 1:])
+    return ""
 
 
 def target_key(target) -> str:
@@ -59,9 +104,17 @@ def target_key(target) -> str:
 
 
 def runs_on_host(target) -> bool:
-    """Whether code for this target can run in this process."""
+    """Whether code for this target can run in this process: the host's architecture and CPU (target_key), OS and
+    ABI."""
     t = resolve_target(target)
-    return target_key(t) == target_key(_host_target())
+    host = _host_target()
+    if target_key(t) != target_key(host):
+        return False
+    triple, host_triple = str(t.attrs.get("mtriple", "") or ""), str(host.attrs.get("mtriple", "") or "")
+    if not triple:
+        return True  # no triple: LLVM compiles for the host's
+    abi, host_abi = _triple_abi(triple), _triple_abi(host_triple)
+    return _triple_os(triple) == _triple_os(host_triple) and (not abi or abi == host_abi)
 
 
 def vector_lanes(target, dtype_bits: int = 32) -> int:

@@ -24,7 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import tuning
 from .runtime import dlpack_argument, numpy_dtype
-from .plan import Workload, add_workload_arguments, workloads_from_args
+from .plan import Workload, add_workload_arguments, cli_workloads
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import get_variant, path_for
 
@@ -261,12 +261,16 @@ def main(argv=None) -> None:
                         "records (finish an interrupted plan instead of adding trials everywhere)")
     args = parser.parse_args(argv)
 
-    plan = workloads_from_args(args)
+    plan = cli_workloads(parser, args)
     logs_root = Path(args.logs) if args.logs else tuning.default_logs_root()
     print(f"tuning {len(plan)} workloads for {target_key(args.target)} into {logs_root / target_key(args.target)}, "
           f"{args.trials} trials each, budget {args.time_budget:g} min", file=sys.stderr, flush=True)
-    rows = run(plan, args.target, trials=args.trials, budget_min=args.time_budget, logs_root=logs_root,
-               rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, seed=args.seed, untuned_only=args.untuned_only)
+    try:
+        rows = run(plan, args.target, trials=args.trials, budget_min=args.time_budget, logs_root=logs_root,
+                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, seed=args.seed,
+                   untuned_only=args.untuned_only)
+    except tuning.CorruptTuningLog as err:
+        parser.error(str(err))
     print("\nhand/tuned: MetaSchedule's runner; confirmed: hand vs the kept schedule, timed here interleaved")
     print(f"{'workload':60s} {'hand ms':>10s} {'tuned ms':>10s} {'speedup':>8s} {'GFLOP/s':>8s} "
           f"{'confirmed hand':>15s} {'kept':>10s}")

@@ -87,12 +87,15 @@ def check_log_files(directory: Path) -> None:
         path = directory / name
         if not path.exists():
             continue
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise CorruptTuningLog(f"{path}:{number} is not text (bytes that are not UTF-8): the file is "
+                                           f"corrupt. Remove that line (or the file) and tune again.") from None
                 except json.JSONDecodeError as err:
                     raise CorruptTuningLog(
                         f"{path}:{number} is not valid JSON ({err.msg}); the file is corrupt or was cut off by an "
@@ -130,9 +133,10 @@ def read_confirmed(target, root: Path | None = None) -> dict:
     if not path.exists():
         return {}
     try:
-        confirmed = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CorruptTuningLog(f"{path} is not valid JSON ({err.msg}); remove it and run "
+        confirmed = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else "bytes that are not UTF-8"
+        raise CorruptTuningLog(f"{path} is not valid JSON ({why}); remove it and run "
                                f"python -m tvm_attn.tune --trials 0 to confirm again") from None
     if not isinstance(confirmed, dict) or not all(isinstance(v, str) for v in confirmed.values()):
         raise CorruptTuningLog(f"{path} is not a map of workload keys to schedule digests")
@@ -204,7 +208,8 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     wkey, _, digest = noted.partition("/")
     target_k = target_key(t)
     for record in logs.records_by_workload.get(wkey, []):
-        if record_digest(record) == digest and (record.target is None or target_key(record.target) == target_k):
+        # A record without a target is not known to be this target's: never applied (MetaSchedule ignores targets).
+        if record_digest(record) == digest and record.target is not None and target_key(record.target) == target_k:
             return record
     return None
 

@@ -30,12 +30,12 @@ def main(argv=None) -> None:
 
     import tvm_attn
 
+    from .providers import PROVIDERS
     from .report import write_report
     from .runner import merge_results, run_studies
     from .studies import default_studies
 
     out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + ("-quick" if args.quick else ""))
-    os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "results.csv")
     if not args.report_only:
         studies = default_studies(quick=args.quick)
@@ -56,7 +56,11 @@ def main(argv=None) -> None:
             else:
                 print(f"model study skipped: {reason}", file=sys.stderr)
         for name in args.variant or []:
-            tvm_attn.get_variant(name)
+            if name not in tvm_attn.VARIANTS:
+                parser.error(f"unknown variant {name!r}: use one of {', '.join(tvm_attn.VARIANTS)}")
+        for name in args.provider or []:
+            if name not in PROVIDERS:
+                parser.error(f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}")
         if args.study:
             studies = [s for s in studies if s.name in args.study]
         if args.variant:
@@ -69,6 +73,7 @@ def main(argv=None) -> None:
             studies = [dataclasses.replace(s, x_vals=tuple(args.seq)) if s.name == "seq_sweep" else s
                        for s in studies]
         min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 0.2)
+        os.makedirs(out, exist_ok=True)
         # A partial run updates its studies' rows in an existing results.csv instead of overwriting the file.
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
@@ -77,6 +82,9 @@ def main(argv=None) -> None:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "
                   f"ceilings) are from the run that wrote it", file=sys.stderr)
+    elif not os.path.exists(csv_path):
+        parser.error(f"--report-only: there is no {csv_path} to make a report from (run the benchmark first, or "
+                     f"give --out the directory of a run)")
     print(f"wrote {write_report(csv_path, out)} and {csv_path}", file=sys.stderr)
 
 
