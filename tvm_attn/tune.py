@@ -3,8 +3,12 @@
 Each workload is one (variant, spec). Its design space is the variant's hand schedule (schedules/<name>.py), whose
 sampled knobs MetaSchedule's evolutionary search explores with the XGBoost cost model. Before searching, the hand
 schedule with its default decisions is measured and recorded, so the best record is never slower than it. Records
-go to tuning_logs/<target key>/ as they are measured: an interrupted run loses at most the batch being measured,
-and running again resumes and adds trials.
+go to <logs>/<target key>/ as they are measured: an interrupted run loses at most the batch being measured, and
+running again resumes and adds trials.
+
+Where records go (--logs, else): $TVM_ATTN_TUNING_LOGS; in a source checkout, the repository's tuning_logs/; in an
+installed package, ~/.local/share/tvm_attn/tuning_logs ($XDG_DATA_HOME; ~/Library/Application Support on macOS).
+Kernels look records up there first, then in the records shipped with tvm_attn.
 """
 
 from __future__ import annotations
@@ -255,7 +259,8 @@ def main(argv=None) -> None:
                         "workloads not started by then are skipped and listed")
     parser.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker: measure on its devices")
     parser.add_argument("--rpc-key", default=None, help="device key registered with the tracker")
-    parser.add_argument("--logs", default=None, help="tuning log root (default: the repository's tuning_logs/)")
+    parser.add_argument("--logs", default=None, help="where to write records (default: see above; now "
+                        f"{tuning.user_logs_root()})")
     parser.add_argument("--seed", type=int, default=None, help="random seed of the search")
     parser.add_argument("--untuned-only", action="store_true", help="skip workloads that already have tuned "
                         "records (finish an interrupted plan instead of adding trials everywhere)")

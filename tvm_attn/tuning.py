@@ -34,12 +34,51 @@ CONFIRMED_FILE = "confirmed.json"
 FAMILY = "family:"
 
 
-def default_logs_root() -> Path:
-    """$TVM_ATTN_TUNING_LOGS, else the repository's tuning_logs/ next to the package."""
-    env = os.environ.get("TVM_ATTN_TUNING_LOGS")
+LOGS_ENV = "TVM_ATTN_TUNING_LOGS"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def shipped_logs_root() -> Path:
+    """The records shipped with tvm_attn: tuning_logs/ inside the installed package (a wheel), else the
+    repository's tuning_logs/ (a source checkout)."""
+    for candidate in (_PACKAGE / "tuning_logs", _PACKAGE.parent / "tuning_logs"):
+        if candidate.is_dir():
+            return candidate
+    return _PACKAGE / "tuning_logs"
+
+
+def _source_checkout() -> bool:
+    return (_PACKAGE.parent / "pyproject.toml").is_file() and (_PACKAGE.parent / "tuning_logs").is_dir()
+
+
+def user_logs_root() -> Path:
+    """Where `tune` writes records: $TVM_ATTN_TUNING_LOGS; else, in a source checkout, the repository's
+    tuning_logs/ (records to commit); else a per-user directory: $XDG_DATA_HOME/tvm_attn/tuning_logs
+    (~/.local/share/...; ~/Library/Application Support/... on macOS)."""
+    env = os.environ.get(LOGS_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "tuning_logs"
+    if _source_checkout():
+        return _PACKAGE.parent / "tuning_logs"
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "tvm_attn" / "tuning_logs"
+
+
+def default_logs_root() -> Path:
+    """The root `tune` writes to (user_logs_root)."""
+    return user_logs_root()
+
+
+def lookup_roots() -> list[Path]:
+    """Where records are looked up, first match wins: the user's records, then the shipped ones."""
+    roots = []
+    for root in (user_logs_root(), shipped_logs_root()):
+        if root.resolve() not in [r.resolve() for r in roots]:
+            roots.append(root)
+    return roots
 
 
 def logs_dir(target, root: Path | None = None) -> Path:
@@ -181,7 +220,7 @@ def valid_records(db, mod: tvm.IRModule, target) -> list:
         return []
     key = target_key(target)
     return [r for r in db.get_top_k(db.commit_workload(mod), 100000)
-            if (r.target is None or target_key(r.target) == key)
+            if r.target is not None and target_key(r.target) == key
             and r.run_secs and all(float(s) < 1e9 for s in r.run_secs)]
 
 
@@ -201,16 +240,20 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     """The tuning record the kernel serving ``spec`` uses on ``target`` (noted by `tune` for the kernel, whatever
     length it was tuned at), or None."""
     t = resolve_target(target)
-    logs = _cached_database(str(t), str(root or default_logs_root()))
-    noted = logs.confirmed.get(FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q)))
-    if logs.db is None or noted is None:
-        return None
-    wkey, _, digest = noted.partition("/")
+    family = FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q))
     target_k = target_key(t)
-    for record in logs.records_by_workload.get(wkey, []):
-        # A record without a target is not known to be this target's: never applied (MetaSchedule ignores targets).
-        if record_digest(record) == digest and record.target is not None and target_key(record.target) == target_k:
-            return record
+    for logs_root in ([root] if root is not None else lookup_roots()):
+        logs = _cached_database(str(t), str(logs_root))
+        noted = logs.confirmed.get(family)
+        if logs.db is None or noted is None:
+            continue
+        wkey, _, digest = noted.partition("/")
+        for record in logs.records_by_workload.get(wkey, []):
+            # A record without a target is not known to be this target's: never applied (MetaSchedule's database
+            # ignores targets).
+            if (record_digest(record) == digest and record.target is not None
+                    and target_key(record.target) == target_k):
+                return record
     return None
 
 
