@@ -136,15 +136,19 @@ def test_loading_then_importing_tvm_does_not_abort(exported):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_apple_export_is_a_macho_arm64_dylib(tmp_path):
-    missing = export.apple_linker()
-    if missing is not None:
+@pytest.mark.parametrize("tool", ["clang", "zig"])
+def test_apple_export_is_a_macho_arm64_dylib(tool, tmp_path, monkeypatch):
+    if tool == "clang" and export._apple_link_tool() != "clang":
         if os.environ.get("TVM_ATTN_REQUIRE_APPLE_LINKER"):  # .ci/run installs them: a skip there is a failure
-            pytest.fail(f"cannot link Mach-O here: {missing}")
-        pytest.skip(f"cannot link Mach-O here: {missing}")
+            pytest.fail(f"cannot link Mach-O with clang here: {export.apple_linker()}")
+        pytest.skip("clang and ld64.lld are not installed")
+    if tool == "zig":
+        pytest.importorskip("ziglang", reason="the pip-only linker path needs pip install tvm_attn[apple]")
+        monkeypatch.setattr(export, "_apple_link_tool", lambda: "zig")
     spec = tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=16, head_dim=32)
     result = export.export("flash", spec, "apple-m3", tmp_path)
     assert result.linked and result.library.suffix == ".dylib"
+    assert json.loads(result.manifest.read_text())["linker"].startswith("clang" if tool == "clang" else "zig")
     assert result.name.endswith("_f32_arm64-apple-macos-apple-m3")
     kind = subprocess.run(["file", str(result.library)], capture_output=True, text=True).stdout
     assert "Mach-O 64-bit arm64 dynamically linked shared library" in kind

@@ -1,8 +1,8 @@
 """python -m tvm_attn.export: kernels as shared libraries other programs load, each with a JSON manifest.
 
 For the host: DIR/<name>.so, plus libtvm_runtime.so (thread pool and workspace of parallel kernels) copied once into
-DIR. For Apple targets: DIR/<name>.dylib, a Mach-O arm64 library cross-linked here with clang and ld64.lld (a .tar
-of objects when they are missing, said clearly). Load them with `tvm_attn.runtime.load(path)`, which needs only
+DIR. For Apple targets: DIR/<name>.dylib, a Mach-O arm64 library cross-linked here with clang and ld64.lld, or with
+zig cc from the ziglang wheel where they are missing (a .tar of objects when neither is found, said clearly). Load them with `tvm_attn.runtime.load(path)`, which needs only
 apache-tvm-ffi and numpy.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -74,23 +75,44 @@ def _platform(target) -> dict:
 
 
 def apple_linker() -> str | None:
-    """Why Apple dylibs cannot be linked here (None when clang and ld64.lld are found)."""
+    """Why Apple dylibs cannot be linked here (None when clang and ld64.lld, or the ziglang wheel, are found)."""
+    if _apple_link_tool() is not None:
+        return None
+    return ("no Mach-O linker: install clang and lld (Debian: apt-get install clang lld) or the ziglang wheel "
+            "(pip install tvm_attn[apple])")
+
+
+def _apple_link_tool() -> str | None:
+    """"clang" when clang and ld64.lld are installed (preferred), else "zig" when the ziglang wheel is, else None."""
     clang = shutil.which("clang")
-    if clang is None:
-        return "clang not found (Debian: apt-get install clang lld)"
-    beside_clang = Path(os.path.realpath(clang)).parent / "ld64.lld"
-    if not beside_clang.exists() and shutil.which("ld64.lld") is None:
-        return "ld64.lld not found (Debian: apt-get install lld)"
+    if clang is not None and ((Path(os.path.realpath(clang)).parent / "ld64.lld").exists()
+                              or shutil.which("ld64.lld") is not None):
+        return "clang"
+    if importlib.util.find_spec("ziglang") is not None:
+        return "zig"
     return None
 
 
-def _apple_compiler(name: str):
+def _zig_cc(output, objects, options=None):
+    """zig's clang driver and Mach-O linker, from the ziglang wheel (the pip-only path to a .dylib)."""
+    cmd = [sys.executable, "-m", "ziglang", "cc", "-o", output, *objects, *(options or [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"zig cc failed linking {output}:\n{proc.stderr[-3000:]}")
+
+
+def _apple_compiler(name: str, tool: str):
     from tvm.support import cc
 
+    install_name = f"-Wl,-install_name,@rpath/{name}.dylib"
+    if tool == "zig":
+        return cc.cross_compiler(_zig_cc, options=[
+            "-target", "aarch64-macos.11.0", "-shared", "-nostdlib", "-Wl,-undefined,dynamic_lookup", install_name,
+        ], output_format="dylib")
     return cc.cross_compiler("clang", options=[
         "-target", APPLE_DEPLOYMENT, "-fuse-ld=lld", "-nostdlib",
         "-Wl,-undefined,dynamic_lookup",  # libSystem (memset, expf) and the TVM runtime resolve when loaded
-        f"-Wl,-install_name,@rpath/{name}.dylib",
+        install_name,
     ], output_format="dylib")
 
 
@@ -143,18 +165,22 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         missing = apple_linker()
         if missing is None:
             library = out_dir / f"{name}.dylib"
-            executable.export_library(str(library), fcompile=_apple_compiler(name))
+            tool = _apple_link_tool()
+            executable.export_library(str(library), fcompile=_apple_compiler(name, tool))
+            linker = "clang + ld64.lld" if tool == "clang" else "zig cc (the ziglang wheel)"
         else:
             linked = False
             library = out_dir / f"{name}.tar"
             executable.export_library(str(library))
+            linker = None
             print(f"warning: {missing}: wrote {library.name}, object files only; link them on the Mac "
-                  f"(clang -dynamiclib) or export again with clang and lld installed", file=log)
+                  f"(clang -dynamiclib) or export again with a linker installed", file=log)
         runtime_name = "libtvm_runtime.dylib"
         if fetch_runtime:
             fetch_apple_runtime(out_dir)
     else:
         library = out_dir / f"{name}.so"
+        linker = "TVM's default (the host compiler)"
         executable.export_library(str(library))
         runtime_name = "libtvm_runtime.so"
         runtime = host_runtime_library()
@@ -183,6 +209,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         "alignment_bytes": ALIGNMENT_BYTES,
         "runtime_library": runtime_name,
         "linked": linked,
+        "linker": linker,
         "sha256": file_sha256(library),  # runtime.load refuses a library that differs (truncated, corrupted)
         "versions": {"tvm_attn": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__},
     }
