@@ -81,7 +81,7 @@ def evaluate(model, implementation: str, windows: list) -> tuple[float, np.ndarr
     return math.exp(nll / count), np.concatenate(predictions), float(np.median(seconds))
 
 
-def decode_speed(model, tokenizer, prompt_ids, implementation: str, steps: int) -> tuple[float, float]:
+def decode_speed(model, prompt_ids, implementation: str, steps: int) -> tuple[float, float]:
     """(prefill seconds of ``prompt_ids``, median seconds per greedy decode step after it)."""
     import torch
     from transformers import DynamicCache
@@ -148,7 +148,7 @@ def model_study(text_path: Path = DEFAULT_TEXT, window: int = 2048, windows: int
     timings = {flash: [], "sdpa": []}
     for _ in range(rounds):
         for name in timings:
-            timings[name].append(decode_speed(model, tokenizer, prompt_ids, name, steps))
+            timings[name].append(decode_speed(model, prompt_ids, name, steps))
     for name, results in timings.items():
         prefill = float(np.median([r[0] for r in results]))
         step = float(np.median([r[1] for r in results]))
