@@ -27,8 +27,12 @@ from .variants import VARIANTS, get_variant
 class Generation:
     tokens: list[int]  # the new tokens
     prefill_seconds: float  # the prompt's forward pass, to the first new token
-    decode_seconds: float  # the rest
+    step_seconds: list[float]  # each decode step after it
     compiles_during_decode: int
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(self.step_seconds)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -43,13 +47,14 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, cache, eos_token
     logits = model(input_ids, cache=cache, use_cache=True).logits
     token = int(logits[0, -1].argmax())
     prefill = time.perf_counter() - start
-    tokens, compiles = [token], compile_count()
-    start = time.perf_counter()
+    tokens, steps, compiles = [token], [], compile_count()
     while len(tokens) < max_new_tokens and token != eos_token_id:
+        start = time.perf_counter()
         logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits
         token = int(logits[0, -1].argmax())
+        steps.append(time.perf_counter() - start)
         tokens.append(token)
-    return Generation(tokens, prefill, time.perf_counter() - start, compile_count() - compiles)
+    return Generation(tokens, prefill, steps, compile_count() - compiles)
 
 
 def run(model, tokenizer, prompt: str, max_new_tokens: int, attn_implementation: str,
@@ -57,15 +62,10 @@ def run(model, tokenizer, prompt: str, max_new_tokens: int, attn_implementation:
     """Greedy generation with one attention implementation: a registered tvm_attn name (with tvm_attn's cache) or
     a transformers one such as "sdpa" (with its DynamicCache). ``warm_up`` first generates two tokens, so that
     kernel compiles and first-call costs stay out of the timings."""
-    from transformers import DynamicCache
-
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     model.set_attn_implementation(attn_implementation)
     for n in ([2] if warm_up else []) + [max_new_tokens]:
-        if attn_implementation.startswith(hf.NAME):
-            cache = hf.Cache.for_model(model, input_ids.shape[1] + n)
-        else:
-            cache = DynamicCache(config=model.config)
+        cache = hf.cache_for(model, attn_implementation, input_ids.shape[1] + n)
         generation = greedy(model, input_ids, n, cache, tokenizer.eos_token_id)
     return generation
 

@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import KVCache
-from .kernel import SCHEDULES, Kernel, build
+from .kernel import SCHEDULES, Kernel, build, torch_argument
 from .runtime import torch_view
 from .spec import AttentionSpec
 from .variants import DECODE_MAX_ROWS, get_variant, path_for
@@ -84,11 +84,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def _kernel_argument(name: str, x: torch.Tensor) -> torch.Tensor:
-    if x.requires_grad and torch.is_grad_enabled():
-        raise TypeError(f"{name} requires grad, and tvm_attn kernels have no backward: run the model under "
-                        f"torch.no_grad() or torch.inference_mode()")
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} is on {x.device}: tvm_attn kernels run on the CPU")
+    x = torch_argument(name, x)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -180,6 +176,16 @@ class Cache(_HFCache):
     def for_model(cls, model, capacity: int) -> "Cache":
         """A cache with one layer per decoder layer of ``model``."""
         return cls(model.config.num_hidden_layers, capacity)
+
+
+def cache_for(model, attn_implementation: str, capacity: int):
+    """The cache a generation with ``attn_implementation`` uses: tvm_attn's (``capacity`` positions) for names
+    registered here (they start with NAME), transformers' DynamicCache for its own (e.g. "sdpa")."""
+    if attn_implementation.startswith(NAME):
+        return Cache.for_model(model, capacity)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
 
 
 def smollm2_path() -> Path:

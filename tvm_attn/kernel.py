@@ -12,7 +12,7 @@ import tvm
 from tvm import s_tir
 
 from . import tuning
-from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, torch_view
+from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec
 from .targets import resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant, path_for
@@ -76,12 +76,10 @@ def as_kernel_argument(x) -> np.ndarray:
     return x if _passes_in_place(x) else np.array(x, order="C")
 
 
-def host_array(name: str, x):
-    """x as a numpy array: a torch CPU tensor becomes a view of its memory (DLPack, no copy); anything else is
-    returned unchanged. ValueError for a tensor on another device; TypeError for one that requires grad while grad
-    mode is on (the kernels have no backward, so its gradient would be silently lost)."""
-    if not is_torch(x):
-        return x
+def torch_argument(name: str, x):
+    """The torch tensor x as the kernels may take it (detached). ValueError for a tensor on another device;
+    TypeError for one that requires grad while grad mode is on (the kernels have no backward, so its gradient would
+    be silently lost)."""
     if x.device.type != "cpu":
         raise ValueError(f"{name} is on {x.device}: tvm_attn kernels run on the CPU (pass {name}.cpu())")
     if x.requires_grad:
@@ -91,7 +89,13 @@ def host_array(name: str, x):
             raise TypeError(f"{name} requires grad, and tvm_attn kernels have no backward: call them under "
                             f"torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
         x = x.detach()
-    return numpy_view(x)
+    return x
+
+
+def host_array(name: str, x):
+    """x as a numpy array: a torch CPU tensor (checked by ``torch_argument``) becomes a view of its memory (DLPack,
+    no copy); anything else is returned unchanged."""
+    return numpy_view(torch_argument(name, x)) if is_torch(x) else x
 
 
 def checked_out(out, shape: tuple, dtype: str, like=None, inputs: dict | None = None) -> tuple[np.ndarray, object]:
@@ -108,10 +112,7 @@ def checked_out(out, shape: tuple, dtype: str, like=None, inputs: dict | None = 
         raise ValueError(f"out must be a writable {dtype} array or torch CPU tensor of shape {shape} with a "
                          f"contiguous last axis, got {type(out).__name__} {getattr(out, 'dtype', '')} "
                          f"{tuple(getattr(out, 'shape', ()))}")
-    for name, x in (inputs or {}).items():
-        if np.may_share_memory(array, x):
-            raise ValueError(f"out overlaps {name}: the kernel reads {name} while it writes out; pass an out of its "
-                             f"own")
+    refuse_overlap(array, inputs or {})
     return array, out
 
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from .spec import DTYPE, DTYPES, AttentionSpec
-from .variants import VARIANTS, get_variant, path_for
+from .variants import get_variant, path_for, variant_using
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +92,8 @@ def check_knob_arguments(variants, args: argparse.Namespace) -> None:
     used = {get_variant(name).knob for name in variants}
     for knob in KNOB_DEFAULTS:
         if getattr(args, knob) is not None and knob not in used:
-            users = [v.name for v in VARIANTS.values() if v.knob == knob]
-            raise ValueError(f"--{knob.replace('_', '-')} {getattr(args, knob)} is only used by variant {users[0]!r}, "
-                             f"not by {', '.join(variants)}")
+            raise ValueError(f"--{knob.replace('_', '-')} {getattr(args, knob)} is only used by variant "
+                             f"{variant_using(knob)!r}, not by {', '.join(variants)}")
 
 
 def cli_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:

@@ -178,6 +178,15 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def refuse_overlap(out: np.ndarray, inputs: dict) -> None:
+    """ValueError when ``out`` shares memory with one of ``inputs`` ({name: array}): the kernels read the inputs
+    while they write out."""
+    for name, x in inputs.items():
+        if np.may_share_memory(out, x):
+            raise ValueError(f"out overlaps {name}: the kernel reads {name} while it writes out; pass an out of its "
+                             f"own")
+
+
 class ExportedKernel:
     """An exported attention kernel: call it as kernel(q, k, v) or kernel(q, k, v, out=out)."""
 
@@ -227,10 +236,7 @@ class ExportedKernel:
             if all(is_torch(x) for x in (q, k, v)):
                 result = torch_view(out)  # torch in, torch out, sharing the output buffer
         out_view = self._prepare("out", out, writable=True)
-        for name, arg in zip(ARGUMENTS, args):
-            if np.may_share_memory(out_view, arg):
-                raise ValueError(f"out overlaps {name}: the kernel reads {name} while it writes out; pass an out of "
-                                 f"its own")
+        refuse_overlap(out_view, dict(zip(ARGUMENTS, args)))
         self._function(*(dlpack_argument(a) for a in (*args, out_view)))
         return result
 

@@ -64,7 +64,7 @@ def _check_triple_and_cpu(target: dict) -> None:
         if not isinstance(triple, str) or len(parts) < 2 or parts[0] not in ARCHES:
             raise ValueError(f"target mtriple {triple!r}: give arch-vendor-os[-env] with arch one of "
                              f"{', '.join(ARCHES)} (e.g. x86_64-pc-linux-gnu, arm64-apple-macos)")
-        if _triple_os(triple) is None:
+        if _os_and_abi(triple)[0] is None:
             raise ValueError(f"target mtriple {triple!r}: no operating system LLVM knows in it (one of "
                              f"{', '.join(sorted(set(_OS_NAMES)))})")
     cpu = target.get("mcpu")
@@ -74,22 +74,15 @@ def _check_triple_and_cpu(target: dict) -> None:
             raise ValueError(f"target mcpu {cpu!r} is not a CPU LLVM knows for {check_triple}")
 
 
-def _triple_os(triple: str) -> str | None:
-    """The operating system named in an LLVM triple (normalized: darwin and macosx are macos), else None."""
-    for part in triple.split("-")[1:]:
-        name = part.rstrip("0123456789.")  # macos14.0, darwin23
-        if name in _OS_NAMES:
-            return _OS_NAMES[name]
-    return None
-
-
-def _triple_abi(triple: str) -> str:
-    """What follows the OS in a triple (gnu, msvc, musl, ...), or ""."""
+def _os_and_abi(triple: str) -> tuple[str | None, str]:
+    """The operating system an LLVM triple names (normalized: darwin and macosx are macos; None when it names none)
+    and what follows it (gnu, msvc, musl, ... or "")."""
     parts = triple.split("-")
     for i, part in enumerate(parts[1:], 1):
-        if part.rstrip("0123456789.") in _OS_NAMES:
-            return "-".join(parts[i + 1:])
-    return ""
+        name = part.rstrip("0123456789.")  # macos14.0, darwin23
+        if name in _OS_NAMES:
+            return _OS_NAMES[name], "-".join(parts[i + 1:])
+    return None, ""
 
 
 def target_key(target) -> str:
@@ -113,8 +106,8 @@ def runs_on_host(target) -> bool:
     triple, host_triple = str(t.attrs.get("mtriple", "") or ""), str(host.attrs.get("mtriple", "") or "")
     if not triple:
         return True  # no triple: LLVM compiles for the host's
-    abi, host_abi = _triple_abi(triple), _triple_abi(host_triple)
-    return _triple_os(triple) == _triple_os(host_triple) and (not abi or abi == host_abi)
+    (os_name, abi), (host_os, host_abi) = _os_and_abi(triple), _os_and_abi(host_triple)
+    return os_name == host_os and (not abi or abi == host_abi)
 
 
 def vector_lanes(target, dtype_bits: int = 32) -> int:

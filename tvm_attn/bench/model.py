@@ -82,27 +82,14 @@ def evaluate(model, implementation: str, windows: list) -> tuple[float, np.ndarr
 
 
 def decode_speed(model, prompt_ids, implementation: str, steps: int) -> tuple[float, float]:
-    """(prefill seconds of ``prompt_ids``, median seconds per greedy decode step after it)."""
-    import torch
-    from transformers import DynamicCache
-
+    """(prefill seconds of ``prompt_ids``, median seconds per greedy decode step after it): ``steps`` tokens,
+    no stop at end-of-text."""
     from .. import hf
+    from ..generate import greedy
 
     model.set_attn_implementation(implementation)
-    if implementation.startswith(hf.NAME):
-        cache = hf.Cache.for_model(model, prompt_ids.shape[1] + steps)
-    else:
-        cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        token = model(prompt_ids, cache=cache).logits[0, -1].argmax()
-        prefill = time.perf_counter() - start
-        step_seconds = []
-        for _ in range(steps - 1):
-            start = time.perf_counter()
-            token = model(token.view(1, 1), cache=cache).logits[0, -1].argmax()
-            step_seconds.append(time.perf_counter() - start)
-    return prefill, float(np.median(step_seconds))
+    generation = greedy(model, prompt_ids, steps, hf.cache_for(model, implementation, prompt_ids.shape[1] + steps))
+    return generation.prefill_seconds, float(np.median(generation.step_seconds))
 
 
 def model_study(text_path: Path = DEFAULT_TEXT, window: int = 2048, windows: int = 2, prompt: int = 1024,

@@ -59,8 +59,13 @@ class Variant:
             if knob == self.knob and value is None:
                 raise ValueError(f"variant {self.name!r} needs {knob}=..., got {knob}=None")
             if knob != self.knob and value is not None:
-                users = [v.name for v in VARIANTS.values() if v.knob == knob]
-                raise ValueError(f"{knob}={value!r} is only used by variant {users[0]!r}, not {self.name!r}")
+                raise ValueError(f"{knob}={value!r} is only used by variant {variant_using(knob)!r}, not "
+                                 f"{self.name!r}")
+
+
+def variant_using(knob: str) -> str:
+    """The name of the variant whose pruning knob is ``knob``."""
+    return next(v.name for v in VARIANTS.values() if v.knob == knob)
 
 
 # The dense variants compute one function: their decode calls share the split-KV kernel.
