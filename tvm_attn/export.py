@@ -2,8 +2,8 @@
 
 For the host: DIR/<name>.so, plus libtvm_runtime.so (thread pool and workspace of parallel kernels) copied once into
 DIR. For Apple targets: DIR/<name>.dylib, a Mach-O arm64 library cross-linked here with clang and ld64.lld, or with
-zig cc from the ziglang wheel where they are missing (a .tar of objects when neither is found, said clearly). Load them with `tvm_attn.runtime.load(path)`, which needs only
-apache-tvm-ffi and numpy.
+zig cc from the ziglang wheel where they are missing (a .tar of objects when neither is found, said clearly). Load
+them with `tvm_attn.runtime.load(path)`, which needs only apache-tvm-ffi and numpy.
 """
 
 from __future__ import annotations
@@ -146,8 +146,10 @@ def _arguments(func, spec: AttentionSpec) -> list[dict]:
 
 
 def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fetch_runtime: bool = False,
-           log=sys.stderr) -> Exported:
-    """Build ``variant`` for ``spec`` with the best schedule for ``target`` and write the library and manifest."""
+           log=None) -> Exported:
+    """Build ``variant`` for ``spec`` with the best schedule for ``target`` and write the library and manifest
+    (said on ``log``, default sys.stderr at the time of the call)."""
+    log = log or sys.stderr
     v = get_variant(variant)
     v.check(spec)
     t = resolve_target(target)

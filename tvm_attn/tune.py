@@ -177,8 +177,8 @@ def _searched(db, w: Workload) -> bool:
 class Progress:
     """Terminal progress: workload i of n, trials done, best time and GFLOP/s so far, time left."""
 
-    def __init__(self, n: int, trials: int, budget_s: float, out=sys.stderr):
-        self.n, self.trials, self.budget_s, self.out = n, trials, budget_s, out
+    def __init__(self, n: int, trials: int, budget_s: float, out=None):
+        self.n, self.trials, self.budget_s, self.out = n, trials, budget_s, out or sys.stderr
         self.i, self.started = 0, time.time()
         self.w, self.best_ms, self.done = None, math.inf, 0
 
@@ -213,9 +213,11 @@ class Progress:
 
 def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_root: Path, rpc_tracker=None,
         rpc_key=None, seed=None, runner_timeout: float = 10.0, untuned_only: bool = False,
-        out=sys.stderr) -> list[dict]:
+        out=None) -> list[dict]:
     """Tune ``plan`` for ``target`` within ``budget_min`` minutes; return one summary row per workload.
-    ``untuned_only`` skips workloads that already have searched records (finishing an interrupted plan)."""
+    ``untuned_only`` skips workloads that already have searched records (finishing an interrupted plan).
+    Progress goes to ``out`` (default: sys.stderr at the time of the call)."""
+    out = out or sys.stderr
     t = resolve_target(target)
     if not rpc_tracker and not runs_on_host(t):
         raise ValueError(f"target {target_key(t)} cannot run on this {target_key('host')} host: "

@@ -90,9 +90,11 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
 
 
 def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, generation: dict | None = None,
-                model: dict | None = None, log=sys.stderr) -> list[dict]:
+                model: dict | None = None, log=None) -> list[dict]:
     """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
-    ``model``, those of model_study); write and return the rows."""
+    ``model``, those of model_study); write and return the rows. Progress goes to ``log`` (default: sys.stderr
+    at the time of the call)."""
+    log = log or sys.stderr
     target = tvm_attn.resolve_target("host")
     key = tvm_attn.target_key(target)
     n_threads = threads()
