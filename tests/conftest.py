@@ -21,6 +21,7 @@ KNOBS = {
     "threshold": [{"threshold": t} for t in (0.05, 0.001, 0.3)],
     "topk": [{"top_k": k} for k in (5, 1, 64, 1000)],
     "mass": [{"eps": e} for e in (0.05, 0.01, 0.3, 0.9)],
+    "bounded": [{"eps": e} for e in (0.05, 0.01, 0.3)],
 }
 
 
@@ -79,7 +80,40 @@ def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k) -> np.ndarr
         cumulative = np.cumsum(np.maximum(ordered, 0.0), axis=-1)
         margin = 4 * EPS32 * math.sqrt(spec.seq_kv)
         return (np.abs(cumulative - (1.0 - spec.eps)) < margin).any(axis=-1)
+    if variant == "bounded":
+        return _bounded_ambiguous_rows(spec, q, k)
     return np.zeros(s.shape[:3], dtype=bool)
+
+
+def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
+    """Rows where float32 could pick another set than float64: an upper bound within 2e-6 relative to the row's top
+    bound (float32 shadow scores measured within 3.1e-7 of float64 ones) of the chosen bin edge or the one before
+    it, or the certificate at either within 1e-4 relative of its budget."""
+    from tvm_attn import shadow
+
+    vis = references.visible_mask(spec)
+    lower, upper = references.shadow_bounds(spec, q, k)
+    top = np.where(vis, upper, -np.inf).max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e_up, e_low = np.where(vis, np.exp(upper - top), 0.0), np.where(vis, np.exp(lower - top), 0.0)
+    budget = shadow.CERTIFY * spec.eps / (1.0 - spec.eps)
+    certified, close = [], []
+    for n in range(1, shadow.CUT_STEPS + 1):
+        edge = top - n * shadow.CUT_STEP
+        kept = vis & (upper > edge)
+        dropped, held = (np.where(kept, 0.0, e_up).sum(-1, keepdims=True),
+                         budget * np.where(kept, e_low, 0.0).sum(-1, keepdims=True))
+        certified.append(dropped <= held)
+        close.append((vis & (np.abs(upper - edge) < 2e-6 * (1 + np.abs(top)))).any(-1, keepdims=True)
+                     | (np.abs(dropped - held) < 1e-4 * held))
+    certified, close = np.concatenate(certified, -1), np.concatenate(close, -1)
+    chosen = np.where(certified.any(-1), certified.argmax(-1), shadow.CUT_STEPS)  # index n - 1; CUT_STEPS: none
+    rows = np.indices(chosen.shape)
+
+    def at(i):
+        return np.where((i >= 0) & (i < shadow.CUT_STEPS), close[(*rows, np.clip(i, 0, shadow.CUT_STEPS - 1))], False)
+
+    return at(chosen) | at(chosen - 1)
 
 
 def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v):

@@ -10,7 +10,8 @@ from conftest import make_inputs, tolerance
 
 
 def test_registry_has_the_variants():
-    assert set(tvm_attn.VARIANTS) == {"standard", "flash", "mqa", "threshold", "topk", "mass"}
+    assert set(tvm_attn.VARIANTS) == {"standard", "flash", "mqa", "threshold", "topk", "mass",
+                                     "bounded"}
     for name, variant in tvm_attn.VARIANTS.items():
         assert variant.name == name and callable(variant.compute) and callable(variant.schedule)
 
@@ -52,7 +53,8 @@ def test_scale_is_honoured():
 
 @pytest.mark.parametrize("variant", list(tvm_attn.VARIANTS))
 def test_every_variant_compiles_for_apple_m3(variant):
-    knobs = {"threshold": {"threshold": 0.01}, "topk": {"top_k": 8}, "mass": {"eps": 0.05}}.get(variant, {})
+    knobs = {"threshold": {"threshold": 0.01}, "topk": {"top_k": 8}, "mass": {"eps": 0.05},
+             "bounded": {"eps": 0.05}}.get(variant, {})
     spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=33, seq_kv=70, head_dim=64, causal=True,
                                   **knobs)
     kernel = tvm_attn.build(variant, spec, target="apple-m3")

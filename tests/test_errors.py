@@ -57,7 +57,7 @@ BAD_KNOBS = [
     (dict(variant="mass", eps=1.5), ValueError, "eps must be in (0, 1), got 1.5"),
     (dict(variant="mass", eps="0.1"), ValueError, "eps must be in (0, 1), got '0.1'"),
     (dict(variant="mass"), ValueError, "variant 'mass' needs eps=..."),
-    (dict(variant="flash", eps=0.1), ValueError, "eps=0.1 is only used by variant 'mass', not 'flash'"),
+    (dict(variant="flash", eps=0.1), ValueError, "eps=0.1 is only used by variant 'mass' or 'bounded', not 'flash'"),
     (dict(variant="flash", top_k=3), ValueError, "top_k=3 is only used by variant 'topk', not 'flash'"),
     (dict(variant="standard", threshold=0.1), ValueError, "threshold=0.1 is only used by variant 'threshold'"),
     (dict(scale=0.0), ValueError, "scale must be a finite non-zero number, got 0.0"),

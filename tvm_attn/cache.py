@@ -8,6 +8,11 @@ K and V live in two 64-byte aligned (batch, kv_heads, capacity, head_dim) buffer
 float16 or bfloat16: a 16-bit cache halves the bytes a decode step reads); ``attend`` passes the filled part to a
 length-generic kernel as a strided view (no copy, no compile per length). q, k and v have the cache's dtype:
 numpy arrays or torch CPU tensors (a torch q gets a torch output).
+
+The cache also keeps an int8 shadow of K (``tvm_attn.shadow``: a byte per element plus 1/4 byte of block offsets and
+steps per key and dimension), updated on ``append``: its bounds on every score let ``attend(q, variant="bounded",
+eps=...)`` read full K and V rows only for the keys they cannot rule out. ``shadow=False`` saves its memory and
+append time for caches that never prune.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import numbers
 import numpy as np
 
 from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out, host_array
-from .runtime import aligned_empty, numpy_dtype
+from .kernel import build_shadow
+from .runtime import aligned_empty, dlpack_argument, numpy_dtype
+from .shadow import ShadowKeys
 from .spec import DTYPE, DTYPES, KNOBS, AttentionSpec, array_dtype, positive_int
 from .variants import get_variant, path_for
 
@@ -41,7 +48,8 @@ class KVCache:
     """Keys and values of ``batch`` sequences, ``kv_heads`` heads of ``head_dim``, up to ``capacity`` positions,
     stored as ``dtype`` (float32, float16 or bfloat16)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE,
+                 shadow: bool = True):
         self.batch = positive_int("batch", batch)
         self.kv_heads = positive_int("kv_heads", kv_heads)
         self.head_dim = positive_int("head_dim", head_dim)
@@ -52,6 +60,10 @@ class KVCache:
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
         self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
         self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+        if not isinstance(shadow, (bool, np.bool_)):
+            raise TypeError(f"shadow must be a bool, got {shadow!r}")
+        self.shadow = (ShadowKeys(self.batch, self.kv_heads, self.capacity, self.head_dim,
+                                  lambda shape, dt: aligned_empty(shape, dt, ALIGNMENT)) if shadow else None)
         self._length = 0
         self._kernels: dict = {}
 
@@ -78,7 +90,8 @@ class KVCache:
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"capacity={self.capacity}, length={self._length}, dtype={self.dtype!r})")
+                f"capacity={self.capacity}, length={self._length}, dtype={self.dtype!r}, "
+                f"shadow={self.shadow is not None})")
 
     def append(self, k, v) -> None:
         """Write ``n`` new positions, k and v of shape (batch, kv_heads, n, head_dim), after the filled part. The
@@ -97,6 +110,8 @@ class KVCache:
         end = self._length + n
         self._k[:, :, self._length:end] = k
         self._v[:, :, self._length:end] = v
+        if self.shadow is not None:
+            self.shadow.update(self._k, self._length, end)
         self._length = end
 
     def truncate(self, length: int) -> None:
@@ -104,6 +119,8 @@ class KVCache:
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= self._length:
             raise ValueError(f"length must be an int in [0, {self._length}], got {length!r}")
         self._length = int(length)
+        if self.shadow is not None:
+            self.shadow.update(self._k, self._length, self._length)  # the last block's range, of the keys left
 
     def attend(self, q, variant: str = "flash", causal: bool = True, scale: float | None = None,
                window: int | None = None, schedule: str = "best", out=None, **knob) -> np.ndarray:
@@ -127,7 +144,10 @@ class KVCache:
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
-        kernel.launch(as_kernel_argument(q), self.k, self.v, out)
+        shadow = ()
+        if kernel.path == "shadow":
+            shadow = tuple(dlpack_argument(x) for x in self.shadow.views(self._length))
+        kernel.launch(as_kernel_argument(q), self.k, self.v, out, shadow)
         return result
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
@@ -146,6 +166,12 @@ class KVCache:
             spec = AttentionSpec(batch=self.batch, heads=heads, kv_heads=self.kv_heads, seq_q=n_q,
                                  seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
                                  scale=scale, dtype=self.dtype, **knob)
-            kernel = build(v, spec, schedule=schedule)
+            if v.shadow_compute is not None:
+                if self.shadow is None:
+                    raise ValueError(f"variant {variant!r} reads the cache's shadow of K, and this cache was made "
+                                     f"with shadow=False")
+                kernel = build_shadow(v, spec, schedule=schedule)
+            else:
+                kernel = build(v, spec, schedule=schedule)
             self._kernels[key] = kernel
         return kernel

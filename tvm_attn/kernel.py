@@ -37,11 +37,18 @@ class Scheduled:
     record: str | None = None  # digest of the tuning record, when tuned
 
 
-def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str) -> Scheduled:
-    """The kernel serving ``spec`` (its path's compute, generic over batch and lengths) with ``schedule`` applied:
-    "best" (the tuned record for this target if one exists, else the hand schedule, with a warning once), "tuned",
-    "hand" or "untuned"."""
-    path = path_for(spec.seq_q)
+def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str,
+                     path: str | None = None) -> Scheduled:
+    """The kernel serving ``spec`` (its path's compute, generic over batch and lengths; ``path`` None: the one
+    spec.seq_q takes) with ``schedule`` applied: "best" (the tuned record for this target if one exists, else the
+    hand schedule, with a warning once), "tuned", "hand" or "untuned". Kernels reading a cache's shadow ("shadow"
+    path) are not tuned: "best" is their hand schedule."""
+    path = path or path_for(spec.seq_q)
+    if path == "shadow" and schedule in ("best", "tuned"):
+        if schedule == "tuned":
+            raise LookupError(f"the {variant.name} kernel reading a cache's shadow of K is not tuned: use "
+                              f"schedule='best' or 'hand'")
+        schedule = "hand"
     if schedule in ("best", "tuned"):
         record = tuning.tuned_record(variant, spec, target)
         if record is not None:
@@ -163,6 +170,8 @@ class Kernel:
 
     def __call__(self, q, k, v, out=None):
         """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``."""
+        if self.path == "shadow":
+            raise TypeError(f"this {self.variant} kernel reads a KVCache's shadow of K: run it with cache.attend")
         arrays = [host_array(name, x) for name, x in zip("qkv", (q, k, v))]
         return self.run_checked(self.check(*arrays), *arrays, out, like=q)
 
@@ -172,14 +181,16 @@ class Kernel:
         self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
         return result
 
-    def launch(self, q, k, v, out) -> None:
+    def launch(self, q, k, v, out, shadow: tuple = ()) -> None:
         """Run on numpy arrays or torch tensors already checked and laid out as the kernel takes them
-        (``as_kernel_argument``, ``checked_out``): keys before every query's window are dropped, bfloat16 numpy
-        arrays go through DLPack. The runtime function itself still checks dtypes and the kernel's fixed sizes."""
+        (``as_kernel_argument``, ``checked_out``): keys before every query's window are dropped (unless the
+        variant's blocks start at key 0), bfloat16 numpy arrays go through DLPack. ``shadow``: the (codes, lo, step)
+        of a KVCache, for kernels of the "shadow" path. The runtime function itself still checks dtypes and the
+        kernel's fixed sizes."""
         first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
-        if first:
+        if first and not get_variant(self.variant).blocks_from_key0:
             k, v = k[:, :, first:], v[:, :, first:]
-        self.function(dlpack_argument(q), dlpack_argument(k), dlpack_argument(v), dlpack_argument(out))
+        self.function(dlpack_argument(q), dlpack_argument(k), dlpack_argument(v), *shadow, dlpack_argument(out))
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
@@ -201,9 +212,21 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     return _build_cached(v.name, spec.kernel, path, str(resolve_target(target)), schedule)
 
 
+def build_shadow(variant, spec: AttentionSpec, *, target="host", schedule: str = "best") -> Kernel:
+    """Compile the kernel of ``variant`` that reads a KVCache's int8 shadow of K (``Variant.shadow_compute``) for
+    ``spec``'s kernel spec; it serves every batch and length. Cached like ``build``."""
+    v = get_variant(variant)
+    v.check(spec)
+    if v.shadow_compute is None:
+        raise ValueError(f"variant {v.name!r} has no kernel reading the shadow of K")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    return _build_cached(v.name, spec.kernel, "shadow", str(resolve_target(target)), schedule)
+
+
 def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     """An AttentionSpec of the kernel (its sizes only pick the path: the record is the kernel's, not the shape's)."""
-    seq_q = 1 if path == "decode" else 1024
+    seq_q = 1 if path in ("decode", "shadow") else 1024
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
                          dtype=kspec.dtype, **kspec.knobs())
@@ -213,7 +236,7 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
 def _build_cached(variant: str, kspec: KernelSpec, path: str, target_json: str, schedule: str) -> Kernel:
     global _compiles
     target = resolve_target(target_json)
-    scheduled = scheduled_module(get_variant(variant), _representative(kspec, path), target, schedule)
+    scheduled = scheduled_module(get_variant(variant), _representative(kspec, path), target, schedule, path)
     executable = tvm.compile(scheduled.mod, target=target)
     with _compiles_lock:
         _compiles += 1

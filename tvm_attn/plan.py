@@ -93,7 +93,7 @@ def check_knob_arguments(variants, args: argparse.Namespace) -> None:
     for knob in KNOB_DEFAULTS:
         if getattr(args, knob) is not None and knob not in used:
             raise ValueError(f"--{knob.replace('_', '-')} {getattr(args, knob)} is only used by variant "
-                             f"{variant_using(knob)!r}, not by {', '.join(variants)}")
+                             f"{variant_using(knob)}, not by {', '.join(variants)}")
 
 
 def cli_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import shadow
 from .spec import AttentionSpec
 
 
@@ -107,3 +108,44 @@ def mass(spec: AttentionSpec, q, k, v) -> np.ndarray:
     """
     s = scores(spec, q, k)
     return _weighted_sum(spec, softmax_weights(spec, s) * mass_keep(spec, s), v)
+
+
+def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) bounds of every score from the int8 shadow of k (``shadow``), in float64, each
+    (batch, heads, seq_q, seq_kv)."""
+    codes, lo, step = shadow.quantize(k)
+    block = np.arange(spec.seq_kv) // shadow.BLOCK
+    k_hat = lo[:, :, block].astype(np.float64) + step[:, :, block].astype(np.float64) * codes
+    q64 = spec.scale * np.asarray(q, dtype=np.float64)
+    s_hat = q64 @ np.repeat(k_hat, spec.group_size, axis=1).swapaxes(-1, -2)
+    lo64, step64 = (np.repeat(x.astype(np.float64), spec.group_size, axis=1) for x in (lo, step))
+    width = 0.5 * step64 + shadow.margin(spec.head_dim) * (np.abs(lo64) + shadow.LEVELS * step64)
+    radius = (np.abs(q64) @ width.swapaxes(-1, -2))[..., block]
+    return s_hat - radius, s_hat + radius
+
+
+def bounded_keep(spec: AttentionSpec, q, k) -> np.ndarray:
+    """Keys kept by the bounded variant: those whose shadow upper bound lies within the fewest CUT_STEP bins below
+    the row's top bound that certify the rest hold at most eps of the row's softmax mass (``shadow``'s rule)."""
+    vis = visible_mask(spec)
+    lower, upper = shadow_bounds(spec, q, k)
+    top = np.where(vis, upper, -np.inf).max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    bins = np.where(vis, np.minimum(np.floor((top - upper) / shadow.CUT_STEP), shadow.CUT_STEPS),
+                    shadow.CUT_STEPS + 1)
+    e_upper = np.where(vis, np.exp(upper - top), 0.0)
+    e_lower = np.where(vis, np.exp(lower - top), 0.0)
+    budget = shadow.CERTIFY * spec.eps / (1.0 - spec.eps)
+    chosen = np.full(top.shape, shadow.CUT_STEPS + 1)  # none certifies: every visible key
+    for n in range(shadow.CUT_STEPS, 0, -1):
+        kept = bins < n
+        certified = (np.where(kept, 0.0, e_upper).sum(axis=-1, keepdims=True)
+                     <= budget * np.where(kept, e_lower, 0.0).sum(axis=-1, keepdims=True))
+        chosen = np.where(certified, n, chosen)
+    return bins < chosen
+
+
+def bounded(spec: AttentionSpec, q, k, v) -> np.ndarray:
+    """Softmax over a set of keys certified from the int8 shadow of K to hold >= 1 - eps of the row's mass,
+    renormalized, with exact scores; |out - dense| <= 2 eps max|v| per element (as for mass)."""
+    return _weighted_sum(spec, softmax_weights(spec, scores(spec, q, k)) * bounded_keep(spec, q, k), v)

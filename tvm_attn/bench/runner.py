@@ -83,8 +83,7 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
     if v_.knob:
         own = v_.reference(sub, sq, sk, sv)
         row["rel_err_own"] = np.abs(o - own).mean() / np.abs(own).mean()
-        s = references.scores(sub, sq, sk)
-        keep = v_.keep(sub, s)
+        keep = v_.keep(sub, sq, sk)
         row["kept_fraction"] = keep.sum() / (references.visible_mask(sub).sum() * sub.heads)
     return row
 

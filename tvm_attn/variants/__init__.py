@@ -8,15 +8,16 @@ from typing import Callable
 import numpy as np
 
 from .. import references as _ref
+from ..schedules import bounded as _bounded_schedule
 from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
 from ..spec import KNOBS, AttentionSpec
-from . import decode, flash, pruned, standard
+from . import bounded, decode, flash, pruned, standard
 
 
-PATHS = ("prefill", "decode")
+PATHS = ("prefill", "decode", "shadow")  # shadow: the kernel KVCache.attend runs over the cache's shadow of K
 DECODE_MAX_ROWS = 8  # calls with at most this many query rows (seq_q) take a variant's decode kernel
 
 
@@ -37,9 +38,16 @@ class Variant:
     schedule: Callable  # (tvm.s_tir.Schedule, tvm Target) -> None; also a MetaSchedule design space
     reference: Callable[..., np.ndarray]  # (AttentionSpec, q, k, v) -> float64 output
     knob: str | None = None  # the AttentionSpec field this variant requires
-    keep: Callable | None = None  # pruned variants: (AttentionSpec, float64 scores) -> bool mask of kept keys
+    keep: Callable | None = None  # pruned variants: (AttentionSpec, q, k) -> bool mask of the keys kept
     decode_compute: Callable | None = None  # as compute, for few query rows (None: compute serves decode too)
     decode_schedule: Callable | None = None
+    # A compute reading the int8 shadow of K a KVCache keeps, (q, k, v, codes, lo, step, out): what KVCache.attend
+    # runs, reading full K and V rows only for the keys the bounds cannot rule out.
+    shadow_compute: Callable | None = None
+    shadow_schedule: Callable | None = None
+    # The result depends on where K's blocks start (the shadow's, from key 0): windowed calls pass every key rather
+    # than only those from the first one a query sees.
+    blocks_from_key0: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill" or "decode")."""
@@ -47,6 +55,10 @@ class Variant:
             raise ValueError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
         if path == "decode" and self.decode_compute is not None:
             return self.decode_compute, self.decode_schedule
+        if path == "shadow":
+            if self.shadow_compute is None:
+                raise ValueError(f"variant {self.name!r} has no kernel reading the shadow of K")
+            return self.shadow_compute, self.shadow_schedule
         return self.compute, self.schedule
 
     def has_decode_kernel(self) -> bool:
@@ -59,13 +71,18 @@ class Variant:
             if knob == self.knob and value is None:
                 raise ValueError(f"variant {self.name!r} needs {knob}=..., got {knob}=None")
             if knob != self.knob and value is not None:
-                raise ValueError(f"{knob}={value!r} is only used by variant {variant_using(knob)!r}, not "
+                raise ValueError(f"{knob}={value!r} is only used by variant {variant_using(knob)}, not "
                                  f"{self.name!r}")
 
 
 def variant_using(knob: str) -> str:
-    """The name of the variant whose pruning knob is ``knob``."""
-    return next(v.name for v in VARIANTS.values() if v.knob == knob)
+    """The variants whose pruning knob is ``knob``, quoted for messages: "'topk'", "'mass' or 'bounded'"."""
+    return " or ".join(repr(v.name) for v in VARIANTS.values() if v.knob == knob)
+
+
+def _on_scores(keep):
+    """A keep rule of the scores as a keep rule of (spec, q, k)."""
+    return lambda spec, q, k: keep(spec, _ref.scores(spec, q, k))
 
 
 # The dense variants compute one function: their decode calls share the split-KV kernel.
@@ -83,13 +100,18 @@ VARIANTS: dict[str, Variant] = {
                 flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
-                keep=_ref.threshold_keep, **PRUNED_DECODE),
+                keep=_on_scores(_ref.threshold_keep), **PRUNED_DECODE),
         Variant("topk", "softmax over the top_k largest scores of each row",
                 pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k",
-                keep=_ref.topk_keep, **PRUNED_DECODE),
+                keep=_on_scores(_ref.topk_keep), **PRUNED_DECODE),
         Variant("mass", "the fewest largest weights holding 1 - eps of each row's softmax mass, renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.mass, knob="eps",
-                keep=_ref.mass_keep, **PRUNED_DECODE),
+                keep=_on_scores(_ref.mass_keep), **PRUNED_DECODE),
+        Variant("bounded", "a set of keys certified from an int8 shadow of K to hold >= 1 - eps of each row's "
+                "softmax mass, renormalized (|out - dense| <= 2 eps max|v|)",
+                bounded.compute, _bounded_schedule.schedule, _ref.bounded, knob="eps", keep=_ref.bounded_keep,
+                shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule,
+                blocks_from_key0=True),
     )
 }
 

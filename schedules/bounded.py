@@ -1,0 +1,36 @@
+"""Hand schedule of the bounded kernels: (batch, KV head, chunk) tasks of the shadow scan in parallel, its dot
+products over int8 codes (stored dimension-major per block, keys along the lanes) a register-blocked micro-kernel;
+the per-row selection and exact attention over the kept keys (explicitly vectorized loops in the compute) one task
+per row; the quantization of K (the kernel for ``attention`` only) parallel over blocks."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from tvm_attn.targets import vector_lanes
+
+from .common import register_blocked_matmul, vectorize_last, vectorized_row_reduction
+
+
+def schedule(sch: s_tir.Schedule, target=None) -> None:
+    lanes = vector_lanes(target) if target is not None else 16
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "shadow_codes" in names:
+        for name in ("shadow_min", "shadow_max"):
+            b, kh, t, d, j = sch.get_loops(sch.get_sblock(name))
+            sch.parallel(sch.fuse(b, kh, t))
+            sch.reorder(j, d)  # whole K rows in turn (LLVM vectorizes the d loop)
+        b, kh, t, d = sch.get_loops(sch.get_sblock("shadow_step"))
+        sch.parallel(sch.fuse(b, kh, t))
+        vectorize_last(sch, "shadow_step", lanes)
+        b, kh, t, d, j = sch.get_loops(sch.get_sblock("shadow_codes"))
+        sch.parallel(sch.fuse(b, kh, t))
+        vectorize_last(sch, "shadow_codes", lanes)
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
+    # Rows x keys accumulators, head_dim streamed: each code vector converted once serves the group's query heads.
+    register_blocked_matmul(sch, "shadow_dot", row=-3, col=-2, red=-1, lanes=lanes, rows=4, vectors=2)
+    vectorized_row_reduction(sch, "offset_dot", lanes)
+    vectorized_row_reduction(sch, "radius", lanes)
+    for name in ("q_rows", "scaled_step", "upper", "save_upper"):
+        vectorize_last(sch, name, lanes)
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))

@@ -1,0 +1,140 @@
+"""Certified sparse attention: the int8 shadow of K a KVCache keeps, its bounds, and the bounded variant's
+certificate |out - dense| <= 2 eps max|v| on gaussian, peaked and adversarial inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tvm_attn
+from conftest import assert_matches_reference, output_tolerance
+from tvm_attn import references, shadow
+from tvm_attn.runtime import numpy_dtype
+
+B, H, KVH, D = 1, 6, 2, 40  # head_dim not a multiple of the 16 lanes
+
+
+def _inputs(kind: str, n: int, sq: int, seed: int = 0, dtype: str = "float32"):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, H, sq, D))
+    k = rng.standard_normal((B, KVH, n, D))
+    v = rng.standard_normal((B, KVH, n, D))
+    if kind == "peaked":
+        q *= 4.0
+    elif kind == "near_ties":  # groups of keys a hair apart
+        k = np.repeat(k[:, :, : -(-n // 4)], 4, axis=2)[:, :, :n] + 1e-6 * rng.standard_normal((B, KVH, n, D))
+        q *= 3.0
+    elif kind == "equal_scores":  # every key the same: every row's weights uniform
+        k[:] = k[:, :, :1]
+    elif kind == "huge_logits":
+        q *= 60.0
+    elif kind == "outlier_key":  # one key far above its block's others: the block's range, and radius, blow up
+        k[:, :, n // 2] = 25.0 * np.abs(k[:, :, n // 2])
+        q = np.abs(q) * 2.0
+    dt = numpy_dtype(dtype)
+    return q.astype(dt), k.astype(dt), v.astype(dt)
+
+
+def _spec(n: int, sq: int, eps: float, dtype: str = "float32", **kw):
+    return tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=sq, seq_kv=n, head_dim=D, causal=True,
+                                  eps=eps, dtype=dtype, **kw)
+
+
+def _filled_cache(k, v, pieces=(1, 31, 2, 64, 5), dtype="float32"):
+    """A cache holding k, v appended in pieces that start and end inside shadow blocks."""
+    cache = tvm_attn.KVCache(B, KVH, D, capacity=k.shape[2] + 8, dtype=dtype)
+    start, i = 0, 0
+    while start < k.shape[2]:
+        end = min(k.shape[2], start + pieces[i % len(pieces)])
+        cache.append(k[:, :, start:end], v[:, :, start:end])
+        start, i = end, i + 1
+    return cache
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "peaked", "near_ties", "equal_scores", "huge_logits", "outlier_key"])
+@pytest.mark.parametrize("eps", [0.05, 0.01, 0.3])
+def test_certificate_holds_through_the_cache(kind, eps):
+    n, sq = 700, 2
+    q, k, v = _inputs(kind, n, sq)
+    spec = _spec(n, sq, eps)
+    out = _filled_cache(k, v).attend(q, variant="bounded", eps=eps).astype(np.float64)
+    dense = references.dense(spec, q, k, v)
+    bound = 2 * eps * np.abs(v).max()
+    assert np.abs(out - dense).max() <= bound + output_tolerance(spec)[1]
+    assert_matches_reference("bounded", spec, out.astype(np.float32), q, k, v)
+
+
+def test_peaked_rows_read_few_keys():
+    """Not a certificate that holds by keeping everything: on peaked rows most keys are ruled out."""
+    q, k, _ = _inputs("peaked", 2048, 1, seed=3)
+    kept = references.bounded_keep(_spec(2048, 1, 0.05), q, k)
+    assert kept.mean() < 0.3, kept.mean()
+
+
+def test_shadow_scores_are_within_the_radius():
+    """|q . k - s^| <= radius for every key, float32 scores included, on inputs that stress the rounding."""
+    for kind in ("gaussian", "huge_logits", "outlier_key"):
+        q, k, _ = _inputs(kind, 333, 3, seed=5)
+        spec = _spec(333, 3, 0.05)
+        lower, upper = references.shadow_bounds(spec, q, k)
+        exact = references.scores(spec, q, k)
+        f32 = np.float32(spec.scale) * np.einsum("bhqd,bhkd->bhqk", q, np.repeat(k, H // KVH, axis=1))
+        assert (lower <= exact).all() and (exact <= upper).all(), kind
+        assert (lower <= f32).all() and (f32 <= upper).all(), kind
+        assert (upper - lower).max() < 0.2 * (np.abs(exact).max() + 1), kind  # the bounds are tight
+
+
+def test_appends_and_truncation_keep_the_shadow_of_the_filled_keys():
+    q, k, v = _inputs("gaussian", 200, 1, seed=6)
+    cache = _filled_cache(k, v, pieces=(3, 40, 1, 29))
+    for length in (200, 161, 160, 7):
+        cache.truncate(length)
+        _, lo, step = cache.shadow.views(length)
+        expected = shadow.quantize(k[:, :, :length])
+        for got, want in zip((cache.shadow.codes_by_key(length), lo, step), expected):
+            np.testing.assert_array_equal(got, want)
+    cache.append(k[:, :, 7:50], v[:, :, 7:50])
+    _, lo, step = cache.shadow.views(50)
+    for got, want in zip((cache.shadow.codes_by_key(50), lo, step), shadow.quantize(k[:, :, :50])):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_cache(dtype):
+    n, sq, eps = 300, 1, 0.05
+    q, k, v = _inputs("peaked", n, sq, seed=7, dtype=dtype)
+    spec = _spec(n, sq, eps, dtype=dtype)
+    out = _filled_cache(k, v, dtype=dtype).attend(q, variant="bounded", eps=eps)
+    assert_matches_reference("bounded", spec, out, q, k, v)
+
+
+def test_attention_has_the_cache_semantics():
+    """attention() quantizes K itself into the same shadow: same kept keys, same output, windows included."""
+    n, sq, eps = 300, 3, 0.05
+    q, k, v = _inputs("peaked", n, sq, seed=8)
+    cache = _filled_cache(k, v)
+    for window in (None, 70):
+        via_cache = cache.attend(q, variant="bounded", eps=eps, window=window)
+        direct = tvm_attn.attention(q, k, v, variant="bounded", causal=True, window=window, eps=eps)
+        np.testing.assert_allclose(direct, via_cache, rtol=1e-5, atol=1e-6)
+        assert_matches_reference("bounded", _spec(n, sq, eps, window=window), direct, q, k, v)
+
+
+def test_refusals():
+    q, k, v = _inputs("gaussian", 40, 1)
+    plain = tvm_attn.KVCache(B, KVH, D, capacity=64, shadow=False)
+    plain.append(k, v)
+    with pytest.raises(ValueError, match="shadow=False"):
+        plain.attend(q, variant="bounded", eps=0.05)
+    np.testing.assert_allclose(plain.attend(q), _filled_cache(k, v).attend(q), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="shadow must be a bool"):
+        tvm_attn.KVCache(B, KVH, D, capacity=64, shadow="yes")
+    cache = _filled_cache(k, v)
+    for eps in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="eps must be in"):
+            cache.attend(q, variant="bounded", eps=eps)
+    with pytest.raises(ValueError, match="needs eps"):
+        cache.attend(q, variant="bounded")
+    kernel = tvm_attn.kernel.build_shadow("bounded", _spec(40, 1, 0.05))
+    with pytest.raises(TypeError, match="cache.attend"):
+        kernel(q, k, v)

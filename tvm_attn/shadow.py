@@ -1,0 +1,102 @@
+"""The int8 shadow of K: the bounds behind certified sparse attention.
+
+K is cut along the sequence into blocks of BLOCK keys (from position 0). Per block and dimension d the shadow keeps
+an offset lo_d (the block's minimum) and a step t_d ((max - min) / 255), and per key a code c_jd in 0..255 with
+k_jd ~ lo_d + t_d c_jd. For a (pre-scaled) query q the shadow score s^_j = sum_d q_d (lo_d + t_d c_jd) is within
+
+    radius = sum_d |q_d| (t_d / 2 + margin_d),   margin_d = MARGIN(head_dim) (|lo_d| + 255 t_d)
+
+of the exact score q . k_j: t_d / 2 is the rounding of the code, and the margin covers the float32 rounding of the
+quantization, of the shadow score and of the exact score the kernels compare it with. Every score is thus known
+within +-radius from 1/4 of the bytes of float32 K (1/2 of 16-bit K), and keys whose upper bounds are low are
+never read.
+
+The bounded variant bins each visible key by how far its upper bound u_j = s^_j + radius lies below the row's
+largest, U: bin_j = floor((U - u_j) / CUT_STEP), capped at CUT_STEPS. It keeps the keys of bins < n for the smallest
+n in 1..CUT_STEPS such that
+
+    sum_{bin_j >= n} e^(u_j - U)  <=  CERTIFY * eps / (1 - eps) * sum_{bin_j < n} e^(l_j - U),   l_j = s^_j - radius
+
+(every visible key when none does): the dropped keys' softmax mass is then at most eps, and |out - dense| <=
+2 eps max|v| per element.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 32  # keys per shadow block: its offset and step, 8 bytes per dimension, add 1/4 byte per key and dimension
+LEVELS = 255  # codes 0..255
+CUT_STEP = 0.125  # logits per bin (a power of 2: the bin is an exact scaling)
+CUT_STEPS = 128  # bins below the top: 16 logits, e^-16 = 1e-7 of the top key's weight; past them every key is kept
+CERTIFY = 1.0 - 2.0**-10  # slack for the float32 sums of the certificate (their relative error is < 1e-5)
+
+
+def margin(head_dim: int) -> float:
+    """Relative margin per dimension: float32 rounding of the quantization (< 2^-14 of a block's range), of the
+    shadow score and of the exact score (each < (head_dim + 2) 2^-24 of sum_d |q_d| max|k_d|), with 2x to spare."""
+    return 2.0 * ((2 * head_dim + 4) * 2.0**-24 + 2.0**-14)
+
+
+def blocks(n: int) -> int:
+    """Shadow blocks covering n keys."""
+    return -(-n // BLOCK)
+
+
+def quantize(k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shadow of k (..., n, head_dim), blocks from key 0: (codes uint8 (..., n, head_dim), lo and step float32
+    (..., blocks(n), head_dim)). float32 arithmetic, as the kernels quantize."""
+    k = np.asarray(k, dtype=np.float32)
+    *lead, n, d = k.shape
+    nb = blocks(n)
+    padded = np.concatenate([k, np.repeat(k[..., -1:, :], nb * BLOCK - n, axis=-2)], axis=-2) if n % BLOCK else k
+    grouped = padded.reshape(*lead, nb, BLOCK, d)
+    lo = grouped.min(axis=-2)
+    step = (grouped.max(axis=-2) - lo) / np.float32(LEVELS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(step[..., None, :] > 0, (grouped - lo[..., None, :]) / step[..., None, :], np.float32(0))
+    codes = np.clip(np.rint(scaled), 0, LEVELS).astype(np.uint8).reshape(*lead, nb * BLOCK, d)[..., :n, :]
+    return codes, lo, step
+
+
+class ShadowKeys:
+    """The shadow of a KV cache's K, kept up to date by ``update`` as positions are appended: codes stored
+    (batch, kv_heads, block, head_dim, BLOCK), dimension-major per block so the kernels load a block's keys along
+    vector lanes, and per-block offsets and steps (batch, kv_heads, block, head_dim)."""
+
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, alloc):
+        self.codes = alloc((batch, kv_heads, blocks(capacity), head_dim, BLOCK), np.uint8)
+        self.lo = alloc((batch, kv_heads, blocks(capacity), head_dim), np.float32)
+        self.step = alloc((batch, kv_heads, blocks(capacity), head_dim), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.lo.nbytes + self.step.nbytes
+
+    def update(self, k: np.ndarray, start: int, end: int) -> None:
+        """Requantize the blocks holding positions start..end-1 of the cache's K buffer ``k``, the block holding
+        ``start`` from its first key (a block that gains or loses keys gets a new range); ``end`` is the filled
+        length."""
+        first = start // BLOCK * BLOCK
+        if end == first:
+            return
+        codes, lo, step = quantize(k[:, :, first:end])
+        n = end - first
+        padded = np.zeros(codes.shape[:2] + (blocks(n) * BLOCK, codes.shape[-1]), np.uint8)
+        padded[:, :, :n] = codes
+        by_block = padded.reshape(*codes.shape[:2], blocks(n), BLOCK, codes.shape[-1]).swapaxes(-1, -2)
+        self.codes[:, :, first // BLOCK: blocks(end)] = by_block
+        self.lo[:, :, first // BLOCK: blocks(end)] = lo
+        self.step[:, :, first // BLOCK: blocks(end)] = step
+
+    def views(self, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(codes, lo, step) of the blocks holding the first ``length`` positions, as the kernels take them (views,
+        no copy; codes past ``length`` in the last block are stale)."""
+        nb = blocks(length)
+        return self.codes[:, :, :nb], self.lo[:, :, :nb], self.step[:, :, :nb]
+
+    def codes_by_key(self, length: int) -> np.ndarray:
+        """The codes of the first ``length`` positions as (batch, kv_heads, length, head_dim), like ``quantize``'s
+        (a copy)."""
+        codes = self.codes[:, :, : blocks(length)].swapaxes(-1, -2)
+        return codes.reshape(*codes.shape[:2], -1, codes.shape[-1])[:, :, :length].copy()

@@ -1,0 +1,363 @@
+"""Bounded attention in TensorIR: softmax over a set of keys certified, from the int8 shadow of K, to hold at least
+1 - eps of each row's mass (``tvm_attn.shadow`` states the bounds and the cut). Full K and V rows are read only for
+the kept keys.
+
+Two kernels share the body: ``compute_shadow`` reads the shadow a KVCache keeps (arguments q, k, v, codes, lo,
+step, out), ``compute`` quantizes K itself first (q, k, v, out: the registry's signature, for ``attention``; it reads
+all of K once more, so it is no faster than dense). Batch, seq_q and seq_kv are run-time sizes.
+
+Blocks (the contract with schedules/bounded.py):
+  shadow_min, shadow_max, shadow_step, shadow_codes    (compute only) the shadow of K, as shadow.quantize
+  split      one per (batch, KV head, chunk of shadow blocks), as in the decode kernel; per query position:
+    q_rows                 the group's query rows, pre-scaled
+    init_max
+    shadow_tile            one per shadow block of the chunk that the position sees; inside it:
+      scaled_step, offset_dot, radius   per row: q_d t_d, sum_d q_d lo_d and the bounds' radius
+      shadow_dot             per (row, key): sum_d q_d t_d c_jd (codes are stored (block, d, key): keys along lanes)
+      upper                  the upper bounds u_j (NEG for keys not seen)
+      save_upper, save_radius, chunk_max
+    save_max   the chunk's largest upper bound per row
+  row        one per (batch, head, query position): the cut (a bisection over the candidate cuts, vectorized masked
+             sums), the kept keys compacted, their exact scores from K, the softmax over them times V, the output
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm.script import tirx as T
+
+from .. import shadow
+from ..fast_exp import softmax_exp
+from ..spec import KernelSpec
+from .common import ACC, Visibility, bhsd, ceil_div, fresh_block_names, narrow, run_time_sizes, widen
+
+LANES = 16
+SB = shadow.BLOCK
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundedConfig:
+    """How the shadow scan splits the KV sequence: chunks of at least ``chunk_keys`` keys (whole shadow blocks),
+    at most ``max_splits`` chunks per (batch, KV head)."""
+
+    chunk_keys: int = 2048
+    max_splits: int = 64
+
+    def __post_init__(self):
+        for name in ("chunk_keys", "max_splits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BoundedConfig.{name} must be an int >= 1, got {value!r}")
+        if self.chunk_keys % SB:
+            raise ValueError(f"BoundedConfig.chunk_keys={self.chunk_keys} must be a multiple of the shadow block "
+                             f"({SB})")
+
+
+def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
+    """The PrimFunc reading a cache's shadow (``reads_shadow``) or the one quantizing K itself, for ``kspec``. (Only
+    one is parsed per call: a macro's second use in a parse suffixes its block names.)"""
+    if kspec.eps is None:
+        raise ValueError("bounded attention needs eps")
+    fresh_block_names()
+    H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
+    G = kspec.group_size
+    DP = ceil_div(D, LANES) * LANES
+    SCALE = T.float32(kspec.scale)
+    NEG = T.min_value("float32")
+    ZERO = T.float32(0)
+    HALF = T.float32(0.5)
+    LEVELS = T.float32(shadow.LEVELS)
+    MARGIN = T.float32(shadow.margin(D))
+    BUDGET = T.float32(shadow.CERTIFY * kspec.eps / (1.0 - kspec.eps))
+    INV_STEP = T.float32(1.0 / shadow.CUT_STEP)
+    CUTS = shadow.CUT_STEPS
+    FAR = T.float32(shadow.CUT_STEPS)
+    dtype = kspec.dtype
+    B, SQ, SKV = run_time_sizes()
+    vis = Visibility(kspec, SQ, SKV)
+    NB = ceil_div(SKV, SB)
+    SKVP = NB * SB
+    BPC = T.max(config.chunk_keys // SB, ceil_div(NB, config.max_splits))  # shadow blocks per chunk
+    NSR = ceil_div(NB, BPC)
+
+    def dim(d):
+        """Index d of a K row, clamped into head_dim where the padding to whole LANES vectors reaches past it (q is
+        zero there)."""
+        return d if DP == D else T.min(d, D - 1)
+
+    def block_range(s, i):
+        """The shadow blocks of chunk s that query i sees: range(first, end) (empty when none)."""
+        first = T.max(s * BPC, vis.first_tile(i, SB))
+        return first, T.max(first, T.min(T.min((s + 1) * BPC, NB), vis.end_tile(i, SB)))
+
+    @T.macro
+    def body(q, k, v, codes, lo, step, out):
+        upper = T.sblock_alloc_buffer((B, H, SQ, SKVP), ACC)
+        radius = T.sblock_alloc_buffer((B, H, SQ, NB), ACC)
+        m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
+        for b, kh, s in T.grid(B, KVH, NSR):
+            with T.sblock("split"):
+                vb, vkh, vs = T.axis.remap("SSS", [b, kh, s])
+                T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], codes[vb, vkh, 0:NB, 0:D, 0:SB], lo[vb, vkh, 0:NB, 0:D],
+                        step[vb, vkh, 0:NB, 0:D])
+                T.writes(upper[vb, vkh * G:vkh * G + G, 0:SQ, 0:SKVP], radius[vb, vkh * G:vkh * G + G, 0:SQ, 0:NB],
+                         m_part[vb, vkh, vs, 0:SQ, 0:G])
+                q_rows = T.sblock_alloc_buffer((G, D), ACC)
+                qt = T.sblock_alloc_buffer((G, D), ACC)
+                qo = T.sblock_alloc_buffer((G,), ACC)
+                rad = T.sblock_alloc_buffer((G,), ACC)
+                s_hat = T.sblock_alloc_buffer((G, SB), ACC)
+                u = T.sblock_alloc_buffer((G, SB), ACC)
+                cmax = T.sblock_alloc_buffer((G,), ACC)
+                for i in range(SQ):
+                    with T.sblock("query"):
+                        vi = T.axis.opaque(SQ, i)
+                        for g, d in T.grid(G, D):
+                            with T.sblock("q_rows"):
+                                vg, vd = T.axis.remap("SS", [g, d])
+                                q_rows[vg, vd] = widen(q[vb, vkh * G + vg, vi, vd]) * SCALE
+                        for g in range(G):
+                            with T.sblock("init_max"):
+                                vg = T.axis.spatial(G, g)
+                                cmax[vg] = NEG
+                        for t in range(block_range(vs, vi)[0], block_range(vs, vi)[1]):
+                            with T.sblock("shadow_tile"):
+                                vt = T.axis.opaque(NB, t)
+                                for g, d in T.grid(G, D):
+                                    with T.sblock("scaled_step"):
+                                        vg, vd = T.axis.remap("SS", [g, d])
+                                        qt[vg, vd] = q_rows[vg, vd] * step[vb, vkh, vt, vd]
+                                for g, d in T.grid(G, D):
+                                    with T.sblock("offset_dot"):
+                                        vg, vd = T.axis.remap("SR", [g, d])
+                                        with T.init():
+                                            qo[vg] = ZERO
+                                        qo[vg] = qo[vg] + q_rows[vg, vd] * lo[vb, vkh, vt, vd]
+                                for g, d in T.grid(G, D):
+                                    with T.sblock("radius"):
+                                        vg, vd = T.axis.remap("SR", [g, d])
+                                        with T.init():
+                                            rad[vg] = ZERO
+                                        rad[vg] = rad[vg] + T.fabs(q_rows[vg, vd]) * (
+                                            HALF * step[vb, vkh, vt, vd]
+                                            + MARGIN * (T.fabs(lo[vb, vkh, vt, vd]) + LEVELS * step[vb, vkh, vt, vd]))
+                                for g, jj, d in T.grid(G, SB, D):
+                                    with T.sblock("shadow_dot"):
+                                        vg, j, vd = T.axis.remap("SSR", [g, jj, d])
+                                        with T.init():
+                                            s_hat[vg, j] = ZERO
+                                        s_hat[vg, j] = s_hat[vg, j] + qt[vg, vd] * T.Cast(ACC,
+                                                                                          codes[vb, vkh, vt, vd, j])
+                                for g, jj in T.grid(G, SB):
+                                    with T.sblock("upper"):
+                                        vg, j = T.axis.remap("SS", [g, jj])
+                                        # Keys past seq_kv hold stale codes: masked here.
+                                        u[vg, j] = T.Select(vis.sees(vi, vt * SB + j),
+                                                            qo[vg] + s_hat[vg, j] + rad[vg], NEG)
+                                for g, jj in T.grid(G, SB):
+                                    with T.sblock("save_upper"):
+                                        vg, j = T.axis.remap("SS", [g, jj])
+                                        upper[vb, vkh * G + vg, vi, vt * SB + j] = u[vg, j]
+                                for g in range(G):
+                                    with T.sblock("save_radius"):
+                                        vg = T.axis.spatial(G, g)
+                                        radius[vb, vkh * G + vg, vi, vt] = rad[vg]
+                                for g, jj in T.grid(G, SB):
+                                    with T.sblock("chunk_max"):
+                                        vg, j = T.axis.remap("SR", [g, jj])
+                                        cmax[vg] = T.max(cmax[vg], u[vg, j])
+                        for g in range(G):
+                            with T.sblock("save_max"):
+                                vg = T.axis.spatial(G, g)
+                                m_part[vb, vkh, vs, vi, vg] = cmax[vg]
+        for b, h, i in T.grid(B, H, SQ):
+            with T.sblock("row"):
+                vb, vh, vi = T.axis.remap("SSS", [b, h, i])
+                T.reads(upper[vb, vh, vi, 0:SKVP], radius[vb, vh, vi, 0:NB], m_part[vb, vh // G, 0:NSR, vi, vh % G],
+                        q[vb, vh, vi, 0:D], k[vb, vh // G, 0:SKV, 0:D], v[vb, vh // G, 0:SKV, 0:D])
+                T.writes(out[vb, vh, vi, 0:D])
+                e = T.sblock_alloc_buffer((SKVP,), ACC)
+                bins = T.sblock_alloc_buffer((SKVP,), "int32")
+                block_bin = T.sblock_alloc_buffer((NB,), "int32")
+                bin_upper = T.sblock_alloc_buffer((CUTS,), ACC)
+                bin_lower = T.sblock_alloc_buffer((CUTS,), ACC)
+                held = T.sblock_alloc_buffer((CUTS + 1,), ACC)
+                idx = T.sblock_alloc_buffer((SKVP,), "int32")
+                sc = T.sblock_alloc_buffer((SKVP,), ACC)
+                qr = T.sblock_alloc_buffer((DP,), ACC)
+                acc = T.sblock_alloc_buffer((D,), ACC)
+                pd = T.sblock_alloc_buffer((SB,), ACC)
+                top = T.sblock_alloc_buffer((1,), ACC)
+                dropped = T.sblock_alloc_buffer((1,), ACC)
+                m = T.sblock_alloc_buffer((1,), ACC)
+                l = T.sblock_alloc_buffer((1,), ACC)
+                w = T.sblock_alloc_buffer((1,), ACC)
+                fb = T.sblock_alloc_buffer((1,), ACC)
+                n_cut = T.sblock_alloc_buffer((1,), "int32")
+                cnt = T.sblock_alloc_buffer((1,), "int32")
+                top[0] = NEG
+                for s in range(NSR):
+                    top[0] = T.max(top[0], m_part[vb, vh // G, s, vi, vh % G])
+                # Per key e^(u - top) and its bin, floor((top - u) / CUT_STEP) capped at CUTS (far); keys not seen:
+                # bin CUTS + 1. Blocks no chunk visited for this row hold stale values: the visibility test drops
+                # them. Per block its lowest bin, so blocks of far keys are skipped below.
+                for lane in T.vectorized(SB):
+                    pd[lane] = ZERO
+                for t in range(NB):
+                    for lane in T.vectorized(SB):
+                        e[t * SB + lane] = T.Select(vis.sees(vi, t * SB + lane),
+                                                    softmax_exp(upper[vb, vh, vi, t * SB + lane] - top[0]), ZERO)
+                        bins[t * SB + lane] = T.Select(
+                            vis.sees(vi, t * SB + lane),
+                            T.Cast("int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)),
+                            CUTS + 1)
+                        pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] == CUTS, e[t * SB + lane], ZERO)
+                    block_bin[t] = CUTS + 1
+                    for lane in range(SB):
+                        block_bin[t] = T.min(block_bin[t], bins[t * SB + lane])
+                # Per bin: the sums of e^(u - top) and of e^(l - top) = e^(u - top) e^(-2 radius).
+                for n in range(CUTS):
+                    bin_upper[n] = ZERO
+                    bin_lower[n] = ZERO
+                for t in range(NB):
+                    if block_bin[t] < CUTS:
+                        fb[0] = softmax_exp(T.float32(-2) * radius[vb, vh, vi, t])
+                        for lane in range(SB):
+                            if bins[t * SB + lane] < CUTS:
+                                bin_upper[bins[t * SB + lane]] = bin_upper[bins[t * SB + lane]] + e[t * SB + lane]
+                                bin_lower[bins[t * SB + lane]] = bin_lower[bins[t * SB + lane]] + \
+                                    e[t * SB + lane] * fb[0]
+                # held[n]: what the keys of bins < n hold at least; dropped: what the others hold at most. The
+                # smallest n that certifies wins; none: every key is kept (n_cut = CUTS + 1).
+                held[0] = ZERO
+                for n in range(CUTS):
+                    held[n + 1] = held[n] + bin_lower[n]
+                dropped[0] = ZERO
+                for lane in range(SB):
+                    dropped[0] = dropped[0] + pd[lane]
+                n_cut[0] = CUTS + 1
+                for nn in range(CUTS):
+                    if dropped[0] <= BUDGET * held[CUTS - nn]:
+                        n_cut[0] = CUTS - nn
+                    dropped[0] = dropped[0] + bin_upper[CUTS - 1 - nn]
+                cnt[0] = 0
+                for t in range(NB):
+                    if block_bin[t] < n_cut[0]:
+                        for lane in range(SB):
+                            # Branchless: always write, advance only past kept keys.
+                            idx[cnt[0]] = t * SB + lane
+                            cnt[0] = cnt[0] + T.Cast("int32", bins[t * SB + lane] < n_cut[0])
+                for d in range(DP):
+                    qr[d] = T.if_then_else(d < D, widen(q[vb, vh, vi, T.min(d, D - 1)]) * SCALE, ZERO)
+                m[0] = NEG
+                for c in range(cnt[0]):
+                    for lane in T.vectorized(LANES):
+                        pd[lane] = ZERO
+                    for cc in range(DP // LANES):
+                        for lane in T.vectorized(LANES):
+                            pd[lane] = pd[lane] + qr[cc * LANES + lane] * widen(k[vb, vh // G, idx[c],
+                                                                                  dim(cc * LANES + lane)])
+                    # The lanes summed pairwise (a sequential sum is a chain of 16 dependent adds).
+                    for lane in T.vectorized(8):
+                        pd[lane] = pd[lane] + pd[lane + 8]
+                    for lane in T.vectorized(4):
+                        pd[lane] = pd[lane] + pd[lane + 4]
+                    for lane in T.vectorized(2):
+                        pd[lane] = pd[lane] + pd[lane + 2]
+                    sc[c] = pd[0] + pd[1]
+                    m[0] = T.max(m[0], sc[c])
+                l[0] = ZERO
+                for d in range(D):
+                    acc[d] = ZERO
+                for c in range(cnt[0]):
+                    w[0] = softmax_exp(sc[c] - m[0])
+                    l[0] = l[0] + w[0]
+                    for d in range(D):
+                        acc[d] = acc[d] + w[0] * widen(v[vb, vh // G, idx[c], d])
+                for d in range(D):
+                    out[vb, vh, vi, d] = narrow(T.Select(l[0] > ZERO, acc[d] / l[0], ZERO), dtype)
+
+    if reads_shadow:
+        return _with_shadow_arguments(kspec, body, B, SQ, SKV, NB)
+    return _quantizing(kspec, body, B, SQ, SKV, NB)
+
+
+def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
+    H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+
+    @T.prim_func(s_tir=True)
+    def bounded_shadow(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle, lo_h: T.handle,
+                       step_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = bhsd(q_h, B, H, SQ, D, dtype)
+        k = bhsd(k_h, B, KVH, SKV, D, dtype)
+        v = bhsd(v_h, B, KVH, SKV, D, dtype)
+        codes = T.match_buffer(codes_h, (B, KVH, NB, D, SB), "uint8",
+                               strides=(T.int32(), T.int32(), T.int32(), T.int32(), 1), align=1, offset_factor=1)
+        lo = T.match_buffer(lo_h, (B, KVH, NB, D), ACC, strides=(T.int32(), T.int32(), T.int32(), 1), align=4,
+                            offset_factor=1)
+        step = T.match_buffer(step_h, (B, KVH, NB, D), ACC, strides=(T.int32(), T.int32(), T.int32(), 1), align=4,
+                              offset_factor=1)
+        out = bhsd(out_h, B, H, SQ, D, dtype)
+        with T.sblock("root"):
+            body(q, k, v, codes, lo, step, out)
+
+    return bounded_shadow
+
+
+def _quantizing(kspec, body, B, SQ, SKV, NB):
+    H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+    NEG = T.min_value("float32")
+    ZERO = T.float32(0)
+    LEVELS = T.float32(shadow.LEVELS)
+
+    @T.prim_func(s_tir=True)
+    def bounded(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = bhsd(q_h, B, H, SQ, D, dtype)
+        k = bhsd(k_h, B, KVH, SKV, D, dtype)
+        v = bhsd(v_h, B, KVH, SKV, D, dtype)
+        out = bhsd(out_h, B, H, SQ, D, dtype)
+        with T.sblock("root"):
+            codes = T.sblock_alloc_buffer((B, KVH, NB, D, SB), "uint8")
+            lo = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
+            hi = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
+            step = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
+            # As shadow.quantize: blocks padded with the last key, float32 arithmetic.
+            for b, kh, t, d, jj in T.grid(B, KVH, NB, D, SB):
+                with T.sblock("shadow_min"):
+                    vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
+                    with T.init():
+                        lo[vb, vkh, vt, vd] = T.max_value(ACC)
+                    lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, SKV - 1), vd]))
+            for b, kh, t, d, jj in T.grid(B, KVH, NB, D, SB):
+                with T.sblock("shadow_max"):
+                    vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
+                    with T.init():
+                        hi[vb, vkh, vt, vd] = NEG
+                    hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, SKV - 1), vd]))
+            for b, kh, t, d in T.grid(B, KVH, NB, D):
+                with T.sblock("shadow_step"):
+                    vb, vkh, vt, vd = T.axis.remap("SSSS", [b, kh, t, d])
+                    step[vb, vkh, vt, vd] = (hi[vb, vkh, vt, vd] - lo[vb, vkh, vt, vd]) / LEVELS
+            for b, kh, t, d, jj in T.grid(B, KVH, NB, D, SB):
+                with T.sblock("shadow_codes"):
+                    vb, vkh, vt, vd, j = T.axis.remap("SSSSS", [b, kh, t, d, jj])
+                    codes[vb, vkh, vt, vd, j] = T.Cast("uint8", T.Select(
+                        step[vb, vkh, vt, vd] > ZERO,
+                        T.max(T.min(T.round((widen(k[vb, vkh, T.min(vt * SB + j, SKV - 1), vd]) - lo[vb, vkh, vt, vd])
+                                            / step[vb, vkh, vt, vd]), LEVELS), ZERO), ZERO))
+            body(q, k, v, codes, lo, step, out)
+
+    return bounded
+
+
+def compute(kspec: KernelSpec, config: BoundedConfig = BoundedConfig()):
+    """The bounded PrimFunc for ``kspec`` taking (q, k, v, out): it builds the shadow of k itself."""
+    return _kernel(kspec, config, reads_shadow=False)
+
+
+def compute_shadow(kspec: KernelSpec, config: BoundedConfig = BoundedConfig()):
+    """The bounded PrimFunc for ``kspec`` taking (q, k, v, codes, lo, step, out): the shadow a KVCache keeps."""
+    return _kernel(kspec, config, reads_shadow=True)
