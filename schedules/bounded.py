@@ -16,16 +16,7 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     lanes = vector_lanes(target) if target is not None else 16
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "shadow_codes" in names:
-        for name in ("shadow_min", "shadow_max"):
-            b, kh, t, d, j = sch.get_loops(sch.get_sblock(name))
-            sch.parallel(sch.fuse(b, kh, t))
-            sch.reorder(j, d)  # whole K rows in turn (LLVM vectorizes the d loop)
-        b, kh, t, d = sch.get_loops(sch.get_sblock("shadow_step"))
-        sch.parallel(sch.fuse(b, kh, t))
-        vectorize_last(sch, "shadow_step", lanes)
-        b, kh, t, d, j = sch.get_loops(sch.get_sblock("shadow_codes"))
-        sch.parallel(sch.fuse(b, kh, t))
-        vectorize_last(sch, "shadow_codes", lanes)
+        schedule_quantize(sch, target)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
     # Rows x keys accumulators, head_dim streamed: each code vector converted once serves the group's query heads.
     register_blocked_matmul(sch, "shadow_dot", row=-3, col=-2, red=-1, lanes=lanes, rows=4, vectors=2)
@@ -34,3 +25,19 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     for name in ("q_rows", "scaled_step", "upper", "save_upper"):
         vectorize_last(sch, name, lanes)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))
+
+
+def schedule_quantize(sch: s_tir.Schedule, target=None) -> None:
+    """The quantization of K into its shadow (blocks shadow_min, shadow_max, shadow_step, shadow_codes): parallel
+    over (batch, KV head, block)."""
+    lanes = vector_lanes(target) if target is not None else 16
+    for name in ("shadow_min", "shadow_max"):
+        b, kh, t, d, j = sch.get_loops(sch.get_sblock(name))
+        sch.parallel(sch.fuse(b, kh, t))
+        sch.reorder(j, d)  # whole K rows in turn (LLVM vectorizes the d loop)
+    b, kh, t, d = sch.get_loops(sch.get_sblock("shadow_step"))
+    sch.parallel(sch.fuse(b, kh, t))
+    vectorize_last(sch, "shadow_step", lanes)
+    b, kh, t, d, j = sch.get_loops(sch.get_sblock("shadow_codes"))
+    sch.parallel(sch.fuse(b, kh, t))
+    vectorize_last(sch, "shadow_codes", lanes)

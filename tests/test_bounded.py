@@ -9,6 +9,7 @@ import pytest
 import tvm_attn
 from conftest import assert_matches_reference, output_tolerance
 from tvm_attn import references, shadow
+from tvm_attn.kernel import build_shadow
 from tvm_attn.runtime import numpy_dtype
 
 B, H, KVH, D = 1, 6, 2, 40  # head_dim not a multiple of the 16 lanes
@@ -40,9 +41,10 @@ def _spec(n: int, sq: int, eps: float, dtype: str = "float32", **kw):
                                   eps=eps, dtype=dtype, **kw)
 
 
-def _filled_cache(k, v, pieces=(1, 31, 2, 64, 5), dtype="float32"):
-    """A cache holding k, v appended in pieces that start and end inside shadow blocks."""
-    cache = tvm_attn.KVCache(B, KVH, D, capacity=k.shape[2] + 8, dtype=dtype)
+def _filled_cache(k, v, pieces=(1, 31, 2, 64, 5), dtype="float32", shadow=None):
+    """A cache holding k, v appended in pieces that start and end inside shadow blocks (with ``shadow=True`` the
+    shadow is maintained through them; by default it is built at the first bounded attend)."""
+    cache = tvm_attn.KVCache(B, KVH, D, capacity=k.shape[2] + 8, dtype=dtype, shadow=shadow)
     start, i = 0, 0
     while start < k.shape[2]:
         end = min(k.shape[2], start + pieces[i % len(pieces)])
@@ -86,7 +88,7 @@ def test_shadow_scores_are_within_the_radius():
 
 def test_appends_and_truncation_keep_the_shadow_of_the_filled_keys():
     q, k, v = _inputs("gaussian", 200, 1, seed=6)
-    cache = _filled_cache(k, v, pieces=(3, 40, 1, 29))
+    cache = _filled_cache(k, v, pieces=(3, 40, 1, 29), shadow=True)
     for length in (200, 161, 160, 7):
         cache.truncate(length)
         _, lo, step = cache.shadow.views(length)
@@ -104,7 +106,7 @@ def test_half_precision_cache(dtype):
     n, sq, eps = 300, 1, 0.05
     q, k, v = _inputs("peaked", n, sq, seed=7, dtype=dtype)
     spec = _spec(n, sq, eps, dtype=dtype)
-    out = _filled_cache(k, v, dtype=dtype).attend(q, variant="bounded", eps=eps)
+    out = _filled_cache(k, v, dtype=dtype, shadow=True).attend(q, variant="bounded", eps=eps)
     assert_matches_reference("bounded", spec, out, q, k, v)
 
 
@@ -127,7 +129,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="shadow=False"):
         plain.attend(q, variant="bounded", eps=0.05)
     np.testing.assert_allclose(plain.attend(q), _filled_cache(k, v).attend(q), rtol=1e-6, atol=1e-6)
-    with pytest.raises(TypeError, match="shadow must be a bool"):
+    with pytest.raises(TypeError, match="shadow must be True, False or None"):
         tvm_attn.KVCache(B, KVH, D, capacity=64, shadow="yes")
     cache = _filled_cache(k, v)
     for eps in (0.0, 1.0, -0.1):
@@ -135,6 +137,6 @@ def test_refusals():
             cache.attend(q, variant="bounded", eps=eps)
     with pytest.raises(ValueError, match="needs eps"):
         cache.attend(q, variant="bounded")
-    kernel = tvm_attn.kernel.build_shadow("bounded", _spec(40, 1, 0.05))
+    kernel = build_shadow("bounded", _spec(40, 1, 0.05))
     with pytest.raises(TypeError, match="cache.attend"):
         kernel(q, k, v)

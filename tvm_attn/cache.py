@@ -9,10 +9,11 @@ float16 or bfloat16: a 16-bit cache halves the bytes a decode step reads); ``att
 length-generic kernel as a strided view (no copy, no compile per length). q, k and v have the cache's dtype:
 numpy arrays or torch CPU tensors (a torch q gets a torch output).
 
-The cache also keeps an int8 shadow of K (``tvm_attn.shadow``: a byte per element plus 1/4 byte of block offsets and
-steps per key and dimension), updated on ``append``: its bounds on every score let ``attend(q, variant="bounded",
-eps=...)`` read full K and V rows only for the keys they cannot rule out. ``shadow=False`` saves its memory and
-append time for caches that never prune.
+For ``attend(q, variant="bounded", eps=...)`` the cache keeps an int8 shadow of K (``tvm_attn.shadow``: a byte per
+element plus 1/4 byte of block offsets and steps per key and dimension), whose bounds on every score let the kernel
+read full K and V rows only for the keys they cannot rule out. It is built at the first attend that needs it (or at
+construction with ``shadow=True``) and then updated by every ``append`` (~10 us a position); ``shadow=False``
+refuses variants that need it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class KVCache:
     stored as ``dtype`` (float32, float16 or bfloat16)."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE,
-                 shadow: bool = True):
+                 shadow: bool | None = None):
         self.batch = positive_int("batch", batch)
         self.kv_heads = positive_int("kv_heads", kv_heads)
         self.head_dim = positive_int("head_dim", head_dim)
@@ -60,11 +61,13 @@ class KVCache:
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
         self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
         self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
-        if not isinstance(shadow, (bool, np.bool_)):
-            raise TypeError(f"shadow must be a bool, got {shadow!r}")
-        self.shadow = (ShadowKeys(self.batch, self.kv_heads, self.capacity, self.head_dim,
-                                  lambda shape, dt: aligned_empty(shape, dt, ALIGNMENT)) if shadow else None)
+        if shadow is not None and not isinstance(shadow, (bool, np.bool_)):
+            raise TypeError(f"shadow must be True, False or None (built when first needed), got {shadow!r}")
         self._length = 0
+        self._shadow_allowed = shadow is not False
+        self.shadow: ShadowKeys | None = None  # the int8 shadow of K, once built
+        if shadow:
+            self._build_shadow()
         self._kernels: dict = {}
 
     @property
@@ -114,6 +117,12 @@ class KVCache:
             self.shadow.update(self._k, self._length, end)
         self._length = end
 
+    def _build_shadow(self) -> ShadowKeys:
+        self.shadow = ShadowKeys(self.batch, self.kv_heads, self.capacity, self.head_dim,
+                                 lambda shape, dt: aligned_empty(shape, dt, ALIGNMENT))
+        self.shadow.update(self._k, 0, self._length)
+        return self.shadow
+
     def truncate(self, length: int) -> None:
         """Forget every position from ``length`` on (e.g. rejected speculative tokens); 0 empties the cache."""
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or not 0 <= length <= self._length:
@@ -146,7 +155,8 @@ class KVCache:
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         shadow = ()
         if kernel.path == "shadow":
-            shadow = tuple(dlpack_argument(x) for x in self.shadow.views(self._length))
+            keys = self.shadow or self._build_shadow()
+            shadow = tuple(dlpack_argument(x) for x in keys.views(self._length))
         kernel.launch(as_kernel_argument(q), self.k, self.v, out, shadow)
         return result
 
@@ -167,7 +177,7 @@ class KVCache:
                                  seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
                                  scale=scale, dtype=self.dtype, **knob)
             if v.shadow_compute is not None:
-                if self.shadow is None:
+                if not self._shadow_allowed:
                     raise ValueError(f"variant {variant!r} reads the cache's shadow of K, and this cache was made "
                                      f"with shadow=False")
                 kernel = build_shadow(v, spec, schedule=schedule)

@@ -11,6 +11,8 @@ import sys
 GENERATION = "generation"  # the KVCache generation loop (bench/generation.py), not a Study
 QUICK_GENERATION = dict(heads=4, kv_heads=2, head_dim=32, prefill=100, steps=32)
 MODEL = "model"  # SmolLM2 with tvm_attn attention (bench/model.py): full runs and --study model, when installed
+SPARSE_DECODE = "sparse_decode"  # certified sparse decode (bench/sparse_decode.py): full runs and --study sparse_decode
+QUICK_SPARSE_DECODE = dict(real=False, synthetic_sets=((2048, 2),), min_seconds=0.1)
 
 
 def main(argv=None) -> None:
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
     csv_path = os.path.join(out, "results.csv")
     if not args.report_only:
         studies = default_studies(quick=args.quick)
-        known = [s.name for s in studies] + [GENERATION, MODEL]
+        known = [s.name for s in studies] + [GENERATION, MODEL, SPARSE_DECODE]
         for name in args.study or []:
             if name not in known:
                 parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
@@ -55,6 +57,14 @@ def main(argv=None) -> None:
                 model = {}
             else:
                 print(f"model study skipped: {reason}", file=sys.stderr)
+        sparse_decode = None
+        if (not args.study and not args.quick) or SPARSE_DECODE in (args.study or []):
+            from .model import unavailable
+
+            reason = None if args.quick else unavailable()
+            if reason is not None:
+                print(f"sparse_decode study: synthetic caches only, no SmolLM2 capture: {reason}", file=sys.stderr)
+            sparse_decode = QUICK_SPARSE_DECODE if args.quick else dict(real=reason is None)
         for name in args.variant or []:
             if name not in tvm_attn.VARIANTS:
                 parser.error(f"unknown variant {name!r}: use one of {', '.join(tvm_attn.VARIANTS)}")
@@ -77,7 +87,8 @@ def main(argv=None) -> None:
         # A partial run updates its studies' rows in an existing results.csv instead of overwriting the file.
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
-        run_studies(studies, run_csv, min_seconds=min_seconds, generation=generation, model=model)
+        run_studies(studies, run_csv, min_seconds=min_seconds, generation=generation, model=model,
+                    sparse_decode=sparse_decode)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "

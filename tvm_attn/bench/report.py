@@ -6,6 +6,7 @@ import csv
 import os
 from collections import defaultdict
 
+from .sparse_decode import ROWS
 from .studies import NO_MASK
 
 import matplotlib
@@ -18,7 +19,7 @@ NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "th
            "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
            "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads",
            "layers", "bytes_kv", "gbs", "kernel_ms", "overhead_us", "compiles", "prefill_ms", "perplexity",
-           "top1_agreement", "tokens_per_s")
+           "top1_agreement", "tokens_per_s", "certificate")
 
 
 def load(path: str) -> list[dict]:
@@ -498,6 +499,7 @@ def write_report(csv_path: str, out_dir: str) -> str:
         parts += [f"![{study}]({study}.png)", ""]
 
     parts += _model_section(rows)
+    parts += _sparse_decode_section(rows)
 
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
@@ -545,4 +547,49 @@ def _model_section(rows) -> list[str]:
                          "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%",
                          f"{r['median_ms'] / 1e3:.2f}"])
         parts += [_table(["attention", "perplexity", "vs dense", "top-1 = dense", "forward s"], body), ""]
+    return parts
+
+
+SPARSE_GOAL = (0.05, 3.0, 8192)  # bounded eps 0.05 at least 3x flash decode from 8k keys on (issue 17)
+
+
+def _sparse_decode_section(rows) -> list[str]:
+    """Certified sparse decode (bench/sparse_decode.py): bounded against flash decode on the same caches, per input
+    set, with kept fraction, bytes read, error and the certificate; then what the shadow costs."""
+    rs = _pick(rows, study="sparse_decode")
+    if not rs:
+        return []
+    parts = ["## Certified sparse decode (bounded) against dense flash decode", "",
+             "One decode step through every layer's KVCache in turn (so K/V come from memory), `cache.attend(q, "
+             "variant=...)`: time per layer, interleaved with flash on the same caches. Kept: the share of visible "
+             "keys whose K and V rows are read. Bytes: per layer and step, the shadow plus the kept rows (per query "
+             "head) against all of K and V. Certificate: the worst row's max|out - dense| / (2 eps max|v|) over "
+             f"the last {ROWS} query positions of every layer (<= 1: it holds).", ""]
+    goal_eps, goal_speedup, goal_keys = SPARSE_GOAL
+    for dist in dict.fromkeys(r["distribution"] for r in rs if r["distribution"] != "shadow cost"):
+        sub = _pick(rs, distribution=dist)
+        flash = _one(sub, variant="flash")
+        first = sub[0]
+        parts += [f"**{dist}**: {int(first['seq_kv'])} keys, {int(first['heads'])} query heads over "
+                  f"{int(first['kv_heads'])} KV heads, head_dim {int(first['head_dim'])}, {int(first['layers'])} "
+                  "layers.", ""]
+        body = []
+        for r in sub:
+            body.append([r["line"], f"{r['median_ms']:.3f}", _ratio(r, flash), _pct(r["kept_fraction"]),
+                         _mb(r["bytes_kv"]), f"{flash['bytes_kv'] / r['bytes_kv']:.1f}x" if flash else "-",
+                         _sci(r["rel_err_dense"]),
+                         "-" if r["certificate"] is None else f"{r['certificate']:.3f}"])
+        parts += [_table(["line", "ms per layer", "vs flash", "kept", "MB read", "fewer bytes", "rel. err",
+                          "certificate"], body), ""]
+        goal = _one(sub, variant="bounded", eps=goal_eps)
+        if goal and flash and first["seq_kv"] >= goal_keys:
+            speedup = flash["median_ms"] / goal["median_ms"]
+            verdict = "met" if speedup >= goal_speedup else "missed"
+            parts += [f"Goal bounded eps {goal_eps:g} >= {goal_speedup:g}x flash: {verdict} ({speedup:.2f}x).", ""]
+    costs = _pick(rs, distribution="shadow cost")
+    if costs:
+        body = [[r["line"], "-" if r["median_ms"] is None else f"{r['median_ms'] * 1e3:.0f} us",
+                 _mb(r["bytes_kv"]) if r["line"].startswith("memory") else "-"] for r in costs]
+        parts += ["**What the shadow costs** (one KVCache of the same head shape):", "",
+                  _table(["", "time", "MB"], body), ""]
     return parts

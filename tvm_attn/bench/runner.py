@@ -22,6 +22,7 @@ from .generation import generation_loop
 from .inputs import make_inputs, row_entropy
 from .memory import memory_use
 from .model import model_study
+from .sparse_decode import sparse_decode_study
 from .providers import PROVIDERS
 from .studies import Study
 
@@ -32,7 +33,7 @@ FIELDS = (
     "bytes_inputs", "bytes_output", "bytes_intermediate",
     "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
     "threads", "target", "kernel_ms", "overhead_us", "compiles", "prefill_ms",
-    "perplexity", "top1_agreement", "tokens_per_s",
+    "perplexity", "top1_agreement", "tokens_per_s", "certificate",
 )
 MAX_LAYERS = 64
 SLOW_PROVIDERS = ("untuned", "numpy")
@@ -89,9 +90,10 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
 
 
 def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, generation: dict | None = None,
-                model: dict | None = None, log=None) -> list[dict]:
+                model: dict | None = None, sparse_decode: dict | None = None, log=None) -> list[dict]:
     """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
-    ``model``, those of model_study); write and return the rows. Progress goes to ``log`` (default: sys.stderr
+    ``model``, those of model_study; given ``sparse_decode``, those of sparse_decode_study); write and return the
+    rows. Progress goes to ``log`` (default: sys.stderr
     at the time of the call)."""
     log = log or sys.stderr
     target = tvm_attn.resolve_target("host")
@@ -134,6 +136,10 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
               f"kernel, {row['compiles']} compiles during the loop", file=log, flush=True)
     if model is not None:
         for row in model_study(log=log, **model):
+            row.update(threads=n_threads, target=key)
+            rows.append(row)
+    if sparse_decode is not None:
+        for row in sparse_decode_study(log=log, **sparse_decode):
             row.update(threads=n_threads, target=key)
             rows.append(row)
     with open(out_csv, "w", newline="") as f:

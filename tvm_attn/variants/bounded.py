@@ -30,10 +30,12 @@ from tvm.script import tirx as T
 from .. import shadow
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import ACC, Visibility, bhsd, ceil_div, fresh_block_names, narrow, run_time_sizes, widen
+from .common import (ACC, ELEMENT_BYTES, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, narrow,
+                     run_time_sizes, widen)
 
 LANES = 16
 SB = shadow.BLOCK
+PREFETCH = 8  # kept keys ahead whose K and V rows are prefetched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,27 @@ class BoundedConfig:
                              f"({SB})")
 
 
+@T.macro
+def halve_to_two(scratch, x, start):
+    """Sum x[start:start + SB] pairwise into scratch[0] + scratch[1] (scratch: SB floats; may be x itself with start
+    0): a sequential float sum would be a chain of SB dependent adds."""
+    for lane in T.vectorized(SB // 2):
+        scratch[lane] = x[start + lane] + x[start + SB // 2 + lane]
+    for lane in T.vectorized(SB // 4):
+        scratch[lane] = scratch[lane] + scratch[lane + SB // 4]
+    for lane in T.vectorized(SB // 8):
+        scratch[lane] = scratch[lane] + scratch[lane + SB // 8]
+    for lane in T.vectorized(SB // 16):
+        scratch[lane] = scratch[lane] + scratch[lane + SB // 16]
+
+
 def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     """The PrimFunc reading a cache's shadow (``reads_shadow``) or the one quantizing K itself, for ``kspec``. (Only
     one is parsed per call: a macro's second use in a parse suffixes its block names.)"""
     if kspec.eps is None:
         raise ValueError("bounded attention needs eps")
     fresh_block_names()
+    _QUANTIZE_MACRO.call_count = 0
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
     DP = ceil_div(D, LANES) * LANES
@@ -80,6 +97,9 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     SKVP = NB * SB
     BPC = T.max(config.chunk_keys // SB, ceil_div(NB, config.max_splits))  # shadow blocks per chunk
     NSR = ceil_div(NB, BPC)
+
+    LINE_ELEMENTS = 64 // ELEMENT_BYTES[dtype]  # elements per 64-byte cache line
+    ROW_LINES = ceil_div(D, LINE_ELEMENTS)
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding to whole LANES vectors reaches past it (q is
@@ -179,31 +199,33 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 T.writes(out[vb, vh, vi, 0:D])
                 e = T.sblock_alloc_buffer((SKVP,), ACC)
                 bins = T.sblock_alloc_buffer((SKVP,), "int32")
-                block_bin = T.sblock_alloc_buffer((NB,), "int32")
-                bin_upper = T.sblock_alloc_buffer((CUTS,), ACC)
-                bin_lower = T.sblock_alloc_buffer((CUTS,), ACC)
-                held = T.sblock_alloc_buffer((CUTS + 1,), ACC)
+                bin_min = T.sblock_alloc_buffer((NB,), "int32")
+                bin_max = T.sblock_alloc_buffer((NB,), "int32")
+                e_sum = T.sblock_alloc_buffer((NB,), ACC)
+                shrink = T.sblock_alloc_buffer((NB,), ACC)
                 idx = T.sblock_alloc_buffer((SKVP,), "int32")
                 sc = T.sblock_alloc_buffer((SKVP,), ACC)
                 qr = T.sblock_alloc_buffer((DP,), ACC)
                 acc = T.sblock_alloc_buffer((D,), ACC)
                 pd = T.sblock_alloc_buffer((SB,), ACC)
+                pk = T.sblock_alloc_buffer((SB,), ACC)
                 top = T.sblock_alloc_buffer((1,), ACC)
                 dropped = T.sblock_alloc_buffer((1,), ACC)
+                held = T.sblock_alloc_buffer((1,), ACC)
                 m = T.sblock_alloc_buffer((1,), ACC)
                 l = T.sblock_alloc_buffer((1,), ACC)
                 w = T.sblock_alloc_buffer((1,), ACC)
-                fb = T.sblock_alloc_buffer((1,), ACC)
-                n_cut = T.sblock_alloc_buffer((1,), "int32")
+                lo_n = T.sblock_alloc_buffer((1,), "int32")
+                hi_n = T.sblock_alloc_buffer((1,), "int32")
+                mid = T.sblock_alloc_buffer((1,), "int32")
                 cnt = T.sblock_alloc_buffer((1,), "int32")
                 top[0] = NEG
                 for s in range(NSR):
                     top[0] = T.max(top[0], m_part[vb, vh // G, s, vi, vh % G])
-                # Per key e^(u - top) and its bin, floor((top - u) / CUT_STEP) capped at CUTS (far); keys not seen:
-                # bin CUTS + 1. Blocks no chunk visited for this row hold stale values: the visibility test drops
-                # them. Per block its lowest bin, so blocks of far keys are skipped below.
-                for lane in T.vectorized(SB):
-                    pd[lane] = ZERO
+                # Per key e^(u - top) and its bin, floor((top - u) / CUT_STEP) capped at CUTS; keys not seen: bin
+                # CUTS + 1 and e = 0. Blocks no chunk visited for this row hold stale values: the visibility test
+                # drops them. Per block: its lowest and highest bin (of keys seen), sum of e, and e^(-2 radius),
+                # which turns e^(u - top) into e^(l - top).
                 for t in range(NB):
                     for lane in T.vectorized(SB):
                         e[t * SB + lane] = T.Select(vis.sees(vi, t * SB + lane),
@@ -212,46 +234,61 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             vis.sees(vi, t * SB + lane),
                             T.Cast("int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)),
                             CUTS + 1)
-                        pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] == CUTS, e[t * SB + lane], ZERO)
-                    block_bin[t] = CUTS + 1
+                    bin_min[t] = CUTS + 1
+                    bin_max[t] = -1
                     for lane in range(SB):
-                        block_bin[t] = T.min(block_bin[t], bins[t * SB + lane])
-                # Per bin: the sums of e^(u - top) and of e^(l - top) = e^(u - top) e^(-2 radius).
-                for n in range(CUTS):
-                    bin_upper[n] = ZERO
-                    bin_lower[n] = ZERO
-                for t in range(NB):
-                    if block_bin[t] < CUTS:
-                        fb[0] = softmax_exp(T.float32(-2) * radius[vb, vh, vi, t])
-                        for lane in range(SB):
-                            if bins[t * SB + lane] < CUTS:
-                                bin_upper[bins[t * SB + lane]] = bin_upper[bins[t * SB + lane]] + e[t * SB + lane]
-                                bin_lower[bins[t * SB + lane]] = bin_lower[bins[t * SB + lane]] + \
-                                    e[t * SB + lane] * fb[0]
-                # held[n]: what the keys of bins < n hold at least; dropped: what the others hold at most. The
-                # smallest n that certifies wins; none: every key is kept (n_cut = CUTS + 1).
-                held[0] = ZERO
-                for n in range(CUTS):
-                    held[n + 1] = held[n] + bin_lower[n]
-                dropped[0] = ZERO
-                for lane in range(SB):
-                    dropped[0] = dropped[0] + pd[lane]
-                n_cut[0] = CUTS + 1
-                for nn in range(CUTS):
-                    if dropped[0] <= BUDGET * held[CUTS - nn]:
-                        n_cut[0] = CUTS - nn
-                    dropped[0] = dropped[0] + bin_upper[CUTS - 1 - nn]
+                        bin_min[t] = T.min(bin_min[t], bins[t * SB + lane])
+                        bin_max[t] = T.max(bin_max[t], T.Select(bins[t * SB + lane] <= CUTS, bins[t * SB + lane], -1))
+                    halve_to_two(pd, e, t * SB)
+                    e_sum[t] = pd[0] + pd[1]
+                    shrink[t] = softmax_exp(T.float32(-2) * radius[vb, vh, vi, t])
+                # Bisection for the smallest n whose bins < n certify (n = CUTS + 1: every key). Invariant: lo_n does
+                # not certify (0 keeps nothing), hi_n does. A block wholly on one side of a cut adds its sum.
+                lo_n[0] = 0
+                hi_n[0] = CUTS + 1
+                while hi_n[0] - lo_n[0] > 1:
+                    mid[0] = (lo_n[0] + hi_n[0]) // 2
+                    dropped[0] = ZERO
+                    held[0] = ZERO
+                    for lane in T.vectorized(SB):
+                        pd[lane] = ZERO
+                        pk[lane] = ZERO
+                    for t in range(NB):
+                        if bin_min[t] >= mid[0]:
+                            dropped[0] = dropped[0] + e_sum[t]
+                        elif bin_max[t] < mid[0]:
+                            held[0] = held[0] + e_sum[t] * shrink[t]
+                        else:
+                            for lane in T.vectorized(SB):
+                                pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] < mid[0], ZERO, e[t * SB + lane])
+                                pk[lane] = pk[lane] + T.Select(bins[t * SB + lane] < mid[0],
+                                                               e[t * SB + lane] * shrink[t], ZERO)
+                    halve_to_two(pd, pd, 0)
+                    halve_to_two(pk, pk, 0)
+                    dropped[0] = dropped[0] + (pd[0] + pd[1])
+                    held[0] = held[0] + (pk[0] + pk[1])
+                    if dropped[0] <= BUDGET * held[0]:
+                        hi_n[0] = mid[0]
+                    else:
+                        lo_n[0] = mid[0]
                 cnt[0] = 0
                 for t in range(NB):
-                    if block_bin[t] < n_cut[0]:
+                    if bin_min[t] < hi_n[0]:
                         for lane in range(SB):
                             # Branchless: always write, advance only past kept keys.
                             idx[cnt[0]] = t * SB + lane
-                            cnt[0] = cnt[0] + T.Cast("int32", bins[t * SB + lane] < n_cut[0])
+                            cnt[0] = cnt[0] + T.Cast("int32", bins[t * SB + lane] < hi_n[0])
                 for d in range(DP):
                     qr[d] = T.if_then_else(d < D, widen(q[vb, vh, vi, T.min(d, D - 1)]) * SCALE, ZERO)
                 m[0] = NEG
                 for c in range(cnt[0]):
+                    # The kept keys' rows are scattered over memory: ask for those PREFETCH keys ahead (K and V)
+                    # so that many are in flight, not one at a time.
+                    for line in range(ROW_LINES):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                            k[vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)], line * LINE_ELEMENTS]), 0, 3, 1))
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                            v[vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)], line * LINE_ELEMENTS]), 0, 3, 1))
                     for lane in T.vectorized(LANES):
                         pd[lane] = ZERO
                     for cc in range(DP // LANES):
@@ -306,11 +343,42 @@ def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
     return bounded_shadow
 
 
+@T.macro
+def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq_kv):
+    """The shadow of k (batch, kv_heads, seq_kv, head_dim) as shadow.quantize makes it (blocks padded with the last
+    key, float32 arithmetic, round half to even): codes (batch, kv_heads, blocks, head_dim, SB), lo and step
+    (batch, kv_heads, blocks, head_dim); hi is scratch of lo's shape."""
+    for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
+        with T.sblock("shadow_min"):
+            vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
+            with T.init():
+                lo[vb, vkh, vt, vd] = T.max_value(ACC)
+            lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]))
+    for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
+        with T.sblock("shadow_max"):
+            vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
+            with T.init():
+                hi[vb, vkh, vt, vd] = T.min_value(ACC)
+            hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]))
+    for b, kh, t, d in T.grid(batch, kv_heads, blocks, head_dim):
+        with T.sblock("shadow_step"):
+            vb, vkh, vt, vd = T.axis.remap("SSSS", [b, kh, t, d])
+            step[vb, vkh, vt, vd] = (hi[vb, vkh, vt, vd] - lo[vb, vkh, vt, vd]) / T.float32(shadow.LEVELS)
+    for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
+        with T.sblock("shadow_codes"):
+            vb, vkh, vt, vd, j = T.axis.remap("SSSSS", [b, kh, t, d, jj])
+            codes[vb, vkh, vt, vd, j] = T.Cast("uint8", T.Select(
+                step[vb, vkh, vt, vd] > T.float32(0),
+                T.max(T.min(T.nearbyint((widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]) - lo[vb, vkh, vt, vd])
+                                        / step[vb, vkh, vt, vd]), T.float32(shadow.LEVELS)), T.float32(0)),
+                T.float32(0)))
+
+
+_QUANTIZE_MACRO = macro_state(quantize_keys)
+
+
 def _quantizing(kspec, body, B, SQ, SKV, NB):
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
-    NEG = T.min_value("float32")
-    ZERO = T.float32(0)
-    LEVELS = T.float32(shadow.LEVELS)
 
     @T.prim_func(s_tir=True)
     def bounded(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
@@ -324,33 +392,34 @@ def _quantizing(kspec, body, B, SQ, SKV, NB):
             lo = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
             hi = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
             step = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
-            # As shadow.quantize: blocks padded with the last key, float32 arithmetic.
-            for b, kh, t, d, jj in T.grid(B, KVH, NB, D, SB):
-                with T.sblock("shadow_min"):
-                    vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
-                    with T.init():
-                        lo[vb, vkh, vt, vd] = T.max_value(ACC)
-                    lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, SKV - 1), vd]))
-            for b, kh, t, d, jj in T.grid(B, KVH, NB, D, SB):
-                with T.sblock("shadow_max"):
-                    vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
-                    with T.init():
-                        hi[vb, vkh, vt, vd] = NEG
-                    hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, SKV - 1), vd]))
-            for b, kh, t, d in T.grid(B, KVH, NB, D):
-                with T.sblock("shadow_step"):
-                    vb, vkh, vt, vd = T.axis.remap("SSSS", [b, kh, t, d])
-                    step[vb, vkh, vt, vd] = (hi[vb, vkh, vt, vd] - lo[vb, vkh, vt, vd]) / LEVELS
-            for b, kh, t, d, jj in T.grid(B, KVH, NB, D, SB):
-                with T.sblock("shadow_codes"):
-                    vb, vkh, vt, vd, j = T.axis.remap("SSSSS", [b, kh, t, d, jj])
-                    codes[vb, vkh, vt, vd, j] = T.Cast("uint8", T.Select(
-                        step[vb, vkh, vt, vd] > ZERO,
-                        T.max(T.min(T.round((widen(k[vb, vkh, T.min(vt * SB + j, SKV - 1), vd]) - lo[vb, vkh, vt, vd])
-                                            / step[vb, vkh, vt, vd]), LEVELS), ZERO), ZERO))
+            quantize_keys(k, codes, lo, hi, step, B, KVH, NB, D, SKV)
             body(q, k, v, codes, lo, step, out)
 
     return bounded
+
+
+def compute_quantize(kv_heads: int, head_dim: int, dtype: str):
+    """A PrimFunc (k, codes, lo, step) writing the shadow of k (batch, kv_heads, n, head_dim), its blocks from key 0,
+    into codes, lo and step (the blocks(n) blocks of a KVCache's shadow buffers): what KVCache.append runs."""
+    _QUANTIZE_MACRO.call_count = 0
+    B, _, SKV = run_time_sizes()
+    NB = ceil_div(SKV, SB)
+
+    @T.prim_func(s_tir=True)
+    def quantize(k_h: T.handle, codes_h: T.handle, lo_h: T.handle, step_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        k = bhsd(k_h, B, kv_heads, SKV, head_dim, dtype)
+        codes = T.match_buffer(codes_h, (B, kv_heads, NB, head_dim, SB), "uint8",
+                               strides=(T.int32(), T.int32(), T.int32(), T.int32(), 1), align=1, offset_factor=1)
+        lo = T.match_buffer(lo_h, (B, kv_heads, NB, head_dim), ACC, strides=(T.int32(), T.int32(), T.int32(), 1),
+                            align=4, offset_factor=1)
+        step = T.match_buffer(step_h, (B, kv_heads, NB, head_dim), ACC,
+                              strides=(T.int32(), T.int32(), T.int32(), 1), align=4, offset_factor=1)
+        with T.sblock("root"):
+            hi = T.sblock_alloc_buffer((B, kv_heads, NB, head_dim), ACC)
+            quantize_keys(k, codes, lo, hi, step, B, kv_heads, NB, head_dim, SKV)
+
+    return quantize
 
 
 def compute(kspec: KernelSpec, config: BoundedConfig = BoundedConfig()):

@@ -229,7 +229,7 @@ def softmax_numerators(S, E, row_max, sum_part, row_sum, row0, rows, padded, vis
             row_sum[r] = row_sum[r] + sum_part[r, vl]
 
 
-def _macro_state(wrapper):
+def macro_state(wrapper):
     """The TVMScript macro object behind a ``@T.macro`` function (the decorator returns a closure over it)."""
     for cell in wrapper.__closure__ or ():
         if hasattr(cell.cell_contents, "call_count"):
@@ -237,7 +237,7 @@ def _macro_state(wrapper):
     raise RuntimeError(f"{wrapper.__name__}: this TVM's T.macro keeps no call_count; see fresh_block_names")
 
 
-MACROS = tuple(_macro_state(m) for m in (transpose_k, qk_tile, online_softmax_tile, load_q_rows, scores_of_rows,
+MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, online_softmax_tile, load_q_rows, scores_of_rows,
                                          row_max_of_scores, softmax_numerators))
 
 
