@@ -66,6 +66,40 @@ def test_certificate_holds_through_the_cache(kind, eps):
     assert_matches_reference("bounded", spec, out.astype(np.float32), q, k, v)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "peaked", "huge_logits", "outlier_key"])
+@pytest.mark.parametrize("top_k", [1, 7, 64, 2000])
+def test_topk_through_the_shadow_is_exact(kind, top_k):
+    """Decode calls of top-k on a cache read the shadow, resolve only the keys its bounds cannot rule out, and give
+    exactly the top-k reference (top_k past the visible keys: dense). Ties: the next test."""
+    n, sq = 700, 2
+    q, k, v = _inputs(kind, n, sq, seed=9)
+    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=sq, seq_kv=n, head_dim=D, causal=True,
+                                  top_k=top_k)
+    cache = _filled_cache(k, v)
+    out = cache.attend(q, variant="topk", top_k=top_k)
+    assert cache.shadow is not None  # the shadow's kernel served it
+    assert_matches_reference("topk", spec, out, q, k, v)
+
+
+def test_topk_ties_go_to_the_lower_index_through_the_shadow():
+    """Equal scores straddling the cut: the lower key indices fill the quota, as in the reference (and with every
+    score equal, the first top_k keys)."""
+    q, k, v = _inputs("equal_scores", 300, 1, seed=10)
+    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=1, seq_kv=300, head_dim=D, causal=True,
+                                  top_k=9)
+    out = _filled_cache(k, v).attend(q, variant="topk", top_k=9)
+    np.testing.assert_allclose(out, references.topk(spec, q, k, v), rtol=1e-5, atol=1e-6)
+    q, k, v = _inputs("gaussian", 300, 1, seed=10)
+    k[:, :, 100:300:20] = k[:, :, 40:41]  # ten copies of key 40: equal scores straddle any cut through them
+    s = references.scores(_spec(300, 1, 0.05), q, k)
+    rank = int((s[0, 0, 0] > s[0, 0, 0, 40]).sum())  # keys above the copies, for head 0
+    top_k = rank + 4  # the cut falls among the 11 equal keys
+    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=1, seq_kv=300, head_dim=D, causal=True,
+                                  top_k=top_k)
+    out = _filled_cache(k, v).attend(q, variant="topk", top_k=top_k)
+    np.testing.assert_allclose(out, references.topk(spec, q, k, v), rtol=1e-5, atol=1e-6)
+
+
 def test_peaked_rows_read_few_keys():
     """Not a certificate that holds by keeping everything: on peaked rows most keys are ruled out."""
     q, k, _ = _inputs("peaked", 2048, 1, seed=3)

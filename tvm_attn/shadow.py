@@ -19,6 +19,10 @@ n in 1..CUT_STEPS such that
 
 (every visible key when none does): the dropped keys' softmax mass is then at most eps, and |out - dense| <=
 2 eps max|v| per element.
+
+Top-k through a cache is exact: with n the smallest bin count whose keys (bins < n) number at least k, those keys all
+score above U - n CUT_STEP - 2 R (R: the row's largest radius), so a key whose upper bound is below that is not in
+the top k; the rest (bins < n + 2 R / CUT_STEP + 2) get exact scores from K, and the top k of those are the answer.
 """
 
 from __future__ import annotations

@@ -88,6 +88,8 @@ def _on_scores(keep):
 # The dense variants compute one function: their decode calls share the split-KV kernel.
 DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
+# Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's at decode.
+SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -103,15 +105,14 @@ VARIANTS: dict[str, Variant] = {
                 keep=_on_scores(_ref.threshold_keep), **PRUNED_DECODE),
         Variant("topk", "softmax over the top_k largest scores of each row",
                 pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k",
-                keep=_on_scores(_ref.topk_keep), **PRUNED_DECODE),
+                keep=_on_scores(_ref.topk_keep), **PRUNED_DECODE, **SHADOW),
         Variant("mass", "the fewest largest weights holding 1 - eps of each row's softmax mass, renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.mass, knob="eps",
                 keep=_on_scores(_ref.mass_keep), **PRUNED_DECODE),
         Variant("bounded", "a set of keys certified from an int8 shadow of K to hold >= 1 - eps of each row's "
                 "softmax mass, renormalized (|out - dense| <= 2 eps max|v|)",
                 bounded.compute, _bounded_schedule.schedule, _ref.bounded, knob="eps", keep=_ref.bounded_keep,
-                shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule,
-                blocks_from_key0=True),
+                **SHADOW, blocks_from_key0=True),
     )
 }
 

@@ -1,6 +1,7 @@
 """Bounded attention in TensorIR: softmax over a set of keys certified, from the int8 shadow of K, to hold at least
 1 - eps of each row's mass (``tvm_attn.shadow`` states the bounds and the cut). Full K and V rows are read only for
-the kept keys.
+the kept keys. The same kernel with ``top_k`` set is exact top-k over a cache: the bounds rule most keys out, the rest
+get exact scores (``shadow`` states the rule).
 
 Two kernels share the body: ``compute_shadow`` reads the shadow a KVCache keeps (arguments q, k, v, codes, lo,
 step, out), ``compute`` quantizes K itself first (q, k, v, out: the registry's signature, for ``attention``; it reads
@@ -17,8 +18,9 @@ Blocks (the contract with schedules/bounded.py):
       upper                  the upper bounds u_j (NEG for keys not seen)
       save_upper, save_radius, chunk_max
     save_max   the chunk's largest upper bound per row
-  row        one per (batch, head, query position): the cut (a bisection over the candidate cuts, vectorized masked
-             sums), the kept keys compacted, their exact scores from K, the softmax over them times V, the output
+  row        one per (batch, head, query position): the cut (a bisection over the bins, vectorized masked sums or
+             counts), the kept keys (top-k: candidates) compacted, their exact scores from K (top-k: the top k of
+             them selected), the softmax over them times V, the output
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tvm.script import tirx as T
 from .. import shadow
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
+from .pruned import INT32_MIN, order_key
 from .common import (ACC, ELEMENT_BYTES, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, narrow,
                      run_time_sizes, widen)
 
@@ -73,8 +76,10 @@ def halve_to_two(scratch, x, start):
 def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     """The PrimFunc reading a cache's shadow (``reads_shadow``) or the one quantizing K itself, for ``kspec``. (Only
     one is parsed per call: a macro's second use in a parse suffixes its block names.)"""
-    if kspec.eps is None:
-        raise ValueError("bounded attention needs eps")
+    if (kspec.eps is None) == (kspec.top_k is None):
+        raise ValueError("the shadow kernels need eps (bounded) or top_k (certified top-k), not both")
+    IS_TOPK = kspec.top_k is not None
+    TOP_K = kspec.top_k or 0
     fresh_block_names()
     _QUANTIZE_MACRO.call_count = 0
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
@@ -86,7 +91,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     HALF = T.float32(0.5)
     LEVELS = T.float32(shadow.LEVELS)
     MARGIN = T.float32(shadow.margin(D))
-    BUDGET = T.float32(shadow.CERTIFY * kspec.eps / (1.0 - kspec.eps))
+    BUDGET = T.float32(0.0 if IS_TOPK else shadow.CERTIFY * kspec.eps / (1.0 - kspec.eps))
     INV_STEP = T.float32(1.0 / shadow.CUT_STEP)
     CUTS = shadow.CUT_STEPS
     FAR = T.float32(shadow.CUT_STEPS)
@@ -219,6 +224,18 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 hi_n = T.sblock_alloc_buffer((1,), "int32")
                 mid = T.sblock_alloc_buffer((1,), "int32")
                 cnt = T.sblock_alloc_buffer((1,), "int32")
+                seen = T.sblock_alloc_buffer((NB,), "int32")
+                pc = T.sblock_alloc_buffer((SB,), "int32")
+                count = T.sblock_alloc_buffer((1,), "int32")
+                kk = T.sblock_alloc_buffer((1,), "int32")
+                widest = T.sblock_alloc_buffer((1,), ACC)
+                okey = T.sblock_alloc_buffer((SKVP,), "int32")
+                klo = T.sblock_alloc_buffer((1,), "int32")
+                khi = T.sblock_alloc_buffer((1,), "int64")
+                kmid = T.sblock_alloc_buffer((1,), "int32")
+                found = T.sblock_alloc_buffer((1,), "int32")
+                cut_key = T.sblock_alloc_buffer((1,), "int32")
+                cut_index = T.sblock_alloc_buffer((1,), "int32")
                 top[0] = NEG
                 for s in range(NSR):
                     top[0] = T.max(top[0], m_part[vb, vh // G, s, vi, vh % G])
@@ -242,35 +259,72 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     halve_to_two(pd, e, t * SB)
                     e_sum[t] = pd[0] + pd[1]
                     shrink[t] = softmax_exp(T.float32(-2) * radius[vb, vh, vi, t])
-                # Bisection for the smallest n whose bins < n certify (n = CUTS + 1: every key). Invariant: lo_n does
-                # not certify (0 keeps nothing), hi_n does. A block wholly on one side of a cut adds its sum.
-                lo_n[0] = 0
-                hi_n[0] = CUTS + 1
-                while hi_n[0] - lo_n[0] > 1:
-                    mid[0] = (lo_n[0] + hi_n[0]) // 2
-                    dropped[0] = ZERO
-                    held[0] = ZERO
-                    for lane in T.vectorized(SB):
-                        pd[lane] = ZERO
-                        pk[lane] = ZERO
+                    seen[t] = 0
+                    for lane in range(SB):
+                        seen[t] = seen[t] + T.Cast("int32", bins[t * SB + lane] <= CUTS)
+                if IS_TOPK:
+                    # The smallest n whose bins < n hold kk keys: they all score above top - n CUT_STEP - 2 widest
+                    # (widest: the row's largest radius), so no key whose upper bound is below that is in the top
+                    # kk; the candidates are the bins up to there (+1 for the rounding of bins).
+                    kk[0] = 0
+                    widest[0] = ZERO
                     for t in range(NB):
-                        if bin_min[t] >= mid[0]:
-                            dropped[0] = dropped[0] + e_sum[t]
-                        elif bin_max[t] < mid[0]:
-                            held[0] = held[0] + e_sum[t] * shrink[t]
+                        kk[0] = kk[0] + seen[t]
+                        if seen[t] > 0:
+                            widest[0] = T.max(widest[0], radius[vb, vh, vi, t])
+                    kk[0] = T.min(kk[0], TOP_K)
+                    lo_n[0] = 0
+                    hi_n[0] = CUTS + 1
+                    while hi_n[0] - lo_n[0] > 1:
+                        mid[0] = (lo_n[0] + hi_n[0]) // 2
+                        count[0] = 0
+                        for lane in T.vectorized(SB):
+                            pc[lane] = 0
+                        for t in range(NB):
+                            if bin_max[t] < mid[0]:
+                                count[0] = count[0] + seen[t]
+                            elif bin_min[t] < mid[0]:
+                                for lane in T.vectorized(SB):
+                                    pc[lane] = pc[lane] + T.Cast("int32", bins[t * SB + lane] < mid[0])
+                        for lane in range(SB):
+                            count[0] = count[0] + pc[lane]
+                        if count[0] >= kk[0]:
+                            hi_n[0] = mid[0]
                         else:
-                            for lane in T.vectorized(SB):
-                                pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] < mid[0], ZERO, e[t * SB + lane])
-                                pk[lane] = pk[lane] + T.Select(bins[t * SB + lane] < mid[0],
-                                                               e[t * SB + lane] * shrink[t], ZERO)
-                    halve_to_two(pd, pd, 0)
-                    halve_to_two(pk, pk, 0)
-                    dropped[0] = dropped[0] + (pd[0] + pd[1])
-                    held[0] = held[0] + (pk[0] + pk[1])
-                    if dropped[0] <= BUDGET * held[0]:
-                        hi_n[0] = mid[0]
-                    else:
-                        lo_n[0] = mid[0]
+                            lo_n[0] = mid[0]
+                    hi_n[0] = T.min(hi_n[0] + T.Cast("int32", T.float32(2) * widest[0] * INV_STEP) + 2, CUTS + 1)
+                else:
+                    # Bisection for the smallest n whose bins < n certify (n = CUTS + 1: every key). Invariant: lo_n
+                    # does not certify (0 keeps nothing), hi_n does. A block wholly on one side of a cut adds its
+                    # sum.
+                    lo_n[0] = 0
+                    hi_n[0] = CUTS + 1
+                    while hi_n[0] - lo_n[0] > 1:
+                        mid[0] = (lo_n[0] + hi_n[0]) // 2
+                        dropped[0] = ZERO
+                        held[0] = ZERO
+                        for lane in T.vectorized(SB):
+                            pd[lane] = ZERO
+                            pk[lane] = ZERO
+                        for t in range(NB):
+                            if bin_min[t] >= mid[0]:
+                                dropped[0] = dropped[0] + e_sum[t]
+                            elif bin_max[t] < mid[0]:
+                                held[0] = held[0] + e_sum[t] * shrink[t]
+                            else:
+                                for lane in T.vectorized(SB):
+                                    pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] < mid[0], ZERO,
+                                                                   e[t * SB + lane])
+                                    pk[lane] = pk[lane] + T.Select(bins[t * SB + lane] < mid[0],
+                                                                   e[t * SB + lane] * shrink[t], ZERO)
+                        halve_to_two(pd, pd, 0)
+                        halve_to_two(pk, pk, 0)
+                        dropped[0] = dropped[0] + (pd[0] + pd[1])
+                        held[0] = held[0] + (pk[0] + pk[1])
+                        if dropped[0] <= BUDGET * held[0]:
+                            hi_n[0] = mid[0]
+                        else:
+                            lo_n[0] = mid[0]
                 cnt[0] = 0
                 for t in range(NB):
                     if bin_min[t] < hi_n[0]:
@@ -303,15 +357,54 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     for lane in T.vectorized(2):
                         pd[lane] = pd[lane] + pd[lane + 2]
                     sc[c] = pd[0] + pd[1]
+                    okey[c] = order_key(sc[c])
                     m[0] = T.max(m[0], sc[c])
+                # Top-k: the kk largest exact scores among the candidates (which hold every key of the top kk), ties
+                # to the lower key index as in the pruned kernels (order keys, bisection until exactly kk are above
+                # the midpoint, else the ties straddling the cut filled by index). Bounded: every candidate.
+                cut_key[0] = INT32_MIN
+                cut_index[0] = cnt[0]
+                if IS_TOPK:
+                    if kk[0] < cnt[0]:
+                        klo[0] = T.int32(2**31 - 1)
+                        khi[0] = T.int64(-(2**31))
+                        for c in range(cnt[0]):
+                            klo[0] = T.min(klo[0], okey[c])
+                            khi[0] = T.max(khi[0], T.Cast("int64", okey[c]) + T.int64(1))
+                        found[0] = 0
+                        while found[0] == 0 and khi[0] - T.Cast("int64", klo[0]) > T.int64(1):
+                            kmid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", klo[0]) + khi[0], T.int64(1)))
+                            count[0] = 0
+                            for c in range(cnt[0]):
+                                count[0] = count[0] + T.Cast("int32", okey[c] >= kmid[0])
+                            if count[0] == kk[0]:
+                                found[0] = 1
+                            if count[0] >= kk[0]:
+                                klo[0] = kmid[0]
+                            else:
+                                khi[0] = T.Cast("int64", kmid[0])
+                        cut_index[0] = -1
+                        if found[0] == 1:
+                            cut_key[0] = klo[0] - 1
+                        else:
+                            cut_key[0] = klo[0]
+                            count[0] = 0
+                            for c in range(cnt[0]):
+                                count[0] = count[0] + T.Cast("int32", okey[c] > cut_key[0])
+                            count[0] = kk[0] - count[0]
+                            for c in range(cnt[0]):
+                                if count[0] > 0 and okey[c] == cut_key[0]:
+                                    count[0] = count[0] - 1
+                                    cut_index[0] = c
                 l[0] = ZERO
                 for d in range(D):
                     acc[d] = ZERO
                 for c in range(cnt[0]):
-                    w[0] = softmax_exp(sc[c] - m[0])
-                    l[0] = l[0] + w[0]
-                    for d in range(D):
-                        acc[d] = acc[d] + w[0] * widen(v[vb, vh // G, idx[c], d])
+                    if okey[c] > cut_key[0] or (okey[c] == cut_key[0] and c <= cut_index[0]):
+                        w[0] = softmax_exp(sc[c] - m[0])
+                        l[0] = l[0] + w[0]
+                        for d in range(D):
+                            acc[d] = acc[d] + w[0] * widen(v[vb, vh // G, idx[c], d])
                 for d in range(D):
                     out[vb, vh, vi, d] = narrow(T.Select(l[0] > ZERO, acc[d] / l[0], ZERO), dtype)
 
@@ -428,5 +521,6 @@ def compute(kspec: KernelSpec, config: BoundedConfig = BoundedConfig()):
 
 
 def compute_shadow(kspec: KernelSpec, config: BoundedConfig = BoundedConfig()):
-    """The bounded PrimFunc for ``kspec`` taking (q, k, v, codes, lo, step, out): the shadow a KVCache keeps."""
+    """The PrimFunc for ``kspec`` taking (q, k, v, codes, lo, step, out), the shadow a KVCache keeps: bounded
+    (kspec.eps) or exact top-k (kspec.top_k)."""
     return _kernel(kspec, config, reads_shadow=True)
