@@ -100,6 +100,31 @@ def test_topk_ties_go_to_the_lower_index_through_the_shadow():
     np.testing.assert_allclose(out, references.topk(spec, q, k, v), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "peaked", "huge_logits", "outlier_key"])
+@pytest.mark.parametrize("tau", [0.001, 0.05, 0.3])
+def test_threshold_through_the_shadow_is_exact(kind, tau):
+    n, sq = 700, 4
+    q, k, v = _inputs(kind, n, sq, seed=11)
+    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=sq, seq_kv=n, head_dim=D, causal=True,
+                                  threshold=tau)
+    cache = _filled_cache(k, v)
+    out = cache.attend(q, variant="threshold", threshold=tau)
+    assert cache.shadow is not None
+    assert_matches_reference("threshold", spec, out, q, k, v)
+
+
+def test_threshold_falls_back_to_every_key_when_the_bounds_cannot_decide(monkeypatch):
+    """With a loose slack most rows have weights the sum's bounds cannot place against tau: every key is then scored
+    exactly, and the result is still the reference's."""
+    monkeypatch.setattr(shadow, "THRESHOLD_SLACK", 0.5)
+    q, k, v = _inputs("gaussian", 700, 2, seed=12)
+    scale = 0.151  # a kernel of its own (kernels are cached by spec, not by the slack)
+    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=2, seq_kv=700, head_dim=D, causal=True,
+                                  threshold=0.002, scale=scale)
+    out = _filled_cache(k, v).attend(q, variant="threshold", threshold=0.002, scale=scale)
+    assert_matches_reference("threshold", spec, out, q, k, v)
+
+
 def test_peaked_rows_read_few_keys():
     """Not a certificate that holds by keeping everything: on peaked rows most keys are ruled out."""
     q, k, _ = _inputs("peaked", 2048, 1, seed=3)

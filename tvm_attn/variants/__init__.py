@@ -102,7 +102,7 @@ VARIANTS: dict[str, Variant] = {
                 flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
-                keep=_on_scores(_ref.threshold_keep), **PRUNED_DECODE),
+                keep=_on_scores(_ref.threshold_keep), **SHADOW, **PRUNED_DECODE),
         Variant("topk", "softmax over the top_k largest scores of each row",
                 pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k",
                 keep=_on_scores(_ref.topk_keep), **PRUNED_DECODE, **SHADOW),

@@ -39,6 +39,7 @@ from .common import (ACC, ELEMENT_BYTES, Visibility, bhsd, ceil_div, fresh_block
 LANES = 16
 SB = shadow.BLOCK
 PREFETCH = 8  # kept keys ahead whose K and V rows are prefetched
+EXTEND = 16  # bins (2 logits) scored exactly per round while a threshold weight is undecided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +77,12 @@ def halve_to_two(scratch, x, start):
 def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     """The PrimFunc reading a cache's shadow (``reads_shadow``) or the one quantizing K itself, for ``kspec``. (Only
     one is parsed per call: a macro's second use in a parse suffixes its block names.)"""
-    if (kspec.eps is None) == (kspec.top_k is None):
-        raise ValueError("the shadow kernels need eps (bounded) or top_k (certified top-k), not both")
+    if sum(x is not None for x in (kspec.eps, kspec.top_k, kspec.threshold)) != 1:
+        raise ValueError("the shadow kernels need one of eps (bounded), top_k or threshold")
     IS_TOPK = kspec.top_k is not None
+    IS_THRESHOLD = kspec.threshold is not None
     TOP_K = kspec.top_k or 0
+    TAU = T.float32(kspec.threshold or 0.0)
     fresh_block_names()
     _QUANTIZE_MACRO.call_count = 0
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
@@ -88,10 +91,12 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     SCALE = T.float32(kspec.scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
+    ONE = T.float32(1)
     HALF = T.float32(0.5)
     LEVELS = T.float32(shadow.LEVELS)
     MARGIN = T.float32(shadow.margin(D))
-    BUDGET = T.float32(0.0 if IS_TOPK else shadow.CERTIFY * kspec.eps / (1.0 - kspec.eps))
+    BUDGET = T.float32(shadow.CERTIFY * kspec.eps / (1.0 - kspec.eps) if kspec.eps is not None else 0.0)
+    SLACK = T.float32(shadow.THRESHOLD_SLACK)
     INV_STEP = T.float32(1.0 / shadow.CUT_STEP)
     CUTS = shadow.CUT_STEPS
     FAR = T.float32(shadow.CUT_STEPS)
@@ -115,6 +120,44 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         """The shadow blocks of chunk s that query i sees: range(first, end) (empty when none)."""
         first = T.max(s * BPC, vis.first_tile(i, SB))
         return first, T.max(first, T.min(T.min((s + 1) * BPC, NB), vis.end_tile(i, SB)))
+
+    @T.macro
+    def exact_score(pd, qr, k, b, kh, j):
+        """q . k[b, kh, j] (q pre-scaled in qr, zero-padded to DP) as pd[0] + pd[1]: LANES partial sums, then
+        summed pairwise (a sequential sum is a chain of LANES dependent adds)."""
+        for lane in T.vectorized(LANES):
+            pd[lane] = ZERO
+        for cc in range(DP // LANES):
+            for lane in T.vectorized(LANES):
+                pd[lane] = pd[lane] + qr[cc * LANES + lane] * widen(k[b, kh, j, dim(cc * LANES + lane)])
+        for lane in T.vectorized(8):
+            pd[lane] = pd[lane] + pd[lane + 8]
+        for lane in T.vectorized(4):
+            pd[lane] = pd[lane] + pd[lane + 4]
+        for lane in T.vectorized(2):
+            pd[lane] = pd[lane] + pd[lane + 2]
+
+    @T.macro
+    def rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, first):
+        """Of the keys of bins >= first (visible ones: bins <= CUTS; e is 0 for the others): rest_hi = sum e^(u - top),
+        rest_lo = sum e^(l - top), whole blocks from their sums."""
+        rest_hi[0] = ZERO
+        rest_lo[0] = ZERO
+        for lane in T.vectorized(SB):
+            pd[lane] = ZERO
+            pk[lane] = ZERO
+        for t in range(NB):
+            if bin_min[t] >= first:
+                rest_hi[0] = rest_hi[0] + e_sum[t]
+                rest_lo[0] = rest_lo[0] + e_sum[t] * shrink[t]
+            elif bin_max[t] >= first:
+                for lane in T.vectorized(SB):
+                    pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] >= first, e[t * SB + lane], ZERO)
+                    pk[lane] = pk[lane] + T.Select(bins[t * SB + lane] >= first, e[t * SB + lane] * shrink[t], ZERO)
+        halve_to_two(pd, pd, 0)
+        halve_to_two(pk, pk, 0)
+        rest_hi[0] = rest_hi[0] + (pd[0] + pd[1])
+        rest_lo[0] = rest_lo[0] + (pk[0] + pk[1])
 
     @T.macro
     def body(q, k, v, codes, lo, step, out):
@@ -236,6 +279,14 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 found = T.sblock_alloc_buffer((1,), "int32")
                 cut_key = T.sblock_alloc_buffer((1,), "int32")
                 cut_index = T.sblock_alloc_buffer((1,), "int32")
+                rest_hi = T.sblock_alloc_buffer((1,), ACC)
+                rest_lo = T.sblock_alloc_buffer((1,), ACC)
+                sum_lo = T.sblock_alloc_buffer((1,), ACC)
+                sum_hi = T.sblock_alloc_buffer((1,), ACC)
+                sum_c = T.sblock_alloc_buffer((1,), ACC)
+                scored = T.sblock_alloc_buffer((1,), "int32")
+                floor_w = T.sblock_alloc_buffer((1,), ACC)
+                undecided = T.sblock_alloc_buffer((1,), "int32")
                 top[0] = NEG
                 for s in range(NSR):
                     top[0] = T.max(top[0], m_part[vb, vh // G, s, vi, vh % G])
@@ -262,16 +313,48 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     seen[t] = 0
                     for lane in range(SB):
                         seen[t] = seen[t] + T.Cast("int32", bins[t * SB + lane] <= CUTS)
-                if IS_TOPK:
+                widest[0] = ZERO
+                held[0] = ZERO
+                for t in range(NB):
+                    if seen[t] > 0:
+                        widest[0] = T.max(widest[0], radius[vb, vh, vi, t])
+                    held[0] = held[0] + e_sum[t] * shrink[t]
+                if IS_THRESHOLD:
+                    # Candidates: keys that may hold weight >= tau (e^(u - top) >= tau sum_j e^(l_j - top)), keys that
+                    # may be the row's largest (u >= top - 2 widest), and enough more that the bounds on the rest's
+                    # sum are within THRESHOLD_SLACK of the row's: the smallest n whose bins >= n have
+                    # sum e^(u - top) (1 - e^(-2 radius)) <= SLACK held. Each bin edge +1 for the rounding of bins.
+                    lo_n[0] = 0
+                    hi_n[0] = CUTS + 1
+                    while hi_n[0] - lo_n[0] > 1:
+                        mid[0] = (lo_n[0] + hi_n[0]) // 2
+                        dropped[0] = ZERO
+                        for lane in T.vectorized(SB):
+                            pd[lane] = ZERO
+                        for t in range(NB):
+                            if bin_min[t] >= mid[0]:
+                                dropped[0] = dropped[0] + e_sum[t] * (ONE - shrink[t])
+                            elif bin_max[t] >= mid[0]:
+                                for lane in T.vectorized(SB):
+                                    pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] >= mid[0],
+                                                                   e[t * SB + lane] * (ONE - shrink[t]), ZERO)
+                        halve_to_two(pd, pd, 0)
+                        dropped[0] = dropped[0] + (pd[0] + pd[1])
+                        if dropped[0] <= SLACK * held[0]:
+                            hi_n[0] = mid[0]
+                        else:
+                            lo_n[0] = mid[0]
+                    hi_n[0] = T.max(hi_n[0], T.Cast("int32", T.float32(2) * widest[0] * INV_STEP) + 2)
+                    hi_n[0] = T.max(hi_n[0], T.Cast("int32", T.min(-T.log(TAU * held[0]), FAR) * INV_STEP) + 2)
+                    hi_n[0] = T.min(hi_n[0], CUTS + 1)
+                    rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, hi_n[0])
+                elif IS_TOPK:
                     # The smallest n whose bins < n hold kk keys: they all score above top - n CUT_STEP - 2 widest
                     # (widest: the row's largest radius), so no key whose upper bound is below that is in the top
                     # kk; the candidates are the bins up to there (+1 for the rounding of bins).
                     kk[0] = 0
-                    widest[0] = ZERO
                     for t in range(NB):
                         kk[0] = kk[0] + seen[t]
-                        if seen[t] > 0:
-                            widest[0] = T.max(widest[0], radius[vb, vh, vi, t])
                     kk[0] = T.min(kk[0], TOP_K)
                     lo_n[0] = 0
                     hi_n[0] = CUTS + 1
@@ -343,19 +426,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             k[vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)], line * LINE_ELEMENTS]), 0, 3, 1))
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                             v[vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)], line * LINE_ELEMENTS]), 0, 3, 1))
-                    for lane in T.vectorized(LANES):
-                        pd[lane] = ZERO
-                    for cc in range(DP // LANES):
-                        for lane in T.vectorized(LANES):
-                            pd[lane] = pd[lane] + qr[cc * LANES + lane] * widen(k[vb, vh // G, idx[c],
-                                                                                  dim(cc * LANES + lane)])
-                    # The lanes summed pairwise (a sequential sum is a chain of 16 dependent adds).
-                    for lane in T.vectorized(8):
-                        pd[lane] = pd[lane] + pd[lane + 8]
-                    for lane in T.vectorized(4):
-                        pd[lane] = pd[lane] + pd[lane + 4]
-                    for lane in T.vectorized(2):
-                        pd[lane] = pd[lane] + pd[lane + 2]
+                    exact_score(pd, qr, k, vb, vh // G, idx[c])
                     sc[c] = pd[0] + pd[1]
                     okey[c] = order_key(sc[c])
                     m[0] = T.max(m[0], sc[c])
@@ -364,6 +435,37 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 # the midpoint, else the ties straddling the cut filled by index). Bounded: every candidate.
                 cut_key[0] = INT32_MIN
                 cut_index[0] = cnt[0]
+                floor_w[0] = ZERO
+                if IS_THRESHOLD:
+                    # Weights e^(s - max) >= min(tau sum, 1) are kept (the pruned kernels' rule: p >= tau, or the
+                    # row's largest). The sum is known within [sum_lo, sum_hi]; a candidate whose weight falls between
+                    # tau sum_lo and tau sum_hi is undecided, and then every other key is scored exactly too.
+                    sum_c[0] = ZERO
+                    for c in range(cnt[0]):
+                        sum_c[0] = sum_c[0] + softmax_exp(sc[c] - m[0])
+                    # Keys of bins < scored have their exact terms in sum_c. While a weight is undecided, score the
+                    # next EXTEND bins too (their keys are certainly dropped; their terms narrow the sum's bounds).
+                    scored[0] = hi_n[0]
+                    undecided[0] = 1
+                    while undecided[0] > 0:
+                        sum_hi[0] = sum_c[0] + rest_hi[0] * softmax_exp(top[0] - m[0])
+                        sum_lo[0] = sum_c[0] + rest_lo[0] * softmax_exp(top[0] - m[0])
+                        undecided[0] = 0
+                        for c in range(cnt[0]):
+                            undecided[0] = undecided[0] + T.Cast("int32", T.And(
+                                softmax_exp(sc[c] - m[0]) >= T.min(TAU * sum_lo[0], ONE),
+                                softmax_exp(sc[c] - m[0]) < T.min(TAU * sum_hi[0], ONE)))
+                        if undecided[0] > 0:
+                            for t in range(NB):
+                                if T.And(bin_max[t] >= scored[0], bin_min[t] < scored[0] + EXTEND):
+                                    for lane in range(SB):
+                                        if T.And(bins[t * SB + lane] >= scored[0],
+                                                 bins[t * SB + lane] < scored[0] + EXTEND):
+                                            exact_score(pd, qr, k, vb, vh // G, t * SB + lane)
+                                            sum_c[0] = sum_c[0] + softmax_exp(pd[0] + pd[1] - m[0])
+                            scored[0] = scored[0] + EXTEND
+                            rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, scored[0])
+                    floor_w[0] = T.min(TAU * sum_hi[0], ONE)
                 if IS_TOPK:
                     if kk[0] < cnt[0]:
                         klo[0] = T.int32(2**31 - 1)
@@ -400,7 +502,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 for d in range(D):
                     acc[d] = ZERO
                 for c in range(cnt[0]):
-                    if okey[c] > cut_key[0] or (okey[c] == cut_key[0] and c <= cut_index[0]):
+                    if T.And(softmax_exp(sc[c] - m[0]) >= floor_w[0],
+                             okey[c] > cut_key[0] or (okey[c] == cut_key[0] and c <= cut_index[0])):
                         w[0] = softmax_exp(sc[c] - m[0])
                         l[0] = l[0] + w[0]
                         for d in range(D):
