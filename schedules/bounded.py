@@ -27,17 +27,24 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))
 
 
-def schedule_quantize(sch: s_tir.Schedule, target=None) -> None:
+def schedule_quantize(sch: s_tir.Schedule, target=None, parallel: bool = True) -> None:
     """The quantization of K into its shadow (blocks shadow_min, shadow_max, shadow_step, shadow_codes): parallel
-    over (batch, KV head, block)."""
+    over (batch, KV head, block) unless ``parallel`` is False (a KVCache's appends: one new position touches one
+    block per head, and waking the thread pool costs more than quantizing it)."""
     lanes = vector_lanes(target) if target is not None else 16
+
+    def outer(loops):
+        fused = sch.fuse(*loops)
+        if parallel:
+            sch.parallel(fused)
+
     for name in ("shadow_min", "shadow_max"):
         b, kh, t, d, j = sch.get_loops(sch.get_sblock(name))
-        sch.parallel(sch.fuse(b, kh, t))
+        outer((b, kh, t))
         sch.reorder(j, d)  # whole K rows in turn (LLVM vectorizes the d loop)
     b, kh, t, d = sch.get_loops(sch.get_sblock("shadow_step"))
-    sch.parallel(sch.fuse(b, kh, t))
+    outer((b, kh, t))
     vectorize_last(sch, "shadow_step", lanes)
     b, kh, t, d, j = sch.get_loops(sch.get_sblock("shadow_codes"))
-    sch.parallel(sch.fuse(b, kh, t))
+    outer((b, kh, t))
     vectorize_last(sch, "shadow_codes", lanes)

@@ -126,3 +126,26 @@ def test_a_partial_run_replaces_only_its_studies_rows(tmp_path):
     with open(full, newline="") as f:
         rows = [(r["study"], r["median_ms"]) for r in csv.DictReader(f)]
     assert rows == [("decode", "1"), ("ceiling", "3"), ("model", "4")] and not partial.exists()
+
+
+def test_sparse_decode_study_and_report(tmp_path, monkeypatch):
+    """The sparse_decode study's rows and report section on a small synthetic cache (the real run captures SmolLM2;
+    see README): the certificate holds, top-k through the shadow is exact, the goals are stated."""
+    from tvm_attn.bench import sparse_decode
+    from tvm_attn.bench.report import write_report
+    from tvm_attn.bench.runner import run_studies
+
+    monkeypatch.setattr(sparse_decode, "EPS", (0.05,))
+    monkeypatch.setattr(sparse_decode, "EXACT", sparse_decode.EXACT[:1])
+    csv_path = tmp_path / "results.csv"
+    study = dict(real=False, synthetic_sets=((8192, 1),), min_seconds=0.02, shadow_cost_keys=256)
+    rows = [r for r in run_studies([], str(csv_path), sparse_decode=study) if r["study"] == "sparse_decode"]
+    lines = {r["line"]: r for r in rows}
+    assert {"flash", "bounded eps=0.05", "topk 64 (shadow)", "topk 64 (own kernel)"} <= set(lines)
+    bounded = lines["bounded eps=0.05"]
+    assert 0 < bounded["certificate"] <= 1 and 0 < bounded["kept_fraction"] < 1
+    assert bounded["bytes_kv"] < lines["flash"]["bytes_kv"]
+    assert lines["topk 64 (shadow)"]["rel_err_own"] < 1e-5
+    assert {"memory: the shadow", "memory: K and V"} <= set(lines)
+    report = open(write_report(str(csv_path), str(tmp_path))).read()
+    assert "## Certified sparse decode" in report and "Goals (issue 17): bounded eps 0.05 >= 3x flash:" in report

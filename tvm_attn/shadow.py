@@ -144,5 +144,5 @@ def _update_kernel(kv_heads: int, head_dim: int, dtype: str):
 
     target = resolve_target("host")
     sch = s_tir.Schedule(tvm.IRModule({"main": compute_quantize(kv_heads, head_dim, dtype)}))
-    schedule_quantize(sch, target)
+    schedule_quantize(sch, target, parallel=False)
     return tvm.compile(sch.mod, target=target)["main"]

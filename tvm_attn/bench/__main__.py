@@ -12,7 +12,7 @@ GENERATION = "generation"  # the KVCache generation loop (bench/generation.py), 
 QUICK_GENERATION = dict(heads=4, kv_heads=2, head_dim=32, prefill=100, steps=32)
 MODEL = "model"  # SmolLM2 with tvm_attn attention (bench/model.py): full runs and --study model, when installed
 SPARSE_DECODE = "sparse_decode"  # certified sparse decode (bench/sparse_decode.py): full runs and --study sparse_decode
-QUICK_SPARSE_DECODE = dict(real=False, synthetic_sets=((2048, 2),), min_seconds=0.1)
+QUICK_SPARSE_DECODE = dict(real=False, synthetic_sets=((2048, 2),), min_seconds=0.1, shadow_cost_keys=2048)
 
 
 def main(argv=None) -> None:

@@ -10,7 +10,9 @@ softmax), at 16k and 32k keys, SmolLM2's head shape, several layers.
 Per eps: time per layer (interleaved with flash, same caches), kept fraction (the float64 reference's rule, which
 the kernel's output matches), bytes read per step (shadow + kept K and V rows, against all of K and V), error
 against dense attention, and the certificate |out - dense| <= 2 eps max|v| checked on every row of every layer.
-Also what the shadow costs: append time with and without it, and its memory.
+Top-k 64 and threshold 0.001 through the shadow (exact: their error against their own float64 reference), beside
+the same variants' own decode kernels on a cache without a shadow. Also what the shadow costs: append time with and
+without it, and its memory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tvm_attn import references, shadow
 from tvm_attn.timing import measure_interleaved
 
 EPS = (0.01, 0.05, 0.2)
+EXACT = (("topk 64", "topk", {"top_k": 64}), ("threshold 0.001", "threshold", {"threshold": 0.001}))
 TEXTS = (Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/LGPL-2.1"))
 REAL_TOKENS = 8192
 ROWS = 16  # query positions per layer whose outputs are checked (the last ones)
@@ -70,10 +73,10 @@ def synthetic(keys: int, layers: int, seed: int = 0) -> list[tuple]:
              rng.standard_normal((1, kvh, keys, d), dtype=np.float32)) for _ in range(layers)]
 
 
-def _caches(layers) -> list:
+def _caches(layers, shadow: bool | None = None) -> list:
     caches = []
     for _, k, v in layers:
-        cache = tvm_attn.KVCache(1, k.shape[1], k.shape[3], capacity=k.shape[2])
+        cache = tvm_attn.KVCache(1, k.shape[1], k.shape[3], capacity=k.shape[2], shadow=shadow)
         cache.append(k, v)
         caches.append(cache)
     return caches
@@ -99,6 +102,24 @@ def _accuracy(layers, caches, eps: float) -> dict:
     return dict(kept_fraction=kept / visible, rel_err_dense=err / scale, certificate=ratio)
 
 
+def _exactness(layers, caches, variant: str, knob: dict) -> dict:
+    """Over every layer's ROWS rows: the kept fraction of the variant's own rule and the output's relative error
+    against its float64 reference (float32 rounding only: the selection is exact)."""
+    v_ = tvm_attn.get_variant(variant)
+    kept = visible = 0
+    err = scale = 0.0
+    for (q, k, v), cache in zip(layers, caches):
+        spec = tvm_attn.AttentionSpec(batch=1, heads=q.shape[1], kv_heads=k.shape[1], seq_q=q.shape[2],
+                                      seq_kv=k.shape[2], head_dim=k.shape[3], causal=True, **knob)
+        out = cache.attend(q, variant=variant, **knob).astype(np.float64)
+        own = v_.reference(spec, q, k, v)
+        kept += v_.keep(spec, q, k).sum()
+        visible += references.visible_mask(spec).sum() * spec.heads
+        err += np.abs(out - own).sum()
+        scale += np.abs(own).sum()
+    return dict(kept_fraction=kept / visible, rel_err_own=err / scale)
+
+
 def _bytes_read(layers, eps: float | None) -> float:
     """Bytes a decode step reads per layer (the newest position's query): all of K and V for flash; the shadow
     (codes and per-block offsets and steps) plus the kept keys' K and V rows, per query head, for bounded."""
@@ -115,7 +136,7 @@ def _bytes_read(layers, eps: float | None) -> float:
     return total / len(layers)
 
 
-def _shadow_costs(keys: int = REAL_TOKENS) -> list[dict]:
+def _shadow_costs(keys: int, min_seconds: float = 0.5) -> list[dict]:
     """Append time of one position to a cache of ``keys`` positions and of a ``keys``-position prefill, with and
     without the shadow, and the shadow's bytes against K and V's."""
     h, kvh, d = SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"]
@@ -126,12 +147,12 @@ def _shadow_costs(keys: int = REAL_TOKENS) -> list[dict]:
         cache = tvm_attn.KVCache(1, kvh, d, capacity=keys + 1, shadow=with_shadow)
         prefill = measure_interleaved({"prefill": lambda: (cache.truncate(0), cache.append(k[:, :, :keys],
                                                                                             k[:, :, :keys]))},
-                                      min_seconds=0.5)["prefill"]
+                                      min_seconds=min_seconds)["prefill"]
         cache.truncate(0)
         cache.append(k[:, :, :keys], k[:, :, :keys])
         step = measure_interleaved({"step": lambda: (cache.truncate(keys), cache.append(k[:, :, keys:],
                                                                                         k[:, :, keys:]))},
-                                   min_seconds=0.5)["step"]
+                                   min_seconds=min_seconds)["step"]
         label = "with shadow" if with_shadow else "no shadow"
         for what, timing, n in (("append 1 position", step, keys + 1), (f"append {keys} positions", prefill, keys)):
             rows.append(dict(line=f"{what}, {label}", x_name="seq_kv", x=n, median_ms=timing.median_ms,
@@ -143,7 +164,8 @@ def _shadow_costs(keys: int = REAL_TOKENS) -> list[dict]:
                  batch=1, heads=h, kv_heads=kvh, head_dim=d, seq_q=1, **r) for r in rows]
 
 
-def sparse_decode_study(real: bool = True, synthetic_sets=SYNTHETIC, min_seconds: float = 1.0, log=None) -> list[dict]:
+def sparse_decode_study(real: bool = True, synthetic_sets=SYNTHETIC, min_seconds: float = 1.0,
+                        shadow_cost_keys: int = REAL_TOKENS, log=None) -> list[dict]:
     """The study's rows (see the module docstring). ``real``: include the SmolLM2 capture (needs the model)."""
     sets = []
     if real:
@@ -159,32 +181,40 @@ def sparse_decode_study(real: bool = True, synthetic_sets=SYNTHETIC, min_seconds
         caches = _caches(layers)
         newest = [np.ascontiguousarray(q[:, :, -1:]) for q, _, _ in layers]
 
-        def step(variant, **knob):
+        def step(cs, variant, **knob):
             def run():
-                for cache, q in zip(caches, newest):
+                for cache, q in zip(cs, newest):
                     cache.attend(q, variant=variant, **knob)
             return run
 
-        lines = {"flash": (step("flash"), None)}
-        lines.update({f"bounded eps={eps:g}": (step("bounded", eps=eps), eps) for eps in EPS})
-        for fn, _ in lines.values():
+        plain = _caches(layers, shadow=False)
+        lines = {"flash": (step(caches, "flash"), "flash", {})}
+        lines.update({f"bounded eps={eps:g}": (step(caches, "bounded", eps=eps), "bounded", {"eps": eps})
+                      for eps in EPS})
+        for label, variant, knob in EXACT:
+            lines[f"{label} (shadow)"] = (step(caches, variant, **knob), variant, knob)
+            lines[f"{label} (own kernel)"] = (step(plain, variant, **knob), variant, knob)
+        for fn, _, _ in lines.values():
             fn()  # builds the kernels
-        timings = measure_interleaved({label: fn for label, (fn, _) in lines.items()}, min_seconds=min_seconds)
+        timings = measure_interleaved({label: fn for label, (fn, _, _) in lines.items()}, min_seconds=min_seconds)
         q, k, _ = layers[0]
-        for label, (_, eps) in lines.items():
+        for label, (_, variant, knob) in lines.items():
             t = timings[label]
-            row = dict(study="sparse_decode", distribution=name, line=label,
-                       variant="flash" if eps is None else "bounded", provider="tvm_attn KVCache", x_name="seq_kv",
-                       x=k.shape[2], batch=1, heads=q.shape[1], kv_heads=k.shape[1], seq_q=1, seq_kv=k.shape[2],
-                       head_dim=k.shape[3], causal=True, eps=eps, layers=len(layers),
-                       median_ms=t.median_ms / len(layers), q25_ms=t.q25_ms / len(layers),
-                       q75_ms=t.q75_ms / len(layers), repeats=t.repeats, bytes_kv=_bytes_read(layers, eps))
-            if eps is not None:
-                row.update(_accuracy(layers, caches, eps))
+            row = dict(study="sparse_decode", distribution=name, line=label, variant=variant,
+                       provider="tvm_attn KVCache", x_name="seq_kv", x=k.shape[2], batch=1, heads=q.shape[1],
+                       kv_heads=k.shape[1], seq_q=1, seq_kv=k.shape[2], head_dim=k.shape[3], causal=True,
+                       layers=len(layers), median_ms=t.median_ms / len(layers), q25_ms=t.q25_ms / len(layers),
+                       q75_ms=t.q75_ms / len(layers), repeats=t.repeats, **knob)
+            if variant == "flash":
+                row["bytes_kv"] = _bytes_read(layers, None)
+            elif variant == "bounded":
+                row.update(_accuracy(layers, caches, knob["eps"]), bytes_kv=_bytes_read(layers, knob["eps"]))
+            elif label.endswith("(shadow)"):
+                row.update(_exactness(layers, caches, variant, knob))
             rows.append(row)
             if log:
+                extra = "".join(f", {key} {row[key]:.3g}" for key in ("kept_fraction", "certificate", "rel_err_own")
+                                if row.get(key) is not None)
                 print(f"sparse_decode {name} {label}: {row['median_ms']:.3f} ms per layer "
-                      f"({timings['flash'].median_ms / t.median_ms:.2f}x flash)"
-                      + (f", kept {row['kept_fraction']:.3f}, certificate {row['certificate']:.3f}"
-                         if eps is not None else ""), file=log, flush=True)
-    return rows + _shadow_costs()
+                      f"({timings['flash'].median_ms / t.median_ms:.2f}x flash){extra}", file=log, flush=True)
+    return rows + _shadow_costs(shadow_cost_keys)

@@ -1,7 +1,7 @@
 """Bounded attention in TensorIR: softmax over a set of keys certified, from the int8 shadow of K, to hold at least
 1 - eps of each row's mass (``tvm_attn.shadow`` states the bounds and the cut). Full K and V rows are read only for
-the kept keys. The same kernel with ``top_k`` set is exact top-k over a cache: the bounds rule most keys out, the rest
-get exact scores (``shadow`` states the rule).
+the kept keys. The same kernel with ``top_k`` or ``threshold`` set is that variant, exact, over a cache: the bounds
+rule most keys out, the rest get exact scores (``shadow`` states the rules).
 
 Two kernels share the body: ``compute_shadow`` reads the shadow a KVCache keeps (arguments q, k, v, codes, lo,
 step, out), ``compute`` quantizes K itself first (q, k, v, out: the registry's signature, for ``attention``; it reads
@@ -19,8 +19,9 @@ Blocks (the contract with schedules/bounded.py):
       save_upper, save_radius, chunk_max
     save_max   the chunk's largest upper bound per row
   row        one per (batch, head, query position): the cut (a bisection over the bins, vectorized masked sums or
-             counts), the kept keys (top-k: candidates) compacted, their exact scores from K (top-k: the top k of
-             them selected), the softmax over them times V, the output
+             counts), the kept keys (top-k, threshold: candidates) compacted, their exact scores from K (top-k: the
+             top k of them selected; threshold: each weight placed against tau, scoring more keys while the bounds
+             on the sum cannot), the softmax over them times V, the output
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from tvm.script import tirx as T
 from .. import shadow
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .pruned import INT32_MIN, order_key
 from .common import (ACC, ELEMENT_BYTES, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, narrow,
                      run_time_sizes, widen)
+from .pruned import INT32_MIN, order_key
 
 LANES = 16
 SB = shadow.BLOCK
