@@ -54,7 +54,7 @@ def _filled_cache(k, v, pieces=(1, 31, 2, 64, 5), dtype="float32", shadow=None):
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "peaked", "near_ties", "equal_scores", "huge_logits", "outlier_key"])
-@pytest.mark.parametrize("eps", [0.05, 0.01, 0.3])
+@pytest.mark.parametrize("eps", [0.01, 0.3])
 def test_certificate_holds_through_the_cache(kind, eps):
     n, sq = 700, 2
     q, k, v = _inputs(kind, n, sq)
@@ -67,7 +67,7 @@ def test_certificate_holds_through_the_cache(kind, eps):
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "peaked", "huge_logits", "outlier_key"])
-@pytest.mark.parametrize("top_k", [1, 7, 64, 2000])
+@pytest.mark.parametrize("top_k", [1, 64, 2000])
 def test_topk_through_the_shadow_is_exact(kind, top_k):
     """Decode calls of top-k on a cache read the shadow, resolve only the keys its bounds cannot rule out, and give
     exactly the top-k reference (top_k past the visible keys: dense). Ties: the next test."""
