@@ -36,9 +36,14 @@ def _knobs(spec):
     return dict(causal=spec.causal, window=spec.window, **spec.knobs())
 
 
-@pytest.mark.parametrize("shape", GRID, ids=str)
+# bounded's 16-bit loads are the widen() every kernel uses, and each of its shapes is a compile of its own (~3 s):
+# half the grid (decode windowed, prefill causal, non-causal: the kernel test_torch reuses) covers it.
+CASES = [(variant, shape) for variant in tvm_attn.VARIANTS for shape in GRID
+         if variant != "bounded" or shape in (GRID[1], GRID[3], GRID[4])]
+
+
+@pytest.mark.parametrize("variant,shape", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES_16)
-@pytest.mark.parametrize("variant", list(tvm_attn.VARIANTS))
 def test_matches_reference(variant, dtype, shape):
     spec = _spec(variant, *shape, dtype=dtype)
     q, k, v = make_inputs(spec, q_scale=2.0 if tvm_attn.get_variant(variant).knob else 1.0)

@@ -9,11 +9,12 @@ float16 or bfloat16: a 16-bit cache halves the bytes a decode step reads); ``att
 length-generic kernel as a strided view (no copy, no compile per length). q, k and v have the cache's dtype:
 numpy arrays or torch CPU tensors (a torch q gets a torch output).
 
-For ``attend(q, variant="bounded", eps=...)`` and decode calls of ``variant="topk"`` the cache keeps an int8 shadow
-of K (``tvm_attn.shadow``: a byte per element plus 1/4 byte of block offsets and steps per key and dimension), whose
-bounds on every score let the kernel read full K and V rows only for the keys they cannot rule out. It is built at
-the first attend that needs it (or at construction with ``shadow=True``) and then updated by every ``append`` (~10
-us a position). With ``shadow=False``, bounded is refused and top-k takes its own (dense-reading) kernel.
+For ``attend(q, variant="bounded", eps=...)`` and decode calls of ``variant="topk"`` and ``"threshold"`` the cache
+keeps an int8 shadow of K (``tvm_attn.shadow``: a byte per element plus 1/4 byte of block offsets and steps per key
+and dimension), whose bounds on every score let the kernel read full K and V rows only for the keys they cannot rule
+out (top-k and threshold stay exact). It is built at the first attend that needs it (or at construction with
+``shadow=True``) and then updated by every ``append`` (~10 us a position). With ``shadow=False``, bounded is refused
+and top-k and threshold take their own (every-key) kernels.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import numbers
 
 import numpy as np
 
-from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, checked_out, host_array
-from .kernel import build_shadow
+from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, build_shadow, checked_out, host_array
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .shadow import ShadowKeys
 from .spec import DTYPE, DTYPES, KNOBS, AttentionSpec, array_dtype, positive_int
@@ -177,8 +177,8 @@ class KVCache:
                                  seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
                                  scale=scale, dtype=self.dtype, **knob)
             # The shadow's kernel serves every call of a variant the shadow defines (bounded), and decode calls of
-            # the others that have one (top-k: exact, reading fewer rows); their prefill-sized calls, and calls on a
-            # cache made with shadow=False, take their own kernels.
+            # the others that have one (top-k, threshold: exact, reading fewer rows); their prefill-sized calls, and
+            # calls on a cache made with shadow=False, take their own kernels.
             shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or path_for(n_q) == "decode")
             if shadowed and not self._shadow_allowed:
                 if v.blocks_from_key0:

@@ -183,10 +183,10 @@ class Kernel:
 
     def launch(self, q, k, v, out, shadow: tuple = ()) -> None:
         """Run on numpy arrays or torch tensors already checked and laid out as the kernel takes them
-        (``as_kernel_argument``, ``checked_out``): keys before every query's window are dropped (unless the
-        kernel reads a shadow or the variant's blocks start at key 0), bfloat16 numpy arrays go through DLPack. ``shadow``: the (codes, lo, step)
-        of a KVCache, for kernels of the "shadow" path. The runtime function itself still checks dtypes and the
-        kernel's fixed sizes."""
+        (``as_kernel_argument``, ``checked_out``): keys before every query's window are dropped (unless the kernel
+        reads a shadow or the variant's blocks start at key 0), bfloat16 numpy arrays go through DLPack. ``shadow``:
+        a KVCache's (codes, lo, step), for kernels of the "shadow" path. The runtime function itself still checks
+        dtypes and the kernel's fixed sizes."""
         first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
         if first and self.path != "shadow" and not get_variant(self.variant).blocks_from_key0:
             k, v = k[:, :, first:], v[:, :, first:]

@@ -1,5 +1,6 @@
-"""The sparse_decode study: certified sparse attention (``bounded``) against dense flash decode on the same KVCache,
-on K/V captured from a real model and on synthetic peaked caches.
+"""The sparse_decode study: certified sparse decode (``bounded``, and exact top-k and threshold through the cache's
+int8 shadow of K) against dense flash decode on the same KVCache, on K/V captured from a real model and on synthetic
+peaked caches.
 
 Real data: SmolLM2-135M-Instruct reads 8192 tokens of real text (GPL-3 then LGPL-2.1) in one causal forward pass;
 every layer's K and V (after RoPE) fill a KVCache, and its queries of the last positions are the decode rows. A
@@ -9,10 +10,10 @@ softmax), at 16k and 32k keys, SmolLM2's head shape, several layers.
 
 Per eps: time per layer (interleaved with flash, same caches), kept fraction (the float64 reference's rule, which
 the kernel's output matches), bytes read per step (shadow + kept K and V rows, against all of K and V), error
-against dense attention, and the certificate |out - dense| <= 2 eps max|v| checked on every row of every layer.
-Top-k 64 and threshold 0.001 through the shadow (exact: their error against their own float64 reference), beside
-the same variants' own decode kernels on a cache without a shadow. Also what the shadow costs: append time with and
-without it, and its memory.
+against dense attention, and the certificate |out - dense| <= 2 eps max|v| checked on the last ROWS query positions
+of every layer. Top-k 64 and threshold 0.001 through the shadow (exact: their error against their own float64
+reference), beside the same variants' own decode kernels on a cache without a shadow. Also what the shadow costs:
+append time with and without it, and its memory.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class Variant:
     blocks_from_key0: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
-        """(compute, schedule) of the kernel serving ``path`` ("prefill" or "decode")."""
+        """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
         if path == "decode" and self.decode_compute is not None:
@@ -88,7 +88,8 @@ def _on_scores(keep):
 # The dense variants compute one function: their decode calls share the split-KV kernel.
 DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
-# Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's at decode.
+# Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
+# at decode.
 SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)
 
 VARIANTS: dict[str, Variant] = {
@@ -102,7 +103,7 @@ VARIANTS: dict[str, Variant] = {
                 flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
-                keep=_on_scores(_ref.threshold_keep), **SHADOW, **PRUNED_DECODE),
+                keep=_on_scores(_ref.threshold_keep), **PRUNED_DECODE, **SHADOW),
         Variant("topk", "softmax over the top_k largest scores of each row",
                 pruned.compute, _pruned_schedule.schedule, _ref.topk, knob="top_k",
                 keep=_on_scores(_ref.topk_keep), **PRUNED_DECODE, **SHADOW),
