@@ -66,19 +66,23 @@ def test_certificate_holds_through_the_cache(kind, eps):
     assert_matches_reference("bounded", spec, out.astype(np.float32), q, k, v)
 
 
+EXACT_KNOBS = [("topk", {"top_k": k}) for k in (1, 64, 2000)] + [
+    ("threshold", {"threshold": t}) for t in (0.001, 0.05, 0.3)]
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "peaked", "huge_logits", "outlier_key"])
-@pytest.mark.parametrize("top_k", [1, 64, 2000])
-def test_topk_through_the_shadow_is_exact(kind, top_k):
-    """Decode calls of top-k on a cache read the shadow, resolve only the keys its bounds cannot rule out, and give
-    exactly the top-k reference (top_k past the visible keys: dense). Ties: the next test."""
-    n, sq = 700, 2
-    q, k, v = _inputs(kind, n, sq, seed=9)
+@pytest.mark.parametrize("variant,knob", EXACT_KNOBS, ids=str)
+def test_topk_and_threshold_through_the_shadow_are_exact(kind, variant, knob):
+    """Decode calls of top-k and threshold on a cache read the shadow, resolve only the keys its bounds cannot rule
+    out, and give exactly the variant's reference (top_k past the visible keys: dense). Ties: the next test."""
+    n, sq = 700, 4
+    q, k, v = _inputs(kind, n, sq, seed=9 if variant == "topk" else 11)
     spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=sq, seq_kv=n, head_dim=D, causal=True,
-                                  top_k=top_k)
+                                  **knob)
     cache = _filled_cache(k, v)
-    out = cache.attend(q, variant="topk", top_k=top_k)
+    out = cache.attend(q, variant=variant, **knob)
     assert cache.shadow is not None  # the shadow's kernel served it
-    assert_matches_reference("topk", spec, out, q, k, v)
+    assert_matches_reference(variant, spec, out, q, k, v)
 
 
 def test_topk_ties_go_to_the_lower_index_through_the_shadow():
@@ -100,22 +104,9 @@ def test_topk_ties_go_to_the_lower_index_through_the_shadow():
     np.testing.assert_allclose(out, references.topk(spec, q, k, v), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "peaked", "huge_logits", "outlier_key"])
-@pytest.mark.parametrize("tau", [0.001, 0.05, 0.3])
-def test_threshold_through_the_shadow_is_exact(kind, tau):
-    n, sq = 700, 4
-    q, k, v = _inputs(kind, n, sq, seed=11)
-    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=sq, seq_kv=n, head_dim=D, causal=True,
-                                  threshold=tau)
-    cache = _filled_cache(k, v)
-    out = cache.attend(q, variant="threshold", threshold=tau)
-    assert cache.shadow is not None
-    assert_matches_reference("threshold", spec, out, q, k, v)
-
-
-def test_threshold_falls_back_to_every_key_when_the_bounds_cannot_decide(monkeypatch):
-    """With a loose slack most rows have weights the sum's bounds cannot place against tau: every key is then scored
-    exactly, and the result is still the reference's."""
+def test_threshold_scores_more_keys_when_the_bounds_cannot_decide(monkeypatch):
+    """With a loose slack most rows have weights the sum's bounds cannot place against tau: more keys are then scored
+    exactly until they can (every key at worst), and the result is still the reference's."""
     monkeypatch.setattr(shadow, "THRESHOLD_SLACK", 0.5)
     q, k, v = _inputs("gaussian", 700, 2, seed=12)
     scale = 0.151  # a kernel of its own (kernels are cached by spec, not by the slack)

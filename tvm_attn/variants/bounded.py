@@ -305,21 +305,22 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             CUTS + 1)
                     bin_min[t] = CUTS + 1
                     bin_max[t] = -1
+                    seen[t] = 0
                     for lane in range(SB):
                         bin_min[t] = T.min(bin_min[t], bins[t * SB + lane])
                         bin_max[t] = T.max(bin_max[t], T.Select(bins[t * SB + lane] <= CUTS, bins[t * SB + lane], -1))
+                        seen[t] = seen[t] + T.Cast("int32", bins[t * SB + lane] <= CUTS)
                     halve_to_two(pd, e, t * SB)
                     e_sum[t] = pd[0] + pd[1]
                     shrink[t] = softmax_exp(T.float32(-2) * radius[vb, vh, vi, t])
-                    seen[t] = 0
-                    for lane in range(SB):
-                        seen[t] = seen[t] + T.Cast("int32", bins[t * SB + lane] <= CUTS)
-                widest[0] = ZERO
-                held[0] = ZERO
-                for t in range(NB):
-                    if seen[t] > 0:
-                        widest[0] = T.max(widest[0], radius[vb, vh, vi, t])
-                    held[0] = held[0] + e_sum[t] * shrink[t]
+                if IS_TOPK or IS_THRESHOLD:
+                    # widest: the row's largest radius; held: sum_j e^(l_j - top) over the row.
+                    widest[0] = ZERO
+                    held[0] = ZERO
+                    for t in range(NB):
+                        if seen[t] > 0:
+                            widest[0] = T.max(widest[0], radius[vb, vh, vi, t])
+                        held[0] = held[0] + e_sum[t] * shrink[t]
                 if IS_THRESHOLD:
                     # Candidates: keys that may hold weight >= tau (e^(u - top) >= tau sum_j e^(l_j - top)), keys that
                     # may be the row's largest (u >= top - 2 widest), and enough more that the bounds on the rest's
@@ -329,19 +330,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     hi_n[0] = CUTS + 1
                     while hi_n[0] - lo_n[0] > 1:
                         mid[0] = (lo_n[0] + hi_n[0]) // 2
-                        dropped[0] = ZERO
-                        for lane in T.vectorized(SB):
-                            pd[lane] = ZERO
-                        for t in range(NB):
-                            if bin_min[t] >= mid[0]:
-                                dropped[0] = dropped[0] + e_sum[t] * (ONE - shrink[t])
-                            elif bin_max[t] >= mid[0]:
-                                for lane in T.vectorized(SB):
-                                    pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] >= mid[0],
-                                                                   e[t * SB + lane] * (ONE - shrink[t]), ZERO)
-                        halve_to_two(pd, pd, 0)
-                        dropped[0] = dropped[0] + (pd[0] + pd[1])
-                        if dropped[0] <= SLACK * held[0]:
+                        rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, mid[0])
+                        if rest_hi[0] - rest_lo[0] <= SLACK * held[0]:
                             hi_n[0] = mid[0]
                         else:
                             lo_n[0] = mid[0]
@@ -440,7 +430,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 if IS_THRESHOLD:
                     # Weights e^(s - max) >= min(tau sum, 1) are kept (the pruned kernels' rule: p >= tau, or the
                     # row's largest). The sum is known within [sum_lo, sum_hi]; a candidate whose weight falls between
-                    # tau sum_lo and tau sum_hi is undecided, and then every other key is scored exactly too.
+                    # tau sum_lo and tau sum_hi is undecided, and then more keys are scored (below).
                     sum_c[0] = ZERO
                     for c in range(cnt[0]):
                         sum_c[0] = sum_c[0] + softmax_exp(sc[c] - m[0])
