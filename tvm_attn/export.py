@@ -2,8 +2,9 @@
 
 For the host: DIR/<name>.so, plus libtvm_runtime.so (thread pool and workspace of parallel kernels) copied once into
 DIR. For Apple targets: DIR/<name>.dylib, a Mach-O arm64 library cross-linked here with clang and ld64.lld, or with
-zig cc from the ziglang wheel where they are missing (a .tar of objects when neither is found, said clearly). Load
-them with `tvm_attn.runtime.load(path)`, which needs only apache-tvm-ffi and numpy.
+zig cc from the ziglang wheel where they are missing (a .tar of objects when neither is found, said clearly). For
+Linux on another architecture (e.g. aarch64-linux-gnu): DIR/<name>.so cross-linked with clang and ld.lld. Load them
+with `tvm_attn.runtime.load(path)`, which needs only apache-tvm-ffi and numpy.
 """
 
 from __future__ import annotations
@@ -116,6 +117,22 @@ def _apple_compiler(name: str, tool: str):
     ], output_format="dylib")
 
 
+def cross_linker(target):
+    """The ``fcompile`` linking a Linux kernel library for ``target`` when its architecture is not the host's
+    (clang and ld.lld, which link any LLVM architecture), None for the host's architecture (TVM's default)."""
+    from tvm.support import cc
+
+    arch = _platform(target)["arch"]
+    if arch == _platform(resolve_target("host"))["arch"]:
+        return None
+    if shutil.which("clang") is None or shutil.which("ld.lld") is None:
+        raise RuntimeError(f"linking a {arch} Linux library here needs clang and ld.lld (Debian: apt-get install "
+                           f"clang lld)")
+    triple = str(target.attrs.get("mtriple"))
+    # -nostdlib: libc (memset, expf) and the TVM runtime resolve when the library is loaded
+    return cc.cross_compiler("clang", options=[f"--target={triple}", "-fuse-ld=lld", "-nostdlib"])
+
+
 def host_runtime_library() -> Path:
     """libtvm_runtime.so of the installed apache-tvm."""
     path = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
@@ -124,18 +141,31 @@ def host_runtime_library() -> Path:
     return path
 
 
-def fetch_apple_runtime(dest: Path) -> Path:
-    """libtvm_runtime.dylib from PyPI's apache-tvm macOS arm64 wheel of our TVM version (a ~80 MB download)."""
-    target = dest / "libtvm_runtime.dylib"
-    if target.exists():
-        return target
+# (wheel platform tag, runtime library in the wheel) of the apache-tvm wheels for the targets we cross-compile for
+RUNTIME_WHEELS = {
+    ("arm64", "darwin"): ("macosx_11_0_arm64", "libtvm_runtime.dylib"),
+    ("arm64", "linux"): ("manylinux_2_28_aarch64", "libtvm_runtime.so"),
+}
+
+
+def fetch_runtime_library(dest: Path, target) -> Path:
+    """The TVM runtime library for ``target`` (a cross-compiled one) from PyPI's apache-tvm wheel of our TVM version
+    for its platform (a ~80-95 MB download), into ``dest``."""
+    where = _platform(target)
+    if (where["arch"], where["os"]) not in RUNTIME_WHEELS:
+        raise ValueError(f"no apache-tvm wheel is known for {where['arch']} {where['os']}: copy libtvm_runtime from "
+                         f"an apache-tvm {tvm.__version__} installation on that machine")
+    platform_tag, runtime_name = RUNTIME_WHEELS[where["arch"], where["os"]]
+    path = dest / runtime_name
+    if path.exists():
+        return path
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", f"apache-tvm=={tvm.__version__}", "--no-deps",
-                        "--only-binary=:all:", "--platform", "macosx_11_0_arm64", "-d", tmp, "-q"], check=True)
+                        "--only-binary=:all:", "--platform", platform_tag, "-d", tmp, "-q"], check=True)
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as zf:
-            target.write_bytes(zf.read("tvm/lib/libtvm_runtime.dylib"))
-    return target
+            path.write_bytes(zf.read(f"tvm/lib/{runtime_name}"))
+    return path
 
 
 def _arguments(func, spec: AttentionSpec) -> list[dict]:
@@ -179,16 +209,22 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
                   f"(clang -dynamiclib) or export again with a linker installed", file=log)
         runtime_name = "libtvm_runtime.dylib"
         if fetch_runtime:
-            fetch_apple_runtime(out_dir)
+            fetch_runtime_library(out_dir, t)
     else:
         library = out_dir / f"{name}.so"
-        linker = "TVM's default (the host compiler)"
-        executable.export_library(str(library))
         runtime_name = "libtvm_runtime.so"
-        runtime = host_runtime_library()
-        shipped = out_dir / runtime_name
-        if not shipped.exists() or shipped.stat().st_size != runtime.stat().st_size:
-            shutil.copy2(runtime, shipped)
+        fcompile = cross_linker(t)
+        executable.export_library(str(library), fcompile=fcompile)
+        if fcompile is None:
+            linker = "TVM's default (the host compiler)"
+            runtime = host_runtime_library()
+            shipped = out_dir / runtime_name
+            if not shipped.exists() or shipped.stat().st_size != runtime.stat().st_size:
+                shutil.copy2(runtime, shipped)
+        else:
+            linker = "clang + ld.lld"
+            if fetch_runtime:
+                fetch_runtime_library(out_dir, t)
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -228,8 +264,9 @@ def main(argv=None) -> None:
     add_workload_arguments(parser, "export")
     parser.add_argument("--target", default="host", help="host, apple-m1..apple-m4, or a TVM target JSON")
     parser.add_argument("-o", "--out", required=True, help="output directory")
-    parser.add_argument("--fetch-runtime", action="store_true", help="Apple targets: download libtvm_runtime.dylib "
-                        "from PyPI's apache-tvm macOS wheel into the output directory (~80 MB download)")
+    parser.add_argument("--fetch-runtime", action="store_true", help="cross-compiled targets (Apple, Linux "
+                        "aarch64): download the TVM runtime library from PyPI's apache-tvm wheel for that platform "
+                        "into the output directory (~80-95 MB download)")
     args = parser.parse_args(argv)
     plan: list[Workload] = cli_workloads(parser, args)
     results = [export(w.variant, w.spec, args.target, args.out, fetch_runtime=args.fetch_runtime) for w in plan]

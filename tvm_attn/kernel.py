@@ -181,16 +181,20 @@ class Kernel:
         self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
         return result
 
-    def launch(self, q, k, v, out, shadow: tuple = ()) -> None:
-        """Run on numpy arrays or torch tensors already checked and laid out as the kernel takes them
-        (``as_kernel_argument``, ``checked_out``): keys before every query's window are dropped (unless the kernel
-        reads a shadow or the variant's blocks start at key 0), bfloat16 numpy arrays go through DLPack. ``shadow``:
-        a KVCache's (codes, lo, step), for kernels of the "shadow" path. The runtime function itself still checks
-        dtypes and the kernel's fixed sizes."""
+    def arguments(self, q, k, v, out, shadow: tuple = ()) -> tuple:
+        """The runtime function's arguments for a call on numpy arrays or torch tensors already checked and laid out
+        as the kernel takes them (``as_kernel_argument``, ``checked_out``): keys before every query's window are
+        dropped (unless the kernel reads a shadow or the variant's blocks start at key 0). ``shadow``: a KVCache's
+        (codes, lo, step), for kernels of the "shadow" path."""
         first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
         if first and self.path != "shadow" and not get_variant(self.variant).blocks_from_key0:
             k, v = k[:, :, first:], v[:, :, first:]
-        self.function(dlpack_argument(q), dlpack_argument(k), dlpack_argument(v), *shadow, dlpack_argument(out))
+        return (q, k, v, *shadow, out)
+
+    def launch(self, q, k, v, out, shadow: tuple = ()) -> None:
+        """Run on ``arguments``' inputs (bfloat16 numpy arrays go through DLPack). The runtime function itself still
+        checks dtypes and the kernel's fixed sizes."""
+        self.function(*map(dlpack_argument, self.arguments(q, k, v, out, shadow)))
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:

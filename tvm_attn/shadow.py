@@ -131,10 +131,9 @@ def _dtype_name(dtype) -> str:
     return array_dtype("k", np.empty(0, dtype))
 
 
-@functools.lru_cache(maxsize=32)
-def _update_kernel(kv_heads: int, head_dim: int, dtype: str):
-    """The compiled quantization of key blocks into a shadow's buffers (variants/bounded.py compute_quantize) for
-    the host."""
+def build_update(kv_heads: int, head_dim: int, dtype: str, target="host"):
+    """The quantization of key blocks into a shadow's buffers (variants/bounded.py compute_quantize), compiled for
+    ``target`` (a tvm.runtime.Executable; its "main" takes the key rows and the blocks' codes, lo and step)."""
     import tvm
     from tvm import s_tir
 
@@ -142,7 +141,12 @@ def _update_kernel(kv_heads: int, head_dim: int, dtype: str):
     from .targets import resolve_target
     from .variants.bounded import compute_quantize
 
-    target = resolve_target("host")
+    target = resolve_target(target)
     sch = s_tir.Schedule(tvm.IRModule({"main": compute_quantize(kv_heads, head_dim, dtype)}))
     schedule_quantize(sch, target, parallel=False)
-    return tvm.compile(sch.mod, target=target)["main"]
+    return tvm.compile(sch.mod, target=target)
+
+
+@functools.lru_cache(maxsize=32)
+def _update_kernel(kv_heads: int, head_dim: int, dtype: str):
+    return build_update(kv_heads, head_dim, dtype)["main"]
