@@ -1,0 +1,230 @@
+"""Every variant's arm64 code, executed: kernels compiled for the Apple M3's CPU model (on aarch64 Linux, see
+tests/arm64_emulation.py) run under qemu-user and are checked against the float64 reference computed here; the
+cache's decode kernels and its shadow quantization too. `.ci/arm64-env` sets the emulator up (CI runs it); without
+it these tests skip, or fail when TVM_ATTN_REQUIRE_ARM64=1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+
+import tvm_attn
+from arm64_emulation import (TARGET, Emulator, environment, instruction_count, python, run_python,
+                             simd_fp_mix)
+from conftest import assert_matches_reference, knobs_for, make_inputs
+from tvm_attn import export, runtime, shadow
+from tvm_attn.kernel import build_shadow, scheduled_module
+from tvm_attn.runtime import numpy_dtype
+from tvm_attn.variants import path_for
+
+pytestmark = pytest.mark.arm64
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One arm64 kernel of a variant (chosen as `build` chooses it for the first length), called at each length."""
+
+    variant: str
+    dtype: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    window: int | None
+    lengths: tuple[tuple[int, int], ...]  # (seq_q, seq_kv) of each call
+    batch: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{path_for(self.lengths[0][0])}-{self.dtype}"
+
+    def spec(self, seq_q: int, seq_kv: int) -> tvm_attn.AttentionSpec:
+        return tvm_attn.AttentionSpec(batch=self.batch, heads=self.heads, kv_heads=self.kv_heads, seq_q=seq_q,
+                                      seq_kv=seq_kv, head_dim=self.head_dim, causal=self.causal,
+                                      window=self.window, dtype=self.dtype, **knobs_for(self.variant)[0])
+
+
+# Per variant: a float32 prefill kernel (causal, grouped heads, head_dim 80), a float32 decode kernel (one KV head,
+# a sliding window), a float16 prefill kernel (non-causal, one KV head per query head) and a bfloat16 decode kernel.
+SHAPES = (
+    dict(dtype="float32", heads=4, kv_heads=2, head_dim=80, causal=True, window=None,
+         lengths=((9, 33), (100, 256), (33, 9))),
+    dict(dtype="float32", heads=4, kv_heads=1, head_dim=32, causal=True, window=50,
+         lengths=((1, 37), (1, 300), (5, 300))),
+    dict(dtype="float16", heads=4, kv_heads=4, head_dim=64, causal=False, window=None, lengths=((9, 33), (100, 100))),
+    dict(dtype="bfloat16", heads=4, kv_heads=2, head_dim=64, causal=True, window=None, lengths=((1, 100), (7, 70))),
+)
+CASES = [Case(variant, **shape) for variant in tvm_attn.VARIANTS for shape in SHAPES]
+CALLS = [(case, n) for case in CASES for n in range(len(case.lengths))]
+# Decode through a KVCache (strided views of its buffers): flash's decode kernel and the kernels reading the
+# cache's shadow of K; (variant, dtype).
+CACHE_CASES = [("flash", "float32"), ("topk", "float32"), ("threshold", "float32"), ("bounded", "float32"),
+               ("bounded", "bfloat16")]
+CACHE_APPENDS = (37, 1, 90, 30)  # 158 positions: whole and partial shadow blocks of 32
+
+
+def _inputs(case: Case, spec: tvm_attn.AttentionSpec, seed: int):
+    return make_inputs(spec, seed=seed, q_scale=2.0 if tvm_attn.get_variant(case.variant).knob else 1.0)
+
+
+def _call_name(case: Case, n: int) -> str:
+    return f"{case.name}-{case.lengths[n][0]}x{case.lengths[n][1]}"
+
+
+def _cache_for(variant: str, dtype: str):
+    rng = np.random.default_rng(7)
+    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=64, capacity=512, dtype=dtype,
+                             shadow=tvm_attn.get_variant(variant).shadow_compute is not None)
+    for n in CACHE_APPENDS:
+        cache.append(*(rng.standard_normal((1, 2, n, 64)).astype(numpy_dtype(dtype)) for _ in "kv"))
+    q = (2 * rng.standard_normal((1, 4, 1, 64))).astype(numpy_dtype(dtype))
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=cache.length, head_dim=64,
+                                  causal=True, dtype=dtype, **knobs_for(variant)[0])
+    return cache, q, spec
+
+
+def break_tail_predicate(mod: tvm.IRModule) -> tvm.IRModule:
+    """The kernel with an off-by-one tail: every `... < seq_kv` of its TVMScript becomes `... <= seq_kv`, so the key
+    past the end (read clamped to the last one) is counted."""
+    text, n = re.subn(r" < seq_kv\b", " <= seq_kv", mod.script())
+    assert n > 0, "no tail predicate found to break"
+    return tvm.script.from_source(text)
+
+
+# flash's non-causal float16 prefill kernel (under a causal mask the tail predicate is redundant at seq_q <= seq_kv)
+BROKEN = next(c for c in CASES if c.variant == "flash" and not c.causal)
+
+
+@pytest.fixture(scope="module")
+def emulator_ready() -> None:
+    if python() is None:
+        if os.environ.get("TVM_ATTN_REQUIRE_ARM64"):
+            pytest.fail("TVM_ATTN_REQUIRE_ARM64 is set and the arm64 emulator is missing: run .ci/arm64-env")
+        pytest.skip("no arm64 emulator: run .ci/arm64-env (qemu-user and an aarch64 Python, ~10 s with a warm "
+                    "pip cache)")
+
+
+@pytest.fixture(scope="module")
+def emulated(emulator_ready, tmp_path_factory):
+    """Every call above, run in one emulated process: {name: outputs}, plus what each call was given."""
+    emulator = Emulator(tmp_path_factory.mktemp("arm64"))
+    given = {}
+    for case in CASES:
+        kernel = tvm_attn.build(case.variant, case.spec(*case.lengths[0]), target=TARGET)
+        for n, lengths in enumerate(case.lengths):
+            spec = case.spec(*lengths)
+            q, k, v = _inputs(case, spec, seed=n)
+            out = np.zeros(spec.q_shape, numpy_dtype(spec.dtype))
+            emulator.call(_call_name(case, n), kernel.executable, kernel.arguments(q, k, v, out), outputs=[-1])
+            given[_call_name(case, n)] = (spec, q, k, v)
+    for variant, dtype in CACHE_CASES:
+        cache, q, spec = _cache_for(variant, dtype)
+        shadowed = cache.shadow is not None
+        kernel = (build_shadow if shadowed else tvm_attn.build)(variant, spec, target=TARGET)
+        out = np.zeros(spec.q_shape, numpy_dtype(dtype))
+        views = cache.shadow.views(cache.length) if shadowed else ()
+        emulator.call(f"cache-{variant}-{dtype}", kernel.executable,
+                      kernel.arguments(q, cache.k, cache.v, out, views), outputs=[-1])
+        given[f"cache-{variant}-{dtype}"] = (spec, q, cache.k.copy(), cache.v.copy())
+    for dtype in ("float32", "bfloat16"):
+        keys = np.random.default_rng(3).standard_normal((1, 2, 158, 64)).astype(numpy_dtype(dtype))
+        nb = shadow.blocks(158)
+        codes = np.zeros((1, 2, nb, 64, shadow.BLOCK), np.uint8)
+        lo, step = np.zeros((1, 2, nb, 64), np.float32), np.zeros((1, 2, nb, 64), np.float32)
+        emulator.call(f"quantize-{dtype}", shadow.build_update(2, 64, dtype, TARGET), (keys, codes, lo, step),
+                      outputs=[1, 2, 3])
+        given[f"quantize-{dtype}"] = keys
+    spec = BROKEN.spec(*BROKEN.lengths[0])
+    broken = scheduled_module(tvm_attn.get_variant("flash"), spec, tvm_attn.resolve_target(TARGET), "hand")
+    executable = tvm.compile(break_tail_predicate(broken.mod), target=tvm_attn.resolve_target(TARGET))
+    q, k, v = _inputs(BROKEN, spec, seed=0)
+    out = np.zeros(spec.q_shape, numpy_dtype(spec.dtype))
+    emulator.call("broken", executable, (q, k, v, out), outputs=[-1])
+    given["broken"] = (spec, q, k, v)
+    return emulator.run(), given
+
+
+@pytest.mark.parametrize("case,n", CALLS, ids=[_call_name(c, n) for c, n in CALLS])
+def test_every_variant_matches_reference_under_emulation(emulated, case, n):
+    results, given = emulated
+    spec, q, k, v = given[_call_name(case, n)]
+    assert_matches_reference(case.variant, spec, results[_call_name(case, n)][0], q, k, v)
+
+
+@pytest.mark.parametrize("variant,dtype", CACHE_CASES, ids=[f"{v}-{d}" for v, d in CACHE_CASES])
+def test_cache_decode_matches_reference_under_emulation(emulated, variant, dtype):
+    results, given = emulated
+    spec, q, k, v = given[f"cache-{variant}-{dtype}"]
+    assert_matches_reference(variant, spec, results[f"cache-{variant}-{dtype}"][0], q, k, v)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shadow_quantization_is_bit_exact_under_emulation(emulated, dtype):
+    results, given = emulated
+    codes, lo, step = results[f"quantize-{dtype}"]
+    want_codes, want_lo, want_step = shadow.quantize(given[f"quantize-{dtype}"])
+    np.testing.assert_array_equal(lo, want_lo)
+    np.testing.assert_array_equal(step, want_step)
+    by_key = codes.swapaxes(-1, -2).reshape(1, 2, -1, 64)[:, :, :158]
+    np.testing.assert_array_equal(by_key, want_codes)
+
+
+def test_a_broken_tail_predicate_fails_under_emulation(emulated):
+    """The check above catches a wrong arm64 kernel: flash with an off-by-one tail predicate."""
+    results, given = emulated
+    spec, q, k, v = given["broken"]
+    with pytest.raises(AssertionError, match="differs from its float64 reference"):
+        assert_matches_reference("flash", spec, results["broken"][0], q, k, v)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.dtype != "float32"], ids=lambda c: c.name)
+def test_16_bit_inputs_widen_in_vector_registers(case):
+    """16-bit inputs widen to float32 in NEON registers (fcvtl for float16; bfloat16 is the top half of a float32:
+    shll by 16), feeding the same fmla micro-kernels (the kernels the emulated tests ran, cached)."""
+    kernel = tvm_attn.build(case.variant, case.spec(*case.lengths[0]), target=TARGET)
+    mix = simd_fp_mix(kernel.executable.mod.inspect_source("asm"))
+    widen = ("fcvtl.4s", "fcvtl2.4s") if case.dtype == "float16" else ("shll.4s", "shll2.4s")
+    assert mix["fmla.4s"] > 0 and sum(mix[op] for op in widen) > 0, {op: mix[op] for op in ("fmla.4s", *widen)}
+
+
+def test_an_exported_linux_arm64_kernel_loads_and_runs_under_emulation(emulator_ready, tmp_path):
+    """`python -m tvm_attn.export --target` an aarch64-linux target, then tvm_attn.runtime.load on that machine
+    (the manifest's checks, the runtime library beside the kernel)."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=19, seq_kv=19, head_dim=32, causal=True)
+    result = export.export("flash", spec, TARGET, tmp_path)
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["linker"] == "clang + ld.lld" and manifest["target"]["arch"] == "arm64"
+    assert result.library.read_bytes()[:4] == b"\x7fELF"
+    with pytest.raises(runtime.ManifestError, match="built for aarch64-apple-m3"):
+        runtime.load(result.manifest)  # not on this x86-64 host
+    shutil.copy(environment() / "lib" / "libtvm_runtime.so", tmp_path)  # what --fetch-runtime downloads
+    q, k, v = make_inputs(spec, seed=5)
+    np.savez(tmp_path / "qkv.npz", q=q, k=k, v=v)
+    proc = run_python(f"""
+import numpy as np, arm64_runner
+kernel = arm64_runner.runtime.load({str(result.library)!r})
+qkv = np.load({str(tmp_path / "qkv.npz")!r})
+np.save({str(tmp_path / "out.npy")!r}, kernel(qkv["q"], qkv["k"], qkv["v"]))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_matches_reference("flash", spec, np.load(tmp_path / "out.npy"), q, k, v)
+
+
+@pytest.mark.parametrize("variant,dtype", [("flash", "float32"), ("bounded", "float32"), ("mass", "float16")])
+def test_the_emulated_build_has_the_mac_builds_instructions(variant, dtype):
+    """The aarch64-linux build of a kernel stands for the Mac's: the same SIMD and floating-point instructions,
+    and about as many instructions in all (addressing differs between ELF and Mach-O)."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=100, seq_kv=100, head_dim=80, causal=True,
+                                  dtype=dtype, **knobs_for(variant)[0])
+    linux, mac = (tvm_attn.build(variant, spec, target=t).executable.mod.inspect_source("asm")
+                  for t in (TARGET, "apple-m3"))
+    assert simd_fp_mix(linux)["fmla.4s"] > 0
+    assert simd_fp_mix(linux) == simd_fp_mix(mac)
+    assert abs(instruction_count(linux) - instruction_count(mac)) <= 0.02 * instruction_count(mac)
