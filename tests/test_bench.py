@@ -36,6 +36,9 @@ def test_every_study_has_rows(quick_run):
 def test_rows_are_complete_and_accurate(quick_run):
     _, rows, _ = quick_run
     for r in rows:
+        if r["line"] == "fma peak":  # computed, not timed
+            assert float(r["gflops"]) > 0 and "flop/cycle" in r["provider"]
+            continue
         assert float(r["median_ms"]) > 0
         if r["study"] not in ("ceiling", "generation"):
             assert r["threads"] and r["target"] and float(r["gflops"]) > 0 and float(r["gbs"]) > 0
@@ -52,8 +55,10 @@ def test_rows_are_complete_and_accurate(quick_run):
 def test_report_is_generated_from_the_csv(quick_run):
     out, rows, stderr = quick_run
     report = (out / "report.md").read_text()
-    ceiling = next(r for r in rows if r["study"] == "ceiling" and r["line"] == "sgemm")
-    assert f"{float(ceiling['gflops']):.0f} GFLOP/s" in report
+    sgemms = [r for r in rows if r["study"] == "ceiling" and r["line"] == "sgemm"]
+    assert any(r["provider"].startswith("numpy/") and "kernels" in r["provider"] for r in sgemms)  # threadpoolctl
+    ceiling = max(sgemms, key=lambda r: float(r["gflops"]))
+    assert f"**{float(ceiling['gflops']):.0f} GFLOP/s** ({ceiling['provider']})" in report
     bandwidth = max(float(r["gbs"]) for r in rows if r["line"] == "read bandwidth")
     assert f"the percentages use {bandwidth:.1f} GB/s" in report
     generation = next(r for r in rows if r["study"] == "generation")
@@ -149,3 +154,60 @@ def test_sparse_decode_study_and_report(tmp_path, monkeypatch):
     assert {"memory: the shadow", "memory: K and V"} <= set(lines)
     report = open(write_report(str(csv_path), str(tmp_path))).read()
     assert "## Certified sparse decode" in report and "Goals (issue 17): bounded eps 0.05 >= 3x flash:" in report
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_default_plan_is_what_the_benchmark_times(quick):
+    """tune and export default to the core's plan (tvm_attn/plan.py); the benchmark's studies time exactly those
+    kernels, each also at the length the plan tunes it at."""
+    from tvm_attn.bench.runner import spec_for
+    from tvm_attn.bench.studies import default_studies
+    from tvm_attn.plan import default_plan
+    from tvm_attn.variants import path_for
+
+    timed = {}  # kernel -> the specs the benchmark times it at
+    for study in default_studies(quick):
+        for x in study.x_vals:
+            for line in study.lines:
+                if "hand" in study.providers and study.measures(line, x):
+                    spec = spec_for(study, line, x)
+                    timed.setdefault((line.variant, path_for(spec.seq_q), spec.kernel), set()).add(spec)
+    plan = default_plan(quick)
+    assert {(w.variant, path_for(w.spec.seq_q), w.spec.kernel) for w in plan} == set(timed)
+    for w in plan:
+        assert w.spec in timed[(w.variant, path_for(w.spec.seq_q), w.spec.kernel)], w.name
+
+
+def test_tune_and_export_do_not_import_the_benchmark():
+    """The core never imports the benchmark (nor its thread-pool settings, which it sets on import)."""
+    code = ("import os, sys; import tvm_attn.tune, tvm_attn.export; from tvm_attn.plan import default_plan; "
+            "default_plan(); print(any(m.startswith('tvm_attn.bench') for m in sys.modules), "
+            "os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "None"]
+
+
+def test_two_runs_are_compared_point_by_point(quick_run, tmp_path):
+    """--compare: the within-point ratios of two runs; here a copy of the quick run with one hand time doubled."""
+    from tvm_attn.bench.stability import compare
+
+    out, rows, _ = quick_run
+    target = next(r for r in rows if r["study"] == "seq_sweep" and r["provider"] == "hand" and r["line"] == "flash")
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        copied = list(reader)
+    for r in copied:
+        if all(r[k] == target[k] for k in ("study", "x", "line", "provider", "distribution")):
+            r["median_ms"] = str(2 * float(r["median_ms"]))
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(copied)
+    same = compare(str(out / "results.csv"), str(out / "results.csv"))
+    assert "| hand / torch-sdpa |" in same and "100.0%" not in same
+    changed = compare(str(out / "results.csv"), str(tmp_path / "other.csv"))
+    # untuned / hand halves in the other run: its ratio changes by 100%, and is the largest change
+    assert f"| seq_sweep | {float(target['x']):g} | flash | gaussian | untuned / hand |" in changed
+    assert "| 100.0% |" in changed.split("The ten largest")[1].splitlines()[4]

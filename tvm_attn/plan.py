@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from .spec import DTYPE, DTYPES, AttentionSpec
-from .variants import get_variant, path_for, variant_using
+from .variants import get_variant, variant_using
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,35 +19,46 @@ class Workload:
         return f"{self.variant}_{self.spec.name}"
 
 
-# The length a kernel is tuned at when the benchmark times it at several: every length then uses that record.
+# What `python -m tvm_attn.bench` times, declared here so that `tune` and `export` default to the same kernels without
+# importing the benchmark: tvm_attn/bench/studies.py builds its studies from these, and tests/test_bench.py checks
+# that the studies time exactly the kernels default_plan lists.
+PREFILL_SHAPE = {"batch": 2, "heads": 8, "head_dim": 64}  # the seed report's
+DECODE_SHAPE = {"batch": 1, "heads": 32, "head_dim": 128}  # a Llama-7B-like layer
+DECODE_KV_HEADS = (32, 8, 1)  # MHA, GQA, MQA
+KNOB_DEFAULTS = {"threshold": 0.01, "top_k": 64, "eps": 0.05}
+KNOB_SWEEPS = {"threshold": (0.001, 0.01, 0.05, 0.1), "top_k": (32, 64, 128, 256), "eps": (0.01, 0.05, 0.1, 0.2)}
+HALF_DTYPES = ("float16", "bfloat16")
+# The length each kernel is tuned at (one record then serves every length).
 TUNING_LENGTH = {"prefill": 1024, "decode": 4096}
+# `--quick` (the benchmark's smoke run, and the tests): tiny shapes.
+QUICK_PREFILL_SHAPE = {"batch": 1, "heads": 4, "head_dim": 32}
+QUICK_DECODE_SHAPE = {"batch": 1, "heads": 32, "head_dim": 32}
+QUICK_KNOB_SWEEPS = {"threshold": (0.01, 0.1), "top_k": (8, 32), "eps": (0.05, 0.2)}
+QUICK_TUNING_LENGTH = {"prefill": 128, "decode": 512}
 
 
 def default_plan(quick: bool = False) -> list[Workload]:
-    """One workload per kernel that `python -m tvm_attn.bench` times, at the timed length nearest TUNING_LENGTH,
-    in the studies' order."""
-    from .bench.runner import spec_for
-    from .bench.studies import default_studies
+    """One workload per kernel that `python -m tvm_attn.bench` times (``quick``: with --quick), at its tuning
+    length: the dense variants with and without the causal mask, the pruned ones at their default and swept knobs,
+    causal 16-bit flash, and flash decode over every KV head grouping and dtype."""
+    prefill, decode = (QUICK_PREFILL_SHAPE, QUICK_DECODE_SHAPE) if quick else (PREFILL_SHAPE, DECODE_SHAPE)
+    length = QUICK_TUNING_LENGTH if quick else TUNING_LENGTH
+    sweeps = QUICK_KNOB_SWEEPS if quick else KNOB_SWEEPS
 
-    chosen: dict = {}  # kernel -> workload
-    for study in default_studies(quick):
-        if "hand" not in study.providers:
-            continue
-        for x in study.x_vals:
-            for line in study.lines:
-                if not study.measures(line, x):
-                    continue
-                w = Workload(line.variant, spec_for(study, line, x))
-                path = path_for(w.spec.seq_q)
-                kernel = (get_variant(w.variant).kernel_parts(path), w.spec.kernel)
-                best = chosen.get(kernel)
-                if best is None or _distance(w, path) < _distance(best, path):
-                    chosen[kernel] = w
-    return list(chosen.values())
+    def prefill_spec(**fields) -> AttentionSpec:
+        return AttentionSpec(**{**prefill, "seq_q": length["prefill"], **fields})
 
-
-def _distance(w: Workload, path: str) -> int:
-    return abs(w.spec.seq_kv - TUNING_LENGTH[path])
+    dense = [("standard", {}), ("flash", {}), ("mqa", {"kv_heads": 1})]
+    plan = [Workload(v, prefill_spec(**f)) for v, f in dense]
+    pruned = {v.knob: v.name for v in (get_variant(n) for n in ("threshold", "topk", "mass"))}
+    for knob, values in [(k, (KNOB_DEFAULTS[k],)) for k in ("threshold", "top_k")] + list(sweeps.items()):
+        plan += [Workload(pruned[knob], prefill_spec(**{knob: x})) for x in values]
+    plan += [Workload(v, prefill_spec(causal=True, **f)) for v, f in dense]
+    plan += [Workload("flash", AttentionSpec(**decode, seq_q=1, seq_kv=length["decode"], causal=True, kv_heads=kvh,
+                                             dtype=dtype))
+             for kvh in DECODE_KV_HEADS for dtype in (DTYPE, *HALF_DTYPES)]
+    plan += [Workload("flash", prefill_spec(causal=True, dtype=dtype)) for dtype in HALF_DTYPES]
+    return list(dict.fromkeys(plan))  # a sweep's default value once
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -65,9 +76,6 @@ def add_workload_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=DTYPE, help=f"of q, k, v and the output (default {DTYPE})")
     add_knob_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="the plan of `python -m tvm_attn.bench --quick`")
-
-
-KNOB_DEFAULTS = {"threshold": 0.01, "top_k": 64, "eps": 0.05}
 
 
 def add_knob_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,9 @@ of one comparison take turns, round-robin, so that machine drift hits all of the
 untimed call when several callables share the machine (another library's worker threads may still be spinning
 after its own turn, e.g. OpenMP's busy-wait after a torch call delays TVM's next parallel region by ~4 ms), then
 times calls until the turn has lasted ``turn_seconds`` (at least one). A callable stops once it has at least
-``min_repeats`` timed calls and ``min_seconds`` of them (or ``max_repeats``). Reported: median and quartiles of
-its per-call times.
+``min_repeats`` timed calls and ``min_seconds`` of them (or ``max_repeats``) and, when ``spread`` is given, once
+its interquartile range is within ``spread`` times its median (or after ``max_seconds`` of timed calls, when the
+machine stays noisy). Reported: median and quartiles of its per-call times.
 
 That opening call is not enough when pools spin for tens of ms (OpenBLAS): `python -m tvm_attn.bench` makes
 every pool sleep when idle (tvm_attn/bench/__init__.py).
@@ -34,7 +35,7 @@ class Timing:
 
 
 def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int = 5, max_repeats: int = 1000,
-                        turn_seconds: float = 0.02) -> dict:
+                        turn_seconds: float = 0.02, spread: float | None = None, max_seconds: float = 2.0) -> dict:
     """Time each ``fns[name]()`` by the policy above; returns {name: Timing}."""
     first = {name: _timed(fn) for name, fn in fns.items()}  # warm-up
     samples = {name: [] for name in fns}
@@ -51,7 +52,9 @@ def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int
                 if time.perf_counter() - turn_start >= turn_seconds or len(samples[name]) >= max_repeats:
                     break
         active = [n for n in active if len(samples[n]) < max_repeats
-                  and (len(samples[n]) < min_repeats or sum(samples[n]) < min_seconds)]
+                  and (len(samples[n]) < min_repeats or sum(samples[n]) < min_seconds
+                       or (spread is not None and sum(samples[n]) < max_seconds
+                           and _relative_iqr(samples[n]) > spread))]
     result = {}
     for name, times in samples.items():
         q25, q50, q75 = np.percentile(np.array(times) * 1e3, [25, 50, 75])
@@ -62,6 +65,11 @@ def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int
 def measure(fn, **policy) -> Timing:
     """Time one callable by the same policy."""
     return measure_interleaved({"fn": fn}, **policy)["fn"]
+
+
+def _relative_iqr(times: list) -> float:
+    q25, q50, q75 = np.percentile(times, [25, 50, 75])
+    return float((q75 - q25) / q50)
 
 
 def _timed(fn) -> float:

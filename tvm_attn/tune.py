@@ -139,9 +139,8 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
 
     from .timing import measure_interleaved
 
-    hand = s_tir.Schedule(mod)
-    hand_schedule(variant, spec)(hand, target)
-    if str(hand.trace) == str(best.trace):
+    hand = tuning.hand_trace(variant, spec, target)
+    if str(hand) == str(best.trace):
         tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, spec))
         return {}
     dev = tvm.cpu()
@@ -149,7 +148,7 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
     args = [dlpack_argument(rng.standard_normal(shape).astype(numpy_dtype(spec.dtype)))
             for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape)]
     result = tvm.runtime.empty(spec.q_shape, spec.dtype, dev)
-    traces = {"hand": hand.trace, "tuned": best.trace}
+    traces = {"hand": hand, "tuned": best.trace}
     fns = {}
     for name, trace in traces.items():
         sch = s_tir.Schedule(mod)
@@ -158,7 +157,7 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
         fns[name] = lambda fn=fn: fn(*args, result)
     timings = measure_interleaved(fns)
     winner = min(timings, key=lambda name: timings[name].median_ms)
-    hand_record = next((r for r in tuning.valid_records(db, mod, target) if str(r.trace) == str(hand.trace)), None)
+    hand_record = next((r for r in tuning.valid_records(db, mod, target) if str(r.trace) == str(hand)), None)
     if winner == "hand" and hand_record is None:  # cannot happen after tune_workload, which records it first
         raise RuntimeError(f"no record of the hand schedule of {variant.name} {spec.name}")
     tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(hand_record if winner == "hand" else best),

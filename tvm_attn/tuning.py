@@ -257,6 +257,15 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     return None
 
 
+def hand_trace(variant, spec: AttentionSpec, target):
+    """The trace of the hand schedule of the kernel serving ``spec`` on ``target`` (a record with this trace is the
+    hand schedule itself: tuning found nothing faster)."""
+    path = path_for(spec.seq_q)
+    sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path))
+    variant.kernel_parts(path)[1](sch, resolve_target(target))
+    return sch.trace
+
+
 def apply_record(variant, spec: AttentionSpec, record) -> s_tir.Schedule:
     """Replay a record's trace on the kernel serving ``spec`` (generic over batch and lengths)."""
     sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path_for(spec.seq_q)))

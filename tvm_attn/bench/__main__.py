@@ -28,13 +28,15 @@ def main(argv=None) -> None:
     parser.add_argument("--provider", action="append", help="only these providers (repeatable)")
     parser.add_argument("--min-seconds", type=float, default=None, help="timed seconds per provider and point")
     parser.add_argument("--report-only", action="store_true", help="regenerate report.md and plots from results.csv")
+    parser.add_argument("--compare", metavar="CSV", help="also write stability.md: how this run's within-point "
+                        "ratios and times differ from those of another run's results.csv")
     args = parser.parse_args(argv)
 
     import tvm_attn
 
     from .providers import PROVIDERS
     from .report import write_report
-    from .runner import merge_results, run_studies
+    from .runner import SPREAD, merge_results, run_studies
     from .studies import default_studies
 
     out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + ("-quick" if args.quick else ""))
@@ -87,8 +89,8 @@ def main(argv=None) -> None:
         # A partial run updates its studies' rows in an existing results.csv instead of overwriting the file.
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
-        run_studies(studies, run_csv, min_seconds=min_seconds, generation=generation, model=model,
-                    sparse_decode=sparse_decode)
+        run_studies(studies, run_csv, min_seconds=min_seconds, spread=None if args.quick else SPREAD,
+                    generation=generation, model=model, sparse_decode=sparse_decode)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "
@@ -97,6 +99,15 @@ def main(argv=None) -> None:
         parser.error(f"--report-only: there is no {csv_path} to make a report from (run the benchmark first, or "
                      f"give --out the directory of a run)")
     print(f"wrote {write_report(csv_path, out)} and {csv_path}", file=sys.stderr)
+    if args.compare:
+        if not os.path.exists(args.compare):
+            parser.error(f"--compare: no such file {args.compare}")
+        from .stability import compare
+
+        path = os.path.join(out, "stability.md")
+        with open(path, "w") as f:
+            f.write(compare(csv_path, args.compare))
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class Prepared:
     run: Callable[[], object]
     output: Callable[[], np.ndarray]
     kernel: object = None  # the tvm_attn Kernel, when the provider is one
+    record: str | None = None  # "tuned": the record's digest, or "hand" when the record is the hand schedule itself
 
 
 def _in_turn(calls: list) -> Callable[[], object]:
@@ -40,8 +41,14 @@ def _in_turn(calls: list) -> Callable[[], object]:
 
 def _tvm(schedule: str):
     def prepare(variant: str, spec, layers):
-        if schedule == "tuned" and tuning.tuned_record(tvm_attn.get_variant(variant), spec, "host") is None:
-            return None  # no record for this workload: the row is left out, not faked with the hand schedule
+        record = None
+        if schedule == "tuned":
+            v = tvm_attn.get_variant(variant)
+            found = tuning.tuned_record(v, spec, "host")
+            if found is None:
+                return None  # no record for this workload: the row is left out, not faked with the hand schedule
+            is_hand = str(found.trace) == str(tuning.hand_trace(v, spec, "host"))
+            record = "hand" if is_hand else tuning.record_digest(found)
         kernel = tvm_attn.build(variant, spec, schedule=schedule)
         fn = kernel.function
         calls, outs = [], []
@@ -50,7 +57,7 @@ def _tvm(schedule: str):
             args = [dlpack_argument(x) for x in (q, k, v, out)]
             calls.append(lambda args=args: fn(*args))
             outs.append(out)
-        return Prepared(_in_turn(calls), lambda: (calls[0](), outs[0])[1], kernel)
+        return Prepared(_in_turn(calls), lambda: (calls[0](), outs[0])[1], kernel, record)
 
     return prepare
 

@@ -22,6 +22,10 @@ NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "th
            "top1_agreement", "tokens_per_s", "certificate")
 
 
+TUNED_IS_HAND = ("\"(hand)\" after a tuned time: that kernel's confirmed record is the hand schedule itself (tuning "
+                 "found nothing faster on this machine), so the tuned time is the hand schedule measured again.")
+
+
 def load(path: str) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -56,6 +60,11 @@ def _knob_points(rs, dist: str, knob: str) -> list[dict]:
 
 def _ms(row):
     return f"{row['median_ms']:.2f}" if row else "-"
+
+
+def _tuned_ms(row):
+    """A tuned row's time, marked "(hand)" when its record is the hand schedule itself."""
+    return _ms(row) + (" (hand)" if row and row.get("record") == "hand" else "")
 
 
 def _ratio(a, b):
@@ -195,6 +204,54 @@ def _half_precision_decode(rs, xs) -> list[str]:
             _table(["seq_kv", "line", "float32 ms", "16-bit ms", "speedup"], body), ""]
 
 
+SAME_KERNEL = ("variant", "provider", "distribution", "dtype", "batch", "heads", "kv_heads", "seq_q", "seq_kv",
+               "head_dim", "causal", "threshold", "top_k", "eps")
+
+
+def _noise_paragraph(rows) -> list[str]:
+    """How noisy this run was: the spread of each timing, and the same kernel on the same inputs timed in
+    different studies (different rounds, minutes apart)."""
+    timed = [r for r in rows if r.get("q25_ms") is not None and r.get("median_ms") and r["study"] != "ceiling"]
+    if not timed:
+        return []
+    spreads = sorted((r["q75_ms"] - r["q25_ms"]) / r["median_ms"] for r in timed)
+    groups = defaultdict(list)
+    for r in timed:
+        if r.get("variant") and r.get("distribution"):
+            groups[tuple(r.get(k) for k in SAME_KERNEL)].append(r)
+    repeated = [g for g in groups.values() if len({r["study"] for r in g}) > 1]
+    noisy = sum(x > 0.05 for x in spreads)
+    text = (f"**Noise.** Interquartile range / median of the {len(timed)} timings: median "
+            f"{100 * spreads[len(spreads) // 2]:.1f}%, {noisy} above 5% (the timer stopped at its 2 s cap, or their "
+            f"5 calls, before they settled).")
+    if repeated:
+        drift = [max(r["median_ms"] for r in g) / min(r["median_ms"] for r in g) for g in repeated]
+        worst = repeated[max(range(len(drift)), key=drift.__getitem__)]
+        text += (f" The same kernel on the same inputs timed in two studies (minutes apart), {len(repeated)} "
+                 f"cases: they differ by {100 * (sorted(drift)[len(drift) // 2] - 1):.1f}% at the median, "
+                 f"{100 * (max(drift) - 1):.1f}% at worst ({worst[0]['line']} {worst[0]['provider']} at seq_kv "
+                 f"{int(worst[0]['seq_kv'])}: " + ", ".join(f"{r['study']} {r['median_ms']:.2f} ms" for r in worst)
+                 + "). Ratios within one point (one round) are the trustworthy ones; across studies, allow this much.")
+    return [text, ""]
+
+
+def _annotate_apart(ax, labelled: list[tuple]) -> None:
+    """Label points (x, y, text) beside them, each where it overlaps no label placed before (right-above,
+    right-below, left-above, left-below); a label with no free place is left out (the tables have every value)."""
+    ax.autoscale_view()
+    ax.figure.canvas.draw()  # fixes the axes' limits, so that data maps to final pixel positions
+    placed = []  # label boxes in pixels: (x0, y0, x1, y1)
+    width, height = 22, 8  # a 6 pt label of 4-5 characters at dpi 110, in pixels (about)
+    for x, y, text in labelled:
+        px, py = ax.transData.transform((x, y))
+        for dx, dy in ((3, 3), (3, -11), (-25, 3), (-25, -11)):
+            box = (px + dx, py + dy, px + dx + width, py + dy + height)
+            if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed):
+                placed.append(box)
+                ax.annotate(text, (x, y), fontsize=6, xytext=(dx, dy), textcoords="offset pixels")
+                break
+
+
 def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
     """Kept fraction against error for every pruning knob and input, and the knob to pick for an error budget."""
     points = {}  # (distribution, label, knob) -> rows sorted by kept fraction
@@ -215,18 +272,19 @@ def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
     dists = list(dict.fromkeys(d for d, _, _ in points))
     fig, axes = plt.subplots(1, len(dists), figsize=(5.5 * len(dists), 4.5), squeeze=False)
     for ax, dist in zip(axes[0], dists):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        labelled = []
         for (d, label, _), pts in points.items():
             if d != dist or not pts:
                 continue
             xs = [r["kept_fraction"] for r in pts]
             ys = [max(r["rel_err_dense"], 1e-7) for r in pts]
             ax.plot(xs, ys, marker="o", label=label)
-            for x, y, r in zip(xs, ys, pts):
-                ax.annotate(f"{r['median_ms']:.1f}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            labelled += [(x, y, f"{r['median_ms']:.1f}") for x, y, r in zip(xs, ys, pts)]
+        _annotate_apart(ax, labelled)
         if flash.get(dist):
             ax.set_title(f"{dist} (flash: {flash[dist]['median_ms']:.1f} ms)", fontsize=9)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("kept fraction")
         ax.set_ylabel("mean |out - dense| / mean |dense|")
@@ -262,15 +320,18 @@ def write_report(csv_path: str, out_dir: str) -> str:
         raise ValueError(f"{csv_path} has no rows")
     meta = rows[0]
     machine = f"{meta['target']}, {int(meta['threads'])} threads"
-    ceiling = _one(rows, study="ceiling", line="sgemm")
+    sgemms = _pick(rows, study="ceiling", line="sgemm")
+    ceiling = max(sgemms, key=lambda r: r["gflops"]) if sgemms else None
+    peak = _one(rows, study="ceiling", line="fma peak")
     parts = [f"# tvm_attn benchmark: {meta['target']}",
              "",
              f"Generated from `results.csv` by `python -m tvm_attn.bench` on {machine}. Every figure below comes "
              "from that file.",
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
-             "each has at least 5 calls and 0.2 s of timed calls; median (and quartiles in the CSV) of per-call "
-             "times. Inputs are float32 (float16 or bfloat16 where a line names its dtype); output buffers are "
+             "each has at least 5 calls and 0.2 s of timed calls and (in full runs) an interquartile range within "
+             "5% of its median, or 2 s of calls; median (and quartiles in the CSV) of per-call times. Inputs are "
+             "float32 (float16 or bfloat16 where a line names its dtype); output buffers are "
              "preallocated for the TVM kernels. "
              "Idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, "
              "TVM_THREAD_POOL_SPIN_COUNT=0), so that one library's spinning pool does not stall the next one's "
@@ -284,9 +345,16 @@ def write_report(csv_path: str, out_dir: str) -> str:
              "float64 reference of dense attention (`rel_err_dense`) and, for pruned variants, of the variant itself "
              "(`rel_err_own`). Kept fraction = kept / visible query-key pairs, from the float64 keep mask.",
              ""]
+    parts += _noise_paragraph(rows)
     if ceiling:
-        parts += [f"**Ceiling.** numpy float32 matmul ({int(ceiling['x'])}^3) on this machine: "
-                  f"{ceiling['gflops']:.0f} GFLOP/s.", ""]
+        measured = "; ".join(f"{r['provider']}: {r['gflops']:.0f}" for r in sgemms)
+        parts += [f"**Ceiling.** The float32 matmul of this machine ({int(ceiling['x'])}^3, same threads), the "
+                  f"GFLOP/s columns' reference: **{ceiling['gflops']:.0f} GFLOP/s** ({ceiling['provider']}), the "
+                  f"fastest of the sgemms measured in this run ({measured}; OpenBLAS in a process without "
+                  f"OPENBLAS_CORETYPE, so that it picks its own kernels)."
+                  + (f" Theoretical FMA peak: {peak['gflops']:.0f} GFLOP/s ({peak['provider']}, the clock the OS "
+                     f"reports); the sgemm reaches {100 * ceiling['gflops'] / peak['gflops']:.0f}% of it (above "
+                     f"100%: the cores run faster than that clock)." if peak else ""), ""]
     entropies = defaultdict(list)
     for r in rows:
         if r["entropy_nats"] is not None and r["distribution"]:
@@ -316,16 +384,18 @@ def write_report(csv_path: str, out_dir: str) -> str:
                 torch_row = _one(sweep, x=s, line=line, provider="torch-sdpa")
                 numpy_row = _one(sweep, x=s, line=line, provider="numpy")
                 own_untuned = _one(sweep, x=s, line=line, provider="untuned")
-                body.append([s, line, _ms(hand), _ms(tuned), f"{hand['gflops']:.1f}" if hand else "-",
+                body.append([s, line, _ms(hand), _tuned_ms(tuned), f"{hand['gflops']:.1f}" if hand else "-",
                              _ratio(hand, std_untuned), _ratio(hand, own_untuned), _ratio(hand, std_hand),
                              _ratio(hand, torch_row), _ratio(tuned, torch_row), _ms(torch_row), _ms(numpy_row),
                              _pct(hand["kept_fraction"]) if hand else "-"])
         parts += [_table(["seq", "line", "hand ms", "tuned ms", "hand GFLOP/s", "hand vs untuned standard",
                           "hand vs own untuned", "hand vs hand standard", "hand vs torch SDPA",
-                          "tuned vs torch SDPA", "torch ms", "numpy ms", "kept"], body), ""]
+                          "tuned vs torch SDPA", "torch ms", "numpy ms", "kept"], body), "",
+                  TUNED_IS_HAND, ""]
         series = []
         for line in lines:
-            pts = [(s, _one(sweep, x=s, line=line, provider="hand"), _one(sweep, x=s, line="standard",
+            # torch SDPA as timed in the same round as the line (its own rows: the table's ratios)
+            pts = [(s, _one(sweep, x=s, line=line, provider="hand"), _one(sweep, x=s, line=line,
                                                                           provider="torch-sdpa")) for s in seqs]
             pts = [(s, t["median_ms"] / h["median_ms"]) for s, h, t in pts if h and t]
             series.append((line, [p[0] for p in pts], [p[1] for p in pts]))
@@ -339,7 +409,7 @@ def write_report(csv_path: str, out_dir: str) -> str:
         series.append(("torch SDPA", [s for s, t in torch_pts if t], [t["gflops"] for s, t in torch_pts if t]))
         _plot(os.path.join(out_dir, "gflops_vs_seq.png"), f"Throughput ({machine})", "sequence length",
               "GFLOP/s (dense-equivalent)", series,
-              hline=(ceiling["gflops"], "numpy sgemm") if ceiling else None)
+              hline=(ceiling["gflops"], "sgemm ceiling") if ceiling else None)
         parts += ["![speedup over torch](speedup_vs_torch.png)", "", "![GFLOP/s](gflops_vs_seq.png)", ""]
 
         parts += ["## 2. Memory", "",
@@ -408,13 +478,15 @@ def write_report(csv_path: str, out_dir: str) -> str:
         parts += ["Times are the faster of the hand and tuned schedules (what `schedule=\"best\"` gives).", "",
                   _table(["inputs", knob, "ms", "kept", "rel err vs dense", "vs standard", "vs flash"], body), ""]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for dist, pts, std, fl in fig_series:
+        for n, (dist, pts, std, fl) in enumerate(fig_series):
+            color = f"C{n}"  # one colour per input distribution in both panels; the line style says the quantity
             xs = [r[knob] for r in pts]
-            ax1.plot(xs, [r["median_ms"] for r in pts], marker="o", label=f"{dist}")
+            ax1.plot(xs, [r["median_ms"] for r in pts], marker="o", color=color, label=f"{dist}")
             if fl:
-                ax1.axhline(fl["median_ms"], linestyle="--", alpha=0.5, label=f"flash ({dist})")
-            ax2.plot(xs, [r["rel_err_dense"] for r in pts], marker="o", label=f"{dist} rel err")
-            ax2.plot(xs, [r["kept_fraction"] for r in pts], marker="x", linestyle=":", label=f"{dist} kept")
+                ax1.axhline(fl["median_ms"], linestyle="--", color=color, alpha=0.6, label=f"flash ({dist})")
+            ax2.plot(xs, [r["rel_err_dense"] for r in pts], marker="o", color=color, label=f"{dist} rel err")
+            ax2.plot(xs, [r["kept_fraction"] for r in pts], marker="x", linestyle=":", color=color,
+                     label=f"{dist} kept")
         for ax in (ax1, ax2):
             ax.set_xscale("log")
             ax.set_xlabel(knob)
@@ -435,7 +507,7 @@ def write_report(csv_path: str, out_dir: str) -> str:
         seq_cmp = 512 if any(int(r["x"]) == 512 for r in sweep) else max(int(r["x"]) for r in sweep)
         at = [r for r in sweep if int(r["x"]) == seq_cmp]
         parts += [f"## 6. Timing comparison at seq {seq_cmp}", ""]
-        labels = [f"{r['line']}\n{r['provider']}" for r in at]
+        labels = [f"{r['line']}\n{r['provider']}{' (= hand)' if r.get('record') == 'hand' else ''}" for r in at]
         fig, ax = plt.subplots(figsize=(max(7, len(at) * 0.55), 4.5))
         ax.bar(range(len(at)), [r["median_ms"] for r in at],
                yerr=[[r["median_ms"] - r["q25_ms"] for r in at], [r["q75_ms"] - r["median_ms"] for r in at]])
@@ -452,13 +524,14 @@ def write_report(csv_path: str, out_dir: str) -> str:
                            f"{r['gflops']:.1f}"] for r in at]), "", "![timing](timing_comparison.png)", ""]
 
         parts += [f"## 7. Tuning: untuned vs hand vs tuned schedule at seq {seq_cmp}", "",
-                  "`tuned` rows exist only for workloads with a record in tuning_logs/ for this target.", ""]
+                  "`tuned` rows exist only for workloads with a record in tuning_logs/ for this target.",
+                  TUNED_IS_HAND, ""]
         body = []
         for line in lines:
             u = _one(sweep, x=seq_cmp, line=line, provider="untuned")
             h = _one(sweep, x=seq_cmp, line=line, provider="hand")
             t = _one(sweep, x=seq_cmp, line=line, provider="tuned")
-            body.append([line, _ms(u), _ms(h), _ms(t), _ratio(h, u),
+            body.append([line, _ms(u), _ms(h), _tuned_ms(t), _ratio(h, u),
                          f"{100 * h['gflops'] / ceiling['gflops']:.0f}%" if h and ceiling else "-"])
         parts += [_table(["line", "untuned ms", "hand ms", "tuned ms", "hand vs untuned", "hand GFLOP/s / sgemm"],
                          body), ""]

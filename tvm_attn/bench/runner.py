@@ -15,7 +15,8 @@ import tvm_attn
 from .. import references
 from ..kernel import scheduled_module
 from ..runtime import numpy_dtype
-from ..timing import measure, measure_interleaved
+from ..timing import measure_interleaved
+from . import ceiling
 from .bandwidth import BYTES as BANDWIDTH_BYTES
 from .bandwidth import read_bandwidth
 from .generation import generation_loop
@@ -27,7 +28,7 @@ from .providers import PROVIDERS
 from .studies import Study
 
 FIELDS = (
-    "study", "x_name", "x", "line", "variant", "provider", "distribution", "dtype",
+    "study", "x_name", "x", "line", "variant", "provider", "record", "distribution", "dtype",
     "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "causal", "threshold", "top_k", "eps",
     "median_ms", "q25_ms", "q75_ms", "repeats", "flops", "gflops", "layers", "bytes_kv", "gbs",
     "bytes_inputs", "bytes_output", "bytes_intermediate",
@@ -36,6 +37,9 @@ FIELDS = (
     "perplexity", "top1_agreement", "tokens_per_s", "certificate",
 )
 MAX_LAYERS = 64
+# Each provider of a point is timed until its interquartile range is within 5% of its median (or 2 s of calls):
+# a noisy minute of a shared VM then costs time instead of a wrong ratio.
+SPREAD = 0.05
 SLOW_PROVIDERS = ("untuned", "numpy")
 
 
@@ -89,12 +93,13 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
     return row
 
 
-def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, generation: dict | None = None,
-                model: dict | None = None, sparse_decode: dict | None = None, log=None) -> list[dict]:
+def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, spread: float | None = SPREAD,
+                generation: dict | None = None, model: dict | None = None, sparse_decode: dict | None = None,
+                log=None) -> list[dict]:
     """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
     ``model``, those of model_study; given ``sparse_decode``, those of sparse_decode_study); write and return the
-    rows. Progress goes to ``log`` (default: sys.stderr
-    at the time of the call)."""
+    rows. ``spread``: the timer's interquartile-range target (timing.measure_interleaved). Progress goes to ``log``
+    (default: sys.stderr at the time of the call)."""
     log = log or sys.stderr
     target = tvm_attn.resolve_target("host")
     key = tvm_attn.target_key(target)
@@ -114,14 +119,20 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
     for members in rounds.values():
         prepared = [_prepare_point(*member) for member in members]
         timings = measure_interleaved({(point.n, p): prep.run for point in prepared
-                                       for p, prep in point.providers.items()}, min_seconds=min_seconds)
+                                       for p, prep in point.providers.items()}, min_seconds=min_seconds,
+                                      spread=spread)
         for point in prepared:
             for p in point.providers:
                 rows.append(_row(point, p, timings[(point.n, p)], target, key, n_threads))
                 print(f"[{point.n}/{len(points)} {time.time() - start:5.0f}s] {point.study.name} "
                       f"{point.study.x_name}={point.x} {point.dist} {point.line.label} {p}: "
                       f"{timings[(point.n, p)].median_ms:.2f} ms", file=log, flush=True)
-    rows.append(_sgemm_ceiling(key, n_threads, quick=len(points) < 60, min_seconds=min_seconds))
+    for row in ceiling.sgemm_rows(512 if len(points) < 60 else 2048, n_threads, min_seconds=min_seconds):
+        rows.append(dict(row, target=key))
+        print(f"sgemm {row['provider']}: {row['gflops']:.0f} GFLOP/s", file=log, flush=True)
+    peak = ceiling.fma_peak_row(str(target.attrs.get("mcpu", "")), n_threads)
+    if peak is not None:
+        rows.append(dict(peak, target=key))
     if any(s.name == "decode" for s in studies):
         for reader, gbs in read_bandwidth(min_seconds=min_seconds).items():
             rows.append(dict(study="ceiling", line="read bandwidth", variant="", provider=reader, x_name="bytes",
@@ -207,7 +218,7 @@ def _row(point: _Point, provider: str, t, target, key: str, n_threads: int) -> d
         causal=spec.causal, threshold=spec.threshold, top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms,
         q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats, flops=flops, gflops=t.gflops(flops),
         threads=n_threads, target=key, entropy_nats=row_entropy(spec, q, k), layers=point.n_layers,
-        bytes_kv=point.kv_bytes, gbs=point.kv_bytes / (t.median_ms * 1e-3) / 1e9,
+        bytes_kv=point.kv_bytes, gbs=point.kv_bytes / (t.median_ms * 1e-3) / 1e9, record=prep.record,
     )
     if prep.kernel is not None:
         mem = memory_use(scheduled_module(tvm_attn.get_variant(point.line.variant), spec, target,
@@ -215,16 +226,6 @@ def _row(point: _Point, provider: str, t, target, key: str, n_threads: int) -> d
         row.update(bytes_inputs=mem.inputs, bytes_output=mem.output, bytes_intermediate=mem.intermediate)
     row.update(_accuracy(point.line.variant, spec, q, k, v, prep.output()))
     return row
-
-def _sgemm_ceiling(key: str, n_threads: int, quick: bool, min_seconds: float) -> dict:
-    """numpy's float32 matmul (its BLAS, same machine): the practical ceiling the GFLOP/s columns compare to."""
-    n = 512 if quick else 2048
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    t = measure(lambda: a @ a, min_seconds=min_seconds)
-    return dict(study="ceiling", line="sgemm", variant="", provider="numpy-sgemm", x_name="n", x=n,
-                median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats,
-                flops=2 * n**3, gflops=t.gflops(2 * n**3), threads=n_threads, target=key)
-
 
 def _fmt(value):
     if value is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..plan import (DECODE_KV_HEADS, DECODE_SHAPE, HALF_DTYPES, KNOB_DEFAULTS, KNOB_SWEEPS, PREFILL_SHAPE,
+                    QUICK_DECODE_SHAPE, QUICK_KNOB_SWEEPS, QUICK_PREFILL_SHAPE, QUICK_TUNING_LENGTH, TUNING_LENGTH)
 from ..spec import DTYPE, KNOBS
 from ..variants import get_variant
-
-SEED_SHAPE = {"batch": 2, "heads": 8, "head_dim": 64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Study:
     x_vals: tuple
     lines: tuple
     providers: tuple
-    base: tuple = tuple(SEED_SHAPE.items())
+    base: tuple = tuple(PREFILL_SHAPE.items())
     distributions: tuple = ("gaussian",)
     slow_providers_max_x: int | None = None  # untuned/numpy only up to this x (they take seconds per call)
     # Replicate the inputs into as many "layers" as make this many bytes of K and V, called in turn, so that a call
@@ -62,14 +62,16 @@ DENSE_LINES = (
     Line("mqa (kv_heads=1)", "mqa", (("kv_heads", 1),)),
 )
 PRUNED_LINES = (
-    Line("threshold 0.01", "threshold", (("threshold", 0.01),)),
-    Line("topk 64", "topk", (("top_k", 64),)),
+    Line(f"threshold {KNOB_DEFAULTS['threshold']:g}", "threshold", (("threshold", KNOB_DEFAULTS["threshold"]),)),
+    Line(f"topk {KNOB_DEFAULTS['top_k']}", "topk", (("top_k", KNOB_DEFAULTS["top_k"]),)),
 )
 BASELINES = (Line("standard", "standard"), Line("flash", "flash"))
-DECODE_SHAPE = (("batch", 1), ("heads", 32), ("head_dim", 128))
-DECODE_HEADS = (("kv_heads=32 (MHA)", 32), ("kv_heads=8 (GQA)", 8), ("kv_heads=1 (MQA)", 1))
 DECODE_ROTATE_BYTES = 512 * 2**20  # well past any L3 these VMs have
-HALF_DTYPES = ("float16", "bfloat16")
+
+
+def decode_label(kv_heads: int, heads: int) -> str:
+    kind = "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else "GQA"
+    return f"kv_heads={kv_heads} ({kind})"
 
 
 def with_dtype(label: str, dtype: str) -> str:
@@ -88,19 +90,21 @@ def _knob_study(name: str, question: str, knob: str, variant: str, x_vals: tuple
 def default_studies(quick: bool = False) -> list[Study]:
     """The default studies (a few minutes on 2 cores), or with ``quick`` reduced ones on tiny shapes."""
     seqs = (64, 128) if quick else (128, 256, 512, 1024, 2048)
-    mid = 128 if quick else 1024
-    base = (("batch", 1), ("heads", 4), ("head_dim", 32)) if quick else tuple(SEED_SHAPE.items())
+    mid = (QUICK_TUNING_LENGTH if quick else TUNING_LENGTH)["prefill"]  # the knob sweeps' seq
+    base = tuple((QUICK_PREFILL_SHAPE if quick else PREFILL_SHAPE).items())
+    decode = QUICK_DECODE_SHAPE if quick else DECODE_SHAPE
+    sweeps = QUICK_KNOB_SWEEPS if quick else KNOB_SWEEPS
     all_providers = ("hand", "tuned", "untuned", "numpy", "torch-sdpa")
     return [
         Study("seq_sweep", "Speedup vs sequence length; timing, memory and accuracy of every variant",
               "seq_q", seqs, DENSE_LINES + PRUNED_LINES, all_providers, base,
               slow_providers_max_x=128 if quick else 512),
         _knob_study("threshold_effect", "Effect of the pruning threshold: time, kept fraction, error",
-                    "threshold", "threshold", (0.01, 0.1) if quick else (0.001, 0.01, 0.05, 0.1), mid, base),
+                    "threshold", "threshold", sweeps["threshold"], mid, base),
         _knob_study("topk_effect", "Effect of top-k: time, kept fraction, error",
-                    "top_k", "topk", (8, 32) if quick else (32, 64, 128, 256), mid, base),
+                    "top_k", "topk", sweeps["top_k"], mid, base),
         _knob_study("mass_effect", "Error-bounded pruning: eps against time, kept fraction and error",
-                    "eps", "mass", (0.05, 0.2) if quick else (0.01, 0.05, 0.1, 0.2), mid, base),
+                    "eps", "mass", sweeps["eps"], mid, base),
         Study("causal", "Causal attention (LLM prefill), the case the seed left out",
               "seq_q", seqs[-2:] if quick else (512, 1024, 2048),
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
@@ -108,11 +112,10 @@ def default_studies(quick: bool = False) -> list[Study]:
               ("hand", "tuned", "torch-sdpa"), base),
         Study("decode", "Decode: one query against a KV cache (seq_q = 1), a Llama-7B-like layer",
               "seq_kv", (128, 512) if quick else (1024, 2048, 4096, 8192, 16384, 32768),
-              tuple(Line(with_dtype(label, dtype), "flash",
+              tuple(Line(with_dtype(decode_label(kvh, decode["heads"]), dtype), "flash",
                          (("seq_q", 1), ("causal", True), ("kv_heads", kvh), ("dtype", dtype)))
-                    for label, kvh in DECODE_HEADS for dtype in (DTYPE,) + HALF_DTYPES),
-              ("hand", "tuned", "numpy", "torch-sdpa"),
-              (("batch", 1), ("heads", 32), ("head_dim", 32)) if quick else DECODE_SHAPE,
+                    for kvh in DECODE_KV_HEADS for dtype in (DTYPE,) + HALF_DTYPES),
+              ("hand", "tuned", "numpy", "torch-sdpa"), tuple(decode.items()),
               slow_providers_max_x=128 if quick else 4096, rotate_bytes=2**22 if quick else DECODE_ROTATE_BYTES,
               interleave_dtypes=True),
         Study("prefill_16bit", "Causal prefill with float16 and bfloat16 inputs, against torch SDPA in the same dtype",

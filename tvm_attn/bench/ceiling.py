@@ -1,0 +1,103 @@
+"""The float32 matmul ceiling of this machine, measured in the benchmark's own run (the GFLOP/s columns compare to
+it), and the theoretical FMA peak beside it.
+
+Two sgemms, the larger kept as the ceiling: OpenBLAS through numpy in a subprocess whose environment drops
+OPENBLAS_CORETYPE (a machine may pin OpenBLAS to older kernels with it: Haswell's AVX2 kernels run ~5x below a Zen 5's
+AVX-512 sgemm), with the kernels it chose reported by threadpoolctl; and torch.matmul when torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from ..timing import measure
+
+# float32 flops per cycle and core of the FMA units (2 FMA pipes x lanes x 2), by LLVM CPU name
+FMA_FLOPS_PER_CYCLE = {
+    **{f"znver{n}": 32 for n in (1, 2, 3, 4)},  # 2 x 256-bit (Zen 4 splits AVX-512 into two halves)
+    "znver5": 64,  # 2 x 512-bit
+    **{cpu: 64 for cpu in ("skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
+                           "emeraldrapids", "graniterapids")},  # 2 x 512-bit
+    **{cpu: 32 for cpu in ("haswell", "broadwell", "skylake", "alderlake", "raptorlake")},  # 2 x 256-bit
+    **{f"apple-m{n}": 32 for n in (1, 2, 3, 4)},  # 4 x 128-bit NEON
+}
+
+_OPENBLAS_SGEMM = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+from tvm_attn.timing import measure
+n, min_seconds = int(sys.argv[1]), float(sys.argv[2])
+a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+t = measure(lambda: a @ a, min_seconds=min_seconds)
+print(json.dumps({"median_ms": t.median_ms, "q25_ms": t.q25_ms, "q75_ms": t.q75_ms, "repeats": t.repeats,
+                  "blas": [i for i in threadpool_info() if i.get("user_api") == "blas"]}))
+"""
+
+
+def openblas_sgemm(n: int, n_threads: int, min_seconds: float) -> dict:
+    """numpy's sgemm of n x n in a subprocess with OpenBLAS choosing its own kernels: the timing and what
+    threadpoolctl says of the BLAS (library, version, kernels, threads)."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    env["OPENBLAS_NUM_THREADS"] = str(n_threads)
+    proc = subprocess.run([sys.executable, "-c", _OPENBLAS_SGEMM, str(n), str(min_seconds)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"the OpenBLAS sgemm subprocess failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _blas_name(blas: list[dict]) -> str:
+    if not blas:
+        return "numpy (BLAS unknown)"
+    b = blas[0]
+    return (f"numpy/{b.get('internal_api', b.get('prefix', 'blas'))} {b.get('version', '')} "
+            f"({b.get('architecture', '?')} kernels, {b.get('num_threads', '?')} threads)").replace("  ", " ")
+
+
+def sgemm_rows(n: int, n_threads: int, min_seconds: float) -> list[dict]:
+    """One row per sgemm measured (provider: which library and kernels), study "ceiling", line "sgemm"."""
+    flops = 2 * n**3
+    found = []
+    blas = openblas_sgemm(n, n_threads, min_seconds)
+    found.append((_blas_name(blas["blas"]), blas))
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+        t = measure(lambda: torch.matmul(a, a), min_seconds=min_seconds)
+        found.append((f"torch.matmul ({torch.get_num_threads()} threads)",
+                      dict(median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats)))
+    return [dict(study="ceiling", line="sgemm", variant="", provider=name, x_name="n", x=n, flops=flops,
+                 gflops=flops / (t["median_ms"] * 1e-3) / 1e9, median_ms=t["median_ms"], q25_ms=t["q25_ms"],
+                 q75_ms=t["q75_ms"], repeats=t["repeats"], threads=n_threads) for name, t in found]
+
+
+def cpu_mhz() -> float | None:
+    """The clock /proc/cpuinfo reports (a VM's is its nominal one; cores may boost above it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def fma_peak_row(cpu: str, n_threads: int) -> dict | None:
+    """The theoretical float32 FMA peak: threads x FMA flops per cycle x the reported clock (None for a CPU or
+    clock not known here)."""
+    per_cycle, mhz = FMA_FLOPS_PER_CYCLE.get(cpu), cpu_mhz()
+    if per_cycle is None or mhz is None:
+        return None
+    return dict(study="ceiling", line="fma peak", variant="", x_name="flops per cycle", x=per_cycle,
+                provider=f"{n_threads} cores x {per_cycle} flop/cycle x {mhz / 1e3:.2f} GHz",
+                gflops=n_threads * per_cycle * mhz / 1e3, threads=n_threads)
