@@ -50,9 +50,10 @@ def default_plan(quick: bool = False) -> list[Workload]:
 
     dense = [("standard", {}), ("flash", {}), ("mqa", {"kv_heads": 1})]
     plan = [Workload(v, prefill_spec(**f)) for v, f in dense]
-    pruned = {v.knob: v.name for v in (get_variant(n) for n in ("threshold", "topk", "mass"))}
+    swept = {"threshold": "threshold", "top_k": "topk", "eps": "mass"}  # knob -> the variant the studies sweep
+    # the sequence sweep's pruned lines at their default knobs, then the knob sweeps
     for knob, values in [(k, (KNOB_DEFAULTS[k],)) for k in ("threshold", "top_k")] + list(sweeps.items()):
-        plan += [Workload(pruned[knob], prefill_spec(**{knob: x})) for x in values]
+        plan += [Workload(swept[knob], prefill_spec(**{knob: x})) for x in values]
     plan += [Workload(v, prefill_spec(causal=True, **f)) for v, f in dense]
     plan += [Workload("flash", AttentionSpec(**decode, seq_q=1, seq_kv=length["decode"], causal=True, kv_heads=kvh,
                                              dtype=dtype))

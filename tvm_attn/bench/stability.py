@@ -23,6 +23,11 @@ def _points(rows) -> dict:
     return points
 
 
+def _change(factor: float) -> float:
+    """How far a factor between two runs is from 1, the same either way round (1.5 and 1/1.5: 50%)."""
+    return max(factor, 1 / factor) - 1
+
+
 def _summary(changes: list[float]) -> str:
     if not changes:
         return "-"
@@ -37,24 +42,30 @@ def compare(csv_a: str, csv_b: str) -> str:
     a, b = _points(load(csv_a)), _points(load(csv_b))
     shared = sorted(set(a) & set(b), key=str)
     ratio_changes: dict[str, list] = {}
+    by_study: dict[tuple, list] = {}
     worst = []
     time_changes = []
     for point in shared:
         for p in set(a[point]) & set(b[point]):
-            time_changes.append(abs(a[point][p] / b[point][p] - 1))
+            time_changes.append(_change(a[point][p] / b[point][p]))
         for num, den in PAIRS:
             if {num, den} <= set(a[point]) and {num, den} <= set(b[point]):
                 ra, rb = a[point][num] / a[point][den], b[point][num] / b[point][den]
-                change = abs(ra / rb - 1)
+                change = _change(ra / rb)
                 ratio_changes.setdefault(f"{num} / {den}", []).append(change)
+                by_study.setdefault((point[0], f"{num} / {den}"), []).append(change)
                 worst.append((change, point, num, den, ra, rb))
     lines = [f"# Run against run: `{csv_a}` and `{csv_b}`", "",
              "Each point's providers are timed in one interleaved round; a ratio of two of them is what the report "
-             "compares. |ratio in run A / ratio in run B - 1| over the points both runs measured:", "",
+             "compares. Change: the larger of (ratio in run A / ratio in run B) and its inverse, minus 1, over the "
+             "points both runs measured:", "",
              "| ratio | points | median change | 90th percentile | worst |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {_summary(changes)} |" for name, changes in ratio_changes.items()]
     lines += [f"| (absolute times, every provider) | {_summary(time_changes)} |", "",
-              "The ten largest ratio changes:", "",
+              "By study:", "", "| study | ratio | points | median change | 90th percentile | worst |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {study} | {name} | {_summary(changes)} |" for (study, name), changes in sorted(by_study.items())]
+    lines += ["", "The ten largest ratio changes:", "",
               "| study | x | line | inputs | ratio | run A | run B | change |", "|---|---|---|---|---|---|---|---|"]
     for change, (study, x, line, dist), num, den, ra, rb in sorted(worst, key=lambda w: w[0], reverse=True)[:10]:
         lines.append(f"| {study} | {x:g} | {line} | {dist} | {num} / {den} | {ra:.3f} | {rb:.3f} | "
