@@ -211,3 +211,16 @@ def test_two_runs_are_compared_point_by_point(quick_run, tmp_path):
     # untuned / hand halves in the other run: its ratio changes by 100%, and is the largest change
     assert f"| seq_sweep | {float(target['x']):g} | flash | gaussian | untuned / hand |" in changed
     assert "| 100.0% |" in changed.split("The ten largest")[1].splitlines()[4]
+
+
+def test_a_failed_ceiling_measurement_does_not_lose_the_run(monkeypatch, capsys):
+    """The sgemm subprocess failing (e.g. threadpoolctl missing) costs that ceiling line, not the run's rows."""
+    from tvm_attn.bench import ceiling
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the OpenBLAS sgemm subprocess failed: no module threadpoolctl")
+
+    monkeypatch.setattr(ceiling, "openblas_sgemm", fail)
+    rows = ceiling.sgemm_rows(64, 1, min_seconds=0.01)
+    assert all(not r["provider"].startswith("numpy/") for r in rows)
+    assert "numpy's sgemm ceiling not measured" in capsys.readouterr().err
