@@ -21,6 +21,10 @@ import time
 import numpy as np
 
 _SLOW_CALL = 0.1  # seconds: no untimed opening call for callables this slow (a few ms of spin are < 1% of one)
+# The benchmark's spread target: each provider of a point is timed until its interquartile range is within 5% of its
+# median, or for MAX_SECONDS of calls (a noisy minute of a shared VM then costs time instead of a wrong ratio).
+SPREAD = 0.05
+MAX_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +39,8 @@ class Timing:
 
 
 def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int = 5, max_repeats: int = 1000,
-                        turn_seconds: float = 0.02, spread: float | None = None, max_seconds: float = 2.0) -> dict:
+                        turn_seconds: float = 0.02, spread: float | None = None,
+                        max_seconds: float = MAX_SECONDS) -> dict:
     """Time each ``fns[name]()`` by the policy above; returns {name: Timing}."""
     first = {name: _timed(fn) for name, fn in fns.items()}  # warm-up
     samples = {name: [] for name in fns}

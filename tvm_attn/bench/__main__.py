@@ -34,9 +34,10 @@ def main(argv=None) -> None:
 
     import tvm_attn
 
+    from ..timing import SPREAD
     from .providers import PROVIDERS
     from .report import write_report
-    from .runner import SPREAD, merge_results, run_studies
+    from .runner import merge_results, run_studies
     from .studies import default_studies
 
     out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + ("-quick" if args.quick else ""))

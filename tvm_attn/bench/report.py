@@ -6,6 +6,7 @@ import csv
 import os
 from collections import defaultdict
 
+from ..timing import MAX_SECONDS, SPREAD
 from .sparse_decode import ROWS
 from .studies import NO_MASK
 
@@ -220,10 +221,10 @@ def _noise_paragraph(rows) -> list[str]:
         if r.get("variant") and r.get("distribution"):
             groups[tuple(r.get(k) for k in SAME_KERNEL)].append(r)
     repeated = [g for g in groups.values() if len({r["study"] for r in g}) > 1]
-    noisy = sum(x > 0.05 for x in spreads)
+    noisy = sum(x > SPREAD for x in spreads)
     text = (f"**Noise.** Interquartile range / median of the {len(timed)} timings: median "
-            f"{100 * spreads[len(spreads) // 2]:.1f}%, {noisy} above 5% (the timer stopped at its 2 s cap, or their "
-            f"5 calls, before they settled).")
+            f"{100 * spreads[len(spreads) // 2]:.1f}%, {noisy} above {100 * SPREAD:g}% (the timer stopped at its "
+            f"{MAX_SECONDS:g} s cap, or their 5 calls, before they settled).")
     if repeated:
         drift = [max(r["median_ms"] for r in g) / min(r["median_ms"] for r in g) for g in repeated]
         worst = repeated[max(range(len(drift)), key=drift.__getitem__)]
@@ -330,7 +331,8 @@ def write_report(csv_path: str, out_dir: str) -> str:
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
              "each has at least 5 calls and 0.2 s of timed calls and (in full runs) an interquartile range within "
-             "5% of its median, or 2 s of calls; median (and quartiles in the CSV) of per-call times. Inputs are "
+             f"{100 * SPREAD:g}% of its median, or {MAX_SECONDS:g} s of calls; median (and quartiles in the CSV) of "
+             "per-call times. Inputs are "
              "float32 (float16 or bfloat16 where a line names its dtype); output buffers are "
              "preallocated for the TVM kernels. "
              "Idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, "

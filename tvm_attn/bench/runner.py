@@ -15,7 +15,7 @@ import tvm_attn
 from .. import references
 from ..kernel import scheduled_module
 from ..runtime import numpy_dtype
-from ..timing import measure_interleaved
+from ..timing import SPREAD, measure_interleaved
 from . import ceiling
 from .bandwidth import BYTES as BANDWIDTH_BYTES
 from .bandwidth import read_bandwidth
@@ -37,9 +37,6 @@ FIELDS = (
     "perplexity", "top1_agreement", "tokens_per_s", "certificate",
 )
 MAX_LAYERS = 64
-# Each provider of a point is timed until its interquartile range is within 5% of its median (or 2 s of calls):
-# a noisy minute of a shared VM then costs time instead of a wrong ratio.
-SPREAD = 0.05
 SLOW_PROVIDERS = ("untuned", "numpy")
 
 
