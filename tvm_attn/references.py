@@ -2,6 +2,14 @@
 
 Rows with no visible key (causal with seq_q > seq_kv) output 0, as in FlashAttention.
 A sliding window (``spec.window``) only narrows the visible keys: every variant prunes within them.
+
+NaN and Inf, for kernels and references alike (IEEE arithmetic's answer, and torch SDPA's): a row that reads a NaN
+or +Inf score among its visible keys is NaN in every element, whatever a pruned variant would have kept; a -Inf
+score is a masked key (a row of only -Inf scores outputs 0). A NaN or Inf in v reaches the output elements of the
+rows that give its key a weight > 0; the dense kernels also multiply the values of keys a row does not weigh by 0
+(0 x NaN = NaN, as torch's math SDPA does), so such elements may be NaN where this reference is finite, never the
+other way round. Scores are float64 here and float32 in the kernels: finite inputs whose scores overflow float32 are
+outside the rule.
 """
 
 from __future__ import annotations
@@ -31,23 +39,39 @@ def visible_mask(spec: AttentionSpec) -> np.ndarray:
     return visible
 
 
+def poisoned_rows(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+    """(..., seq_q, 1) bool: rows that read a NaN or +Inf score among their visible keys (NaN rows, by the rule)."""
+    return (visible_mask(spec) & ~(s < np.inf)).any(axis=-1, keepdims=True)
+
+
 def softmax_weights(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
-    """Row softmax over the visible keys; masked keys and empty rows get weight 0."""
-    vis = visible_mask(spec)
-    masked = np.where(vis, s, -np.inf)
+    """Row softmax over the visible keys; masked keys (-Inf scores too) and empty rows get weight 0, rows that read
+    a NaN or +Inf score NaN."""
+    live = visible_mask(spec) & (s > -np.inf)
+    masked = np.where(live & (s < np.inf), s, -np.inf)
     row_max = masked.max(axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    e = np.where(vis, np.exp(masked - row_max), 0.0)
+    e = np.where(live, np.exp(masked - row_max), 0.0)
     total = e.sum(axis=-1, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    w = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return np.where(poisoned_rows(spec, s), np.nan, w)
 
 
 def _weighted_sum(spec: AttentionSpec, w: np.ndarray, v) -> np.ndarray:
-    """Renormalize w over each row and multiply by V."""
+    """Renormalize w over each row (NaN rows stay NaN) and sum the values of the keys weighing > 0."""
     total = w.sum(axis=-1, keepdims=True)
-    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    w = np.divide(w, total, out=np.where(np.isnan(total), np.nan, np.zeros_like(w)), where=total > 0)
     v64 = np.repeat(np.asarray(v, dtype=np.float64), spec.group_size, axis=1)
-    return w @ v64
+    finite = np.isfinite(v64)
+    if finite.all():
+        return w @ v64
+    # Keys of weight 0 are not read: the non-finite values reach only the rows that weigh their keys.
+    out = w @ np.where(finite, v64, 0.0)
+    weighs = np.where(w > 0, 1.0, 0.0)
+    nan_in = (weighs @ np.isnan(v64) > 0) | ((weighs @ (v64 == np.inf) > 0) & (weighs @ (v64 == -np.inf) > 0))
+    out = np.where(weighs @ (v64 == np.inf) > 0, np.inf, out)
+    out = np.where(weighs @ (v64 == -np.inf) > 0, -np.inf, out)
+    return np.where(nan_in | np.isnan(w).any(axis=-1, keepdims=True), np.nan, out)
 
 
 def dense(spec: AttentionSpec, q, k, v) -> np.ndarray:
@@ -129,10 +153,12 @@ def bounded_keep(spec: AttentionSpec, q, k) -> np.ndarray:
     the row's top bound that certify the rest hold at most eps of the row's softmax mass (``shadow``'s rule)."""
     vis = visible_mask(spec)
     lower, upper = shadow_bounds(spec, q, k)
-    top = np.where(vis, upper, -np.inf).max(axis=-1, keepdims=True)
+    # A NaN or +Inf bound (a NaN or Inf in q or in a block of k): nothing is certified, every visible key is kept.
+    unbounded = (vis & ~(upper < np.inf)).any(axis=-1, keepdims=True)
+    top = np.where(vis & ~unbounded, upper, -np.inf).max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    bins = np.where(vis, np.minimum(np.floor((top - upper) / shadow.CUT_STEP), shadow.CUT_STEPS),
-                    shadow.CUT_STEPS + 1)
+    bins = np.where(vis, np.where(unbounded, 0, np.minimum(np.floor((top - upper) / shadow.CUT_STEP),
+                                                           shadow.CUT_STEPS)), shadow.CUT_STEPS + 1)
     e_upper = np.where(vis, np.exp(upper - top), 0.0)
     e_lower = np.where(vis, np.exp(lower - top), 0.0)
     budget = shadow.CERTIFY * spec.eps / (1.0 - spec.eps)

@@ -76,12 +76,20 @@ def _blocks_of(k: np.ndarray) -> list[np.ndarray]:
 
 
 def _quantize_blocks(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Codes (..., blocks, m, d), lo and step (..., blocks, d) of float32 key blocks g (..., blocks, m, d)."""
-    lo = g.min(axis=-2)
-    step = (g.max(axis=-2) - lo) / np.float32(LEVELS)
+    """Codes (..., blocks, m, d), lo and step (..., blocks, d) of float32 key blocks g (..., blocks, m, d).
+
+    A NaN in a block's dimension makes its lo -Inf and its max +Inf, so the step is +Inf and every bound computed
+    from it NaN or +Inf (the kernels then score every key: none is ruled out); codes are 0 where the step is 0 or
+    infinite."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo, hi = g.min(axis=-2), g.max(axis=-2)
+        lo[np.isnan(lo)] = -np.inf
+        hi[np.isnan(hi)] = np.inf
+        step = (hi - lo) / np.float32(LEVELS)
     with np.errstate(divide="ignore", invalid="ignore"):
         scaled = (g - lo[..., None, :]) / step[..., None, :]
-    np.nan_to_num(scaled, copy=False, nan=0.0)  # 0 / 0 where a dimension is constant over the block (step 0)
+    # 0 / 0 where a dimension is constant over the block (step 0); x / inf = 0 and inf / inf = NaN where it is +Inf
+    np.nan_to_num(scaled, copy=False, nan=0.0)
     return np.clip(np.rint(scaled, out=scaled), 0, LEVELS, out=scaled).astype(np.uint8), lo, step
 
 

@@ -33,8 +33,8 @@ from tvm.script import tirx as T
 from .. import shadow
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, ELEMENT_BYTES, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, narrow,
-                     run_time_sizes, widen)
+from .common import (ACC, ELEMENT_BYTES, INF, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, poisoned,
+                     row_output, run_time_sizes, widen)
 from .pruned import INT32_MIN, order_key
 
 LANES = 16
@@ -235,7 +235,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                                 for g, jj in T.grid(G, SB):
                                     with T.sblock("chunk_max"):
                                         vg, j = T.axis.remap("SR", [g, jj])
-                                        cmax[vg] = T.max(cmax[vg], u[vg, j])
+                                        cmax[vg] = T.max(cmax[vg], poisoned(u[vg, j]))
                         for g in range(G):
                             with T.sblock("save_max"):
                                 vg = T.axis.spatial(G, g)
@@ -294,14 +294,17 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 # Per key e^(u - top) and its bin, floor((top - u) / CUT_STEP) capped at CUTS; keys not seen: bin
                 # CUTS + 1 and e = 0. Blocks no chunk visited for this row hold stale values: the visibility test
                 # drops them. Per block: its lowest and highest bin (of keys seen), sum of e, and e^(-2 radius),
-                # which turns e^(u - top) into e^(l - top).
+                # which turns e^(u - top) into e^(l - top). top is +Inf when a bound is NaN or +Inf (a NaN or Inf in
+                # q or in a block of K): then nothing is certified, every key seen is in bin 0 and gets scored.
                 for t in range(NB):
                     for lane in T.vectorized(SB):
                         e[t * SB + lane] = T.Select(vis.sees(vi, t * SB + lane),
                                                     softmax_exp(upper[vb, vh, vi, t * SB + lane] - top[0]), ZERO)
                         bins[t * SB + lane] = T.Select(
                             vis.sees(vi, t * SB + lane),
-                            T.Cast("int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)),
+                            T.Select(top[0] < T.float32(INF),
+                                     T.Cast("int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)),
+                                     0),
                             CUTS + 1)
                     bin_min[t] = CUTS + 1
                     bin_max[t] = -1
@@ -338,7 +341,6 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     hi_n[0] = T.max(hi_n[0], T.Cast("int32", T.float32(2) * widest[0] * INV_STEP) + 2)
                     hi_n[0] = T.max(hi_n[0], T.Cast("int32", T.min(-T.log(TAU * held[0]), FAR) * INV_STEP) + 2)
                     hi_n[0] = T.min(hi_n[0], CUTS + 1)
-                    rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, hi_n[0])
                 elif IS_TOPK:
                     # The smallest n whose bins < n hold kk keys: they all score above top - n CUT_STEP - 2 widest
                     # (widest: the row's largest radius), so no key whose upper bound is below that is in the top
@@ -399,6 +401,10 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             hi_n[0] = mid[0]
                         else:
                             lo_n[0] = mid[0]
+                if top[0] == T.float32(INF):
+                    hi_n[0] = CUTS + 1  # the bisections above read NaN bounds: every key seen is kept
+                if IS_THRESHOLD:
+                    rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, hi_n[0])
                 cnt[0] = 0
                 for t in range(NB):
                     if bin_min[t] < hi_n[0]:
@@ -420,7 +426,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     exact_score(pd, qr, k, vb, vh // G, idx[c])
                     sc[c] = pd[0] + pd[1]
                     okey[c] = order_key(sc[c])
-                    m[0] = T.max(m[0], sc[c])
+                    m[0] = T.max(m[0], poisoned(sc[c]))
                 # Top-k: the kk largest exact scores among the candidates (which hold every key of the top kk), ties
                 # to the lower key index as in the pruned kernels (order keys, bisection until exactly kk are above
                 # the midpoint, else the ties straddling the cut filled by index). Bounded: every candidate.
@@ -500,7 +506,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                         for d in range(D):
                             acc[d] = acc[d] + w[0] * widen(v[vb, vh // G, idx[c], d])
                 for d in range(D):
-                    out[vb, vh, vi, d] = narrow(T.Select(l[0] > ZERO, acc[d] / l[0], ZERO), dtype)
+                    out[vb, vh, vi, d] = row_output(acc[d], l[0], m[0], dtype)
 
     if reads_shadow:
         return _with_shadow_arguments(kspec, body, B, SQ, SKV, NB)
@@ -534,19 +540,20 @@ def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
 def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq_kv):
     """The shadow of k (batch, kv_heads, seq_kv, head_dim) as shadow.quantize makes it (blocks padded with the last
     key, float32 arithmetic, round half to even): codes (batch, kv_heads, blocks, head_dim, SB), lo and step
-    (batch, kv_heads, blocks, head_dim); hi is scratch of lo's shape."""
+    (batch, kv_heads, blocks, head_dim); hi is scratch of lo's shape. A NaN in a block makes its lo -Inf and its hi
+    +Inf (so every bound from it is NaN or +Inf), and a block with an infinite step gets codes 0."""
     for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
         with T.sblock("shadow_min"):
             vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
             with T.init():
                 lo[vb, vkh, vt, vd] = T.max_value(ACC)
-            lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]))
+            lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd], -poisoned(-widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd])))
     for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
         with T.sblock("shadow_max"):
             vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
             with T.init():
                 hi[vb, vkh, vt, vd] = T.min_value(ACC)
-            hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd], widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]))
+            hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd], poisoned(widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd])))
     for b, kh, t, d in T.grid(batch, kv_heads, blocks, head_dim):
         with T.sblock("shadow_step"):
             vb, vkh, vt, vd = T.axis.remap("SSSS", [b, kh, t, d])
@@ -555,7 +562,7 @@ def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq
         with T.sblock("shadow_codes"):
             vb, vkh, vt, vd, j = T.axis.remap("SSSSS", [b, kh, t, d, jj])
             codes[vb, vkh, vt, vd, j] = T.Cast("uint8", T.Select(
-                step[vb, vkh, vt, vd] > T.float32(0),
+                T.And(step[vb, vkh, vt, vd] > T.float32(0), step[vb, vkh, vt, vd] < T.float32(INF)),
                 T.max(T.min(T.nearbyint((widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]) - lo[vb, vkh, vt, vd])
                                         / step[vb, vkh, vt, vd]), T.float32(shadow.LEVELS)), T.float32(0)),
                 T.float32(0)))

@@ -36,6 +36,25 @@ def narrow(x, dtype: str):
     return x if dtype == ACC else T.Cast(dtype, x)
 
 
+# The rule for NaN and Inf (references.py states it): a row that reads a NaN or +Inf score is NaN in every element;
+# -Inf scores are masked keys. The kernels take every row max over poisoned(score), so the max is +Inf exactly when
+# the row read such a score (NaN itself would not survive: T.max(a, b) is a > b ? a : b), and row_output turns that
+# max into a NaN row, whatever the softmax and the selections did with the NaN meanwhile.
+INF = float("inf")
+
+
+def poisoned(x):
+    """x, or +Inf where x is NaN (or +Inf): what a row max takes of each score."""
+    return T.Select(x < T.float32(INF), x, T.float32(INF))
+
+
+def row_output(acc, total, row_max, dtype: str):
+    """An output element from the row's weighted sum ``acc``, sum of weights ``total`` and max of poisoned scores
+    ``row_max``: NaN when row_max is +Inf, 0 when the row has no weight (no visible key), else acc / total."""
+    return narrow(T.Select(row_max == T.float32(INF), T.float32(float("nan")),
+                           T.Select(total > T.float32(0), acc / total, T.float32(0))), dtype)
+
+
 def run_time_sizes():
     """The size variables of a kernel's arguments: (batch, seq_q, seq_kv), bound from the tensors at each call."""
     return tirx.Var("batch", "int32"), tirx.Var("seq_q", "int32"), tirx.Var("seq_kv", "int32")
@@ -129,7 +148,7 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
             r, j = T.axis.remap("SR", [ri, jj])
             with T.init():
                 t_max[r] = neg
-            t_max[r] = T.max(t_max[r], T.Select(sees(row0, r, key0 + j), S[r, j], neg))
+            t_max[r] = T.max(t_max[r], T.Select(sees(row0, r, key0 + j), poisoned(S[r, j]), neg))
     for ri in range(rows):
         with T.sblock("rescale"):
             r = T.axis.spatial(rows, ri)
@@ -190,7 +209,7 @@ def scores_of_rows(S, q_tile, k_t, vb, vkh, row0, rows, seq_q, n_tiles, block_kv
 
 @T.macro
 def row_max_of_scores(S, max_part, row_max, row0, rows, padded, vis, neg):
-    """row_max[r] = max of S[r, j] over the keys row0 + r sees (neg when none), in LANES lane-wise partials
+    """row_max[r] = max of poisoned S[r, j] over the keys row0 + r sees (neg when none), in LANES lane-wise partials
     (lane l covers keys l, l + LANES, ...) so it vectorizes: LLVM will not reassociate a scalar float reduction."""
     for ri, c, lane in T.grid(rows, padded // LANES, LANES):
         with T.sblock("row_max_part"):
@@ -198,7 +217,7 @@ def row_max_of_scores(S, max_part, row_max, row0, rows, padded, vis, neg):
             with T.init():
                 max_part[r, vl] = neg
             max_part[r, vl] = T.max(max_part[r, vl], T.Select(vis.sees(row0 + r, vc * LANES + vl),
-                                                              S[r, vc * LANES + vl], neg))
+                                                              poisoned(S[r, vc * LANES + vl]), neg))
     for ri, lane in T.grid(rows, LANES):
         with T.sblock("row_max"):
             r, vl = T.axis.remap("SR", [ri, lane])

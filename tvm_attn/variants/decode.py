@@ -33,7 +33,8 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import ACC, narrow, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, run_time_sizes
+from .common import (ACC, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, row_output,
+                     run_time_sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +211,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
             for b, h, i, d in T.grid(B, H, SQ, D):
                 with T.sblock("out"):
                     vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
-                    out[vb, vh, vi, vd] = narrow(T.Select(merged_sum[vb, vh, vi] > ZERO,
-                                                          merged_acc[vb, vh, vi, vd] / merged_sum[vb, vh, vi], ZERO),
-                                                 dtype)
+                    out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
+                                                     merged_max[vb, vh, vi], dtype)
 
     return decode

@@ -29,8 +29,8 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (ACC, narrow, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, run_time_sizes,
-                     transpose_k)
+from .common import (ACC, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, row_output,
+                     run_time_sizes, transpose_k)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -131,8 +131,8 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < R)
-                            out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = narrow(
-                                T.Select(l[r] > ZERO, acc[r, dd] / l[r], ZERO), dtype)
+                            out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = row_output(
+                                acc[r, dd], l[r], m[r], dtype)
 
     return flash
 

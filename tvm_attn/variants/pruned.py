@@ -29,8 +29,8 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, narrow, widen, LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
-                     run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
+from .common import (ACC, widen, LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
+                     row_output, run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -258,7 +258,7 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < SQ)
-                            out[vb, vh, vrt * BQ + r, dd] = narrow(T.Select(l[r] > ZERO, acc[r, dd] / l[r], ZERO), dtype)
+                            out[vb, vh, vrt * BQ + r, dd] = row_output(acc[r, dd], l[r], row_max[r], dtype)
 
     return pruned
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (ACC, narrow, widen, LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
-                     run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
+from .common import (ACC, widen, LANES, Visibility, bhsd, ceil_div, fresh_block_names, load_q_rows, row_max_of_scores,
+                     row_output, run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
 
 BLOCK_Q = 16
 BLOCK_KV = 64
@@ -88,6 +88,6 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
                             T.where(vrt * BQ + ri < SQ)
-                            out[vb, vh, vrt * BQ + r, dd] = narrow(T.Select(row_sum[r] > ZERO, acc[r, dd] / row_sum[r], ZERO), dtype)
+                            out[vb, vh, vrt * BQ + r, dd] = row_output(acc[r, dd], row_sum[r], row_max[r], dtype)
 
     return standard
