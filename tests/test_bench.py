@@ -70,6 +70,9 @@ def test_report_is_generated_from_the_csv(quick_run):
         assert os.path.getsize(out / f"{name}.png") > 1000
     assert "| inputs | error budget | pruning | pick |" in report
     assert "| seq_kv | line | float32 ms | 16-bit ms | speedup |" in report
+    reads = [r for r in rows if r["provider"] == "read-kv"]
+    assert reads and {r["study"] for r in reads} == {"decode"}
+    assert "| GB/s | of bandwidth | of read |" in report
     progress = [line for line in stderr.splitlines() if line.startswith("[") and line.endswith(" ms")]
     assert len(progress) == len([r for r in rows if r["study"] not in ("ceiling", "generation")])
 
@@ -211,6 +214,28 @@ def test_two_runs_are_compared_point_by_point(quick_run, tmp_path):
     # untuned / hand halves in the other run: its ratio changes by 100%, and is the largest change
     assert f"| seq_sweep | {float(target['x']):g} | flash | gaussian | untuned / hand |" in changed
     assert "| 100.0% |" in changed.split("The ten largest")[1].splitlines()[4]
+
+
+def test_interleaved_callables_are_timed_over_the_same_span():
+    """A callable that settles early keeps taking turns until the slowest one has settled, so a ratio compares the
+    same minutes of the machine (before, the fast one stopped after a few turns and the slow one went on alone)."""
+    import time
+
+    from tvm_attn.timing import measure_interleaved
+
+    calls = {"fast": [], "slow": []}
+
+    def timed(name, seconds):
+        def run():
+            time.sleep(seconds)
+            calls[name].append(time.perf_counter())
+        return run
+
+    result = measure_interleaved({"fast": timed("fast", 0.0005), "slow": timed("slow", 0.012)}, min_seconds=0.03,
+                                 min_repeats=8, turn_seconds=0.01)
+    assert result["slow"].repeats >= 8
+    # The fast one was still being timed in the slow one's last quarter of calls.
+    assert calls["fast"][-1] > calls["slow"][len(calls["slow"]) * 3 // 4]
 
 
 def test_a_failed_ceiling_measurement_does_not_lose_the_run(monkeypatch, capsys):

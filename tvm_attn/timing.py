@@ -4,10 +4,12 @@ Policy: each callable is called once to warm up (first-touch page faults, thread
 of one comparison take turns, round-robin, so that machine drift hits all of them alike. A turn opens with one
 untimed call when several callables share the machine (another library's worker threads may still be spinning
 after its own turn, e.g. OpenMP's busy-wait after a torch call delays TVM's next parallel region by ~4 ms), then
-times calls until the turn has lasted ``turn_seconds`` (at least one). A callable stops once it has at least
-``min_repeats`` timed calls and ``min_seconds`` of them (or ``max_repeats``) and, when ``spread`` is given, once
-its interquartile range is within ``spread`` times its median (or after ``max_seconds`` of timed calls, when the
-machine stays noisy). Reported: median and quartiles of its per-call times.
+times calls until the turn has lasted ``turn_seconds`` (at least one). A callable has settled once it has at least
+``min_repeats`` timed calls and ``min_seconds`` of them and, when ``spread`` is given, its interquartile range is
+within ``spread`` times its median. The callables keep taking turns until every one has settled, so that all of
+them are timed over the same minutes (a callable that settled early and stopped would be compared with another's
+later minutes); one that cannot settle stops alone after ``max_seconds`` of timed calls (with ``spread``) or
+``max_repeats`` calls. Reported: median and quartiles of its per-call times.
 
 That opening call is not enough when pools spin for tens of ms (OpenBLAS): `python -m tvm_attn.bench` makes
 every pool sleep when idle (tvm_attn/bench/__init__.py).
@@ -38,12 +40,23 @@ class Timing:
         return flops / (self.median_ms * 1e-3) / 1e9
 
 
-def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int = 5, max_repeats: int = 1000,
+def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int = 5, max_repeats: int = 100_000,
                         turn_seconds: float = 0.02, spread: float | None = None,
                         max_seconds: float = MAX_SECONDS) -> dict:
     """Time each ``fns[name]()`` by the policy above; returns {name: Timing}."""
     first = {name: _timed(fn) for name, fn in fns.items()}  # warm-up
     samples = {name: [] for name in fns}
+
+    def settled(name):
+        times = samples[name]
+        return (len(times) >= min_repeats and sum(times) >= min_seconds
+                and (spread is None or _relative_iqr(times) <= spread))
+
+    def capped(name):
+        times = samples[name]
+        return len(times) >= max_repeats or (spread is not None and sum(times) >= max_seconds
+                                             and len(times) >= min_repeats)
+
     active = list(fns)
     while active:
         for name in active:
@@ -56,10 +69,10 @@ def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int
                 samples[name].append(_timed(fn))
                 if time.perf_counter() - turn_start >= turn_seconds or len(samples[name]) >= max_repeats:
                     break
-        active = [n for n in active if len(samples[n]) < max_repeats
-                  and (len(samples[n]) < min_repeats or sum(samples[n]) < min_seconds
-                       or (spread is not None and sum(samples[n]) < max_seconds
-                           and _relative_iqr(samples[n]) > spread))]
+
+        if all(settled(n) or capped(n) for n in fns):
+            break
+        active = [n for n in fns if not capped(n)]
     result = {}
     for name, times in samples.items():
         q25, q50, q75 = np.percentile(np.array(times) * 1e3, [25, 50, 75])

@@ -21,7 +21,7 @@ from tvm_attn.runtime import dlpack_argument, numpy_dtype, torch_view
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     run: Callable[[], object]
-    output: Callable[[], np.ndarray]
+    output: Callable[[], np.ndarray] | None  # None: the provider computes no attention (read-kv)
     kernel: object = None  # the tvm_attn Kernel, when the provider is one
     record: str | None = None  # "tuned": the record's digest, or "hand" when the record is the hand schedule itself
 
@@ -116,12 +116,32 @@ def _torch_sdpa(variant: str, spec, layers):
     return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"].float().numpy())[1])
 
 
+def _read_kv(variant: str, spec, layers):
+    """One pass reading the bytes of the layer's K and V with every thread (bandwidth.py's parallel sum), timed in
+    the same round as the kernels: a decode step's floor, so that its share of it is a ratio within the point (the
+    machine's read bandwidth moves between minutes and runs)."""
+    from .bandwidth import ACCUMULATORS, parallel_sum, reader
+
+    calls = []
+    for _, k, v in layers:
+        shape = reader(k.nbytes)
+        if shape is None or not (k.flags.c_contiguous and v.flags.c_contiguous):
+            return None
+        fn = parallel_sum(*shape)
+        out = np.empty((shape[0], ACCUMULATORS, 16), np.float32)
+        args = [dlpack_argument(x.reshape(-1).view(np.float32).reshape(shape)) for x in (k, v)]
+        out_arg = dlpack_argument(out)
+        calls.append(lambda args=args, out_arg=out_arg: (fn(args[0], out_arg), fn(args[1], out_arg)))
+    return Prepared(_in_turn(calls), None)
+
+
 PROVIDERS: dict[str, Callable] = {
     "untuned": _tvm("untuned"),
     "hand": _tvm("hand"),
     "tuned": _tvm("tuned"),
     "numpy": _numpy,
     "torch-sdpa": _torch_sdpa,
+    "read-kv": _read_kv,
 }
 
 

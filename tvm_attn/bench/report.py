@@ -139,7 +139,11 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
                   f"different copy of the inputs ({int(shape['layers'])} copies at the shortest length, as many as "
                   "make 512 MB), as a model's layers do, so that K and V come from memory, not the CPU caches. "
                   "tvm_attn is the faster of the hand and tuned schedules (`schedule=\"best\"`); torch SDPA "
-                  "with `enable_gqa=True`, same threads."]
+                  "with `enable_gqa=True`, same threads."
+                  + (" \"of read\": a plain read of the same K and V bytes (a parallel sum, every thread; provider "
+                     "`read-kv`), timed in the same round as the kernels, divided by tvm_attn's time: the share of "
+                     "the machine's read rate of that minute, a ratio within the point." if _pick(rs, provider="read-kv")
+                     else "")]
         if bandwidth:
             parts += ["", "Read bandwidth measured in this run: " + ", ".join(
                 f"{r['provider']} {r['gbs']:.1f} GB/s" for r in readers) + f"; the percentages use "
@@ -156,8 +160,10 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
                 best = _best(rs, x=x, line=line)
                 torch_row = _one(rs, x=x, line=line, provider="torch-sdpa")
                 numpy_row = _one(rs, x=x, line=line, provider="numpy")
+                read_row = _one(rs, x=x, line=line, provider="read-kv")
                 share = f"{100 * best['gbs'] / bandwidth['gbs']:.0f}%" if best and bandwidth else "-"
-                body.append([x, line, _ms(best), f"{best['gbs']:.1f}" if best else "-", share, _ms(torch_row),
+                of_read = f"{100 * read_row['median_ms'] / best['median_ms']:.0f}%" if best and read_row else "-"
+                body.append([x, line, _ms(best), f"{best['gbs']:.1f}" if best else "-", share, of_read, _ms(torch_row),
                              f"{torch_row['gbs']:.1f}" if torch_row else "-", _ratio(best, torch_row),
                              _ms(numpy_row), _sci(best["rel_err_dense"]) if best else "-"])
                 if best:
@@ -168,7 +174,7 @@ def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
             if theirs and first["dtype"] == "float32":  # 16-bit torch SDPA decode is in the table (< 5 GB/s)
                 series.append((f"torch SDPA {line}", [a for a, _ in theirs], [b for _, b in theirs],
                                {**style, "marker": "x", "alpha": 0.6}))
-        parts += [_table(["seq_kv", "line", "tvm_attn ms", "GB/s", "of bandwidth", "torch ms", "torch GB/s",
+        parts += [_table(["seq_kv", "line", "tvm_attn ms", "GB/s", "of bandwidth", "of read", "torch ms", "torch GB/s",
                           "tvm_attn vs torch", "numpy ms", "rel err"], body), ""]
         _plot(os.path.join(out_dir, "decode.png"), f"Decode: K+V read rate ({machine})", "seq_kv", "GB/s", series,
               hline=(bandwidth["gbs"], f"read bandwidth ({bandwidth['provider']})") if bandwidth else None)
@@ -330,9 +336,10 @@ def write_report(csv_path: str, out_dir: str) -> str:
              "from that file.",
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
-             "each has at least 5 calls and 0.2 s of timed calls and (in full runs) an interquartile range within "
-             f"{100 * SPREAD:g}% of its median, or {MAX_SECONDS:g} s of calls; median (and quartiles in the CSV) of "
-             "per-call times. Inputs are "
+             "every one has at least 5 calls and 0.2 s of timed calls and (in full runs) an interquartile range "
+             f"within {100 * SPREAD:g}% of its median (one that does not settle stops after {MAX_SECONDS:g} s of "
+             "calls); those that settle early keep taking turns, so that all are timed over the same minutes. "
+             "Median (and quartiles in the CSV) of per-call times. Inputs are "
              "float32 (float16 or bfloat16 where a line names its dtype); output buffers are "
              "preallocated for the TVM kernels. "
              "Idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, "

@@ -221,7 +221,8 @@ def _row(point: _Point, provider: str, t, target, key: str, n_threads: int) -> d
         mem = memory_use(scheduled_module(tvm_attn.get_variant(point.line.variant), spec, target,
                                           prep.kernel.schedule).mod, spec, n_threads)
         row.update(bytes_inputs=mem.inputs, bytes_output=mem.output, bytes_intermediate=mem.intermediate)
-    row.update(_accuracy(point.line.variant, spec, q, k, v, prep.output()))
+    if prep.output is not None:
+        row.update(_accuracy(point.line.variant, spec, q, k, v, prep.output()))
     return row
 
 def _fmt(value):

@@ -11,7 +11,7 @@ import statistics
 from .report import load
 
 POINT = ("study", "x", "line", "distribution")  # one round of interleaved providers
-PAIRS = (("tuned", "hand"), ("untuned", "hand"), ("numpy", "hand"), ("hand", "torch-sdpa"))
+PAIRS = (("tuned", "hand"), ("untuned", "hand"), ("numpy", "hand"), ("hand", "torch-sdpa"), ("hand", "read-kv"))
 
 
 def _points(rows) -> dict:

@@ -115,7 +115,7 @@ def default_studies(quick: bool = False) -> list[Study]:
               tuple(Line(with_dtype(decode_label(kvh, decode["heads"]), dtype), "flash",
                          (("seq_q", 1), ("causal", True), ("kv_heads", kvh), ("dtype", dtype)))
                     for kvh in DECODE_KV_HEADS for dtype in (DTYPE,) + HALF_DTYPES),
-              ("hand", "tuned", "numpy", "torch-sdpa"), tuple(decode.items()),
+              ("hand", "tuned", "numpy", "torch-sdpa", "read-kv"), tuple(decode.items()),
               slow_providers_max_x=128 if quick else 4096, rotate_bytes=2**22 if quick else DECODE_ROTATE_BYTES,
               interleave_dtypes=True),
         Study("prefill_16bit", "Causal prefill with float16 and bfloat16 inputs, against torch SDPA in the same dtype",
