@@ -249,3 +249,25 @@ def test_a_failed_ceiling_measurement_does_not_lose_the_run(monkeypatch, capsys)
     rows = ceiling.sgemm_rows(64, 1, min_seconds=0.01)
     assert all(not r["provider"].startswith("numpy/") for r in rows)
     assert "numpy's sgemm ceiling not measured" in capsys.readouterr().err
+
+
+def test_a_declared_section_is_drawn_by_the_one_renderer(tmp_path):
+    """sections.Section: the table has a row per (x, line) in the declared order, cells see the point's providers,
+    plots get a series per line."""
+    from tvm_attn.bench.sections import Column, Context, Plot, Section
+
+    rows = [dict(study="s", x=float(x), line=line, provider=p, median_ms=float(x) * (2 if p == "b" else 1))
+            for x in (1, 2) for line in ("l1", "l2") for p in ("a", "b")]
+    ctx = Context(out_dir=str(tmp_path), machine="here", ceiling=None, peak=None, bandwidth=None, readers=[])
+    section = Section("s", "Title", intro=("Intro.",), by_line=True,
+                      columns=(Column("x", lambda p: p.x), Column("line", lambda p: p.line),
+                               Column("b / a", lambda p: p["b"]["median_ms"] / p["a"]["median_ms"])),
+                      plots=(Plot("toy", "toy plot", "Toy ({machine})", "x", "ms",
+                                  y=lambda p: p["a"]["median_ms"]),),
+                      has_row=lambda p: p.x != 2 or p.line != "l2")
+    parts = section.render(rows + [dict(rows[0], study="other")], ctx)
+    assert parts[:4] == ["## Title", "", "Intro.", ""]
+    table = next(part for part in parts if part.startswith("| x |")).splitlines()
+    assert table[2:] == ["| 1 | l1 | 2.0 |", "| 2 | l1 | 2.0 |", "| 1 | l2 | 2.0 |"]
+    assert "![toy plot](toy.png)" in parts and (tmp_path / "toy.png").stat().st_size > 1000
+    assert Section("missing", "T", columns=()).render(rows, ctx) == []

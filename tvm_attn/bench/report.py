@@ -1,119 +1,27 @@
-"""report.md and the PNG plots, generated from results.csv alone: no figure is typed by hand."""
+"""report.md and the PNG plots, generated from results.csv alone: no figure is typed by hand.
+
+The report is REPORT, in order: sections declared as data (``sections.Section``: a study's table columns and plots,
+drawn by the one renderer ``Section.render``) and the few whose layout is their own (the preamble, the memory table,
+the knob sweeps' two-panel figures, the trade-off plot, the bar chart, the model and sparse-decode studies)."""
 
 from __future__ import annotations
 
-import csv
+import math
 import os
 from collections import defaultdict
 
 from ..timing import MAX_SECONDS, SPREAD
+from .formatting import best, knob_points, load, mb, ms, one, pct, pick, plot, ratio, sci, table, tuned_ms
+from .sections import Column, Context, Plot, Section
 from .sparse_decode import ROWS
 from .studies import NO_MASK
 
-import matplotlib
-
-matplotlib.use("Agg")
+# after .formatting, which selects matplotlib's Agg backend before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "threshold", "top_k", "eps", "median_ms",
-           "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
-           "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads",
-           "layers", "bytes_kv", "gbs", "kernel_ms", "overhead_us", "compiles", "prefill_ms", "perplexity",
-           "top1_agreement", "tokens_per_s", "certificate")
-
-
 TUNED_IS_HAND = ("\"(hand)\" after a tuned time: that kernel's confirmed record is the hand schedule itself (tuning "
                  "found nothing faster on this machine), so the tuned time is the hand schedule measured again.")
-
-
-def load(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in NUMERIC:
-            value = row.get(key, "")
-            row[key] = float(value) if value not in ("", None) else None
-        row["causal"] = row.get("causal") == "True"
-    return rows
-
-
-def _pick(rows, **match):
-    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
-
-
-def _one(rows, **match):
-    found = _pick(rows, **match)
-    return found[0] if found else None
-
-
-def _best(rows, **match):
-    """The faster of the `hand` and `tuned` rows matching (what a user gets from schedule="best")."""
-    found = [r for r in _pick(rows, **match) if r["provider"] in ("hand", "tuned")]
-    return min(found, key=lambda r: r["median_ms"]) if found else None
-
-
-def _knob_points(rs, dist: str, knob: str) -> list[dict]:
-    """The best row (see _best) at each value of ``knob`` on inputs ``dist``, in knob order."""
-    vals = sorted({r[knob] for r in rs if r["distribution"] == dist and r[knob] is not None})
-    return [p for p in (_best(rs, distribution=dist, **{knob: x}) for x in vals) if p]
-
-
-def _ms(row):
-    return f"{row['median_ms']:.2f}" if row else "-"
-
-
-def _tuned_ms(row):
-    """A tuned row's time, marked "(hand)" when its record is the hand schedule itself."""
-    return _ms(row) + (" (hand)" if row and row.get("record") == "hand" else "")
-
-
-def _ratio(a, b):
-    return f"{b['median_ms'] / a['median_ms']:.2f}x" if a and b else "-"
-
-
-def _pct(x):
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _sci(x):
-    return "-" if x is None else f"{x:.1e}"
-
-
-def _mb(x):
-    return "-" if x is None else f"{x / 2**20:.1f}"
-
-
-def _table(header, body) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _plot(path, title, xlabel, ylabel, series, *, logx=True, logy=False, hline=None):
-    """series: (label, xs, ys) or (label, xs, ys, matplotlib style keywords)."""
-    many = len(series) > 8
-    fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.2))
-    for label, xs, ys, *style in series:
-        if xs:
-            ax.plot(xs, ys, **{"marker": "o", **(style[0] if style else {})}, label=label)
-    if hline:
-        ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
-    if logx:
-        ax.set_xscale("log", base=2)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if many:  # beside the axes, not over the lines
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    else:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 DTYPE_STYLES = {"float32": "-", "float16": "--", "bfloat16": ":"}
@@ -123,74 +31,82 @@ TRADEOFF = (("threshold_effect", "threshold", "threshold"), ("topk_effect", "top
 ERROR_BUDGETS = (0.01, 0.05, 0.10)
 
 
-def _decode_section(rows, out_dir: str, machine: str) -> list[str]:
-    """Decode against the machine's read bandwidth and torch SDPA, and the KVCache generation loop."""
-    rs = _pick(rows, study="decode")
-    parts = []
-    if rs:
-        readers = _pick(rows, study="ceiling", line="read bandwidth")
-        bandwidth = max(readers, key=lambda r: r["gbs"]) if readers else None
-        shape = rs[0]
-        parts += [f"## Decode (seq_q = 1): batch {int(shape['batch'])}, {int(shape['heads'])} query heads, head_dim "
-                  f"{int(shape['head_dim'])}", "",
-                  "Inputs and KV cache in float32, or in float16/bfloat16 where the line says so (computed in "
-                  "float32 either way). "
-                  "GB/s = bytes of K and V (every key and value is read once) / median time. Each call reads a "
-                  f"different copy of the inputs ({int(shape['layers'])} copies at the shortest length, as many as "
-                  "make 512 MB), as a model's layers do, so that K and V come from memory, not the CPU caches. "
-                  "tvm_attn is the faster of the hand and tuned schedules (`schedule=\"best\"`); torch SDPA "
-                  "with `enable_gqa=True`, same threads."
-                  + (" \"of read\": a plain read of the same K and V bytes (a parallel sum, every thread; provider "
-                     "`read-kv`), timed in the same round as the kernels, divided by tvm_attn's time: the share of "
-                     "the machine's read rate of that minute, a ratio within the point." if _pick(rs, provider="read-kv")
-                     else "")]
-        if bandwidth:
-            parts += ["", "Read bandwidth measured in this run: " + ", ".join(
-                f"{r['provider']} {r['gbs']:.1f} GB/s" for r in readers) + f"; the percentages use "
-                f"{bandwidth['gbs']:.1f} GB/s."]
-        parts.append("")
-        body, series = [], []
-        xs = sorted({int(r["x"]) for r in rs})
-        heads_colors = {h: f"C{i}" for i, h in enumerate(dict.fromkeys(r["kv_heads"] for r in rs))}
-        for line in dict.fromkeys(r["line"] for r in rs):
-            first = _one(rs, line=line)
-            style = dict(color=heads_colors[first["kv_heads"]], linestyle=DTYPE_STYLES.get(first["dtype"], "-"))
-            ours, theirs = [], []
-            for x in xs:
-                best = _best(rs, x=x, line=line)
-                torch_row = _one(rs, x=x, line=line, provider="torch-sdpa")
-                numpy_row = _one(rs, x=x, line=line, provider="numpy")
-                read_row = _one(rs, x=x, line=line, provider="read-kv")
-                share = f"{100 * best['gbs'] / bandwidth['gbs']:.0f}%" if best and bandwidth else "-"
-                of_read = f"{100 * read_row['median_ms'] / best['median_ms']:.0f}%" if best and read_row else "-"
-                body.append([x, line, _ms(best), f"{best['gbs']:.1f}" if best else "-", share, of_read, _ms(torch_row),
-                             f"{torch_row['gbs']:.1f}" if torch_row else "-", _ratio(best, torch_row),
-                             _ms(numpy_row), _sci(best["rel_err_dense"]) if best else "-"])
-                if best:
-                    ours.append((x, best["gbs"]))
-                if torch_row:
-                    theirs.append((x, torch_row["gbs"]))
-            series.append((f"tvm_attn {line}", [a for a, _ in ours], [b for _, b in ours], style))
-            if theirs and first["dtype"] == "float32":  # 16-bit torch SDPA decode is in the table (< 5 GB/s)
-                series.append((f"torch SDPA {line}", [a for a, _ in theirs], [b for _, b in theirs],
-                               {**style, "marker": "x", "alpha": 0.6}))
-        parts += [_table(["seq_kv", "line", "tvm_attn ms", "GB/s", "of bandwidth", "of read", "torch ms", "torch GB/s",
-                          "tvm_attn vs torch", "numpy ms", "rel err"], body), ""]
-        _plot(os.path.join(out_dir, "decode.png"), f"Decode: K+V read rate ({machine})", "seq_kv", "GB/s", series,
-              hline=(bandwidth["gbs"], f"read bandwidth ({bandwidth['provider']})") if bandwidth else None)
-        parts += ["![decode](decode.png)", ""]
-        parts += _half_precision_decode(rs, xs)
-    gen = _one(rows, study="generation")
-    if gen:
-        parts += ["## A generation loop through KVCache", "",
-                  f"Prefill of {int(gen['seq_kv'] - gen['repeats'])} positions, then {int(gen['repeats'])} decode "
-                  f"steps (append one position, attend one query) at batch {int(gen['batch'])}, {int(gen['heads'])} "
-                  f"query heads, {int(gen['kv_heads'])} KV heads, head_dim {int(gen['head_dim'])}: prefill "
-                  f"{gen['prefill_ms']:.1f} ms; a step {gen['median_ms'] * 1e3:.0f} us (median), of which "
-                  f"{gen['overhead_us']:.1f} us outside the kernel (the step's time minus the time inside the call of the "
-                  f"kernel's runtime function in that step, median over steps); {int(gen['compiles'])} kernels "
-                  f"compiled during the loop.", ""]
+def _decode_intro(rs, ctx: Context) -> list[str]:
+    shape = rs[0]
+    parts = ["Inputs and KV cache in float32, or in float16/bfloat16 where the line says so (computed in "
+             "float32 either way). "
+             "GB/s = bytes of K and V (every key and value is read once) / median time. Each call reads a "
+             f"different copy of the inputs ({int(shape['layers'])} copies at the shortest length, as many as "
+             "make 512 MB), as a model's layers do, so that K and V come from memory, not the CPU caches. "
+             "tvm_attn is the faster of the hand and tuned schedules (`schedule=\"best\"`); torch SDPA "
+             "with `enable_gqa=True`, same threads."
+             + (" \"of read\": a plain read of the same K and V bytes (a parallel sum, every thread; provider "
+                "`read-kv`), timed in the same round as the kernels, divided by tvm_attn's time: the share of "
+                "the machine's read rate of that minute, a ratio within the point." if pick(rs, provider="read-kv")
+                else "")]
+    if ctx.bandwidth:
+        parts += ["", "Read bandwidth measured in this run: " + ", ".join(
+            f"{r['provider']} {r['gbs']:.1f} GB/s" for r in ctx.readers) + f"; the percentages use "
+            f"{ctx.bandwidth['gbs']:.1f} GB/s."]
     return parts
+
+
+def _decode_series(line, points, rs) -> list:
+    """tvm_attn's K+V read rate of one line, and torch's beside it for float32 lines (16-bit torch SDPA decode is
+    in the table, < 5 GB/s); one colour per KV head count, one line style per dtype."""
+    heads_colors = {h: f"C{i}" for i, h in enumerate(dict.fromkeys(r["kv_heads"] for r in rs))}
+    first = one(rs, line=line)
+    style = dict(color=heads_colors[first["kv_heads"]], linestyle=DTYPE_STYLES.get(first["dtype"], "-"))
+    ours = [(p.x, p.best()["gbs"]) for p in points if p.best()]
+    theirs = [(p.x, p["torch-sdpa"]["gbs"]) for p in points if p["torch-sdpa"]]
+    series = [(f"tvm_attn {line}", [a for a, _ in ours], [b for _, b in ours], style)]
+    if theirs and first["dtype"] == "float32":
+        series.append((f"torch SDPA {line}", [a for a, _ in theirs], [b for _, b in theirs],
+                       {**style, "marker": "x", "alpha": 0.6}))
+    return series
+
+
+DECODE = Section(
+    "decode",
+    lambda rs, ctx: (f"Decode (seq_q = 1): batch {int(rs[0]['batch'])}, {int(rs[0]['heads'])} query heads, head_dim "
+                     f"{int(rs[0]['head_dim'])}"),
+    intro=_decode_intro,
+    by_line=True,
+    columns=(
+        Column("seq_kv", lambda p: p.x),
+        Column("line", lambda p: p.line),
+        Column("tvm_attn ms", lambda p: ms(p.best())),
+        Column("GB/s", lambda p: f"{p.best()['gbs']:.1f}" if p.best() else "-"),
+        Column("of bandwidth", lambda p: f"{100 * p.best()['gbs'] / p.ctx.bandwidth['gbs']:.0f}%"
+               if p.best() and p.ctx.bandwidth else "-"),
+        Column("of read", lambda p: f"{100 * p['read-kv']['median_ms'] / p.best()['median_ms']:.0f}%"
+               if p.best() and p["read-kv"] else "-"),
+        Column("torch ms", lambda p: ms(p["torch-sdpa"])),
+        Column("torch GB/s", lambda p: f"{p['torch-sdpa']['gbs']:.1f}" if p["torch-sdpa"] else "-"),
+        Column("tvm_attn vs torch", lambda p: ratio(p.best(), p["torch-sdpa"])),
+        Column("numpy ms", lambda p: ms(p["numpy"])),
+        Column("rel err", lambda p: sci(p.best()["rel_err_dense"]) if p.best() else "-"),
+    ),
+    plots=(Plot("decode", "decode", "Decode: K+V read rate ({machine})", "seq_kv", "GB/s", series=_decode_series,
+                hline=lambda ctx: (ctx.bandwidth["gbs"], f"read bandwidth ({ctx.bandwidth['provider']})")
+                if ctx.bandwidth else None),),
+    after=lambda rs, ctx: _half_precision_decode(rs, sorted({int(r["x"]) for r in rs})),
+)
+
+
+def _generation_section(rows, ctx: Context) -> list[str]:
+    """The KVCache generation loop (bench/generation.py)."""
+    gen = one(rows, study="generation")
+    if not gen:
+        return []
+    return ["## A generation loop through KVCache", "",
+            f"Prefill of {int(gen['seq_kv'] - gen['repeats'])} positions, then {int(gen['repeats'])} decode "
+            f"steps (append one position, attend one query) at batch {int(gen['batch'])}, {int(gen['heads'])} "
+            f"query heads, {int(gen['kv_heads'])} KV heads, head_dim {int(gen['head_dim'])}: prefill "
+            f"{gen['prefill_ms']:.1f} ms; a step {gen['median_ms'] * 1e3:.0f} us (median), of which "
+            f"{gen['overhead_us']:.1f} us outside the kernel (the step's time minus the time inside the call of the "
+            f"kernel's runtime function in that step, median over steps); {int(gen['compiles'])} kernels "
+            f"compiled during the loop.", ""]
 
 
 def _half_precision_decode(rs, xs) -> list[str]:
@@ -200,15 +116,15 @@ def _half_precision_decode(rs, xs) -> list[str]:
         return []
     body = []
     for line in dict.fromkeys(r["line"] for r in half):
-        kv_heads = _one(half, line=line)["kv_heads"]  # the study's lines differ only in kv_heads and dtype
+        kv_heads = one(half, line=line)["kv_heads"]  # the study's lines differ only in kv_heads and dtype
         for x in xs:
-            fast, base = _best(rs, x=x, line=line), _best(rs, x=x, kv_heads=kv_heads, dtype="float32")
-            body.append([x, line, _ms(base), _ms(fast), _ratio(fast, base)])
+            fast, base = best(rs, x=x, line=line), best(rs, x=x, kv_heads=kv_heads, dtype="float32")
+            body.append([x, line, ms(base), ms(fast), ratio(fast, base)])
     return ["### 16-bit KV caches", "",
             "The same decode step with float16 or bfloat16 q, K, V and output beside float32 (tvm_attn, best "
             "schedule), each 16-bit line timed interleaved with its float32 line: half the bytes, so up to 2x when "
             "the step is bandwidth-bound.", "",
-            _table(["seq_kv", "line", "float32 ms", "16-bit ms", "speedup"], body), ""]
+            table(["seq_kv", "line", "float32 ms", "16-bit ms", "speedup"], body), ""]
 
 
 SAME_KERNEL = ("variant", "provider", "distribution", "dtype", "batch", "heads", "kv_heads", "seq_q", "seq_kv",
@@ -259,15 +175,15 @@ def _annotate_apart(ax, labelled: list[tuple]) -> None:
                 break
 
 
-def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
+def _tradeoff_section(rows, ctx: Context) -> list[str]:
     """Kept fraction against error for every pruning knob and input, and the knob to pick for an error budget."""
     points = {}  # (distribution, label, knob) -> rows sorted by kept fraction
     flash = {}
     for study, knob, label in TRADEOFF:
-        rs = _pick(rows, study=study)
+        rs = pick(rows, study=study)
         for dist in dict.fromkeys(r["distribution"] for r in rs):
-            points[(dist, label, knob)] = sorted(_knob_points(rs, dist, knob), key=lambda r: r["kept_fraction"])
-            flash.setdefault(dist, _best(rs, distribution=dist, line="flash"))
+            points[(dist, label, knob)] = sorted(knob_points(rs, dist, knob), key=lambda r: r["kept_fraction"])
+            flash.setdefault(dist, best(rs, distribution=dist, line="flash"))
     if not points:
         return []
     seq = int(next(iter(points.values()))[0]["seq_q"])
@@ -297,9 +213,9 @@ def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
         ax.set_ylabel("mean |out - dense| / mean |dense|")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Accuracy against work, seq {seq} ({machine}); labels: ms", fontsize=10)
+    fig.suptitle(f"Accuracy against work, seq {seq} ({ctx.machine}); labels: ms", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "tradeoff.png"), dpi=110)
+    fig.savefig(os.path.join(ctx.out_dir, "tradeoff.png"), dpi=110)
     plt.close(fig)
     parts += ["![tradeoff](tradeoff.png)", ""]
     body = []
@@ -313,26 +229,32 @@ def _tradeoff_section(rows, out_dir: str, machine: str) -> list[str]:
                     body.append([dist, f"{100 * budget:g}%", label, "none measured", "-", "-", "-", "-"])
                     continue
                 r = min(ok, key=lambda r: r["median_ms"])
-                body.append([dist, f"{100 * budget:g}%", label, f"{knob} = {r[knob]:g}", _pct(r["kept_fraction"]),
-                             _sci(r["rel_err_dense"]), _ms(r), _ratio(r, flash.get(dist))])
+                body.append([dist, f"{100 * budget:g}%", label, f"{knob} = {r[knob]:g}", pct(r["kept_fraction"]),
+                             sci(r["rel_err_dense"]), ms(r), ratio(r, flash.get(dist))])
     parts += ["For each error budget, the fastest measured setting of each knob whose error stays within it, and "
               "its speed against flash (dense) on the same inputs:", "",
-              _table(["inputs", "error budget", "pruning", "pick", "kept", "rel err", "ms", "vs flash"], body), ""]
+              table(["inputs", "error budget", "pruning", "pick", "kept", "rel err", "ms", "vs flash"], body), ""]
     return parts
 
 
-def write_report(csv_path: str, out_dir: str) -> str:
-    rows = load(csv_path)
-    if not rows:
-        raise ValueError(f"{csv_path} has no rows")
+def _context(rows, out_dir: str) -> Context:
     meta = rows[0]
-    machine = f"{meta['target']}, {int(meta['threads'])} threads"
-    sgemms = _pick(rows, study="ceiling", line="sgemm")
-    ceiling = max(sgemms, key=lambda r: r["gflops"]) if sgemms else None
-    peak = _one(rows, study="ceiling", line="fma peak")
+    sgemms = pick(rows, study="ceiling", line="sgemm")
+    readers = pick(rows, study="ceiling", line="read bandwidth")
+    return Context(out_dir=out_dir, machine=f"{meta['target']}, {int(meta['threads'])} threads",
+                   ceiling=max(sgemms, key=lambda r: r["gflops"]) if sgemms else None,
+                   peak=one(rows, study="ceiling", line="fma peak"),
+                   bandwidth=max(readers, key=lambda r: r["gbs"]) if readers else None, readers=readers)
+
+
+def _preamble(rows, ctx: Context) -> list[str]:
+    """Title, how times, FLOPs and errors are measured, the run's noise, ceiling and inputs."""
+    meta = rows[0]
+    ceiling, peak = ctx.ceiling, ctx.peak
+    sgemms = pick(rows, study="ceiling", line="sgemm")
     parts = [f"# tvm_attn benchmark: {meta['target']}",
              "",
-             f"Generated from `results.csv` by `python -m tvm_attn.bench` on {machine}. Every figure below comes "
+             f"Generated from `results.csv` by `python -m tvm_attn.bench` on {ctx.machine}. Every figure below comes "
              "from that file.",
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
@@ -372,103 +294,120 @@ def write_report(csv_path: str, out_dir: str) -> str:
         parts += ["**Inputs.** `gaussian`: q, k, v ~ N(0, 1), so scale * q.k has std 1 (a broad softmax). "
                   "`peaked`: q scaled by 4 (scores of std 4). Mean row entropy of the softmax, in nats "
                   "(log(seq_kv) would be uniform): " + "; ".join(
-                      f"{d} at seq_kv {s}: {sum(v) / len(v):.2f} (uniform {__import__('math').log(s):.2f})"
+                      f"{d} at seq_kv {s}: {sum(v) / len(v):.2f} (uniform {math.log(s):.2f})"
                       for (d, s), v in sorted(entropies.items())) + ".", ""]
+    return parts
 
-    sweep = _pick(rows, study="seq_sweep")
-    if sweep:
-        lines = list(dict.fromkeys(r["line"] for r in sweep))
-        seqs = sorted({int(r["x"]) for r in sweep})
-        parts += ["## 1. Speedup vs sequence length", "",
-                  "Each line's hand-scheduled kernel (`hand`) against the untuned standard compute (`untuned`, "
-                  "measured up to the seq where it still runs in seconds), the hand-scheduled standard, torch SDPA "
-                  "(same process, same threads) and the float32 numpy formula.", ""]
-        body = []
-        for s in seqs:
-            std_hand = _one(sweep, x=s, line="standard", provider="hand")
-            std_untuned = _one(sweep, x=s, line="standard", provider="untuned")
-            for line in lines:
-                hand = _one(sweep, x=s, line=line, provider="hand")
-                tuned = _one(sweep, x=s, line=line, provider="tuned")
-                torch_row = _one(sweep, x=s, line=line, provider="torch-sdpa")
-                numpy_row = _one(sweep, x=s, line=line, provider="numpy")
-                own_untuned = _one(sweep, x=s, line=line, provider="untuned")
-                body.append([s, line, _ms(hand), _tuned_ms(tuned), f"{hand['gflops']:.1f}" if hand else "-",
-                             _ratio(hand, std_untuned), _ratio(hand, own_untuned), _ratio(hand, std_hand),
-                             _ratio(hand, torch_row), _ratio(tuned, torch_row), _ms(torch_row), _ms(numpy_row),
-                             _pct(hand["kept_fraction"]) if hand else "-"])
-        parts += [_table(["seq", "line", "hand ms", "tuned ms", "hand GFLOP/s", "hand vs untuned standard",
-                          "hand vs own untuned", "hand vs hand standard", "hand vs torch SDPA",
-                          "tuned vs torch SDPA", "torch ms", "numpy ms", "kept"], body), "",
-                  TUNED_IS_HAND, ""]
-        series = []
-        for line in lines:
-            # torch SDPA as timed in the same round as the line (its own rows: the table's ratios)
-            pts = [(s, _one(sweep, x=s, line=line, provider="hand"), _one(sweep, x=s, line=line,
-                                                                          provider="torch-sdpa")) for s in seqs]
-            pts = [(s, t["median_ms"] / h["median_ms"]) for s, h, t in pts if h and t]
-            series.append((line, [p[0] for p in pts], [p[1] for p in pts]))
-        _plot(os.path.join(out_dir, "speedup_vs_torch.png"), f"Speedup over torch SDPA (dense) ({machine})",
-              "sequence length", "torch SDPA time / tvm_attn time", series, hline=(1.0, "torch SDPA"))
-        series = []
-        for line in lines:
-            pts = [(s, _one(sweep, x=s, line=line, provider="hand")) for s in seqs]
-            series.append((line, [s for s, h in pts if h], [h["gflops"] for s, h in pts if h]))
-        torch_pts = [(s, _one(sweep, x=s, line="flash", provider="torch-sdpa")) for s in seqs]
-        series.append(("torch SDPA", [s for s, t in torch_pts if t], [t["gflops"] for s, t in torch_pts if t]))
-        _plot(os.path.join(out_dir, "gflops_vs_seq.png"), f"Throughput ({machine})", "sequence length",
-              "GFLOP/s (dense-equivalent)", series,
-              hline=(ceiling["gflops"], "sgemm ceiling") if ceiling else None)
-        parts += ["![speedup over torch](speedup_vs_torch.png)", "", "![GFLOP/s](gflops_vs_seq.png)", ""]
 
-        parts += ["## 2. Memory", "",
-                  "Bytes the kernel holds, counted from its own IR after TVM places and shrinks allocations: "
-                  "inputs (q, k, v), output, and intermediates (scratch inside a parallel loop counted once per "
-                  "thread). MB = 2^20 bytes.", ""]
-        body = []
-        for s in (seqs[0], seqs[-1]):
-            for line in lines:
-                for p in ("untuned", "hand"):
-                    r = _one(sweep, x=s, line=line, provider=p)
-                    if r and r["bytes_inputs"] is not None:
-                        body.append([s, line, p, _mb(r["bytes_inputs"]), _mb(r["bytes_output"]),
-                                     _mb(r["bytes_intermediate"])])
-        parts += [_table(["seq", "line", "schedule", "inputs MB", "output MB", "intermediate MB"], body), ""]
-        series = []
-        for line in ("standard", "flash", lines[2] if len(lines) > 2 else "flash"):
+def _hand_gflops(p) -> str:
+    return f"{p['hand']['gflops']:.1f}" if p["hand"] else "-"
+
+
+def _kept(p) -> str:
+    return pct(p["hand"]["kept_fraction"]) if p["hand"] else "-"
+
+
+def _torch_gflops_series(rs, xs) -> list:
+    torch_pts = [(s, one(rs, x=s, line="flash", provider="torch-sdpa")) for s in xs]
+    return [("torch SDPA", [s for s, t in torch_pts if t], [t["gflops"] for s, t in torch_pts if t])]
+
+
+SEQ_SWEEP = Section(
+    "seq_sweep", "1. Speedup vs sequence length",
+    intro=("Each line's hand-scheduled kernel (`hand`) against the untuned standard compute (`untuned`, "
+           "measured up to the seq where it still runs in seconds), the hand-scheduled standard, torch SDPA "
+           "(same process, same threads) and the float32 numpy formula.",),
+    columns=(
+        Column("seq", lambda p: p.x),
+        Column("line", lambda p: p.line),
+        Column("hand ms", lambda p: ms(p["hand"])),
+        Column("tuned ms", lambda p: tuned_ms(p["tuned"])),
+        Column("hand GFLOP/s", _hand_gflops),
+        Column("hand vs untuned standard", lambda p: ratio(p["hand"], p.other("standard", "untuned"))),
+        Column("hand vs own untuned", lambda p: ratio(p["hand"], p["untuned"])),
+        Column("hand vs hand standard", lambda p: ratio(p["hand"], p.other("standard", "hand"))),
+        Column("hand vs torch SDPA", lambda p: ratio(p["hand"], p["torch-sdpa"])),
+        Column("tuned vs torch SDPA", lambda p: ratio(p["tuned"], p["torch-sdpa"])),
+        Column("torch ms", lambda p: ms(p["torch-sdpa"])),
+        Column("numpy ms", lambda p: ms(p["numpy"])),
+        Column("kept", _kept),
+    ),
+    notes=(TUNED_IS_HAND,),
+    plots=(
+        # torch SDPA as timed in the same round as each line (its own rows: the table's ratios)
+        Plot("speedup_vs_torch", "speedup over torch", "Speedup over torch SDPA (dense) ({machine})",
+             "sequence length", "torch SDPA time / tvm_attn time",
+             y=lambda p: p["torch-sdpa"]["median_ms"] / p["hand"]["median_ms"] if p["hand"] and p["torch-sdpa"]
+             else None,
+             hline=lambda ctx: (1.0, "torch SDPA")),
+        Plot("gflops_vs_seq", "GFLOP/s", "Throughput ({machine})", "sequence length", "GFLOP/s (dense-equivalent)",
+             y=lambda p: p["hand"]["gflops"] if p["hand"] else None, extra=_torch_gflops_series,
+             hline=lambda ctx: (ctx.ceiling["gflops"], "sgemm ceiling") if ctx.ceiling else None),
+    ),
+)
+
+
+def _memory_section(rows, ctx: Context) -> list[str]:
+    """Bytes each kernel holds (bench/memory.py), at the sweep's shortest and longest seq."""
+    sweep = pick(rows, study="seq_sweep")
+    if not sweep:
+        return []
+    lines = list(dict.fromkeys(r["line"] for r in sweep))
+    seqs = sorted({int(r["x"]) for r in sweep})
+    parts = ["## 2. Memory", "",
+             "Bytes the kernel holds, counted from its own IR after TVM places and shrinks allocations: "
+             "inputs (q, k, v), output, and intermediates (scratch inside a parallel loop counted once per "
+             "thread). MB = 2^20 bytes.", ""]
+    body = []
+    for s in (seqs[0], seqs[-1]):
+        for line in lines:
             for p in ("untuned", "hand"):
-                pts = [(s, _one(sweep, x=s, line=line, provider=p)) for s in seqs]
-                pts = [(s, r["bytes_intermediate"] / 2**20) for s, r in pts if r and r["bytes_intermediate"]]
-                if pts:
-                    series.append((f"{line} {p}", [a for a, _ in pts], [b for _, b in pts]))
-        _plot(os.path.join(out_dir, "memory.png"), f"Intermediate memory ({machine})", "sequence length",
-              "MB", series, logy=True)
-        parts += ["![memory](memory.png)", ""]
+                r = one(sweep, x=s, line=line, provider=p)
+                if r and r["bytes_inputs"] is not None:
+                    body.append([s, line, p, mb(r["bytes_inputs"]), mb(r["bytes_output"]),
+                                 mb(r["bytes_intermediate"])])
+    parts += [table(["seq", "line", "schedule", "inputs MB", "output MB", "intermediate MB"], body), ""]
+    series = []
+    for line in ("standard", "flash", lines[2] if len(lines) > 2 else "flash"):
+        for p in ("untuned", "hand"):
+            pts = [(s, one(sweep, x=s, line=line, provider=p)) for s in seqs]
+            pts = [(s, r["bytes_intermediate"] / 2**20) for s, r in pts if r and r["bytes_intermediate"]]
+            if pts:
+                series.append((f"{line} {p}", [a for a, _ in pts], [b for _, b in pts]))
+    plot(os.path.join(ctx.out_dir, "memory.png"), f"Intermediate memory ({ctx.machine})", "sequence length",
+         "MB", series, logy=True)
+    return parts + ["![memory](memory.png)", ""]
 
-        parts += ["## 3. Accuracy", "",
-                  "Relative error of each provider's output against the float64 reference of dense attention, "
-                  "and for pruned variants against their own float64 reference.", ""]
-        body = []
-        for s in seqs:
-            for line in lines:
-                r = _one(sweep, x=s, line=line, provider="hand")
-                if r:
-                    body.append([s, line, _sci(r["rel_err_dense"]), _sci(r["max_abs_err_dense"]),
-                                 _sci(r["rel_err_own"]), _pct(r["kept_fraction"])])
-        parts += [_table(["seq", "line", "rel err vs dense", "max abs err vs dense", "rel err vs own reference",
-                          "kept"], body), ""]
-        series = []
-        for line in lines:
-            pts = [(s, _one(sweep, x=s, line=line, provider="hand")) for s in seqs]
-            series.append((line, [s for s, r in pts if r], [r["rel_err_dense"] for s, r in pts if r]))
-        _plot(os.path.join(out_dir, "accuracy.png"), f"Relative error vs dense float64 ({machine})",
-              "sequence length", "mean |out - dense| / mean |dense|", series, logy=True)
-        parts += ["![accuracy](accuracy.png)", ""]
 
-    for study, knob, title, number in (("threshold_effect", "threshold", "Effect of the pruning threshold", 4),
-                                       ("topk_effect", "top_k", "Effect of top-k", 5),
-                                       ("mass_effect", "eps", "Effect of mass pruning's error budget eps", "5b")):
-        rs = _pick(rows, study=study)
+ACCURACY = Section(
+    "seq_sweep", "3. Accuracy",
+    intro=("Relative error of each provider's output against the float64 reference of dense attention, "
+           "and for pruned variants against their own float64 reference.",),
+    columns=(
+        Column("seq", lambda p: p.x),
+        Column("line", lambda p: p.line),
+        Column("rel err vs dense", lambda p: sci(p["hand"]["rel_err_dense"])),
+        Column("max abs err vs dense", lambda p: sci(p["hand"]["max_abs_err_dense"])),
+        Column("rel err vs own reference", lambda p: sci(p["hand"]["rel_err_own"])),
+        Column("kept", _kept),
+    ),
+    has_row=lambda p: p["hand"] is not None,
+    plots=(Plot("accuracy", "accuracy", "Relative error vs dense float64 ({machine})", "sequence length",
+                "mean |out - dense| / mean |dense|", y=lambda p: p["hand"]["rel_err_dense"] if p["hand"] else None,
+                logy=True),),
+)
+
+
+KNOB_STUDIES = (("threshold_effect", "threshold", "Effect of the pruning threshold", 4),
+                ("topk_effect", "top_k", "Effect of top-k", 5),
+                ("mass_effect", "eps", "Effect of mass pruning's error budget eps", "5b"))
+
+
+def _knob_sections(rows, ctx: Context) -> list[str]:
+    """Each pruning knob's sweep: time, kept fraction and error per input distribution, beside dense attention."""
+    parts = []
+    for study, knob, title, number in KNOB_STUDIES:
+        rs = pick(rows, study=study)
         if not rs:
             continue
         seq = int(rs[0]["seq_q"])
@@ -476,16 +415,16 @@ def write_report(csv_path: str, out_dir: str) -> str:
         body = []
         fig_series = []
         for dist in dict.fromkeys(r["distribution"] for r in rs):
-            std = _best(rs, distribution=dist, line="standard")
-            fl = _best(rs, distribution=dist, line="flash")
-            pts = _knob_points(rs, dist, knob)
+            std = best(rs, distribution=dist, line="standard")
+            fl = best(rs, distribution=dist, line="flash")
+            pts = knob_points(rs, dist, knob)
             for r in pts:
-                body.append([dist, f"{r[knob]:g}", _ms(r), _pct(r["kept_fraction"]), _sci(r["rel_err_dense"]),
-                             _ratio(r, std), _ratio(r, fl)])
+                body.append([dist, f"{r[knob]:g}", ms(r), pct(r["kept_fraction"]), sci(r["rel_err_dense"]),
+                             ratio(r, std), ratio(r, fl)])
             fig_series.append((dist, pts, std, fl))
-            body.append([dist, "(dense) standard / flash", f"{_ms(std)} / {_ms(fl)}", "100%", "", "", ""])
+            body.append([dist, "(dense) standard / flash", f"{ms(std)} / {ms(fl)}", "100%", "", "", ""])
         parts += ["Times are the faster of the hand and tuned schedules (what `schedule=\"best\"` gives).", "",
-                  _table(["inputs", knob, "ms", "kept", "rel err vs dense", "vs standard", "vs flash"], body), ""]
+                  table(["inputs", knob, "ms", "kept", "rel err vs dense", "vs standard", "vs flash"], body), ""]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         for n, (dist, pts, std, fl) in enumerate(fig_series):
             color = f"C{n}"  # one colour per input distribution in both panels; the line style says the quantity
@@ -504,119 +443,123 @@ def write_report(csv_path: str, out_dir: str) -> str:
         ax1.set_ylabel("ms")
         ax2.set_yscale("log")
         ax2.set_ylabel("fraction")
-        fig.suptitle(f"{title}, seq {seq} ({machine})", fontsize=10)
+        fig.suptitle(f"{title}, seq {seq} ({ctx.machine})", fontsize=10)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"{study}.png"), dpi=110)
+        fig.savefig(os.path.join(ctx.out_dir, f"{study}.png"), dpi=110)
         plt.close(fig)
         parts += [f"![{study}]({study}.png)", ""]
-
-    parts += _tradeoff_section(rows, out_dir, machine)
-
-    if sweep:
-        seq_cmp = 512 if any(int(r["x"]) == 512 for r in sweep) else max(int(r["x"]) for r in sweep)
-        at = [r for r in sweep if int(r["x"]) == seq_cmp]
-        parts += [f"## 6. Timing comparison at seq {seq_cmp}", ""]
-        labels = [f"{r['line']}\n{r['provider']}{' (= hand)' if r.get('record') == 'hand' else ''}" for r in at]
-        fig, ax = plt.subplots(figsize=(max(7, len(at) * 0.55), 4.5))
-        ax.bar(range(len(at)), [r["median_ms"] for r in at],
-               yerr=[[r["median_ms"] - r["q25_ms"] for r in at], [r["q75_ms"] - r["median_ms"] for r in at]])
-        ax.set_xticks(range(len(at)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("ms (median, quartile bars)")
-        ax.set_title(f"Every line and provider at seq {seq_cmp} ({machine})", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "timing_comparison.png"), dpi=110)
-        plt.close(fig)
-        parts += [_table(["line", "provider", "ms", "q25", "q75", "GFLOP/s"],
-                         [[r["line"], r["provider"], _ms(r), f"{r['q25_ms']:.2f}", f"{r['q75_ms']:.2f}",
-                           f"{r['gflops']:.1f}"] for r in at]), "", "![timing](timing_comparison.png)", ""]
-
-        parts += [f"## 7. Tuning: untuned vs hand vs tuned schedule at seq {seq_cmp}", "",
-                  "`tuned` rows exist only for workloads with a record in tuning_logs/ for this target.",
-                  TUNED_IS_HAND, ""]
-        body = []
-        for line in lines:
-            u = _one(sweep, x=seq_cmp, line=line, provider="untuned")
-            h = _one(sweep, x=seq_cmp, line=line, provider="hand")
-            t = _one(sweep, x=seq_cmp, line=line, provider="tuned")
-            body.append([line, _ms(u), _ms(h), _tuned_ms(t), _ratio(h, u),
-                         f"{100 * h['gflops'] / ceiling['gflops']:.0f}%" if h and ceiling else "-"])
-        parts += [_table(["line", "untuned ms", "hand ms", "tuned ms", "hand vs untuned", "hand GFLOP/s / sgemm"],
-                         body), ""]
-
-    parts += _decode_section(rows, out_dir, machine)
-
-    for study, title in (("causal", "Causal attention"),
-                         ("prefill_16bit", "Causal prefill in float16 and bfloat16 (torch SDPA in the same dtype)")):
-        rs = _pick(rows, study=study)
-        if not rs:
-            continue
-        xs = sorted({int(r["x"]) for r in rs})
-        x_name = rs[0]["x_name"]
-        parts += [f"## {title}", ""]
-        body = []
-        series = []
-        for line in dict.fromkeys(r["line"] for r in rs):
-            pts = []
-            for x in xs:
-                h = _one(rs, x=x, line=line, provider="hand")
-                t = _one(rs, x=x, line=line, provider="torch-sdpa")
-                nrow = _one(rs, x=x, line=line, provider="numpy")
-                body.append([x, line, _ms(h), f"{h['gflops']:.1f}" if h else "-", _ms(t), _ratio(h, t), _ms(nrow),
-                             _sci(h["rel_err_dense"]) if h else "-"])
-                if h:
-                    pts.append((x, h["median_ms"]))
-            series.append((line, [p[0] for p in pts], [p[1] for p in pts]))
-        parts += [_table([x_name, "line", "hand ms", "GFLOP/s", "torch ms", "vs torch", "numpy ms",
-                          "rel err"], body), ""]
-        if study == "causal":
-            ratios = [(x, _one(rs, x=x, line=NO_MASK, provider="hand"), _one(rs, x=x, line="flash", provider="hand"))
-                      for x in xs]
-            ratios = [(x, f["median_ms"] / c["median_ms"]) for x, f, c in ratios if f and c]
-            if ratios:
-                parts += ["Flash without mask / flash causal, measured in the same points: " + ", ".join(
-                    f"seq {s}: {r:.2f}x" for s, r in ratios) + ".", ""]
-        _plot(os.path.join(out_dir, f"{study}.png"), f"{title} ({machine})", x_name, "ms", series, logy=True)
-        parts += [f"![{study}]({study}.png)", ""]
-
-    parts += _model_section(rows)
-    parts += _sparse_decode_section(rows)
-
-    path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
-    return path
+    return parts
 
 
-def _model_section(rows) -> list[str]:
+def _seq_cmp(sweep) -> int:
+    """The seq of the sweep's one-seq comparisons: 512 when measured, else the longest."""
+    return 512 if any(int(r["x"]) == 512 for r in sweep) else max(int(r["x"]) for r in sweep)
+
+
+def _timing_comparison(rows, ctx: Context) -> list[str]:
+    """Every line and provider of the sweep at one seq, as bars with quartiles."""
+    sweep = pick(rows, study="seq_sweep")
+    if not sweep:
+        return []
+    seq_cmp = _seq_cmp(sweep)
+    at = [r for r in sweep if int(r["x"]) == seq_cmp]
+    parts = [f"## 6. Timing comparison at seq {seq_cmp}", ""]
+    labels = [f"{r['line']}\n{r['provider']}{' (= hand)' if r.get('record') == 'hand' else ''}" for r in at]
+    fig, ax = plt.subplots(figsize=(max(7, len(at) * 0.55), 4.5))
+    ax.bar(range(len(at)), [r["median_ms"] for r in at],
+           yerr=[[r["median_ms"] - r["q25_ms"] for r in at], [r["q75_ms"] - r["median_ms"] for r in at]])
+    ax.set_xticks(range(len(at)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median, quartile bars)")
+    ax.set_title(f"Every line and provider at seq {seq_cmp} ({ctx.machine})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ctx.out_dir, "timing_comparison.png"), dpi=110)
+    plt.close(fig)
+    return parts + [table(["line", "provider", "ms", "q25", "q75", "GFLOP/s"],
+                          [[r["line"], r["provider"], ms(r), f"{r['q25_ms']:.2f}", f"{r['q75_ms']:.2f}",
+                            f"{r['gflops']:.1f}"] for r in at]), "", "![timing](timing_comparison.png)", ""]
+
+
+TUNING = Section(
+    "seq_sweep", lambda rs, ctx: f"7. Tuning: untuned vs hand vs tuned schedule at seq {_seq_cmp(rs)}",
+    intro=("`tuned` rows exist only for workloads with a record in tuning_logs/ for this target.", TUNED_IS_HAND),
+    columns=(
+        Column("line", lambda p: p.line),
+        Column("untuned ms", lambda p: ms(p["untuned"])),
+        Column("hand ms", lambda p: ms(p["hand"])),
+        Column("tuned ms", lambda p: tuned_ms(p["tuned"])),
+        Column("hand vs untuned", lambda p: ratio(p["hand"], p["untuned"])),
+        Column("hand GFLOP/s / sgemm", lambda p: f"{100 * p['hand']['gflops'] / p.ctx.ceiling['gflops']:.0f}%"
+               if p["hand"] and p.ctx.ceiling else "-"),
+    ),
+    xs=lambda xs, ctx: [512 if 512 in xs else max(xs)],
+)
+
+
+def _prefill_columns() -> tuple:
+    """The causal and 16-bit prefill tables: the hand kernel against torch SDPA and numpy at each seq."""
+    return (
+        Column("seq_q", lambda p: p.x),
+        Column("line", lambda p: p.line),
+        Column("hand ms", lambda p: ms(p["hand"])),
+        Column("GFLOP/s", _hand_gflops),
+        Column("torch ms", lambda p: ms(p["torch-sdpa"])),
+        Column("vs torch", lambda p: ratio(p["hand"], p["torch-sdpa"])),
+        Column("numpy ms", lambda p: ms(p["numpy"])),
+        Column("rel err", lambda p: sci(p["hand"]["rel_err_dense"]) if p["hand"] else "-"),
+    )
+
+
+def _causal_speedup(rs, ctx: Context) -> list[str]:
+    xs = sorted({int(r["x"]) for r in rs})
+    ratios = [(x, one(rs, x=x, line=NO_MASK, provider="hand"), one(rs, x=x, line="flash", provider="hand"))
+              for x in xs]
+    ratios = [(x, f["median_ms"] / c["median_ms"]) for x, f, c in ratios if f and c]
+    if not ratios:
+        return []
+    return ["Flash without mask / flash causal, measured in the same points: " + ", ".join(
+        f"seq {s}: {r:.2f}x" for s, r in ratios) + "."]
+
+
+def _prefill_section(study: str, title: str, notes=()) -> Section:
+    return Section(study, title, columns=_prefill_columns(), by_line=True, notes=notes,
+                   plots=(Plot(study, study, f"{title} ({{machine}})", "seq_q", "ms",
+                               y=lambda p: p["hand"]["median_ms"] if p["hand"] else None, logy=True),))
+
+
+CAUSAL = _prefill_section("causal", "Causal attention", notes=_causal_speedup)
+PREFILL_16BIT = _prefill_section("prefill_16bit",
+                                 "Causal prefill in float16 and bfloat16 (torch SDPA in the same dtype)")
+
+def _model_section(rows, ctx: Context) -> list[str]:
     """SmolLM2 with tvm_attn attention: decode and prefill speed against torch SDPA, and each pruning knob's
     perplexity and top-1 agreement with dense attention (bench/model.py)."""
-    rs = _pick(rows, study="model")
+    rs = pick(rows, study="model")
     if not rs:
         return []
-    speed = _pick(rs, x_name="prompt")
-    quality = _pick(rs, x_name="perplexity")
+    speed = pick(rs, x_name="prompt")
+    quality = pick(rs, x_name="perplexity")
     first = rs[0]
     parts = ["## Model: SmolLM2-135M-Instruct through tvm_attn", "",
              f"30 layers, {int(first['heads'])} query heads over {int(first['kv_heads'])} KV heads, head_dim "
              f"{int(first['head_dim'])}, float32, in transformers with `attn_implementation` set to a tvm_attn "
              "registration (`tvm_attn.hf`) or to `sdpa`; everything but attention is the same torch code.", ""]
     if speed:
-        ours, sdpa = _one(speed, provider="tvm_attn"), _one(speed, provider="torch-sdpa")
+        ours, sdpa = one(speed, provider="tvm_attn"), one(speed, provider="torch-sdpa")
         parts += [f"**Speed.** Greedy decoding after a {int(speed[0]['x'])}-token prompt: tvm_attn flash with "
                   "`tvm_attn.hf.Cache` (K/V appended in place) against torch SDPA with transformers' DynamicCache, "
                   "alternating over rounds; median step time.", ""]
         body = [[r["line"], f"{r['prefill_ms']:.0f}", f"{int(r['x']) / r['prefill_ms'] * 1e3:.0f}",
                  f"{r['median_ms']:.1f}", f"{r['tokens_per_s']:.1f}"] for r in (ours, sdpa) if r]
-        parts += [_table(["attention", "prefill ms", "prefill tokens/s", "decode ms/token", "decode tokens/s"],
+        parts += [table(["attention", "prefill ms", "prefill tokens/s", "decode ms/token", "decode tokens/s"],
                          body), ""]
         if ours and sdpa:
             parts += [f"tvm_attn vs torch SDPA in the model: prefill {sdpa['prefill_ms'] / ours['prefill_ms']:.2f}x, "
                       f"decode {sdpa['median_ms'] / ours['median_ms']:.2f}x (attention is a small part of a "
                       "135M model's step; the rest is the same torch matmuls).", ""]
     if quality:
-        dense = _one(quality, line="flash")
+        dense = one(quality, line="flash")
         text = quality[0]["distribution"].removeprefix("text:")
         parts += [f"**Pruning judged by the model.** Perplexity over {int(quality[0]['x'])} next-token predictions "
                   f"of `{text}` (windows of {int(quality[0]['seq_q'])} tokens, teacher-forced: every attention "
@@ -628,7 +571,7 @@ def _model_section(rows) -> list[str]:
                          f"{(r['perplexity'] / dense['perplexity'] - 1) * 100:+.2f}%" if dense else "-",
                          "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%",
                          f"{r['median_ms'] / 1e3:.2f}"])
-        parts += [_table(["attention", "perplexity", "vs dense", "top-1 = dense", "forward s"], body), ""]
+        parts += [table(["attention", "perplexity", "vs dense", "top-1 = dense", "forward s"], body), ""]
     return parts
 
 
@@ -638,10 +581,10 @@ SPARSE_GOALS = (("bounded eps 0.05", "bounded eps=0.05", 3.0), ("top-k 64", "top
 SPARSE_GOAL_KEYS = 8192
 
 
-def _sparse_decode_section(rows) -> list[str]:
+def _sparse_decode_section(rows, ctx: Context) -> list[str]:
     """Certified sparse decode (bench/sparse_decode.py): bounded against flash decode on the same caches, per input
     set, with kept fraction, bytes read, error and the certificate; then what the shadow costs."""
-    rs = _pick(rows, study="sparse_decode")
+    rs = pick(rows, study="sparse_decode")
     if not rs:
         return []
     parts = ["## Certified sparse decode (bounded) against dense flash decode", "",
@@ -655,34 +598,54 @@ def _sparse_decode_section(rows) -> list[str]:
              "without a shadow (it scores every key).", ""]
     goal_keys = SPARSE_GOAL_KEYS
     for dist in dict.fromkeys(r["distribution"] for r in rs if r["distribution"] != "shadow cost"):
-        sub = _pick(rs, distribution=dist)
-        flash = _one(sub, variant="flash")
+        sub = pick(rs, distribution=dist)
+        flash = one(sub, variant="flash")
         first = sub[0]
         parts += [f"**{dist}**: {int(first['seq_kv'])} keys, {int(first['heads'])} query heads over "
                   f"{int(first['kv_heads'])} KV heads, head_dim {int(first['head_dim'])}, {int(first['layers'])} "
                   "layers.", ""]
         body = []
         for r in sub:
-            body.append([r["line"], f"{r['median_ms']:.3f}", _ratio(r, flash), _pct(r["kept_fraction"]),
-                         _mb(r["bytes_kv"]),
+            body.append([r["line"], f"{r['median_ms']:.3f}", ratio(r, flash), pct(r["kept_fraction"]),
+                         mb(r["bytes_kv"]),
                          f"{flash['bytes_kv'] / r['bytes_kv']:.1f}x" if flash and r["bytes_kv"] else "-",
-                         _sci(r["rel_err_dense"]), _sci(r["rel_err_own"]),
+                         sci(r["rel_err_dense"]), sci(r["rel_err_own"]),
                          "-" if r["certificate"] is None else f"{r['certificate']:.3f}"])
-        parts += [_table(["line", "ms per layer", "vs flash", "kept", "MB read", "fewer bytes", "err vs dense",
+        parts += [table(["line", "ms per layer", "vs flash", "kept", "MB read", "fewer bytes", "err vs dense",
                           "err vs own ref.", "certificate"], body), ""]
         if flash and first["seq_kv"] >= goal_keys:
             verdicts = []
             for label, line, speedup in SPARSE_GOALS:
-                r = _one(sub, line=line)
+                r = one(sub, line=line)
                 if r:
                     got = flash["median_ms"] / r["median_ms"]
                     verdicts.append(f"{label} >= {speedup:g}x flash: {'met' if got >= speedup else 'missed'} "
                                     f"({got:.2f}x)")
             parts += ["Goals (issue 17): " + "; ".join(verdicts) + ".", ""]
-    costs = _pick(rs, distribution="shadow cost")
+    costs = pick(rs, distribution="shadow cost")
     if costs:
         body = [[r["line"], "-" if r["median_ms"] is None else f"{r['median_ms'] * 1e3:.0f} us",
-                 _mb(r["bytes_kv"]) if r["line"].startswith("memory") else "-"] for r in costs]
+                 mb(r["bytes_kv"]) if r["line"].startswith("memory") else "-"] for r in costs]
         parts += ["**What the shadow costs** (one KVCache of the same head shape):", "",
-                  _table(["", "time", "MB"], body), ""]
+                  table(["", "time", "MB"], body), ""]
     return parts
+
+
+# The report, in order: declared sections (drawn by Section.render) and the sections whose layout is their own.
+REPORT = (_preamble, SEQ_SWEEP, _memory_section, ACCURACY, _knob_sections, _tradeoff_section, _timing_comparison,
+          TUNING, DECODE, _generation_section, CAUSAL, PREFILL_16BIT, _model_section, _sparse_decode_section)
+
+
+def write_report(csv_path: str, out_dir: str) -> str:
+    """Write report.md and its plots into ``out_dir`` from the rows of ``csv_path``; returns report.md's path."""
+    rows = load(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows")
+    ctx = _context(rows, out_dir)
+    parts = []
+    for section in REPORT:
+        parts += section.render(rows, ctx) if isinstance(section, Section) else section(rows, ctx)
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path

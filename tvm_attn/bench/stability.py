@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from .report import load
+from .formatting import load
 
 POINT = ("study", "x", "line", "distribution")  # one round of interleaved providers
 PAIRS = (("tuned", "hand"), ("untuned", "hand"), ("numpy", "hand"), ("hand", "torch-sdpa"), ("hand", "read-kv"))
