@@ -302,9 +302,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                                                     softmax_exp(upper[vb, vh, vi, t * SB + lane] - top[0]), ZERO)
                         bins[t * SB + lane] = T.Select(
                             vis.sees(vi, t * SB + lane),
-                            T.Select(top[0] < T.float32(INF),
-                                     T.Cast("int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)),
-                                     0),
+                            T.Select(top[0] < T.float32(INF), T.Cast(
+                                "int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)), 0),
                             CUTS + 1)
                     bin_min[t] = CUTS + 1
                     bin_max[t] = -1
@@ -547,13 +546,16 @@ def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq
             vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
             with T.init():
                 lo[vb, vkh, vt, vd] = T.max_value(ACC)
-            lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd], -poisoned(-widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd])))
+            # -poisoned(-x): x, or -Inf where x is NaN
+            lo[vb, vkh, vt, vd] = T.min(lo[vb, vkh, vt, vd],
+                                        -poisoned(-widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd])))
     for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
         with T.sblock("shadow_max"):
             vb, vkh, vt, vd, j = T.axis.remap("SSSSR", [b, kh, t, d, jj])
             with T.init():
                 hi[vb, vkh, vt, vd] = T.min_value(ACC)
-            hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd], poisoned(widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd])))
+            hi[vb, vkh, vt, vd] = T.max(hi[vb, vkh, vt, vd],
+                                        poisoned(widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd])))
     for b, kh, t, d in T.grid(batch, kv_heads, blocks, head_dim):
         with T.sblock("shadow_step"):
             vb, vkh, vt, vd = T.axis.remap("SSSS", [b, kh, t, d])

@@ -29,8 +29,8 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (ACC, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, row_output,
-                     run_time_sizes, transpose_k)
+from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, row_output,
+                     run_time_sizes, transpose_k, widen)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
