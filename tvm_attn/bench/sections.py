@@ -52,9 +52,6 @@ class Column:
     cell: Callable[[Point], object]
 
 
-Series = tuple  # (label, xs, ys) or (label, xs, ys, matplotlib style keywords)
-
-
 @dataclasses.dataclass(frozen=True)
 class Plot:
     """One PNG of a study: by default a series per line of ``y`` over the x values where it is not None."""
@@ -65,7 +62,8 @@ class Plot:
     xlabel: str
     ylabel: str
     y: Callable[[Point], float | None] | None = None
-    # Instead of y: the series of one line, (line, its points in x order, the study's rows) -> [Series, ...]
+    # Instead of y: the series of one line, (line, its points in x order, the study's rows) -> [(label, xs, ys) or
+    # (label, xs, ys, matplotlib style keywords), ...]
     series: Callable[[str, list, list], list] | None = None
     extra: Callable[[list, list], list] | None = None  # (study rows, xs) -> series after the lines'
     logy: bool = False
