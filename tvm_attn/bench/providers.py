@@ -131,7 +131,7 @@ def _read_kv(variant: str, spec, layers):
         out = np.empty((shape[0], ACCUMULATORS, 16), np.float32)
         args = [dlpack_argument(x.reshape(-1).view(np.float32).reshape(shape)) for x in (k, v)]
         out_arg = dlpack_argument(out)
-        calls.append(lambda args=args, out_arg=out_arg: (fn(args[0], out_arg), fn(args[1], out_arg)))
+        calls.append(lambda fn=fn, args=args, out_arg=out_arg: (fn(args[0], out_arg), fn(args[1], out_arg)))
     return Prepared(_in_turn(calls), None)
 
 

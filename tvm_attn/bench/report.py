@@ -451,9 +451,9 @@ def _knob_sections(rows, ctx: Context) -> list[str]:
     return parts
 
 
-def _seq_cmp(sweep) -> int:
-    """The seq of the sweep's one-seq comparisons: 512 when measured, else the longest."""
-    return 512 if any(int(r["x"]) == 512 for r in sweep) else max(int(r["x"]) for r in sweep)
+def _seq_cmp(seqs) -> int:
+    """The seq of the sweep's one-seq comparisons (timing, tuning): 512 when measured, else the longest."""
+    return 512 if 512 in seqs else max(seqs)
 
 
 def _timing_comparison(rows, ctx: Context) -> list[str]:
@@ -461,7 +461,7 @@ def _timing_comparison(rows, ctx: Context) -> list[str]:
     sweep = pick(rows, study="seq_sweep")
     if not sweep:
         return []
-    seq_cmp = _seq_cmp(sweep)
+    seq_cmp = _seq_cmp({int(r["x"]) for r in sweep})
     at = [r for r in sweep if int(r["x"]) == seq_cmp]
     parts = [f"## 6. Timing comparison at seq {seq_cmp}", ""]
     labels = [f"{r['line']}\n{r['provider']}{' (= hand)' if r.get('record') == 'hand' else ''}" for r in at]
@@ -482,7 +482,8 @@ def _timing_comparison(rows, ctx: Context) -> list[str]:
 
 
 TUNING = Section(
-    "seq_sweep", lambda rs, ctx: f"7. Tuning: untuned vs hand vs tuned schedule at seq {_seq_cmp(rs)}",
+    "seq_sweep",
+    lambda rs, ctx: f"7. Tuning: untuned vs hand vs tuned schedule at seq {_seq_cmp({int(r['x']) for r in rs})}",
     intro=("`tuned` rows exist only for workloads with a record in tuning_logs/ for this target.", TUNED_IS_HAND),
     columns=(
         Column("line", lambda p: p.line),
@@ -493,7 +494,7 @@ TUNING = Section(
         Column("hand GFLOP/s / sgemm", lambda p: f"{100 * p['hand']['gflops'] / p.ctx.ceiling['gflops']:.0f}%"
                if p["hand"] and p.ctx.ceiling else "-"),
     ),
-    xs=lambda xs, ctx: [512 if 512 in xs else max(xs)],
+    xs=lambda xs, ctx: [_seq_cmp(xs)],
 )
 
 
