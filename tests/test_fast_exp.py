@@ -8,7 +8,7 @@ from tvm import s_tir, te
 
 from tvm_attn.fast_exp import X_MAX, X_MIN, fast_exp
 
-MAX_ULPS = 1.0  # measured 0.70 ulp (8.3e-8 relative) over [-87, 88]
+MAX_ULPS = 1.0  # measured over [-87, 88]: 0.91 ulp (1.09e-7 relative) on the generic llvm target, 0.72 with FMA
 
 
 def _compiled(n: int):

@@ -101,6 +101,15 @@ class Visibility:
             cond = T.And(cond, j > self._last(i) - self.window)
         return cond
 
+    def all_see(self, first_q, last_q, key0, key_end):
+        """Queries first_q..last_q all see keys key0..key_end - 1 (a KV tile that needs no mask)."""
+        cond = key_end <= self.seq_kv
+        if self.causal:
+            cond = T.And(cond, key_end - 1 <= self._last(first_q))
+        if self.window is not None:
+            cond = T.And(cond, key0 > self._last(last_q) - self.window)
+        return cond
+
     def first_tile(self, first_q, block: int):
         """The first KV tile (of ``block`` keys) that queries first_q.. need."""
         if self.window is None:
@@ -137,18 +146,23 @@ def qk_tile(S, s_col, q_tile, k_t, vb, vkh, key0, rows, block_kv, head_dim, zero
 
 @T.macro
 def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
-                        row0, sees, neg, zero, one):
+                        row0, sees, all_see, neg, zero, one):
     """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
     are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
     exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added. ``sees(row0, r, j)`` says whether row r sees
-    key j. Keys past seq_kv have P = 0 and read the last row of v (a predicate in pv, seq_kv being a run-time size,
-    would stay in the micro-kernel's inner loop)."""
+    key j; ``all_see`` (a condition on the tile) that every row sees every key of the tile: such tiles (all but the
+    diagonal, window-edge and last ones) skip the per-key test. Keys past seq_kv have
+    P = 0 and read the last row of v (a predicate in pv, seq_kv being a run-time size, would stay in the
+    micro-kernel's inner loop)."""
+    # all_see is one test per tile: T.if_then_else with a scalar condition branches around the per-key test
+    # instead of selecting lane by lane.
     for ri, jj in T.grid(rows, block_kv):
         with T.sblock("tile_max"):
             r, j = T.axis.remap("SR", [ri, jj])
             with T.init():
                 t_max[r] = neg
-            t_max[r] = T.max(t_max[r], T.Select(sees(row0, r, key0 + j), poisoned(S[r, j]), neg))
+            t_max[r] = T.max(t_max[r], T.if_then_else(
+                all_see, poisoned(S[r, j]), T.Select(sees(row0, r, key0 + j), poisoned(S[r, j]), neg)))
     for ri in range(rows):
         with T.sblock("rescale"):
             r = T.axis.spatial(rows, ri)
@@ -157,7 +171,8 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
     for ri, jj in T.grid(rows, block_kv):
         with T.sblock("p"):
             r, j = T.axis.remap("SS", [ri, jj])
-            P[r, j] = T.Select(sees(row0, r, key0 + j), softmax_exp(S[r, j] - m[r]), zero)
+            P[r, j] = T.if_then_else(all_see, softmax_exp(S[r, j] - m[r]),
+                                     T.Select(sees(row0, r, key0 + j), softmax_exp(S[r, j] - m[r]), zero))
     for ri, jj in T.grid(rows, block_kv):
         with T.sblock("tile_sum"):
             r, j = T.axis.remap("SR", [ri, jj])

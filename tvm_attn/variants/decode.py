@@ -174,7 +174,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                             vg, j = T.axis.remap("SS", [g, jj])
                                             S[vg, j] = half2[vg, j, 0] + half2[vg, j, 1]
                                     online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
-                                                        BK, D, SKV, vi, query_sees, NEG, ZERO, ONE)
+                                                        BK, D, SKV, vi, query_sees,
+                                                        vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE)
                             for g, d in T.grid(G, D):
                                 with T.sblock("save_acc"):
                                     vg, vd = T.axis.remap("SS", [g, d])
