@@ -41,7 +41,8 @@ def test_rows_are_complete_and_accurate(quick_run):
             continue
         assert float(r["median_ms"]) > 0
         if r["study"] not in ("ceiling", "generation"):
-            assert r["threads"] and r["target"] and float(r["gflops"]) > 0 and float(r["gbs"]) > 0
+            assert r["threads"] and r["target"] and float(r["gflops"]) > 0
+            assert float(r["gbs"]) > 0 if r["provider"] != "sgemm" else r["gbs"] == ""
         if r["provider"] in ("hand", "untuned"):
             assert int(r["bytes_intermediate"]) > 0
             if r["variant"] in ("standard", "flash", "mqa"):
@@ -73,6 +74,15 @@ def test_report_is_generated_from_the_csv(quick_run):
     reads = [r for r in rows if r["provider"] == "read-kv"]
     assert reads and {r["study"] for r in reads} == {"decode"}
     assert "| GB/s | of bandwidth | of read |" in report
+    # The same-round sgemm: in the prefill studies from their longest quick seq on, its share in the tables.
+    sgemms = [r for r in rows if r["provider"] == "sgemm"]
+    assert {(r["study"], r["x"]) for r in sgemms} == {("seq_sweep", "128"), ("causal", "128")}
+    assert all(int(r["flops"]) == 2 * 2048**3 for r in sgemms)
+    hand = next(r for r in rows if r["study"] == "seq_sweep" and r["x"] == "128" and r["line"] == "flash"
+                and r["provider"] == "hand")
+    same_round = next(r for r in sgemms if r["study"] == "seq_sweep" and r["line"] == "flash")
+    share = f"{100 * float(hand['gflops']) / float(same_round['gflops']):.0f}%"
+    assert any(line.startswith("| 128 | flash |") and f"| {share} |" in line for line in report.splitlines())
     progress = [line for line in stderr.splitlines() if line.startswith("[") and line.endswith(" ms")]
     assert len(progress) == len([r for r in rows if r["study"] not in ("ceiling", "generation")])
 
@@ -236,6 +246,23 @@ def test_interleaved_callables_are_timed_over_the_same_span():
     assert result["slow"].repeats >= 8
     # The fast one was still being timed in the slow one's last quarter of calls.
     assert calls["fast"][-1] > calls["slow"][len(calls["slow"]) * 3 // 4]
+
+
+def test_sgemm_worker_computes_the_product_in_its_own_process():
+    """The same-round ceiling really multiplies (its answer is the product's trace) and stops when closed."""
+    import numpy as np
+
+    from tvm_attn.bench.ceiling import SgemmWorker
+
+    worker = SgemmWorker(64, 1)
+    try:
+        assert "kernels" in worker.blas
+        a = np.random.default_rng(0).standard_normal((64, 64), dtype=np.float32)
+        assert worker() == pytest.approx(float(np.trace(a.astype(np.float64) @ a)), rel=1e-4)
+        assert worker.flops == 2 * 64**3
+    finally:
+        worker.close()
+    assert worker._proc.poll() == 0
 
 
 def test_a_failed_ceiling_measurement_does_not_lose_the_run(monkeypatch, capsys):

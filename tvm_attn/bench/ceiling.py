@@ -4,14 +4,21 @@ it), and the theoretical FMA peak beside it.
 Two sgemms, the larger kept as the ceiling: OpenBLAS through numpy in a subprocess whose environment drops
 OPENBLAS_CORETYPE (a machine may pin OpenBLAS to older kernels with it: Haswell's AVX2 kernels run ~5x below a Zen 5's
 AVX-512 sgemm), with the kernels it chose reported by threadpoolctl; and torch.matmul when torch is installed.
+
+A machine's speed drifts between minutes, so a ceiling timed once at the end of a run is not a within-point ratio:
+``SgemmWorker`` keeps that OpenBLAS sgemm in a child process and runs one product per call, so that the benchmark
+times it in the same interleaved round as the prefill kernels (the "sgemm" provider).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -40,16 +47,79 @@ print(json.dumps({"median_ms": t.median_ms, "q25_ms": t.q25_ms, "q75_ms": t.q75_
 """
 
 
+def _own_kernels_env(n_threads: int) -> dict:
+    """This process's environment for a child whose OpenBLAS picks its own kernels, with n_threads threads."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    env["OPENBLAS_NUM_THREADS"] = str(n_threads)
+    return env
+
+
 def openblas_sgemm(n: int, n_threads: int, min_seconds: float) -> dict:
     """numpy's sgemm of n x n in a subprocess with OpenBLAS choosing its own kernels: the timing and what
     threadpoolctl says of the BLAS (library, version, kernels, threads)."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    env["OPENBLAS_NUM_THREADS"] = str(n_threads)
-    proc = subprocess.run([sys.executable, "-c", _OPENBLAS_SGEMM, str(n), str(min_seconds)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _OPENBLAS_SGEMM, str(n), str(min_seconds)],
+                          env=_own_kernels_env(n_threads), capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise RuntimeError(f"the OpenBLAS sgemm subprocess failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# One product per line read from stdin; it answers with the product's trace (so the caller can check the work was
+# done) after a first line naming the BLAS.
+_SGEMM_WORKER = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+n = int(sys.argv[1])
+a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+a @ a
+print(json.dumps([i for i in threadpool_info() if i.get("user_api") == "blas"]), flush=True)
+for _ in sys.stdin:
+    print(float(np.trace(a @ a)), flush=True)
+"""
+SAME_ROUND_SGEMM_N = 2048
+
+
+class SgemmWorker:
+    """numpy's float32 matmul of two n x n matrices in a child process whose OpenBLAS picks its own kernels; each
+    call runs one product there and returns its trace. The parent waits on a pipe meanwhile (its thread pools idle),
+    so timing a call times the child's sgemm, plus ~0.1 ms of pipe round trip."""
+
+    def __init__(self, n: int, n_threads: int):
+        self.n, self.flops = n, 2 * n**3
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen([sys.executable, "-c", _SGEMM_WORKER, str(n)], env=_own_kernels_env(n_threads),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        first = self._proc.stdout.readline()
+        if not first:
+            self._stderr.seek(0)
+            raise RuntimeError(f"the OpenBLAS sgemm worker failed to start:\n{self._stderr.read()[-2000:]}")
+        self.blas = _blas_name(json.loads(first))
+
+    def __call__(self) -> float:
+        self._proc.stdin.write("\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the OpenBLAS sgemm worker exited (code {self._proc.poll()})")
+        return float(answer)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()  # the worker's loop ends at EOF
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._stderr.close()
+
+
+@functools.lru_cache(maxsize=None)
+def sgemm_worker(n: int, n_threads: int) -> SgemmWorker:
+    """The process's one worker for (n, n_threads), started on first use and closed at exit."""
+    worker = SgemmWorker(n, n_threads)
+    atexit.register(worker.close)
+    return worker
 
 
 def _blas_name(blas: list[dict]) -> str:

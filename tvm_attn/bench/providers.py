@@ -9,6 +9,8 @@ outside the CPU caches.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -24,6 +26,12 @@ class Prepared:
     output: Callable[[], np.ndarray] | None  # None: the provider computes no attention (read-kv)
     kernel: object = None  # the tvm_attn Kernel, when the provider is one
     record: str | None = None  # "tuned": the record's digest, or "hand" when the record is the hand schedule itself
+    flops: int | None = None  # what one call computes, when not the point's attention (sgemm)
+
+
+def threads() -> int:
+    """The threads every provider runs with (TVM_NUM_THREADS, else every CPU)."""
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
 
 
 def _in_turn(calls: list) -> Callable[[], object]:
@@ -135,6 +143,20 @@ def _read_kv(variant: str, spec, layers):
     return Prepared(_in_turn(calls), None)
 
 
+def _sgemm(variant: str, spec, layers):
+    """The machine's float32 matmul ceiling (2048^3, OpenBLAS with its own kernels in a child process:
+    ceiling.SgemmWorker) timed in the same round as the point's kernels, so that their share of it is a ratio within
+    the point. None (with a warning) when the worker cannot start."""
+    from .ceiling import SAME_ROUND_SGEMM_N, sgemm_worker
+
+    try:
+        worker = sgemm_worker(SAME_ROUND_SGEMM_N, threads())
+    except (RuntimeError, ValueError) as err:
+        print(f"warning: no same-round sgemm: {err}", file=sys.stderr)
+        return None
+    return Prepared(worker, None, flops=worker.flops)
+
+
 PROVIDERS: dict[str, Callable] = {
     "untuned": _tvm("untuned"),
     "hand": _tvm("hand"),
@@ -142,6 +164,7 @@ PROVIDERS: dict[str, Callable] = {
     "numpy": _numpy,
     "torch-sdpa": _torch_sdpa,
     "read-kv": _read_kv,
+    "sgemm": _sgemm,
 }
 
 

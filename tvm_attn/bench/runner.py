@@ -24,7 +24,7 @@ from .inputs import make_inputs, row_entropy
 from .memory import memory_use
 from .model import model_study
 from .sparse_decode import sparse_decode_study
-from .providers import PROVIDERS
+from .providers import PROVIDERS, threads
 from .studies import Study
 
 FIELDS = (
@@ -38,10 +38,6 @@ FIELDS = (
 )
 MAX_LAYERS = 64
 SLOW_PROVIDERS = ("untuned", "numpy")
-
-
-def threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
 
 
 def useful_flops(spec) -> int:
@@ -198,6 +194,8 @@ def _prepare_point(n, study, line, x, dist) -> _Point:
     for p in study.providers:
         if p in SLOW_PROVIDERS and study.slow_providers_max_x and x > study.slow_providers_max_x:
             continue
+        if p == "sgemm" and (study.sgemm_min_x is None or x < study.sgemm_min_x):
+            continue
         prep = PROVIDERS[p](line.variant, spec, layers)
         if prep is not None:
             providers[p] = prep
@@ -207,7 +205,7 @@ def _prepare_point(n, study, line, x, dist) -> _Point:
 def _row(point: _Point, provider: str, t, target, key: str, n_threads: int) -> dict:
     """The CSV row of one provider at one point: its timing, memory and accuracy."""
     spec, (q, k, v), prep = point.spec, point.inputs, point.providers[provider]
-    flops = useful_flops(spec)
+    flops = prep.flops or useful_flops(spec)
     row = dict(
         study=point.study.name, x_name=point.study.x_name, x=point.x, line=point.line.label,
         variant=point.line.variant, provider=provider, distribution=point.dist, dtype=spec.dtype, batch=spec.batch,
@@ -215,7 +213,8 @@ def _row(point: _Point, provider: str, t, target, key: str, n_threads: int) -> d
         causal=spec.causal, threshold=spec.threshold, top_k=spec.top_k, eps=spec.eps, median_ms=t.median_ms,
         q25_ms=t.q25_ms, q75_ms=t.q75_ms, repeats=t.repeats, flops=flops, gflops=t.gflops(flops),
         threads=n_threads, target=key, entropy_nats=row_entropy(spec, q, k), layers=point.n_layers,
-        bytes_kv=point.kv_bytes, gbs=point.kv_bytes / (t.median_ms * 1e-3) / 1e9, record=prep.record,
+        bytes_kv=point.kv_bytes, record=prep.record,
+        gbs=point.kv_bytes / (t.median_ms * 1e-3) / 1e9 if prep.flops is None else None,  # sgemm reads no K, V
     )
     if prep.kernel is not None:
         mem = memory_use(scheduled_module(tvm_attn.get_variant(point.line.variant), spec, target,

@@ -11,7 +11,8 @@ import statistics
 from .formatting import load
 
 POINT = ("study", "x", "line", "distribution")  # one round of interleaved providers
-PAIRS = (("tuned", "hand"), ("untuned", "hand"), ("numpy", "hand"), ("hand", "torch-sdpa"), ("hand", "read-kv"))
+PAIRS = (("tuned", "hand"), ("untuned", "hand"), ("numpy", "hand"), ("hand", "torch-sdpa"), ("hand", "read-kv"),
+         ("hand", "sgemm"))
 
 
 def _points(rows) -> dict:

@@ -34,6 +34,7 @@ class Study:
     base: tuple = tuple(PREFILL_SHAPE.items())
     distributions: tuple = ("gaussian",)
     slow_providers_max_x: int | None = None  # untuned/numpy only up to this x (they take seconds per call)
+    sgemm_min_x: int | None = None  # the same-round sgemm ceiling (provider "sgemm") from this x on
     # Replicate the inputs into as many "layers" as make this many bytes of K and V, called in turn, so that a call
     # finds its K and V in memory, not in the CPU caches, as in a model's decode step (0: one set of inputs).
     rotate_bytes: int = 0
@@ -94,11 +95,12 @@ def default_studies(quick: bool = False) -> list[Study]:
     base = tuple((QUICK_PREFILL_SHAPE if quick else PREFILL_SHAPE).items())
     decode = QUICK_DECODE_SHAPE if quick else DECODE_SHAPE
     sweeps = QUICK_KNOB_SWEEPS if quick else KNOB_SWEEPS
-    all_providers = ("hand", "tuned", "untuned", "numpy", "torch-sdpa")
+    all_providers = ("hand", "tuned", "untuned", "numpy", "torch-sdpa", "sgemm")
+    sgemm_min_x = seqs[-1] if quick else 1024  # where prefill is measured against the matmul ceiling
     return [
         Study("seq_sweep", "Speedup vs sequence length; timing, memory and accuracy of every variant",
               "seq_q", seqs, DENSE_LINES + PRUNED_LINES, all_providers, base,
-              slow_providers_max_x=128 if quick else 512),
+              slow_providers_max_x=128 if quick else 512, sgemm_min_x=sgemm_min_x),
         _knob_study("threshold_effect", "Effect of the pruning threshold: time, kept fraction, error",
                     "threshold", "threshold", sweeps["threshold"], mid, base),
         _knob_study("topk_effect", "Effect of top-k: time, kept fraction, error",
@@ -109,7 +111,7 @@ def default_studies(quick: bool = False) -> list[Study]:
               "seq_q", seqs[-2:] if quick else (512, 1024, 2048),
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
               + (Line(NO_MASK, "flash"),),  # measured in the same points, for the causal speedup
-              ("hand", "tuned", "torch-sdpa"), base),
+              ("hand", "tuned", "torch-sdpa", "sgemm"), base, sgemm_min_x=sgemm_min_x),
         Study("decode", "Decode: one query against a KV cache (seq_q = 1), a Llama-7B-like layer",
               "seq_kv", (128, 512) if quick else (1024, 2048, 4096, 8192, 16384, 32768),
               tuple(Line(with_dtype(decode_label(kvh, decode["heads"]), dtype), "flash",
