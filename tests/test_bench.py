@@ -248,6 +248,22 @@ def test_interleaved_callables_are_timed_over_the_same_span():
     assert calls["fast"][-1] > calls["slow"][len(calls["slow"]) * 3 // 4]
 
 
+def test_the_garbage_collector_is_off_while_timing_and_restored_after():
+    """A collection pausing inside a timed call would be counted as that call's time (timeit's policy)."""
+    import gc
+
+    from tvm_attn.timing import measure_interleaved
+
+    seen = []
+    assert gc.isenabled()
+    measure_interleaved({"a": lambda: seen.append(gc.isenabled())}, min_seconds=0.001, min_repeats=3)
+    assert seen and not any(seen)
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        measure_interleaved({"a": lambda: 1 / 0}, min_seconds=0.001)
+    assert gc.isenabled()
+
+
 def test_sgemm_worker_computes_the_product_in_its_own_process():
     """The same-round ceiling really multiplies (its answer is the product's trace) and stops when closed."""
     import numpy as np

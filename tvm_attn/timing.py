@@ -9,7 +9,9 @@ times calls until the turn has lasted ``turn_seconds`` (at least one). A callabl
 within ``spread`` times its median. The callables keep taking turns until every one has settled, so that all of
 them are timed over the same minutes (a callable that settled early and stopped would be compared with another's
 later minutes); one that cannot settle stops alone after ``max_seconds`` of timed calls (with ``spread``) or
-``max_repeats`` calls. Reported: median and quartiles of its per-call times.
+``max_repeats`` calls. Reported: median and quartiles of its per-call times. Python's garbage collector is run once
+before and kept off while timing (as ``timeit`` does): a full collection over the objects TVM and torch hold takes
+milliseconds and would land in whichever call triggered it.
 
 That opening call is not enough when pools spin for tens of ms (OpenBLAS): `python -m tvm_attn.bench` makes
 every pool sleep when idle (tvm_attn/bench/__init__.py).
@@ -18,6 +20,7 @@ every pool sleep when idle (tvm_attn/bench/__init__.py).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 
 import numpy as np
@@ -44,6 +47,17 @@ def measure_interleaved(fns: dict, *, min_seconds: float = 0.2, min_repeats: int
                         turn_seconds: float = 0.02, spread: float | None = None,
                         max_seconds: float = MAX_SECONDS) -> dict:
     """Time each ``fns[name]()`` by the policy above; returns {name: Timing}."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _measure_interleaved(fns, min_seconds, min_repeats, max_repeats, turn_seconds, spread, max_seconds)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _measure_interleaved(fns, min_seconds, min_repeats, max_repeats, turn_seconds, spread, max_seconds) -> dict:
     first = {name: _timed(fn) for name, fn in fns.items()}  # warm-up
     samples = {name: [] for name in fns}
 
