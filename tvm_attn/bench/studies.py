@@ -108,7 +108,7 @@ def default_studies(quick: bool = False) -> list[Study]:
         _knob_study("mass_effect", "Error-bounded pruning: eps against time, kept fraction and error",
                     "eps", "mass", sweeps["eps"], mid, base),
         Study("causal", "Causal attention (LLM prefill), the case the seed left out",
-              "seq_q", seqs[-2:] if quick else (512, 1024, 2048),
+              "seq_q", seqs[-2:] if quick else (512, 1024, 2048, 4096),
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
               + (Line(NO_MASK, "flash"),),  # measured in the same points, for the causal speedup
               ("hand", "tuned", "torch-sdpa", "sgemm"), base, sgemm_min_x=sgemm_min_x),
