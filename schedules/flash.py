@@ -18,7 +18,7 @@ from .common import register_blocked_matmul, vectorize_last, vectorized_row_redu
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
     lanes = vector_lanes(target) if target is not None else 16
-    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("k_t"))[:3]))  # serial, it took 4% of a 1024-key prefill
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("k_t"))[:3]))  # on one thread it took ~4% of a 1024-key prefill
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("tile"))))
     # Loops: (row, key, d) for qk, (row, key, d) for pv with key the reduction.
     register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes)

@@ -226,6 +226,21 @@ def test_two_runs_are_compared_point_by_point(quick_run, tmp_path):
     assert "| 100.0% |" in changed.split("The ten largest")[1].splitlines()[4]
 
 
+def test_rounds_group_what_the_report_divides():
+    """A causal point's lines (causal against no mask) share one round; a 16-bit decode line shares its float32
+    line's round; other studies time each line in its own round."""
+    from tvm_attn.bench.studies import default_studies
+
+    studies = {s.name: s for s in default_studies()}
+    for name, together in (("causal", True), ("seq_sweep", False)):
+        s = studies[name]
+        keys = {s.round_key(line, s.x_vals[-1], "gaussian") for line in s.lines}
+        assert (len(keys) == 1) == together, name
+    decode = studies["decode"]
+    keys = {decode.round_key(line, decode.x_vals[0], "gaussian") for line in decode.lines}
+    assert len(keys) == len(decode.lines) // 3  # float32, float16, bfloat16 of each KV-head count together
+
+
 def test_interleaved_callables_are_timed_over_the_same_span():
     """A callable that settles early keeps taking turns until the slowest one has settled, so a ratio compares the
     same minutes of the machine (before, the fast one stopped after a few turns and the slow one went on alone)."""

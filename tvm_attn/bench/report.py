@@ -532,7 +532,7 @@ def _causal_speedup(rs, ctx: Context) -> list[str]:
     ratios = [(x, f["median_ms"] / c["median_ms"]) for x, f, c in ratios if f and c]
     if not ratios:
         return []
-    return ["Flash without mask / flash causal, measured in the same points: " + ", ".join(
+    return ["Flash without mask / flash causal, timed in the same rounds: " + ", ".join(
         f"seq {s}: {r:.2f}x" for s, r in ratios) + "."]
 
 

@@ -42,9 +42,14 @@ class Study:
     # ratio to its float32 line is as trustworthy as ratios between providers. (All lines of a decode point at
     # once would hold ~20 GB of rotated inputs and numpy's repeated K/V.)
     interleave_dtypes: bool = False
+    # Time all lines of an x in one interleaved round, so that ratios between lines (causal against no mask) are
+    # within a round too.
+    interleave_lines: bool = False
 
     def round_key(self, line: Line, x, dist) -> tuple:
         """Points with equal keys are timed in one interleaved round."""
+        if self.interleave_lines:
+            return (self.name, x, dist)
         fields = tuple(f for f in line.fields if f[0] != "dtype") if self.interleave_dtypes else line.label
         return (self.name, x, dist, line.variant, fields)
 
@@ -111,7 +116,7 @@ def default_studies(quick: bool = False) -> list[Study]:
               "seq_q", seqs[-2:] if quick else (512, 1024, 2048, 4096),
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
               + (Line(NO_MASK, "flash"),),  # measured in the same points, for the causal speedup
-              ("hand", "tuned", "torch-sdpa", "sgemm"), base, sgemm_min_x=sgemm_min_x),
+              ("hand", "tuned", "torch-sdpa", "sgemm"), base, sgemm_min_x=sgemm_min_x, interleave_lines=True),
         Study("decode", "Decode: one query against a KV cache (seq_q = 1), a Llama-7B-like layer",
               "seq_kv", (128, 512) if quick else (1024, 2048, 4096, 8192, 16384, 32768),
               tuple(Line(with_dtype(decode_label(kvh, decode["heads"]), dtype), "flash",
