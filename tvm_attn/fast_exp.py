@@ -4,7 +4,7 @@ than the two matmuls; this one is plain arithmetic, so LLVM vectorizes it.
 exp(x) = 2^n * exp(r) with n = round(x / ln 2) and r = x - n ln 2 (ln 2 split in two for exactness, |r| <= ln(2)/2),
 exp(r) by a degree-6 polynomial (coefficients fitted here for the least maximum relative error on that interval,
 the constant term exactly 1) and 2^n built from exponent bits. About 15 vector instructions on AVX-512 (Cephes'
-degree-7 form with a float-to-int conversion took 20): the softmax's exp is a tenth of flash attention's time.
+degree-7 form with a float-to-int conversion took 20): the exp is about a tenth of flash attention's time.
 Inputs are clamped to [-87.3, 88.0], so the result never overflows and exp of very negative x is ~1e-38, not 0
 (callers that need 0 mask explicitly: ``softmax_exp``). Max relative error measured against float64 exp over
 [-87, 88]: tests/test_fast_exp.py states and checks the bound.
@@ -49,6 +49,7 @@ def _exp_in_range(x):
 def fast_exp(x):
     """exp(x) for a float32 PrimExpr x, in vectorizable arithmetic (x clamped to [X_MIN, X_MAX])."""
     return _exp_in_range(tirx.max(tirx.min(x, _c(X_MAX)), _c(X_MIN)))
+
 
 SOFTMAX_CUTOFF = -80.0
 

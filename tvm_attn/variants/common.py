@@ -151,9 +151,8 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
     are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
     exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added. ``sees(row0, r, j)`` says whether row r sees
     key j; ``all_see`` (a condition on the tile) that every row sees every key of the tile: such tiles (all but the
-    diagonal, window-edge and last ones) skip the per-key test. Keys past seq_kv have
-    P = 0 and read the last row of v (a predicate in pv, seq_kv being a run-time size, would stay in the
-    micro-kernel's inner loop)."""
+    diagonal, window-edge and last ones) skip the per-key test. Keys past seq_kv have P = 0 and read the last row of
+    v (a predicate in pv, seq_kv being a run-time size, would stay in the micro-kernel's inner loop)."""
     # all_see is one test per tile: T.if_then_else with a scalar condition branches around the per-key test
     # instead of selecting lane by lane.
     for ri, jj in T.grid(rows, block_kv):
