@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_attn.targets import vector_lanes
-
-from .common import register_blocked_matmul, vectorize_last, vectorized_row_reduction
+from .common import (RegisterBlock, register_blocked_matmul, schedule_target, vectorize_last,
+                     vectorized_row_reduction)
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
-    lanes = vector_lanes(target) if target is not None else 16
+    _, lanes = schedule_target(target)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     if "shadow_codes" in names:
         schedule_quantize(sch, target)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
     # Rows x keys accumulators, head_dim streamed: each code vector converted once serves the group's query heads.
-    register_blocked_matmul(sch, "shadow_dot", row=-3, col=-2, red=-1, lanes=lanes, rows=4, vectors=2)
+    register_blocked_matmul(sch, "shadow_dot", row=-3, col=-2, red=-1, lanes=lanes,
+                            limit=RegisterBlock(rows=4, vectors=2))
     vectorized_row_reduction(sch, "offset_dot", lanes)
     vectorized_row_reduction(sch, "radius", lanes)
     for name in ("q_rows", "scaled_step", "upper", "save_upper"):
@@ -31,7 +31,7 @@ def schedule_quantize(sch: s_tir.Schedule, target=None, parallel: bool = True) -
     """The quantization of K into its shadow (blocks shadow_min, shadow_max, shadow_step, shadow_codes): parallel
     over (batch, KV head, block) unless ``parallel`` is False (a KVCache's appends: one new position touches one
     block per head, and waking the thread pool costs more than quantizing it)."""
-    lanes = vector_lanes(target) if target is not None else 16
+    _, lanes = schedule_target(target)
 
     def outer(loops):
         fused = sch.fuse(*loops)

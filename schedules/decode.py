@@ -6,21 +6,30 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_attn.targets import vector_lanes
+from tvm_attn.targets import CpuCapabilities
 
-from .common import largest_divisor, register_blocked_matmul, vectorize_last, vectorized_row_reduction
+from .common import (RegisterBlock, largest_divisor, register_blocked_matmul, schedule_target, vectorize_last,
+                     vectorized_row_reduction)
 
 
-def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, rows: int = 2, keys: int = 4) -> None:
+def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities) -> None:
     """Block ``name`` has loops (row, key, step, lane) accumulating partial dot products over steps: keep a
-    rows x keys block of lane vectors in registers while the steps stream through, so each K vector loaded serves
-    several query rows and each q vector several keys. Both counts are sampled (default decisions rows, keys)."""
+    rows x keys block of partial vectors in registers while the steps stream through, so each K vector loaded serves
+    several query rows and each q vector several keys. Both counts are sampled up to the largest block that fits the
+    target's registers (a partial vector of 16 lanes takes 1 AVX-512, 2 AVX2 or 4 NEON registers): 2 x 4 on
+    AVX-512, 1 x 2 on AVX2 and NEON, the default decisions."""
     block = sch.get_sblock(name)
     g, j, c, lane = sch.get_loops(block)[-4:]
     n_rows, n_keys = sch.get(g).extent.value, sch.get(j).extent.value
-    rows, keys = largest_divisor(n_rows, rows), largest_divisor(n_keys, keys)
-    g_o, g_i = sch.split(g, sch.sample_perfect_tile(g, n=2, max_innermost_factor=4, decision=[n_rows // rows, rows]))
-    j_o, j_i = sch.split(j, sch.sample_perfect_tile(j, n=2, max_innermost_factor=8, decision=[n_keys // keys, keys]))
+    per_partial = max(1, sch.get(lane).extent.value // caps.lanes())
+    # accumulators, the rows' q vectors and the keys' K vectors of one step (LLVM loads a step's K rows together)
+    max_rows, max_keys = next(((r, k) for r, k in ((2, 4), (1, 4), (1, 2)) if (r * k + r + k) * per_partial
+                               <= caps.vector_registers), (1, 1))
+    rows, keys = largest_divisor(n_rows, max_rows), largest_divisor(n_keys, max_keys)
+    g_o, g_i = sch.split(g, sch.sample_perfect_tile(g, n=2, max_innermost_factor=max_rows,
+                                                    decision=[n_rows // rows, rows]))
+    j_o, j_i = sch.split(j, sch.sample_perfect_tile(j, n=2, max_innermost_factor=max_keys,
+                                                    decision=[n_keys // keys, keys]))
     sch.reorder(g_o, j_o, g_i, j_i, c, lane)  # each K row read whole, in memory order
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
@@ -33,14 +42,16 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, rows: int = 2, keys
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
-    lanes = vector_lanes(target) if target is not None else 16
+    caps, lanes = schedule_target(target)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
-    dot_product_micro_kernel(sch, "qk_part")
-    # pv loops: (row, key, d) with key the reduction. Whole V rows per key (up to 8 vectors) keep the reads in
-    # memory order; fewer rows then keep the accumulators within the vector registers.
+    dot_product_micro_kernel(sch, "qk_part", caps)
+    # pv loops: (row, key, d) with key the reduction. Whole V rows per key (up to 8 vectors, as the registers
+    # allow) keep the reads in memory order; fewer rows then keep the accumulators within the vector registers.
     vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock("pv"))[-1]).extent.value // lanes))
-    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, rows=max(1, 16 // vectors),
-                            vectors=vectors)
+    rows = max(1, 16 // vectors)
+    while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
+        rows, vectors = (rows // 2, vectors) if rows > 1 else (rows, vectors // 2)
+    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     for name in ("qk_half8", "qk_half4", "qk_half2", "p"):
@@ -49,7 +60,9 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
         vectorize_last(sch, name, lanes)
     b, h, i, d, s = sch.get_loops(sch.get_sblock("merge_acc"))
     sch.parallel(sch.fuse(b, h, i))
-    sch.reorder(s, d)
+    # At most 8 vectors of a row summed over the chunks at a time: a whole 128-wide row is 32 NEON registers.
+    d_o, d_i = sch.split(d, [None, largest_divisor(sch.get(d).extent.value, 8 * lanes)])
+    sch.reorder(d_o, s, d_i)
     vectorize_last(sch, "merge_acc", lanes)
     b, h, i, d = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b, h, i))

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_attn.targets import vector_lanes
-
-from .common import register_blocked_matmul, vectorize_last, vectorized_row_reduction
+from .common import (register_block, register_blocked_matmul, schedule_target, vectorize_last,
+                     vectorized_row_reduction)
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
-    lanes = vector_lanes(target) if target is not None else 16
+    caps, lanes = schedule_target(target)
+    limit = register_block(caps)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("k_t"))[:3]))  # on one thread it took ~4% of a 1024-key prefill
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("tile"))))
     # Loops: (row, key, d) for qk, (row, key, d) for pv with key the reduction.
-    register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes)
-    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes)
+    register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes, limit=limit)
+    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=limit)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     vectorize_last(sch, "p", lanes)

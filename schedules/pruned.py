@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_attn.targets import vector_lanes
-
-from .common import register_blocked_matmul, vectorize_last
+from .common import register_block, register_blocked_matmul, schedule_target, vectorize_last
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
-    lanes = vector_lanes(target) if target is not None else 16
+    caps, lanes = schedule_target(target)
+    limit = register_block(caps)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("tile"))))
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("k_t"))[:3]))
-    register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes)
+    register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes, limit=limit)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("tile"))}
     for name in ("row_max_part", "row_sum_part", "exp", "keys", "q_tile", "out"):
         if name in names:

@@ -147,6 +147,42 @@ def test_code_for_another_os_or_abi_is_never_run_here():
     assert tvm_attn.targets.runs_on_host({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": cpu})
 
 
+def test_whether_a_kernel_runs_here_is_a_question_of_features():
+    from tvm_attn.targets import capabilities, host_mismatch
+
+    host_features = capabilities("host").features
+    avx2 = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"}
+    if {"avx2", "fma"} <= host_features:  # an AVX2 kernel runs on any host with AVX2 and FMA, whatever its CPU name
+        assert host_mismatch(avx2) is None
+    needs = capabilities({"kind": "llvm", "mcpu": "graniterapids"}).features - host_features
+    if needs:  # a CPU feature the host lacks is named
+        assert f"lacks {sorted(needs)[0]}" in host_mismatch({"kind": "llvm", "mcpu": "graniterapids"})
+    cpu = str(tvm_attn.resolve_target("host").attrs["mcpu"])
+    windows = {"kind": "llvm", "mtriple": "x86_64-pc-windows-msvc", "mcpu": cpu}
+    assert host_mismatch(windows) == "the operating system differs (windows, this host runs linux)"
+    with pytest.raises(RuntimeError, match="the operating system differs"):
+        tvm_attn.build("flash", tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=4, head_dim=8), target=windows).function
+    assert "architecture differs" in host_mismatch("apple-m3")
+
+
+def test_capabilities_come_from_llvm_features_not_cpu_names():
+    from tvm_attn.targets import capabilities, vector_lanes
+
+    for cpu in ("graniterapids", "emeraldrapids", "znver4", "skylake-avx512"):
+        assert vector_lanes({"kind": "llvm", "mcpu": cpu}) == 16, cpu
+    for cpu in ("znver3", "haswell", "x86-64-v3", "alderlake"):
+        assert vector_lanes({"kind": "llvm", "mcpu": cpu}) == 8, cpu
+    no_avx512 = capabilities({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512f"]})
+    assert (no_avx512.isa_class, no_avx512.vector_registers) == ("x86_64-avx2", 16)
+    m1, m2, m4 = (capabilities(f"apple-m{n}") for n in (1, 2, 4))
+    assert (m1.lanes(), m1.vector_registers, m1.float16_products, m1.bfloat16_dot) == (4, 32, True, False)
+    assert m2.bfloat16_dot and m2.int8_matmul and m4.matrix_unit == "sme" and m1.matrix_unit is None
+    spr = capabilities({"kind": "llvm", "mcpu": "sapphirerapids"})
+    assert spr.bfloat16_dot and spr.float16_products and spr.matrix_unit == "amx"
+    # LLVM's prefer-256-bit tuning would split the schedules' 512-bit vectors: resolve_target turns it off.
+    assert "-prefer-256-bit" in str(tvm_attn.resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"}))
+
+
 def test_sizes_past_int32_name_the_argument_and_limit():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="top_k must be at most 2147483647"):

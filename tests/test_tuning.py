@@ -260,3 +260,22 @@ def test_binary_garbage_in_a_log_names_the_file_and_line(tuned_logs, tmp_path):
     (directory / tuning.CONFIRMED_FILE).write_bytes(b"\xff\xfe")
     with pytest.raises(tuning.CorruptTuningLog, match="confirmed.json is not valid JSON"):
         tuning.read_confirmed("host", logs)
+
+
+def test_records_serve_other_cpus_of_their_isa_class(tmp_path):
+    """Records tuned for an AVX2 target (x86-64-v3) serve an AVX2 CPU without records of its own (haswell), never
+    an AVX-512 or an Apple one; a CPU's own records come first."""
+    logs = tmp_path / "logs"
+    avx2 = '{"kind": "llvm", "mcpu": "x86-64-v3"}'
+    if not tvm_attn.targets.runs_on_host(avx2):
+        pytest.skip("this host does not run AVX2 code")
+    _tune(logs, "--target", avx2, trials=1)
+    spec = tvm_attn.AttentionSpec(**TINY)
+    flash = tvm_attn.get_variant("flash")
+    record = tuning.tuned_record(flash, spec, avx2, root=logs)
+    assert record is not None and tvm_attn.target_key(record.target) == "x86_64-x86-64-v3"
+    assert tuning.class_record_keys({"kind": "llvm", "mcpu": "haswell"}, logs) == ["x86_64-x86-64-v3"]
+    assert tuning.record_digest(tuning.tuned_record(flash, spec, {"kind": "llvm", "mcpu": "haswell"}, root=logs)) \
+        == tuning.record_digest(record)
+    for other in ({"kind": "llvm", "mcpu": "znver4"}, "apple-m3"):
+        assert tuning.tuned_record(flash, spec, other, root=logs) is None

@@ -14,7 +14,7 @@ from tvm import s_tir
 from . import tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec
-from .targets import resolve_target, runs_on_host, target_key
+from .targets import host_mismatch, resolve_target, target_key
 from .variants import Variant, get_variant, path_for
 
 SCHEDULES = ("best", "tuned", "hand", "untuned")
@@ -150,11 +150,10 @@ class Kernel:
         strides with a contiguous last axis; element-aligned data, which the function does not check: calling the
         kernel instead copies arrays that are not; out of q's shape and dtype; bfloat16 numpy arrays through
         ``runtime.dlpack_argument``)."""
-        if not runs_on_host(self.target):
-            raise RuntimeError(
-                f"this kernel was built for {target_key(self.target)} and cannot run on this "
-                f"{target_key('host')} host; export it instead"
-            )
+        why = host_mismatch(self.target)
+        if why is not None:
+            raise RuntimeError(f"this kernel was built for {target_key(self.target)} and cannot run on this "
+                               f"{target_key('host')} host: {why}; export it instead")
         return self.executable["main"]
 
     def check(self, q, k, v) -> AttentionSpec:

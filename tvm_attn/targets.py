@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import platform
@@ -20,7 +21,34 @@ def _host_target() -> tvm.target.Target:
 
 
 def resolve_target(target) -> tvm.target.Target:
-    """A tvm Target from "host", "apple-m1".."apple-m4", a TVM target dict or JSON string, or a Target."""
+    """A tvm Target from "host", "apple-m1".."apple-m4", a TVM target dict or JSON string, or a Target; on AVX-512
+    CPUs whose LLVM tuning prefers 256-bit vectors (Intel Xeons since Skylake-SP), with that preference off."""
+    return _full_width_vectors(_parse_target(target))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_width_vectors_json(target_json: str) -> str:
+    from tvm.target import codegen
+
+    t = tvm.target.Target(json.loads(target_json))
+    features = set(map(str, codegen.llvm_get_cpu_features(t)))
+    if "avx512f" not in features or "prefer-256-bit" not in features:
+        return target_json
+    # The schedules emit 512-bit vectors for AVX-512; with prefer-256-bit LLVM splits many of them into two 256-bit
+    # halves (a flash kernel for sapphirerapids had 40 of its 248 FMAs on ymm, x86-64-v4 all of them).
+    config = json.loads(target_json)
+    config["mattr"] = [*config.get("mattr", []), "-prefer-256-bit"]
+    return json.dumps(config)
+
+
+def _full_width_vectors(t: tvm.target.Target) -> tvm.target.Target:
+    if str(t.kind.name) != "llvm":
+        return t
+    full = _full_width_vectors_json(str(t))
+    return t if full == str(t) else tvm.target.Target(json.loads(full))
+
+
+def _parse_target(target) -> tvm.target.Target:
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, str):
@@ -96,29 +124,124 @@ def target_key(target) -> str:
     return f"{arch}-{mcpu}"
 
 
+# LLVM lists tuning flags among a CPU's features (fast-*, slow-*, fuse-*, ...); they change how code is scheduled,
+# never which instructions a CPU must have, so they do not decide whether a kernel runs on a host.
+_TUNING_PREFIXES = (
+    "fast-", "slow-", "false-deps-", "prefer-", "tuning-", "no-bypass-delay", "allow-light-256-bit", "idivq-to-divl",
+    "idivl-to-divb", "macrofusion", "branchfusion", "faster-shift-than-shuffle", "ermsb", "vzeroupper", "lea-",
+    "pad-short-functions", "use-", "sbb-dep-breaking", "avoid-", "fuse-", "zcz", "zcm", "no-zcz", "disable-",
+    "alternate-sextload", "arith-", "store-pair-suppress", "max-interleave-factor", "apple-a", "predictable-select",
+    "balance-fp-ops", "custom-cheap-as-move", "addr-lsl", "alu-lsl", "lsl-fast", "cmp-bcc-fusion", "enable-select",
+    "ascend-store-address", "no-neg-immediates", "strict-align", "force-32bit-jump-tables",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuCapabilities:
+    """What a target's CPU can do, as LLVM's features for its triple, mcpu and mattr say (never guessed from names).
+
+    ``isa_class`` groups CPUs that run the same schedules well: x86_64-avx512, x86_64-avx2, x86_64-sse, aarch64-neon.
+    """
+
+    arch: str  # "x86_64" or "aarch64" (Apple's arm64 included)
+    isa_class: str
+    vector_bits: int  # the widest vector registers the schedules use
+    vector_registers: int  # how many of them
+    fma: bool
+    float16_products: bool  # float16 products into float32: NEON fmlal (fp16fml), AVX512-FP16
+    bfloat16_dot: bool  # bfloat16 pair dot products into float32: AVX512-BF16 vdpbf16ps, NEON bfdot (bf16)
+    int8_dot: bool  # AVX512-VNNI / AVX-VNNI vpdpbusd, NEON sdot (dotprod)
+    int8_matmul: bool  # NEON smmla (i8mm)
+    matrix_unit: str | None  # "amx" (Intel AMX tiles), "sme" (Arm SME), None
+    features: frozenset  # LLVM's instruction-set features, tuning flags left out
+
+    def lanes(self, dtype_bits: int = 32) -> int:
+        """Elements of ``dtype_bits`` in one vector register."""
+        return self.vector_bits // dtype_bits
+
+
+def _instruction_features(t: tvm.target.Target) -> frozenset:
+    from tvm.target import codegen
+
+    return frozenset(f for f in map(str, codegen.llvm_get_cpu_features(t)) if not f.startswith(_TUNING_PREFIXES))
+
+
+@functools.lru_cache(maxsize=64)
+def _capabilities(target_json: str) -> CpuCapabilities:
+    t = tvm.target.Target(json.loads(target_json))
+    features = _instruction_features(t)
+    triple = str(t.attrs.get("mtriple", "") or _host_target().attrs.get("mtriple", ""))
+    if triple.startswith(("arm64", "aarch64")):
+        return CpuCapabilities(
+            arch="aarch64", isa_class="aarch64-neon", vector_bits=128, vector_registers=32, fma=True,
+            float16_products="fp16fml" in features, bfloat16_dot="bf16" in features,
+            int8_dot="dotprod" in features, int8_matmul="i8mm" in features,
+            matrix_unit="sme" if "sme" in features else None, features=features)
+    if "avx512f" in features:
+        bits, registers, isa_class = 512, 32, "x86_64-avx512"
+    elif "avx" in features:
+        bits, registers, isa_class = 256, 16, ("x86_64-avx2" if {"avx2", "fma"} <= features else "x86_64-avx")
+    else:
+        bits, registers, isa_class = 128, 16, "x86_64-sse"
+    return CpuCapabilities(
+        arch="x86_64", isa_class=isa_class, vector_bits=bits, vector_registers=registers, fma="fma" in features,
+        float16_products="avx512fp16" in features, bfloat16_dot="avx512bf16" in features,
+        int8_dot=bool({"avx512vnni", "avxvnni"} & features), int8_matmul=False,
+        matrix_unit="amx" if "amx-tile" in features else None, features=features)
+
+
+def capabilities(target) -> CpuCapabilities:
+    """The CpuCapabilities of a target (a name, dict, JSON or Target)."""
+    return _capabilities(str(resolve_target(target)))
+
+
+def target_from_key(key: str) -> tvm.target.Target | None:
+    """The target a target key names (x86_64-znver4, arm64-apple-macos-apple-m3), or None for a name that is not
+    one (a directory of something else)."""
+    if key.startswith("arm64-apple-macos-"):
+        config = {"kind": "llvm", "mtriple": "arm64-apple-macos", "mcpu": key[len("arm64-apple-macos-"):]}
+    else:
+        arch, _, mcpu = key.partition("-")
+        if arch not in ARCHES or not mcpu:
+            return None
+        config = {"kind": "llvm", "mtriple": f"{arch}-unknown-linux-gnu", "mcpu": mcpu}
+    try:
+        return resolve_target(config)
+    except ValueError:
+        return None
+
+
 def runs_on_host(target) -> bool:
-    """Whether code for this target can run in this process: the host's architecture and CPU (target_key), OS and
-    ABI."""
+    """Whether code for this target can run in this process (``host_mismatch`` is None)."""
+    return host_mismatch(target) is None
+
+
+def host_mismatch(target) -> str | None:
+    """Why code for this target cannot run on this host (its architecture, OS or ABI differ, or it needs
+    instructions the host's CPU lacks), or None when it can."""
     t = resolve_target(target)
     host = _host_target()
-    if target_key(t) != target_key(host):
-        return False
     triple, host_triple = str(t.attrs.get("mtriple", "") or ""), str(host.attrs.get("mtriple", "") or "")
-    if not triple:
-        return True  # no triple: LLVM compiles for the host's
-    (os_name, abi), (host_os, host_abi) = _os_and_abi(triple), _os_and_abi(host_triple)
-    return os_name == host_os and (not abi or abi == host_abi)
+    arch = (triple or host_triple).split("-")[0]
+    host_arch = host_triple.split("-")[0]
+    if _normal_arch(arch) != _normal_arch(host_arch):
+        return f"the architecture differs ({arch}, this host is {host_arch})"
+    if triple:
+        (os_name, abi), (host_os, host_abi) = _os_and_abi(triple), _os_and_abi(host_triple)
+        if os_name != host_os:
+            return f"the operating system differs ({os_name}, this host runs {host_os})"
+        if abi and abi != host_abi:
+            return f"the ABI differs ({abi}, this host's is {host_abi})"
+    missing = capabilities(t).features - capabilities(host).features
+    if missing:
+        return f"this host's CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def _normal_arch(arch: str) -> str:
+    return "aarch64" if arch == "arm64" else arch
 
 
 def vector_lanes(target, dtype_bits: int = 32) -> int:
-    """fp32 lanes of the target's widest vector register (AVX-512: 16, AVX2: 8, NEON: 4)."""
-    t = resolve_target(target)
-    triple = str(t.attrs.get("mtriple", ""))
-    if triple.startswith(("arm64", "aarch64")):
-        return 128 // dtype_bits
-    keys = set(str(f) for f in t.attrs.get("mattr", []) or [])
-    mcpu = str(t.attrs.get("mcpu", ""))
-    avx512_cpus = ("znver4", "znver5", "skylake-avx512", "cascadelake", "icelake", "sapphirerapids", "tigerlake")
-    if any(m in mcpu for m in avx512_cpus) or "+avx512f" in keys:
-        return 512 // dtype_bits
-    return 256 // dtype_bits
+    """Lanes of the target's widest vector register (AVX-512: 16 float32, AVX2: 8, NEON: 4)."""
+    return capabilities(target).lanes(dtype_bits)

@@ -29,7 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 from . import tuning
 from .runtime import dlpack_argument, numpy_dtype
 from .plan import Workload, add_workload_arguments, cli_workloads
-from .targets import resolve_target, runs_on_host, target_key
+from .targets import host_mismatch, resolve_target, runs_on_host, target_key
 from .variants import get_variant, path_for
 
 
@@ -219,8 +219,8 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
     out = out or sys.stderr
     t = resolve_target(target)
     if not rpc_tracker and not runs_on_host(t):
-        raise ValueError(f"target {target_key(t)} cannot run on this {target_key('host')} host: "
-                         f"measure it on the device with --rpc-tracker HOST:PORT --rpc-key KEY")
+        raise ValueError(f"target {target_key(t)} cannot run on this {target_key('host')} host "
+                         f"({host_mismatch(t)}): measure it on the device with --rpc-tracker HOST:PORT --rpc-key KEY")
     runner = make_runner(rpc_tracker, rpc_key, runner_timeout)  # checks the RPC options before writing anything
     db = tuning.open_database(t, logs_root, create=True)
     work_dir = Path(logs_root) / target_key(t) / "logs"  # MetaSchedule's own logs; not committed

@@ -23,7 +23,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from .spec import AttentionSpec, KernelSpec
-from .targets import resolve_target, target_key
+from .targets import capabilities, resolve_target, target_from_key, target_key
 from .variants import path_for
 
 WORKLOAD_FILE = "database_workload.json"
@@ -238,22 +238,44 @@ def best_record(db, mod: tvm.IRModule, target, confirmed: dict | None = None):
 
 def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None):
     """The tuning record the kernel serving ``spec`` uses on ``target`` (noted by `tune` for the kernel, whatever
-    length it was tuned at), or None."""
+    length it was tuned at), or None. A CPU without a record of its own for the kernel takes one measured on
+    another CPU of its ISA class (``class_record_keys``)."""
     t = resolve_target(target)
     family = FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q))
-    target_k = target_key(t)
-    for logs_root in ([root] if root is not None else lookup_roots()):
-        logs = _cached_database(str(t), str(logs_root))
-        noted = logs.confirmed.get(family)
-        if logs.db is None or noted is None:
-            continue
-        wkey, _, digest = noted.partition("/")
-        for record in logs.records_by_workload.get(wkey, []):
-            # A record without a target is not known to be this target's: never applied (MetaSchedule's database
-            # ignores targets).
-            if (record_digest(record) == digest and record.target is not None
-                    and target_key(record.target) == target_k):
-                return record
+    roots = [root] if root is not None else lookup_roots()
+    for keys in ([target_key(t)], None):
+        for logs_root in roots:
+            for key in keys if keys is not None else class_record_keys(t, Path(logs_root)):
+                record = _noted_record(family, key, logs_root)
+                if record is not None:
+                    return record
+    return None
+
+
+def class_record_keys(target, root: Path) -> list[str]:
+    """The target keys under ``root`` other than ``target``'s whose CPUs share its ISA class (x86_64-avx2,
+    x86_64-avx512, aarch64-neon): their records serve a CPU that has none of its own."""
+    own, isa_class = target_key(target), capabilities(target).isa_class
+    keys = []
+    for directory in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        other = target_from_key(directory.name) if directory.name != own else None
+        if other is not None and (directory / RECORD_FILE).exists() and capabilities(other).isa_class == isa_class:
+            keys.append(directory.name)
+    return keys
+
+
+def _noted_record(family: str, key: str, logs_root):
+    """The record noted for ``family`` in ``logs_root``/``key``, measured on a CPU of that key, or None."""
+    logs = _cached_database(str(target_from_key(key)), str(logs_root))
+    noted = logs.confirmed.get(family)
+    if logs.db is None or noted is None:
+        return None
+    wkey, _, digest = noted.partition("/")
+    for record in logs.records_by_workload.get(wkey, []):
+        # A record without a target is not known to be this target's: never applied (MetaSchedule's database
+        # ignores targets).
+        if record_digest(record) == digest and record.target is not None and target_key(record.target) == key:
+            return record
     return None
 
 

@@ -1,0 +1,76 @@
+"""The register budget: the hand schedules' micro-kernels fit the vector registers of every ISA they are built for.
+
+For an AVX2 target (16 x 256-bit), an AVX-512 one (32 x 512-bit) and Apple M1..M4 (NEON, 32 x 128-bit), each dense
+kernel is compiled, its micro-kernel loops found in the assembly (innermost loops with 8 or more vector FMAs), and
+any vector register stored to the stack inside them fails the test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import tvm_attn
+from asm_loops import micro_kernel_loops
+from tvm_attn.targets import capabilities
+
+ISA_TARGETS = {
+    "avx2": {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"},
+    "avx512": {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "znver4"},
+    **{f"apple-m{n}": f"apple-m{n}" for n in (1, 2, 3, 4)},
+}
+PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True)
+DECODE = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=1, seq_kv=64, head_dim=128)
+KERNELS = {
+    "flash": ("flash", PREFILL), "mqa": ("mqa", PREFILL), "standard": ("standard", PREFILL),
+    "topk": ("topk", dataclasses.replace(PREFILL, top_k=8)), "decode": ("flash", DECODE),
+}
+
+
+@pytest.mark.parametrize("isa", ISA_TARGETS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_micro_kernels_do_not_spill(isa, kernel):
+    variant, spec = KERNELS[kernel]
+    asm = tvm_attn.build(variant, spec, target=ISA_TARGETS[isa], schedule="hand").executable.mod.inspect_source("asm")
+    loops = micro_kernel_loops(asm)
+    assert loops, f"no micro-kernel loop found in the {kernel} kernel for {isa}"
+    spilling = [(loop.fmas, [s for s in loop.spills if _is_store(s)]) for loop in loops]
+    spilling = [(fmas, stores) for fmas, stores in spilling if stores]
+    assert not spilling, f"{kernel} for {isa}: micro-kernel loops (FMAs, stack stores) spill: {spilling}"
+
+
+def _is_store(instruction: str) -> bool:
+    """A vector register written to the stack: x86 ``vmovups %ymm1, 32(%rsp)`` (AT&T: the destination last),
+    AArch64 ``str q0, [sp, #16]`` / ``stp``/``stur``. (Loads alone read stack buffers such as the q rows.)"""
+    mnemonic, _, operands = instruction.partition(" ") if " " in instruction else instruction.partition("\t")
+    mnemonic = mnemonic.strip()
+    if mnemonic.startswith(("str", "stp", "stur")):
+        return True
+    return mnemonic.startswith("v") and operands.rstrip().endswith(("(%rsp)", "(%rbp)"))
+
+
+def test_register_budget_from_the_target():
+    from tvm_attn.schedules.common import register_block
+
+    assert (register_block(capabilities(ISA_TARGETS["avx2"])).rows,
+            register_block(capabilities(ISA_TARGETS["avx2"])).vectors) == (6, 2)
+    for isa in ("avx512", "apple-m1", "apple-m4"):
+        block = register_block(capabilities(ISA_TARGETS[isa]))
+        assert (block.rows, block.vectors) == (6, 4) and block.registers <= 32
+
+
+def test_a_block_too_large_for_avx2_is_caught(monkeypatch):
+    """The check can fail: flash with the 4 x 4 block (16 accumulators + 4 operands + 1 broadcast) built for AVX2."""
+    import tvm
+    from tvm import s_tir
+
+    from tvm_attn.schedules import common, flash
+    from tvm_attn.variants import flash as flash_compute
+
+    monkeypatch.setattr(flash, "register_block", lambda caps: common.RegisterBlock(4, 4))
+    target = tvm_attn.resolve_target(ISA_TARGETS["avx2"])
+    sch = s_tir.Schedule(tvm.IRModule({"main": flash_compute.compute(PREFILL.kernel)}))
+    flash.schedule(sch, target)
+    loops = micro_kernel_loops(tvm.compile(sch.mod, target=target).mod.inspect_source("asm"))
+    assert any(_is_store(s) for loop in loops for s in loop.spills)
