@@ -329,3 +329,23 @@ def test_a_declared_section_is_drawn_by_the_one_renderer(tmp_path):
     assert table[2:] == ["| 1 | l1 | 2.0 |", "| 2 | l1 | 2.0 |", "| 1 | l2 | 2.0 |"]
     assert "![toy plot](toy.png)" in parts and (tmp_path / "toy.png").stat().st_size > 1000
     assert Section("missing", "T", columns=()).render(rows, ctx) == []
+
+
+def test_a_run_held_to_the_avx2_class(tmp_path):
+    """--isa avx2: the kernels are built for x86-64-v3, the same-round sgemm is OpenBLAS's Haswell kernels."""
+    from tvm_attn.targets import host_mismatch
+
+    if host_mismatch({"kind": "llvm", "mcpu": "x86-64-v3"}) is not None:
+        pytest.skip("this host does not run AVX2 code")
+    proc = subprocess.run([sys.executable, "-m", "tvm_attn.bench", "--quick", "--isa", "avx2", "--study", "causal",
+                           "--provider", "hand", "--provider", "sgemm", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["target"] for r in rows} == {"x86_64-x86-64-v3"}
+    assert {r["provider"] for r in rows if r["study"] == "causal"} == {"hand", "sgemm"}
+    assert any("Haswell" in r["provider"] for r in rows if r["study"] == "ceiling")
+    bad = subprocess.run([sys.executable, "-m", "tvm_attn.bench", "--isa", "avx3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown ISA class 'avx3'" in bad.stderr

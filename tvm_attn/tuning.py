@@ -243,10 +243,12 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     t = resolve_target(target)
     family = FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q))
     roots = [root] if root is not None else lookup_roots()
-    for keys in ([target_key(t)], None):
+    for own in (True, False):
         for logs_root in roots:
-            for key in keys if keys is not None else class_record_keys(t, Path(logs_root)):
-                record = _noted_record(family, key, logs_root)
+            keys = [(target_key(t), t)] if own else [(key, target_from_key(key))
+                                                      for key in class_record_keys(t, Path(logs_root))]
+            for key, key_target in keys:
+                record = _noted_record(family, key, key_target, logs_root)
                 if record is not None:
                     return record
     return None
@@ -264,9 +266,10 @@ def class_record_keys(target, root: Path) -> list[str]:
     return keys
 
 
-def _noted_record(family: str, key: str, logs_root):
-    """The record noted for ``family`` in ``logs_root``/``key``, measured on a CPU of that key, or None."""
-    logs = _cached_database(str(target_from_key(key)), str(logs_root))
+def _noted_record(family: str, key: str, key_target, logs_root):
+    """The record noted for ``family`` in ``logs_root``/``key`` (the directory of ``key_target``), measured on a CPU
+    of that key, or None."""
+    logs = _cached_database(str(key_target), str(logs_root))
     noted = logs.confirmed.get(family)
     if logs.db is None or noted is None:
         return None

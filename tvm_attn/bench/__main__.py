@@ -1,4 +1,4 @@
-"""python -m tvm_attn.bench [--quick] [--out DIR] [--study NAME] [--variant NAME] [--seq N ...]"""
+"""python -m tvm_attn.bench [--quick] [--isa CLASS] [--out DIR] [--study NAME] [--variant NAME] [--seq N ...]"""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ def main(argv=None) -> None:
         description="Benchmark every attention variant against its untuned compute, the hand-scheduled standard, "
                     "torch SDPA (if installed) and numpy; write results.csv, report.md and plots.")
     parser.add_argument("--quick", action="store_true", help="a reduced study on tiny shapes (under 2 minutes)")
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>)")
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>, with "
+                        "-<isa> for --isa)")
+    parser.add_argument("--isa", default="native", help="the ISA class to hold every provider to: native (the "
+                        "host's, default) or avx2 (kernels built for x86-64-v3, torch, its BLAS and the OpenBLAS "
+                        "sgemm held to AVX2; the kernel studies only)")
     parser.add_argument("--study", action="append", help="run only these studies (repeatable)")
     parser.add_argument("--variant", action="append", help="only lines of these registry variants (repeatable)")
     parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths of the seq_sweep study")
@@ -32,6 +36,13 @@ def main(argv=None) -> None:
                         "ratios and times differ from those of another run's results.csv")
     args = parser.parse_args(argv)
 
+    from .isa import activate
+
+    try:
+        isa = activate(args.isa)  # before anything imports torch (tvm does)
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+
     import tvm_attn
 
     from ..timing import SPREAD
@@ -40,19 +51,21 @@ def main(argv=None) -> None:
     from .runner import merge_results, run_studies
     from .studies import default_studies
 
-    out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + ("-quick" if args.quick else ""))
+    suffix = ("" if isa.name == "native" else f"-{isa.name}") + ("-quick" if args.quick else "")
+    out = args.out or os.path.join("bench", "results", tvm_attn.target_key("host") + suffix)
     csv_path = os.path.join(out, "results.csv")
     if not args.report_only:
         studies = default_studies(quick=args.quick)
-        known = [s.name for s in studies] + [GENERATION, MODEL, SPARSE_DECODE]
+        # The generation loop, the model and sparse_decode run the host's kernels through KVCache: native runs only.
+        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE] if isa.name == "native" else [])
         for name in args.study or []:
             if name not in known:
                 parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
         generation = None
-        if not args.study or GENERATION in args.study:
+        if (not args.study and isa.name == "native") or GENERATION in (args.study or []):
             generation = QUICK_GENERATION if args.quick else {}
         model = None
-        if (not args.study and not args.quick) or MODEL in (args.study or []):
+        if (not args.study and not args.quick and isa.name == "native") or MODEL in (args.study or []):
             from .model import unavailable
 
             reason = unavailable()
@@ -61,7 +74,7 @@ def main(argv=None) -> None:
             else:
                 print(f"model study skipped: {reason}", file=sys.stderr)
         sparse_decode = None
-        if (not args.study and not args.quick) or SPARSE_DECODE in (args.study or []):
+        if (not args.study and not args.quick and isa.name == "native") or SPARSE_DECODE in (args.study or []):
             from .model import unavailable
 
             reason = None if args.quick else unavailable()
@@ -91,7 +104,7 @@ def main(argv=None) -> None:
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
         run_studies(studies, run_csv, min_seconds=min_seconds, spread=None if args.quick else SPREAD,
-                    generation=generation, model=model, sparse_decode=sparse_decode)
+                    generation=generation, model=model, sparse_decode=sparse_decode, isa=isa)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "

@@ -47,18 +47,21 @@ print(json.dumps({"median_ms": t.median_ms, "q25_ms": t.q25_ms, "q75_ms": t.q75_
 """
 
 
-def _own_kernels_env(n_threads: int) -> dict:
-    """This process's environment for a child whose OpenBLAS picks its own kernels, with n_threads threads."""
+def _own_kernels_env(n_threads: int, coretype: str | None = None) -> dict:
+    """This process's environment for a child whose OpenBLAS picks its own kernels (or those of ``coretype``, e.g.
+    Haswell for the AVX2 class), with n_threads threads."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
     env["OPENBLAS_NUM_THREADS"] = str(n_threads)
     return env
 
 
-def openblas_sgemm(n: int, n_threads: int, min_seconds: float) -> dict:
+def openblas_sgemm(n: int, n_threads: int, min_seconds: float, coretype: str | None = None) -> dict:
     """numpy's sgemm of n x n in a subprocess with OpenBLAS choosing its own kernels: the timing and what
     threadpoolctl says of the BLAS (library, version, kernels, threads)."""
     proc = subprocess.run([sys.executable, "-c", _OPENBLAS_SGEMM, str(n), str(min_seconds)],
-                          env=_own_kernels_env(n_threads), capture_output=True, text=True, timeout=600)
+                          env=_own_kernels_env(n_threads, coretype), capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise RuntimeError(f"the OpenBLAS sgemm subprocess failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -85,10 +88,10 @@ class SgemmWorker:
     call runs one product there and returns its trace. The parent waits on a pipe meanwhile (its thread pools idle),
     so timing a call times the child's sgemm, plus ~0.1 ms of pipe round trip."""
 
-    def __init__(self, n: int, n_threads: int):
+    def __init__(self, n: int, n_threads: int, coretype: str | None = None):
         self.n, self.flops = n, 2 * n**3
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self._proc = subprocess.Popen([sys.executable, "-c", _SGEMM_WORKER, str(n)], env=_own_kernels_env(n_threads),
+        self._proc = subprocess.Popen([sys.executable, "-c", _SGEMM_WORKER, str(n)], env=_own_kernels_env(n_threads, coretype),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         first = self._proc.stdout.readline()
         if not first:
@@ -115,9 +118,9 @@ class SgemmWorker:
 
 
 @functools.lru_cache(maxsize=None)
-def sgemm_worker(n: int, n_threads: int) -> SgemmWorker:
-    """The process's one worker for (n, n_threads), started on first use and closed at exit."""
-    worker = SgemmWorker(n, n_threads)
+def sgemm_worker(n: int, n_threads: int, coretype: str | None = None) -> SgemmWorker:
+    """The process's one worker for (n, n_threads, coretype), started on first use and closed at exit."""
+    worker = SgemmWorker(n, n_threads, coretype)
     atexit.register(worker.close)
     return worker
 
@@ -130,12 +133,13 @@ def _blas_name(blas: list[dict]) -> str:
             f"({b.get('architecture', '?')} kernels, {b.get('num_threads', '?')} threads)").replace("  ", " ")
 
 
-def sgemm_rows(n: int, n_threads: int, min_seconds: float) -> list[dict]:
-    """One row per sgemm measured (provider: which library and kernels), study "ceiling", line "sgemm"."""
+def sgemm_rows(n: int, n_threads: int, min_seconds: float, coretype: str | None = None) -> list[dict]:
+    """One row per sgemm measured (provider: which library and kernels), study "ceiling", line "sgemm";
+    ``coretype``: OpenBLAS held to that core's kernels (an ISA class's run)."""
     flops = 2 * n**3
     found = []
     try:
-        blas = openblas_sgemm(n, n_threads, min_seconds)
+        blas = openblas_sgemm(n, n_threads, min_seconds, coretype)
         found.append((_blas_name(blas["blas"]), blas))
     except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:  # a lost ceiling must not lose the run
         print(f"warning: numpy's sgemm ceiling not measured: {err}", file=sys.stderr)

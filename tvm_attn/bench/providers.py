@@ -1,6 +1,6 @@
 """What the benchmark times: tvm_attn kernels under each schedule, and the peers a user would otherwise pick.
 
-A provider turns (variant, spec, layers) into a zero-argument callable that computes one output, plus a function
+A provider turns (variant, spec, layers, isa) into a zero-argument callable that computes one output, plus a function
 returning the output of the first layer (for the error columns); None where it does not apply. ``layers`` is a list
 of (q, k, v): calls take them in turn, as a model's layers do, so that a study can make each call find its K and V
 outside the CPU caches.
@@ -48,16 +48,16 @@ def _in_turn(calls: list) -> Callable[[], object]:
 
 
 def _tvm(schedule: str):
-    def prepare(variant: str, spec, layers):
+    def prepare(variant: str, spec, layers, isa):
         record = None
         if schedule == "tuned":
             v = tvm_attn.get_variant(variant)
-            found = tuning.tuned_record(v, spec, "host")
+            found = tuning.tuned_record(v, spec, isa.target)
             if found is None:
                 return None  # no record for this workload: the row is left out, not faked with the hand schedule
-            is_hand = str(found.trace) == str(tuning.hand_trace(v, spec, "host"))
+            is_hand = str(found.trace) == str(tuning.hand_trace(v, spec, isa.target))
             record = "hand" if is_hand else tuning.record_digest(found)
-        kernel = tvm_attn.build(variant, spec, schedule=schedule)
+        kernel = tvm_attn.build(variant, spec, target=isa.target, schedule=schedule)
         fn = kernel.function
         calls, outs = [], []
         for q, k, v in layers:
@@ -73,7 +73,7 @@ def _tvm(schedule: str):
 DENSE = ("standard", "flash", "mqa")
 
 
-def _numpy(variant: str, spec, layers):
+def _numpy(variant: str, spec, layers, isa):
     """The float32 numpy formula (matmul, softmax, matmul) of dense attention."""
     if variant not in DENSE or spec.dtype != "float32":
         return None
@@ -97,7 +97,7 @@ def _numpy(variant: str, spec, layers):
     return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"])[1])
 
 
-def _torch_sdpa(variant: str, spec, layers):
+def _torch_sdpa(variant: str, spec, layers, isa):
     """torch.nn.functional.scaled_dot_product_attention, same threads and dtype, bottom-right causal mask."""
     if variant not in DENSE:
         return None
@@ -124,7 +124,7 @@ def _torch_sdpa(variant: str, spec, layers):
     return Prepared(_in_turn(calls), lambda: (calls[0](), result["out"].float().numpy())[1])
 
 
-def _read_kv(variant: str, spec, layers):
+def _read_kv(variant: str, spec, layers, isa):
     """One pass reading the bytes of the layer's K and V with every thread (bandwidth.py's parallel sum), timed in
     the same round as the kernels: a decode step's floor, so that its share of it is a ratio within the point (the
     machine's read bandwidth moves between minutes and runs)."""
@@ -143,14 +143,14 @@ def _read_kv(variant: str, spec, layers):
     return Prepared(_in_turn(calls), None)
 
 
-def _sgemm(variant: str, spec, layers):
+def _sgemm(variant: str, spec, layers, isa):
     """The machine's float32 matmul ceiling (2048^3, OpenBLAS with its own kernels in a child process:
     ceiling.SgemmWorker) timed in the same round as the point's kernels, so that their share of it is a ratio within
     the point. None (with a warning) when the worker cannot start."""
     from .ceiling import SAME_ROUND_SGEMM_N, sgemm_worker
 
     try:
-        worker = sgemm_worker(SAME_ROUND_SGEMM_N, threads())
+        worker = sgemm_worker(SAME_ROUND_SGEMM_N, threads(), isa.openblas_coretype)
     except (RuntimeError, ValueError) as err:
         print(f"warning: no same-round sgemm: {err}", file=sys.stderr)
         return None

@@ -21,6 +21,7 @@ from .bandwidth import BYTES as BANDWIDTH_BYTES
 from .bandwidth import read_bandwidth
 from .generation import generation_loop
 from .inputs import make_inputs, row_entropy
+from .isa import ISAS, BenchIsa
 from .memory import memory_use
 from .model import model_study
 from .sparse_decode import sparse_decode_study
@@ -88,13 +89,14 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
 
 def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, spread: float | None = SPREAD,
                 generation: dict | None = None, model: dict | None = None, sparse_decode: dict | None = None,
-                log=None) -> list[dict]:
+                log=None, isa: BenchIsa = ISAS["native"]) -> list[dict]:
     """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
     ``model``, those of model_study; given ``sparse_decode``, those of sparse_decode_study); write and return the
     rows. ``spread``: the timer's interquartile-range target (timing.measure_interleaved). Progress goes to ``log``
-    (default: sys.stderr at the time of the call)."""
+    (default: sys.stderr at the time of the call). ``isa``: the ISA class the kernels are built for (and the peers
+    held to, by ``isa.activate``)."""
     log = log or sys.stderr
-    target = tvm_attn.resolve_target("host")
+    target = tvm_attn.resolve_target(isa.target)
     key = tvm_attn.target_key(target)
     n_threads = threads()
     try:
@@ -110,7 +112,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
     rows = []
     start = time.time()
     for members in rounds.values():
-        prepared = [_prepare_point(*member) for member in members]
+        prepared = [_prepare_point(*member, isa) for member in members]
         timings = measure_interleaved({(point.n, p): prep.run for point in prepared
                                        for p, prep in point.providers.items()}, min_seconds=min_seconds,
                                       spread=spread)
@@ -120,7 +122,8 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
                 print(f"[{point.n}/{len(points)} {time.time() - start:5.0f}s] {point.study.name} "
                       f"{point.study.x_name}={point.x} {point.dist} {point.line.label} {p}: "
                       f"{timings[(point.n, p)].median_ms:.2f} ms", file=log, flush=True)
-    for row in ceiling.sgemm_rows(512 if len(points) < 60 else 2048, n_threads, min_seconds=min_seconds):
+    for row in ceiling.sgemm_rows(512 if len(points) < 60 else 2048, n_threads, min_seconds=min_seconds,
+                                  coretype=isa.openblas_coretype):
         rows.append(dict(row, target=key))
         print(f"sgemm {row['provider']}: {row['gflops']:.0f} GFLOP/s", file=log, flush=True)
     peak = ceiling.fma_peak_row(str(target.attrs.get("mcpu", "")), n_threads)
@@ -185,7 +188,7 @@ class _Point:
     providers: dict  # provider name -> Prepared
 
 
-def _prepare_point(n, study, line, x, dist) -> _Point:
+def _prepare_point(n, study, line, x, dist, isa) -> _Point:
     spec = spec_for(study, line, x)
     kv_bytes = 2 * np.prod(spec.kv_shape) * numpy_dtype(spec.dtype).itemsize
     n_layers = min(MAX_LAYERS, max(1, -(-study.rotate_bytes // kv_bytes)))
@@ -196,7 +199,7 @@ def _prepare_point(n, study, line, x, dist) -> _Point:
             continue
         if p == "sgemm" and (study.sgemm_min_x is None or x < study.sgemm_min_x):
             continue
-        prep = PROVIDERS[p](line.variant, spec, layers)
+        prep = PROVIDERS[p](line.variant, spec, layers, isa)
         if prep is not None:
             providers[p] = prep
     return _Point(n, study, line, x, dist, spec, kv_bytes, n_layers, layers[0], providers)
