@@ -1,4 +1,8 @@
-"""python -m tvm_attn.bench [--quick] [--isa CLASS] [--out DIR] [--study NAME] [--variant NAME] [--seq N ...]"""
+"""python -m tvm_attn.bench [--full | --quick] [--isa CLASS] [--out DIR] [--study NAME] [--variant NAME] [--seq N ...]
+
+The default run answers the seed report's questions, every kernel study with fewer repeats (each provider of a point
+timed for 0.1 s, no spread target), in about 10 minutes on 2 cores; ``--full`` times each until its interquartile
+range is within 5% of its median and adds the model and sparse_decode studies (~35 minutes)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import sys
 
 GENERATION = "generation"  # the KVCache generation loop (bench/generation.py), not a Study
 QUICK_GENERATION = dict(heads=4, kv_heads=2, head_dim=32, prefill=100, steps=32)
-MODEL = "model"  # SmolLM2 with tvm_attn attention (bench/model.py): full runs and --study model, when installed
-SPARSE_DECODE = "sparse_decode"  # certified sparse decode (bench/sparse_decode.py): full runs and --study sparse_decode
+MODEL = "model"  # SmolLM2 with tvm_attn attention (bench/model.py): --full runs and --study model, when installed
+# certified sparse decode (bench/sparse_decode.py): --full runs and --study sparse_decode
+SPARSE_DECODE = "sparse_decode"
 QUICK_SPARSE_DECODE = dict(real=False, synthetic_sets=((2048, 2),), min_seconds=0.1, shadow_cost_keys=2048)
 
 
@@ -21,6 +26,8 @@ def main(argv=None) -> None:
         description="Benchmark every attention variant against its untuned compute, the hand-scheduled standard, "
                     "torch SDPA (if installed) and numpy; write results.csv, report.md and plots.")
     parser.add_argument("--quick", action="store_true", help="a reduced study on tiny shapes (under 2 minutes)")
+    parser.add_argument("--full", action="store_true", help="every provider timed to a 5%% interquartile range, "
+                        "and the model and sparse_decode studies (~35 minutes)")
     parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>, with "
                         "-<isa> for --isa)")
     parser.add_argument("--isa", default="native", help="the ISA class to hold every provider to: native (the "
@@ -35,6 +42,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", metavar="CSV", help="also write stability.md: how this run's within-point "
                         "ratios and times differ from those of another run's results.csv")
     args = parser.parse_args(argv)
+    if args.full and args.quick:
+        parser.error("--full and --quick exclude each other")
 
     from .isa import activate
 
@@ -65,7 +74,7 @@ def main(argv=None) -> None:
         if (not args.study and isa.name == "native") or GENERATION in (args.study or []):
             generation = QUICK_GENERATION if args.quick else {}
         model = None
-        if (not args.study and not args.quick and isa.name == "native") or MODEL in (args.study or []):
+        if (not args.study and args.full and isa.name == "native") or MODEL in (args.study or []):
             from .model import unavailable
 
             reason = unavailable()
@@ -74,7 +83,7 @@ def main(argv=None) -> None:
             else:
                 print(f"model study skipped: {reason}", file=sys.stderr)
         sparse_decode = None
-        if (not args.study and not args.quick and isa.name == "native") or SPARSE_DECODE in (args.study or []):
+        if (not args.study and args.full and isa.name == "native") or SPARSE_DECODE in (args.study or []):
             from .model import unavailable
 
             reason = None if args.quick else unavailable()
@@ -98,12 +107,13 @@ def main(argv=None) -> None:
         if args.seq:
             studies = [dataclasses.replace(s, x_vals=tuple(args.seq)) if s.name == "seq_sweep" else s
                        for s in studies]
-        min_seconds = args.min_seconds if args.min_seconds is not None else (0.05 if args.quick else 0.2)
+        min_seconds = args.min_seconds if args.min_seconds is not None else (
+            0.05 if args.quick else 0.2 if args.full else 0.1)
         os.makedirs(out, exist_ok=True)
         # A partial run updates its studies' rows in an existing results.csv instead of overwriting the file.
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
-        run_studies(studies, run_csv, min_seconds=min_seconds, spread=None if args.quick else SPREAD,
+        run_studies(studies, run_csv, min_seconds=min_seconds, spread=SPREAD if args.full else None,
                     generation=generation, model=model, sparse_decode=sparse_decode, isa=isa)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))

@@ -91,8 +91,9 @@ class SgemmWorker:
     def __init__(self, n: int, n_threads: int, coretype: str | None = None):
         self.n, self.flops = n, 2 * n**3
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self._proc = subprocess.Popen([sys.executable, "-c", _SGEMM_WORKER, str(n)], env=_own_kernels_env(n_threads, coretype),
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._proc = subprocess.Popen([sys.executable, "-c", _SGEMM_WORKER, str(n)],
+                                      env=_own_kernels_env(n_threads, coretype), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         first = self._proc.stdout.readline()
         if not first:
             self._stderr.seek(0)

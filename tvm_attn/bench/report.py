@@ -259,7 +259,8 @@ def _preamble(rows, ctx: Context) -> list[str]:
              "from that file.",
              "",
              "**Timer.** One warm-up call per provider, then the providers of a point are called round-robin until "
-             "every one has at least 5 calls and 0.2 s of timed calls and (in full runs) an interquartile range "
+             "every one has at least 5 calls and 0.1 s of timed calls (0.2 s in `--full` runs; 0.05 s with `--quick`) "
+             "and, in `--full` runs, an interquartile range "
              f"within {100 * SPREAD:g}% of its median (one that does not settle stops after {MAX_SECONDS:g} s of "
              "calls); those that settle early keep taking turns, so that all are timed over the same minutes. "
              "Median (and quartiles in the CSV) of per-call times. Inputs are "
@@ -283,7 +284,8 @@ def _preamble(rows, ctx: Context) -> list[str]:
         parts += [f"**Ceiling.** The float32 matmul of this machine ({int(ceiling['x'])}^3, same threads), the "
                   f"GFLOP/s columns' reference: **{ceiling['gflops']:.0f} GFLOP/s** ({ceiling['provider']}), the "
                   f"fastest of the sgemms measured at the end of this run ({measured}; OpenBLAS in a process "
-                  f"without OPENBLAS_CORETYPE, so that it picks its own kernels)."
+                  f"whose OPENBLAS_CORETYPE is dropped, so that it picks its own kernels, or, in a run held to an "
+                  f"ISA class with `--isa`, set to that class's kernels)."
                   + (f" The \"of sgemm\" columns instead divide by that OpenBLAS sgemm ({SAME_ROUND_SGEMM_N}^3, in "
                      f"a child process) timed in the same round as the kernel (provider `sgemm`): a ratio within "
                      f"the point, where the machine's drift between minutes cancels."
