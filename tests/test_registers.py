@@ -8,11 +8,12 @@ any vector register stored to the stack inside them fails the test.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
 import tvm_attn
-from asm_loops import micro_kernel_loops
+from tvm_attn.bench.asm_loops import micro_kernel_loops
 from tvm_attn.targets import capabilities
 
 ISA_TARGETS = {
@@ -74,3 +75,22 @@ def test_a_block_too_large_for_avx2_is_caught(monkeypatch):
     flash.schedule(sch, target)
     loops = micro_kernel_loops(tvm.compile(sch.mod, target=target).mod.inspect_source("asm"))
     assert any(_is_store(s) for loop in loops for s in loop.spills)
+
+
+def test_the_apple_estimate_reads_llvm_mca():
+    """The Apple estimate (an estimate: llvm-mca's cycles per iteration of the apple-m3 build's micro-kernel loops)
+    finds flash's two register-blocked matmul loops and gives them a share of the FMA pipes in (0, 1]."""
+    from tvm_attn.bench import apple_estimate
+
+    mca = apple_estimate.llvm_mca()
+    if mca is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs llvm-19 (.ci/run): llvm-mca >= 17 is missing")
+        pytest.skip("needs llvm-mca from LLVM 17 or later (apt-get install llvm-19)")
+    estimates = [e for e in apple_estimate.estimate(mca, ("apple-m3",)) if e.kernel == "flash prefill"]
+    matmuls = [e for e in estimates if e.is_matmul]
+    assert len(matmuls) == 2 and all(e.fmas == 24 for e in matmuls)  # the 6 x 4 blocks of qk and pv
+    for e in matmuls:
+        for model in apple_estimate.MODELS:
+            assert 0 < e.fma_share(model) <= 1.0
+    assert "an estimate" in apple_estimate.report(estimates, mca)
