@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -243,15 +244,10 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     t = resolve_target(target)
     family = FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q))
     roots = [root] if root is not None else lookup_roots()
-    for own in (True, False):
-        for logs_root in roots:
-            keys = [(target_key(t), t)] if own else [(key, target_from_key(key))
-                                                      for key in class_record_keys(t, Path(logs_root))]
-            for key, key_target in keys:
-                record = _noted_record(family, key, key_target, logs_root)
-                if record is not None:
-                    return record
-    return None
+    own = (_noted_record(family, target_key(t), t, logs_root) for logs_root in roots)
+    same_class = (_noted_record(family, key, target_from_key(key), logs_root)
+                  for logs_root in roots for key in class_record_keys(t, Path(logs_root)))
+    return next((record for record in itertools.chain(own, same_class) if record is not None), None)
 
 
 def class_record_keys(target, root: Path) -> list[str]:

@@ -76,12 +76,6 @@ def loop_cycles(mca: str, body: str, cpu: str) -> float:
     return int(total.group(1)) / ITERATIONS
 
 
-def loop_body(lines) -> str:
-    """The instructions of a loop (its label, directives and comments dropped)."""
-    return "\n".join(line for line in lines if line.strip() and not line.strip().startswith((".", "//", ";"))
-                     and not line.rstrip().endswith(":"))
-
-
 def kernels():
     """(name, variant, spec) of the dense float32 kernels estimated: prefill and decode, the benchmark's shapes."""
     import tvm_attn
@@ -103,9 +97,9 @@ def estimate(mca: str, chips=CHIPS) -> list[LoopEstimate]:
         for name, variant, spec in kernels():
             asm = tvm_attn.build(variant, spec, target=target, schedule="hand").executable.mod.inspect_source("asm")
             for loop in micro_kernel_loops(asm):
-                body = loop_body(loop.lines)
+                body = "\n".join(loop.instructions)
                 cycles = {model: loop_cycles(mca, body, chip if model == "apple" else model) for model in MODELS}
-                found.append(LoopEstimate(name, chip, body.count("\n") + 1, loop.fmas, cycles))
+                found.append(LoopEstimate(name, chip, len(loop.instructions), loop.fmas, cycles))
     return found
 
 

@@ -24,6 +24,26 @@ class Loop:
     fmas: int
     spills: tuple[str, ...]  # vector moves to or from the stack inside the loop
 
+    @property
+    def stack_stores(self) -> tuple[str, ...]:
+        """The spills that write a vector register to the stack: x86 ``vmovups %ymm1, 32(%rsp)`` (AT&T: the
+        destination last), AArch64 ``str q0, [sp, #16]`` / ``stp`` / ``stur``. (Loads alone may read stack buffers
+        such as a kernel's q rows.)"""
+        return tuple(s for s in self.spills if _is_store(s))
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        """The loop's instructions: its label, directives and comments left out."""
+        return tuple(line.strip() for line in self.lines if line.strip()
+                     and not line.strip().startswith((".", "//", ";", "#")) and not line.rstrip().endswith(":"))
+
+
+def _is_store(instruction: str) -> bool:
+    mnemonic, operands = (instruction.split(None, 1) + [""])[:2]
+    if mnemonic.startswith(("str", "stp", "stur")):
+        return True
+    return mnemonic.startswith("v") and operands.rstrip().endswith(("(%rsp)", "(%rbp)"))
+
 
 def loops(asm: str) -> list[Loop]:
     """Every loop (a branch back to an earlier label) of ``asm`` that contains no other loop."""
