@@ -53,18 +53,22 @@ def largest_divisor(n: int, limit: int) -> int:
 
 
 def register_blocked_matmul(sch: s_tir.Schedule, name: str, row, col, red, *, lanes: int,
-                            limit: RegisterBlock) -> None:
+                            limit: RegisterBlock, pair=None, intrin: str | None = None) -> None:
     """Turn block ``name`` (loops row, col, red among its last three) into a micro-kernel: a rows x (vectors *
     lanes) tile of accumulators kept in registers ("local" cache, unrolled, lanes vectorized) while the reduction
     loop streams through. ``row``/``col``/``red`` index the block's loops. Rows and vectors are sampled perfect
     tiles (tunable) of at most ``limit``'s, so every shape in the design space fits the registers; the default
-    decision is the largest that divides the loops."""
+    decision is the largest that divides the loops. Pair products (schedules/pair_products.py): ``pair`` indexes
+    the loop over a pair of the reduction and each vector of lanes is computed by the tensor intrinsic ``intrin``
+    (lanes must be its width)."""
     block = sch.get_sblock(name)
     loops = sch.get_loops(block)
     r, c, k = loops[row], loops[col], loops[red]
     row_extent = sch.get(r).extent.value
     col_extent = sch.get(c).extent.value
     vec = largest_divisor(col_extent, lanes)
+    if pair is not None and vec != lanes:
+        raise ValueError(f"{name}: {col_extent} columns are not whole vectors of {lanes} pair-product lanes")
     c_outer, c_i = sch.split(c, [None, vec])
     rows = largest_divisor(row_extent, limit.rows)
     vectors = largest_divisor(col_extent // vec, limit.vectors)
@@ -72,14 +76,16 @@ def register_blocked_matmul(sch: s_tir.Schedule, name: str, row, col, red, *, la
                                                     decision=[row_extent // rows, rows]))
     c_o, c_m = sch.split(c_outer, sch.sample_perfect_tile(c_outer, n=2, max_innermost_factor=limit.vectors,
                                                           decision=[col_extent // vec // vectors, vectors]))
-    sch.reorder(r_o, c_o, k, r_i, c_m, c_i)
+    sch.reorder(r_o, c_o, k, r_i, c_m, c_i, *([] if pair is None else [loops[pair]]))
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, c_o, preserve_unit_loops=True)  # loop counts must not depend on decisions
     sch.unroll(r_i)
     sch.unroll(c_m)
-    if vec > 1:
+    if pair is None and vec > 1:
         sch.vectorize(c_i)
     init = sch.decompose_reduction(block, k)
+    if pair is not None:
+        sch.tensorize(c_i, intrin)
     if vec > 1:
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(local)[-1])

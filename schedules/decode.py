@@ -10,6 +10,7 @@ from tvm_attn.targets import CpuCapabilities
 
 from .common import (RegisterBlock, largest_divisor, register_blocked_matmul, schedule_target, vectorize_last,
                      vectorized_row_reduction)
+from .pair_products import in_pair_products, pair_product_intrin
 
 
 def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities) -> None:
@@ -17,9 +18,11 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     rows x keys block of partial vectors in registers while the steps stream through, so each K vector loaded serves
     several query rows and each q vector several keys. Both counts are sampled up to the largest block that fits the
     target's registers (a partial vector of 16 lanes takes 1 AVX-512, 2 AVX2 or 4 NEON registers): 2 x 4 on
-    AVX-512, 1 x 2 on AVX2 and NEON, the default decisions."""
+    AVX-512, 1 x 2 on AVX2 and NEON, the default decisions. In pair products (loops (row, key, step, lane, pair))
+    each partial vector is one tensor intrinsic."""
     block = sch.get_sblock(name)
-    g, j, c, lane = sch.get_loops(block)[-4:]
+    pairs = in_pair_products(sch, name)
+    g, j, c, lane = sch.get_loops(block)[-5:-1] if pairs else sch.get_loops(block)[-4:]
     n_rows, n_keys = sch.get(g).extent.value, sch.get(j).extent.value
     per_partial = max(1, sch.get(lane).extent.value // caps.lanes())
     # accumulators, the rows' q vectors and the keys' K vectors of one step (LLVM loads a step's K rows together)
@@ -35,8 +38,11 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
     sch.unroll(g_i)
     sch.unroll(j_i)
-    sch.vectorize(lane)
+    if not pairs:
+        sch.vectorize(lane)
     init = sch.decompose_reduction(block, c)
+    if pairs:
+        sch.tensorize(lane, pair_product_intrin(caps, "lanewise"))
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(local)[-1])
 

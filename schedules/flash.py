@@ -13,6 +13,8 @@ from tvm import s_tir
 
 from .common import (register_block, register_blocked_matmul, schedule_target, vectorize_last,
                      vectorized_row_reduction)
+from .pair_products import LANES as PAIR_LANES
+from .pair_products import in_pair_products, pair_product_intrin
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
@@ -20,9 +22,18 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     limit = register_block(caps)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("k_t"))[:3]))  # on one thread it took ~4% of a 1024-key prefill
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("tile"))))
-    # Loops: (row, key, d) for qk, (row, key, d) for pv with key the reduction.
-    register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes, limit=limit)
-    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=limit)
+    if in_pair_products(sch, "qk"):  # flash.compute(pairs=True)
+        sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("v_p"))[:3]))
+        intrin = pair_product_intrin(caps, "broadcast")
+        # Loops: (row, key, d / 2, pair) for qk, (row, key / 2, d, pair) for pv.
+        register_blocked_matmul(sch, "qk", row=-4, col=-3, red=-2, pair=-1, intrin=intrin, lanes=PAIR_LANES,
+                                limit=limit)
+        register_blocked_matmul(sch, "pv", row=-4, col=-2, red=-3, pair=-1, intrin=intrin, lanes=PAIR_LANES,
+                                limit=limit)
+    else:
+        # Loops: (row, key, d) for qk, (row, key, d) for pv with key the reduction.
+        register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes, limit=limit)
+        register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=limit)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     vectorize_last(sch, "p", lanes)

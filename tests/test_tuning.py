@@ -35,7 +35,7 @@ def test_design_space_replays_with_any_decisions(variant, knobs, seq):
     fields = dict(batch=1, heads=2, seq_q=seq, seq_kv=seq, head_dim=64) | knobs
     spec = tvm_attn.AttentionSpec(**fields)
     v = tvm_attn.get_variant(variant)
-    mod = tuning.workload(v, spec)
+    mod = tuning.workload(v, spec, "host")
     sch = s_tir.Schedule(mod, seed=1)
     v.kernel_parts(path_for(spec.seq_q))[1](sch, tvm_attn.resolve_target("host"))
     for seed in range(2, 30):
@@ -46,9 +46,9 @@ def test_a_record_applies_to_every_length():
     """Records are measured at one length; the kernel they schedule takes every length."""
     spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=300, head_dim=32, causal=True)
     v = tvm_attn.get_variant("flash")
-    sch = s_tir.Schedule(tuning.workload(v, spec), seed=3)
+    sch = s_tir.Schedule(tuning.workload(v, spec, "host"), seed=3)
     v.kernel_parts("decode")[1](sch, tvm_attn.resolve_target("host"))
-    generic = s_tir.Schedule(tuning.generic_workload(v, spec.kernel, "decode"))
+    generic = s_tir.Schedule(tuning.generic_workload(v, spec.kernel, "decode", "host"))
     sch.trace.apply_to_schedule(generic, remove_postproc=False)
     fn = tvm.compile(generic.mod, target=tvm_attn.resolve_target("host"))["main"]
     for batch, seq_q, seq_kv in ((1, 1, 300), (2, 3, 1000), (1, 1, 5)):
@@ -219,7 +219,7 @@ def test_lookup_follows_the_confirmed_winner(tuned_logs, tmp_path):
     confirmed = json.loads((directory / tuning.CONFIRMED_FILE).read_text())
     spec = tvm_attn.AttentionSpec(**TINY)
     flash = tvm_attn.get_variant("flash")
-    key = tuning.workload_key(tuning.workload(flash, spec))
+    key = tuning.workload_key(tuning.workload(flash, spec, "host"))
     assert tuning.record_digest(tuning.tuned_record(flash, spec, "host", root=logs)) == confirmed[key]
     copy = tmp_path / "logs"
     shutil.copytree(logs, copy)

@@ -28,6 +28,9 @@ DECODE_KV_HEADS = (32, 8, 1)  # MHA, GQA, MQA
 KNOB_DEFAULTS = {"threshold": 0.01, "top_k": 64, "eps": 0.05}
 KNOB_SWEEPS = {"threshold": (0.001, 0.01, 0.05, 0.1), "top_k": (32, 64, 128, 256), "eps": (0.01, 0.05, 0.1, 0.2)}
 HALF_DTYPES = ("float16", "bfloat16")
+# 16-bit prefill is also timed on a Llama-like GQA layer (mqa): head_dim 128 gives each score twice the
+# multiply-adds of the seed's head_dim 64, which decides how much 16-bit products buy.
+GQA_PREFILL_SHAPE = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128}
 # The length each kernel is tuned at (one record then serves every length).
 TUNING_LENGTH = {"prefill": 1024, "decode": 4096}
 # `--quick` (the benchmark's smoke run, and the tests): tiny shapes.
@@ -35,12 +38,13 @@ QUICK_PREFILL_SHAPE = {"batch": 1, "heads": 4, "head_dim": 32}
 QUICK_DECODE_SHAPE = {"batch": 1, "heads": 32, "head_dim": 32}
 QUICK_KNOB_SWEEPS = {"threshold": (0.01, 0.1), "top_k": (8, 32), "eps": (0.05, 0.2)}
 QUICK_TUNING_LENGTH = {"prefill": 128, "decode": 512}
+QUICK_GQA_PREFILL_SHAPE = {"batch": 1, "heads": 4, "kv_heads": 2, "head_dim": 64}
 
 
 def default_plan(quick: bool = False) -> list[Workload]:
     """One workload per kernel that `python -m tvm_attn.bench` times (``quick``: with --quick), at its tuning
     length: the dense variants with and without the causal mask, the pruned ones at their default and swept knobs,
-    causal 16-bit flash, and flash decode over every KV head grouping and dtype."""
+    causal flash and GQA mqa in every dtype, and flash decode over every KV head grouping and dtype."""
     prefill, decode = (QUICK_PREFILL_SHAPE, QUICK_DECODE_SHAPE) if quick else (PREFILL_SHAPE, DECODE_SHAPE)
     length = QUICK_TUNING_LENGTH if quick else TUNING_LENGTH
     sweeps = QUICK_KNOB_SWEEPS if quick else KNOB_SWEEPS
@@ -59,6 +63,8 @@ def default_plan(quick: bool = False) -> list[Workload]:
                                              dtype=dtype))
              for kvh in DECODE_KV_HEADS for dtype in (DTYPE, *HALF_DTYPES)]
     plan += [Workload("flash", prefill_spec(causal=True, dtype=dtype)) for dtype in HALF_DTYPES]
+    gqa = QUICK_GQA_PREFILL_SHAPE if quick else GQA_PREFILL_SHAPE
+    plan += [Workload("mqa", prefill_spec(causal=True, dtype=dtype, **gqa)) for dtype in (DTYPE, *HALF_DTYPES)]
     return list(dict.fromkeys(plan))  # a sweep's default value once
 
 

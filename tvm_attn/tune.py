@@ -93,7 +93,7 @@ def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work
     """Tune one workload. Returns {"hand_ms": the best time before this run (the hand schedule's on a first run),
     "best_ms": after it (both MetaSchedule runner times)}, plus the confirmation's times when it ran."""
     variant = get_variant(w.variant)
-    mod = tuning.workload(variant, w.spec)
+    mod = tuning.workload(variant, w.spec, target)
     if tuning.best_record(db, mod, target) is None:
         trace, secs, args_info = _measure_hand(variant, w.spec, target, mod, builder, runner)
         db.commit_tuning_record(ms.database.TuningRecord(trace, db.commit_workload(mod), secs, target, args_info))
@@ -117,7 +117,7 @@ def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work
     if runs_on_host(target):
         row.update(confirm(variant, w.spec, target, db, mod, best, logs_root, progress.out))
     else:  # no device here to confirm on: the kernel uses the runner's pick
-        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, w.spec))
+        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, w.spec, target))
     return row
 
 
@@ -126,8 +126,8 @@ def hand_schedule(variant, spec):
     return variant.kernel_parts(path_for(spec.seq_q))[1]
 
 
-def _family(variant, spec) -> str:
-    return tuning.family_key(variant, spec.kernel, path_for(spec.seq_q))
+def _family(variant, spec, target) -> str:
+    return tuning.family_key(variant, spec.kernel, path_for(spec.seq_q), target)
 
 
 def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
@@ -141,7 +141,7 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
 
     hand = tuning.hand_trace(variant, spec, target)
     if str(hand) == str(best.trace):
-        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, spec))
+        tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(best), _family(variant, spec, target))
         return {}
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
@@ -161,15 +161,15 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
     if winner == "hand" and hand_record is None:  # cannot happen after tune_workload, which records it first
         raise RuntimeError(f"no record of the hand schedule of {variant.name} {spec.name}")
     tuning.write_confirmed(target, logs_root, mod, tuning.record_digest(hand_record if winner == "hand" else best),
-                           _family(variant, spec))
+                           _family(variant, spec, target))
     print(f"  confirmed here: hand {timings['hand'].median_ms:.3f} ms, tuned {timings['tuned'].median_ms:.3f} ms: "
           f"keeps the {winner} schedule", file=out, flush=True)
     return {"confirmed_hand_ms": timings["hand"].median_ms, "confirmed_best_ms": timings[winner].median_ms}
 
 
-def _searched(db, w: Workload) -> bool:
+def _searched(db, w: Workload, target) -> bool:
     """Whether w has records beyond the hand schedule's."""
-    mod = tuning.workload(get_variant(w.variant), w.spec)
+    mod = tuning.workload(get_variant(w.variant), w.spec, target)
     return db.has_workload(mod) and len(db.get_top_k(db.commit_workload(mod), 2)) >= 2
 
 
@@ -226,7 +226,7 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
     work_dir = Path(logs_root) / target_key(t) / "logs"  # MetaSchedule's own logs; not committed
     work_dir.mkdir(parents=True, exist_ok=True)
     if untuned_only:
-        searched = [w for w in plan if _searched(db, w)]
+        searched = [w for w in plan if _searched(db, w, t)]
         plan = [w for w in plan if w not in searched]
         print(f"{len(searched)} workloads already tuned, skipped", file=out, flush=True)
     builder = make_builder(t)

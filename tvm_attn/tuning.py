@@ -86,17 +86,17 @@ def logs_dir(target, root: Path | None = None) -> Path:
     return Path(root or default_logs_root()) / target_key(target)
 
 
-def generic_workload(variant, kspec: KernelSpec, path: str) -> tvm.IRModule:
-    """The IRModule of the kernel serving ``path`` for ``kspec``: batch and lengths are run-time sizes."""
-    compute, _ = variant.kernel_parts(path)
-    return tvm.IRModule({"main": compute(kspec)})
+def generic_workload(variant, kspec: KernelSpec, path: str, target) -> tvm.IRModule:
+    """The IRModule of the kernel serving ``path`` for ``kspec`` on ``target``: batch and lengths are run-time
+    sizes."""
+    return tvm.IRModule({"main": variant.compute_for(path, kspec, target)})
 
 
-def workload(variant, spec: AttentionSpec) -> tvm.IRModule:
-    """The IRModule a variant is tuned as for ``spec``: the kernel of spec's path (its compute, unscheduled) with
-    batch, seq_q and seq_kv fixed to spec's. The key of its records."""
-    return tvm.IRModule({"main": with_sizes(generic_workload(variant, spec.kernel, path_for(spec.seq_q))["main"],
-                                            spec)})
+def workload(variant, spec: AttentionSpec, target) -> tvm.IRModule:
+    """The IRModule a variant is tuned as for ``spec`` on ``target``: the kernel of spec's path (its compute,
+    unscheduled) with batch, seq_q and seq_kv fixed to spec's. The key of its records."""
+    generic = generic_workload(variant, spec.kernel, path_for(spec.seq_q), target)
+    return tvm.IRModule({"main": with_sizes(generic["main"], spec)})
 
 
 def with_sizes(func, spec: AttentionSpec):
@@ -111,9 +111,10 @@ def with_sizes(func, spec: AttentionSpec):
     return func.specialize(sized)
 
 
-def family_key(variant, kspec: KernelSpec, path: str) -> str:
-    """The key of one compiled kernel (variant, path, kernel spec): the structural hash of its generic IR."""
-    return workload_key(generic_workload(variant, kspec, path))
+def family_key(variant, kspec: KernelSpec, path: str, target) -> str:
+    """The key of one compiled kernel (variant, path, kernel spec, what the target computes it with): the
+    structural hash of its generic IR."""
+    return workload_key(generic_workload(variant, kspec, path, target))
 
 
 class CorruptTuningLog(ValueError):
@@ -242,7 +243,7 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     length it was tuned at), or None. A CPU without a record of its own for the kernel takes one measured on
     another CPU of its ISA class (``class_record_keys``)."""
     t = resolve_target(target)
-    family = FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q))
+    family = FAMILY + family_key(variant, spec.kernel, path_for(spec.seq_q), t)
     roots = [root] if root is not None else lookup_roots()
     own = (_noted_record(family, target_key(t), t, logs_root) for logs_root in roots)
     same_class = (_noted_record(family, key, target_from_key(key), logs_root)
@@ -282,14 +283,14 @@ def hand_trace(variant, spec: AttentionSpec, target):
     """The trace of the hand schedule of the kernel serving ``spec`` on ``target`` (a record with this trace is the
     hand schedule itself: tuning found nothing faster)."""
     path = path_for(spec.seq_q)
-    sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path))
+    sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path, target))
     variant.kernel_parts(path)[1](sch, resolve_target(target))
     return sch.trace
 
 
-def apply_record(variant, spec: AttentionSpec, record) -> s_tir.Schedule:
-    """Replay a record's trace on the kernel serving ``spec`` (generic over batch and lengths)."""
-    sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path_for(spec.seq_q)))
+def apply_record(variant, spec: AttentionSpec, record, target) -> s_tir.Schedule:
+    """Replay a record's trace on the kernel serving ``spec`` on ``target`` (generic over batch and lengths)."""
+    sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path_for(spec.seq_q), target))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
 

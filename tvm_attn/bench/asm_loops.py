@@ -9,7 +9,7 @@ import re
 _LABEL = re.compile(r"^(\.?L\w+):")
 _X86_JUMP = re.compile(r"^\s+j[a-z]+\s+(\.?L\w+)\s*$")
 _ARM_BRANCH = re.compile(r"^\s+(?:b(?:\.\w+)?|cbn?z|tbn?z)\s+(?:[^,]+,\s*)*(\.?L\w+)\s*$")
-_X86_FMA = re.compile(r"^\s+vfn?m(?:add|sub)\d+[ps]s\s+.*%[xyz]mm")
+_X86_FMA = re.compile(r"^\s+(?:vfn?m(?:add|sub)\d+[ps]s|vdpbf16ps)\s+.*%[xyz]mm")
 # Apple's syntax puts the arrangement on the mnemonic (fmla.4s v0, v1, v2), the generic one on the operands.
 _ARM_FMA = re.compile(r"^\s+(?:fmla|fmls|bfdot|bfmmla|bfmlal[bt]|fmlal2?|fdot)(?:\.\w+)?\s+v\d+")
 _X86_STACK_VECTOR = re.compile(r"%[xyz]mm\d+.*\((?:%rsp|%rbp)\)|\((?:%rsp|%rbp)\).*%[xyz]mm\d+")

@@ -545,8 +545,24 @@ def _prefill_section(study: str, title: str, notes=(), of_sgemm: bool = False) -
 
 
 CAUSAL = _prefill_section("causal", "Causal attention", notes=_causal_speedup, of_sgemm=True)
+def _speedup_over_float32(rs, ctx: Context) -> list[str]:
+    """Each 16-bit line against its float32 line, timed in the same rounds."""
+    notes = []
+    for line in sorted({r["line"] for r in rs if r["dtype"] != "float32"}):
+        dtype = one(rs, line=line)["dtype"]
+        base = line.removesuffix(f" {dtype}")
+        pairs = [(int(r["x"]), one(rs, x=r["x"], line=base, provider="hand"), r)
+                 for r in sorted(pick(rs, line=line, provider="hand"), key=lambda r: int(r["x"]))]
+        ratios = [f"seq {x}: {f['median_ms'] / h['median_ms']:.2f}x" for x, f, h in pairs if f and h]
+        if ratios:
+            notes.append(f"{line} vs {base} (float32), same rounds: " + ", ".join(ratios) + ".")
+    return notes
+
+
 PREFILL_16BIT = _prefill_section("prefill_16bit",
-                                 "Causal prefill in float16 and bfloat16 (torch SDPA in the same dtype)")
+                                 "Causal prefill in float16 and bfloat16 (torch SDPA in the same dtype)",
+                                 notes=_speedup_over_float32)
+
 
 def _model_section(rows, ctx: Context) -> list[str]:
     """SmolLM2 with tvm_attn attention: decode and prefill speed against torch SDPA, and each pruning knob's

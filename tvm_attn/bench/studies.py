@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..plan import (DECODE_KV_HEADS, DECODE_SHAPE, HALF_DTYPES, KNOB_DEFAULTS, KNOB_SWEEPS, PREFILL_SHAPE,
-                    QUICK_DECODE_SHAPE, QUICK_KNOB_SWEEPS, QUICK_PREFILL_SHAPE, QUICK_TUNING_LENGTH, TUNING_LENGTH)
+from ..plan import (DECODE_KV_HEADS, DECODE_SHAPE, GQA_PREFILL_SHAPE, HALF_DTYPES, KNOB_DEFAULTS, KNOB_SWEEPS,
+                    PREFILL_SHAPE, QUICK_DECODE_SHAPE, QUICK_GQA_PREFILL_SHAPE, QUICK_KNOB_SWEEPS, QUICK_PREFILL_SHAPE,
+                    QUICK_TUNING_LENGTH, TUNING_LENGTH)
 from ..spec import DTYPE, KNOBS
 from ..variants import get_variant
 
@@ -102,6 +103,8 @@ def default_studies(quick: bool = False) -> list[Study]:
     sweeps = QUICK_KNOB_SWEEPS if quick else KNOB_SWEEPS
     all_providers = ("hand", "tuned", "untuned", "numpy", "torch-sdpa", "sgemm")
     sgemm_min_x = seqs[-1] if quick else 1024  # where prefill is measured against the matmul ceiling
+    gqa = QUICK_GQA_PREFILL_SHAPE if quick else GQA_PREFILL_SHAPE
+    gqa_label = f"mqa {gqa['heads']}/{gqa['kv_heads']} heads d{gqa['head_dim']}"
     return [
         Study("seq_sweep", "Speedup vs sequence length; timing, memory and accuracy of every variant",
               "seq_q", seqs, DENSE_LINES + PRUNED_LINES, all_providers, base,
@@ -127,7 +130,8 @@ def default_studies(quick: bool = False) -> list[Study]:
               interleave_dtypes=True),
         Study("prefill_16bit", "Causal prefill with float16 and bfloat16 inputs, against torch SDPA in the same dtype",
               "seq_q", seqs[-1:] if quick else (512, 1024, 2048),
-              tuple(Line(with_dtype("flash", dtype), "flash", (("causal", True), ("dtype", dtype)))
+              tuple(Line(with_dtype(label, dtype), variant, fields + (("causal", True), ("dtype", dtype)))
+                    for label, variant, fields in (("flash", "flash", ()), (gqa_label, "mqa", tuple(gqa.items())))
                     for dtype in (DTYPE,) + HALF_DTYPES),
               ("hand", "tuned", "torch-sdpa"), base, interleave_dtypes=True),
     ]

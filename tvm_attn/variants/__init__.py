@@ -13,6 +13,7 @@ from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
+from ..schedules.pair_products import uses_pair_products
 from ..spec import KNOBS, AttentionSpec
 from . import bounded, decode, flash, pruned, standard
 
@@ -48,6 +49,9 @@ class Variant:
     # The result depends on where K's blocks start (the shadow's, from key 0): windowed calls pass every key rather
     # than only those from the first one a query sees.
     blocks_from_key0: bool = False
+    # Paths whose compute takes pairs=True: bfloat16 matmuls in pair products (schedules/pair_products.py) on
+    # targets that have them.
+    pair_paths: frozenset = frozenset()
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -60,6 +64,14 @@ class Variant:
                 raise ValueError(f"variant {self.name!r} has no kernel reading the shadow of K")
             return self.shadow_compute, self.shadow_schedule
         return self.compute, self.schedule
+
+    def compute_for(self, path: str, kspec, target):
+        """The PrimFunc of the kernel serving ``path`` for ``kspec`` on ``target`` (generic over batch and
+        lengths): in bfloat16 pair products where the target has them and this path computes that way."""
+        compute, _ = self.kernel_parts(path)
+        if path in self.pair_paths and uses_pair_products(kspec, target):
+            return compute(kspec, pairs=True)
+        return compute(kspec)
 
     def has_decode_kernel(self) -> bool:
         return self.decode_compute is not None
@@ -96,11 +108,14 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("standard", "softmax(scale q k^T) v with the score matrix materialized",
-                standard.compute, _standard_schedule.schedule, _ref.dense, **DENSE_DECODE),
+                standard.compute, _standard_schedule.schedule, _ref.dense, **DENSE_DECODE,
+                pair_paths=frozenset({"decode"})),
         Variant("flash", "blocked online softmax over KV tiles, no score matrix",
-                flash.compute, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
+                flash.compute, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE,
+                pair_paths=frozenset({"prefill", "decode"})),
         Variant("mqa", "flash whose row tiles stack the query heads of a KV group (multi-/grouped-query)",
-                flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE),
+                flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE,
+                pair_paths=frozenset({"prefill", "decode"})),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",
                 keep=_on_scores(_ref.threshold_keep), **PRUNED_DECODE, **SHADOW),

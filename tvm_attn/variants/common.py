@@ -26,14 +26,31 @@ def ceil_div(a, b: int):
     return (a + (b - 1)) // b
 
 
+# Kernel-internal bfloat16 values are stored as their bits: TVM computes in float32 whatever a bfloat16 buffer it
+# allocates holds (it widens the buffer), and pair products need them 16 bits wide.
+BF16_BITS = "uint16"
+
+
 def widen(x):
-    """A loaded argument element as float32 (16-bit inputs are converted on load; float32 ones pass through)."""
-    return x if str(x.ty) == ACC else T.Cast(ACC, x)
+    """A loaded element as float32: 16-bit inputs are converted on load, BF16_BITS are a bfloat16's bits, float32
+    passes through."""
+    dtype = str(x.ty)
+    if dtype == BF16_BITS:
+        return T.Cast(ACC, T.reinterpret(x, dtype="bfloat16"))
+    return x if dtype == ACC else T.Cast(ACC, x)
 
 
 def narrow(x, dtype: str):
-    """A float32 result as the output's dtype (rounded to nearest even for 16-bit outputs)."""
+    """A float32 result as ``dtype`` (rounded to nearest even for 16-bit ones; BF16_BITS: a bfloat16's bits)."""
+    if dtype == BF16_BITS:
+        bits = T.reinterpret(x, dtype="uint32")
+        return T.Cast(BF16_BITS, (bits + T.uint32(0x7FFF) + ((bits >> T.uint32(16)) & T.uint32(1))) >> T.uint32(16))
     return x if dtype == ACC else T.Cast(dtype, x)
+
+
+def bits_of(x):
+    """A loaded bfloat16 argument element as BF16_BITS."""
+    return T.reinterpret(x, dtype=BF16_BITS)
 
 
 # The rule for NaN and Inf (references.py states it): a row that reads a NaN or +Inf score is NaN in every element;
@@ -145,14 +162,13 @@ def qk_tile(S, s_col, q_tile, k_t, vb, vkh, key0, rows, block_kv, head_dim, zero
 
 
 @T.macro
-def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
-                        row0, sees, all_see, neg, zero, one):
-    """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
-    are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
-    exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added. ``sees(row0, r, j)`` says whether row r sees
-    key j; ``all_see`` (a condition on the tile) that every row sees every key of the tile: such tiles (all but the
-    diagonal, window-edge and last ones) skip the per-key test. Keys past seq_kv have P = 0 and read the last row of
-    v (a predicate in pv, seq_kv being a run-time size, would stay in the micro-kernel's inner loop)."""
+def softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero, one, exp):
+    """The online softmax's statistics for one KV tile of ``rows`` rows whose scores S against keys key0.. are
+    computed: the tile's max, the running max m and the factor alpha = exp(m_old - m_new) that rescales what was
+    summed so far, the weights P = exp(S - m_new) (in P's dtype) and their sum. ``exp`` is the exp of a score
+    difference (scores computed unscaled take the scale there). ``sees(row0, r, j)`` says whether row r sees key
+    j; ``all_see`` (a condition on the tile) that every row sees every key of the tile: such tiles (all but the
+    diagonal, window-edge and last ones) skip the per-key test."""
     # all_see is one test per tile: T.if_then_else with a scalar condition branches around the per-key test
     # instead of selecting lane by lane.
     for ri, jj in T.grid(rows, block_kv):
@@ -165,25 +181,24 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
     for ri in range(rows):
         with T.sblock("rescale"):
             r = T.axis.spatial(rows, ri)
-            alpha[r] = T.Select(m[r] >= t_max[r], one, softmax_exp(m[r] - t_max[r]))
+            alpha[r] = T.Select(m[r] >= t_max[r], one, exp(m[r] - t_max[r]))
             m[r] = T.max(m[r], t_max[r])
     for ri, jj in T.grid(rows, block_kv):
         with T.sblock("p"):
             r, j = T.axis.remap("SS", [ri, jj])
-            P[r, j] = T.if_then_else(all_see, softmax_exp(S[r, j] - m[r]),
-                                     T.Select(sees(row0, r, key0 + j), softmax_exp(S[r, j] - m[r]), zero))
+            P[r, j] = narrow(T.if_then_else(all_see, exp(S[r, j] - m[r]),
+                                            T.Select(sees(row0, r, key0 + j), exp(S[r, j] - m[r]), zero)), P.dtype)
     for ri, jj in T.grid(rows, block_kv):
         with T.sblock("tile_sum"):
             r, j = T.axis.remap("SR", [ri, jj])
             with T.init():
                 t_sum[r] = zero
-            t_sum[r] = t_sum[r] + P[r, j]
-    for ri, jj, d in T.grid(rows, block_kv, head_dim):
-        with T.sblock("pv"):
-            r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-            with T.init():
-                O[r, dd] = zero
-            O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+            t_sum[r] = t_sum[r] + widen(P[r, j])
+
+
+@T.macro
+def update_output(acc, O, alpha, l, t_sum, rows, head_dim):
+    """acc = alpha acc + O and l = alpha l + the tile's sum: the tile's P V and weights added to the running ones."""
     for ri, d in T.grid(rows, head_dim):
         with T.sblock("update"):
             r, dd = T.axis.remap("SS", [ri, d])
@@ -192,6 +207,72 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
         with T.sblock("update_sum"):
             r = T.axis.spatial(rows, ri)
             l[r] = l[r] * alpha[r] + t_sum[r]
+
+
+@T.macro
+def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
+                        row0, sees, all_see, neg, zero, one):
+    """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
+    are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
+    exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added (``softmax_weights`` says what sees and
+    all_see are). Keys past seq_kv have P = 0 and read the last row of v (a predicate in pv, seq_kv being a
+    run-time size, would stay in the micro-kernel's inner loop)."""
+    softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero, one,
+                    softmax_exp)
+    for ri, jj, d in T.grid(rows, block_kv, head_dim):
+        with T.sblock("pv"):
+            r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+            with T.init():
+                O[r, dd] = zero
+            O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+    update_output(acc, O, alpha, l, t_sum, rows, head_dim)
+
+
+# Pair products (AVX512-BF16 vdpbf16ps, NEON bfdot): a float32 lane accumulates a[2i] b[2i] + a[2i+1] b[2i+1] of
+# two bfloat16 vectors, so each operand that lies along the lanes is stored with the pair of its reduction index
+# adjacent: (reduction / 2, lanes, 2). The kernels computing this way pack K and V once per call.
+@T.macro
+def pack_k_pairs(k, k_p, batch, kv_heads, head_dim, seq_kv, padded):
+    """k_p[b, kh, p, j, t] = k[b, kh, j, 2p + t] (BF16_BITS), zero past seq_kv: keys along the lanes of the QK^T
+    tiles, each with a pair of head dims."""
+    for b, kh, p, j, t in T.grid(batch, kv_heads, head_dim // 2, padded, 2):
+        with T.sblock("k_t"):
+            vb, vkh, vp, vj, vt = T.axis.remap("SSSSS", [b, kh, p, j, t])
+            k_p[vb, vkh, vp, vj, vt] = T.if_then_else(
+                vj < seq_kv, bits_of(k[vb, vkh, T.min(vj, seq_kv - 1), vp * 2 + vt]), T.uint16(0))
+
+
+@T.macro
+def pack_v_pairs(v, v_p, batch, kv_heads, head_dim, seq_kv, padded):
+    """v_p[b, kh, i, d, t] = v[b, kh, 2i + t, d] (BF16_BITS), zero past seq_kv: head dims along the lanes of the
+    P V tiles, each with a pair of keys."""
+    for b, kh, i, t, d in T.grid(batch, kv_heads, padded // 2, 2, head_dim):
+        with T.sblock("v_p"):
+            vb, vkh, vi, vt, vd = T.axis.remap("SSSSS", [b, kh, i, t, d])
+            v_p[vb, vkh, vi, vd, vt] = T.if_then_else(
+                vi * 2 + vt < seq_kv, bits_of(v[vb, vkh, T.min(vi * 2 + vt, seq_kv - 1), vd]), T.uint16(0))
+
+
+@T.macro
+def qk_tile_pairs(S, q_tile, k_p, vb, vkh, key0, rows, block_kv, head_dim, zero):
+    """S[r, j] = q_tile[r] . k[key0 + j] with k read from k_p (pack_k_pairs), in pair products."""
+    for ri, jj, p, t in T.grid(rows, block_kv, head_dim // 2, 2):
+        with T.sblock("qk"):
+            r, j, vp, vt = T.axis.remap("SSRR", [ri, jj, p, t])
+            with T.init():
+                S[r, j] = zero
+            S[r, j] = S[r, j] + widen(q_tile[r, vp * 2 + vt]) * widen(k_p[vb, vkh, vp, key0 + j, vt])
+
+
+@T.macro
+def pv_tile_pairs(O, P, v_p, vb, vkh, key0, rows, block_kv, head_dim, zero):
+    """O = P v for keys key0.. (key0 even) with v read from v_p (pack_v_pairs), in pair products."""
+    for ri, ii, d, t in T.grid(rows, block_kv // 2, head_dim, 2):
+        with T.sblock("pv"):
+            r, i, dd, vt = T.axis.remap("SRSR", [ri, ii, d, t])
+            with T.init():
+                O[r, dd] = zero
+            O[r, dd] = O[r, dd] + widen(P[r, i * 2 + vt]) * widen(v_p[vb, vkh, key0 // 2 + i, dd, vt])
 
 
 # The row-tile blocks of the materialized-score variants (standard, threshold, topk, mass): one tile of query rows
@@ -270,8 +351,9 @@ def macro_state(wrapper):
     raise RuntimeError(f"{wrapper.__name__}: this TVM's T.macro keeps no call_count; see fresh_block_names")
 
 
-MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, online_softmax_tile, load_q_rows, scores_of_rows,
-                                         row_max_of_scores, softmax_numerators))
+MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, update_output, online_softmax_tile,
+                                         pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs, load_q_rows,
+                                         scores_of_rows, row_max_of_scores, softmax_numerators))
 
 
 def fresh_block_names() -> None:

@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, row_output,
+from .common import (ACC, BF16_BITS, bits_of, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, row_output,
                      run_time_sizes)
 
 
@@ -59,8 +59,13 @@ class DecodeConfig:
 LANES = 16  # partial sums per dot product, summed by a tree of 4 halvings
 
 
-def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
-    """The decode PrimFunc for ``kspec`` (dense attention; any seq_q, organized for a few)."""
+def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: bool = False):
+    """The decode PrimFunc for ``kspec`` (dense attention; any seq_q, organized for a few). ``pairs`` (bfloat16,
+    head_dim a multiple of 2 x LANES): QK^T in bfloat16 pair products, each partial lane summing a pair of head dims
+    (q kept in bfloat16, the scale applied to the scores); P V widens V as without."""
+    if pairs and (kspec.dtype != "bfloat16" or kspec.head_dim % (2 * LANES)):
+        raise ValueError(f"pair products need bfloat16 inputs and a head_dim multiple of {2 * LANES}, got "
+                         f"{kspec.dtype} head_dim={kspec.head_dim}")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
@@ -68,6 +73,12 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
     NSMAX = config.max_splits
     CHUNK_TILES = config.chunk_keys // BK
     DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
+    STEP = 2 * LANES if pairs else LANES  # head dims one partial vector covers per step
+    Q_ROWS = BF16_BITS if pairs else ACC
+
+    def S_SCALE(x):
+        """A score from its dot product: pair products take q unscaled (bfloat16, exact)."""
+        return x * T.float32(kspec.scale) if pairs else x
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
@@ -115,7 +126,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                     T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D])
                     T.writes(m_part[vb, vkh, vs, 0:SQ, 0:G], l_part[vb, vkh, vs, 0:SQ, 0:G],
                              o_part[vb, vkh, vs, 0:SQ, 0:G, 0:D])
-                    q_rows = T.sblock_alloc_buffer((G, DP), ACC)
+                    q_rows = T.sblock_alloc_buffer((G, DP), Q_ROWS)
                     part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
                     half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
                     half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
@@ -135,8 +146,11 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                             for g, d in T.grid(G, DP):
                                 with T.sblock("q_rows"):
                                     vg, vd = T.axis.remap("SS", [g, d])
-                                    q_rows[vg, vd] = T.if_then_else(
-                                        vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
+                                    if pairs:  # DP == D
+                                        q_rows[vg, vd] = bits_of(q[vb, vkh * G + vg, vi, vd])
+                                    else:
+                                        q_rows[vg, vd] = T.if_then_else(
+                                            vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
                             for g in range(G):
                                 with T.sblock("init_stats"):
                                     vg = T.axis.spatial(G, g)
@@ -149,14 +163,24 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                             for t in range(tile_range(vs, vi)[0], tile_range(vs, vi)[1]):
                                 with T.sblock("kv_tile"):
                                     vt = T.axis.opaque(NK, t)
-                                    for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
-                                        with T.sblock("qk_part"):
-                                            vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
-                                            with T.init():
-                                                part[vg, j, vl] = ZERO
-                                            # Keys past seq_kv read the last key; tile_max and p mask them.
-                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * widen(k[
-                                                vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
+                                    if pairs:
+                                        for g, jj, c, lane, t2 in T.grid(G, BK, DP // STEP, LANES, 2):
+                                            with T.sblock("qk_part"):
+                                                vg, j, vc, vl, vt2 = T.axis.remap("SSRSR", [g, jj, c, lane, t2])
+                                                with T.init():
+                                                    part[vg, j, vl] = ZERO
+                                                part[vg, j, vl] = part[vg, j, vl] + widen(
+                                                    q_rows[vg, vc * STEP + vl * 2 + vt2]) * widen(
+                                                    k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * STEP + vl * 2 + vt2])
+                                    else:
+                                        for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                            with T.sblock("qk_part"):
+                                                vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                                with T.init():
+                                                    part[vg, j, vl] = ZERO
+                                                # Keys past seq_kv read the last key; tile_max and p mask them.
+                                                part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * \
+                                                    widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
                                     for g, jj, lane in T.grid(G, BK, 8):
                                         with T.sblock("qk_half8"):
                                             vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
@@ -172,7 +196,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig()):
                                     for g, jj in T.grid(G, BK):
                                         with T.sblock("qk"):
                                             vg, j = T.axis.remap("SS", [g, jj])
-                                            S[vg, j] = half2[vg, j, 0] + half2[vg, j, 1]
+                                            S[vg, j] = S_SCALE(half2[vg, j, 0] + half2[vg, j, 1])
                                     online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
                                                         BK, D, SKV, vi, query_sees,
                                                         vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE)

@@ -22,6 +22,8 @@ Blocks (the contract with schedules/flash.py):
       pv         O = P v                                      (a BQ x BK x D matmul)
       update     acc = alpha acc + O, l = alpha l + tile_sum
     out        acc / l (0 for rows that see no key)
+In bfloat16 pair products (``pairs``; schedules/pair_products.py): k_t packs K as (d / 2, key, 2) and v_p packs V
+as (key / 2, d, 2), q_tile and P hold bfloat16 bits, and qk and pv reduce over pairs (their last loop).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, qk_tile, row_output,
-                     run_time_sizes, transpose_k, widen)
+from ..fast_exp import softmax_exp
+from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, online_softmax_tile,
+                     pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs, row_output, run_time_sizes,
+                     softmax_weights, transpose_k, update_output, widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -42,8 +46,14 @@ BLOCK_Q = 48
 BLOCK_KV = 128
 
 
-def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
-    """The flash PrimFunc for ``kspec``; ``group_rows`` stacks a KV group's query heads in one row tile."""
+def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False, block_q: int = BLOCK_Q,
+            block_kv: int = BLOCK_KV):
+    """The flash PrimFunc for ``kspec``; ``group_rows`` stacks a KV group's query heads in one row tile. ``pairs``
+    (bfloat16 kernels): both matmuls in bfloat16 pair products accumulating in float32 (K and V packed in pairs, q
+    kept in bfloat16 with the scale applied to the scores, P rounded to bfloat16)."""
+    if pairs and (kspec.dtype != "bfloat16" or kspec.head_dim % 2):
+        raise ValueError(f"pair products need bfloat16 inputs and an even head_dim, got {kspec.dtype} "
+                         f"head_dim={kspec.head_dim}")
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
     GI = G if group_rows else 1  # query heads stacked inside one row tile
@@ -55,6 +65,11 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
     ZERO = T.float32(0)
     ONE = T.float32(1)
     dtype = kspec.dtype
+    # Pair products take q as given (bfloat16, exact) and the scale in the exp: exp(scale (s - m)) with m the max of
+    # the unscaled scores s (q negated for a negative scale, which is exact, so the max stays the max).
+    SIGN_BIT = T.uint16(0 if kspec.scale > 0 else 0x8000)
+    score_exp = (lambda x: softmax_exp(x * T.float32(abs(kspec.scale)))) if pairs else softmax_exp
+    OPERAND = BF16_BITS if pairs else ACC  # q_tile and P
 
     # Rows of one (batch, kv head, outer group) slice: row r is head r // SQ of the tile's group, query r % SQ.
     def head(kh, go, r, SQ):
@@ -99,14 +114,20 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
         v = bhsd(v_h, B, KVH, SKV, D, dtype)
         out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), ACC)
-            transpose_k(k, k_t, B, KVH, D, SKV, ceil_div(SKV, BK) * BK, ZERO)
+            if pairs:
+                k_p = T.sblock_alloc_buffer((B, KVH, D // 2, ceil_div(SKV, BK) * BK, 2), BF16_BITS)
+                v_p = T.sblock_alloc_buffer((B, KVH, ceil_div(SKV, BK) * BK // 2, D, 2), BF16_BITS)
+                pack_k_pairs(k, k_p, B, KVH, D, SKV, ceil_div(SKV, BK) * BK)
+                pack_v_pairs(v, v_p, B, KVH, D, SKV, ceil_div(SKV, BK) * BK)
+            else:
+                k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), ACC)
+                transpose_k(k, k_t, B, KVH, D, SKV, ceil_div(SKV, BK) * BK, ZERO)
             for b, kh, go, rt in T.grid(B, KVH, GO, ceil_div(GI * SQ, BQ)):
                 with T.sblock("tile"):
                     vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
-                    q_tile = T.sblock_alloc_buffer((BQ, D), ACC)
+                    q_tile = T.sblock_alloc_buffer((BQ, D), OPERAND)
                     S = T.sblock_alloc_buffer((BQ, BK), ACC)
-                    P = T.sblock_alloc_buffer((BQ, BK), ACC)
+                    P = T.sblock_alloc_buffer((BQ, BK), OPERAND)
                     O = T.sblock_alloc_buffer((BQ, D), ACC)
                     m = T.sblock_alloc_buffer((BQ,), ACC)
                     t_max = T.sblock_alloc_buffer((BQ,), ACC)
@@ -117,12 +138,20 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
                     for ri, d in T.grid(BQ, D):
                         with T.sblock("q_tile"):
                             r, dd = T.axis.remap("SS", [ri, d])
-                            q_tile[r, dd] = T.if_then_else(
-                                vrt * BQ + r < R,
-                                widen(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
-                                        query(T.min(vrt * BQ + r, R - 1), SQ), dd]) * SCALE,
-                                ZERO,
-                            )
+                            if pairs:
+                                q_tile[r, dd] = T.if_then_else(
+                                    vrt * BQ + r < R,
+                                    bits_of(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
+                                              query(T.min(vrt * BQ + r, R - 1), SQ), dd]) ^ SIGN_BIT,
+                                    T.uint16(0),
+                                )
+                            else:
+                                q_tile[r, dd] = T.if_then_else(
+                                    vrt * BQ + r < R,
+                                    widen(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
+                                            query(T.min(vrt * BQ + r, R - 1), SQ), dd]) * SCALE,
+                                    ZERO,
+                                )
                     for ri in range(BQ):
                         with T.sblock("init_stats"):
                             r = T.axis.spatial(BQ, ri)
@@ -135,9 +164,17 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
                     for t in range(kv_tiles(vrt)[0], kv_tiles(vrt)[1]):
                         with T.sblock("kv_tile"):
                             vt = T.axis.opaque(ceil_div(SKV, BK), t)
-                            qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                            online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, BQ, BK,
-                                                D, SKV, vrt * BQ, row_sees, tile_sees_all(vrt, vt), NEG, ZERO, ONE)
+                            if pairs:
+                                qk_tile_pairs(S, q_tile, k_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                                softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ, row_sees,
+                                                tile_sees_all(vrt, vt), NEG, ZERO, ONE, score_exp)
+                                pv_tile_pairs(O, P, v_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                                update_output(acc, O, alpha, l, t_sum, BQ, D)
+                            else:
+                                qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                                online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, BQ,
+                                                    BK, D, SKV, vrt * BQ, row_sees, tile_sees_all(vrt, vt), NEG, ZERO,
+                                                    ONE)
                     for ri, d in T.grid(BQ, D):
                         with T.sblock("out"):
                             r, dd = T.axis.remap("SS", [ri, d])
@@ -148,6 +185,6 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, block_q: int = BLOCK
     return flash
 
 
-def compute_grouped(kspec: KernelSpec):
+def compute_grouped(kspec: KernelSpec, pairs: bool = False):
     """The mqa variant: flash whose row tiles stack the query heads sharing one KV head."""
-    return compute(kspec, group_rows=True)
+    return compute(kspec, group_rows=True, pairs=pairs)

@@ -1,0 +1,81 @@
+"""bfloat16 pair products (AVX512-BF16 vdpbf16ps): which kernels compute with them on which targets, that their
+micro-kernels fit the registers, and that they match the float64 reference (on a host that has the instruction)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import tvm_attn
+from conftest import assert_matches_reference, make_inputs, pair_products_here
+from tvm_attn.bench.asm_loops import micro_kernel_loops
+from tvm_attn.schedules.pair_products import has_pair_products, uses_pair_products
+from tvm_attn.targets import capabilities
+
+AVX512_BF16 = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "znver4"}
+WITHOUT = {  # targets whose bfloat16 kernels widen to float32
+    "avx2": {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"},
+    "avx512 without bf16": {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "skylake-avx512"},
+    "apple-m3": "apple-m3",
+}
+PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True,
+                                 dtype="bfloat16")
+DECODE = dataclasses.replace(PREFILL, seq_q=1, head_dim=128, causal=False)
+KERNELS = {"flash prefill": ("flash", PREFILL), "mqa prefill": ("mqa", PREFILL), "decode": ("flash", DECODE),
+           "standard decode": ("standard", DECODE)}
+HOST_HAS_THEM = has_pair_products(capabilities("host"))
+
+
+def _asm(variant, spec, target):
+    return tvm_attn.build(variant, spec, target=target, schedule="hand").executable.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16_kernels_use_pair_products_where_the_target_has_them(kernel):
+    variant, spec = KERNELS[kernel]
+    asm = _asm(variant, spec, AVX512_BF16)
+    assert "vdpbf16ps" in asm
+    loops = micro_kernel_loops(asm)
+    assert loops, f"no micro-kernel loop in the {kernel} kernel"
+    spilling = [(loop.fmas, loop.stack_stores) for loop in loops if loop.stack_stores]
+    assert not spilling, f"{kernel}: micro-kernel loops (FMAs, stack stores) spill: {spilling}"
+
+
+@pytest.mark.parametrize("target", WITHOUT)
+def test_targets_without_them_widen(target):
+    assert not uses_pair_products(PREFILL.kernel, WITHOUT[target])
+    if target != "apple-m3":  # NEON's bfdot is not wired: apple-m2..m4 widen like m1
+        assert "vdpbf16ps" not in _asm("flash", PREFILL, WITHOUT[target])
+
+
+def test_other_dtypes_and_head_dims_widen():
+    for spec in (dataclasses.replace(PREFILL, dtype="float32"), dataclasses.replace(PREFILL, dtype="float16"),
+                 dataclasses.replace(PREFILL, head_dim=48)):  # head_dim not whole pairs of 16-lane vectors
+        assert not uses_pair_products(spec.kernel, AVX512_BF16)
+    assert "vdpbf16ps" not in _asm("flash", dataclasses.replace(PREFILL, head_dim=48), AVX512_BF16)
+
+
+SHAPES = [  # (variant, heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, scale)
+    ("flash", 4, 4, 100, 300, 64, True, None, None),
+    ("mqa", 8, 2, 77, 77, 128, True, None, None),
+    ("flash", 2, 1, 200, 260, 32, True, 50, None),
+    ("mqa", 4, 2, 130, 129, 64, False, None, -0.3),  # a negative scale: q's sign flipped, the max stays the max
+    ("flash", 8, 2, 1, 1000, 128, False, None, None),  # decode
+    ("flash", 4, 1, 3, 333, 64, True, None, -0.2),
+    ("standard", 4, 4, 1, 129, 32, True, None, None),
+]
+
+
+@pytest.mark.skipif(not HOST_HAS_THEM, reason="this host has no AVX512-BF16")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_pair_products_match_the_reference(shape):
+    variant, heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, scale = shape
+    spec = tvm_attn.AttentionSpec(batch=2, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_kv=seq_kv,
+                                  head_dim=head_dim, causal=causal, window=window, scale=scale, dtype="bfloat16")
+    assert pair_products_here(variant, spec)
+    q, k, v = make_inputs(spec, seed=seq_kv)
+    out = tvm_attn.build(variant, spec)(q, k, v)
+    assert_matches_reference(variant, spec, np.asarray(out), q.astype(np.float64), k.astype(np.float64),
+                             v.astype(np.float64))
