@@ -10,7 +10,7 @@ from tvm_attn.targets import CpuCapabilities
 
 from .common import (RegisterBlock, largest_divisor, register_blocked_matmul, schedule_target, vectorize_last,
                      vectorized_row_reduction)
-from .pair_products import in_pair_products, pair_product_intrin
+from .pair_products import in_pair_products, pair_dot, pair_product_intrin
 
 
 def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities) -> None:
@@ -41,7 +41,11 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     if not pairs:
         sch.vectorize(lane)
     init = sch.decompose_reduction(block, c)
-    if pairs:
+    if pairs:  # the partial vector in instructions of the target's width
+        width = pair_dot(caps).lanes
+        if width < sch.get(lane).extent.value:
+            lane_o, lane = sch.split(lane, [None, width])
+            sch.unroll(lane_o)
         sch.tensorize(lane, pair_product_intrin(caps, "lanewise"))
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(local)[-1])

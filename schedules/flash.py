@@ -13,8 +13,7 @@ from tvm import s_tir
 
 from .common import (register_block, register_blocked_matmul, schedule_target, vectorize_last,
                      vectorized_row_reduction)
-from .pair_products import LANES as PAIR_LANES
-from .pair_products import in_pair_products, pair_product_intrin
+from .pair_products import in_pair_products, pair_dot, pair_product_intrin
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
@@ -24,11 +23,11 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("tile"))))
     if in_pair_products(sch, "qk"):  # flash.compute(pairs=True)
         sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("v_p"))[:3]))
-        intrin = pair_product_intrin(caps, "broadcast")
+        intrin, pair_lanes = pair_product_intrin(caps, "broadcast"), pair_dot(caps).lanes
         # Loops: (row, key, d / 2, pair) for qk, (row, key / 2, d, pair) for pv.
-        register_blocked_matmul(sch, "qk", row=-4, col=-3, red=-2, pair=-1, intrin=intrin, lanes=PAIR_LANES,
+        register_blocked_matmul(sch, "qk", row=-4, col=-3, red=-2, pair=-1, intrin=intrin, lanes=pair_lanes,
                                 limit=limit)
-        register_blocked_matmul(sch, "pv", row=-4, col=-2, red=-3, pair=-1, intrin=intrin, lanes=PAIR_LANES,
+        register_blocked_matmul(sch, "pv", row=-4, col=-2, red=-3, pair=-1, intrin=intrin, lanes=pair_lanes,
                                 limit=limit)
     else:
         # Loops: (row, key, d) for qk, (row, key, d) for pv with key the reduction.

@@ -10,8 +10,7 @@ import pytest
 import tvm_attn
 from tvm_attn import references
 from tvm_attn.runtime import numpy_dtype
-from tvm_attn.schedules.pair_products import uses_pair_products
-from tvm_attn.variants import path_for
+from tvm_attn.variants import path_for, uses_pair_products
 
 EPS32 = float(np.finfo(np.float32).eps)
 # Unit roundoff (half an ulp, relative) of rounding a result to the output dtype.
@@ -40,31 +39,33 @@ def tolerance(spec: tvm_attn.AttentionSpec) -> float:
     return 8 * EPS32 * math.sqrt(spec.head_dim + spec.seq_kv)
 
 
-def output_tolerance(spec: tvm_attn.AttentionSpec, variant: str | None = None, v=None) -> tuple[float, float]:
+def output_tolerance(spec: tvm_attn.AttentionSpec, variant: str | None = None, v=None,
+                     target="host") -> tuple[float, float]:
     """(rtol, atol) of a kernel's output in spec.dtype against the float64 reference computed on the same (16-bit
     rounded) inputs: the float32 computation's tolerance, plus the one rounding of each result to the output dtype
     (|error| <= unit roundoff * |value|; float16 subnormals, below 6e-5, add at most 2^-25 absolute), plus what
-    rounding the softmax weights to bfloat16 adds where ``variant``'s kernel computes P V in pair products."""
+    rounding the softmax weights to bfloat16 adds where ``variant``'s kernel for ``target`` computes P V in pair
+    products."""
     tol = tolerance(spec)
-    return tol + UNIT_ROUNDOFF[spec.dtype], tol + rounded_weights_error(variant, spec, v)
+    return tol + UNIT_ROUNDOFF[spec.dtype], tol + rounded_weights_error(variant, spec, v, target)
 
 
-def rounded_weights_error(variant: str | None, spec: tvm_attn.AttentionSpec, v) -> float:
-    """The bound on what bfloat16 pair products add to an output element of ``variant`` on this host: each weight
+def rounded_weights_error(variant: str | None, spec: tvm_attn.AttentionSpec, v, target="host") -> float:
+    """The bound on what bfloat16 pair products add to an output element of ``variant`` on ``target``: each weight
     rounded to bfloat16 (relative error <= u) with the sum of the rounded weights as the divisor moves out = sum_j
     p_j v_j / sum_j p_j by at most u / (1 - u) max_j |v_j - out| <= 2 u / (1 - u) max |v| (over finite v: rows
     weighing a non-finite value are not finite). 0 where the kernel computes in float32."""
-    if variant is None or not pair_products_here(variant, spec):
+    if variant is None or not pair_products_here(variant, spec, target):
         return 0.0
     u = UNIT_ROUNDOFF["bfloat16"]
     v = np.asarray(v, dtype=np.float64)
     return 2 * u / (1 - u) * float(np.abs(v[np.isfinite(v)]).max(initial=0.0))
 
 
-def pair_products_here(variant: str, spec: tvm_attn.AttentionSpec) -> bool:
-    """Whether the kernel serving ``spec`` computes in bfloat16 pair products on this host."""
+def pair_products_here(variant: str, spec: tvm_attn.AttentionSpec, target="host") -> bool:
+    """Whether the kernel serving ``spec`` computes in bfloat16 pair products on ``target`` (this host)."""
     return (path_for(spec.seq_q) in tvm_attn.get_variant(variant).pair_paths
-            and uses_pair_products(spec.kernel, "host"))
+            and uses_pair_products(spec.kernel, target))
 
 
 def make_inputs(spec: tvm_attn.AttentionSpec, seed: int = 0, q_scale: float = 1.0):
@@ -137,7 +138,8 @@ def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
     return at(chosen) | at(chosen - 1)
 
 
-def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v):
+def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v, target="host"):
+    """out, the kernel's for ``target`` (which the tolerance depends on), against the float64 reference."""
     ref = tvm_attn.get_variant(variant).reference(spec, q, k, v)
     assert out.shape == ref.shape and out.dtype == numpy_dtype(spec.dtype)
     out = out.astype(np.float64)
@@ -145,7 +147,7 @@ def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q,
     skip = ambiguous_rows(variant, spec, q, k)
     # Mass cuts with a small eps fall among many tiny weights, where more rows sit within float32 reach of 1 - eps.
     assert skip.sum() <= max(1, 0.1 * skip.size), f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
-    rtol, atol = output_tolerance(spec, variant, v)
+    rtol, atol = output_tolerance(spec, variant, v, target)
     np.testing.assert_allclose(out[~skip], ref[~skip], rtol=rtol, atol=atol,
                                err_msg=f"{variant} {spec.name} differs from its float64 reference")
 

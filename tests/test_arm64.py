@@ -18,7 +18,7 @@ import tvm
 import tvm_attn
 from arm64_emulation import (TARGET, Emulator, environment, instruction_count, python, run_python,
                              simd_fp_mix)
-from conftest import assert_matches_reference, knobs_for, make_inputs
+from conftest import assert_matches_reference, knobs_for, make_inputs, pair_products_here
 from tvm_attn import export, runtime, shadow
 from tvm_attn.kernel import build_shadow, scheduled_module
 from tvm_attn.runtime import numpy_dtype
@@ -61,7 +61,11 @@ SHAPES = (
     dict(dtype="float16", heads=4, kv_heads=4, head_dim=64, causal=False, window=None, lengths=((9, 33), (100, 100))),
     dict(dtype="bfloat16", heads=4, kv_heads=2, head_dim=64, causal=True, window=None, lengths=((1, 100), (7, 70))),
 )
-CASES = [Case(variant, **shape) for variant in tvm_attn.VARIANTS for shape in SHAPES]
+# bfloat16 prefill of the variants that compute it in pair products (bfdot on the M3; the decode case above does too)
+PAIR_SHAPE = dict(dtype="bfloat16", heads=4, kv_heads=2, head_dim=64, causal=True, window=None,
+                  lengths=((100, 130), (33, 33)))
+CASES = [Case(variant, **shape) for variant in tvm_attn.VARIANTS for shape in SHAPES] + [
+    Case(variant, **PAIR_SHAPE) for variant, v in tvm_attn.VARIANTS.items() if "prefill" in v.pair_paths]
 CALLS = [(case, n) for case in CASES for n in range(len(case.lengths))]
 # Decode through a KVCache (strided views of its buffers): flash's decode kernel and the kernels reading the
 # cache's shadow of K; (variant, dtype).
@@ -155,14 +159,14 @@ def emulated(emulator_ready, tmp_path_factory):
 def test_every_variant_matches_reference_under_emulation(emulated, case, n):
     results, given = emulated
     spec, q, k, v = given[_call_name(case, n)]
-    assert_matches_reference(case.variant, spec, results[_call_name(case, n)][0], q, k, v)
+    assert_matches_reference(case.variant, spec, results[_call_name(case, n)][0], q, k, v, TARGET)
 
 
 @pytest.mark.parametrize("variant,dtype", CACHE_CASES, ids=[f"{v}-{d}" for v, d in CACHE_CASES])
 def test_cache_decode_matches_reference_under_emulation(emulated, variant, dtype):
     results, given = emulated
     spec, q, k, v = given[f"cache-{variant}-{dtype}"]
-    assert_matches_reference(variant, spec, results[f"cache-{variant}-{dtype}"][0], q, k, v)
+    assert_matches_reference(variant, spec, results[f"cache-{variant}-{dtype}"][0], q, k, v, TARGET)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -181,15 +185,20 @@ def test_a_broken_tail_predicate_fails_under_emulation(emulated):
     results, given = emulated
     spec, q, k, v = given["broken"]
     with pytest.raises(AssertionError, match="differs from its float64 reference"):
-        assert_matches_reference("flash", spec, results["broken"][0], q, k, v)
+        assert_matches_reference("flash", spec, results["broken"][0], q, k, v, TARGET)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.dtype != "float32"], ids=lambda c: c.name)
 def test_16_bit_inputs_widen_in_vector_registers(case):
     """16-bit inputs widen to float32 in NEON registers (fcvtl for float16; bfloat16 is the top half of a float32:
-    shll by 16), feeding the same fmla micro-kernels (the kernels the emulated tests ran, cached)."""
-    kernel = tvm_attn.build(case.variant, case.spec(*case.lengths[0]), target=TARGET)
+    shll by 16), feeding the same fmla micro-kernels (the kernels the emulated tests ran, cached), except the
+    bfloat16 kernels that multiply in pair products, with bfdot (the M3 has BF16)."""
+    spec = case.spec(*case.lengths[0])
+    kernel = tvm_attn.build(case.variant, spec, target=TARGET)
     mix = simd_fp_mix(kernel.executable.mod.inspect_source("asm"))
+    if pair_products_here(case.variant, spec, TARGET):
+        assert mix["bfdot.4s"] > 0, {op: n for op, n in mix.items() if op.startswith("bf")}
+        return
     widen = ("fcvtl.4s", "fcvtl2.4s") if case.dtype == "float16" else ("shll.4s", "shll2.4s")
     assert mix["fmla.4s"] > 0 and sum(mix[op] for op in widen) > 0, {op: mix[op] for op in ("fmla.4s", *widen)}
 
@@ -214,7 +223,7 @@ qkv = np.load({str(tmp_path / "qkv.npz")!r})
 np.save({str(tmp_path / "out.npy")!r}, kernel(qkv["q"], qkv["k"], qkv["v"]))
 """)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_matches_reference("flash", spec, np.load(tmp_path / "out.npy"), q, k, v)
+    assert_matches_reference("flash", spec, np.load(tmp_path / "out.npy"), q, k, v, TARGET)
 
 
 @pytest.mark.parametrize("variant,dtype", [("flash", "float32"), ("bounded", "float32"), ("mass", "float16")])

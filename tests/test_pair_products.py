@@ -1,24 +1,30 @@
-"""bfloat16 pair products (AVX512-BF16 vdpbf16ps): which kernels compute with them on which targets, that their
-micro-kernels fit the registers, and that they match the float64 reference (on a host that has the instruction)."""
+"""bfloat16 pair products (AVX512-BF16 vdpbf16ps, NEON bfdot): which kernels compute with them on which targets,
+that their micro-kernels fit the registers, and that they match the float64 reference (on a host that has the
+instruction; the arm64 ones run under emulation in tests/test_arm64.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import tvm_attn
-from conftest import assert_matches_reference, make_inputs, pair_products_here
+from conftest import assert_matches_reference, make_inputs, pair_products_here, tolerance
+from tvm_attn import references
 from tvm_attn.bench.asm_loops import micro_kernel_loops
-from tvm_attn.schedules.pair_products import has_pair_products, uses_pair_products
+from tvm_attn.schedules.pair_products import has_pair_products
+from tvm_attn.variants import uses_pair_products
 from tvm_attn.targets import capabilities
 
 AVX512_BF16 = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "znver4"}
+WITH = {"avx512-bf16": (AVX512_BF16, "vdpbf16ps"), "apple-m2": ("apple-m2", "bfdot"),
+        "apple-m4": ("apple-m4", "bfdot")}
 WITHOUT = {  # targets whose bfloat16 kernels widen to float32
     "avx2": {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"},
     "avx512 without bf16": {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "skylake-avx512"},
-    "apple-m3": "apple-m3",
+    "apple-m1": "apple-m1",  # no BF16
 }
 PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True,
                                  dtype="bfloat16")
@@ -32,11 +38,13 @@ def _asm(variant, spec, target):
     return tvm_attn.build(variant, spec, target=target, schedule="hand").executable.mod.inspect_source("asm")
 
 
+@pytest.mark.parametrize("isa", WITH)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_bfloat16_kernels_use_pair_products_where_the_target_has_them(kernel):
+def test_bfloat16_kernels_use_pair_products_where_the_target_has_them(isa, kernel):
     variant, spec = KERNELS[kernel]
-    asm = _asm(variant, spec, AVX512_BF16)
-    assert "vdpbf16ps" in asm
+    target, instruction = WITH[isa]
+    asm = _asm(variant, spec, target)
+    assert instruction in asm
     loops = micro_kernel_loops(asm)
     assert loops, f"no micro-kernel loop in the {kernel} kernel"
     spilling = [(loop.fmas, loop.stack_stores) for loop in loops if loop.stack_stores]
@@ -46,8 +54,8 @@ def test_bfloat16_kernels_use_pair_products_where_the_target_has_them(kernel):
 @pytest.mark.parametrize("target", WITHOUT)
 def test_targets_without_them_widen(target):
     assert not uses_pair_products(PREFILL.kernel, WITHOUT[target])
-    if target != "apple-m3":  # NEON's bfdot is not wired: apple-m2..m4 widen like m1
-        assert "vdpbf16ps" not in _asm("flash", PREFILL, WITHOUT[target])
+    asm = _asm("flash", PREFILL, WITHOUT[target])
+    assert "vdpbf16ps" not in asm and "bfdot" not in asm
 
 
 def test_other_dtypes_and_head_dims_widen():
@@ -76,6 +84,21 @@ def test_pair_products_match_the_reference(shape):
                                   head_dim=head_dim, causal=causal, window=window, scale=scale, dtype="bfloat16")
     assert pair_products_here(variant, spec)
     q, k, v = make_inputs(spec, seed=seq_kv)
-    out = tvm_attn.build(variant, spec)(q, k, v)
-    assert_matches_reference(variant, spec, np.asarray(out), q.astype(np.float64), k.astype(np.float64),
-                             v.astype(np.float64))
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    out = np.asarray(tvm_attn.build(variant, spec)(q.astype(ml_dtypes.bfloat16), k.astype(ml_dtypes.bfloat16),
+                                                   v.astype(ml_dtypes.bfloat16)))
+    assert_matches_reference(variant, spec, out, q, k, v)
+    # FlashAttention's test: no worse than twice what a naive implementation of the same precision (weights
+    # rounded to bfloat16 against the row max, output rounded to bfloat16) misses the float64 reference by.
+    ref = references.dense(spec, q, k, v)
+    naive = _rounded_weights_attention(spec, q, k, v).astype(ml_dtypes.bfloat16).astype(np.float64)
+    error, naive_error = np.abs(out.astype(np.float64) - ref).max(), np.abs(naive - ref).max()
+    assert error <= 2 * naive_error + tolerance(spec), (error, naive_error)
+
+
+def _rounded_weights_attention(spec, q, k, v) -> np.ndarray:
+    weights = references.softmax_weights(spec, references.scores(spec, q, k))
+    top = weights.max(axis=-1, keepdims=True)
+    rounded = (weights / np.where(top > 0, top, 1)).astype(ml_dtypes.bfloat16).astype(np.float64)
+    total = rounded.sum(axis=-1, keepdims=True)
+    return (rounded / np.where(total > 0, total, 1)) @ np.repeat(v, spec.group_size, axis=1)

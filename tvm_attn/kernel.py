@@ -52,7 +52,8 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     if schedule in ("best", "tuned"):
         record = tuning.tuned_record(variant, spec, target)
         if record is not None:
-            return Scheduled(tuning.apply_record(variant, spec, record, target).mod, "tuned", tuning.record_digest(record))
+            return Scheduled(tuning.apply_record(variant, spec, record, target).mod, "tuned",
+                             tuning.record_digest(record))
         if schedule == "tuned":
             raise LookupError(f"no tuned record for the {variant.name} {path} kernel {spec.kernel.name} on "
                               f"{target_key(target)} (python -m tvm_attn.tune tunes it)")

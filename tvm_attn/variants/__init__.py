@@ -13,7 +13,8 @@ from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
-from ..schedules.pair_products import uses_pair_products
+from ..schedules.pair_products import has_pair_products
+from ..targets import capabilities
 from ..spec import KNOBS, AttentionSpec
 from . import bounded, decode, flash, pruned, standard
 
@@ -85,6 +86,14 @@ class Variant:
             if knob != self.knob and value is not None:
                 raise ValueError(f"{knob}={value!r} is only used by variant {variant_using(knob)}, not "
                                  f"{self.name!r}")
+
+
+def uses_pair_products(kspec, target) -> bool:
+    """Whether the bfloat16 kernels of ``kspec`` compute in pair products on ``target`` (None: the host): where it
+    has them and the head dim is whole steps of the decode kernel's partial dot products (2 x 16 dims; prefill's
+    P V needs whole vectors)."""
+    return (kspec.dtype == "bfloat16" and kspec.head_dim % (2 * decode.LANES) == 0
+            and has_pair_products(capabilities(target if target is not None else "host")))
 
 
 def variant_using(knob: str) -> str:

@@ -10,10 +10,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..element_types import ACC, BF16_BITS, bits_of, narrow, widen  # noqa: F401 (the computes import them from here)
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-
-ACC = "float32"  # scores, softmax statistics, accumulators and scratch, whatever the arguments' dtype
 
 # The kernels assume only element alignment of their arguments (the element's bytes): numpy and torch tensors,
 # strided views into a KV cache and slices at any offset are passed without a copy (unaligned vector loads cost
@@ -24,33 +23,6 @@ ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def ceil_div(a, b: int):
     """Tiles of size b covering a (an int or a PrimExpr)."""
     return (a + (b - 1)) // b
-
-
-# Kernel-internal bfloat16 values are stored as their bits: TVM computes in float32 whatever a bfloat16 buffer it
-# allocates holds (it widens the buffer), and pair products need them 16 bits wide.
-BF16_BITS = "uint16"
-
-
-def widen(x):
-    """A loaded element as float32: 16-bit inputs are converted on load, BF16_BITS are a bfloat16's bits, float32
-    passes through."""
-    dtype = str(x.ty)
-    if dtype == BF16_BITS:
-        return T.Cast(ACC, T.reinterpret(x, dtype="bfloat16"))
-    return x if dtype == ACC else T.Cast(ACC, x)
-
-
-def narrow(x, dtype: str):
-    """A float32 result as ``dtype`` (rounded to nearest even for 16-bit ones; BF16_BITS: a bfloat16's bits)."""
-    if dtype == BF16_BITS:
-        bits = T.reinterpret(x, dtype="uint32")
-        return T.Cast(BF16_BITS, (bits + T.uint32(0x7FFF) + ((bits >> T.uint32(16)) & T.uint32(1))) >> T.uint32(16))
-    return x if dtype == ACC else T.Cast(dtype, x)
-
-
-def bits_of(x):
-    """A loaded bfloat16 argument element as BF16_BITS."""
-    return T.reinterpret(x, dtype=BF16_BITS)
 
 
 # The rule for NaN and Inf (references.py states it): a row that reads a NaN or +Inf score is NaN in every element;

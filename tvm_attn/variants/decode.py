@@ -33,8 +33,8 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, bits_of, widen, Visibility, bhsd, ceil_div, fresh_block_names, online_softmax_tile, row_output,
-                     run_time_sizes)
+from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, online_softmax_tile,
+                     row_output, run_time_sizes, widen)
 
 
 @dataclasses.dataclass(frozen=True)
