@@ -349,3 +349,31 @@ def test_a_run_held_to_the_avx2_class(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tvm_attn.bench", "--isa", "avx3", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown ISA class 'avx3'" in bad.stderr
+
+
+def test_the_report_has_a_section_per_isa_class(quick_run, tmp_path):
+    """A machine's report puts its runs held to each ISA class (<key>, <key>-avx2 beside it) side by side, and the
+    Apple estimate's CSV (bench/results/apple-estimate.csv) when there is one."""
+    from tvm_attn.bench import apple_estimate
+    from tvm_attn.bench.report import write_report
+
+    out, rows, _ = quick_run
+    key = rows[0]["target"]
+    for name, target in ((key, key), (f"{key}-avx2", "x86_64-x86-64-v3")):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**r, "target": target} for r in rows)
+    apple_estimate.write_csv([apple_estimate.LoopEstimate("flash prefill", "apple-m3", 37, 24,
+                                                          {"apple": 9.5, "neoverse-v2": 6.4})],
+                             str(tmp_path / "apple-estimate.csv"))
+    report = open(write_report(str(tmp_path / key / "results.csv"), str(tmp_path / key))).read()
+    section = report[report.index("## ISA classes"):]
+    assert f"native: x86_64-avx512 ({key} code)" in section or f"({key} code)" in section
+    assert "avx2: x86_64-avx2 (x86_64-x86-64-v3 code)" in section
+    assert "| flash prefill | 63% / 94% |" in section  # 24 FMAs / (4 pipes x 9.5 and 6.4 cycles)
+    alone = tmp_path / "alone" / key
+    alone.mkdir(parents=True)
+    (alone / "results.csv").write_bytes((out / "results.csv").read_bytes())
+    assert "## ISA classes" not in open(write_report(str(alone / "results.csv"), str(alone))).read()

@@ -9,11 +9,14 @@ LLVM keeps for every Apple core, written for the A7) and Neoverse-V2's (also 4 x
 A loop's share is an upper bound on its speed: llvm-mca assumes L1 hits and predicted branches.
 
     python -m tvm_attn.bench.apple_estimate [--out bench/results/apple-estimate.md]   # needs llvm-mca >= 17
+
+The same rows go to a CSV beside the report (apple-estimate.csv), which the benchmark's report summarizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import os
 import re
@@ -128,6 +131,28 @@ def report(estimates: list[LoopEstimate], mca: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+CSV_FIELDS = ("kernel", "chip", "instructions", "fmas", *(f"cycles {model}" for model in MODELS))
+
+
+def write_csv(estimates: list[LoopEstimate], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for e in estimates:
+            writer.writerow([e.kernel, e.chip, e.instructions, e.fmas, *(e.cycles[model] for model in MODELS)])
+
+
+def read_csv(path: str) -> list[LoopEstimate]:
+    """The estimates ``write_csv`` wrote; ValueError naming the file when it is not such a CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [LoopEstimate(r["kernel"], r["chip"], int(r["instructions"]), int(r["fmas"]),
+                             {model: float(r[f"cycles {model}"]) for model in MODELS}) for r in rows]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not an Apple estimate CSV ({CSV_FIELDS}): {err!r}") from None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tvm_attn.bench.apple_estimate",
                                      description=__doc__.split("\n\n")[0])
@@ -137,10 +162,12 @@ def main(argv=None) -> None:
     mca = llvm_mca()
     if mca is None:
         parser.error("needs llvm-mca from LLVM 17 or later on PATH (Debian: apt-get install llvm-19)")
-    text = report(estimate(mca, tuple(args.chip or CHIPS)), mca)
+    estimates = estimate(mca, tuple(args.chip or CHIPS))
+    text = report(estimates, mca)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
+    write_csv(estimates, os.path.splitext(args.out)[0] + ".csv")
     print(text)
 
 
