@@ -109,7 +109,8 @@ def _apple_summary(path: str) -> list[str]:
         body.append([kernel, *cells])
     return ["**Apple M: an estimate, not a measurement** (`python -m tvm_attn.bench.apple_estimate`, "
             "`apple-estimate.md`): the share of the 4 x 128-bit FMA pipes the register-blocked matmul loops of each "
-            "float32 kernel keep busy per llvm-mca, under LLVM's Apple (Cyclone) model / Neoverse-V2's.", "",
+            "kernel keep busy per llvm-mca, under LLVM's Apple (Cyclone) model / Neoverse-V2's (float32 unless "
+            "named; bfloat16 runs bfdot on M2 and later, twice the multiply-adds of an fmla).", "",
             table(["kernel", *chips], body), ""]
 
 
