@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 
+from ..spec import DTYPE
 from . import apple_estimate
-from .formatting import best, load, one, pick, table
+from .formatting import load, one, pick, ratio, table
 from .isa import ISAS
+from .sections import Point
+from .studies import with_dtype
 
 SEQS = (512, 1024, 2048)
 CAUSAL_SEQS = (1024, 2048, 4096)
@@ -29,45 +32,40 @@ def sibling_runs(out_dir: str) -> list[tuple[str, str]]:
 
 
 def _joined(values) -> str:
-    shown = [v for v in values if v is not None]
-    return " / ".join(shown) if shown else "-"
+    shown = list(values)
+    return " / ".join(shown) if any(v != "-" for v in shown) else "-"
 
 
-def _of_sgemm(rows, study: str, line: str, x) -> str | None:
-    hand, sgemm = (one(rows, study=study, line=line, x=x, provider=p, distribution="gaussian")
-                   for p in ("hand", "sgemm"))
-    return f"{100 * hand['gflops'] / sgemm['gflops']:.0f}%" if hand and sgemm else None
+def _of_sgemm(rows, study: str, line: str, x) -> str:
+    share = Point.at(pick(rows, study=study), x, line).sgemm_share()
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
-def _vs_torch(rows, study: str, line: str, x) -> str | None:
-    hand, torch = (one(rows, study=study, line=line, x=x, provider=p, distribution="gaussian")
-                   for p in ("hand", "torch-sdpa"))
-    return f"{torch['median_ms'] / hand['median_ms']:.2f}x" if hand and torch else None
+def _vs_torch(rows, study: str, line: str, x) -> str:
+    point = Point.at(pick(rows, study=study), x, line)
+    return ratio(point["hand"], point["torch-sdpa"])
 
 
 def _of_read(rows, line: str) -> str:
     """The range over seq_kv of a decode line's best schedule against the plain read of the same round."""
-    shares = []
-    for x in sorted({r["x"] for r in pick(rows, study="decode", line=line)}):
-        kernel, read = best(rows, study="decode", line=line, x=x), one(rows, study="decode", line=line, x=x,
-                                                                       provider="read-kv")
-        if kernel and read:
-            shares.append(read["median_ms"] / kernel["median_ms"])
+    decode = pick(rows, study="decode", line=line)
+    shares = [s for s in (Point.at(decode, x, line).read_share() for x in sorted({r["x"] for r in decode}))
+              if s is not None]
     return f"{100 * min(shares):.0f}%-{100 * max(shares):.0f}%" if shares else "-"
 
 
-def _over_float32(rows, line: str, x) -> str | None:
-    """A 16-bit prefill line against its float32 line, same rounds."""
-    dtype_line = f"{line} bfloat16"
-    half, full = (one(rows, study="prefill_16bit", line=name, x=x, provider="hand") for name in (dtype_line, line))
-    return f"{full['median_ms'] / half['median_ms']:.2f}x" if half and full else None
+def _over_float32(rows, line: str, x) -> str:
+    """A line's bfloat16 prefill against its float32 line, same rounds."""
+    half, full = (one(rows, study="prefill_16bit", line=with_dtype(line, dtype), x=x, provider="hand")
+                  for dtype in ("bfloat16", DTYPE))
+    return ratio(half, full)
 
 
 def headlines(rows) -> list[tuple[str, str]]:
     """(what, figures) of one run: prefill against the same-round sgemm and torch, causal, decode, bfloat16."""
     sweep_sgemm = [r["gflops"] for r in pick(rows, study="seq_sweep", provider="sgemm")]
     gqa_line = next((r["line"] for r in pick(rows, study="prefill_16bit") if r["line"].startswith("mqa ")
-                     and r["dtype"] == "float32"), None)
+                     and r["dtype"] == DTYPE), None)
     return [
         ("same-round sgemm, GFLOP/s", f"{min(sweep_sgemm):.0f}-{max(sweep_sgemm):.0f}" if sweep_sgemm else "-"),
         ("flash, of the sgemm, seq 1024 / 2048", _joined(_of_sgemm(rows, "seq_sweep", "flash", x) for x in SEQS[1:])),
@@ -79,7 +77,7 @@ def headlines(rows) -> list[tuple[str, str]]:
         ("decode MHA float32, of the same-round read, 1k-32k keys", _of_read(rows, "kv_heads=32 (MHA)")),
         ("decode GQA (8 KV heads) float32, of the same-round read", _of_read(rows, "kv_heads=8 (GQA)")),
         ("causal prefill bfloat16 vs float32: flash d64 / GQA d128, seq 2048",
-         _joined([_over_float32(rows, "flash", 2048), _over_float32(rows, gqa_line, 2048) if gqa_line else None])),
+         _joined([_over_float32(rows, "flash", 2048), _over_float32(rows, gqa_line, 2048) if gqa_line else "-"])),
     ]
 
 
@@ -127,9 +125,8 @@ def isa_classes_section(rows, ctx) -> list[str]:
              "Ratios within one point of each run.", ""]
     if runs:
         figures = [(_label(isa, run_rows), dict(headlines(run_rows))) for isa, run_rows in runs]
-        whats = [what for what, _ in headlines(runs[0][1])]
         parts += [table(["", *(label for label, _ in figures)],
-                        [[what, *(f[what] for _, f in figures)] for what in whats]), ""]
+                        [[what, *(f[what] for _, f in figures)] for what in figures[0][1]]), ""]
     if os.path.exists(apple):
         parts += _apple_summary(apple)
     return parts

@@ -81,8 +81,7 @@ DECODE = Section(
         Column("GB/s", lambda p: f"{p.best()['gbs']:.1f}" if p.best() else "-"),
         Column("of bandwidth", lambda p: f"{100 * p.best()['gbs'] / p.ctx.bandwidth['gbs']:.0f}%"
                if p.best() and p.ctx.bandwidth else "-"),
-        Column("of read", lambda p: f"{100 * p['read-kv']['median_ms'] / p.best()['median_ms']:.0f}%"
-               if p.best() and p["read-kv"] else "-"),
+        Column("of read", lambda p: "-" if p.read_share() is None else f"{100 * p.read_share():.0f}%"),
         Column("torch ms", lambda p: ms(p["torch-sdpa"])),
         Column("torch GB/s", lambda p: f"{p['torch-sdpa']['gbs']:.1f}" if p["torch-sdpa"] else "-"),
         Column("tvm_attn vs torch", lambda p: ratio(p.best(), p["torch-sdpa"])),
@@ -312,8 +311,8 @@ def _hand_gflops(p) -> str:
 
 
 def _of_sgemm(p) -> str:
-    """The hand kernel's GFLOP/s as a share of the sgemm timed in the same round (provider "sgemm")."""
-    return f"{100 * p['hand']['gflops'] / p['sgemm']['gflops']:.0f}%" if p["hand"] and p["sgemm"] else "-"
+    share = p.sgemm_share()
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def _kept(p) -> str:

@@ -32,7 +32,15 @@ class Point:
     line: str
     rows: dict
     study_rows: list
-    ctx: Context
+    ctx: Context | None
+
+    @classmethod
+    def at(cls, study_rows: list, x, line: str, ctx: Context | None = None) -> "Point":
+        """The point (x, line) of one study's rows."""
+        by_provider = {}
+        for r in pick(study_rows, x=x, line=line):
+            by_provider.setdefault(r["provider"], r)
+        return cls(x, line, by_provider, study_rows, ctx)
 
     def __getitem__(self, provider: str):
         return self.rows.get(provider)
@@ -40,6 +48,15 @@ class Point:
     def best(self):
         """The faster of the hand and tuned rows (what schedule="best" gives)."""
         return best(self.study_rows, x=self.x, line=self.line)
+
+    def sgemm_share(self) -> float | None:
+        """The hand kernel's GFLOP/s over the sgemm's timed in the same round (provider "sgemm")."""
+        return self["hand"]["gflops"] / self["sgemm"]["gflops"] if self["hand"] and self["sgemm"] else None
+
+    def read_share(self) -> float | None:
+        """A plain read of the same bytes timed in the same round (provider "read-kv") over the best schedule's
+        time: the share of the minute's read rate the kernel reaches."""
+        return self["read-kv"]["median_ms"] / self.best()["median_ms"] if self.best() and self["read-kv"] else None
 
     def other(self, line: str, provider: str):
         """Another line's row at the same x."""
@@ -110,10 +127,7 @@ class Section:
         points = {}
         for x in xs:
             for line in lines:
-                by_provider = {}
-                for r in pick(rs, x=x, line=line):
-                    by_provider.setdefault(r["provider"], r)
-                points[(x, line)] = Point(x, line, by_provider, rs, ctx)
+                points[(x, line)] = Point.at(rs, x, line, ctx)
         order = [(x, line) for line in lines for x in xs] if self.by_line else [(x, line) for x in xs for line in lines]
         title = self.title(rs, ctx) if callable(self.title) else self.title
         parts = [f"## {title}", ""]
