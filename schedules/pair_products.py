@@ -25,38 +25,38 @@ from tvm_attn.targets import CpuCapabilities
 
 @dataclasses.dataclass(frozen=True)
 class PairDot:
-    """One ISA's pair-product instruction ``mnemonic``: ``lanes`` float32 accumulators, an LLVM IR helper
-    ``helper`` (defined in ``ir``) taking (accumulators, 2 x lanes i16, 2 x lanes i16)."""
+    """One ISA's pair-product instruction ``mnemonic`` (LLVM's ``intrinsic``): ``lanes`` float32 accumulators."""
 
-    isa_class: str
     mnemonic: str
     lanes: int
-    helper: str
-    ir: str
+    intrinsic: str
 
     @property
     def pairs_type(self) -> str:
         return f"uint16x{2 * self.lanes}"
 
+    @property
+    def helper(self) -> str:
+        """The LLVM IR function ``ir`` defines: (accumulators, 2 x lanes i16, 2 x lanes i16) -> accumulators."""
+        return f"tvm_attn_{self.mnemonic}_{32 * self.lanes}"
 
-def _helper_ir(name: str, lanes: int, intrinsic: str) -> str:
-    f, h = f"<{lanes} x float>", f"<{2 * lanes} x {{}}>"
-    return f"""
-define {f} @{name}({f} %acc, {h.format("i16")} %a, {h.format("i16")} %b) {{
-  %ab = bitcast {h.format("i16")} %a to {h.format("bfloat")}
-  %bb = bitcast {h.format("i16")} %b to {h.format("bfloat")}
-  %r = call {f} @{intrinsic}({f} %acc, {h.format("bfloat")} %ab, {h.format("bfloat")} %bb)
+    @property
+    def ir(self) -> str:
+        f, i16, bf16 = f"<{self.lanes} x float>", f"<{2 * self.lanes} x i16>", f"<{2 * self.lanes} x bfloat>"
+        return f"""
+define {f} @{self.helper}({f} %acc, {i16} %a, {i16} %b) {{
+  %ab = bitcast {i16} %a to {bf16}
+  %bb = bitcast {i16} %b to {bf16}
+  %r = call {f} @{self.intrinsic}({f} %acc, {bf16} %ab, {bf16} %bb)
   ret {f} %r
 }}
-declare {f} @{intrinsic}({f}, {h.format("bfloat")}, {h.format("bfloat")})
+declare {f} @{self.intrinsic}({f}, {bf16}, {bf16})
 """
 
 
-INSTRUCTIONS = {
-    "x86_64-avx512": PairDot("x86_64-avx512", "dpbf16ps", 16, "tvm_attn_dpbf16ps_512",  # vdpbf16ps zmm
-                             _helper_ir("tvm_attn_dpbf16ps_512", 16, "llvm.x86.avx512bf16.dpbf16ps.512")),
-    "aarch64-neon": PairDot("aarch64-neon", "bfdot", 4, "tvm_attn_bfdot_128",  # bfdot v.4s, v.8h, v.8h
-                            _helper_ir("tvm_attn_bfdot_128", 4, "llvm.aarch64.neon.bfdot.v4f32.v8bf16")),
+INSTRUCTIONS = {  # by CpuCapabilities.isa_class
+    "x86_64-avx512": PairDot("dpbf16ps", 16, "llvm.x86.avx512bf16.dpbf16ps.512"),  # vdpbf16ps zmm
+    "aarch64-neon": PairDot("bfdot", 4, "llvm.aarch64.neon.bfdot.v4f32.v8bf16"),  # bfdot v.4s, v.8h, v.8h
 }
 
 

@@ -66,13 +66,15 @@ class Variant:
             return self.shadow_compute, self.shadow_schedule
         return self.compute, self.schedule
 
+    def computes_in_pairs(self, path: str, kspec, target) -> bool:
+        """Whether the kernel serving ``path`` for ``kspec`` on ``target`` computes in bfloat16 pair products."""
+        return path in self.pair_paths and uses_pair_products(kspec, target)
+
     def compute_for(self, path: str, kspec, target):
         """The PrimFunc of the kernel serving ``path`` for ``kspec`` on ``target`` (generic over batch and
         lengths): in bfloat16 pair products where the target has them and this path computes that way."""
         compute, _ = self.kernel_parts(path)
-        if path in self.pair_paths and uses_pair_products(kspec, target):
-            return compute(kspec, pairs=True)
-        return compute(kspec)
+        return compute(kspec, pairs=True) if self.computes_in_pairs(path, kspec, target) else compute(kspec)
 
     def has_decode_kernel(self) -> bool:
         return self.decode_compute is not None

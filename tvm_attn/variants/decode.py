@@ -76,9 +76,9 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
     STEP = 2 * LANES if pairs else LANES  # head dims one partial vector covers per step
     Q_ROWS = BF16_BITS if pairs else ACC
 
-    def S_SCALE(x):
+    def score(dot):
         """A score from its dot product: pair products take q unscaled (bfloat16, exact)."""
-        return x * T.float32(kspec.scale) if pairs else x
+        return dot * T.float32(kspec.scale) if pairs else dot
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
@@ -196,7 +196,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
                                     for g, jj in T.grid(G, BK):
                                         with T.sblock("qk"):
                                             vg, j = T.axis.remap("SS", [g, jj])
-                                            S[vg, j] = S_SCALE(half2[vg, j, 0] + half2[vg, j, 1])
+                                            S[vg, j] = score(half2[vg, j, 0] + half2[vg, j, 1])
                                     online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
                                                         BK, D, SKV, vi, query_sees,
                                                         vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE)
