@@ -10,6 +10,8 @@ from tvm_attn.targets import CpuCapabilities
 
 from .common import (RegisterBlock, largest_divisor, register_blocked_matmul, schedule_target, vectorize_last,
                      vectorized_row_reduction)
+from .float16_products import LANES as FLOAT16_PRODUCT_LANES
+from .float16_products import float16_product_intrin, in_float16_products
 from .pair_products import in_pair_products, pair_dot, pair_product_intrin
 
 
@@ -19,9 +21,10 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     several query rows and each q vector several keys. Both counts are sampled up to the largest block that fits the
     target's registers (a partial vector of 16 lanes takes 1 AVX-512, 2 AVX2 or 4 NEON registers): 2 x 4 on
     AVX-512, 1 x 2 on AVX2 and NEON, the default decisions. In pair products (loops (row, key, step, lane, pair))
-    each partial vector is one tensor intrinsic."""
+    each partial vector is one tensor intrinsic; in float16 products, each 8 lanes of it."""
     block = sch.get_sblock(name)
     pairs = in_pair_products(sch, name)
+    halves = in_float16_products(sch, name)
     g, j, c, lane = sch.get_loops(block)[-5:-1] if pairs else sch.get_loops(block)[-4:]
     n_rows, n_keys = sch.get(g).extent.value, sch.get(j).extent.value
     per_partial = max(1, sch.get(lane).extent.value // caps.lanes())
@@ -38,15 +41,15 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     sch.reverse_compute_at(local, j_o, preserve_unit_loops=True)
     sch.unroll(g_i)
     sch.unroll(j_i)
-    if not pairs:
+    if not (pairs or halves):
         sch.vectorize(lane)
     init = sch.decompose_reduction(block, c)
-    if pairs:  # the partial vector in instructions of the target's width
-        width = pair_dot(caps).lanes
+    if pairs or halves:  # the partial vector in instructions of the target's width
+        width = pair_dot(caps).lanes if pairs else FLOAT16_PRODUCT_LANES
         if width < sch.get(lane).extent.value:
             lane_o, lane = sch.split(lane, [None, width])
             sch.unroll(lane_o)
-        sch.tensorize(lane, pair_product_intrin(caps, "lanewise"))
+        sch.tensorize(lane, pair_product_intrin(caps, "lanewise") if pairs else float16_product_intrin(caps))
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(local)[-1])
 

@@ -67,6 +67,11 @@ def pair_products_here(variant: str, spec: tvm_attn.AttentionSpec, target="host"
     return tvm_attn.get_variant(variant).computes_in_pairs(path_for(spec.seq_q), spec.kernel, target)
 
 
+def float16_products_here(variant: str, spec: tvm_attn.AttentionSpec, target="host") -> bool:
+    """Whether the kernel serving ``spec`` computes float16 products unwidened (fmlal) on ``target``."""
+    return tvm_attn.get_variant(variant).computes_in_float16_products(path_for(spec.seq_q), spec.kernel, target)
+
+
 def make_inputs(spec: tvm_attn.AttentionSpec, seed: int = 0, q_scale: float = 1.0):
     """Gaussian q, k, v of spec.dtype. q_scale > 1 sharpens the softmax (more weights clear a threshold)."""
     rng = np.random.default_rng(seed)

@@ -18,7 +18,8 @@ import tvm
 import tvm_attn
 from arm64_emulation import (TARGET, Emulator, environment, instruction_count, python, run_python,
                              simd_fp_mix)
-from conftest import assert_matches_reference, knobs_for, make_inputs, pair_products_here
+from conftest import (assert_matches_reference, float16_products_here, knobs_for, make_inputs,
+                      pair_products_here)
 from tvm_attn import export, runtime, shadow
 from tvm_attn.kernel import build_shadow, scheduled_module
 from tvm_attn.runtime import numpy_dtype
@@ -64,13 +65,19 @@ SHAPES = (
 # bfloat16 prefill of the variants that compute it in pair products (bfdot on the M3; the decode case above does too)
 PAIR_SHAPE = dict(dtype="bfloat16", heads=4, kv_heads=2, head_dim=64, causal=True, window=None,
                   lengths=((100, 130), (33, 33)))
+# float16 decode of the variants whose decode kernel computes QK^T in float16 products (fmlal on the M3); head_dim 48
+# is three 16-lane steps, seq_kv 300 a partial tile
+FLOAT16_DECODE_SHAPE = dict(dtype="float16", heads=6, kv_heads=2, head_dim=48, causal=True, window=None,
+                            lengths=((1, 300), (4, 130)))
 CASES = [Case(variant, **shape) for variant in tvm_attn.VARIANTS for shape in SHAPES] + [
-    Case(variant, **PAIR_SHAPE) for variant, v in tvm_attn.VARIANTS.items() if "prefill" in v.pair_paths]
+    Case(variant, **PAIR_SHAPE) for variant, v in tvm_attn.VARIANTS.items() if "prefill" in v.pair_paths] + [
+    Case(variant, **FLOAT16_DECODE_SHAPE) for variant, v in tvm_attn.VARIANTS.items()
+    if "decode" in v.float16_product_paths]
 CALLS = [(case, n) for case in CASES for n in range(len(case.lengths))]
 # Decode through a KVCache (strided views of its buffers): flash's decode kernel and the kernels reading the
 # cache's shadow of K; (variant, dtype).
-CACHE_CASES = [("flash", "float32"), ("topk", "float32"), ("threshold", "float32"), ("bounded", "float32"),
-               ("bounded", "bfloat16")]
+CACHE_CASES = [("flash", "float32"), ("flash", "float16"), ("topk", "float32"), ("threshold", "float32"),
+               ("bounded", "float32"), ("bounded", "bfloat16")]
 CACHE_APPENDS = (37, 1, 90, 30)  # 158 positions: whole and partial shadow blocks of 32
 
 
@@ -192,13 +199,16 @@ def test_a_broken_tail_predicate_fails_under_emulation(emulated):
 def test_16_bit_inputs_widen_in_vector_registers(case):
     """16-bit inputs widen to float32 in NEON registers (fcvtl for float16; bfloat16 is the top half of a float32:
     shll by 16), feeding the same fmla micro-kernels (the kernels the emulated tests ran, cached), except the
-    bfloat16 kernels that multiply in pair products, with bfdot (the M3 has BF16)."""
+    bfloat16 kernels that multiply in pair products, with bfdot (the M3 has BF16), and the float16 decode kernels,
+    whose QK^T multiplies float16 lanes with fmlal / fmlal2 (FEAT_FHM)."""
     spec = case.spec(*case.lengths[0])
     kernel = tvm_attn.build(case.variant, spec, target=TARGET)
     mix = simd_fp_mix(kernel.executable.mod.inspect_source("asm"))
     if pair_products_here(case.variant, spec, TARGET):
         assert mix["bfdot.4s"] > 0, {op: n for op, n in mix.items() if op.startswith("bf")}
         return
+    if float16_products_here(case.variant, spec, TARGET):
+        assert mix["fmlal.4s"] > 0 and mix["fmlal2.4s"] > 0, {op: n for op, n in mix.items() if "fml" in op}
     widen = ("fcvtl.4s", "fcvtl2.4s") if case.dtype == "float16" else ("shll.4s", "shll2.4s")
     assert mix["fmla.4s"] > 0 and sum(mix[op] for op in widen) > 0, {op: mix[op] for op in ("fmla.4s", *widen)}
 

@@ -108,7 +108,8 @@ def _apple_summary(path: str) -> list[str]:
     return ["**Apple M: an estimate, not a measurement** (`python -m tvm_attn.bench.apple_estimate`, "
             "`apple-estimate.md`): the share of the 4 x 128-bit FMA pipes the register-blocked matmul loops of each "
             "kernel keep busy per llvm-mca, under LLVM's Apple (Cyclone) model / Neoverse-V2's (float32 unless "
-            "named; bfloat16 runs bfdot on M2 and later, twice the multiply-adds of an fmla).", "",
+            "named; bfloat16 runs bfdot on M2 and later, twice the multiply-adds of an fmla; float16 decode's q·k "
+            "runs fmlal, as many as an fmla, with no conversions).", "",
             table(["kernel", *chips], body), ""]
 
 

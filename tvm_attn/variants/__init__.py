@@ -13,6 +13,7 @@ from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import standard as _standard_schedule
+from ..schedules.float16_products import has_float16_products
 from ..schedules.pair_products import has_pair_products
 from ..targets import capabilities
 from ..spec import KNOBS, AttentionSpec
@@ -53,6 +54,9 @@ class Variant:
     # Paths whose compute takes pairs=True: bfloat16 matmuls in pair products (schedules/pair_products.py) on
     # targets that have them.
     pair_paths: frozenset = frozenset()
+    # Paths whose compute takes float16_products=True: float16 QK^T in NEON fmlal (schedules/float16_products.py)
+    # on targets that have it.
+    float16_product_paths: frozenset = frozenset()
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -70,11 +74,20 @@ class Variant:
         """Whether the kernel serving ``path`` for ``kspec`` on ``target`` computes in bfloat16 pair products."""
         return path in self.pair_paths and uses_pair_products(kspec, target)
 
+    def computes_in_float16_products(self, path: str, kspec, target) -> bool:
+        """Whether the kernel serving ``path`` for ``kspec`` on ``target`` computes float16 products unwidened."""
+        return path in self.float16_product_paths and uses_float16_products(kspec, target)
+
     def compute_for(self, path: str, kspec, target):
         """The PrimFunc of the kernel serving ``path`` for ``kspec`` on ``target`` (generic over batch and
-        lengths): in bfloat16 pair products where the target has them and this path computes that way."""
+        lengths): in 16-bit products (bfloat16 pairs, float16 lanes) where the target has them and this path
+        computes that way."""
         compute, _ = self.kernel_parts(path)
-        return compute(kspec, pairs=True) if self.computes_in_pairs(path, kspec, target) else compute(kspec)
+        if self.computes_in_pairs(path, kspec, target):
+            return compute(kspec, pairs=True)
+        if self.computes_in_float16_products(path, kspec, target):
+            return compute(kspec, float16_products=True)
+        return compute(kspec)
 
     def has_decode_kernel(self) -> bool:
         return self.decode_compute is not None
@@ -98,6 +111,13 @@ def uses_pair_products(kspec, target) -> bool:
             and has_pair_products(capabilities(target if target is not None else "host")))
 
 
+def uses_float16_products(kspec, target) -> bool:
+    """Whether the float16 kernels of ``kspec`` compute float16 products unwidened on ``target`` (None: the host):
+    where it has them (NEON fmlal) and the head dim is whole steps of the decode kernel's partial dot products."""
+    return (kspec.dtype == "float16" and kspec.head_dim % decode.LANES == 0
+            and has_float16_products(capabilities(target if target is not None else "host")))
+
+
 def variant_using(knob: str) -> str:
     """The variants whose pruning knob is ``knob``, quoted for messages: "'topk'", "'mass' or 'bounded'"."""
     return " or ".join(repr(v.name) for v in VARIANTS.values() if v.knob == knob)
@@ -109,7 +129,8 @@ def _on_scores(keep):
 
 
 # The dense variants compute one function: their decode calls share the split-KV kernel.
-DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule)
+DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
+                    float16_product_paths=frozenset({"decode"}))
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.

@@ -13,7 +13,7 @@ LANES-wide partial vectors (head_dim padded to a multiple of LANES, q zero there
 
 Blocks (the contract with schedules/decode.py):
   split      one per (batch, KV head, chunk); inside it, per query position:
-    q_rows                 the group's query rows, pre-scaled
+    q_rows                 the group's query rows, pre-scaled in float32 (unscaled in 16 bits for 16-bit products)
     init_stats, init_acc
     kv_tile                one per KV tile of the chunk the position can see; inside it:
       qk_part                per (row, key, lane): partial dot products over head_dim / LANES steps
@@ -59,13 +59,18 @@ class DecodeConfig:
 LANES = 16  # partial sums per dot product, summed by a tree of 4 halvings
 
 
-def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: bool = False):
+def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: bool = False,
+            float16_products: bool = False):
     """The decode PrimFunc for ``kspec`` (dense attention; any seq_q, organized for a few). ``pairs`` (bfloat16,
-    head_dim a multiple of 2 x LANES): QK^T in bfloat16 pair products, each partial lane summing a pair of head dims
-    (q kept in bfloat16, the scale applied to the scores); P V widens V as without."""
+    head_dim a multiple of 2 x LANES): QK^T in bfloat16 pair products, each partial lane summing a pair of head dims.
+    ``float16_products`` (float16, head_dim a multiple of LANES): QK^T in float16 products (NEON fmlal). Either way q
+    is kept in 16 bits, unscaled (the scale applied to the scores), and P V widens V as without."""
     if pairs and (kspec.dtype != "bfloat16" or kspec.head_dim % (2 * LANES)):
         raise ValueError(f"pair products need bfloat16 inputs and a head_dim multiple of {2 * LANES}, got "
                          f"{kspec.dtype} head_dim={kspec.head_dim}")
+    if float16_products and (kspec.dtype != "float16" or kspec.head_dim % LANES or pairs):
+        raise ValueError(f"float16 products need float16 inputs, a head_dim multiple of {LANES} and no pairs, got "
+                         f"{kspec.dtype} head_dim={kspec.head_dim} pairs={pairs}")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
@@ -74,11 +79,12 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
     CHUNK_TILES = config.chunk_keys // BK
     DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
     STEP = 2 * LANES if pairs else LANES  # head dims one partial vector covers per step
-    Q_ROWS = BF16_BITS if pairs else ACC
+    Q_ROWS = BF16_BITS if pairs else "float16" if float16_products else ACC
+    q_exact = pairs or float16_products  # q kept as given (16 bits), the scale applied to the scores
 
     def score(dot):
-        """A score from its dot product: pair products take q unscaled (bfloat16, exact)."""
-        return dot * T.float32(kspec.scale) if pairs else dot
+        """A score from its dot product: 16-bit products take q unscaled (exact)."""
+        return dot * T.float32(kspec.scale) if q_exact else dot
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
@@ -148,6 +154,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
                                     vg, vd = T.axis.remap("SS", [g, d])
                                     if pairs:  # DP == D
                                         q_rows[vg, vd] = bits_of(q[vb, vkh * G + vg, vi, vd])
+                                    elif float16_products:  # DP == D
+                                        q_rows[vg, vd] = q[vb, vkh * G + vg, vi, vd]
                                     else:
                                         q_rows[vg, vd] = T.if_then_else(
                                             vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
@@ -172,6 +180,15 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
                                                 part[vg, j, vl] = part[vg, j, vl] + widen(
                                                     q_rows[vg, vc * STEP + vl * 2 + vt2]) * widen(
                                                     k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * STEP + vl * 2 + vt2])
+                                    elif float16_products:
+                                        for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                            with T.sblock("qk_part"):
+                                                vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                                with T.init():
+                                                    part[vg, j, vl] = ZERO
+                                                part[vg, j, vl] = part[vg, j, vl] + widen(
+                                                    q_rows[vg, vc * LANES + vl]) * widen(
+                                                    k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * LANES + vl])
                                     else:
                                         for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
                                             with T.sblock("qk_part"):
