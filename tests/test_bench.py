@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import UNIT_ROUNDOFF
+from tvm_attn import blas
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def quick_run(tmp_path_factory):
 def test_every_study_has_rows(quick_run):
     _, rows, _ = quick_run
     studies = {r["study"] for r in rows}
-    assert {"seq_sweep", "threshold_effect", "topk_effect", "mass_effect", "causal", "decode", "prefill_16bit",
-            "ceiling", "generation"} <= studies
+    assert {"seq_sweep", "threshold_effect", "topk_effect", "mass_effect", "causal", "blas_prefill", "decode",
+            "prefill_16bit", "ceiling", "generation"} <= studies
     assert {r["dtype"] for r in rows if r["study"] == "decode"} == {"float32", "float16", "bfloat16"}
     providers = {r["provider"] for r in rows if r["study"] == "seq_sweep"}
     assert {"hand", "untuned", "numpy"} <= providers
@@ -43,6 +44,9 @@ def test_rows_are_complete_and_accurate(quick_run):
         if r["study"] not in ("ceiling", "generation"):
             assert r["threads"] and r["target"] and float(r["gflops"]) > 0
             assert float(r["gbs"]) > 0 if r["provider"] != "sgemm" else r["gbs"] == ""
+        if r["provider"] == "blas":  # the library called, named in the row
+            assert r["record"] == blas.host_blas().name, r
+            assert float(r["rel_err_dense"]) < 1e-5, r
         if r["provider"] in ("hand", "untuned"):
             assert int(r["bytes_intermediate"]) > 0
             if r["variant"] in ("standard", "flash", "mqa"):
@@ -74,9 +78,14 @@ def test_report_is_generated_from_the_csv(quick_run):
     reads = [r for r in rows if r["provider"] == "read-kv"]
     assert reads and {r["study"] for r in reads} == {"decode"}
     assert "| GB/s | of bandwidth | of read |" in report
+    blas = [r for r in rows if r["provider"] == "blas"]
+    if blas:  # numpy ships a BLAS on this host
+        assert {r["study"] for r in blas} == {"blas_prefill"}
+        assert "| seq_q | line | blas ms | blas GFLOP/s | blas of sgemm |" in report
+        assert f"The BLAS called: {blas[0]['record']}." in report
     # The same-round sgemm: in the prefill studies from their longest quick seq on, its share in the tables.
     sgemms = [r for r in rows if r["provider"] == "sgemm"]
-    assert {(r["study"], r["x"]) for r in sgemms} == {("seq_sweep", "128"), ("causal", "128")}
+    assert {(r["study"], r["x"]) for r in sgemms} == {("seq_sweep", "128"), ("causal", "128"), ("blas_prefill", "128")}
     assert all(int(r["flops"]) == 2 * 2048**3 for r in sgemms)
     hand = next(r for r in rows if r["study"] == "seq_sweep" and r["x"] == "128" and r["line"] == "flash"
                 and r["provider"] == "hand")

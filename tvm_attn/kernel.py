@@ -11,13 +11,13 @@ import numpy as np
 import tvm
 from tvm import s_tir
 
-from . import tuning
+from . import blas, tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec
 from .targets import host_mismatch, resolve_target, target_key
 from .variants import Variant, get_variant, path_for
 
-SCHEDULES = ("best", "tuned", "hand", "untuned")
+SCHEDULES = ("best", "tuned", "hand", "untuned", "blas")
 
 _compiles = 0
 _compiles_lock = threading.Lock()
@@ -33,7 +33,7 @@ class Scheduled:
     """A variant's compute for one kernel with a schedule applied."""
 
     mod: tvm.IRModule
-    schedule: str  # the schedule actually applied: "tuned", "hand" or "untuned"
+    schedule: str  # the schedule actually applied: "tuned", "hand", "untuned" or "blas"
     record: str | None = None  # digest of the tuning record, when tuned
 
 
@@ -41,9 +41,14 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
                      path: str | None = None) -> Scheduled:
     """The kernel serving ``spec`` (its path's compute, generic over batch and lengths; ``path`` None: the one
     spec.seq_q takes) with ``schedule`` applied: "best" (the tuned record for this target if one exists, else the
-    hand schedule, with a warning once), "tuned", "hand" or "untuned". Kernels reading a cache's shadow ("shadow"
-    path) are not tuned: "best" is their hand schedule."""
+    hand schedule, with a warning once), "tuned", "hand", "untuned" or "blas" (the dense variants' prefill with its
+    tiles' matmuls in the platform's BLAS: tvm_attn/blas.py; the decode path has no BLAS kernel and takes "best").
+    Kernels reading a cache's shadow ("shadow" path) are not tuned: "best" is their hand schedule."""
     path = path or path_for(spec.seq_q)
+    if schedule == "blas":
+        if path == "prefill":
+            return _blas_scheduled(variant, spec, target)
+        schedule = "best"
     if path == "shadow" and schedule in ("best", "tuned"):
         if schedule == "tuned":
             raise LookupError(f"the {variant.name} kernel reading a cache's shadow of K is not tuned: use "
@@ -65,6 +70,17 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     sch = s_tir.Schedule(mod)
     variant.kernel_parts(path)[1](sch, target)
     return Scheduled(sch.mod, "hand")
+
+
+def _blas_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
+    if variant.blas_compute is None:
+        raise ValueError(f"schedule='blas' computes dense attention (standard, flash, mqa); variant "
+                         f"{variant.name!r} prunes")
+    library = blas.for_target(target)
+    library.load()  # the compiled kernel resolves the library's sgemm in this process
+    sch = s_tir.Schedule(tvm.IRModule({"main": variant.blas_compute(spec.kernel, library)}))
+    variant.blas_schedule(sch, target)
+    return Scheduled(sch.mod, "blas")
 
 
 def _passes_in_place(x: np.ndarray) -> bool:
@@ -141,7 +157,7 @@ class Kernel:
     kernel_spec: KernelSpec
     path: str  # "prefill" or "decode": which compute it is (both give the same result for any seq_q)
     target: tvm.target.Target
-    schedule: str  # the schedule actually used: "tuned", "hand" or "untuned"
+    schedule: str  # the schedule actually used: "tuned", "hand", "untuned" or "blas"
     record: str | None  # digest of the tuning record, when tuned
     executable: object  # tvm.runtime.Executable
 
@@ -201,8 +217,10 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     """Compile ``variant`` for the kernel serving ``spec`` on ``target``: the decode kernel when spec.seq_q is small,
     else the prefill one; either serves every batch, seq_q and seq_kv with spec's heads, head_dim, mask and knob.
     ``schedule``: "best" (the tuned record for this target if one exists, else the hand schedule, with a warning
-    once), "tuned", "hand", or "untuned" (the compute with no schedule at all, the reference the benchmarks compare
-    against). Kernels are cached: building again for another length returns the same kernel."""
+    once), "tuned", "hand", "untuned" (the compute with no schedule at all, the reference the benchmarks compare
+    against), or "blas" (dense prefill in float32 with its tiles' matmuls in the BLAS of the platform: Accelerate on
+    macOS, numpy's OpenBLAS or ``TVM_ATTN_BLAS`` on Linux; a decode-sized spec takes "best"). Kernels are cached:
+    building again for another length returns the same kernel."""
     v = get_variant(variant)
     spec = spec if spec is not None else AttentionSpec()
     if not isinstance(spec, AttentionSpec):

@@ -113,6 +113,13 @@ def _os_and_abi(triple: str) -> tuple[str | None, str]:
     return None, ""
 
 
+def target_os(target) -> str | None:
+    """The operating system a target builds for ("linux", "macos", "windows", ...; the host's when its triple names
+    none), or None."""
+    t = resolve_target(target)
+    return _os_and_abi(str(t.attrs.get("mtriple", "") or _host_target().attrs.get("mtriple", "")))[0]
+
+
 def target_key(target) -> str:
     """A readable directory-safe key: x86_64-znver4, arm64-apple-macos-apple-m3."""
     t = resolve_target(target)

@@ -25,7 +25,8 @@ class Prepared:
     run: Callable[[], object]
     output: Callable[[], np.ndarray] | None  # None: the provider computes no attention (read-kv)
     kernel: object = None  # the tvm_attn Kernel, when the provider is one
-    record: str | None = None  # "tuned": the record's digest, or "hand" when the record is the hand schedule itself
+    # "tuned": the record's digest, or "hand" when the record is the hand schedule itself; "blas": the library called
+    record: str | None = None
     flops: int | None = None  # what one call computes, when not the point's attention (sgemm)
 
 
@@ -71,6 +72,37 @@ def _tvm(schedule: str):
 
 
 DENSE = ("standard", "flash", "mqa")
+
+
+def _blas(variant: str, spec, layers, isa):
+    """tvm_attn's schedule="blas" (the tiles' matmuls in the platform's BLAS), for the float32 dense prefill it
+    serves; None (with a warning) where there is no BLAS or it is not held to the run's ISA class."""
+    from tvm_attn import blas
+    from tvm_attn.variants import path_for
+
+    if tvm_attn.get_variant(variant).blas_compute is None or spec.dtype != "float32" or \
+            path_for(spec.seq_q) != "prefill":
+        return None
+    try:
+        library = blas.for_target(isa.target)
+    except ValueError as err:
+        _warn_once(f"warning: no 'blas' rows: {err}")
+        return None
+    if isa.openblas_coretype and isa.openblas_coretype not in library.name:
+        _warn_once(f"warning: no 'blas' rows: {library.name} is not held to {isa.name} (start the run with "
+                   f"OPENBLAS_CORETYPE={isa.openblas_coretype}: OpenBLAS picks its kernels when it loads)")
+        return None
+    prepared = _tvm("blas")(variant, spec, layers, isa)
+    return dataclasses.replace(prepared, record=library.name)
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr)
 
 
 def _numpy(variant: str, spec, layers, isa):
@@ -161,6 +193,7 @@ PROVIDERS: dict[str, Callable] = {
     "untuned": _tvm("untuned"),
     "hand": _tvm("hand"),
     "tuned": _tvm("tuned"),
+    "blas": _blas,
     "numpy": _numpy,
     "torch-sdpa": _torch_sdpa,
     "read-kv": _read_kv,

@@ -545,6 +545,31 @@ def _prefill_section(study: str, title: str, notes=(), of_sgemm: bool = False) -
 
 
 CAUSAL = _prefill_section("causal", "Causal attention", notes=_causal_speedup, of_sgemm=True)
+def _blas_library(rs, ctx: Context) -> list[str]:
+    libraries = sorted({r["record"] for r in pick(rs, provider="blas") if r["record"]})
+    return [f"The BLAS called: {', '.join(libraries)}. `blas` is `schedule=\"blas\"`: each tile's QK^T and P·V are "
+            "sgemm calls on one thread per task, the online softmax and masks TensorIR; `TensorIR` is the faster of "
+            "the hand and tuned schedules."] if libraries else [
+        "No `blas` rows: this run found no BLAS held to its ISA class (see the run's warnings)."]
+
+
+BLAS_PREFILL = Section(
+    "blas_prefill", "Prefill on the platform's BLAS (schedule=\"blas\")", by_line=True, notes=_blas_library,
+    columns=(
+        Column("seq_q", lambda p: p.x),
+        Column("line", lambda p: p.line),
+        Column("blas ms", lambda p: ms(p["blas"])),
+        Column("blas GFLOP/s", lambda p: f"{p['blas']['gflops']:.1f}" if p["blas"] else "-"),
+        Column("blas of sgemm", lambda p: f"{100 * p['blas']['gflops'] / p['sgemm']['gflops']:.0f}%"
+               if p["blas"] and p["sgemm"] else "-"),
+        Column("TensorIR ms", lambda p: ms(p.best())),
+        Column("blas vs TensorIR", lambda p: ratio(p["blas"], p.best())),
+        Column("torch ms", lambda p: ms(p["torch-sdpa"])),
+        Column("blas vs torch", lambda p: ratio(p["blas"], p["torch-sdpa"])),
+        Column("rel err", lambda p: sci(p["blas"]["rel_err_dense"]) if p["blas"] else "-"),
+    ))
+
+
 def _speedup_over_float32(rs, ctx: Context) -> list[str]:
     """Each 16-bit line against its float32 line, timed in the same rounds."""
     notes = []
@@ -665,8 +690,8 @@ def _sparse_decode_section(rows, ctx: Context) -> list[str]:
 
 # The report, in order: declared sections (drawn by Section.render) and the sections whose layout is their own.
 REPORT = (_preamble, SEQ_SWEEP, _memory_section, ACCURACY, _knob_sections, _tradeoff_section, _timing_comparison,
-          TUNING, DECODE, _generation_section, CAUSAL, PREFILL_16BIT, _model_section, _sparse_decode_section,
-          isa_classes_section)
+          TUNING, DECODE, _generation_section, CAUSAL, BLAS_PREFILL, PREFILL_16BIT, _model_section,
+          _sparse_decode_section, isa_classes_section)
 
 
 def write_report(csv_path: str, out_dir: str) -> str:

@@ -120,6 +120,11 @@ def default_studies(quick: bool = False) -> list[Study]:
               tuple(Line(l.label, l.variant, l.fields + (("causal", True),)) for l in DENSE_LINES)
               + (Line(NO_MASK, "flash"),),  # measured in the same points, for the causal speedup
               ("hand", "tuned", "torch-sdpa", "sgemm"), base, sgemm_min_x=sgemm_min_x, interleave_lines=True),
+        Study("blas_prefill", "Prefill with each tile's two matmuls in the platform's BLAS (schedule='blas', as torch "
+              "does), against the TensorIR schedules and torch SDPA",
+              "seq_q", seqs[-2:] if quick else (512, 1024, 2048, 4096),
+              (Line("flash", "flash"), Line("flash causal", "flash", (("causal", True),))),
+              ("blas", "hand", "tuned", "torch-sdpa", "sgemm"), base, sgemm_min_x=sgemm_min_x, interleave_lines=True),
         Study("decode", "Decode: one query against a KV cache (seq_q = 1), a Llama-7B-like layer",
               "seq_kv", (128, 512) if quick else (1024, 2048, 4096, 8192, 16384, 32768),
               tuple(Line(with_dtype(decode_label(kvh, decode["heads"]), dtype), "flash",

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from .. import references as _ref
+from ..schedules import blas_prefill as _blas_prefill_schedule
 from ..schedules import bounded as _bounded_schedule
 from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
@@ -17,7 +18,7 @@ from ..schedules.float16_products import has_float16_products
 from ..schedules.pair_products import has_pair_products
 from ..targets import capabilities
 from ..spec import KNOBS, AttentionSpec
-from . import bounded, decode, flash, pruned, standard
+from . import blas_prefill, bounded, decode, flash, pruned, standard
 
 
 PATHS = ("prefill", "decode", "shadow")  # shadow: the kernel KVCache.attend runs over the cache's shadow of K
@@ -57,6 +58,9 @@ class Variant:
     # Paths whose compute takes float16_products=True: float16 QK^T in NEON fmlal (schedules/float16_products.py)
     # on targets that have it.
     float16_product_paths: frozenset = frozenset()
+    # Dense prefill with its tiles' matmuls in a BLAS (schedule="blas"): (KernelSpec, blas.Blas) -> PrimFunc.
+    blas_compute: Callable | None = None
+    blas_schedule: Callable | None = None
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -128,9 +132,11 @@ def _on_scores(keep):
     return lambda spec, q, k: keep(spec, _ref.scores(spec, q, k))
 
 
-# The dense variants compute one function: their decode calls share the split-KV kernel.
-DENSE_DECODE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
-                    float16_product_paths=frozenset({"decode"}))
+# The dense variants compute one function: their decode calls share the split-KV kernel, and their prefill the
+# BLAS-backed one (schedule="blas").
+DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
+                    float16_product_paths=frozenset({"decode"}),
+                    blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.
@@ -140,13 +146,13 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("standard", "softmax(scale q k^T) v with the score matrix materialized",
-                standard.compute, _standard_schedule.schedule, _ref.dense, **DENSE_DECODE,
+                standard.compute, _standard_schedule.schedule, _ref.dense, **DENSE,
                 pair_paths=frozenset({"decode"})),
         Variant("flash", "blocked online softmax over KV tiles, no score matrix",
-                flash.compute, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE,
+                flash.compute, _flash_schedule.schedule, _ref.dense, **DENSE,
                 pair_paths=frozenset({"prefill", "decode"})),
         Variant("mqa", "flash whose row tiles stack the query heads of a KV group (multi-/grouped-query)",
-                flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE_DECODE,
+                flash.compute_grouped, _flash_schedule.schedule, _ref.dense, **DENSE,
                 pair_paths=frozenset({"prefill", "decode"})),
         Variant("threshold", "softmax weights below threshold dropped (largest kept), renormalized",
                 pruned.compute, _pruned_schedule.schedule, _ref.threshold, knob="threshold",

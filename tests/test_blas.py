@@ -1,0 +1,98 @@
+"""schedule="blas": dense prefill with each tile's matmuls in the platform's BLAS (tvm_attn/blas.py). On this host it
+calls numpy's OpenBLAS: against the float64 reference at awkward lengths, masks, grouped heads and layouts, the NaN
+and Inf rule, and what it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import tvm_attn
+from conftest import assert_matches_reference, make_inputs
+from test_nonfinite import CASES, assert_follows_the_rule, make_case
+from tvm_attn import blas
+from tvm_attn.variants import blas_prefill
+
+HOST_BLAS = blas.host_blas()
+needs_blas = pytest.mark.skipif(HOST_BLAS is None, reason="no BLAS on this host (numpy ships none)")
+
+SHAPES = [  # (variant, heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, scale)
+    ("flash", 4, 2, 300, 300, 64, True, None, None),  # a partial second row tile, one partial KV tile
+    ("mqa", 4, 1, 77, 600, 80, False, None, None),  # one KV head; a full and a partial KV tile
+    ("standard", 2, 2, 513, 1030, 32, True, 100, None),  # a window: rows skip the KV tiles before it
+    ("flash", 2, 2, 20, 33, 16, False, None, -0.5),  # a negative scale
+    ("flash", 2, 1, 700, 300, 48, True, None, None),  # seq_q > seq_kv: the first rows see no key (output 0)
+]
+
+
+@needs_blas
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_blas_prefill_matches_the_reference(shape):
+    variant, heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, scale = shape
+    spec = tvm_attn.AttentionSpec(batch=2, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_kv=seq_kv,
+                                  head_dim=head_dim, causal=causal, window=window, scale=scale)
+    kernel = tvm_attn.build(variant, spec, schedule="blas")
+    assert kernel.schedule == "blas"
+    q, k, v = make_inputs(spec, seed=seq_kv)
+    assert_matches_reference(variant, spec, np.asarray(kernel(q, k, v)), q, k, v)
+
+
+@needs_blas
+def test_blas_prefill_reads_strided_layouts():
+    """q, k, v as (batch, seq, heads, head_dim) arrays viewed as (batch, heads, seq, head_dim), as torch models hold
+    them: the row stride is heads x head_dim, passed to sgemm as the leading dimension."""
+    spec = tvm_attn.AttentionSpec(batch=2, heads=4, kv_heads=2, seq_q=290, seq_kv=290, head_dim=32, causal=True)
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 290, 4, 32)).astype(np.float32).transpose(0, 2, 1, 3)
+    k, v = (rng.standard_normal((2, 290, 2, 32)).astype(np.float32).transpose(0, 2, 1, 3) for _ in "kv")
+    out = tvm_attn.build("flash", spec, schedule="blas")(q, k, v)
+    assert_matches_reference("flash", spec, np.asarray(out), q, k, v)
+
+
+@needs_blas
+@pytest.mark.parametrize("case", CASES)
+def test_blas_prefill_follows_the_nan_and_inf_rule(case):
+    q, k, v = make_case(case, 37)
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=37, seq_kv=100, head_dim=16, causal=True)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        assert_follows_the_rule("flash", spec, tvm_attn.build("flash", spec, schedule="blas")(q, k, v), q, k, v)
+
+
+@needs_blas
+def test_a_decode_sized_spec_takes_the_best_schedule():
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=64, head_dim=32)
+    assert tvm_attn.build("flash", spec, schedule="blas").schedule in ("hand", "tuned")
+
+
+def test_blas_refuses_what_it_does_not_compute():
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, kv_heads=2, seq_q=64, seq_kv=64, head_dim=32)
+    with pytest.raises(ValueError, match="dtype=float16"):
+        tvm_attn.build("flash", dataclasses.replace(spec, dtype="float16"), schedule="blas")
+    with pytest.raises(ValueError, match="variant 'topk' prunes"):
+        tvm_attn.build("topk", dataclasses.replace(spec, top_k=8), schedule="blas")
+    with pytest.raises(ValueError, match="no BLAS for target aarch64-neoverse-v2"):
+        tvm_attn.build("flash", spec, schedule="blas",
+                       target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v2"})
+    with pytest.raises(ValueError, match="BlasTiles.block_q must be an int >= 1, got 0"):
+        blas_prefill.BlasTiles(block_q=0)
+
+
+def test_a_library_that_is_not_a_blas_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        blas.describe(str(tmp_path / "missing.so"))
+    import ctypes.util
+
+    libm = ctypes.util.find_library("m")
+    if libm:
+        with pytest.raises(ValueError, match="exports no CBLAS sgemm"):
+            blas.describe(libm)
+
+
+def test_a_mac_build_calls_accelerate():
+    """The apple-m3 build (not runnable here) calls Accelerate's cblas_sgemm, which the Mac's linker resolves."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, kv_heads=1, seq_q=64, seq_kv=64, head_dim=64, causal=True)
+    kernel = tvm_attn.build("mqa", spec, target="apple-m3", schedule="blas")
+    assert blas.for_target("apple-m3") is blas.ACCELERATE
+    assert "cblas_sgemm" in kernel.executable.mod.inspect_source("asm")
