@@ -96,3 +96,55 @@ def test_a_mac_build_calls_accelerate():
     kernel = tvm_attn.build("mqa", spec, target="apple-m3", schedule="blas")
     assert blas.for_target("apple-m3") is blas.ACCELERATE
     assert "cblas_sgemm" in kernel.executable.mod.inspect_source("asm")
+
+
+@needs_blas
+def test_best_builds_blas_where_tune_measured_it_faster(tmp_path, monkeypatch):
+    """confirmed.json's "blas:<family>" entries (written by `tune`) decide whether "best" builds the BLAS-backed
+    kernel, for the target itself and for other CPUs of its ISA class; exports never do (they link no BLAS yet)."""
+    from tvm_attn import tuning
+    from tvm_attn.kernel import scheduled_module
+    from tvm_attn.tune import _family
+
+    monkeypatch.setenv("TVM_ATTN_TUNING_LOGS", str(tmp_path))
+    tuning._cached_database.cache_clear()
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, kv_heads=1, seq_q=40, seq_kv=40, head_dim=32, causal=True)
+    flash = tvm_attn.get_variant("flash")
+    avx2, haswell = {"kind": "llvm", "mcpu": "x86-64-v3"}, {"kind": "llvm", "mcpu": "haswell"}
+    if not tvm_attn.targets.runs_on_host(avx2):
+        pytest.skip("this host does not run AVX2 code")
+    tuning.open_database(avx2, tmp_path, create=True)
+    try:
+        tuning.write_blas_choice(avx2, tmp_path, _family(flash, spec, avx2), 1.2)
+        tuning._cached_database.cache_clear()
+        assert tuning.blas_measured_faster(flash, spec, avx2, root=tmp_path)
+        assert tuning.blas_measured_faster(flash, spec, haswell, root=tmp_path)  # its ISA class's measurement
+        assert not tuning.blas_measured_faster(flash, spec, "apple-m3", root=tmp_path)
+        kernel = tvm_attn.build("flash", spec, target=avx2)
+        assert kernel.schedule == "blas"
+        q, k, v = make_inputs(spec)
+        assert_matches_reference("flash", spec, np.asarray(kernel(q, k, v)), q, k, v)
+        assert scheduled_module(flash, spec, tvm_attn.resolve_target(avx2), "best", blas_allowed=False).schedule \
+            != "blas"
+        tuning.write_blas_choice(avx2, tmp_path, _family(flash, spec, avx2), None)  # measured, not faster
+        tuning._cached_database.cache_clear()
+        assert not tuning.blas_measured_faster(flash, spec, avx2, root=tmp_path)
+    finally:
+        tuning._cached_database.cache_clear()
+
+
+@needs_blas
+def test_tune_weighs_blas(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tvm_attn.tune", "--blas-only", "--variant", "flash", "--seq", "300", "--batch", "1",
+           "--heads", "2", "--head-dim", "32", "--logs", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "blas here:" in proc.stderr and "the kept schedule" in proc.stdout
+    confirmed = (tmp_path / tvm_attn.target_key("host") / "confirmed.json").read_text()
+    assert '"blas:' in confirmed
+    decode = [*cmd[:cmd.index("--seq") + 1], "1", *cmd[cmd.index("--seq") + 2:]]  # no BLAS-backed decode kernel
+    proc = subprocess.run(decode, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "blas here:" not in proc.stderr, proc.stderr[-3000:]

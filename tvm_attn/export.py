@@ -188,7 +188,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
     name = export_name(v.name, spec, t)
     fname = function_name(name)
 
-    scheduled = scheduled_module(v, spec, t, "best")
+    scheduled = scheduled_module(v, spec, t, "best", blas_allowed=False)
     func = scheduled.mod["main"].with_attr("global_symbol", fname)
     executable = tvm.compile(tvm.IRModule({fname: func}), target=t)
 

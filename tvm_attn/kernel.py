@@ -38,17 +38,25 @@ class Scheduled:
 
 
 def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: str,
-                     path: str | None = None) -> Scheduled:
+                     path: str | None = None, *, blas_allowed: bool = True) -> Scheduled:
     """The kernel serving ``spec`` (its path's compute, generic over batch and lengths; ``path`` None: the one
-    spec.seq_q takes) with ``schedule`` applied: "best" (the tuned record for this target if one exists, else the
-    hand schedule, with a warning once), "tuned", "hand", "untuned" or "blas" (the dense variants' prefill with its
+    spec.seq_q takes) with ``schedule`` applied: "best" (schedule="blas" where `tune` measured it faster for this
+    target or its ISA class and a BLAS is here, else the tuned record for this target if one exists, else the hand
+    schedule, with a warning once), "tuned", "hand", "untuned" or "blas" (the dense variants' prefill with its
     tiles' matmuls in the platform's BLAS: tvm_attn/blas.py; the decode path has no BLAS kernel and takes "best").
-    Kernels reading a cache's shadow ("shadow" path) are not tuned: "best" is their hand schedule."""
+    Kernels reading a cache's shadow ("shadow" path) are not tuned: "best" is their hand schedule. ``blas_allowed``
+    False: "best" never picks "blas" (exported kernels, which do not link a BLAS yet)."""
     path = path or path_for(spec.seq_q)
     if schedule == "blas":
         if path == "prefill":
             return _blas_scheduled(variant, spec, target)
         schedule = "best"
+    if (schedule == "best" and blas_allowed and path == "prefill" and variant.blas_compute is not None
+            and tuning.blas_measured_faster(variant, spec, target)):
+        try:
+            return _blas_scheduled(variant, spec, target)
+        except ValueError:  # no BLAS for this target here: the TensorIR schedule
+            pass
     if path == "shadow" and schedule in ("best", "tuned"):
         if schedule == "tuned":
             raise LookupError(f"the {variant.name} kernel reading a cache's shadow of K is not tuned: use "
@@ -216,11 +224,12 @@ class Kernel:
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
     """Compile ``variant`` for the kernel serving ``spec`` on ``target``: the decode kernel when spec.seq_q is small,
     else the prefill one; either serves every batch, seq_q and seq_kv with spec's heads, head_dim, mask and knob.
-    ``schedule``: "best" (the tuned record for this target if one exists, else the hand schedule, with a warning
-    once), "tuned", "hand", "untuned" (the compute with no schedule at all, the reference the benchmarks compare
-    against), or "blas" (dense prefill in float32 with its tiles' matmuls in the BLAS of the platform: Accelerate on
-    macOS, numpy's OpenBLAS or ``TVM_ATTN_BLAS`` on Linux; a decode-sized spec takes "best"). Kernels are cached:
-    building again for another length returns the same kernel."""
+    ``schedule``: "best" ("blas" where `tune` measured it faster for this CPU or its ISA class, else the tuned
+    record for this target if one exists, else the hand schedule, with a warning once), "tuned", "hand", "untuned"
+    (the compute with no schedule at all, the reference the benchmarks compare against), or "blas" (dense prefill in
+    float32 with its tiles' matmuls in the BLAS of the platform: Accelerate on macOS, numpy's OpenBLAS or
+    ``TVM_ATTN_BLAS`` on Linux; a decode-sized spec takes "best"). Kernels are cached: building again for another
+    length returns the same kernel."""
     v = get_variant(variant)
     spec = spec if spec is not None else AttentionSpec()
     if not isinstance(spec, AttentionSpec):

@@ -167,6 +167,58 @@ def confirm(variant, spec, target, db, mod, best, logs_root, out) -> dict:
     return {"confirmed_hand_ms": timings["hand"].median_ms, "confirmed_best_ms": timings[winner].median_ms}
 
 
+BLAS_MARGIN = 1.03  # "best" builds schedule="blas" only where it measured at least this much faster
+
+
+def weighs_blas(variant, spec, target) -> bool:
+    """Whether the kernel serving ``spec`` has a BLAS-backed form to weigh here: float32 dense prefill, a BLAS for
+    the target, the target runs on this host."""
+    from . import blas
+
+    if (path_for(spec.seq_q) != "prefill" or variant.blas_compute is None or spec.dtype != "float32"
+            or not runs_on_host(target)):
+        return False
+    try:
+        blas.for_target(target)
+    except ValueError:
+        return False
+    return True
+
+
+def weigh_blas(variant, spec, target, logs_root, out) -> dict:
+    """Time schedule="blas" against the kept schedule (the record noted in ``logs_root``, else the hand schedule)
+    here, interleaved, with the benchmark's timer, and note in confirmed.json whether it was faster by BLAS_MARGIN:
+    "best" then builds it for every length of this kernel."""
+    import numpy as np
+
+    from .kernel import scheduled_module
+    from .timing import measure_interleaved
+
+    tuning._cached_database.cache_clear()  # the confirmation just written
+    record = tuning.tuned_record(variant, spec, target, root=logs_root)
+    kept = (tuning.apply_record(variant, spec, record, target).mod if record is not None
+            else scheduled_module(variant, spec, target, "hand").mod)
+    mods = {"tuned" if record is not None else "hand": kept,
+            "blas": scheduled_module(variant, spec, target, "blas").mod}
+    rng = np.random.default_rng(0)
+    args = [dlpack_argument(rng.standard_normal(shape).astype(numpy_dtype(spec.dtype)))
+            for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape)]
+    result = tvm.runtime.empty(spec.q_shape, spec.dtype, tvm.cpu())
+    fns = {}
+    for name, mod in mods.items():
+        fn = tvm.compile(mod, target=target)["main"]
+        fns[name] = lambda fn=fn: fn(*args, result)
+    timings = measure_interleaved(fns)
+    kept_name = next(iter(mods))
+    speedup = timings[kept_name].median_ms / timings["blas"].median_ms
+    faster = speedup >= BLAS_MARGIN
+    tuning.write_blas_choice(target, logs_root, _family(variant, spec, target), speedup if faster else None)
+    tuning._cached_database.cache_clear()
+    print(f"  blas here: {timings['blas'].median_ms:.3f} ms against {kept_name} {timings[kept_name].median_ms:.3f} "
+          f"ms ({speedup:.2f}x): \"best\" {'builds' if faster else 'does not build'} it", file=out, flush=True)
+    return {"blas_ms": timings["blas"].median_ms, "blas_speedup": speedup}
+
+
 def _searched(db, w: Workload, target) -> bool:
     """Whether w has records beyond the hand schedule's."""
     mod = tuning.workload(get_variant(w.variant), w.spec, target)
@@ -210,6 +262,24 @@ class Progress:
         return _Callback()
 
 
+def run_blas_only(plan: list[Workload], target, logs_root: Path, out=None) -> list[dict]:
+    """Weigh schedule="blas" against the kept schedules of ``plan``'s kernels that have a BLAS-backed form, without
+    tuning anything."""
+    out = out or sys.stderr
+    t = resolve_target(target)
+    if not runs_on_host(t):
+        raise ValueError(f"target {target_key(t)} cannot run on this {target_key('host')} host ({host_mismatch(t)}): "
+                         f"the BLAS-backed kernels are weighed here only")
+    tuning.open_database(t, logs_root, create=True)  # lookups read confirmed.json beside a database
+    rows = []
+    for w in plan:
+        variant = get_variant(w.variant)
+        if weighs_blas(variant, w.spec, t):
+            print(f"{w.name}:", file=out, flush=True)
+            rows.append({"workload": w.name, **weigh_blas(variant, w.spec, t, logs_root, out)})
+    return rows
+
+
 def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_root: Path, rpc_tracker=None,
         rpc_key=None, seed=None, runner_timeout: float = 10.0, untuned_only: bool = False,
         out=None) -> list[dict]:
@@ -241,6 +311,8 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
                             logs_root=logs_root,
                             progress=progress, seed=seed)
         row.update(workload=w.name, gflops=w.spec.dense_flops() / (row["best_ms"] * 1e-3) / 1e9)
+        if not rpc_tracker and weighs_blas(get_variant(w.variant), w.spec, t):
+            row.update(weigh_blas(get_variant(w.variant), w.spec, t, logs_root, out))
         rows.append(row)
         print(f"  done {w.name}: hand {row['hand_ms']:.3f} ms -> best {row['best_ms']:.3f} ms "
               f"({row['hand_ms'] / row['best_ms']:.2f}x)", file=out, flush=True)
@@ -265,10 +337,20 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed of the search")
     parser.add_argument("--untuned-only", action="store_true", help="skip workloads that already have tuned "
                         "records (finish an interrupted plan instead of adding trials everywhere)")
+    parser.add_argument("--blas-only", action="store_true", help="only weigh schedule=\"blas\" against the kept "
+                        "schedules of the plan's float32 dense prefill kernels (tune does so after confirming each)")
     args = parser.parse_args(argv)
 
     plan = cli_workloads(parser, args)
     logs_root = Path(args.logs) if args.logs else tuning.default_logs_root()
+    if args.blas_only:
+        try:
+            rows = run_blas_only(plan, args.target, logs_root)
+        except ValueError as err:
+            parser.error(str(err))
+        for r in rows:
+            print(f"{r['workload']:60s} blas {r['blas_ms']:10.3f} ms {r['blas_speedup']:6.2f}x the kept schedule")
+        return
     print(f"tuning {len(plan)} workloads for {target_key(args.target)} into {logs_root / target_key(args.target)}, "
           f"{args.trials} trials each, budget {args.time_budget:g} min", file=sys.stderr, flush=True)
     try:

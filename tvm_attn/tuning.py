@@ -32,6 +32,8 @@ RECORD_FILE = "database_tuning_record.json"
 # {workload key: digest of the schedule that won the confirmation timing,
 #  "family:<family key>": "<workload key>/<digest>", the record every length of that kernel uses}
 CONFIRMED_FILE = "confirmed.json"
+# confirmed.json: "blas:<family>" -> schedule="blas"'s measured speedup over the kept schedule ("1.12x"), or "no"
+BLAS_CHOICE = "blas:"
 FAMILY = "family:"
 
 
@@ -186,11 +188,24 @@ def read_confirmed(target, root: Path | None = None) -> dict:
 
 def write_confirmed(target, root: Path | None, mod: tvm.IRModule, digest: str, family: str | None = None) -> None:
     """Note ``digest`` as the record ``mod`` uses, and, given ``family``, as the record that kernel uses."""
-    path = logs_dir(target, root) / CONFIRMED_FILE
     confirmed = read_confirmed(target, root)
     confirmed[workload_key(mod)] = digest
     if family is not None:
         confirmed[FAMILY + family] = f"{workload_key(mod)}/{digest}"
+    _write_confirmed(target, root, confirmed)
+
+
+def write_blas_choice(target, root: Path | None, family: str, speedup: float | None) -> None:
+    """Note that schedule="blas" measured ``speedup`` times faster than the kept schedule for the kernel ``family``
+    (then "best" builds it), or, with None, that it did not."""
+    confirmed = read_confirmed(target, root)
+    confirmed[BLAS_CHOICE + family] = "no" if speedup is None else f"{speedup:.2f}x"
+    _write_confirmed(target, root, confirmed)
+
+
+def _write_confirmed(target, root: Path | None, confirmed: dict) -> None:
+    path = logs_dir(target, root) / CONFIRMED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(confirmed, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a killed run never leaves half a file
@@ -249,6 +264,20 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     same_class = (_noted_record(family, key, target_from_key(key), logs_root)
                   for logs_root in roots for key in class_record_keys(t, Path(logs_root)))
     return next((record for record in itertools.chain(own, same_class) if record is not None), None)
+
+
+def blas_measured_faster(variant, spec: AttentionSpec, target, root: Path | None = None) -> bool:
+    """Whether `tune` measured schedule="blas" faster than the kept schedule for the kernel serving ``spec`` on
+    ``target``: its own measurement, else one on another CPU of its ISA class (as for records)."""
+    t = resolve_target(target)
+    key = BLAS_CHOICE + family_key(variant, spec.kernel, path_for(spec.seq_q), t)
+    for logs_root in [root] if root is not None else lookup_roots():
+        keys = [(target_key(t), t)] + [(k, target_from_key(k)) for k in class_record_keys(t, Path(logs_root))]
+        for _, key_target in keys:
+            choice = _cached_database(str(key_target), str(logs_root)).confirmed.get(key)
+            if choice is not None:
+                return choice != "no"
+    return False
 
 
 def class_record_keys(target, root: Path) -> list[str]:
