@@ -79,6 +79,17 @@ def test_blas_refuses_what_it_does_not_compute():
         blas_prefill.BlasTiles(block_q=0)
 
 
+def test_export_refuses_what_it_cannot_build(tmp_path):
+    from tvm_attn import export
+
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, kv_heads=2, seq_q=64, seq_kv=64, head_dim=32, top_k=8)
+    with pytest.raises(ValueError, match="variant 'topk' prunes"):
+        export.export("topk", spec, "host", tmp_path, schedule="blas")
+    with pytest.raises(ValueError, match="unknown export schedule 'fast'"):
+        export.export("topk", spec, "host", tmp_path, schedule="fast")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_a_library_that_is_not_a_blas_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot be loaded"):
         blas.describe(str(tmp_path / "missing.so"))
@@ -148,3 +159,64 @@ def test_tune_weighs_blas(tmp_path):
     decode = [*cmd[:cmd.index("--seq") + 1], "1", *cmd[cmd.index("--seq") + 2:]]  # no BLAS-backed decode kernel
     proc = subprocess.run(decode, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "blas here:" not in proc.stderr, proc.stderr[-3000:]
+
+
+@needs_blas
+def test_an_exported_blas_kernel_loads_its_blas_in_a_process_without_tvm(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from tvm_attn import export
+
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=300, seq_kv=300, head_dim=32, causal=True)
+    result = export.export("flash", spec, "host", tmp_path, schedule="blas")
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["schedule"] == "blas" and manifest["blas"]["sgemm"] == HOST_BLAS.sgemm
+    q, k, v = make_inputs(spec, seed=2)
+    np.savez(tmp_path / "qkv.npz", q=q, k=k, v=v)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        import tvm_attn.runtime
+        kernel = tvm_attn.runtime.load({str(result.manifest)!r})
+        data = np.load({str(tmp_path / "qkv.npz")!r})
+        np.save({str(tmp_path / "out.npy")!r}, kernel(data["q"], data["k"], data["v"]))
+        assert "tvm" not in sys.modules, "the loader imported the TVM compiler"
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_matches_reference("flash", spec, np.load(tmp_path / "out.npy"), q, k, v)
+    # A BLAS without that sgemm is refused by name, before the library is loaded.
+    manifest["blas"]["sgemm"] = "cblas_sgemm_of_another_blas"
+    result.manifest.write_text(json.dumps(manifest))
+    from tvm_attn import runtime
+
+    with pytest.raises(runtime.ManifestError, match="calls cblas_sgemm_of_another_blas of"):
+        runtime.load(result.manifest)
+
+
+def test_an_exported_mac_blas_kernel_leaves_cblas_sgemm_to_accelerate(tmp_path):
+    """The .dylib's undefined symbols (what the Mac's loader resolves from Accelerate, which runtime.load opens
+    first): cblas_sgemm, and no load command names Accelerate (linked with -undefined dynamic_lookup, no SDK here)."""
+    import json
+    import shutil
+    import subprocess
+
+    from tvm_attn import export
+
+    if export.apple_linker() is not None:
+        pytest.skip(export.apple_linker())
+    spec = tvm_attn.AttentionSpec(batch=1, heads=2, kv_heads=1, seq_q=64, seq_kv=64, head_dim=32)
+    result = export.export("mqa", spec, "apple-m3", tmp_path, schedule="blas")
+    assert json.loads(result.manifest.read_text())["blas"]["name"].startswith("Accelerate")
+    nm = shutil.which("llvm-nm-19") or shutil.which("llvm-nm") or shutil.which("llvm-nm-14")
+    if nm is None:
+        pytest.skip("no llvm-nm to read the dylib's symbols")
+    undefined = subprocess.run([nm, "-u", str(result.library)], capture_output=True, text=True).stdout.split()
+    assert "_cblas_sgemm" in undefined
+    objdump = shutil.which("llvm-objdump-19") or shutil.which("llvm-objdump") or shutil.which("llvm-objdump-14")
+    if objdump:
+        loads = subprocess.run([objdump, "--macho", "--dylibs-used", str(result.library)], capture_output=True,
+                               text=True).stdout
+        assert "Accelerate" not in loads

@@ -1,8 +1,8 @@
 """The BLAS library that kernels with the "blas" schedule call for their tiles' matmuls (cblas sgemm), found when a
 kernel is built and loaded into the process before it runs.
 
-On macOS targets that is Accelerate (Apple's matrix unit on M1-M4, through the framework the kernel links); on a
-Linux host the OpenBLAS that numpy's wheels ship (``numpy.libs``), or the library ``TVM_ATTN_BLAS`` names (one that
+On macOS targets that is Accelerate (Apple's matrix unit on M1-M4; ``runtime.load`` opens the framework before an
+exported kernel); on a Linux host the OpenBLAS that numpy's wheels ship (``numpy.libs``), or the library ``TVM_ATTN_BLAS`` names (one that
 exports a CBLAS ``cblas_sgemm``: OpenBLAS, MKL's ``libmkl_rt``, BLIS). The kernels call sgemm from their own
 parallel tasks, so each call must run on one thread: OpenBLAS is told so per thread
 (``openblas_set_num_threads_local``), MKL and BLIS through their environment (``MKL_NUM_THREADS=1``,
@@ -31,11 +31,10 @@ class Blas:
     """A CBLAS library: where it is, its sgemm symbol and size type, how a call is kept on one thread."""
 
     name: str  # what it is, for reports: "OpenBLAS 0.3.31 ... (numpy.libs/libscipy_openblas64_...so)"
-    path: str | None  # the library loaded before the kernel runs; None: the kernel links it (a framework)
+    path: str | None  # the library loaded before the kernel runs; None: Accelerate, on the Mac only
     sgemm: str
     index_dtype: str  # "int32" (LP64) or "int64" (ILP64)
     threads_local: str | None = None  # a function(int) setting the calling thread's BLAS threads
-    link_options: tuple = ()  # what a library exported with this kernel links
 
     def load(self) -> None:
         """Make the library's symbols visible to kernels compiled in this process (and to exported ones loaded
@@ -44,8 +43,7 @@ class Blas:
             _load_global(self.path)
 
 
-ACCELERATE = Blas("Accelerate (Apple's BLAS: the matrix unit on M1-M4)", None, "cblas_sgemm", "int32",
-                  link_options=("-framework", "Accelerate"))
+ACCELERATE = Blas("Accelerate (Apple's BLAS: the matrix unit on M1-M4)", None, "cblas_sgemm", "int32")
 
 
 @functools.lru_cache(maxsize=None)

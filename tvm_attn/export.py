@@ -26,7 +26,7 @@ import tvm
 import tvm_ffi
 from tvm.target import codegen
 
-from . import __version__
+from . import __version__, blas
 from .kernel import scheduled_module
 from .plan import Workload, add_workload_arguments, cli_workloads
 from .runtime import ALIGNMENT_BYTES, MANIFEST_FORMAT, file_sha256
@@ -175,11 +175,17 @@ def _arguments(func, spec: AttentionSpec) -> list[dict]:
             for p, role, shape in zip(func.params, roles, shapes, strict=True)]
 
 
+EXPORT_SCHEDULES = ("best", "tuned", "hand", "blas")
+
+
 def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fetch_runtime: bool = False,
-           log=None) -> Exported:
-    """Build ``variant`` for ``spec`` with the best schedule for ``target`` and write the library and manifest
-    (said on ``log``, default sys.stderr at the time of the call)."""
+           schedule: str = "best", log=None) -> Exported:
+    """Build ``variant`` for ``spec`` with ``schedule`` for ``target`` ("best": the tuned record or the hand
+    schedule; "blas": the BLAS-backed prefill, whose library ``runtime.load`` loads first) and write the library and
+    manifest (said on ``log``, default sys.stderr at the time of the call)."""
     log = log or sys.stderr
+    if schedule not in EXPORT_SCHEDULES:
+        raise ValueError(f"unknown export schedule {schedule!r}: use one of {', '.join(EXPORT_SCHEDULES)}")
     v = get_variant(variant)
     v.check(spec)
     t = resolve_target(target)
@@ -188,7 +194,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
     name = export_name(v.name, spec, t)
     fname = function_name(name)
 
-    scheduled = scheduled_module(v, spec, t, "best", blas_allowed=False)
+    # "best" never builds the BLAS form here: that an exported kernel needs a BLAS at load is asked for, not chosen.
+    scheduled = scheduled_module(v, spec, t, schedule, blas_allowed=False)
     func = scheduled.mod["main"].with_attr("global_symbol", fname)
     executable = tvm.compile(tvm.IRModule({fname: func}), target=t)
 
@@ -244,6 +251,9 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         "target": {"key": target_key(t), "tvm_target": json.loads(str(t)), **_platform(t)},
         "schedule": scheduled.schedule,
         "tuning_record": scheduled.record,
+        # The BLAS a "blas" kernel calls (its sgemm symbol is left undefined in the library): runtime.load loads
+        # Accelerate on macOS, numpy's OpenBLAS or TVM_ATTN_BLAS on Linux, and checks it exports that symbol.
+        "blas": _blas_entry(t) if scheduled.schedule == "blas" else None,
         "alignment_bytes": ALIGNMENT_BYTES,
         "runtime_library": runtime_name,
         "linked": linked,
@@ -253,9 +263,17 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
     }
     manifest_path = out_dir / f"{name}.json"
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    how = f"tuned record {scheduled.record}" if scheduled.schedule == "tuned" else "hand schedule (no tuned record)"
+    how = {"tuned": f"tuned record {scheduled.record}",
+           "hand": "hand schedule" + (" (no tuned record)" if schedule == "best" else ""),
+           "blas": f"the tiles' matmuls in {(manifest['blas'] or {}).get('name')}"}[scheduled.schedule]
     print(f"{library}: {how}", file=log, flush=True)
     return Exported(name, library, manifest_path, scheduled.schedule, linked)
+
+
+def _blas_entry(target) -> dict:
+    library = blas.for_target(target)
+    return {"name": library.name, "sgemm": library.sgemm, "index_dtype": library.index_dtype,
+            "threads_local": library.threads_local}
 
 
 def main(argv=None) -> None:
@@ -264,14 +282,22 @@ def main(argv=None) -> None:
     add_workload_arguments(parser, "export")
     parser.add_argument("--target", default="host", help="host, apple-m1..apple-m4, or a TVM target JSON")
     parser.add_argument("-o", "--out", required=True, help="output directory")
+    parser.add_argument("--schedule", default="best", choices=EXPORT_SCHEDULES, help="best (default: the tuned "
+                        "record, else the hand schedule), tuned, hand, or blas (float32 dense prefill calling the "
+                        "platform's BLAS, which the loader then needs: Accelerate, numpy's OpenBLAS)")
     parser.add_argument("--fetch-runtime", action="store_true", help="cross-compiled targets (Apple, Linux "
                         "aarch64): download the TVM runtime library from PyPI's apache-tvm wheel for that platform "
                         "into the output directory (~80-95 MB download)")
     args = parser.parse_args(argv)
     plan: list[Workload] = cli_workloads(parser, args)
-    results = [export(w.variant, w.spec, args.target, args.out, fetch_runtime=args.fetch_runtime) for w in plan]
-    tuned = sum(r.schedule == "tuned" for r in results)
-    print(f"exported {len(results)} kernels to {args.out} ({tuned} tuned, {len(results) - tuned} hand-scheduled)",
+    try:
+        results = [export(w.variant, w.spec, args.target, args.out, fetch_runtime=args.fetch_runtime,
+                          schedule=args.schedule) for w in plan]
+    except (LookupError, ValueError) as err:  # no tuned record; no BLAS-backed form for a kernel or target
+        parser.error(str(err))
+    counts = {name: sum(r.schedule == name for r in results) for name in ("tuned", "hand", "blas")}
+    print(f"exported {len(results)} kernels to {args.out} ({counts['tuned']} tuned, {counts['hand']} "
+          f"hand-scheduled" + (f", {counts['blas']} on the BLAS" if counts["blas"] else "") + ")",
           file=sys.stderr)
 
 

@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -266,6 +267,29 @@ def torch_view(array: np.ndarray):
     return torch.from_dlpack(array)
 
 
+ACCELERATE = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
+
+
+def _load_blas(manifest: dict) -> None:
+    """Load the BLAS a kernel exported with schedule="blas" calls, so that its undefined sgemm resolves: Accelerate
+    on macOS, else this environment's (numpy's OpenBLAS, or TVM_ATTN_BLAS), which must export the same functions."""
+    want = manifest["blas"]
+    if manifest["target"]["os"] == "darwin":
+        ctypes.CDLL(ACCELERATE, mode=os.RTLD_GLOBAL)
+        return
+    from .blas import host_blas
+
+    try:
+        found = host_blas()
+    except ValueError as err:
+        raise ManifestError(f"kernel {manifest['name']} calls a BLAS: {err}") from None
+    if found is None or (found.sgemm, found.threads_local) != (want["sgemm"], want["threads_local"]):
+        raise ManifestError(f"kernel {manifest['name']} calls {want['sgemm']} of {want['name']}; this environment's "
+                            f"BLAS is {found.name + ' (' + found.sgemm + ')' if found else 'none'}: set TVM_ATTN_BLAS "
+                            f"to a library exporting {want['sgemm']}, or export the kernel here")
+    found.load()
+
+
 def load(path) -> ExportedKernel:
     """Load an exported kernel from its library or its manifest; checks that it runs on this machine."""
     import tvm_ffi
@@ -301,6 +325,8 @@ def load(path) -> ExportedKernel:
         runtime = _runtime_library(manifest)
         if runtime is not None:
             _load_runtime(runtime)
+    if manifest.get("blas"):
+        _load_blas(manifest)
     module = tvm_ffi.load_module(str(library))
     try:
         function = module[manifest["function"]]
