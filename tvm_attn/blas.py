@@ -31,7 +31,7 @@ class Blas:
     """A CBLAS library: where it is, its sgemm symbol and size type, how a call is kept on one thread."""
 
     name: str  # what it is, for reports: "OpenBLAS 0.3.31 ... (numpy.libs/libscipy_openblas64_...so)"
-    path: str | None  # the library loaded before the kernel runs; None: Accelerate, on the Mac only
+    path: str  # the library loaded before the kernel runs
     sgemm: str
     index_dtype: str  # "int32" (LP64) or "int64" (ILP64)
     threads_local: str | None = None  # a function(int) setting the calling thread's BLAS threads
@@ -39,11 +39,11 @@ class Blas:
     def load(self) -> None:
         """Make the library's symbols visible to kernels compiled in this process (and to exported ones loaded
         after it)."""
-        if self.path is not None:
-            _load_global(self.path)
+        _load_global(self.path)
 
 
-ACCELERATE = Blas("Accelerate (Apple's BLAS: the matrix unit on M1-M4)", None, "cblas_sgemm", "int32")
+ACCELERATE = Blas("Accelerate (Apple's BLAS: the matrix unit on M1-M4)",
+                  "/System/Library/Frameworks/Accelerate.framework/Accelerate", "cblas_sgemm", "int32")
 
 
 @functools.lru_cache(maxsize=None)

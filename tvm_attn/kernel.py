@@ -14,7 +14,7 @@ from tvm import s_tir
 from . import blas, tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec
-from .targets import host_mismatch, resolve_target, target_key
+from .targets import host_mismatch, resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant, path_for
 
 SCHEDULES = ("best", "tuned", "hand", "untuned", "blas")
@@ -85,7 +85,8 @@ def _blas_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
         raise ValueError(f"schedule='blas' computes dense attention (standard, flash, mqa); variant "
                          f"{variant.name!r} prunes")
     library = blas.for_target(target)
-    library.load()  # the compiled kernel resolves the library's sgemm in this process
+    if runs_on_host(target):
+        library.load()  # the compiled kernel resolves the library's sgemm in this process
     sch = s_tir.Schedule(tvm.IRModule({"main": variant.blas_compute(spec.kernel, library)}))
     variant.blas_schedule(sch, target)
     return Scheduled(sch.mod, "blas")

@@ -19,7 +19,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -267,17 +266,15 @@ def torch_view(array: np.ndarray):
     return torch.from_dlpack(array)
 
 
-ACCELERATE = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
-
-
 def _load_blas(manifest: dict) -> None:
     """Load the BLAS a kernel exported with schedule="blas" calls, so that its undefined sgemm resolves: Accelerate
     on macOS, else this environment's (numpy's OpenBLAS, or TVM_ATTN_BLAS), which must export the same functions."""
+    from .blas import ACCELERATE, host_blas
+
     want = manifest["blas"]
     if manifest["target"]["os"] == "darwin":
-        ctypes.CDLL(ACCELERATE, mode=os.RTLD_GLOBAL)
+        ACCELERATE.load()
         return
-    from .blas import host_blas
 
     try:
         found = host_blas()
