@@ -29,8 +29,8 @@ from tvm.script import tirx as T
 from ..blas import Blas
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import ACC, Visibility, bhsd, ceil_div, fresh_block_names, row_output, run_time_sizes, softmax_weights, \
-    update_output
+from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, row_output,
+                     run_time_sizes, softmax_weights, update_output)
 
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 
@@ -105,15 +105,7 @@ def compute(kspec: KernelSpec, blas: Blas, tiles: BlasTiles = BlasTiles()):
                             T.reads()
                             T.writes()
                             T.evaluate(T.call_extern("int32", blas.threads_local, 1))
-                    for ri in range(BQ):
-                        with T.sblock("init_stats"):
-                            r = T.axis.spatial(BQ, ri)
-                            m[r] = NEG
-                            l[r] = ZERO
-                    for ri, d in T.grid(BQ, D):
-                        with T.sblock("init_acc"):
-                            r, dd = T.axis.remap("SS", [ri, d])
-                            acc[r, dd] = ZERO
+                    init_online_softmax(m, l, acc, BQ, D, NEG, ZERO)
                     for t in range(vis.first_tile(vrt * BQ, BK), vis.end_tile(last_row(vrt), BK)):
                         with T.sblock("kv_tile"):
                             vt = T.axis.opaque(ceil_div(SKV, BK), t)

@@ -169,6 +169,20 @@ def softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, se
 
 
 @T.macro
+def init_online_softmax(m, l, acc, rows, head_dim, neg, zero):
+    """The online softmax's state before the first KV tile: running max m = neg, running sum l = 0, acc = 0."""
+    for ri in range(rows):
+        with T.sblock("init_stats"):
+            r = T.axis.spatial(rows, ri)
+            m[r] = neg
+            l[r] = zero
+    for ri, d in T.grid(rows, head_dim):
+        with T.sblock("init_acc"):
+            r, dd = T.axis.remap("SS", [ri, d])
+            acc[r, dd] = zero
+
+
+@T.macro
 def update_output(acc, O, alpha, l, t_sum, rows, head_dim):
     """acc = alpha acc + O and l = alpha l + the tile's sum: the tile's P V and weights added to the running ones."""
     for ri, d in T.grid(rows, head_dim):
@@ -323,9 +337,9 @@ def macro_state(wrapper):
     raise RuntimeError(f"{wrapper.__name__}: this TVM's T.macro keeps no call_count; see fresh_block_names")
 
 
-MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, update_output, online_softmax_tile,
-                                         pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs, load_q_rows,
-                                         scores_of_rows, row_max_of_scores, softmax_numerators))
+MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
+                                         online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
+                                         load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators))
 
 
 def fresh_block_names() -> None:

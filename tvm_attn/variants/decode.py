@@ -33,8 +33,8 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, online_softmax_tile,
-                     row_output, run_time_sizes, widen)
+from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, init_online_softmax,
+                     online_softmax_tile, row_output, run_time_sizes, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,15 +159,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
                                     else:
                                         q_rows[vg, vd] = T.if_then_else(
                                             vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
-                            for g in range(G):
-                                with T.sblock("init_stats"):
-                                    vg = T.axis.spatial(G, g)
-                                    m[vg] = NEG
-                                    l[vg] = ZERO
-                            for g, d in T.grid(G, D):
-                                with T.sblock("init_acc"):
-                                    vg, vd = T.axis.remap("SS", [g, d])
-                                    acc[vg, vd] = ZERO
+                            init_online_softmax(m, l, acc, G, D, NEG, ZERO)
                             for t in range(tile_range(vs, vi)[0], tile_range(vs, vi)[1]):
                                 with T.sblock("kv_tile"):
                                     vt = T.axis.opaque(NK, t)

@@ -32,9 +32,9 @@ from tvm.script import tirx as T
 
 from ..spec import KernelSpec
 from ..fast_exp import softmax_exp
-from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, online_softmax_tile,
-                     pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs, row_output, run_time_sizes,
-                     softmax_weights, transpose_k, update_output, widen)
+from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, init_online_softmax,
+                     online_softmax_tile, pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs, row_output,
+                     run_time_sizes, softmax_weights, transpose_k, update_output, widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -152,15 +152,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                                             query(T.min(vrt * BQ + r, R - 1), SQ), dd]) * SCALE,
                                     ZERO,
                                 )
-                    for ri in range(BQ):
-                        with T.sblock("init_stats"):
-                            r = T.axis.spatial(BQ, ri)
-                            m[r] = NEG
-                            l[r] = ZERO
-                    for ri, d in T.grid(BQ, D):
-                        with T.sblock("init_acc"):
-                            r, dd = T.axis.remap("SS", [ri, d])
-                            acc[r, dd] = ZERO
+                    init_online_softmax(m, l, acc, BQ, D, NEG, ZERO)
                     for t in range(kv_tiles(vrt)[0], kv_tiles(vrt)[1]):
                         with T.sblock("kv_tile"):
                             vt = T.axis.opaque(ceil_div(SKV, BK), t)
