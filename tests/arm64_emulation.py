@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -16,21 +15,11 @@ import numpy as np
 
 import tvm_attn
 from tvm_attn import export
+from tvm_attn.bench.emulation import build_sme_support, environment, python, qemu_environment  # noqa: F401
 
 TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "apple-m3"}
+SME_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "apple-m4"}  # SME (and SME2: not emulated)
 RUNNER = Path(__file__).with_name("arm64_runner.py")
-
-
-def environment() -> Path:
-    """The folder `.ci/arm64-env` sets up (its default, or $TVM_ATTN_ARM64_ENV)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvm_attn" / "arm64"
-    return Path(os.environ.get("TVM_ATTN_ARM64_ENV") or default)
-
-
-def python() -> Path | None:
-    """The emulated interpreter, None when the environment is not set up."""
-    path = environment() / "bin" / "python"
-    return path if path.exists() else None
 
 
 def _root(array: np.ndarray) -> np.ndarray:
@@ -51,6 +40,8 @@ class Emulator:
         self._saved = 0
 
     def _library(self, executable) -> str:
+        if not self._libraries:
+            build_sme_support(self.dir)  # support.so: the runner loads it before any kernel
         if id(executable) not in self._libraries:
             name = f"lib{len(self._libraries)}.so"
             executable.export_library(str(self.dir / name),
@@ -78,13 +69,14 @@ class Emulator:
                           "arguments": [self._argument(a) for a in arguments], "outputs": list(outputs)})
         self._buffers.clear()  # a later call's arrays are saved afresh
 
-    def run(self, timeout: float = 900) -> dict[str, list[np.ndarray]]:
-        """Run every call; {name: [output arrays, bfloat16 ones as ml_dtypes']}."""
+    def run(self, timeout: float = 900, streaming_vector_bytes: int | None = None) -> dict[str, list[np.ndarray]]:
+        """Run every call; {name: [output arrays, bfloat16 ones as ml_dtypes']}. ``streaming_vector_bytes``: SME's
+        streaming vector length for the run (``emulation.qemu_environment``)."""
         import ml_dtypes
 
         (self.dir / "jobs.json").write_text(json.dumps(self.jobs))
         proc = subprocess.run([str(python()), str(RUNNER), str(self.dir)], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=qemu_environment(streaming_vector_bytes))
         if proc.returncode:
             raise RuntimeError(f"the emulated run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
         results = {}

@@ -37,6 +37,8 @@ def argument(jobs_dir: Path, desc: dict) -> np.ndarray:
 
 def main(jobs_dir: Path) -> None:
     ctypes.CDLL(os.environ["TVM_ATTN_ARM64_RUNTIME"], ctypes.RTLD_GLOBAL)
+    if (jobs_dir / "support.so").exists():  # tests/arm64_emulation.py: SME_SUPPORT
+        ctypes.CDLL(str(jobs_dir / "support.so"), ctypes.RTLD_GLOBAL)
     modules = {}
     jobs = json.loads((jobs_dir / "jobs.json").read_text())
     for job in jobs:

@@ -63,12 +63,14 @@ def _is_apple(target) -> bool:
     return "apple" in str(target.attrs.get("mtriple", ""))
 
 
-def _platform(target) -> dict:
+def _platform(target, *, matrix_unit: bool = False) -> dict:
+    """Where a kernel for ``target`` runs: arch, os, and the CPU features runtime.load checks the host has (x86's
+    vector extensions; "sme" for a kernel on Arm SME, ``matrix_unit``, which an M1-M3 lacks)."""
+    features = ["sme"] if matrix_unit else []
     if _is_apple(target):
-        return {"arch": "arm64", "os": "darwin", "cpu_features": []}
+        return {"arch": "arm64", "os": "darwin", "cpu_features": features}
     arch = str(target.attrs.get("mtriple", "") or "x86_64").split("-")[0]
     arch = {"aarch64": "arm64"}.get(arch, arch)
-    features = []
     if arch == "x86_64":
         llvm_features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
         features = [f for f in CHECKED_X86_FEATURES if f in llvm_features]
@@ -175,14 +177,14 @@ def _arguments(func, spec: AttentionSpec) -> list[dict]:
             for p, role, shape in zip(func.params, roles, shapes, strict=True)]
 
 
-EXPORT_SCHEDULES = ("best", "tuned", "hand", "blas")
+EXPORT_SCHEDULES = ("best", "tuned", "hand", "blas", "sme")
 
 
 def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fetch_runtime: bool = False,
            schedule: str = "best", log=None) -> Exported:
     """Build ``variant`` for ``spec`` with ``schedule`` for ``target`` ("best": the tuned record or the hand
-    schedule; "blas": the BLAS-backed prefill, whose library ``runtime.load`` loads first) and write the library and
-    manifest (said on ``log``, default sys.stderr at the time of the call)."""
+    schedule; "blas": the BLAS-backed prefill, whose library ``runtime.load`` loads first; "sme": the prefill on
+    Arm SME, which ``runtime.load`` refuses on a CPU without it) and write the library and manifest (said on ``log``, default sys.stderr at the time of the call)."""
     log = log or sys.stderr
     if schedule not in EXPORT_SCHEDULES:
         raise ValueError(f"unknown export schedule {schedule!r}: use one of {', '.join(EXPORT_SCHEDULES)}")
@@ -197,7 +199,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
     # "best" never builds the BLAS form here: that an exported kernel needs a BLAS at load is asked for, not chosen.
     scheduled = scheduled_module(v, spec, t, schedule, blas_allowed=False)
     func = scheduled.mod["main"].with_attr("global_symbol", fname)
-    executable = tvm.compile(tvm.IRModule({fname: func}), target=t)
+    subroutines = {gv: f for gv, f in scheduled.mod.functions.items() if gv.name_hint != "main"}  # sme_matmul
+    executable = tvm.compile(tvm.IRModule({fname: func, **subroutines}), target=t)
 
     linked = True
     if _is_apple(t):
@@ -248,7 +251,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
             "causal_alignment": "bottom-right: query i sees keys j <= i + seq_kv - seq_q",
             "scale": spec.scale, "threshold": spec.threshold, "top_k": spec.top_k, "eps": spec.eps, "dtype": spec.dtype,
         },
-        "target": {"key": target_key(t), "tvm_target": json.loads(str(t)), **_platform(t)},
+        "target": {"key": target_key(t), "tvm_target": json.loads(str(t)),
+                   **_platform(t, matrix_unit=scheduled.schedule == "sme")},
         "schedule": scheduled.schedule,
         "tuning_record": scheduled.record,
         # The BLAS a "blas" kernel calls (its sgemm symbol is left undefined in the library): runtime.load loads
@@ -265,7 +269,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     how = {"tuned": f"tuned record {scheduled.record}",
            "hand": "hand schedule" + (" (no tuned record)" if schedule == "best" else ""),
-           "blas": f"the tiles' matmuls in {(manifest['blas'] or {}).get('name')}"}[scheduled.schedule]
+           "blas": f"the tiles' matmuls in {(manifest['blas'] or {}).get('name')}",
+           "sme": "the tiles' matmuls as SME outer products"}[scheduled.schedule]
     print(f"{library}: {how}", file=log, flush=True)
     return Exported(name, library, manifest_path, scheduled.schedule, linked)
 
@@ -284,7 +289,8 @@ def main(argv=None) -> None:
     parser.add_argument("-o", "--out", required=True, help="output directory")
     parser.add_argument("--schedule", default="best", choices=EXPORT_SCHEDULES, help="best (default: the tuned "
                         "record, else the hand schedule), tuned, hand, or blas (float32 dense prefill calling the "
-                        "platform's BLAS, which the loader then needs: Accelerate, numpy's OpenBLAS)")
+                        "platform's BLAS, which the loader then needs: Accelerate, numpy's OpenBLAS), or sme (dense "
+                        "prefill on Arm SME: apple-m4)")
     parser.add_argument("--fetch-runtime", action="store_true", help="cross-compiled targets (Apple, Linux "
                         "aarch64): download the TVM runtime library from PyPI's apache-tvm wheel for that platform "
                         "into the output directory (~80-95 MB download)")
@@ -295,9 +301,10 @@ def main(argv=None) -> None:
                           schedule=args.schedule) for w in plan]
     except (LookupError, ValueError) as err:  # no tuned record; no BLAS-backed form for a kernel or target
         parser.error(str(err))
-    counts = {name: sum(r.schedule == name for r in results) for name in ("tuned", "hand", "blas")}
+    counts = {name: sum(r.schedule == name for r in results) for name in ("tuned", "hand", "blas", "sme")}
     print(f"exported {len(results)} kernels to {args.out} ({counts['tuned']} tuned, {counts['hand']} "
-          f"hand-scheduled" + (f", {counts['blas']} on the BLAS" if counts["blas"] else "") + ")",
+          f"hand-scheduled" + (f", {counts['blas']} on the BLAS" if counts["blas"] else "")
+          + (f", {counts['sme']} on SME" if counts["sme"] else "") + ")",
           file=sys.stderr)
 
 

@@ -14,10 +14,10 @@ from tvm import s_tir
 from . import blas, tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec
-from .targets import host_mismatch, resolve_target, runs_on_host, target_key
+from .targets import capabilities, host_mismatch, resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant, path_for
 
-SCHEDULES = ("best", "tuned", "hand", "untuned", "blas")
+SCHEDULES = ("best", "tuned", "hand", "untuned", "blas", "sme")
 
 _compiles = 0
 _compiles_lock = threading.Lock()
@@ -33,7 +33,7 @@ class Scheduled:
     """A variant's compute for one kernel with a schedule applied."""
 
     mod: tvm.IRModule
-    schedule: str  # the schedule actually applied: "tuned", "hand", "untuned" or "blas"
+    schedule: str  # the schedule actually applied: "tuned", "hand", "untuned", "blas" or "sme"
     record: str | None = None  # digest of the tuning record, when tuned
 
 
@@ -42,14 +42,15 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     """The kernel serving ``spec`` (its path's compute, generic over batch and lengths; ``path`` None: the one
     spec.seq_q takes) with ``schedule`` applied: "best" (schedule="blas" where `tune` measured it faster for this
     target or its ISA class and a BLAS is here, else the tuned record for this target if one exists, else the hand
-    schedule, with a warning once), "tuned", "hand", "untuned" or "blas" (the dense variants' prefill with its
-    tiles' matmuls in the platform's BLAS: tvm_attn/blas.py; the decode path has no BLAS kernel and takes "best").
+    schedule, with a warning once), "tuned", "hand", "untuned", "blas" (the dense variants' prefill with its
+    tiles' matmuls in the platform's BLAS: tvm_attn/blas.py) or "sme" (the same with its matmuls as Arm SME outer
+    products, for targets with SME: apple-m4); the decode path has neither and takes "best".
     Kernels reading a cache's shadow ("shadow" path) are not tuned: "best" is their hand schedule. ``blas_allowed``
     False: "best" never picks "blas" (exported kernels, which do not link a BLAS yet)."""
     path = path or path_for(spec.seq_q)
-    if schedule == "blas":
+    if schedule in ("blas", "sme"):
         if path == "prefill":
-            return _blas_scheduled(variant, spec, target)
+            return (_blas_scheduled if schedule == "blas" else _sme_scheduled)(variant, spec, target)
         schedule = "best"
     if (schedule == "best" and blas_allowed and path == "prefill" and variant.blas_compute is not None
             and tuning.blas_measured_faster(variant, spec, target)):
@@ -90,6 +91,18 @@ def _blas_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     sch = s_tir.Schedule(tvm.IRModule({"main": variant.blas_compute(spec.kernel, library)}))
     variant.blas_schedule(sch, target)
     return Scheduled(sch.mod, "blas")
+
+
+def _sme_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
+    if variant.sme_compute is None:
+        raise ValueError(f"schedule='sme' computes dense attention (standard, flash, mqa); variant "
+                         f"{variant.name!r} prunes")
+    if capabilities(target).matrix_unit != "sme":
+        raise ValueError(f"schedule='sme' needs a CPU with Arm SME (apple-m4); target {target_key(target)} has "
+                         f"none")
+    sch = s_tir.Schedule(variant.sme_compute(spec.kernel))
+    variant.sme_schedule(sch, target)
+    return Scheduled(sch.mod, "sme")
 
 
 def _passes_in_place(x: np.ndarray) -> bool:
@@ -166,7 +179,7 @@ class Kernel:
     kernel_spec: KernelSpec
     path: str  # "prefill" or "decode": which compute it is (both give the same result for any seq_q)
     target: tvm.target.Target
-    schedule: str  # the schedule actually used: "tuned", "hand", "untuned" or "blas"
+    schedule: str  # the schedule actually used: "tuned", "hand", "untuned", "blas" or "sme"
     record: str | None  # digest of the tuning record, when tuned
     executable: object  # tvm.runtime.Executable
 
@@ -229,7 +242,8 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     record for this target if one exists, else the hand schedule, with a warning once), "tuned", "hand", "untuned"
     (the compute with no schedule at all, the reference the benchmarks compare against), or "blas" (dense prefill in
     float32 with its tiles' matmuls in the BLAS of the platform: Accelerate on macOS, numpy's OpenBLAS or
-    ``TVM_ATTN_BLAS`` on Linux; a decode-sized spec takes "best"). Kernels are cached: building again for another
+    ``TVM_ATTN_BLAS`` on Linux) or "sme" (dense prefill with its tiles' matmuls as Arm SME outer products, any
+    dtype, for targets with SME: apple-m4); a decode-sized spec takes "best" for both. Kernels are cached: building again for another
     length returns the same kernel."""
     v = get_variant(variant)
     spec = spec if spec is not None else AttentionSpec()

@@ -20,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import json
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,11 +64,20 @@ def _host_platform() -> tuple[str, str]:
 
 
 def _host_cpu_flags() -> set[str] | None:
-    """x86 feature flags from /proc/cpuinfo (None where it cannot be read)."""
+    """The CPU's feature flags as Linux names them (None where they cannot be read): /proc/cpuinfo's "flags" (x86)
+    or "Features" (arm64) line; on macOS the FEAT_ names under sysctl hw.optional.arm, lower-cased without FEAT_
+    (FEAT_SME: "sme")."""
+    if sys.platform == "darwin":
+        try:
+            listing = subprocess.run(["sysctl", "hw.optional.arm"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return {name.rsplit(".FEAT_", 1)[1].lower() for name, _, value in
+                (line.partition(": ") for line in listing.splitlines()) if ".FEAT_" in name and value.strip() == "1"}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         return None

@@ -13,12 +13,13 @@ from ..schedules import bounded as _bounded_schedule
 from ..schedules import decode as _decode_schedule
 from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
+from ..schedules import sme_prefill as _sme_prefill_schedule
 from ..schedules import standard as _standard_schedule
 from ..schedules.float16_products import has_float16_products
 from ..schedules.pair_products import has_pair_products
 from ..targets import capabilities
 from ..spec import KNOBS, AttentionSpec
-from . import blas_prefill, bounded, decode, flash, pruned, standard
+from . import blas_prefill, bounded, decode, flash, pruned, sme_prefill, standard
 
 
 PATHS = ("prefill", "decode", "shadow")  # shadow: the kernel KVCache.attend runs over the cache's shadow of K
@@ -61,6 +62,9 @@ class Variant:
     # Dense prefill with its tiles' matmuls in a BLAS (schedule="blas"): (KernelSpec, blas.Blas) -> PrimFunc.
     blas_compute: Callable | None = None
     blas_schedule: Callable | None = None
+    # Dense prefill with its tiles' matmuls as Arm SME outer products (schedule="sme"): KernelSpec -> IRModule.
+    sme_compute: Callable | None = None
+    sme_schedule: Callable | None = None
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -133,10 +137,11 @@ def _on_scores(keep):
 
 
 # The dense variants compute one function: their decode calls share the split-KV kernel, and their prefill the
-# BLAS-backed one (schedule="blas").
+# BLAS-backed one (schedule="blas") and the SME one (schedule="sme").
 DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
                     float16_product_paths=frozenset({"decode"}),
-                    blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule)
+                    blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
+                    sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.
