@@ -123,8 +123,8 @@ def _asm(kernel) -> str:
 
 @pytest.mark.parametrize("target", ["apple-m4", SME_TARGET], ids=["macos", "linux"])
 def test_apple_m4_builds_have_no_sve_outside_streaming_mode(target):
-    """The SME kernels stream only inside their matmul subroutine and everything else (and every other apple-m4
-    kernel: prefill and decode of each variant) is NEON: M4 has SME but no SVE, so an SVE instruction outside
+    """The SME kernels stream only inside their matmul subroutine and everything else (and the dense variants'
+    other apple-m4 kernels: NEON prefill and decode) is NEON: M4 has SME but no SVE, so an SVE instruction outside
     streaming mode faults there (LLVM emits them when told +sve)."""
     case = CASES[0]
     sme = tvm_attn.build(case.variant, case.spec(100, 100), target=target, schedule="sme")
@@ -133,16 +133,10 @@ def test_apple_m4_builds_have_no_sve_outside_streaming_mode(target):
     assert scalable_outside_streaming(asm) == []
     if target != "apple-m4":
         return  # the Linux build of the NEON kernels is the Mac's (test_arm64.py)
-    for variant in tvm_attn.VARIANTS:
+    for variant in DENSE:
         for seq_q in (1, 100):
-            spec = dataclasses.replace(case.spec(seq_q, 100), **_knobs(variant))
-            asm = _asm(tvm_attn.build(variant, spec, target=target, schedule="hand"))
+            asm = _asm(tvm_attn.build(variant, case.spec(seq_q, 100), target=target, schedule="hand"))
             assert "smstart" not in asm and scalable_outside_streaming(asm) == [], (variant, seq_q)
-
-
-def _knobs(variant: str) -> dict:
-    from conftest import knobs_for
-    return knobs_for(variant)[0]
 
 
 def test_the_check_finds_sve_outside_streaming_mode():
@@ -225,3 +219,55 @@ def test_sme_schedule_blocks_match_the_compute():
         sch = s_tir.Schedule(variant.sme_compute(spec.kernel))
         variant.sme_schedule(sch, tvm_attn.resolve_target("apple-m4"))
         assert sme_matmul.NAME in [gv.name_hint for gv in sch.mod.functions]
+
+
+@pytest.mark.arm64
+def test_emulated_block_counts_see_every_outer_product(emulator_ready, tmp_path):  # noqa: F811
+    """The Apple estimate's counts (tvm_attn/bench/emulation.py: qemu's exec log) of one SME prefill call: FMOPAs
+    executed = 4 per k per 2SVL x 2SVL block of both matmuls, as the subroutine is written. One tile of 40 rows x
+    40 keys, head_dim 16, at 512-bit streaming vectors (2SVL = 32): S^T is 2 x 2 blocks over 16 k, O = P V 2 x 1
+    blocks over 40 k."""
+    from tvm_attn.bench.emulation import block_counts
+
+    spec = tvm_attn.AttentionSpec(batch=1, heads=1, kv_heads=1, seq_q=40, seq_kv=40, head_dim=16)
+    kernel = tvm_attn.build("flash", spec, target=SME_TARGET, schedule="sme")
+    library = tmp_path / "sme.so"
+    kernel.executable.export_library(str(library), fcompile=export.cross_linker(tvm_attn.resolve_target(SME_TARGET)))
+    q, k, v = make_inputs(spec, seed=0)
+    blocks = block_counts(library, [q, k, v, np.zeros_like(q)], streaming_vector_bytes=64)
+    fmopas = sum(b.executions * sum(i.startswith("fmopa ") for i in b.instructions) for b in blocks)
+    assert fmopas == 4 * (2 * 2 * 16 + 2 * 1 * 40)
+    assert sum(b.executions for b in blocks if any(i == "smstart sm" for i in b.instructions)) == 2
+
+
+def test_the_kernel_estimate_costs_outer_products_at_the_published_rate():
+    """apple_kernel_time: a streaming block costs the slowest of its FMOPAs, loads and stores at M4's published
+    SME rates, a NEON block llvm-mca's cycles; the chip time overlaps or serializes the two."""
+    from tvm_attn.bench import apple_estimate
+    from tvm_attn.bench.apple_chips import CHIPS
+    from tvm_attn.bench.apple_kernel_time import kernel_cost
+    from tvm_attn.bench.emulation import Block
+
+    mca = apple_estimate.llvm_mca()
+    if mca is None:
+        pytest.skip("no llvm-mca 17+ here")
+    outer = ["ld1w { z0.s }, p0/z, [x14]", "ld1w { z1.s }, p2/z, [x12]", "fmopa za0.s, p0/m, p2/m, z0.s, z1.s",
+             "ld1w { z2.s }, p3/z, [x28]", "fmopa za1.s, p0/m, p3/m, z0.s, z2.s", "ld1w { z0.s }, p1/z, [x18]",
+             "fmopa za2.s, p1/m, p2/m, z0.s, z1.s", "fmopa za3.s, p1/m, p3/m, z0.s, z2.s", "subs x6, x6, #1",
+             "b.ne 0x1998"]
+    neon = ["fmla v0.4s, v1.4s, v2.4s", "fmla v3.4s, v1.4s, v2.4s", "fmla v4.4s, v1.4s, v2.4s",
+            "fmla v5.4s, v1.4s, v2.4s", "fmla v6.4s, v1.4s, v2.4s", "fmla v7.4s, v1.4s, v2.4s",
+            "fmla v16.4s, v1.4s, v2.4s", "fmla v17.4s, v1.4s, v2.4s"]
+    blocks = [Block(0x1000, tuple(outer), 1000), Block(0x2000, tuple(neon), 100),
+              Block(0x3000, ("smstart sm",), 3)]
+    cost = kernel_cost(mca, blocks, "apple-m4", ("neoverse-v2",))
+    m4 = CHIPS["apple-m4"]
+    assert cost.sme_seconds == pytest.approx(1000 * 4 * 2 * 16 * 16 / m4.sme_flops)  # FMOPAs outlast 4 loads
+    assert 150 <= cost.neon_cycles["neoverse-v2"] <= 400  # 8 FMAs per iteration on 4 pipes: ~2 cycles, 100 times
+    neon_seconds = cost.neon_cycles["neoverse-v2"] / (m4.p_core_ghz * 1e9)
+    assert cost.seconds("apple-m4", "neoverse-v2", 1, overlap=False) == pytest.approx(neon_seconds + cost.sme_seconds)
+    assert cost.seconds("apple-m4", "neoverse-v2", 4, overlap=True) == pytest.approx(max(neon_seconds / 4,
+                                                                                         cost.sme_seconds))
+    assert cost.switches == 3 and cost.instructions == 1000 * 10 + 100 * 8 + 3
+    with pytest.raises(ValueError, match="apple-m3 has no SME figures"):
+        kernel_cost(mca, blocks, "apple-m3", ("neoverse-v2",))

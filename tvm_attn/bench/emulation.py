@@ -116,7 +116,8 @@ def block_counts(library: Path, arrays: list[np.ndarray], *, streaming_vector_by
                  timeout: float = 1800) -> list[Block]:
     """Run ``library``'s main once on ``arrays`` (numpy; bfloat16 as ml_dtypes') under qemu on one thread, and count
     the executions of each of its basic blocks. Two emulated runs: the first finds where the
-    library is mapped (qemu-user maps it at the same address each time), the second logs only that range."""
+    library is mapped (qemu-user maps it at the same address given the same environment), the second logs only
+    that range."""
     if python() is None:
         raise RuntimeError("no arm64 emulator: run .ci/arm64-env")
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,19 +130,21 @@ def block_counts(library: Path, arrays: list[np.ndarray], *, streaming_vector_by
             np.save(paths[-1], array.view(np.uint16) if bits else array)
         runtime = Path(__file__).parents[1] / "runtime.py"
         command = [str(python()), "-c", _CALL_ONCE, str(library), str(support), str(runtime), *map(str, paths)]
-        env = qemu_environment(streaming_vector_bytes, TVM_NUM_THREADS="1")
-        first = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        found = re.search(r"^mapped (0x[0-9a-f]+) (0x[0-9a-f]+)$", first.stdout, re.M)
-        if first.returncode or found is None:
-            raise RuntimeError(f"the emulated call failed (rc {first.returncode}):\n{first.stderr[-3000:]}")
-        base, end = (int(x, 16) for x in found.groups())
         log = tmp / "qemu.log"
-        env.update(QEMU_LOG="in_asm,exec,nochain", QEMU_LOG_FILENAME=str(log), QEMU_DFILTER=f"{base:#x}..{end - 1:#x}")
-        second = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        again = re.search(r"^mapped (0x[0-9a-f]+) ", second.stdout, re.M)
-        if second.returncode or again is None or int(again.group(1), 16) != base:
-            raise RuntimeError(f"the logged run failed or mapped the library elsewhere (rc {second.returncode}):\n"
-                               f"{second.stderr[-3000:]}")
+
+        def run(first: int, last: int) -> tuple[int, int]:
+            # Both runs get the same environment but for the range's digits: what qemu maps where depends on it.
+            env = qemu_environment(streaming_vector_bytes, TVM_NUM_THREADS="1", QEMU_LOG="in_asm,exec,nochain",
+                                   QEMU_LOG_FILENAME=str(log), QEMU_DFILTER=f"{first:#018x}..{last:#018x}")
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+            found = re.search(r"^mapped (0x[0-9a-f]+) (0x[0-9a-f]+)$", proc.stdout, re.M)
+            if proc.returncode or found is None:
+                raise RuntimeError(f"the emulated call failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+            return int(found.group(1), 16), int(found.group(2), 16)
+
+        base, end = run(0, 0)  # logs nothing: where the library goes
+        if run(base, end - 1) != (base, end):
+            raise RuntimeError("qemu mapped the kernel library elsewhere in the logged run: counts would miss it")
         return _parse_log(log, base, disassemble(library))
 
 

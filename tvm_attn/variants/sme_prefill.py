@@ -5,8 +5,10 @@ computes what flash computes, for every dense variant (standard, flash, mqa), in
 bfloat16 inputs (widened while packing: M4's widening outer products are no faster than float32 ones).
 
 The outer products take both operands k-major: K is packed once per call as (d, key) float32 (common.transpose_k,
-as flash does), V is read in place (float32) or packed widened, each row tile's q as (d, row) pre-scaled, and each
-tile's weights P transposed to (key, row).
+as flash does), V is read in place (float32) or packed widened, each row tile's q as (d, row) pre-scaled. The
+scores come out transposed, S^T = K q^T as (key, row), and the softmax works on them in that layout: its reductions
+over keys run down the columns with rows in the vector lanes, and its weights P^T are already the (key, row) left
+operand that O = P V takes.
 
 Blocks (the contract with schedules/sme_prefill.py):
   k_t          K transposed to (d, key) float32, zero-padded to whole KV tiles
@@ -15,9 +17,8 @@ Blocks (the contract with schedules/sme_prefill.py):
     q_t        the tile's rows transposed to (d, row), scaled, zero past seq_q
     init_stats, init_acc
     kv_tile    one per KV tile some row of the tile sees; inside it:
-      qk_sme     S = q k^T                                     (sme_matmul)
-      tile_max, rescale, p, tile_sum                           (common.softmax_weights)
-      p_t        P transposed to (key, row)
+      qk_sme     S^T = k q^T                                   (sme_matmul)
+      tile_max, rescale, p, tile_sum                           (softmax_weights_by_key: P^T)
       pv_sme     O = P v                                       (sme_matmul)
       update, update_sum                                       (common.update_output)
     out        acc / l (0 for rows that see no key)
@@ -33,8 +34,8 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from . import sme_matmul
-from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, row_output,
-                     run_time_sizes, softmax_weights, transpose_k, update_output, widen)
+from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, poisoned, row_output,
+                     run_time_sizes, transpose_k, update_output, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,34 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
         return T.min(rt * BQ + BQ, SQ) - 1
 
     @T.macro
+    def softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, key0, row0, all_see):
+        """common.softmax_weights on the transposed scores s_t (key, row) into the transposed weights p_t: the
+        reductions over keys run down the columns, each row a vector lane."""
+        for jj, ri in T.grid(BK, BQ):
+            with T.sblock("tile_max"):
+                j, r = T.axis.remap("RS", [jj, ri])
+                with T.init():
+                    t_max[r] = NEG
+                t_max[r] = T.max(t_max[r], T.if_then_else(
+                    all_see, poisoned(s_t[j, r]), T.Select(row_sees(row0, r, key0 + j), poisoned(s_t[j, r]), NEG)))
+        for ri in range(BQ):
+            with T.sblock("rescale"):
+                r = T.axis.spatial(BQ, ri)
+                alpha[r] = T.Select(m[r] >= t_max[r], ONE, softmax_exp(m[r] - t_max[r]))
+                m[r] = T.max(m[r], t_max[r])
+        for jj, ri in T.grid(BK, BQ):
+            with T.sblock("p"):
+                j, r = T.axis.remap("SS", [jj, ri])
+                p_t[j, r] = T.if_then_else(all_see, softmax_exp(s_t[j, r] - m[r]),
+                                           T.Select(row_sees(row0, r, key0 + j), softmax_exp(s_t[j, r] - m[r]), ZERO))
+        for jj, ri in T.grid(BK, BQ):
+            with T.sblock("tile_sum"):
+                j, r = T.axis.remap("RS", [jj, ri])
+                with T.init():
+                    t_sum[r] = ZERO
+                t_sum[r] = t_sum[r] + p_t[j, r]
+
+    @T.macro
     def pv_sme(p_t, values, ld, O, vb, vkh, vrt, vt):
         """O = P v, v read from ``values`` (V, or V widened) at leading dimension ``ld``."""
         with T.sblock("pv_sme"):
@@ -105,8 +134,7 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
                 with T.sblock("tile"):
                     vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
                     q_t = T.sblock_alloc_buffer((D, BQ), ACC)
-                    S = T.sblock_alloc_buffer((BQ, BK), ACC)
-                    P = T.sblock_alloc_buffer((BQ, BK), ACC)
+                    s_t = T.sblock_alloc_buffer((BK, BQ), ACC)
                     p_t = T.sblock_alloc_buffer((BK, BQ), ACC)
                     O = T.sblock_alloc_buffer((BQ, D), ACC)
                     m = T.sblock_alloc_buffer((BQ,), ACC)
@@ -124,29 +152,19 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
                     for t in range(vis.first_tile(vrt * BQ, BK), vis.end_tile(last_row(vrt), BK)):
                         with T.sblock("kv_tile"):
                             vt = T.axis.opaque(ceil_div(SKV, BK), t)
-                            # Each matmul block sits in a loop of one: TVM 0.27's rfactor (tile_max) fails on a
-                            # block realized directly in kv_tile's body.
-                            for _ in range(1):
-                                with T.sblock("qk_sme"):
-                                    T.reads(q_t[0:D, 0:BQ], k_t[vb, vh // G, 0:D, vt * BK:vt * BK + BK])
-                                    T.writes(S[0:BQ, 0:BK])
-                                    T.evaluate(MATMUL(
-                                        T.min(BQ, SQ - vrt * BQ), T.min(BK, SKV - vt * BK), D,
-                                        T.address_of(q_t[0, 0]), BQ,
-                                        T.address_of(k_t[vb, vh // G, 0, vt * BK]), ceil_div(SKV, BK) * BK,
-                                        T.address_of(S[0, 0]), BK))
-                            softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ, row_sees,
-                                            vis.all_see(vrt * BQ, last_row(vrt), vt * BK, vt * BK + BK), NEG, ZERO,
-                                            ONE, softmax_exp)
-                            for jj, ri in T.grid(BK, BQ):
-                                with T.sblock("p_t"):
-                                    j, r = T.axis.remap("SS", [jj, ri])
-                                    p_t[j, r] = P[r, j]
-                            for _ in range(1):
-                                if wide_v:
-                                    pv_sme(p_t, v_f, D, O, vb, vh // G, vrt, vt)
-                                else:
-                                    pv_sme(p_t, v, v.strides[2], O, vb, vh // G, vrt, vt)
+                            with T.sblock("qk_sme"):
+                                T.reads(q_t[0:D, 0:BQ], k_t[vb, vh // G, 0:D, vt * BK:vt * BK + BK])
+                                T.writes(s_t[0:BK, 0:BQ])
+                                T.evaluate(MATMUL(
+                                    T.min(BK, SKV - vt * BK), T.min(BQ, SQ - vrt * BQ), D,
+                                    T.address_of(k_t[vb, vh // G, 0, vt * BK]), ceil_div(SKV, BK) * BK,
+                                    T.address_of(q_t[0, 0]), BQ, T.address_of(s_t[0, 0]), BQ))
+                            softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, vt * BK, vrt * BQ,
+                                                   vis.all_see(vrt * BQ, last_row(vrt), vt * BK, vt * BK + BK))
+                            if wide_v:
+                                pv_sme(p_t, v_f, D, O, vb, vh // G, vrt, vt)
+                            else:
+                                pv_sme(p_t, v, v.strides[2], O, vb, vh // G, vrt, vt)
                             update_output(acc, O, alpha, l, t_sum, BQ, D)
                     for ri, d in T.grid(BQ, D):
                         with T.sblock("out"):
