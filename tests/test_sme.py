@@ -123,8 +123,8 @@ def _asm(kernel) -> str:
 
 @pytest.mark.parametrize("target", ["apple-m4", SME_TARGET], ids=["macos", "linux"])
 def test_apple_m4_builds_have_no_sve_outside_streaming_mode(target):
-    """The SME kernels stream only inside their matmul subroutine and everything else (and the dense variants'
-    other apple-m4 kernels: NEON prefill and decode) is NEON: M4 has SME but no SVE, so an SVE instruction outside
+    """The SME kernels stream only inside their matmul subroutine and everything else (and the other apple-m4
+    kernels of flash and mqa: NEON prefill and decode) is NEON: M4 has SME but no SVE, so an SVE instruction outside
     streaming mode faults there (LLVM emits them when told +sve)."""
     case = CASES[0]
     sme = tvm_attn.build(case.variant, case.spec(100, 100), target=target, schedule="sme")
@@ -133,7 +133,7 @@ def test_apple_m4_builds_have_no_sve_outside_streaming_mode(target):
     assert scalable_outside_streaming(asm) == []
     if target != "apple-m4":
         return  # the Linux build of the NEON kernels is the Mac's (test_arm64.py)
-    for variant in DENSE:
+    for variant in ("flash", "mqa"):  # their NEON prefill and the dense decode kernel
         for seq_q in (1, 100):
             asm = _asm(tvm_attn.build(variant, case.spec(seq_q, 100), target=target, schedule="hand"))
             assert "smstart" not in asm and scalable_outside_streaming(asm) == [], (variant, seq_q)
@@ -221,25 +221,6 @@ def test_sme_schedule_blocks_match_the_compute():
         assert sme_matmul.NAME in [gv.name_hint for gv in sch.mod.functions]
 
 
-@pytest.mark.arm64
-def test_emulated_block_counts_see_every_outer_product(emulator_ready, tmp_path):  # noqa: F811
-    """The Apple estimate's counts (tvm_attn/bench/emulation.py: qemu's exec log) of one SME prefill call: FMOPAs
-    executed = 4 per k per 2SVL x 2SVL block of both matmuls, as the subroutine is written. One tile of 40 rows x
-    40 keys, head_dim 16, at 512-bit streaming vectors (2SVL = 32): S^T is 2 x 2 blocks over 16 k, O = P V 2 x 1
-    blocks over 40 k."""
-    from tvm_attn.bench.emulation import block_counts
-
-    spec = tvm_attn.AttentionSpec(batch=1, heads=1, kv_heads=1, seq_q=40, seq_kv=40, head_dim=16)
-    kernel = tvm_attn.build("flash", spec, target=SME_TARGET, schedule="sme")
-    library = tmp_path / "sme.so"
-    kernel.executable.export_library(str(library), fcompile=export.cross_linker(tvm_attn.resolve_target(SME_TARGET)))
-    q, k, v = make_inputs(spec, seed=0)
-    blocks = block_counts(library, [q, k, v, np.zeros_like(q)], streaming_vector_bytes=64)
-    fmopas = sum(b.executions * sum(i.startswith("fmopa ") for i in b.instructions) for b in blocks)
-    assert fmopas == 4 * (2 * 2 * 16 + 2 * 1 * 40)
-    assert sum(b.executions for b in blocks if any(i == "smstart sm" for i in b.instructions)) == 2
-
-
 def test_the_kernel_estimate_costs_outer_products_at_the_published_rate():
     """apple_kernel_time: a streaming block costs the slowest of its FMOPAs, loads and stores at M4's published
     SME rates, a NEON block llvm-mca's cycles; the chip time overlaps or serializes the two."""
@@ -271,3 +252,18 @@ def test_the_kernel_estimate_costs_outer_products_at_the_published_rate():
     assert cost.switches == 3 and cost.instructions == 1000 * 10 + 100 * 8 + 3
     with pytest.raises(ValueError, match="apple-m3 has no SME figures"):
         kernel_cost(mca, blocks, "apple-m3", ("neoverse-v2",))
+
+
+def test_the_estimate_checks_its_counted_outer_products():
+    """apple_kernel_time refuses qemu's block counts of an SME call unless they hold exactly the FMOPAs sme_matmul
+    issues for the call's shape: 4 per k per 2SVL x 2SVL block (one 40 x 40 tile, head_dim 16, at 512 bits: S^T 2 x 2
+    blocks over 16 k, O 2 x 1 blocks over 40 k). The counting itself is checked this way on every estimate run."""
+    from tvm_attn.bench.apple_kernel_time import KernelCase, _check_outer_products
+    from tvm_attn.bench.emulation import Block
+
+    spec = tvm_attn.AttentionSpec(batch=1, heads=1, kv_heads=1, seq_q=40, seq_kv=40, head_dim=16)
+    case = KernelCase("flash prefill", "flash", spec, "sme")
+    fmopa = ("fmopa za0.s, p0/m, p2/m, z0.s, z1.s",)
+    _check_outer_products(case, [Block(0, fmopa, 4 * (2 * 2 * 16 + 2 * 1 * 40))], 64)
+    with pytest.raises(RuntimeError, match="575 FMOPAs counted under qemu, 576 issued"):
+        _check_outer_products(case, [Block(0, fmopa, 575)], 64)

@@ -184,7 +184,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
            schedule: str = "best", log=None) -> Exported:
     """Build ``variant`` for ``spec`` with ``schedule`` for ``target`` ("best": the tuned record or the hand
     schedule; "blas": the BLAS-backed prefill, whose library ``runtime.load`` loads first; "sme": the prefill on
-    Arm SME, which ``runtime.load`` refuses on a CPU without it) and write the library and manifest (said on ``log``, default sys.stderr at the time of the call)."""
+    Arm SME, which ``runtime.load`` refuses on a CPU without it) and write the library and manifest (said on
+    ``log``, default sys.stderr at the time of the call)."""
     log = log or sys.stderr
     if schedule not in EXPORT_SCHEDULES:
         raise ValueError(f"unknown export schedule {schedule!r}: use one of {', '.join(EXPORT_SCHEDULES)}")

@@ -171,8 +171,32 @@ def estimate_kernels(mca: str, chips, models: tuple[str, ...], workdir: Path, lo
                 log(f"counting {case.name} ({case.schedule}) for {chip} under qemu")
                 counted[digest] = block_counts(library, [q, k, v, out],
                                                streaming_vector_bytes=CHIPS[chip].streaming_vector_bytes)
-            found.append(KernelEstimate(case, chip, kernel_cost(mca, counted[digest], chip, models)))
+            cost = kernel_cost(mca, counted[digest], chip, models)
+            if case.schedule == "sme":
+                _check_outer_products(case, counted[digest], CHIPS[chip].streaming_vector_bytes)
+            found.append(KernelEstimate(case, chip, cost))
     return found
+
+
+def _check_outer_products(case: KernelCase, blocks: list[Block], vector_bytes: int) -> None:
+    """The FMOPAs counted for an SME prefill call equal what sme_matmul issues for its shape (4 per k per 2SVL x
+    2SVL block of each tile's two products): RuntimeError otherwise (the counts would be wrong)."""
+    from ..variants.sme_prefill import SmeTiles
+
+    s, tiles, block = case.spec, SmeTiles(), 2 * vector_bytes // 4
+    if s.causal or s.window is not None:
+        return  # the tiles visited depend on the mask
+    blocks_of = lambda n: -(-n // block)  # noqa: E731
+    expected = 0
+    for rows in [min(tiles.block_q, s.seq_q - r) for r in range(0, s.seq_q, tiles.block_q)]:
+        for keys in [min(tiles.block_kv, s.seq_kv - t) for t in range(0, s.seq_kv, tiles.block_kv)]:
+            expected += 4 * (blocks_of(keys) * blocks_of(rows) * s.head_dim + blocks_of(rows) * blocks_of(s.head_dim)
+                             * keys)
+    expected *= s.batch * s.heads
+    counted = sum(b.executions * sum(i.startswith("fmopa ") for i in b.instructions) for b in blocks)
+    if counted != expected:
+        raise RuntimeError(f"{case.name}: {counted} FMOPAs counted under qemu, {expected} issued by the kernel's "
+                           f"shape: the block counts are wrong")
 
 
 def _gflops(e: KernelEstimate, model: str, overlap: bool) -> float:
