@@ -54,17 +54,22 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     sch.vectorize(sch.get_loops(local)[-1])
 
 
+def value_rows_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, lanes: int) -> None:
+    """Block ``name`` (loops (row, key, d), key the reduction) accumulates P V for a few query rows: whole V rows
+    per key (up to 8 vectors, as the registers allow) keep the reads in memory order; fewer rows then keep the
+    accumulators within the vector registers."""
+    vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock(name))[-1]).extent.value // lanes))
+    rows = max(1, 16 // vectors)
+    while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
+        rows, vectors = (rows // 2, vectors) if rows > 1 else (rows, vectors // 2)
+    register_blocked_matmul(sch, name, row=-3, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
+
+
 def schedule(sch: s_tir.Schedule, target=None) -> None:
     caps, lanes = schedule_target(target)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
     dot_product_micro_kernel(sch, "qk_part", caps)
-    # pv loops: (row, key, d) with key the reduction. Whole V rows per key (up to 8 vectors, as the registers
-    # allow) keep the reads in memory order; fewer rows then keep the accumulators within the vector registers.
-    vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock("pv"))[-1]).extent.value // lanes))
-    rows = max(1, 16 // vectors)
-    while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
-        rows, vectors = (rows // 2, vectors) if rows > 1 else (rows, vectors // 2)
-    register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
+    value_rows_micro_kernel(sch, "pv", caps, lanes)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     for name in ("qk_half8", "qk_half4", "qk_half2", "p"):

@@ -32,13 +32,15 @@ from .variants import get_variant, path_for
 ALIGNMENT = 64
 
 
-def _rank4(name: str, x, dtype: str) -> np.ndarray:
-    """x (numpy or torch) as a rank-4 numpy array of ``dtype``; TypeError/ValueError naming ``name`` otherwise."""
+def cache_array(name: str, x, dtype: str, axes: tuple[str, ...] = ("batch", "heads", "seq", "head_dim")
+                ) -> np.ndarray:
+    """x (numpy or torch) as a numpy array of ``dtype`` with one axis per name in ``axes``; TypeError/ValueError
+    naming ``name`` otherwise."""
     x = host_array(name, x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array with shape and dtype, got {type(x).__name__}")
-    if len(x.shape) != 4:
-        raise ValueError(f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
+    if len(x.shape) != len(axes):
+        raise ValueError(f"{name} must have rank {len(axes)} ({', '.join(axes)}), got shape {tuple(x.shape)}")
     if array_dtype(name, x) != dtype:
         raise TypeError(f"{name} must be {dtype} like the cache, got {array_dtype(name, x)} "
                         f"(convert it, e.g. {name}.astype(cache.k.dtype))")
@@ -99,8 +101,8 @@ class KVCache:
     def append(self, k, v) -> None:
         """Write ``n`` new positions, k and v of shape (batch, kv_heads, n, head_dim), after the filled part. The
         cache is unchanged when this raises (wrong shape or dtype, or more positions than the capacity left)."""
-        k = _rank4("k", k, self.dtype)
-        v = _rank4("v", v, self.dtype)
+        k = cache_array("k", k, self.dtype)
+        v = cache_array("v", v, self.dtype)
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
         b, kvh, n, d = k.shape
@@ -138,7 +140,7 @@ class KVCache:
         variant's pruning knob (threshold=, top_k= or eps=). Returns a new array (a torch tensor when q is one), or
         fills ``out``."""
         like = q
-        q = _rank4("q", q, self.dtype)
+        q = cache_array("q", q, self.dtype)
         b, heads, n_q, d = q.shape
         if b != self.batch:
             raise ValueError(f"q has batch {b}, the cache {self.batch}")

@@ -243,8 +243,8 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     (the compute with no schedule at all, the reference the benchmarks compare against), or "blas" (dense prefill in
     float32 with its tiles' matmuls in the BLAS of the platform: Accelerate on macOS, numpy's OpenBLAS or
     ``TVM_ATTN_BLAS`` on Linux) or "sme" (dense prefill with its tiles' matmuls as Arm SME outer products, any
-    dtype, for targets with SME: apple-m4); a decode-sized spec takes "best" for both. Kernels are cached: building again for another
-    length returns the same kernel."""
+    dtype, for targets with SME: apple-m4); a decode-sized spec takes "best" for both. Kernels are cached:
+    building again for another length returns the same kernel."""
     v = get_variant(variant)
     spec = spec if spec is not None else AttentionSpec()
     if not isinstance(spec, AttentionSpec):
@@ -278,12 +278,18 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
                          dtype=kspec.dtype, **kspec.knobs())
 
 
-@functools.lru_cache(maxsize=256)
-def _build_cached(variant: str, kspec: KernelSpec, path: str, target_json: str, schedule: str) -> Kernel:
+def compile_counted(mod: tvm.IRModule, target) -> object:
+    """tvm.compile, counted by ``compile_count``."""
     global _compiles
-    target = resolve_target(target_json)
-    scheduled = scheduled_module(get_variant(variant), _representative(kspec, path), target, schedule, path)
-    executable = tvm.compile(scheduled.mod, target=target)
+    executable = tvm.compile(mod, target=target)
     with _compiles_lock:
         _compiles += 1
+    return executable
+
+
+@functools.lru_cache(maxsize=256)
+def _build_cached(variant: str, kspec: KernelSpec, path: str, target_json: str, schedule: str) -> Kernel:
+    target = resolve_target(target_json)
+    scheduled = scheduled_module(get_variant(variant), _representative(kspec, path), target, schedule, path)
+    executable = compile_counted(scheduled.mod, target)
     return Kernel(variant, kspec, path, target, scheduled.schedule, scheduled.record, executable)

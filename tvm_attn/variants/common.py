@@ -329,6 +329,31 @@ def softmax_numerators(S, E, row_max, sum_part, row_sum, row0, rows, padded, vis
             row_sum[r] = row_sum[r] + sum_part[r, vl]
 
 
+LANE_SUM_LANES = 16  # the partial sums of a dot product that sum_lanes adds up
+
+
+@T.macro
+def sum_lanes(part, half8, half4, half2, S, rows, keys, score):
+    """S[r, j] = score(the sum of part[r, j, 0:16]), the 16 partial sums of a dot product added pairwise (a tree:
+    LLVM will not reorder a float sum) through half8, half4 and half2."""
+    for g, jj, lane in T.grid(rows, keys, 8):
+        with T.sblock("qk_half8"):
+            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
+            half8[vg, j, vl] = part[vg, j, vl] + part[vg, j, vl + 8]
+    for g, jj, lane in T.grid(rows, keys, 4):
+        with T.sblock("qk_half4"):
+            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
+            half4[vg, j, vl] = half8[vg, j, vl] + half8[vg, j, vl + 4]
+    for g, jj, lane in T.grid(rows, keys, 2):
+        with T.sblock("qk_half2"):
+            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
+            half2[vg, j, vl] = half4[vg, j, vl] + half4[vg, j, vl + 2]
+    for g, jj in T.grid(rows, keys):
+        with T.sblock("qk"):
+            vg, j = T.axis.remap("SS", [g, jj])
+            S[vg, j] = score(half2[vg, j, 0] + half2[vg, j, 1])
+
+
 def macro_state(wrapper):
     """The TVMScript macro object behind a ``@T.macro`` function (the decorator returns a closure over it)."""
     for cell in wrapper.__closure__ or ():
@@ -339,7 +364,7 @@ def macro_state(wrapper):
 
 MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
                                          online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
-                                         load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators))
+                                         load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes))
 
 
 def fresh_block_names() -> None:

@@ -33,8 +33,8 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, ceil_div, fresh_block_names, init_online_softmax,
-                     online_softmax_tile, row_output, run_time_sizes, widen)
+from .common import (ACC, BF16_BITS, LANE_SUM_LANES, Visibility, bhsd, bits_of, ceil_div, fresh_block_names,
+                     init_online_softmax, online_softmax_tile, row_output, run_time_sizes, sum_lanes, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class DecodeConfig:
                              f"block_kv={self.block_kv}")
 
 
-LANES = 16  # partial sums per dot product, summed by a tree of 4 halvings
+LANES = LANE_SUM_LANES  # partial sums per dot product, summed by a tree of 4 halvings
 
 
 def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: bool = False,
@@ -190,22 +190,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
                                                 # Keys past seq_kv read the last key; tile_max and p mask them.
                                                 part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * \
                                                     widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
-                                    for g, jj, lane in T.grid(G, BK, 8):
-                                        with T.sblock("qk_half8"):
-                                            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
-                                            half8[vg, j, vl] = part[vg, j, vl] + part[vg, j, vl + 8]
-                                    for g, jj, lane in T.grid(G, BK, 4):
-                                        with T.sblock("qk_half4"):
-                                            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
-                                            half4[vg, j, vl] = half8[vg, j, vl] + half8[vg, j, vl + 4]
-                                    for g, jj, lane in T.grid(G, BK, 2):
-                                        with T.sblock("qk_half2"):
-                                            vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
-                                            half2[vg, j, vl] = half4[vg, j, vl] + half4[vg, j, vl + 2]
-                                    for g, jj in T.grid(G, BK):
-                                        with T.sblock("qk"):
-                                            vg, j = T.axis.remap("SS", [g, jj])
-                                            S[vg, j] = score(half2[vg, j, 0] + half2[vg, j, 1])
+                                    sum_lanes(part, half8, half4, half2, S, G, BK, score)
                                     online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
                                                         BK, D, SKV, vi, query_sees,
                                                         vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE)

@@ -1,0 +1,154 @@
+"""PagedKVCache: ragged batches (each sequence its own length and number of new query rows) attended in one call
+over pages read in place, against the float64 reference of each sequence on its own; forks sharing pages, removals
+freeing them, one compiled kernel for every batch composition, and what the cache refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tvm_attn
+from conftest import assert_matches_reference
+from tvm_attn.runtime import numpy_dtype
+
+
+def _rows(rng, *shape_and_dtype):
+    *shape, dtype = shape_and_dtype
+    return rng.standard_normal(shape).astype(numpy_dtype(dtype))
+
+
+def fill(cache, rng, lengths, chunk=7):
+    """Sequences of ``lengths``, appended in interleaved chunks (their pages interleave in the buffers)."""
+    seqs = [cache.add_sequence() for _ in lengths]
+    done = [0] * len(lengths)
+    while any(d < n for d, n in zip(done, lengths)):
+        for i, (seq, n) in enumerate(zip(seqs, lengths)):
+            step = min(chunk + i, n - done[i])
+            if step > 0:
+                cache.append(seq, *(_rows(rng, cache.kv_heads, step, cache.head_dim, cache.dtype) for _ in "kv"))
+                done[i] += step
+    return seqs
+
+
+def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None):
+    """Each sequence's rows of ``out`` against the float64 reference over that sequence alone."""
+    heads = q.shape[1]
+    start = 0
+    for seq, n in zip(seqs, counts):
+        k, v = cache.gather(seq)
+        spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=cache.kv_heads, seq_q=n, seq_kv=k.shape[1],
+                                      head_dim=cache.head_dim, causal=causal, window=window, scale=scale,
+                                      dtype=cache.dtype)
+        rows = slice(start, start + n)
+        as_bhsd = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
+        assert_matches_reference("flash", spec, as_bhsd(out[rows]), as_bhsd(q[rows]), k[None], v[None])
+        start += n
+
+
+@pytest.mark.parametrize("dtype,page_size,heads,kv_heads,head_dim,window", [
+    ("float32", 16, 4, 2, 32, None),
+    ("float32", 5, 6, 3, 48, 20),
+    ("float16", 16, 4, 1, 64, None),
+    ("bfloat16", 8, 2, 2, 40, None),  # head_dim padded to whole 16-lane partial sums
+    ("float32", 200, 2, 1, 16, 150),  # pages longer than the kernel's 128-key tiles
+])
+def test_ragged_batch_matches_each_sequence_alone(dtype, page_size, heads, kv_heads, head_dim, window):
+    rng = np.random.default_rng(0)
+    cache = tvm_attn.PagedKVCache(num_pages=64, page_size=page_size, kv_heads=kv_heads, head_dim=head_dim,
+                                  dtype=dtype)
+    lengths = [1, page_size, page_size + 1, 2 * page_size - 1, 70]
+    seqs = fill(cache, rng, lengths)
+    counts = [1, 1, 3, page_size, 1]  # decode, a chunk of prefill, a whole page of draft rows
+    q = _rows(rng, sum(counts), heads, head_dim, dtype)
+    out = cache.attend(q, seqs, counts, window=window)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    check(cache, out, q, seqs, counts, window=window)
+
+
+def test_not_causal_and_one_sequence_twice():
+    rng = np.random.default_rng(1)
+    cache = tvm_attn.PagedKVCache(num_pages=16, page_size=16, kv_heads=2, head_dim=32)
+    a, b = fill(cache, rng, [40, 9])
+    counts = [5, 2, 3]
+    q = _rows(rng, 10, 4, 32, "float32")
+    out = cache.attend(q, [a, b, a], counts, causal=False, scale=-0.3)
+    check(cache, out, q, [a, b, a], counts, causal=False, scale=-0.3)
+
+
+def test_fork_shares_full_pages_and_copies_the_partial_one():
+    rng = np.random.default_rng(2)
+    cache = tvm_attn.PagedKVCache(num_pages=16, page_size=16, kv_heads=2, head_dim=32)
+    (parent,) = fill(cache, rng, [37])  # 2 full pages and 5 positions
+    free = cache.free_pages
+    child = cache.fork_sequence(parent)
+    assert cache.pages(child)[:2] == cache.pages(parent)[:2] and cache.pages(child)[2] != cache.pages(parent)[2]
+    assert cache.free_pages == free - 1 and cache.length(child) == 37
+    before = cache.gather(parent)
+    for seq in (child, parent):  # each writes its own continuation
+        cache.append(seq, *(rng.standard_normal((2, 20, 32)).astype(np.float32) for _ in "kv"))
+    assert np.array_equal(cache.gather(parent)[0][:, :37], before[0])
+    assert np.array_equal(cache.gather(child)[0][:, :37], before[0])
+    assert not np.array_equal(cache.gather(child)[0][:, 37:], cache.gather(parent)[0][:, 37:])
+    q = _rows(rng, 2, 4, 32, "float32")
+    out = cache.attend(q, [parent, child], [1, 1])
+    check(cache, out, q, [parent, child], [1, 1])
+    cache.remove_sequence(parent)  # the shared pages stay with the child
+    out = cache.attend(q[1:], [child], [1])
+    check(cache, out, q[1:], [child], [1])
+    cache.remove_sequence(child)
+    assert cache.free_pages == cache.num_pages and cache.sequences == ()
+
+
+def test_removed_pages_are_reused_and_one_kernel_serves_every_batch():
+    rng = np.random.default_rng(3)
+    cache = tvm_attn.PagedKVCache(num_pages=12, page_size=8, kv_heads=1, head_dim=16)
+    a, b, c = fill(cache, rng, [30, 17, 25])
+    q = _rows(rng, 3, 2, 16, "float32")
+    cache.attend(q, [a, b, c], [1, 1, 1])
+    compiled = tvm_attn.compile_count()
+    cache.remove_sequence(b)
+    (d,) = fill(cache, rng, [20])  # takes b's pages back
+    for seqs, counts in (([a, c, d], [1, 1, 1]), ([d], [3]), ([c, a], [2, 1])):
+        q = _rows(rng, sum(counts), 2, 16, "float32")
+        out = cache.attend(q, seqs, counts)
+        check(cache, out, q, seqs, counts)
+    assert tvm_attn.compile_count() == compiled
+
+
+def test_bad_input_names_the_sequence_and_writes_nothing():
+    rng = np.random.default_rng(4)
+    cache = tvm_attn.PagedKVCache(num_pages=4, page_size=8, kv_heads=2, head_dim=16)
+    a, b = fill(cache, rng, [10, 3])
+    kv = lambda n: rng.standard_normal((2, n, 16)).astype(np.float32)  # noqa: E731
+    free, length = cache.free_pages, cache.length(a)
+    with pytest.raises(ValueError, match="sequence 0 .* needs 2 new pages .* 1 are free; nothing was written"):
+        cache.append(a, kv(20), kv(20))
+    assert cache.free_pages == free and cache.length(a) == length
+    with pytest.raises(ValueError, match="unknown sequence 7"):
+        cache.append(7, kv(1), kv(1))
+    cache.remove_sequence(b)
+    with pytest.raises(ValueError, match="unknown sequence 1 .*removed"):
+        cache.attend(rng.standard_normal((1, 2, 16)).astype(np.float32), [b], [1])
+    q = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="add up to 2 rows, q has 3"):
+        cache.attend(q, [a], [2])
+    with pytest.raises(ValueError, match="sequence 0 has 11 query rows but 10 cached positions"):
+        cache.attend(np.zeros((11, 2, 16), np.float32), [a], [11])
+    with pytest.raises(ValueError, match="query count of sequence 0 must be an int >= 1"):
+        cache.attend(q, [a], [0])
+    with pytest.raises(TypeError, match="q must be float32 like the cache"):
+        cache.attend(q.astype(np.float16), [a], [3])
+    with pytest.raises(ValueError, match="heads=3, not a multiple of the cache's kv_heads=2"):
+        cache.attend(np.zeros((1, 3, 16), np.float32), [a], [1])
+    with pytest.raises(ValueError, match=r"shape \(kv_heads=2, n, head_dim=16\)"):
+        cache.append(a, np.zeros((1, 1, 16), np.float32), np.zeros((1, 1, 16), np.float32))
+    empty = cache.add_sequence()
+    with pytest.raises(ValueError, match=f"sequence {empty} is empty"):
+        cache.attend(q[:1], [empty], [1])
+    with pytest.raises(ValueError, match="num_pages must be >= 1"):
+        tvm_attn.PagedKVCache(num_pages=0, page_size=8, kv_heads=2, head_dim=16)
+    full = tvm_attn.PagedKVCache(num_pages=2, page_size=4, kv_heads=2, head_dim=16)
+    (s,) = fill(full, rng, [7])
+    with pytest.raises(ValueError, match="forking sequence 0 copies its partial last page and no page is free"):
+        full.fork_sequence(s)
+    assert full.sequences == (s,)

@@ -1,0 +1,246 @@
+"""A paged KV cache for many sequences at once: each sequence has its own length, and one ``attend`` serves a ragged
+batch in which every sequence brings its own number of new query rows (1 for decode, more for a chunk of prefill or
+draft tokens to verify).
+
+    cache = tvm_attn.PagedKVCache(num_pages=4096, page_size=16, kv_heads=8, head_dim=128)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, k_a, v_a)                          # (kv_heads, n, head_dim) each, written in place
+    cache.append(b, k_b, v_b)
+    out = cache.attend(q, [a, b], [1, 4])              # q: (5, heads, head_dim): a's row, then b's four
+    c = cache.fork_sequence(a)                         # shares a's full pages; a partial last page is copied
+
+K and V live in pages of ``page_size`` positions, two (num_pages, kv_heads, page_size, head_dim) buffers allocated
+once; a sequence is a list of pages. The kernel (tvm_attn/variants/paged.py) reads them in place through a page
+table, with the sequences' lengths and query counts as run-time data: one compiled kernel per (heads, mask,
+scale) serves every batch composition. A fork shares its parent's full pages by reference count (they are never
+written again: appends go to a sequence's own last page or to new ones) and copies at most one partial page.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+import functools
+
+import tvm
+from tvm import s_tir
+
+from .cache import cache_array
+from .kernel import as_kernel_argument, checked_out, compile_counted
+from .runtime import aligned_empty, dlpack_argument, numpy_dtype
+from .schedules import paged as paged_schedule
+from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, positive_int
+from .targets import resolve_target
+from .variants import paged
+
+ALIGNMENT = 64
+ROWS_OF_A_SEQUENCE = ("kv_heads", "n", "head_dim")  # what append takes
+
+
+class PagedKVCache:
+    """Keys and values of any number of sequences in ``num_pages`` pages of ``page_size`` positions, ``kv_heads``
+    heads of ``head_dim``, stored as ``dtype`` (float32, float16 or bfloat16)."""
+
+    def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: str = DTYPE):
+        self.num_pages = positive_int("num_pages", num_pages)
+        self.page_size = positive_int("page_size", page_size)
+        self.kv_heads = positive_int("kv_heads", kv_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if self.num_pages * self.kv_heads * self.page_size * self.head_dim > INT32_MAX:
+            raise ValueError(f"{num_pages} pages of {kv_heads} x {page_size} x {head_dim} elements exceed the "
+                             f"kernels' int32 indexing ({INT32_MAX} elements per buffer): use fewer pages")
+        self.dtype = dtype
+        shape = (self.num_pages, self.kv_heads, self.page_size, self.head_dim)
+        self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+        self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+        self._free = list(range(self.num_pages - 1, -1, -1))  # popped from the end: page 0 first
+        self._refs = np.zeros(self.num_pages, np.int64)
+        self._pages: dict[int, list[int]] = {}  # sequence id -> its pages, in position order
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+        self._kernels: dict = {}
+
+    # -- sequences -----------------------------------------------------------------------------------------------
+    @property
+    def sequences(self) -> tuple[int, ...]:
+        """The ids of the sequences held, in the order they were added."""
+        return tuple(self._pages)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def length(self, seq: int) -> int:
+        """Positions cached for sequence ``seq``."""
+        return self._lengths[self._check(seq)]
+
+    def pages(self, seq: int) -> tuple[int, ...]:
+        """The pages of sequence ``seq``, in position order."""
+        return tuple(self._pages[self._check(seq)])
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(num_pages={self.num_pages}, page_size={self.page_size}, kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype!r}, sequences={len(self._pages)}, "
+                f"free_pages={len(self._free)})")
+
+    def _check(self, seq) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, numbers.Integral):
+            raise TypeError(f"a sequence id must be an int, got {seq!r}")
+        if int(seq) not in self._pages:
+            raise ValueError(f"unknown sequence {seq!r} (never added, or removed): this cache holds "
+                             f"{sorted(self._pages) or 'none'}")
+        return int(seq)
+
+    def add_sequence(self) -> int:
+        """A new, empty sequence; returns its id."""
+        seq = self._next_id
+        self._next_id += 1
+        self._pages[seq] = []
+        self._lengths[seq] = 0
+        return seq
+
+    def remove_sequence(self, seq: int) -> None:
+        """Forget sequence ``seq``; its pages no other sequence shares become free."""
+        seq = self._check(seq)
+        for page in self._pages.pop(seq):
+            self._release(page)
+        del self._lengths[seq]
+
+    def fork_sequence(self, parent: int) -> int:
+        """A new sequence holding ``parent``'s positions: its full pages shared (by reference count), a partial last
+        page copied. Returns the new id; ValueError (nothing changed) when the copy needs a page and none is free."""
+        parent = self._check(parent)
+        pages, length = self._pages[parent], self._lengths[parent]
+        partial = length % self.page_size
+        if partial and not self._free:
+            raise ValueError(f"forking sequence {parent} copies its partial last page and no page is free "
+                             f"({self.num_pages} pages, all in use); nothing was changed")
+        shared = pages[:-1] if partial else list(pages)
+        for page in shared:
+            self._refs[page] += 1
+        own = list(shared)
+        if partial:
+            page = self._take()
+            self._k[page, :, :partial] = self._k[pages[-1], :, :partial]
+            self._v[page, :, :partial] = self._v[pages[-1], :, :partial]
+            own.append(page)
+        seq = self.add_sequence()
+        self._pages[seq], self._lengths[seq] = own, length
+        return seq
+
+    def _take(self) -> int:
+        page = self._free.pop()
+        self._refs[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
+
+    def append(self, seq: int, k, v) -> None:
+        """Write ``n`` new positions of sequence ``seq``: k and v of shape (kv_heads, n, head_dim). The cache is
+        unchanged when this raises (wrong shape or dtype, an unknown sequence, more pages needed than are free)."""
+        seq = self._check(seq)
+        k = cache_array("k", k, self.dtype, ROWS_OF_A_SEQUENCE)
+        v = cache_array("v", v, self.dtype, ROWS_OF_A_SEQUENCE)
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+        kvh, n, d = k.shape
+        if (kvh, d) != (self.kv_heads, self.head_dim):
+            raise ValueError(f"k and v must have shape (kv_heads={self.kv_heads}, n, head_dim={self.head_dim}), got "
+                             f"{k.shape}")
+        length, pages = self._lengths[seq], self._pages[seq]
+        if length + n > INT32_MAX:
+            raise ValueError(f"sequence {seq} would hold {length + n} positions, over the kernels' int32 range")
+        needed = -(-(length + n) // self.page_size) - len(pages)
+        if needed > len(self._free):
+            raise ValueError(f"appending {n} positions to sequence {seq} (length {length}) needs {needed} new pages "
+                             f"of {self.page_size} positions and {len(self._free)} are free; nothing was written")
+        pages.extend(self._take() for _ in range(needed))
+        done = 0
+        while done < n:  # page by page: the last page's free slots first
+            position = length + done
+            page, slot = pages[position // self.page_size], position % self.page_size
+            count = min(n - done, self.page_size - slot)
+            self._k[page, :, slot:slot + count] = k[:, done:done + count]
+            self._v[page, :, slot:slot + count] = v[:, done:done + count]
+            done += count
+        self._lengths[seq] = length + n
+
+    def gather(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence ``seq``'s K and V as (kv_heads, length, head_dim) arrays: copies, for checks and references."""
+        seq = self._check(seq)
+        length, pages = self._lengths[seq], self._pages[seq]
+        if not pages:
+            empty = np.empty((self.kv_heads, 0, self.head_dim), numpy_dtype(self.dtype))
+            return empty, empty.copy()
+        k = np.concatenate([self._k[p] for p in pages], axis=1)[:, :length]
+        v = np.concatenate([self._v[p] for p in pages], axis=1)[:, :length]
+        return k, v
+
+    # -- attention -----------------------------------------------------------------------------------------------
+    def attend(self, q, seqs, query_counts, causal: bool = True, scale: float | None = None,
+               window: int | None = None, out=None):
+        """Dense attention of a ragged batch: q (rows, heads, head_dim) holds query_counts[0] rows of seqs[0], then
+        query_counts[1] rows of seqs[1], ...; each sequence's rows are its newest positions (their keys appended
+        already), attending to its own cached positions (causal masks align bottom-right per sequence). Returns
+        (rows, heads, head_dim) (a torch tensor when q is one) or fills ``out``."""
+        like = q
+        q = cache_array("q", q, self.dtype, ("rows", "heads", "head_dim"))
+        rows, heads, d = q.shape
+        if d != self.head_dim:
+            raise ValueError(f"q has head_dim {d}, the cache {self.head_dim}")
+        if heads % self.kv_heads:
+            raise ValueError(f"q has heads={heads}, not a multiple of the cache's kv_heads={self.kv_heads}")
+        seqs = [self._check(s) for s in seqs]
+        counts = list(query_counts)
+        if len(counts) != len(seqs) or not seqs:
+            raise ValueError(f"seqs and query_counts must be non-empty and of one length, got {len(seqs)} sequences "
+                             f"and {len(counts)} counts")
+        for seq, n in zip(seqs, counts, strict=True):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ValueError(f"query count of sequence {seq} must be an int >= 1, got {n!r}")
+            if self._lengths[seq] == 0:
+                raise ValueError(f"sequence {seq} is empty: append its keys and values before attend")
+            if causal and n > self._lengths[seq]:
+                raise ValueError(f"sequence {seq} has {n} query rows but {self._lengths[seq]} cached positions: with "
+                                 f"causal=True its rows are its newest positions (append their keys first)")
+        if sum(counts) != rows:
+            raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
+        function = self._kernel(heads, causal, scale, window)
+        out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
+        max_pages = max(1, max(len(self._pages[s]) for s in seqs))
+        table = np.zeros((len(seqs), max_pages), np.int32)
+        for n, seq in enumerate(seqs):
+            table[n, :len(self._pages[seq])] = self._pages[seq]
+        lengths = np.array([self._lengths[s] for s in seqs], np.int32)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, out)))
+        return result
+
+    def _kernel(self, heads, causal, scale, window):
+        key = (heads, causal, scale, window)
+        if key not in self._kernels:
+            spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
+                                 head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype)
+            self._kernels[key] = build_paged(spec.kernel, self.page_size)["main"]
+        return self._kernels[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _build_paged(kspec: KernelSpec, page_size: int, target_json: str):
+    target = resolve_target(target_json)
+    sch = s_tir.Schedule(tvm.IRModule({"main": paged.compute(kspec, page_size)}))
+    paged_schedule.schedule(sch, target)
+    return compile_counted(sch.mod, target)
+
+
+def build_paged(kspec: KernelSpec, page_size: int, target="host"):
+    """The compiled paged kernel (tvm_attn/variants/paged.py) for ``kspec`` over pages of ``page_size`` positions:
+    an executable whose "main" takes (q, k_pages, v_pages, page_table, seq_lens, row_start, out). Cached."""
+    return _build_paged(kspec, positive_int("page_size", page_size), str(resolve_target(target)))

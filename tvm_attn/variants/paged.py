@@ -1,0 +1,172 @@
+"""Dense attention of a ragged batch over a paged KV cache (tvm_attn/paged_cache.py): sequences of their own
+lengths, each with its own number of new query rows (1 for decode, more for a chunk of prefill or draft tokens to
+verify), K and V read in place from pages of ``page_size`` positions through a page table. One compiled kernel
+serves every batch composition: the sequences, their lengths, query counts and page tables are run-time data.
+
+Arguments (main):
+  q           (rows, heads, head_dim): the new rows of every sequence, concatenated in the order of the sequences
+  k_pages     (pages, kv_heads, page_size, head_dim), v_pages the same
+  page_table  (sequences, max_pages) int32: the page holding positions p * page_size .. of each sequence
+  seq_lens    (sequences,) int32: positions cached per sequence, its new rows' own keys the last of them
+  row_start   (sequences + 1,) int32: sequence s owns rows row_start[s] .. row_start[s + 1] - 1
+  out         like q
+Causal masks align bottom-right per sequence: its i-th of n rows is position seq_lens[s] - n + i. Keys are taken
+in tiles of block_kv whatever the page size; a tile's keys past the sequence's end read its last key, with weight
+0 (a page's unused slots hold whatever was there).
+
+Blocks (the contract with schedules/paged.py):
+  task       one per (sequence, KV head); inside it, per query row of the sequence (row):
+    q_rows     the group's query heads at that row, pre-scaled, float32
+    init_stats, init_acc
+    kv_tile    one per tile of block_kv keys the row sees (each key found through the page table); inside it:
+      qk_part, qk_half8, qk_half4, qk_half2, qk
+                 S = q k^T by partial dot products over 16 lanes, summed pairwise (decode's, common.sum_lanes)
+      tile_max, rescale, p, tile_sum                    (common.softmax_weights)
+      pv         O = P v
+      update, update_sum                                (common.update_output)
+    out        acc / l
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+from tvm import tirx
+
+from ..fast_exp import softmax_exp
+from ..spec import KernelSpec
+from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, ceil_div, fresh_block_names,
+                     init_online_softmax, row_output, softmax_weights, sum_lanes, update_output, widen)
+
+
+def _rows_buffer(handle, rows, heads: int, head_dim: int, dtype: str):
+    """q or out: (rows, heads, head_dim), any strides but a contiguous last axis."""
+    return T.match_buffer(handle, (rows, heads, head_dim), dtype, strides=(T.int32(), T.int32(), 1),
+                          align=ELEMENT_BYTES[dtype], offset_factor=1)
+
+
+def _pages_buffer(handle, pages, kv_heads: int, page_size: int, head_dim: int, dtype: str):
+    return T.match_buffer(handle, (pages, kv_heads, page_size, head_dim), dtype,
+                          strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_BYTES[dtype], offset_factor=1)
+
+
+BLOCK_KV = 128  # keys per tile of the online softmax, whatever the page size: its per-tile work amortized
+
+
+def compute(kspec: KernelSpec, page_size: int, block_kv: int = BLOCK_KV):
+    """The paged PrimFunc for ``kspec`` (dense attention: heads, kv_heads, head_dim, causal, window, scale, dtype)
+    over pages of ``page_size`` positions, keys in tiles of ``block_kv``."""
+    if kspec.knobs():
+        raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
+    fresh_block_names()
+    H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
+    G = kspec.group_size
+    PS = page_size
+    BK = block_kv
+    DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
+    SCALE = T.float32(kspec.scale)
+    NEG = T.min_value("float32")
+    ZERO = T.float32(0)
+    ONE = T.float32(1)
+    dtype = kspec.dtype
+    NR, NS, NP, MP = (tirx.Var(name, "int32") for name in ("rows", "sequences", "pages", "max_pages"))
+
+    def dim(d):
+        """Index d of a K row, clamped into head_dim where the padding reaches past it."""
+        return d if DP == D else T.min(d, D - 1)
+
+    def visibility(row_start, seq_lens, s):
+        """The mask of sequence s: its rows are the last of its seq_lens[s] positions."""
+        return Visibility(kspec, row_start[s + 1] - row_start[s], seq_lens[s])
+
+    def as_is(dot):
+        """A score from its dot product (q was scaled)."""
+        return dot
+
+    def slot(page_table, seq_lens, s, key):
+        """(page, position in it) of sequence s's key, clamped to its last key: keys past the end get weight 0 and
+        read a slot that holds a key, not whatever an unused slot holds."""
+        last = T.min(key, seq_lens[s] - 1)
+        return page_table[s, last // PS], last % PS
+
+    def row_sees(row_start, seq_lens, s):
+        """sees(row0, r, j) for softmax_weights: every head r of a task's row is the same query, row0."""
+        vis = visibility(row_start, seq_lens, s)
+        return lambda row0, r, j: vis.sees(row0, j)
+
+    @T.prim_func(s_tir=True)
+    def paged(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
+              start_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = _rows_buffer(q_h, NR, H, D, dtype)
+        k_pages = _pages_buffer(k_h, NP, KVH, PS, D, dtype)
+        v_pages = _pages_buffer(v_h, NP, KVH, PS, D, dtype)
+        page_table = T.match_buffer(table_h, (NS, MP), "int32")
+        seq_lens = T.match_buffer(lens_h, (NS,), "int32")
+        row_start = T.match_buffer(start_h, (NS + 1,), "int32")
+        out = _rows_buffer(out_h, NR, H, D, dtype)
+        with T.sblock("root"):
+            for s, kh in T.grid(NS, KVH):
+                with T.sblock("task"):
+                    vs, vkh = T.axis.remap("SS", [s, kh])
+                    T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[0:NP, vkh, 0:PS, 0:D],
+                            v_pages[0:NP, vkh, 0:PS, 0:D], page_table[vs, 0:MP], seq_lens[vs], row_start[vs:vs + 2])
+                    T.writes(out[0:NR, vkh * G:vkh * G + G, 0:D])
+                    q_rows = T.sblock_alloc_buffer((G, DP), ACC)
+                    part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
+                    half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
+                    half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
+                    half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
+                    S = T.sblock_alloc_buffer((G, BK), ACC)
+                    P = T.sblock_alloc_buffer((G, BK), ACC)
+                    O = T.sblock_alloc_buffer((G, D), ACC)
+                    m = T.sblock_alloc_buffer((G,), ACC)
+                    t_max = T.sblock_alloc_buffer((G,), ACC)
+                    t_sum = T.sblock_alloc_buffer((G,), ACC)
+                    alpha = T.sblock_alloc_buffer((G,), ACC)
+                    l = T.sblock_alloc_buffer((G,), ACC)
+                    acc = T.sblock_alloc_buffer((G, D), ACC)
+                    for i in range(row_start[vs + 1] - row_start[vs]):
+                        with T.sblock("row"):
+                            vi = T.axis.opaque(NR, i)
+                            for g, d in T.grid(G, DP):
+                                with T.sblock("q_rows"):
+                                    vg, vd = T.axis.remap("SS", [g, d])
+                                    q_rows[vg, vd] = T.if_then_else(
+                                        vd < D, widen(q[row_start[vs] + vi, vkh * G + vg, T.min(vd, D - 1)]) * SCALE,
+                                        ZERO)
+                            init_online_softmax(m, l, acc, G, D, NEG, ZERO)
+                            for t in range(visibility(row_start, seq_lens, vs).first(vi) // BK,
+                                           ceil_div(visibility(row_start, seq_lens, vs).end(vi), BK)):
+                                with T.sblock("kv_tile"):
+                                    vt = T.axis.opaque(ceil_div(MP * PS, BK), t)
+                                    for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                        with T.sblock("qk_part"):
+                                            vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                            with T.init():
+                                                part[vg, j, vl] = ZERO
+                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * widen(
+                                                k_pages[slot(page_table, seq_lens, vs, vt * BK + j)[0], vkh,
+                                                        slot(page_table, seq_lens, vs, vt * BK + j)[1],
+                                                        dim(vc * LANES + vl)])
+                                    sum_lanes(part, half8, half4, half2, S, G, BK, as_is)
+                                    softmax_weights(
+                                        S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
+                                        row_sees(row_start, seq_lens, vs),
+                                        visibility(row_start, seq_lens, vs).all_see(vi, vi, vt * BK, vt * BK + BK),
+                                        NEG, ZERO, ONE, softmax_exp)
+                                    for g, jj, d in T.grid(G, BK, D):
+                                        with T.sblock("pv"):
+                                            vg, j, vd = T.axis.remap("SRS", [g, jj, d])
+                                            with T.init():
+                                                O[vg, vd] = ZERO
+                                            O[vg, vd] = O[vg, vd] + P[vg, j] * widen(v_pages[
+                                                slot(page_table, seq_lens, vs, vt * BK + j)[0], vkh,
+                                                slot(page_table, seq_lens, vs, vt * BK + j)[1], vd])
+                                    update_output(acc, O, alpha, l, t_sum, G, D)
+                            for g, d in T.grid(G, D):
+                                with T.sblock("out"):
+                                    vg, vd = T.axis.remap("SS", [g, d])
+                                    out[row_start[vs] + vi, vkh * G + vg, vd] = row_output(acc[vg, vd], l[vg], m[vg],
+                                                                                           dtype)
+
+    return paged
