@@ -65,6 +65,32 @@ def test_ragged_batch_matches_each_sequence_alone(dtype, page_size, heads, kv_he
     check(cache, out, q, seqs, counts, window=window)
 
 
+@pytest.mark.parametrize("dtype,window,causal", [("float32", None, True), ("float16", 37, True),
+                                                  ("float32", None, False)])
+def test_keys_split_into_chunks_merge_to_each_sequence_alone(dtype, window, causal):
+    """Small tiles and chunks, so that sequences of up to a few hundred positions split (and hit max_splits):
+    chunks of one tile, many, a last partial one; rows that see none of a chunk (windows, causal draft rows)."""
+    rng = np.random.default_rng(5)
+    config = tvm_attn.DecodeConfig(block_kv=16, chunk_keys=32, max_splits=5)
+    cache = tvm_attn.PagedKVCache(num_pages=80, page_size=8, kv_heads=2, head_dim=32, dtype=dtype, config=config)
+    lengths = [1, 16, 33, 95, 300, 40]
+    seqs = fill(cache, rng, lengths, chunk=29)
+    counts = [1, 1, 4, 8, 1, 12]  # 8 rows still split; 12 (over DECODE_MAX_ROWS) attend their sequence whole
+    q = _rows(rng, sum(counts), 4, 32, dtype)
+    out = cache.attend(q, seqs, counts, window=window, causal=causal)
+    check(cache, out, q, seqs, counts, window=window, causal=causal)
+
+
+def test_chunk_plan():
+    from tvm_attn.paged_cache import plan_chunks
+    config = tvm_attn.DecodeConfig(block_kv=16, chunk_keys=32, max_splits=5)
+    chunks, seq_chunks = plan_chunks(np.array([1, 33, 300, 40], np.int32), np.array([1, 4, 1, 12], np.int32), config)
+    # 1 tile: whole; 3 tiles: chunks of 2; 19 tiles: chunks of 4 (at most max_splits=5); 12 rows: whole
+    assert seq_chunks.tolist() == [0, 1, 3, 8, 9]
+    assert chunks.tolist() == [[0, 0, 1, 0], [1, 0, 2, 1], [1, 2, 3, 5], [2, 0, 4, 9], [2, 4, 8, 10],
+                               [2, 8, 12, 11], [2, 12, 16, 12], [2, 16, 19, 13], [3, 0, 3, 14]]
+
+
 def test_not_causal_and_one_sequence_twice():
     rng = np.random.default_rng(1)
     cache = tvm_attn.PagedKVCache(num_pages=16, page_size=16, kv_heads=2, head_dim=32)

@@ -12,17 +12,17 @@ draft tokens to verify).
 K and V live in pages of ``page_size`` positions, two (num_pages, kv_heads, page_size, head_dim) buffers allocated
 once; a sequence is a list of pages. The kernel (tvm_attn/variants/paged.py) reads them in place through a page
 table, with the sequences' lengths and query counts as run-time data: one compiled kernel per (heads, mask,
-scale) serves every batch composition. A fork shares its parent's full pages by reference count (they are never
+scale) serves every batch composition. Each call splits the sequences' keys into chunks (plan_chunks: a long
+sequence into many, a short one whole) that the cores share, then merges each row's chunks. A fork shares its parent's full pages by reference count (they are never
 written again: appends go to a sequence's own last page or to new ones) and copies at most one partial page.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import numpy as np
-
-import functools
 
 import tvm
 from tvm import s_tir
@@ -33,7 +33,8 @@ from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .schedules import paged as paged_schedule
 from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, positive_int
 from .targets import resolve_target
-from .variants import paged
+from .variants import DECODE_MAX_ROWS, paged
+from .variants.decode import DecodeConfig
 
 ALIGNMENT = 64
 ROWS_OF_A_SEQUENCE = ("kv_heads", "n", "head_dim")  # what append takes
@@ -41,9 +42,11 @@ ROWS_OF_A_SEQUENCE = ("kv_heads", "n", "head_dim")  # what append takes
 
 class PagedKVCache:
     """Keys and values of any number of sequences in ``num_pages`` pages of ``page_size`` positions, ``kv_heads``
-    heads of ``head_dim``, stored as ``dtype`` (float32, float16 or bfloat16)."""
+    heads of ``head_dim``, stored as ``dtype`` (float32, float16 or bfloat16). ``config``: how ``attend`` splits
+    the keys (tiles of block_kv keys; chunks of at least chunk_keys, at most max_splits per sequence)."""
 
-    def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: str = DTYPE):
+    def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: str = DTYPE,
+                 config: DecodeConfig = DecodeConfig()):
         self.num_pages = positive_int("num_pages", num_pages)
         self.page_size = positive_int("page_size", page_size)
         self.kv_heads = positive_int("kv_heads", kv_heads)
@@ -53,7 +56,10 @@ class PagedKVCache:
         if self.num_pages * self.kv_heads * self.page_size * self.head_dim > INT32_MAX:
             raise ValueError(f"{num_pages} pages of {kv_heads} x {page_size} x {head_dim} elements exceed the "
                              f"kernels' int32 indexing ({INT32_MAX} elements per buffer): use fewer pages")
+        if not isinstance(config, DecodeConfig):
+            raise TypeError(f"config must be a tvm_attn.DecodeConfig, got {config!r}")
         self.dtype = dtype
+        self.config = config
         shape = (self.num_pages, self.kv_heads, self.page_size, self.head_dim)
         self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
         self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
@@ -63,6 +69,7 @@ class PagedKVCache:
         self._lengths: dict[int, int] = {}
         self._next_id = 0
         self._kernels: dict = {}
+        self._scratch: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # heads -> (o, m, l) partials
 
     # -- sequences -----------------------------------------------------------------------------------------------
     @property
@@ -219,28 +226,62 @@ class PagedKVCache:
         for n, seq in enumerate(seqs):
             table[n, :len(self._pages[seq])] = self._pages[seq]
         lengths = np.array([self._lengths[s] for s in seqs], np.int32)
+        counts = np.array(counts, np.int32)
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, out)))
+        row_seq = np.repeat(np.arange(len(seqs), dtype=np.int32), counts)
+        chunks, seq_chunks = plan_chunks(lengths, counts, self.config)
+        o_part, m_part, l_part = self._partials(heads, int(chunks[-1, 3] + counts[chunks[-1, 0]]))
+        function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
+                                        chunks, seq_chunks, o_part, m_part, l_part, out)))
         return result
+
+    def _partials(self, heads: int, rows: int):
+        """Scratch for ``rows`` partial rows of ``heads`` heads: each chunk's output, max and sum per row."""
+        o, m, l = self._scratch.get(heads, (None, None, None))
+        if o is None or o.shape[0] < rows:
+            rows = max(rows, 2 * (0 if o is None else o.shape[0]))
+            o = aligned_empty((rows, heads, self.head_dim), np.float32, ALIGNMENT)
+            m, l = np.empty((rows, heads), np.float32), np.empty((rows, heads), np.float32)
+            self._scratch[heads] = (o, m, l)
+        return o[:rows], m[:rows], l[:rows]
 
     def _kernel(self, heads, causal, scale, window):
         key = (heads, causal, scale, window)
         if key not in self._kernels:
             spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
                                  head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype)
-            self._kernels[key] = build_paged(spec.kernel, self.page_size)["main"]
+            self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config)["main"]
         return self._kernels[key]
 
 
+def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """How the paged kernel splits a batch's keys: (chunks, seq_chunks) as it takes them. A sequence of at most
+    DECODE_MAX_ROWS query rows is cut into chunks of whole tiles, chunk_keys worth or more (at most max_splits
+    chunks); one with more rows stays whole (its rows are the parallel work, and its partials would be rows x
+    chunks). Chunk c is (sequence, first tile, end tile, first partial row); the partial rows of a chunk are its
+    sequence's query rows, chunk after chunk."""
+    tiles = -(-lengths // config.block_kv)
+    per_chunk = np.where(counts <= DECODE_MAX_ROWS,
+                         np.maximum(config.chunk_keys // config.block_kv, -(-tiles // config.max_splits)), tiles)
+    n_chunks = -(-tiles // per_chunk)
+    seq_chunks = np.concatenate([[0], np.cumsum(n_chunks)]).astype(np.int32)
+    seq = np.repeat(np.arange(len(lengths)), n_chunks)
+    first = (np.arange(seq_chunks[-1]) - seq_chunks[seq]) * per_chunk[seq]
+    rows = counts[seq]
+    chunks = np.stack([seq, first, np.minimum(first + per_chunk[seq], tiles[seq]), np.cumsum(rows) - rows], axis=1)
+    return chunks.astype(np.int32), seq_chunks
+
+
 @functools.lru_cache(maxsize=64)
-def _build_paged(kspec: KernelSpec, page_size: int, target_json: str):
+def _build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig, target_json: str):
     target = resolve_target(target_json)
-    sch = s_tir.Schedule(tvm.IRModule({"main": paged.compute(kspec, page_size)}))
+    sch = s_tir.Schedule(tvm.IRModule({"main": paged.compute(kspec, page_size, config)}))
     paged_schedule.schedule(sch, target)
     return compile_counted(sch.mod, target)
 
 
-def build_paged(kspec: KernelSpec, page_size: int, target="host"):
-    """The compiled paged kernel (tvm_attn/variants/paged.py) for ``kspec`` over pages of ``page_size`` positions:
-    an executable whose "main" takes (q, k_pages, v_pages, page_table, seq_lens, row_start, out). Cached."""
-    return _build_paged(kspec, positive_int("page_size", page_size), str(resolve_target(target)))
+def build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig(), target="host"):
+    """The compiled paged kernel (tvm_attn/variants/paged.py) for ``kspec`` over pages of ``page_size`` positions,
+    keys in tiles of ``config.block_kv``: an executable whose "main" takes (q, k_pages, v_pages, page_table,
+    seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part, out). Cached."""
+    return _build_paged(kspec, positive_int("page_size", page_size), config, str(resolve_target(target)))

@@ -1,7 +1,14 @@
 """Dense attention of a ragged batch over a paged KV cache (tvm_attn/paged_cache.py): sequences of their own
 lengths, each with its own number of new query rows (1 for decode, more for a chunk of prefill or draft tokens to
 verify), K and V read in place from pages of ``page_size`` positions through a page table. One compiled kernel
-serves every batch composition: the sequences, their lengths, query counts and page tables are run-time data.
+serves every batch composition: the sequences, their lengths, query counts, page tables and how the work is split
+are run-time data.
+
+Split-KV (flash-decoding over pages): each sequence's keys are cut into chunks of whole tiles, planned by the caller
+(paged_cache.plan_chunks: a long sequence into many, a short one whole), and every (chunk, KV head) is a parallel
+task keeping, per query row, a running max, sum and unnormalized output over its chunk; a second step merges each
+row's chunks by their maxes. Equal chunks keep the threads' static shares of the task loop even when one sequence
+is 100 times another.
 
 Arguments (main):
   q           (rows, heads, head_dim): the new rows of every sequence, concatenated in the order of the sequences
@@ -9,22 +16,30 @@ Arguments (main):
   page_table  (sequences, max_pages) int32: the page holding positions p * page_size .. of each sequence
   seq_lens    (sequences,) int32: positions cached per sequence, its new rows' own keys the last of them
   row_start   (sequences + 1,) int32: sequence s owns rows row_start[s] .. row_start[s + 1] - 1
+  row_seq     (rows,) int32: the sequence of each row
+  chunks      (chunks, 4) int32: (sequence, first tile, end tile, first partial row), in sequence order
+  seq_chunks  (sequences + 1,) int32: sequence s's chunks are seq_chunks[s] .. seq_chunks[s + 1] - 1
+  o_part      (partial rows, heads, head_dim) float32, m_part and l_part (partial rows, heads) float32: scratch,
+              a chunk's row i at partial row chunks[c, 3] + i
   out         like q
 Causal masks align bottom-right per sequence: its i-th of n rows is position seq_lens[s] - n + i. Keys are taken
 in tiles of block_kv whatever the page size; a tile's keys past the sequence's end read its last key, with weight
 0 (a page's unused slots hold whatever was there).
 
 Blocks (the contract with schedules/paged.py):
-  task       one per (sequence, KV head); inside it, per query row of the sequence (row):
+  task       one per (chunk, KV head); inside it, per query row of the chunk's sequence (row):
     q_rows     the group's query heads at that row, pre-scaled, float32
     init_stats, init_acc
-    kv_tile    one per tile of block_kv keys the row sees (each key found through the page table); inside it:
+    kv_tile    one per tile of the chunk the row sees (each key found through the page table); inside it:
       qk_part, qk_half8, qk_half4, qk_half2, qk
                  S = q k^T by partial dot products over 16 lanes, summed pairwise (decode's, common.sum_lanes)
       tile_max, rescale, p, tile_sum                    (common.softmax_weights)
       pv         O = P v
       update, update_sum                                (common.update_output)
-    out        acc / l
+    save_acc, save_stats   the chunk's (output, max, sum) per row
+  merge      one per (row, head), over the row's chunks c: merge_init, merge_max (M = max m_c), merge_weight
+             (w_c = e^(m_c - M), and the total sum_c w_c l_c), merge_acc
+             (sum_c w_c o_c), out (that over the total)
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, ceil_div, fresh_block_names,
                      init_online_softmax, row_output, softmax_weights, sum_lanes, update_output, widen)
+from .decode import DecodeConfig
 
 
 def _rows_buffer(handle, rows, heads: int, head_dim: int, dtype: str):
@@ -49,26 +65,24 @@ def _pages_buffer(handle, pages, kv_heads: int, page_size: int, head_dim: int, d
                           strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_BYTES[dtype], offset_factor=1)
 
 
-BLOCK_KV = 128  # keys per tile of the online softmax, whatever the page size: its per-tile work amortized
-
-
-def compute(kspec: KernelSpec, page_size: int, block_kv: int = BLOCK_KV):
+def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig()):
     """The paged PrimFunc for ``kspec`` (dense attention: heads, kv_heads, head_dim, causal, window, scale, dtype)
-    over pages of ``page_size`` positions, keys in tiles of ``block_kv``."""
+    over pages of ``page_size`` positions, keys in tiles of ``config.block_kv`` (chunks are the caller's plan)."""
     if kspec.knobs():
         raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
     PS = page_size
-    BK = block_kv
+    BK = config.block_kv
     DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
     SCALE = T.float32(kspec.scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     ONE = T.float32(1)
     dtype = kspec.dtype
-    NR, NS, NP, MP = (tirx.Var(name, "int32") for name in ("rows", "sequences", "pages", "max_pages"))
+    NR, NS, NP, MP, NC, PR = (tirx.Var(name, "int32") for name in
+                              ("rows", "sequences", "pages", "max_pages", "chunks", "partial_rows"))
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
@@ -93,9 +107,16 @@ def compute(kspec: KernelSpec, page_size: int, block_kv: int = BLOCK_KV):
         vis = visibility(row_start, seq_lens, s)
         return lambda row0, r, j: vis.sees(row0, j)
 
+    def tile_range(chunks, row_start, seq_lens, c, i):
+        """The tiles of chunk c that row i of its sequence sees: range(first, end) (empty when none)."""
+        vis = visibility(row_start, seq_lens, chunks[c, 0])
+        first = T.max(chunks[c, 1], vis.first(i) // BK)
+        return first, T.max(first, T.min(chunks[c, 2], ceil_div(vis.end(i), BK)))
+
     @T.prim_func(s_tir=True)
     def paged(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
-              start_h: T.handle, out_h: T.handle):
+              start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
+              o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         q = _rows_buffer(q_h, NR, H, D, dtype)
         k_pages = _pages_buffer(k_h, NP, KVH, PS, D, dtype)
@@ -103,14 +124,22 @@ def compute(kspec: KernelSpec, page_size: int, block_kv: int = BLOCK_KV):
         page_table = T.match_buffer(table_h, (NS, MP), "int32")
         seq_lens = T.match_buffer(lens_h, (NS,), "int32")
         row_start = T.match_buffer(start_h, (NS + 1,), "int32")
+        row_seq = T.match_buffer(row_seq_h, (NR,), "int32")
+        chunks = T.match_buffer(chunks_h, (NC, 4), "int32")
+        seq_chunks = T.match_buffer(seq_chunks_h, (NS + 1,), "int32")
+        o_part = T.match_buffer(o_part_h, (PR, H, D), ACC)
+        m_part = T.match_buffer(m_part_h, (PR, H), ACC)
+        l_part = T.match_buffer(l_part_h, (PR, H), ACC)
         out = _rows_buffer(out_h, NR, H, D, dtype)
         with T.sblock("root"):
-            for s, kh in T.grid(NS, KVH):
+            for c, kh in T.grid(NC, KVH):
                 with T.sblock("task"):
-                    vs, vkh = T.axis.remap("SS", [s, kh])
+                    vc, vkh = T.axis.remap("SS", [c, kh])
                     T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[0:NP, vkh, 0:PS, 0:D],
-                            v_pages[0:NP, vkh, 0:PS, 0:D], page_table[vs, 0:MP], seq_lens[vs], row_start[vs:vs + 2])
-                    T.writes(out[0:NR, vkh * G:vkh * G + G, 0:D])
+                            v_pages[0:NP, vkh, 0:PS, 0:D], page_table[0:NS, 0:MP], seq_lens[0:NS],
+                            row_start[0:NS + 1], chunks[vc, 0:4])
+                    T.writes(o_part[0:PR, vkh * G:vkh * G + G, 0:D], m_part[0:PR, vkh * G:vkh * G + G],
+                             l_part[0:PR, vkh * G:vkh * G + G])
                     q_rows = T.sblock_alloc_buffer((G, DP), ACC)
                     part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
                     half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
@@ -125,34 +154,36 @@ def compute(kspec: KernelSpec, page_size: int, block_kv: int = BLOCK_KV):
                     alpha = T.sblock_alloc_buffer((G,), ACC)
                     l = T.sblock_alloc_buffer((G,), ACC)
                     acc = T.sblock_alloc_buffer((G, D), ACC)
-                    for i in range(row_start[vs + 1] - row_start[vs]):
+                    for i in range(row_start[chunks[vc, 0] + 1] - row_start[chunks[vc, 0]]):
                         with T.sblock("row"):
                             vi = T.axis.opaque(NR, i)
                             for g, d in T.grid(G, DP):
                                 with T.sblock("q_rows"):
                                     vg, vd = T.axis.remap("SS", [g, d])
                                     q_rows[vg, vd] = T.if_then_else(
-                                        vd < D, widen(q[row_start[vs] + vi, vkh * G + vg, T.min(vd, D - 1)]) * SCALE,
-                                        ZERO)
+                                        vd < D, widen(q[row_start[chunks[vc, 0]] + vi, vkh * G + vg,
+                                                        T.min(vd, D - 1)]) * SCALE, ZERO)
                             init_online_softmax(m, l, acc, G, D, NEG, ZERO)
-                            for t in range(visibility(row_start, seq_lens, vs).first(vi) // BK,
-                                           ceil_div(visibility(row_start, seq_lens, vs).end(vi), BK)):
+                            for t in range(tile_range(chunks, row_start, seq_lens, vc, vi)[0],
+                                           tile_range(chunks, row_start, seq_lens, vc, vi)[1]):
                                 with T.sblock("kv_tile"):
                                     vt = T.axis.opaque(ceil_div(MP * PS, BK), t)
-                                    for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                    for g, jj, dc, lane in T.grid(G, BK, DP // LANES, LANES):
                                         with T.sblock("qk_part"):
-                                            vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                            vg, j, vdc, vl = T.axis.remap("SSRS", [g, jj, dc, lane])
                                             with T.init():
                                                 part[vg, j, vl] = ZERO
-                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * widen(
-                                                k_pages[slot(page_table, seq_lens, vs, vt * BK + j)[0], vkh,
-                                                        slot(page_table, seq_lens, vs, vt * BK + j)[1],
-                                                        dim(vc * LANES + vl)])
+                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vdc * LANES + vl] * widen(
+                                                k_pages[slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[0],
+                                                        vkh,
+                                                        slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[1],
+                                                        dim(vdc * LANES + vl)])
                                     sum_lanes(part, half8, half4, half2, S, G, BK, as_is)
                                     softmax_weights(
                                         S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
-                                        row_sees(row_start, seq_lens, vs),
-                                        visibility(row_start, seq_lens, vs).all_see(vi, vi, vt * BK, vt * BK + BK),
+                                        row_sees(row_start, seq_lens, chunks[vc, 0]),
+                                        visibility(row_start, seq_lens, chunks[vc, 0]).all_see(
+                                            vi, vi, vt * BK, vt * BK + BK),
                                         NEG, ZERO, ONE, softmax_exp)
                                     for g, jj, d in T.grid(G, BK, D):
                                         with T.sblock("pv"):
@@ -160,13 +191,52 @@ def compute(kspec: KernelSpec, page_size: int, block_kv: int = BLOCK_KV):
                                             with T.init():
                                                 O[vg, vd] = ZERO
                                             O[vg, vd] = O[vg, vd] + P[vg, j] * widen(v_pages[
-                                                slot(page_table, seq_lens, vs, vt * BK + j)[0], vkh,
-                                                slot(page_table, seq_lens, vs, vt * BK + j)[1], vd])
+                                                slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[0], vkh,
+                                                slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[1], vd])
                                     update_output(acc, O, alpha, l, t_sum, G, D)
                             for g, d in T.grid(G, D):
-                                with T.sblock("out"):
+                                with T.sblock("save_acc"):
                                     vg, vd = T.axis.remap("SS", [g, d])
-                                    out[row_start[vs] + vi, vkh * G + vg, vd] = row_output(acc[vg, vd], l[vg], m[vg],
-                                                                                           dtype)
+                                    o_part[chunks[vc, 3] + vi, vkh * G + vg, vd] = acc[vg, vd]
+                            for g in range(G):
+                                with T.sblock("save_stats"):
+                                    vg = T.axis.spatial(G, g)
+                                    m_part[chunks[vc, 3] + vi, vkh * G + vg] = m[vg]
+                                    l_part[chunks[vc, 3] + vi, vkh * G + vg] = l[vg]
+            for r, h in T.grid(NR, H):
+                with T.sblock("merge"):
+                    vr, vh = T.axis.remap("SS", [r, h])
+                    T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
+                            row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1])
+                    T.writes(out[vr, vh, 0:D])
+                    row_max = T.sblock_alloc_buffer((1,), ACC)
+                    total = T.sblock_alloc_buffer((1,), ACC)
+                    weight = T.sblock_alloc_buffer((config.max_splits,), ACC)
+                    merged = T.sblock_alloc_buffer((D,), ACC)
+                    with T.sblock("merge_init"):
+                        row_max[0] = NEG
+                        total[0] = ZERO
+                    for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
+                        with T.sblock("merge_max"):
+                            vc = T.axis.opaque(NC, c)
+                            row_max[0] = T.max(row_max[0], m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh])
+                    for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
+                        with T.sblock("merge_weight"):
+                            vc = T.axis.opaque(NC, c)
+                            weight[vc - seq_chunks[row_seq[vr]]] = softmax_exp(
+                                m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh] - row_max[0])
+                            total[0] = total[0] + weight[vc - seq_chunks[row_seq[vr]]] * \
+                                l_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh]
+                    for c, d in T.grid(seq_chunks[row_seq[vr] + 1] - seq_chunks[row_seq[vr]], D):
+                        with T.sblock("merge_acc"):
+                            vc, vd = T.axis.remap("RS", [c, d])
+                            with T.init():
+                                merged[vd] = ZERO
+                            merged[vd] = merged[vd] + weight[vc] * o_part[
+                                chunks[seq_chunks[row_seq[vr]] + vc, 3] + vr - row_start[row_seq[vr]], vh, vd]
+                    for d in range(D):
+                        with T.sblock("out"):
+                            vd = T.axis.spatial(D, d)
+                            out[vr, vh, vd] = row_output(merged[vd], total[0], row_max[0], dtype)
 
     return paged
