@@ -83,7 +83,9 @@ def register_blocked_matmul(sch: s_tir.Schedule, name: str, row, col, red, *, la
     sch.unroll(c_m)
     if pair is None and vec > 1:
         sch.vectorize(c_i)
-    init = sch.decompose_reduction(block, k)
+    # Initialized above the reduction loops: k, and any the block had between row and k (they stay above k).
+    loops = [sch.get(loop) for loop in sch.get_loops(block)]
+    init = sch.decompose_reduction(block, sch.get_loops(block)[loops.index(sch.get(c_o)) + 1])
     if pair is not None:
         sch.tensorize(c_i, intrin)
     if vec > 1:

@@ -54,15 +54,17 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     sch.vectorize(sch.get_loops(local)[-1])
 
 
-def value_rows_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, lanes: int) -> None:
-    """Block ``name`` (loops (row, key, d), key the reduction) accumulates P V for a few query rows: whole V rows
-    per key (up to 8 vectors, as the registers allow) keep the reads in memory order; fewer rows then keep the
-    accumulators within the vector registers."""
+def value_rows_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, lanes: int,
+                            row: int = -3) -> None:
+    """Block ``name`` (loops (row, key, d), key the reduction; ``row`` indexes the row loop when more reduction
+    loops precede the key's) accumulates P V for a few query rows: whole V rows per key (up to 8 vectors, as the
+    registers allow) keep the reads in memory order; fewer rows then keep the accumulators within the vector
+    registers."""
     vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock(name))[-1]).extent.value // lanes))
     rows = max(1, 16 // vectors)
     while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
         rows, vectors = (rows // 2, vectors) if rows > 1 else (rows, vectors // 2)
-    register_blocked_matmul(sch, name, row=-3, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
+    register_blocked_matmul(sch, name, row=row, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -176,6 +177,28 @@ def test_sparse_decode_study_and_report(tmp_path, monkeypatch):
     assert {"memory: the shadow", "memory: K and V"} <= set(lines)
     report = open(write_report(str(csv_path), str(tmp_path))).read()
     assert "## Certified sparse decode" in report and "Goals (issue 17): bounded eps 0.05 >= 3x flash:" in report
+
+
+def test_serving_study_and_report(tmp_path):
+    """The serving study on tiny shapes (python -m tvm_attn.bench --quick --study serving): every provider of the
+    ragged round and of the continuous-batching loop has a row (the study itself raises when their outputs differ),
+    and the report states the goals."""
+    from tvm_attn.bench.__main__ import QUICK_SERVING
+    from tvm_attn.bench.report import write_report
+    from tvm_attn.bench.runner import run_studies
+    from tvm_attn.bench.serving import PAGED, PER_SEQUENCE, READ, TORCH
+
+    csv_path = tmp_path / "results.csv"
+    rows = [r for r in run_studies([], str(csv_path), serving=QUICK_SERVING) if r["study"] == "serving"]
+    torch = [TORCH] if importlib.util.find_spec("torch") else []  # torch is optional
+    ragged = [r for r in rows if r["distribution"].startswith("ragged decode")]
+    assert sorted((r["provider"], r["x"]) for r in ragged if r["provider"] == PAGED) == [(PAGED, 16), (PAGED, 64)]
+    assert {r["provider"] for r in ragged} == {PAGED, PER_SEQUENCE, READ, *torch}
+    loop = [r for r in rows if r["distribution"].startswith("continuous batching")]
+    assert {r["provider"] for r in loop} == {PAGED, PER_SEQUENCE, *torch}
+    assert all(r["tokens_per_s"] > 0 and r["gbs"] > 0 for r in loop)
+    report = open(write_report(str(csv_path), str(tmp_path))).read()
+    assert "## Many sequences at once: PagedKVCache" in report and "Goals (issue 28), page_size 16:" in report
 
 
 @pytest.mark.parametrize("quick", [False, True])

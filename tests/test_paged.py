@@ -12,6 +12,9 @@ from conftest import assert_matches_reference
 from tvm_attn.runtime import numpy_dtype
 
 
+SMALL = tvm_attn.DecodeConfig(block_kv=16, chunk_keys=32, max_splits=5)  # splits sequences of a few tiles
+
+
 def _rows(rng, *shape_and_dtype):
     *shape, dtype = shape_and_dtype
     return rng.standard_normal(shape).astype(numpy_dtype(dtype))
@@ -50,7 +53,7 @@ def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None):
     ("float32", 5, 6, 3, 48, 20),
     ("float16", 16, 4, 1, 64, None),
     ("bfloat16", 8, 2, 2, 40, None),  # head_dim padded to whole 16-lane partial sums
-    ("float32", 200, 2, 1, 16, 150),  # pages longer than the kernel's 128-key tiles
+    ("float32", 256, 2, 1, 16, 150),  # pages longer than the kernel's 128-key tiles
 ])
 def test_ragged_batch_matches_each_sequence_alone(dtype, page_size, heads, kv_heads, head_dim, window):
     rng = np.random.default_rng(0)
@@ -71,8 +74,7 @@ def test_keys_split_into_chunks_merge_to_each_sequence_alone(dtype, window, caus
     """Small tiles and chunks, so that sequences of up to a few hundred positions split (and hit max_splits):
     chunks of one tile, many, a last partial one; rows that see none of a chunk (windows, causal draft rows)."""
     rng = np.random.default_rng(5)
-    config = tvm_attn.DecodeConfig(block_kv=16, chunk_keys=32, max_splits=5)
-    cache = tvm_attn.PagedKVCache(num_pages=80, page_size=8, kv_heads=2, head_dim=32, dtype=dtype, config=config)
+    cache = tvm_attn.PagedKVCache(num_pages=80, page_size=8, kv_heads=2, head_dim=32, dtype=dtype, config=SMALL)
     lengths = [1, 16, 33, 95, 300, 40]
     seqs = fill(cache, rng, lengths, chunk=29)
     counts = [1, 1, 4, 8, 1, 12]  # 8 rows still split; 12 (over DECODE_MAX_ROWS) attend their sequence whole
@@ -83,8 +85,8 @@ def test_keys_split_into_chunks_merge_to_each_sequence_alone(dtype, window, caus
 
 def test_chunk_plan():
     from tvm_attn.paged_cache import plan_chunks
-    config = tvm_attn.DecodeConfig(block_kv=16, chunk_keys=32, max_splits=5)
-    chunks, seq_chunks = plan_chunks(np.array([1, 33, 300, 40], np.int32), np.array([1, 4, 1, 12], np.int32), config)
+    chunks, seq_chunks = plan_chunks(np.array([1, 33, 300, 40], np.int32), np.array([1, 4, 1, 12], np.int32), SMALL,
+                                     tile_keys=16)
     # 1 tile: whole; 3 tiles: chunks of 2; 19 tiles: chunks of 4 (at most max_splits=5); 12 rows: whole
     assert seq_chunks.tolist() == [0, 1, 3, 8, 9]
     assert chunks.tolist() == [[0, 0, 1, 0], [1, 0, 2, 1], [1, 2, 3, 5], [2, 0, 4, 9], [2, 4, 8, 10],
@@ -123,6 +125,21 @@ def test_fork_shares_full_pages_and_copies_the_partial_one():
     check(cache, out, q[1:], [child], [1])
     cache.remove_sequence(child)
     assert cache.free_pages == cache.num_pages and cache.sequences == ()
+
+
+def test_stale_values_in_reused_pages_never_reach_a_sequence():
+    """Pages freed with NaN in them, taken again by a sequence whose last page is partial: the kernel reads that
+    page's slots past the sequence's end (with weight 0) and must find zeros there, not the NaN."""
+    rng = np.random.default_rng(6)
+    cache = tvm_attn.PagedKVCache(num_pages=6, page_size=8, kv_heads=1, head_dim=16, config=SMALL)
+    poisoned = cache.add_sequence()
+    cache.append(poisoned, *(np.full((1, 48, 16), np.nan, np.float32) for _ in "kv"))  # every page
+    cache.remove_sequence(poisoned)
+    a, b = fill(cache, rng, [19, 3])
+    c = cache.fork_sequence(a)
+    q = _rows(rng, 3, 2, 16, "float32")
+    out = cache.attend(q, [a, b, c], [1, 1, 1])
+    check(cache, out, q, [a, b, c], [1, 1, 1])
 
 
 def test_removed_pages_are_reused_and_one_kernel_serves_every_batch():
@@ -171,6 +188,8 @@ def test_bad_input_names_the_sequence_and_writes_nothing():
     empty = cache.add_sequence()
     with pytest.raises(ValueError, match=f"sequence {empty} is empty"):
         cache.attend(q[:1], [empty], [1])
+    with pytest.raises(ValueError, match="page_size=200 is above block_kv=128 and not a multiple of it"):
+        tvm_attn.PagedKVCache(num_pages=4, page_size=200, kv_heads=2, head_dim=16)
     with pytest.raises(ValueError, match="num_pages must be >= 1"):
         tvm_attn.PagedKVCache(num_pages=0, page_size=8, kv_heads=2, head_dim=16)
     full = tvm_attn.PagedKVCache(num_pages=2, page_size=4, kv_heads=2, head_dim=16)

@@ -9,12 +9,14 @@ draft tokens to verify).
     out = cache.attend(q, [a, b], [1, 4])              # q: (5, heads, head_dim): a's row, then b's four
     c = cache.fork_sequence(a)                         # shares a's full pages; a partial last page is copied
 
-K and V live in pages of ``page_size`` positions, two (num_pages, kv_heads, page_size, head_dim) buffers allocated
-once; a sequence is a list of pages. The kernel (tvm_attn/variants/paged.py) reads them in place through a page
-table, with the sequences' lengths and query counts as run-time data: one compiled kernel per (heads, mask,
-scale) serves every batch composition. Each call splits the sequences' keys into chunks (plan_chunks: a long
-sequence into many, a short one whole) that the cores share, then merges each row's chunks. A fork shares its parent's full pages by reference count (they are never
-written again: appends go to a sequence's own last page or to new ones) and copies at most one partial page.
+K and V live in pages of ``page_size`` positions, two (kv_heads, num_pages + 1, page_size, head_dim) buffers
+allocated once (a head's pages one after another, so a sequence's consecutive pages read as one stream; the extra
+page holds zeros); a sequence is a list of pages. The kernel (tvm_attn/variants/paged.py) reads them in place
+through a page table, with the sequences' lengths and query counts as run-time data: one compiled kernel per
+(heads, mask, scale) serves every batch composition. Each call splits the sequences' keys into chunks
+(plan_chunks: a long sequence into many, a short one whole) that the cores share, then merges each row's chunks.
+A fork shares its parent's full pages by reference count (they are never written again: appends go to a
+sequence's own last page or to new ones) and copies at most one partial page.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ ROWS_OF_A_SEQUENCE = ("kv_heads", "n", "head_dim")  # what append takes
 class PagedKVCache:
     """Keys and values of any number of sequences in ``num_pages`` pages of ``page_size`` positions, ``kv_heads``
     heads of ``head_dim``, stored as ``dtype`` (float32, float16 or bfloat16). ``config``: how ``attend`` splits
-    the keys (tiles of block_kv keys; chunks of at least chunk_keys, at most max_splits per sequence)."""
+    the keys (tiles of about block_kv keys, whole pages; chunks of at least chunk_keys, at most max_splits per
+    sequence). A page_size above block_kv must be a multiple of it."""
 
     def __init__(self, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: str = DTYPE,
                  config: DecodeConfig = DecodeConfig()):
@@ -53,16 +56,20 @@ class PagedKVCache:
         self.head_dim = positive_int("head_dim", head_dim)
         if dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if self.num_pages * self.kv_heads * self.page_size * self.head_dim > INT32_MAX:
+        if (self.num_pages + 1) * self.kv_heads * self.page_size * self.head_dim > INT32_MAX:
             raise ValueError(f"{num_pages} pages of {kv_heads} x {page_size} x {head_dim} elements exceed the "
                              f"kernels' int32 indexing ({INT32_MAX} elements per buffer): use fewer pages")
         if not isinstance(config, DecodeConfig):
             raise TypeError(f"config must be a tvm_attn.DecodeConfig, got {config!r}")
         self.dtype = dtype
         self.config = config
-        shape = (self.num_pages, self.kv_heads, self.page_size, self.head_dim)
+        self._tiling = paged.PageTiling(self.page_size, config.block_kv)
+        # One more page than can be taken, of zeros: the page-table entries past a sequence's pages point at it.
+        shape = (self.kv_heads, self.num_pages + 1, self.page_size, self.head_dim)
         self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
         self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+        self._k[:, self.num_pages] = 0
+        self._v[:, self.num_pages] = 0
         self._free = list(range(self.num_pages - 1, -1, -1))  # popped from the end: page 0 first
         self._refs = np.zeros(self.num_pages, np.int64)
         self._pages: dict[int, list[int]] = {}  # sequence id -> its pages, in position order
@@ -80,6 +87,12 @@ class PagedKVCache:
     @property
     def free_pages(self) -> int:
         return len(self._free)
+
+    @property
+    def buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The K and V page buffers, (kv_heads, num_pages + 1, page_size, head_dim), page num_pages all zeros: the
+        memory the kernel reads, for measuring and for wrappers that keep their own views of it."""
+        return self._k, self._v
 
     def length(self, seq: int) -> int:
         """Positions cached for sequence ``seq``."""
@@ -132,8 +145,9 @@ class PagedKVCache:
         own = list(shared)
         if partial:
             page = self._take()
-            self._k[page, :, :partial] = self._k[pages[-1], :, :partial]
-            self._v[page, :, :partial] = self._v[pages[-1], :, :partial]
+            self._k[:, page, :partial] = self._k[:, pages[-1], :partial]
+            self._v[:, page, :partial] = self._v[:, pages[-1], :partial]
+            self._zero_past(page, partial)
             own.append(page)
         seq = self.add_sequence()
         self._pages[seq], self._lengths[seq] = own, length
@@ -143,6 +157,12 @@ class PagedKVCache:
         page = self._free.pop()
         self._refs[page] = 1
         return page
+
+    def _zero_past(self, page: int, used: int) -> None:
+        """Zero the slots of ``page`` from ``used`` on: a sequence's last page holds zeros past its length, which
+        the kernel reads with weight 0 in its last tile (stale values could be NaN, and 0 x NaN is NaN)."""
+        self._k[:, page, used:] = 0
+        self._v[:, page, used:] = 0
 
     def _release(self, page: int) -> None:
         self._refs[page] -= 1
@@ -174,9 +194,11 @@ class PagedKVCache:
             position = length + done
             page, slot = pages[position // self.page_size], position % self.page_size
             count = min(n - done, self.page_size - slot)
-            self._k[page, :, slot:slot + count] = k[:, done:done + count]
-            self._v[page, :, slot:slot + count] = v[:, done:done + count]
+            self._k[:, page, slot:slot + count] = k[:, done:done + count]
+            self._v[:, page, slot:slot + count] = v[:, done:done + count]
             done += count
+        if needed and (length + n) % self.page_size:
+            self._zero_past(pages[-1], (length + n) % self.page_size)
         self._lengths[seq] = length + n
 
     def gather(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,8 +208,8 @@ class PagedKVCache:
         if not pages:
             empty = np.empty((self.kv_heads, 0, self.head_dim), numpy_dtype(self.dtype))
             return empty, empty.copy()
-        k = np.concatenate([self._k[p] for p in pages], axis=1)[:, :length]
-        v = np.concatenate([self._v[p] for p in pages], axis=1)[:, :length]
+        k = self._k[:, pages].reshape(self.kv_heads, -1, self.head_dim)[:, :length]
+        v = self._v[:, pages].reshape(self.kv_heads, -1, self.head_dim)[:, :length]
         return k, v
 
     # -- attention -----------------------------------------------------------------------------------------------
@@ -221,15 +243,15 @@ class PagedKVCache:
             raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
         function = self._kernel(heads, causal, scale, window)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
-        max_pages = max(1, max(len(self._pages[s]) for s in seqs))
-        table = np.zeros((len(seqs), max_pages), np.int32)
+        max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
+        table = np.full((len(seqs), max_pages), self.num_pages, np.int32)  # past a sequence's pages: zeros
         for n, seq in enumerate(seqs):
             table[n, :len(self._pages[seq])] = self._pages[seq]
         lengths = np.array([self._lengths[s] for s in seqs], np.int32)
         counts = np.array(counts, np.int32)
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         row_seq = np.repeat(np.arange(len(seqs), dtype=np.int32), counts)
-        chunks, seq_chunks = plan_chunks(lengths, counts, self.config)
+        chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys)
         o_part, m_part, l_part = self._partials(heads, int(chunks[-1, 3] + counts[chunks[-1, 0]]))
         function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
                                         chunks, seq_chunks, o_part, m_part, l_part, out)))
@@ -254,15 +276,16 @@ class PagedKVCache:
         return self._kernels[key]
 
 
-def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """How the paged kernel splits a batch's keys: (chunks, seq_chunks) as it takes them. A sequence of at most
-    DECODE_MAX_ROWS query rows is cut into chunks of whole tiles, chunk_keys worth or more (at most max_splits
-    chunks); one with more rows stays whole (its rows are the parallel work, and its partials would be rows x
-    chunks). Chunk c is (sequence, first tile, end tile, first partial row); the partial rows of a chunk are its
-    sequence's query rows, chunk after chunk."""
-    tiles = -(-lengths // config.block_kv)
+def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig,
+                tile_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """How the paged kernel splits a batch's keys, in tiles of ``tile_keys``: (chunks, seq_chunks) as it takes
+    them. A sequence of at most DECODE_MAX_ROWS query rows is cut into chunks of whole tiles, chunk_keys worth or
+    more (at most max_splits chunks); one with more rows stays whole (its rows are the parallel work, and its
+    partials would be rows x chunks). Chunk c is (sequence, first tile, end tile, first partial row); the partial
+    rows of a chunk are its sequence's query rows, chunk after chunk."""
+    tiles = -(-lengths // tile_keys)
     per_chunk = np.where(counts <= DECODE_MAX_ROWS,
-                         np.maximum(config.chunk_keys // config.block_kv, -(-tiles // config.max_splits)), tiles)
+                         np.maximum(max(1, config.chunk_keys // tile_keys), -(-tiles // config.max_splits)), tiles)
     n_chunks = -(-tiles // per_chunk)
     seq_chunks = np.concatenate([[0], np.cumsum(n_chunks)]).astype(np.int32)
     seq = np.repeat(np.arange(len(lengths)), n_chunks)

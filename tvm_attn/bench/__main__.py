@@ -2,7 +2,7 @@
 
 The default run answers the seed report's questions, every kernel study with fewer repeats (each provider of a point
 timed for 0.1 s, no spread target), in about 10 minutes on 2 cores; ``--full`` times each until its interquartile
-range is within 5% of its median and adds the model and sparse_decode studies (~35 minutes)."""
+range is within 5% of its median and adds the model, sparse_decode and serving studies (~40 minutes)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ MODEL = "model"  # SmolLM2 with tvm_attn attention (bench/model.py): --full runs
 # certified sparse decode (bench/sparse_decode.py): --full runs and --study sparse_decode
 SPARSE_DECODE = "sparse_decode"
 QUICK_SPARSE_DECODE = dict(real=False, synthetic_sets=((2048, 2),), min_seconds=0.1, shadow_cost_keys=2048)
+# many sequences at once through PagedKVCache (bench/serving.py): --full runs and --study serving
+SERVING = "serving"
+QUICK_SERVING = dict(ragged=dict(sequences=5, shortest=16, longest=300, page_sizes=(16, 64)),
+                     continuous=dict(slots=3, shortest=16, longest=200, steps=6, tokens=(1, 4)),
+                     shape=dict(heads=4, kv_heads=2, head_dim=32), min_seconds=0.05)
 
 
 def main(argv=None) -> None:
@@ -27,7 +32,7 @@ def main(argv=None) -> None:
                     "torch SDPA (if installed) and numpy; write results.csv, report.md and plots.")
     parser.add_argument("--quick", action="store_true", help="a reduced study on tiny shapes (under 2 minutes)")
     parser.add_argument("--full", action="store_true", help="every provider timed to a 5%% interquartile range, "
-                        "and the model and sparse_decode studies (~35 minutes)")
+                        "and the model, sparse_decode and serving studies (~40 minutes)")
     parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>, with "
                         "-<isa> for --isa)")
     parser.add_argument("--isa", default="native", help="the ISA class to hold every provider to: native (the "
@@ -66,7 +71,8 @@ def main(argv=None) -> None:
     if not args.report_only:
         studies = default_studies(quick=args.quick)
         # The generation loop, the model and sparse_decode run the host's kernels through KVCache: native runs only.
-        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE] if isa.name == "native" else [])
+        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE, SERVING] if isa.name == "native"
+                                             else [])
         for name in args.study or []:
             if name not in known:
                 parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
@@ -90,6 +96,9 @@ def main(argv=None) -> None:
             if reason is not None:
                 print(f"sparse_decode study: synthetic caches only, no SmolLM2 capture: {reason}", file=sys.stderr)
             sparse_decode = QUICK_SPARSE_DECODE if args.quick else dict(real=reason is None)
+        serving = None
+        if (not args.study and args.full and isa.name == "native") or SERVING in (args.study or []):
+            serving = QUICK_SERVING if args.quick else {}
         for name in args.variant or []:
             if name not in tvm_attn.VARIANTS:
                 parser.error(f"unknown variant {name!r}: use one of {', '.join(tvm_attn.VARIANTS)}")
@@ -114,7 +123,7 @@ def main(argv=None) -> None:
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
         run_studies(studies, run_csv, min_seconds=min_seconds, spread=SPREAD if args.full else None,
-                    generation=generation, model=model, sparse_decode=sparse_decode, isa=isa)
+                    generation=generation, model=model, sparse_decode=sparse_decode, serving=serving, isa=isa)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "

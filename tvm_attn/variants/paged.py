@@ -12,8 +12,10 @@ is 100 times another.
 
 Arguments (main):
   q           (rows, heads, head_dim): the new rows of every sequence, concatenated in the order of the sequences
-  k_pages     (pages, kv_heads, page_size, head_dim), v_pages the same
-  page_table  (sequences, max_pages) int32: the page holding positions p * page_size .. of each sequence
+  k_pages     (kv_heads, pages, page_size, head_dim), v_pages the same: a head's pages one after another, so
+              the consecutive pages of a sequence (as a prompt's are) are one stream
+  page_table  (sequences, max_pages) int32: the page holding positions p * page_size .. of each sequence, then
+              the index of a page of zeros up to PageTiling.table_columns
   seq_lens    (sequences,) int32: positions cached per sequence, its new rows' own keys the last of them
   row_start   (sequences + 1,) int32: sequence s owns rows row_start[s] .. row_start[s + 1] - 1
   row_seq     (rows,) int32: the sequence of each row
@@ -23,14 +25,15 @@ Arguments (main):
               a chunk's row i at partial row chunks[c, 3] + i
   out         like q
 Causal masks align bottom-right per sequence: its i-th of n rows is position seq_lens[s] - n + i. Keys are taken
-in tiles of block_kv whatever the page size; a tile's keys past the sequence's end read its last key, with weight
-0 (a page's unused slots hold whatever was there).
+in tiles of whole pages (or whole parts of a page, PageTiling), found through the page table once per page. A
+tile's keys past the sequence's end get weight 0 and read zeros: the cache keeps a sequence's last page zero past
+its length and points the table past its pages at a page of zeros (0 weight times a stale NaN would be NaN).
 
 Blocks (the contract with schedules/paged.py):
   task       one per (chunk, KV head); inside it, per query row of the chunk's sequence (row):
     q_rows     the group's query heads at that row, pre-scaled, float32
     init_stats, init_acc
-    kv_tile    one per tile of the chunk the row sees (each key found through the page table); inside it:
+    kv_tile    one per tile of the chunk the row sees; inside it, per page of the tile:
       qk_part, qk_half8, qk_half4, qk_half2, qk
                  S = q k^T by partial dot products over 16 lanes, summed pairwise (decode's, common.sum_lanes)
       tile_max, rescale, p, tile_sum                    (common.softmax_weights)
@@ -43,6 +46,8 @@ Blocks (the contract with schedules/paged.py):
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from tvm.script import tirx as T
 from tvm import tirx
@@ -60,21 +65,59 @@ def _rows_buffer(handle, rows, heads: int, head_dim: int, dtype: str):
                           align=ELEMENT_BYTES[dtype], offset_factor=1)
 
 
-def _pages_buffer(handle, pages, kv_heads: int, page_size: int, head_dim: int, dtype: str):
-    return T.match_buffer(handle, (pages, kv_heads, page_size, head_dim), dtype,
+def _pages_buffer(handle, kv_heads: int, pages, page_size: int, head_dim: int, dtype: str):
+    return T.match_buffer(handle, (kv_heads, pages, page_size, head_dim), dtype,
                           strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_BYTES[dtype], offset_factor=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PageTiling:
+    """How the kernel's KV tiles lie on pages: ``pages`` whole pages of ``page_size`` positions per tile when pages
+    are at most block_kv long (page_size x (block_kv // page_size) keys), else ``tiles_per_page`` tiles of
+    block_kv keys per page (page_size a multiple of block_kv). Either way a tile's keys are runs of consecutive
+    slots of a page, so the kernel looks up the page table once per page, never per key."""
+
+    page_size: int
+    block_kv: int
+
+    def __post_init__(self):
+        if self.page_size > self.block_kv and self.page_size % self.block_kv:
+            raise ValueError(f"page_size={self.page_size} is above block_kv={self.block_kv} and not a multiple of "
+                             f"it: use a page_size that divides into or is a multiple of block_kv")
+
+    @property
+    def pages(self) -> int:
+        return max(1, self.block_kv // self.page_size)
+
+    @property
+    def tiles_per_page(self) -> int:
+        return max(1, self.page_size // self.block_kv)
+
+    @property
+    def slots(self) -> int:
+        """Consecutive slots of one page in a tile."""
+        return min(self.page_size, self.block_kv)
+
+    @property
+    def keys(self) -> int:
+        return self.pages * self.slots
+
+    def table_columns(self, pages: int) -> int:
+        """Page-table columns a sequence of ``pages`` pages needs: its last tile's pages, even past its end."""
+        return ceil_div(pages, self.pages) * self.pages
 
 
 def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig()):
     """The paged PrimFunc for ``kspec`` (dense attention: heads, kv_heads, head_dim, causal, window, scale, dtype)
-    over pages of ``page_size`` positions, keys in tiles of ``config.block_kv`` (chunks are the caller's plan)."""
+    over pages of ``page_size`` positions, keys in tiles of whole pages or whole parts of a page
+    (PageTiling(page_size, config.block_kv)); the chunks are the caller's plan."""
     if kspec.knobs():
         raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
-    PS = page_size
-    BK = config.block_kv
+    tiling = PageTiling(page_size, config.block_kv)
+    BK, NPT, SPT, TPP = tiling.keys, tiling.pages, tiling.slots, tiling.tiles_per_page
     DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
     SCALE = T.float32(kspec.scale)
     NEG = T.min_value("float32")
@@ -96,11 +139,13 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
         """A score from its dot product (q was scaled)."""
         return dot
 
-    def slot(page_table, seq_lens, s, key):
-        """(page, position in it) of sequence s's key, clamped to its last key: keys past the end get weight 0 and
-        read a slot that holds a key, not whatever an unused slot holds."""
-        last = T.min(key, seq_lens[s] - 1)
-        return page_table[s, last // PS], last % PS
+    def page(page_table, s, t, p):
+        """The page holding page p of tile t of sequence s (past its end: the cache's zero page)."""
+        return page_table[s, (t * NPT + p) // TPP]
+
+    def slot(t, j):
+        """Slot j of a tile's run of a page (tile t)."""
+        return (t % TPP) * SPT + j
 
     def row_sees(row_start, seq_lens, s):
         """sees(row0, r, j) for softmax_weights: every head r of a task's row is the same query, row0."""
@@ -119,8 +164,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
               o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         q = _rows_buffer(q_h, NR, H, D, dtype)
-        k_pages = _pages_buffer(k_h, NP, KVH, PS, D, dtype)
-        v_pages = _pages_buffer(v_h, NP, KVH, PS, D, dtype)
+        k_pages = _pages_buffer(k_h, KVH, NP, page_size, D, dtype)
+        v_pages = _pages_buffer(v_h, KVH, NP, page_size, D, dtype)
         page_table = T.match_buffer(table_h, (NS, MP), "int32")
         seq_lens = T.match_buffer(lens_h, (NS,), "int32")
         row_start = T.match_buffer(start_h, (NS + 1,), "int32")
@@ -135,8 +180,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
             for c, kh in T.grid(NC, KVH):
                 with T.sblock("task"):
                     vc, vkh = T.axis.remap("SS", [c, kh])
-                    T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[0:NP, vkh, 0:PS, 0:D],
-                            v_pages[0:NP, vkh, 0:PS, 0:D], page_table[0:NS, 0:MP], seq_lens[0:NS],
+                    T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[vkh, 0:NP, 0:page_size, 0:D],
+                            v_pages[vkh, 0:NP, 0:page_size, 0:D], page_table[0:NS, 0:MP], seq_lens[0:NS],
                             row_start[0:NS + 1], chunks[vc, 0:4])
                     T.writes(o_part[0:PR, vkh * G:vkh * G + G, 0:D], m_part[0:PR, vkh * G:vkh * G + G],
                              l_part[0:PR, vkh * G:vkh * G + G])
@@ -167,17 +212,16 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                             for t in range(tile_range(chunks, row_start, seq_lens, vc, vi)[0],
                                            tile_range(chunks, row_start, seq_lens, vc, vi)[1]):
                                 with T.sblock("kv_tile"):
-                                    vt = T.axis.opaque(ceil_div(MP * PS, BK), t)
-                                    for g, jj, dc, lane in T.grid(G, BK, DP // LANES, LANES):
+                                    vt = T.axis.opaque(MP * TPP, t)
+                                    for g, p, jj, dc, lane in T.grid(G, NPT, SPT, DP // LANES, LANES):
                                         with T.sblock("qk_part"):
-                                            vg, j, vdc, vl = T.axis.remap("SSRS", [g, jj, dc, lane])
+                                            vg, vp, j, vdc, vl = T.axis.remap("SSSRS", [g, p, jj, dc, lane])
                                             with T.init():
-                                                part[vg, j, vl] = ZERO
-                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vdc * LANES + vl] * widen(
-                                                k_pages[slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[0],
-                                                        vkh,
-                                                        slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[1],
-                                                        dim(vdc * LANES + vl)])
+                                                part[vg, vp * SPT + j, vl] = ZERO
+                                            part[vg, vp * SPT + j, vl] = part[vg, vp * SPT + j, vl] + q_rows[
+                                                vg, vdc * LANES + vl] * widen(k_pages[
+                                                    vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j),
+                                                    dim(vdc * LANES + vl)])
                                     sum_lanes(part, half8, half4, half2, S, G, BK, as_is)
                                     softmax_weights(
                                         S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
@@ -185,14 +229,13 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                         visibility(row_start, seq_lens, chunks[vc, 0]).all_see(
                                             vi, vi, vt * BK, vt * BK + BK),
                                         NEG, ZERO, ONE, softmax_exp)
-                                    for g, jj, d in T.grid(G, BK, D):
+                                    for g, p, jj, d in T.grid(G, NPT, SPT, D):
                                         with T.sblock("pv"):
-                                            vg, j, vd = T.axis.remap("SRS", [g, jj, d])
+                                            vg, vp, j, vd = T.axis.remap("SRRS", [g, p, jj, d])
                                             with T.init():
                                                 O[vg, vd] = ZERO
-                                            O[vg, vd] = O[vg, vd] + P[vg, j] * widen(v_pages[
-                                                slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[0], vkh,
-                                                slot(page_table, seq_lens, chunks[vc, 0], vt * BK + j)[1], vd])
+                                            O[vg, vd] = O[vg, vd] + P[vg, vp * SPT + j] * widen(v_pages[
+                                                vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j), vd])
                                     update_output(acc, O, alpha, l, t_sum, G, D)
                             for g, d in T.grid(G, D):
                                 with T.sblock("save_acc"):
