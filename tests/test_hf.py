@@ -84,6 +84,53 @@ def test_sliding_window_model_matches_sdpa():
     assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_logits_match_sdpa(llama, side):
+    """Rows of a batch padded to one length: each row sees its own keys (its padding hidden), in the calls of rows
+    that see the same keys; the logits of the real positions are torch SDPA's."""
+    tvm_attn.hf.register()
+    ids = torch.randint(0, 96, (4, 11))
+    mask = torch.ones_like(ids)
+    for row, pad in ((1, 4), (2, 10), (3, 4)):  # rows 1 and 3 alike; row 2 has one real token
+        mask[row, :pad] = 0 if side == "left" else 1
+        if side == "right":
+            mask[row, 11 - pad:] = 0
+    ours = _logits(llama, "tvm_attn", ids, attention_mask=mask)
+    expected = _logits(llama, "sdpa", ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], expected[real], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(ours).all()  # padded rows too (they see no key: 0 attention output)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "mistral (sliding window 5)"])
+def test_padded_batch_generation_matches_sdpa_with_either_cache(llama, model_name):
+    """Batched greedy generation of prompts of different lengths (left padding, as generate pads): the same tokens
+    as torch SDPA's, through tvm_attn's cache and through transformers' DynamicCache."""
+    tvm_attn.hf.register()
+    if model_name == "llama":
+        model = llama
+    else:
+        torch.manual_seed(1)
+        model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=5)).eval()
+    ids = torch.randint(1, 96, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :7], mask[2, :2] = 0, 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        model.set_attn_implementation("tvm_attn")
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                              cache=tvm_attn.hf.Cache.for_model(model, 22))
+        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, expected) and torch.equal(dynamic, expected)
+    if model_name != "llama":
+        right = torch.ones_like(ids)
+        right[1, 9:] = 0
+        with pytest.raises(ValueError, match="with a sliding window only left padding is supported"):
+            _logits(model, "tvm_attn", ids, attention_mask=right)
+
+
 def test_pruned_variants_under_names_of_their_own(llama):
     ids = torch.randint(0, 96, (1, 30))
     dense = _logits(llama, "sdpa", ids)
@@ -104,10 +151,10 @@ def test_refusals(llama):
         tvm_attn.hf.register(variant="mass", eps=2.0)
     tvm_attn.hf.register()
     ids = torch.randint(0, 96, (2, 9))
-    padding = torch.ones_like(ids)
-    padding[1, :3] = 0
-    with pytest.raises(ValueError, match="padding"):
-        _logits(llama, "tvm_attn", ids, attention_mask=padding)
+    holes = torch.ones_like(ids)
+    holes[1, 4] = 0  # a hidden key between visible ones: not padding
+    with pytest.raises(ValueError, match="attention_mask of batch row 1 hides keys that neither padding"):
+        _logits(llama, "tvm_attn", ids, attention_mask=holes)
     llama.set_attn_implementation("tvm_attn")
     with pytest.raises(TypeError, match="requires grad.*no_grad"):
         llama(ids)  # grad mode on, weights need grad: the kernels have no backward
@@ -137,9 +184,9 @@ def test_smollm2_greedy_tokens_identical_to_sdpa():
 
     tvm_attn.hf.register()
     model, tokenizer = tvm_attn.hf.load_smollm2()
-    prompt = "The capital of France is"
-    ours = generate.run(model, tokenizer, prompt, 12, "tvm_attn")
-    sdpa = generate.run(model, tokenizer, prompt, 12, "sdpa")
+    prompts = ["The capital of France is", "Water boils at a temperature of"]  # one batch, the first padded
+    ours = generate.run(model, tokenizer, prompts, 12, "tvm_attn")
+    sdpa = generate.run(model, tokenizer, prompts, 12, "sdpa")
     assert ours.tokens == sdpa.tokens
-    assert tokenizer.decode(ours.tokens).startswith(" Paris")
-    assert ours.compiles_during_decode <= 1  # the prompt's 6 rows already took the decode kernel
+    assert tokenizer.decode(ours.tokens[0]).startswith(" Paris")
+    assert ours.compiles_during_decode <= 1  # the prompts' rows already took the decode kernel

