@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -123,7 +124,9 @@ def _kernel(variant, schedule, knob, heads, kv_heads, head_dim, causal, window, 
     return build(variant, spec, schedule=schedule)
 
 
-_last_mask: list = []  # [(mask, its _version, the arguments), the result]: every layer of a forward gets one mask
+# [(a weak reference to the mask, its _version, the arguments), the result]: every layer of a forward gets the same
+# mask object (weak: a long prompt's mask is large, and is not kept alive here)
+_last_mask: list = []
 
 
 def _version(mask: torch.Tensor):
@@ -139,10 +142,10 @@ def _mask_pattern(mask: torch.Tensor, seq_q: int, seq_kv: int, causal: bool, win
     keys row b may see at all (padding hides the rest), the causal and sliding-window pattern applying within.
     ValueError for masks that hide anything else, and for right padding with a sliding window."""
     key = (_version(mask), seq_q, seq_kv, causal, window)
-    if _last_mask and _last_mask[0][0] is mask and _last_mask[0][1:] == key:
+    if _last_mask and _last_mask[0][0]() is mask and _last_mask[0][1:] == key:
         return _last_mask[1]
     result = _mask_keys(mask, seq_q, seq_kv, causal, window)
-    _last_mask[:] = [(mask, *key), result]
+    _last_mask[:] = [(weakref.ref(mask), *key), result]
     return result
 
 

@@ -261,9 +261,9 @@ class PagedKVCache:
         """Scratch for ``rows`` partial rows of ``heads`` heads: each chunk's output, max and sum per row."""
         o, m, l = self._scratch.get(heads, (None, None, None))
         if o is None or o.shape[0] < rows:
-            rows = max(rows, 2 * (0 if o is None else o.shape[0]))
-            o = aligned_empty((rows, heads, self.head_dim), np.float32, ALIGNMENT)
-            m, l = np.empty((rows, heads), np.float32), np.empty((rows, heads), np.float32)
+            grown = max(rows, 2 * (0 if o is None else o.shape[0]))
+            o = aligned_empty((grown, heads, self.head_dim), np.float32, ALIGNMENT)
+            m, l = np.empty((grown, heads), np.float32), np.empty((grown, heads), np.float32)
             self._scratch[heads] = (o, m, l)
         return o[:rows], m[:rows], l[:rows]
 
