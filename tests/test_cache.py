@@ -67,6 +67,44 @@ def test_attend_without_causal_mask(variant):
     assert_matches_reference(variant, _spec(q, k, **knobs), out, q, k, v)
 
 
+@pytest.mark.parametrize("variant,window,causal", [("flash", None, True), ("flash", 6, True), ("topk", None, True),
+                                                    ("flash", None, False)])
+def test_padded_batch_rows_see_their_own_positions(variant, window, causal):
+    """attention_mask pads rows on the left, the right, both, or entirely: each row's real queries attend to its
+    real keys only (the float64 reference on that row's run alone), the rest of its rows are 0; prefill then a
+    decode step."""
+    knobs = knobs_for(variant)[0]
+    rng = np.random.default_rng(7)
+    q_all, k_all, v_all = _rng_qkv(rng, 5, 4, 2, 21, 21)
+    cache = tvm_attn.KVCache(batch=5, kv_heads=2, head_dim=D, capacity=21, shadow=False)
+    runs = [(0, 21), (7, 21), (0, 13), (3, 17), (0, 0)]  # none, left, right, both, all padding
+    for start, end in ((0, 20), (20, 21)):
+        cache.append(k_all[:, :, start:end], v_all[:, :, start:end])
+        mask = np.zeros((5, end), np.int64)
+        for row, (first, last) in enumerate(runs):
+            mask[row, first:min(last, end)] = 1
+        q = q_all[:, :, start:end]
+        out = cache.attend(q, variant=variant, causal=causal, window=window, attention_mask=mask, **knobs)
+        for row, (first, last) in enumerate(runs):
+            last = min(last, end)
+            real = [i for i in range(start, end) if first <= i < last]  # positions of q that are real
+            rows = slice(real[0] - start, real[-1] + 1 - start) if real else slice(0, 0)
+            assert not out[row, :, :rows.start].any() and not out[row, :, rows.stop:].any()
+            if real:
+                sub_q = q[row:row + 1, :, rows]
+                sub_k, sub_v = k_all[row:row + 1, :, first:last], v_all[row:row + 1, :, first:last]
+                spec = _spec(sub_q, sub_k, causal=causal, window=window, **knobs)
+                assert_matches_reference(variant, spec, out[row:row + 1, :, rows], sub_q, sub_k, sub_v)
+    with pytest.raises(ValueError, match="attention_mask row 1 has zeros between its ones"):
+        cache.attend(q, attention_mask=np.array([[1] * 21, [1, 0] + [1] * 19] + [[1] * 21] * 3))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch=5, length=21\)"):
+        cache.attend(q, attention_mask=np.ones((5, 20)))
+    shadowed = tvm_attn.KVCache(batch=5, kv_heads=2, head_dim=D, capacity=21)
+    shadowed.append(k_all, v_all)
+    with pytest.raises(ValueError, match="variant 'bounded' reads the cache's shadow of K, which does not take"):
+        shadowed.attend(q_all[:, :, -1:], variant="bounded", eps=0.1, attention_mask=np.ones((5, 21), np.int64))
+
+
 def test_attention_reads_strided_views_without_copying():
     """k_buf[:, :, :n] of a large buffer: the kernel reads it in place (peak extra memory far below K's size)."""
     rng = np.random.default_rng(3)

@@ -134,11 +134,14 @@ class KVCache:
             self.shadow.update(self._k, self._length, self._length)  # the last block's range, of the keys left
 
     def attend(self, q, variant: str = "flash", causal: bool = True, scale: float | None = None,
-               window: int | None = None, schedule: str = "best", out=None, **knob) -> np.ndarray:
+               window: int | None = None, schedule: str = "best", out=None, attention_mask=None,
+               **knob) -> np.ndarray:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
-        variant's pruning knob (threshold=, top_k= or eps=). Returns a new array (a torch tensor when q is one), or
-        fills ``out``."""
+        variant's pruning knob (threshold=, top_k= or eps=). ``attention_mask`` (batch, length) of 0 and 1 (numpy
+        or torch) pads a batch of sequences of different lengths: each row's ones are one run (padding on the left,
+        the right or both), its other positions are neither keys nor queries (their rows of the output are 0).
+        Returns a new array (a torch tensor when q is one), or fills ``out``."""
         like = q
         q = cache_array("q", q, self.dtype)
         b, heads, n_q, d = q.shape
@@ -155,12 +158,59 @@ class KVCache:
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
+        if attention_mask is not None:
+            self._attend_padded(q, out, self._runs(attention_mask), variant, causal, scale, window, schedule, knob)
+            return result
         shadow = ()
         if kernel.path == "shadow":
             keys = self.shadow or self._build_shadow()
             shadow = tuple(dlpack_argument(x) for x in keys.views(self._length))
         kernel.launch(as_kernel_argument(q), self.k, self.v, out, shadow)
         return result
+
+    def _runs(self, attention_mask) -> list[tuple[int, int]]:
+        """(first, end) of each row's run of ones in ``attention_mask``; ValueError naming the row otherwise."""
+        mask = np.asarray(host_array("attention_mask", attention_mask))
+        if mask.shape != (self.batch, self._length):
+            raise ValueError(f"attention_mask must have shape (batch={self.batch}, length={self._length}), got "
+                             f"{tuple(mask.shape)}")
+        if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)) or not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"attention_mask must hold 0 and 1 (or booleans), got dtype {mask.dtype}")
+        runs = []
+        for row, ones in enumerate(mask.astype(bool)):
+            where = np.flatnonzero(ones)
+            first, end = (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
+            if end - first != len(where):
+                raise ValueError(f"attention_mask row {row} has zeros between its ones: padding must be a run at the "
+                                 f"start or the end of a row")
+            runs.append((first, end))
+        return runs
+
+    def _attend_padded(self, q, out, runs, variant, causal, scale, window, schedule, knob) -> None:
+        """attend's padded batch: rows that see the same run of positions in one call, over the views of their
+        queries and keys (no copies)."""
+        heads, n_q = q.shape[1], q.shape[2]
+        offset = self._length - n_q
+        groups = []  # (first row, end row, first position, end position, first query, end query, kernel)
+        b = 0
+        while b < self.batch:
+            first, end = runs[b]
+            last = next((e for e in range(b + 1, self.batch) if runs[e] != runs[b]), self.batch)
+            rows = (max(0, first - offset), max(0, end - offset))  # the query rows at positions first..end-1
+            kernel = None
+            if rows[1] > rows[0]:
+                kernel = self._kernel(variant, heads, rows[1] - rows[0], causal, scale, window, schedule, knob)
+                if kernel.path == "shadow":
+                    raise ValueError(f"variant {variant!r} reads the cache's shadow of K, which does not take "
+                                     f"attention_mask: make the cache with shadow=False for padded batches")
+            groups.append((b, last, first, end, *rows, kernel))
+            b = last
+        for b, last, first, end, row0, row1, kernel in groups:
+            out[b:last, :, :row0] = 0
+            out[b:last, :, row1:] = 0
+            if kernel is not None:
+                kernel.launch(as_kernel_argument(q[b:last, :, row0:row1]), self._k[b:last, :, first:end],
+                              self._v[b:last, :, first:end], out[b:last, :, row0:row1], ())
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())))
