@@ -102,6 +102,21 @@ def test_padded_batch_logits_match_sdpa(llama, side):
     assert torch.isfinite(ours).all()  # padded rows too (they see no key: 0 attention output)
 
 
+def test_padding_without_a_causal_mask_matches_sdpa():
+    """A non-causal layer (is_causal=False) with padding: every row, padded or not, sees its row's unpadded keys,
+    as torch SDPA computes the same mask."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(3, 4, 7, 16), torch.randn(3, 2, 7, 16), torch.randn(3, 2, 7, 16)
+    mask = torch.ones(3, 1, 7, 7, dtype=torch.bool)
+    mask[1, ..., :3] = False  # left padding
+    mask[2, ..., 5:] = False  # right padding
+    module = torch.nn.Module()
+    module.is_causal = False
+    ours, _ = tvm_attn.hf.attention_forward(module, q, k, v, mask, is_causal=False)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ours, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_name", ["llama", "mistral (sliding window 5)"])
 def test_padded_batch_generation_matches_sdpa_with_either_cache(llama, model_name):
     """Batched greedy generation of prompts of different lengths (left padding, as generate pads): the same tokens

@@ -85,18 +85,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     while b < batch:  # consecutive batch rows that see the same keys in one call
         lo, hi = keys[b]
         end = next((e for e in range(b + 1, batch) if keys[e] != keys[b]), batch)
+        rows = slice(max(0, lo - offset), max(0, hi - offset))  # the rows whose own positions are keys lo..hi-1
+        k, v = key[b:end, :, lo:hi], value[b:end, :, lo:hi]
         if hi == lo:  # every key hidden
             out_t[b:end] = 0
-            b = end
-            continue
-        rows = slice(max(0, lo - offset), max(0, hi - offset))  # the rows whose own positions are keys lo..hi-1
-        out_t[b:end, :, :rows.start] = 0  # left padding: rows that see no key (the kernels' rule: output 0)
-        if rows.stop > rows.start:
-            _launch(query[b:end, :, rows], key[b:end, :, lo:hi], value[b:end, :, lo:hi], out_t[b:end, :, rows],
-                    variant, schedule, knob, causal, window, scaling)
-        if rows.stop < seq_q:  # right padding: rows past the last key see all of lo..hi-1
-            _launch(query[b:end, :, rows.stop:], key[b:end, :, lo:hi], value[b:end, :, lo:hi],
-                    out_t[b:end, :, rows.stop:], variant, schedule, knob, False, None, scaling)
+        elif not causal:  # every row sees all of lo..hi-1
+            _launch(query[b:end], k, v, out_t[b:end], variant, schedule, knob, False, None, scaling)
+        else:
+            out_t[b:end, :, :rows.start] = 0  # left padding: rows that see no key (the kernels' rule: output 0)
+            if rows.stop > rows.start:
+                _launch(query[b:end, :, rows], k, v, out_t[b:end, :, rows], variant, schedule, knob, True, window,
+                        scaling)
+            if rows.stop < seq_q:  # right padding: rows past the last key see all of lo..hi-1
+                _launch(query[b:end, :, rows.stop:], k, v, out_t[b:end, :, rows.stop:], variant, schedule, knob,
+                        False, None, scaling)
         b = end
     return out, None
 
