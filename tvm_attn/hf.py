@@ -8,7 +8,7 @@
 kernels as they are (GQA without ``repeat_kv`` copies, K/V read in place through DLPack), the output is written
 straight into the (batch, seq, heads, head_dim) tensor the model reads. Causal and sliding-window masks are computed
 by the kernels; padding in a batch (transformers' attention_mask: left padding, as generate uses, or right padding
-without a window) becomes each row's own range of keys, rows of equal range in one call and padded rows' outputs 0;
+without a window) becomes each row's own range of keys, rows of equal range in one call (rows that see no key: 0);
 a mask that hides anything else is refused with a ValueError. ``Cache`` is a
 transformers cache whose layers are ``tvm_attn.KVCache`` buffers: appending a token writes it in place, where
 transformers' ``DynamicCache`` concatenates (copies) the whole history at every step.
