@@ -32,6 +32,22 @@ from .variants import get_variant, path_for
 ALIGNMENT = 64
 
 
+def padded_groups(runs: list[tuple[int, int]], n_q: int,
+                  length: int) -> list[tuple[int, int, int, int, slice]]:
+    """Padded batch rows grouped for kernel calls: (first row, end row, lo, hi, query rows) per run of consecutive
+    rows whose keys are positions lo..hi-1 of ``length``, with ``rows`` the slice of their n_q newest query rows
+    at those positions."""
+    offset = length - n_q
+    groups = []
+    b = 0
+    while b < len(runs):
+        lo, hi = runs[b]
+        end = next((e for e in range(b + 1, len(runs)) if runs[e] != runs[b]), len(runs))
+        groups.append((b, end, lo, hi, slice(max(0, lo - offset), max(0, hi - offset))))
+        b = end
+    return groups
+
+
 def cache_array(name: str, x, dtype: str, axes: tuple[str, ...] = ("batch", "heads", "seq", "head_dim")
                 ) -> np.ndarray:
     """x (numpy or torch) as a numpy array of ``dtype`` with one axis per name in ``axes``; TypeError/ValueError
@@ -190,27 +206,22 @@ class KVCache:
         """attend's padded batch: rows that see the same run of positions in one call, over the views of their
         queries and keys (no copies)."""
         heads, n_q = q.shape[1], q.shape[2]
-        offset = self._length - n_q
-        groups = []  # (first row, end row, first position, end position, first query, end query, kernel)
-        b = 0
-        while b < self.batch:
-            first, end = runs[b]
-            last = next((e for e in range(b + 1, self.batch) if runs[e] != runs[b]), self.batch)
-            rows = (max(0, first - offset), max(0, end - offset))  # the query rows at positions first..end-1
+        groups = padded_groups(runs, n_q, self._length)
+        kernels = []
+        for *_, rows in groups:  # every kernel first: a refusal computes nothing
             kernel = None
-            if rows[1] > rows[0]:
-                kernel = self._kernel(variant, heads, rows[1] - rows[0], causal, scale, window, schedule, knob)
+            if rows.stop > rows.start:
+                kernel = self._kernel(variant, heads, rows.stop - rows.start, causal, scale, window, schedule, knob)
                 if kernel.path == "shadow":
                     raise ValueError(f"variant {variant!r} reads the cache's shadow of K, which does not take "
                                      f"attention_mask: make the cache with shadow=False for padded batches")
-            groups.append((b, last, first, end, *rows, kernel))
-            b = last
-        for b, last, first, end, row0, row1, kernel in groups:
-            out[b:last, :, :row0] = 0
-            out[b:last, :, row1:] = 0
+            kernels.append(kernel)
+        for (b, last, first, end, rows), kernel in zip(groups, kernels):
+            out[b:last, :, :rows.start] = 0
+            out[b:last, :, rows.stop:] = 0
             if kernel is not None:
-                kernel.launch(as_kernel_argument(q[b:last, :, row0:row1]), self._k[b:last, :, first:end],
-                              self._v[b:last, :, first:end], out[b:last, :, row0:row1], ())
+                kernel.launch(as_kernel_argument(q[b:last, :, rows]), self._k[b:last, :, first:end],
+                              self._v[b:last, :, first:end], out[b:last, :, rows], ())
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())))

@@ -31,7 +31,7 @@ from transformers import AttentionInterface, Cache as _HFCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import KVCache
+from .cache import KVCache, padded_groups
 from .kernel import SCHEDULES, Kernel, build, torch_argument
 from .runtime import torch_view
 from .spec import AttentionSpec
@@ -80,12 +80,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         causal, window, keys = _mask_pattern(attention_mask, seq_q, seq_kv, causal, window)
     out = query.new_empty((batch, seq_q, heads, value.shape[-1]))
     out_t = out.transpose(1, 2)
-    offset = seq_kv - seq_q
-    b = 0
-    while b < batch:  # consecutive batch rows that see the same keys in one call
-        lo, hi = keys[b]
-        end = next((e for e in range(b + 1, batch) if keys[e] != keys[b]), batch)
-        rows = slice(max(0, lo - offset), max(0, hi - offset))  # the rows whose own positions are keys lo..hi-1
+    for b, end, lo, hi, rows in padded_groups(keys, seq_q, seq_kv):  # rows that see the same keys: one call
         k, v = key[b:end, :, lo:hi], value[b:end, :, lo:hi]
         if hi == lo:  # every key hidden
             out_t[b:end] = 0
@@ -99,7 +94,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             if rows.stop < seq_q:  # right padding: rows past the last key see all of lo..hi-1
                 _launch(query[b:end, :, rows.stop:], k, v, out_t[b:end, :, rows.stop:], variant, schedule, knob,
                         False, None, scaling)
-        b = end
     return out, None
 
 
