@@ -115,17 +115,17 @@ def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
     """Rows where float32 could pick another set than float64: an upper bound within 2e-6 relative to the row's top
     bound (float32 shadow scores measured within 3.1e-7 of float64 ones) of the chosen bin edge or the one before
     it, or the certificate at either within 1e-4 relative of its budget."""
-    from tvm_attn import shadow
+    from tvm_attn import certificate
 
     vis = references.visible_mask(spec)
     lower, upper = references.shadow_bounds(spec, q, k)
     top = np.where(vis, upper, -np.inf).max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     e_up, e_low = np.where(vis, np.exp(upper - top), 0.0), np.where(vis, np.exp(lower - top), 0.0)
-    budget = shadow.CERTIFY * spec.eps / (1.0 - spec.eps)
+    budget = certificate.CERTIFY * spec.eps / (1.0 - spec.eps)
     certified, close = [], []
-    for n in range(1, shadow.CUT_STEPS + 1):
-        edge = top - n * shadow.CUT_STEP
+    for n in range(1, certificate.CUT_STEPS + 1):
+        edge = top - n * certificate.CUT_STEP
         kept = vis & (upper > edge)
         dropped, held = (np.where(kept, 0.0, e_up).sum(-1, keepdims=True),
                          budget * np.where(kept, e_low, 0.0).sum(-1, keepdims=True))
@@ -133,11 +133,12 @@ def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
         close.append((vis & (np.abs(upper - edge) < 2e-6 * (1 + np.abs(top)))).any(-1, keepdims=True)
                      | (np.abs(dropped - held) < 1e-4 * held))
     certified, close = np.concatenate(certified, -1), np.concatenate(close, -1)
-    chosen = np.where(certified.any(-1), certified.argmax(-1), shadow.CUT_STEPS)  # index n - 1; CUT_STEPS: none
+    chosen = np.where(certified.any(-1), certified.argmax(-1), certificate.CUT_STEPS)  # index n - 1; CUT_STEPS: none
     rows = np.indices(chosen.shape)
 
     def at(i):
-        return np.where((i >= 0) & (i < shadow.CUT_STEPS), close[(*rows, np.clip(i, 0, shadow.CUT_STEPS - 1))], False)
+        return np.where((i >= 0) & (i < certificate.CUT_STEPS),
+                        close[(*rows, np.clip(i, 0, certificate.CUT_STEPS - 1))], False)
 
     return at(chosen) | at(chosen - 1)
 

@@ -20,7 +20,7 @@ from arm64_emulation import (TARGET, Emulator, environment, instruction_count, p
                              simd_fp_mix)
 from conftest import (assert_matches_reference, float16_products_here, knobs_for, make_inputs,
                       pair_products_here)
-from tvm_attn import export, runtime, shadow
+from tvm_attn import certificate, export, runtime, shadow
 from tvm_attn.kernel import build_shadow, scheduled_module
 from tvm_attn.runtime import numpy_dtype
 from tvm_attn.variants import path_for
@@ -180,7 +180,7 @@ def test_cache_decode_matches_reference_under_emulation(emulated, variant, dtype
 def test_shadow_quantization_is_bit_exact_under_emulation(emulated, dtype):
     results, given = emulated
     codes, lo, step = results[f"quantize-{dtype}"]
-    want_codes, want_lo, want_step = shadow.quantize(given[f"quantize-{dtype}"])
+    want_codes, want_lo, want_step = certificate.quantize(given[f"quantize-{dtype}"])
     np.testing.assert_array_equal(lo, want_lo)
     np.testing.assert_array_equal(step, want_step)
     by_key = codes.swapaxes(-1, -2).reshape(1, 2, -1, 64)[:, :, :158]

@@ -8,7 +8,7 @@ import pytest
 
 import tvm_attn
 from conftest import assert_matches_reference, output_tolerance
-from tvm_attn import references, shadow
+from tvm_attn import certificate, references
 from tvm_attn.kernel import build_shadow
 from tvm_attn.runtime import numpy_dtype
 
@@ -107,7 +107,7 @@ def test_topk_ties_go_to_the_lower_index_through_the_shadow():
 def test_threshold_scores_more_keys_when_the_bounds_cannot_decide(monkeypatch):
     """With a loose slack most rows have weights the sum's bounds cannot place against tau: more keys are then scored
     exactly until they can (every key at worst), and the result is still the reference's."""
-    monkeypatch.setattr(shadow, "THRESHOLD_SLACK", 0.5)
+    monkeypatch.setattr(certificate, "THRESHOLD_SLACK", 0.5)
     q, k, v = _inputs("gaussian", 700, 2, seed=12)
     scale = 0.151  # a kernel of its own (kernels are cached by spec, not by the slack)
     spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=2, seq_kv=700, head_dim=D, causal=True,
@@ -142,12 +142,12 @@ def test_appends_and_truncation_keep_the_shadow_of_the_filled_keys():
     for length in (200, 161, 160, 7):
         cache.truncate(length)
         _, lo, step = cache.shadow.views(length)
-        expected = shadow.quantize(k[:, :, :length])
+        expected = certificate.quantize(k[:, :, :length])
         for got, want in zip((cache.shadow.codes_by_key(length), lo, step), expected):
             np.testing.assert_array_equal(got, want)
     cache.append(k[:, :, 7:50], v[:, :, 7:50])
     _, lo, step = cache.shadow.views(50)
-    for got, want in zip((cache.shadow.codes_by_key(50), lo, step), shadow.quantize(k[:, :, :50])):
+    for got, want in zip((cache.shadow.codes_by_key(50), lo, step), certificate.quantize(k[:, :, :50])):
         np.testing.assert_array_equal(got, want)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import tvm_attn
 from conftest import ambiguous_rows, knobs_for, output_tolerance
-from tvm_attn import references, shadow
+from tvm_attn import certificate, references
 from tvm_attn.runtime import numpy_dtype
 
 HEADS, KV_HEADS, D = 4, 2, 16
@@ -170,13 +170,13 @@ def test_the_rule_is_torch_sdpa(case, causal):
 
 
 def test_the_shadow_of_a_nan_block_bounds_nothing():
-    """A NaN in a block of K: lo -Inf, step +Inf, codes 0 for that dimension of that block, in shadow.quantize and in
-    the cache's quantization kernel alike (so every bound from the block is NaN or +Inf: nothing is ruled out)."""
+    """A NaN in a block of K: lo -Inf, step +Inf, codes 0 for that dimension of that block, in certificate.quantize and
+    in the cache's quantization kernel alike (so every bound from the block is NaN or +Inf: nothing is ruled out)."""
     _, k, v = make_case("nan_k", 1)
-    codes, lo, step = shadow.quantize(k)
-    block = KEY // shadow.BLOCK
+    codes, lo, step = certificate.quantize(k)
+    block = KEY // certificate.BLOCK
     assert lo[0, 0, block, 5] == -np.inf and step[0, 0, block, 5] == np.inf
-    assert (codes[0, 0, block * shadow.BLOCK:(block + 1) * shadow.BLOCK, 5] == 0).all()
+    assert (codes[0, 0, block * certificate.BLOCK:(block + 1) * certificate.BLOCK, 5] == 0).all()
     assert np.isfinite(np.delete(lo, block, axis=2)).all()
     cache = tvm_attn.KVCache(batch=1, kv_heads=KV_HEADS, head_dim=D, capacity=SEQ_KV, shadow=True)
     cache.append(k, v)

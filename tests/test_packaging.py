@@ -42,3 +42,46 @@ def test_records_are_written_to_the_user_and_looked_up_there_then_in_the_shipped
     if sys.platform != "darwin":
         assert tuning.user_logs_root() == tmp_path / "data" / "tvm_attn" / "tuning_logs"
     assert tuning.lookup_roots()[-1] == tuning.shipped_logs_root()
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    """The tvm_attn modules ``path`` imports anywhere in it (at the top or inside functions)."""
+    import ast
+
+    module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    package = package.removesuffix(".__init__")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            found |= {name} | {f"{name}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    """No module imports (even lazily, inside a function) a module that imports it back, directly or through
+    others; a package importing its own submodules is not a cycle."""
+    root = Path(__file__).resolve().parents[1] / "tvm_attn"
+    names = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {name: {m for m in _imports(path, root) if m in names and m != name and not name.startswith(m + ".")}
+             for name, path in names.items()}
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, trail + [nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(graph)) if c]
+    assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"

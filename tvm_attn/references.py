@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import shadow
+from . import certificate
 from .spec import AttentionSpec
 
 
@@ -137,13 +137,13 @@ def mass(spec: AttentionSpec, q, k, v) -> np.ndarray:
 def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) bounds of every score from the int8 shadow of k (``shadow``), in float64, each
     (batch, heads, seq_q, seq_kv)."""
-    codes, lo, step = shadow.quantize(k)
-    block = np.arange(spec.seq_kv) // shadow.BLOCK
+    codes, lo, step = certificate.quantize(k)
+    block = np.arange(spec.seq_kv) // certificate.BLOCK
     k_hat = lo[:, :, block].astype(np.float64) + step[:, :, block].astype(np.float64) * codes
     q64 = spec.scale * np.asarray(q, dtype=np.float64)
     s_hat = q64 @ np.repeat(k_hat, spec.group_size, axis=1).swapaxes(-1, -2)
     lo64, step64 = (np.repeat(x.astype(np.float64), spec.group_size, axis=1) for x in (lo, step))
-    width = 0.5 * step64 + shadow.margin(spec.head_dim) * (np.abs(lo64) + shadow.LEVELS * step64)
+    width = 0.5 * step64 + certificate.margin(spec.head_dim) * (np.abs(lo64) + certificate.LEVELS * step64)
     radius = (np.abs(q64) @ width.swapaxes(-1, -2))[..., block]
     return s_hat - radius, s_hat + radius
 
@@ -157,13 +157,13 @@ def bounded_keep(spec: AttentionSpec, q, k) -> np.ndarray:
     unbounded = (vis & ~(upper < np.inf)).any(axis=-1, keepdims=True)
     top = np.where(vis & ~unbounded, upper, -np.inf).max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
-    bins = np.where(vis, np.where(unbounded, 0, np.minimum(np.floor((top - upper) / shadow.CUT_STEP),
-                                                           shadow.CUT_STEPS)), shadow.CUT_STEPS + 1)
+    bins = np.where(vis, np.where(unbounded, 0, np.minimum(np.floor((top - upper) / certificate.CUT_STEP),
+                                                           certificate.CUT_STEPS)), certificate.CUT_STEPS + 1)
     e_upper = np.where(vis, np.exp(upper - top), 0.0)
     e_lower = np.where(vis, np.exp(lower - top), 0.0)
-    budget = shadow.CERTIFY * spec.eps / (1.0 - spec.eps)
-    chosen = np.full(top.shape, shadow.CUT_STEPS + 1)  # none certifies: every visible key
-    for n in range(shadow.CUT_STEPS, 0, -1):
+    budget = certificate.CERTIFY * spec.eps / (1.0 - spec.eps)
+    chosen = np.full(top.shape, certificate.CUT_STEPS + 1)  # none certifies: every visible key
+    for n in range(certificate.CUT_STEPS, 0, -1):
         kept = bins < n
         certified = (np.where(kept, 0.0, e_upper).sum(axis=-1, keepdims=True)
                      <= budget * np.where(kept, e_lower, 0.0).sum(axis=-1, keepdims=True))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import tvm_attn
-from tvm_attn import references, shadow
+from tvm_attn import certificate, references
 from tvm_attn.timing import measure_interleaved
 
 EPS = (0.01, 0.05, 0.2)
@@ -133,7 +133,7 @@ def _bytes_read(layers, eps: float | None) -> float:
         spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=kvh, seq_q=1, seq_kv=n, head_dim=d,
                                       causal=True, eps=eps)
         kept = references.bounded_keep(spec, q[:, :, -1:], k).sum()
-        total += kvh * shadow.blocks(n) * (shadow.BLOCK * d + 8 * d) + kept * 2 * d * k.itemsize
+        total += kvh * certificate.blocks(n) * (certificate.BLOCK * d + 8 * d) + kept * 2 * d * k.itemsize
     return total / len(layers)
 
 

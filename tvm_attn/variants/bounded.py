@@ -1,6 +1,6 @@
 """Bounded attention in TensorIR: softmax over a set of keys certified, from the int8 shadow of K, to hold at least
-1 - eps of each row's mass (``tvm_attn.shadow`` states the bounds and the cut). Full K and V rows are read only for
-the kept keys. The same kernel with ``top_k`` or ``threshold`` set is that variant, exact, over a cache: the bounds
+1 - eps of each row's mass (``tvm_attn.certificate`` states the bounds and the cut). Full K and V rows are read only
+for the kept keys. The same kernel with ``top_k`` or ``threshold`` set is that variant, exact, over a cache: the bounds
 rule most keys out, the rest get exact scores (``shadow`` states the rules).
 
 Two kernels share the body: ``compute_shadow`` reads the shadow a KVCache keeps (arguments q, k, v, codes, lo,
@@ -8,7 +8,7 @@ step, out), ``compute`` quantizes K itself first (q, k, v, out: the registry's s
 all of K once more, so it is no faster than dense). Batch, seq_q and seq_kv are run-time sizes.
 
 Blocks (the contract with schedules/bounded.py):
-  shadow_min, shadow_max, shadow_step, shadow_codes    (compute only) the shadow of K, as shadow.quantize
+  shadow_min, shadow_max, shadow_step, shadow_codes    (compute only) the shadow of K, as certificate.quantize
   split      one per (batch, KV head, chunk of shadow blocks), as in the decode kernel; per query position:
     q_rows                 the group's query rows, pre-scaled
     init_max
@@ -30,7 +30,7 @@ import dataclasses
 
 from tvm.script import tirx as T
 
-from .. import shadow
+from .. import certificate
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, ELEMENT_BYTES, INF, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, poisoned,
@@ -38,7 +38,7 @@ from .common import (ACC, ELEMENT_BYTES, INF, Visibility, bhsd, ceil_div, fresh_
 from .pruned import INT32_MIN, order_key
 
 LANES = 16
-SB = shadow.BLOCK
+SB = certificate.BLOCK
 PREFETCH = 8  # kept keys ahead whose K and V rows are prefetched
 EXTEND = 16  # bins (2 logits) scored exactly per round while a threshold weight is undecided
 
@@ -94,13 +94,13 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
     ZERO = T.float32(0)
     ONE = T.float32(1)
     HALF = T.float32(0.5)
-    LEVELS = T.float32(shadow.LEVELS)
-    MARGIN = T.float32(shadow.margin(D))
-    BUDGET = T.float32(shadow.CERTIFY * kspec.eps / (1.0 - kspec.eps) if kspec.eps is not None else 0.0)
-    SLACK = T.float32(shadow.THRESHOLD_SLACK)
-    INV_STEP = T.float32(1.0 / shadow.CUT_STEP)
-    CUTS = shadow.CUT_STEPS
-    FAR = T.float32(shadow.CUT_STEPS)
+    LEVELS = T.float32(certificate.LEVELS)
+    MARGIN = T.float32(certificate.margin(D))
+    BUDGET = T.float32(certificate.CERTIFY * kspec.eps / (1.0 - kspec.eps) if kspec.eps is not None else 0.0)
+    SLACK = T.float32(certificate.THRESHOLD_SLACK)
+    INV_STEP = T.float32(1.0 / certificate.CUT_STEP)
+    CUTS = certificate.CUT_STEPS
+    FAR = T.float32(certificate.CUT_STEPS)
     dtype = kspec.dtype
     B, SQ, SKV = run_time_sizes()
     vis = Visibility(kspec, SQ, SKV)
@@ -537,8 +537,8 @@ def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
 
 @T.macro
 def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq_kv):
-    """The shadow of k (batch, kv_heads, seq_kv, head_dim) as shadow.quantize makes it (blocks padded with the last
-    key, float32 arithmetic, round half to even): codes (batch, kv_heads, blocks, head_dim, SB), lo and step
+    """The shadow of k (batch, kv_heads, seq_kv, head_dim) as certificate.quantize makes it (blocks padded with the
+    last key, float32 arithmetic, round half to even): codes (batch, kv_heads, blocks, head_dim, SB), lo and step
     (batch, kv_heads, blocks, head_dim); hi is scratch of lo's shape. A NaN in a block makes its lo -Inf and its hi
     +Inf (so every bound from it is NaN or +Inf), and a block with an infinite step gets codes 0."""
     for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
@@ -559,14 +559,14 @@ def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq
     for b, kh, t, d in T.grid(batch, kv_heads, blocks, head_dim):
         with T.sblock("shadow_step"):
             vb, vkh, vt, vd = T.axis.remap("SSSS", [b, kh, t, d])
-            step[vb, vkh, vt, vd] = (hi[vb, vkh, vt, vd] - lo[vb, vkh, vt, vd]) / T.float32(shadow.LEVELS)
+            step[vb, vkh, vt, vd] = (hi[vb, vkh, vt, vd] - lo[vb, vkh, vt, vd]) / T.float32(certificate.LEVELS)
     for b, kh, t, d, jj in T.grid(batch, kv_heads, blocks, head_dim, SB):
         with T.sblock("shadow_codes"):
             vb, vkh, vt, vd, j = T.axis.remap("SSSSS", [b, kh, t, d, jj])
             codes[vb, vkh, vt, vd, j] = T.Cast("uint8", T.Select(
                 T.And(step[vb, vkh, vt, vd] > T.float32(0), step[vb, vkh, vt, vd] < T.float32(INF)),
                 T.max(T.min(T.nearbyint((widen(k[vb, vkh, T.min(vt * SB + j, seq_kv - 1), vd]) - lo[vb, vkh, vt, vd])
-                                        / step[vb, vkh, vt, vd]), T.float32(shadow.LEVELS)), T.float32(0)),
+                                        / step[vb, vkh, vt, vd]), T.float32(certificate.LEVELS)), T.float32(0)),
                 T.float32(0)))
 
 
