@@ -110,6 +110,15 @@ def vectorized_row_reduction(sch: s_tir.Schedule, name: str, lanes: int):
     return rf
 
 
+def has_block(sch: s_tir.Schedule, name: str) -> bool:
+    """Whether the scheduled compute has a block called ``name`` (blocks some forms of a compute add)."""
+    try:
+        sch.get_sblock(name)
+    except Exception:  # tvm raises its own error kinds for a missing block
+        return False
+    return True
+
+
 def vectorize_last(sch: s_tir.Schedule, name: str, lanes: int) -> None:
     """Vectorize the block's last (spatial) loop by the widest vector that divides it."""
     loop = sch.get_loops(sch.get_sblock(name))[-1]

@@ -8,8 +8,8 @@ from tvm import s_tir
 
 from tvm_attn.targets import CpuCapabilities
 
-from .common import (RegisterBlock, largest_divisor, register_blocked_matmul, schedule_target, vectorize_last,
-                     vectorized_row_reduction)
+from .common import (RegisterBlock, has_block, largest_divisor, register_blocked_matmul, schedule_target,
+                     vectorize_last, vectorized_row_reduction)
 from .float16_products import LANES as FLOAT16_PRODUCT_LANES
 from .float16_products import float16_product_intrin, in_float16_products
 from .pair_products import in_pair_products, pair_dot, pair_product_intrin
@@ -76,6 +76,8 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     vectorized_row_reduction(sch, "tile_sum", lanes)
     for name in ("qk_half8", "qk_half4", "qk_half2", "p"):
         vectorize_last(sch, name, lanes)
+    if has_block(sch, "qk_scale"):  # integer K: the scores times the keys' scales
+        vectorize_last(sch, "qk_scale", lanes)
     for name in ("q_rows", "init_acc", "save_acc"):
         vectorize_last(sch, name, lanes)
     b, h, i, d, s = sch.get_loops(sch.get_sblock("merge_acc"))

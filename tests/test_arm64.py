@@ -74,10 +74,10 @@ CASES = [Case(variant, **shape) for variant in tvm_attn.VARIANTS for shape in SH
     Case(variant, **FLOAT16_DECODE_SHAPE) for variant, v in tvm_attn.VARIANTS.items()
     if "decode" in v.float16_product_paths]
 CALLS = [(case, n) for case in CASES for n in range(len(case.lengths))]
-# Decode through a KVCache (strided views of its buffers): flash's decode kernel and the kernels reading the
-# cache's shadow of K; (variant, dtype).
-CACHE_CASES = [("flash", "float32"), ("flash", "float16"), ("topk", "float32"), ("threshold", "float32"),
-               ("bounded", "float32"), ("bounded", "bfloat16")]
+# Decode through a KVCache (strided views of its buffers): flash's decode kernel (also reading an int8 cache's codes
+# and scales) and the kernels reading the cache's shadow of K; (variant, cache dtype).
+CACHE_CASES = [("flash", "float32"), ("flash", "float16"), ("flash", "int8"), ("topk", "float32"),
+               ("threshold", "float32"), ("bounded", "float32"), ("bounded", "bfloat16")]
 CACHE_APPENDS = (37, 1, 90, 30)  # 158 positions: whole and partial shadow blocks of 32
 
 
@@ -90,14 +90,16 @@ def _call_name(case: Case, n: int) -> str:
 
 
 def _cache_for(variant: str, dtype: str):
+    """(cache, q, spec of its kernel); an integer cache takes float32 rows and its kernel reads the codes."""
     rng = np.random.default_rng(7)
     cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=64, capacity=512, dtype=dtype,
                              shadow=tvm_attn.get_variant(variant).shadow_compute is not None)
     for n in CACHE_APPENDS:
-        cache.append(*(rng.standard_normal((1, 2, n, 64)).astype(numpy_dtype(dtype)) for _ in "kv"))
-    q = (2 * rng.standard_normal((1, 4, 1, 64))).astype(numpy_dtype(dtype))
+        cache.append(*(rng.standard_normal((1, 2, n, 64)).astype(numpy_dtype(cache.input_dtype)) for _ in "kv"))
+    q = (2 * rng.standard_normal((1, 4, 1, 64))).astype(numpy_dtype(cache.input_dtype))
     spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=cache.length, head_dim=64,
-                                  causal=True, dtype=dtype, **knobs_for(variant)[0])
+                                  causal=True, dtype=cache.input_dtype, kv_dtype=dtype if cache.integer else None,
+                                  **knobs_for(variant)[0])
     return cache, q, spec
 
 
@@ -139,15 +141,16 @@ def emulated(emulator_ready, tmp_path_factory):
         cache, q, spec = _cache_for(variant, dtype)
         shadowed = cache.shadow is not None
         kernel = (build_shadow if shadowed else tvm_attn.build)(variant, spec, target=TARGET)
-        out = np.zeros(spec.q_shape, numpy_dtype(dtype))
-        views = cache.shadow.views(cache.length) if shadowed else ()
+        out = np.zeros(spec.q_shape, numpy_dtype(spec.dtype))
+        extra = cache.shadow.views(cache.length) if shadowed else cache.scales if cache.integer else ()
         emulator.call(f"cache-{variant}-{dtype}", kernel.executable,
-                      kernel.arguments(q, cache.k, cache.v, out, views), outputs=[-1])
-        given[f"cache-{variant}-{dtype}"] = (spec, q, cache.k.copy(), cache.v.copy())
+                      kernel.arguments(q, cache.k, cache.v, out, extra), outputs=[-1])
+        k, v = cache.dequantized() if cache.integer else (cache.k.copy(), cache.v.copy())
+        given[f"cache-{variant}-{dtype}"] = (dataclasses.replace(spec, kv_dtype=None), q, k, v)
     for dtype in ("float32", "bfloat16"):
         keys = np.random.default_rng(3).standard_normal((1, 2, 158, 64)).astype(numpy_dtype(dtype))
-        nb = shadow.blocks(158)
-        codes = np.zeros((1, 2, nb, 64, shadow.BLOCK), np.uint8)
+        nb = certificate.blocks(158)
+        codes = np.zeros((1, 2, nb, 64, certificate.BLOCK), np.uint8)
         lo, step = np.zeros((1, 2, nb, 64), np.float32), np.zeros((1, 2, nb, 64), np.float32)
         emulator.call(f"quantize-{dtype}", shadow.build_update(2, 64, dtype, TARGET), (keys, codes, lo, step),
                       outputs=[1, 2, 3])

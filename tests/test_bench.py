@@ -119,8 +119,10 @@ def test_model_study_on_a_tiny_model(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 4)
     configs = [c for c in CONFIGS if c[0] in ("flash", "topk 256", "topk 16", "mass 0.01")]
+    from tvm_attn.bench.model import KV_FORMATS
+
     study = dict(model=model, tokenizer=tokenizer, text_path=text, window=40, windows=3, prompt=20, steps=4,
-                 rounds=1, configs=configs)
+                 rounds=1, configs=configs, cache_dtypes=("float32", "int8"), kv_formats=KV_FORMATS[:1])
     csv_path = tmp_path / "results.csv"
     rows = [r for r in run_studies([], str(csv_path), model=study) if r["study"] == "model"]
     quality = {r["line"]: r for r in rows if r["x_name"] == "perplexity"}
@@ -130,11 +132,18 @@ def test_model_study_on_a_tiny_model(tmp_path):
     assert quality["topk 256"]["top1_agreement"] == 1.0  # more keys than a window holds: dense
     assert quality["topk 256"]["perplexity"] == pytest.approx(quality["flash"]["perplexity"], rel=1e-5)
     assert quality["topk 16"]["perplexity"] != pytest.approx(quality["flash"]["perplexity"], rel=1e-5)
+    kv = {r["line"]: r for r in rows if r["x_name"] == "kv_cache"}
+    assert kv["float32 cache"]["perplexity"] == pytest.approx(quality["flash"]["perplexity"], rel=1e-5)
+    assert kv["float32 cache"]["top1_agreement"] == 1.0
+    # the int8 cache is the round trip through its own format (one float32 rounding of the scale apart)
+    assert kv["int8 cache"]["perplexity"] == pytest.approx(kv[KV_FORMATS[0][0]]["perplexity"], rel=1e-4)
+    assert kv["int8 cache"]["perplexity"] != pytest.approx(kv["float32 cache"]["perplexity"], rel=1e-7)
     speed = {r["provider"]: r for r in rows if r["x_name"] == "prompt"}
     assert set(speed) == {"tvm_attn", "torch-sdpa"} and all(r["tokens_per_s"] > 0 for r in speed.values())
     report = open(write_report(str(csv_path), str(tmp_path))).read()
     assert "## Model: SmolLM2-135M-Instruct through tvm_attn" in report
     assert f"| topk 16 | {quality['topk 16']['perplexity']:.3f} |" in report
+    assert f"| int8 cache | {kv['int8 cache']['perplexity']:.4f} |" in report
 
 
 def test_a_partial_run_replaces_only_its_studies_rows(tmp_path):
@@ -199,6 +208,27 @@ def test_serving_study_and_report(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["gbs"] > 0 for r in loop)
     report = open(write_report(str(csv_path), str(tmp_path))).read()
     assert "## Many sequences at once: PagedKVCache" in report and "Goals (issue 28), page_size 16:" in report
+
+
+def test_integer_kv_study_and_report(tmp_path):
+    """The integer-cache study on tiny shapes (python -m tvm_attn.bench --quick --study integer_kv): a row per cache
+    dtype and the read per point (the study itself raises when a cache's output differs from float32's), and the
+    report states the goals."""
+    from tvm_attn.bench.__main__ import QUICK_INTEGER_KV
+    from tvm_attn.bench.report import write_report
+    from tvm_attn.bench.runner import run_studies
+
+    csv_path = tmp_path / "results.csv"
+    rows = [r for r in run_studies([], str(csv_path), integer_kv=QUICK_INTEGER_KV) if r["study"] == "integer_kv"]
+    assert sorted(r["line"] for r in rows) == sorted(
+        f"kv_heads={kvh} ({kind}) {name}" for kvh, kind in ((4, "MHA"), (2, "GQA"))
+        for name in ("float32", "float16", "int8", "read-kv"))
+    assert all(r["gbs"] > 0 for r in rows)
+    int8 = next(r for r in rows if r["line"].endswith("int8") and r["kv_heads"] == 4)
+    assert int8["bytes_kv"] == 2 * 4 * 256 * (64 + 4)  # codes and a float32 scale per row
+    report = open(write_report(str(csv_path), str(tmp_path))).read()
+    assert "## Integer KV caches: decode from int8 K and V" in report
+    assert "Goals (issue 30): kv_heads=4 (MHA) int8 vs float16" in report
 
 
 @pytest.mark.parametrize("quick", [False, True])

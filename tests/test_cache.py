@@ -255,8 +255,8 @@ def test_attend_on_an_empty_cache_and_bad_construction():
         tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=0)
     with pytest.raises(TypeError, match="kv_heads must be an int, got 2.5"):
         tvm_attn.KVCache(batch=1, kv_heads=2.5, head_dim=8, capacity=4)
-    with pytest.raises(TypeError, match="dtype must be one of float32, float16, bfloat16, got 'int8'"):
-        tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=4, dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be one of float32, float16, bfloat16, int8, got .int4."):
+        tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=4, dtype="int4")
 
 
 def _literal(message: str) -> str:

@@ -131,7 +131,7 @@ def test_cache_refuses_other_dtypes():
     cache.append(k.astype(numpy_dtype("bfloat16")), k.astype(numpy_dtype("bfloat16")))
     with pytest.raises(TypeError, match="q must be bfloat16 like the cache, got float32"):
         cache.attend(np.zeros((1, 2, 1, 8), np.float32))
-    with pytest.raises(TypeError, match="dtype must be one of float32, float16, bfloat16, got 'float64'"):
+    with pytest.raises(TypeError, match="dtype must be one of float32, float16, bfloat16, int8, got 'float64'"):
         tvm_attn.KVCache(batch=1, kv_heads=1, head_dim=8, capacity=4, dtype="float64")
 
 

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "attention": ".api", "reference": ".api",
     "SCHEDULES": ".kernel", "Kernel": ".kernel", "build": ".kernel", "compile_count": ".kernel",
-    "AttentionSpec": ".spec", "KernelSpec": ".spec",
+    "AttentionSpec": ".spec", "KernelSpec": ".spec", "DTYPES": ".spec", "KV_DTYPES": ".spec",
     "KVCache": ".cache", "PagedKVCache": ".paged_cache", "DecodeConfig": ".variants.decode",
     "APPLE_PRESETS": ".targets", "TARGET_NAMES": ".targets", "resolve_target": ".targets", "target_key": ".targets",
     "VARIANTS": ".variants", "Variant": ".variants", "get_variant": ".variants",

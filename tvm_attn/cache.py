@@ -10,11 +10,17 @@ length-generic kernel as a strided view (no copy, no compile per length). q, k a
 numpy arrays or torch CPU tensors (a torch q gets a torch output).
 
 For ``attend(q, variant="bounded", eps=...)`` and decode calls of ``variant="topk"`` and ``"threshold"`` the cache
-keeps an int8 shadow of K (``tvm_attn.shadow``: a byte per element plus 1/4 byte of block offsets and steps per key
-and dimension), whose bounds on every score let the kernel read full K and V rows only for the keys they cannot rule
-out (top-k and threshold stay exact). It is built at the first attend that needs it (or at construction with
-``shadow=True``) and then updated by every ``append`` (~10 us a position). With ``shadow=False``, bounded is refused
-and top-k and threshold take their own (every-key) kernels.
+keeps an int8 shadow of K (``tvm_attn.shadow``, its format in ``tvm_attn.certificate``: a byte per element plus 1/4
+byte of block offsets and steps per key and dimension), whose bounds on every score let the kernel read full K and V
+rows only for the keys they cannot rule out (top-k and threshold stay exact). It is built at the first attend that
+needs it (or at construction with ``shadow=True``) and then updated by every ``append`` (~10 us a position). With
+``shadow=False``, bounded is refused and top-k and threshold take their own (every-key) kernels.
+
+``KVCache(..., dtype="int8")`` stores K and V as int8 codes with a float32 scale per row (``tvm_attn.quantized_kv``):
+head_dim + 4 bytes a row, quantized on ``append`` (q, k, v and the output are float32). Decode calls of the dense
+variants (flash, standard, mqa) run a kernel that reads the codes; the other calls (prefill-sized, pruned variants)
+dequantize the keys they need and run the float32 kernel. Its results are those of attention over the dequantized K
+and V (``cache.dequantized()``). It has no shadow of K yet: bounded is refused.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import numbers
 
 import numpy as np
 
-from .kernel import SCHEDULES, Kernel, as_kernel_argument, build, build_shadow, checked_out, host_array
+from . import quantized_kv
+from .kernel import (SCHEDULES, Kernel, as_kernel_argument, build, build_shadow, checked_out, first_visible_key,
+                     host_array)
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .shadow import ShadowKeys
-from .spec import DTYPE, DTYPES, KNOBS, AttentionSpec, array_dtype, positive_int
+from .spec import DTYPE, DTYPES, KNOBS, KV_DTYPES, AttentionSpec, array_dtype, positive_int
 from .variants import get_variant, path_for
 
 ALIGNMENT = 64
@@ -65,7 +73,7 @@ def cache_array(name: str, x, dtype: str, axes: tuple[str, ...] = ("batch", "hea
 
 class KVCache:
     """Keys and values of ``batch`` sequences, ``kv_heads`` heads of ``head_dim``, up to ``capacity`` positions,
-    stored as ``dtype`` (float32, float16 or bfloat16)."""
+    stored as ``dtype`` (float32, float16 or bfloat16; or int8: codes and row scales, with float32 q, k, v)."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = DTYPE,
                  shadow: bool | None = None):
@@ -73,16 +81,25 @@ class KVCache:
         self.kv_heads = positive_int("kv_heads", kv_heads)
         self.head_dim = positive_int("head_dim", head_dim)
         self.capacity = positive_int("capacity", capacity)
-        if dtype not in DTYPES:
-            raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES + KV_DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(DTYPES + KV_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
+        self.integer = dtype in KV_DTYPES
+        # What q, k, v and the output are: the cache's own dtype, float32 for an integer cache.
+        self.input_dtype = DTYPE if self.integer else dtype
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
-        self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
-        self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+        stored = quantized_kv.CODE_DTYPE[dtype] if self.integer else numpy_dtype(dtype)
+        self._k = aligned_empty(shape, stored, ALIGNMENT)
+        self._v = aligned_empty(shape, stored, ALIGNMENT)
+        if self.integer:
+            self._k_scale = aligned_empty(shape[:3], np.float32, ALIGNMENT)
+            self._v_scale = aligned_empty(shape[:3], np.float32, ALIGNMENT)
         if shadow is not None and not isinstance(shadow, (bool, np.bool_)):
             raise TypeError(f"shadow must be True, False or None (built when first needed), got {shadow!r}")
+        if shadow and self.integer:
+            raise ValueError(f"shadow=True: a {dtype} cache has no shadow of K (its kernels read the codes)")
         self._length = 0
-        self._shadow_allowed = shadow is not False
+        self._shadow_allowed = shadow is not False and not self.integer
         self.shadow: ShadowKeys | None = None  # the int8 shadow of K, once built
         if shadow:
             self._build_shadow()
@@ -95,13 +112,30 @@ class KVCache:
 
     @property
     def k(self) -> np.ndarray:
-        """The filled part of K, (batch, kv_heads, length, head_dim): a view, not a copy."""
+        """The filled part of K, (batch, kv_heads, length, head_dim): a view, not a copy (an integer cache's
+        codes)."""
         return self._k[:, :, : self._length]
 
     @property
     def v(self) -> np.ndarray:
         """The filled part of V: a view."""
         return self._v[:, :, : self._length]
+
+    @property
+    def scales(self) -> tuple[np.ndarray, np.ndarray]:
+        """An integer cache's row scales of the filled part of K and of V, (batch, kv_heads, length) float32 each:
+        views."""
+        if not self.integer:
+            raise AttributeError(f"a {self.dtype} cache stores K and V as they are: it has no scales")
+        return self._k_scale[:, :, : self._length], self._v_scale[:, :, : self._length]
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
+        """The filled part of K and V as float32 (for an integer cache, what its codes and scales stand for: what
+        attend computes with; a copy)."""
+        if not self.integer:
+            return self.k.astype(np.float32), self.v.astype(np.float32)
+        k_scale, v_scale = self.scales
+        return quantized_kv.dequantize(self.k, k_scale), quantized_kv.dequantize(self.v, v_scale)
 
     @property
     def buffers(self) -> tuple[np.ndarray, np.ndarray]:
@@ -115,10 +149,11 @@ class KVCache:
                 f"shadow={self.shadow is not None})")
 
     def append(self, k, v) -> None:
-        """Write ``n`` new positions, k and v of shape (batch, kv_heads, n, head_dim), after the filled part. The
-        cache is unchanged when this raises (wrong shape or dtype, or more positions than the capacity left)."""
-        k = cache_array("k", k, self.dtype)
-        v = cache_array("v", v, self.dtype)
+        """Write ``n`` new positions, k and v of shape (batch, kv_heads, n, head_dim), after the filled part (an
+        integer cache quantizes them). The cache is unchanged when this raises (wrong shape or dtype, or more
+        positions than the capacity left)."""
+        k = cache_array("k", k, self.input_dtype)
+        v = cache_array("v", v, self.input_dtype)
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
         b, kvh, n, d = k.shape
@@ -129,8 +164,12 @@ class KVCache:
             raise ValueError(f"cannot append {n} positions to a cache holding {self._length} of capacity "
                              f"{self.capacity} ({self.capacity - self._length} left); nothing was written")
         end = self._length + n
-        self._k[:, :, self._length:end] = k
-        self._v[:, :, self._length:end] = v
+        if self.integer:
+            for x, codes, scales in ((k, self._k, self._k_scale), (v, self._v, self._v_scale)):
+                codes[:, :, self._length:end], scales[:, :, self._length:end] = quantized_kv.quantize(x, self.dtype)
+        else:
+            self._k[:, :, self._length:end] = k
+            self._v[:, :, self._length:end] = v
         if self.shadow is not None:
             self.shadow.update(self._k, self._length, end)
         self._length = end
@@ -159,7 +198,7 @@ class KVCache:
         the right or both), its other positions are neither keys nor queries (their rows of the output are 0).
         Returns a new array (a torch tensor when q is one), or fills ``out``."""
         like = q
-        q = cache_array("q", q, self.dtype)
+        q = cache_array("q", q, self.input_dtype)
         b, heads, n_q, d = q.shape
         if b != self.batch:
             raise ValueError(f"q has batch {b}, the cache {self.batch}")
@@ -173,16 +212,29 @@ class KVCache:
             raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
                              f"queries must be the newest cached positions (append their keys first)")
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
-        out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
+        out, result = checked_out(out, q.shape, self.input_dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         if attention_mask is not None:
             self._attend_padded(q, out, self._runs(attention_mask), variant, causal, scale, window, schedule, knob)
             return result
-        shadow = ()
+        self._launch(kernel, as_kernel_argument(q), slice(None), 0, self._length, out)
+        return result
+
+    def _launch(self, kernel: Kernel, q, rows: slice, first: int, end: int, out) -> None:
+        """Run ``kernel`` for q of batch rows ``rows`` over their positions first..end-1: K and V as stored (with
+        the shadow or the row scales the kernel reads), or dequantized, from the first key a query sees, for a
+        float kernel on an integer cache."""
+        k, v, extra = self._k[rows, :, first:end], self._v[rows, :, first:end], ()
         if kernel.path == "shadow":
             keys = self.shadow or self._build_shadow()
-            shadow = tuple(dlpack_argument(x) for x in keys.views(self._length))
-        kernel.launch(as_kernel_argument(q), self.k, self.v, out, shadow)
-        return result
+            extra = tuple(dlpack_argument(x) for x in keys.views(self._length))
+        elif self.integer and kernel.kernel_spec.kv_dtype is not None:
+            extra = (self._k_scale[rows, :, first:end], self._v_scale[rows, :, first:end])
+        elif self.integer:
+            skip = 0 if get_variant(kernel.variant).blocks_from_key0 else \
+                first_visible_key(kernel.kernel_spec, q.shape[2], end - first)
+            k = quantized_kv.dequantize(k[:, :, skip:], self._k_scale[rows, :, first + skip:end])
+            v = quantized_kv.dequantize(v[:, :, skip:], self._v_scale[rows, :, first + skip:end])
+        kernel.launch(q, k, v, out, extra)
 
     def _runs(self, attention_mask) -> list[tuple[int, int]]:
         """(first, end) of each row's run of ones in ``attention_mask``; ValueError naming the row otherwise."""
@@ -220,8 +272,8 @@ class KVCache:
             out[b:last, :, :rows.start] = 0
             out[b:last, :, rows.stop:] = 0
             if kernel is not None:
-                kernel.launch(as_kernel_argument(q[b:last, :, rows]), self._k[b:last, :, first:end],
-                              self._v[b:last, :, first:end], out[b:last, :, rows], ())
+                self._launch(kernel, as_kernel_argument(q[b:last, :, rows]), slice(b, last), first, end,
+                             out[b:last, :, rows])
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())))
@@ -236,17 +288,21 @@ class KVCache:
             if heads % self.kv_heads:
                 raise ValueError(f"q has heads={heads}, not a multiple of the cache's kv_heads={self.kv_heads}")
             v = get_variant(variant)
+            # An integer cache's decode calls of the variants that read its codes do; the others get dequantized K
+            # and V.
+            reads_codes = self.integer and path_for(n_q) in v.integer_kv_paths
             spec = AttentionSpec(batch=self.batch, heads=heads, kv_heads=self.kv_heads, seq_q=n_q,
                                  seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
-                                 scale=scale, dtype=self.dtype, **knob)
+                                 scale=scale, dtype=self.input_dtype, kv_dtype=self.dtype if reads_codes else None,
+                                 **knob)
             # The shadow's kernel serves every call of a variant the shadow defines (bounded), and decode calls of
             # the others that have one (top-k, threshold: exact, reading fewer rows); their prefill-sized calls, and
             # calls on a cache made with shadow=False, take their own kernels.
             shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or path_for(n_q) == "decode")
             if shadowed and not self._shadow_allowed:
                 if v.blocks_from_key0:
-                    raise ValueError(f"variant {variant!r} reads the cache's shadow of K, and this cache was made "
-                                     f"with shadow=False")
+                    why = f"an {self.dtype} cache has none" if self.integer else "this cache was made with shadow=False"
+                    raise ValueError(f"variant {variant!r} reads the cache's shadow of K, and {why}")
                 shadowed = False
             kernel = build_shadow(v, spec, schedule=schedule) if shadowed else build(v, spec, schedule=schedule)
             self._kernels[key] = kernel

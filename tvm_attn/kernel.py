@@ -15,7 +15,7 @@ from . import blas, tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec
 from .targets import capabilities, host_mismatch, resolve_target, runs_on_host, target_key
-from .variants import Variant, get_variant, path_for
+from .variants import Variant, get_variant, integer_kv_variants, path_for
 
 SCHEDULES = ("best", "tuned", "hand", "untuned", "blas", "sme")
 
@@ -45,7 +45,8 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
     schedule, with a warning once), "tuned", "hand", "untuned", "blas" (the dense variants' prefill with its
     tiles' matmuls in the platform's BLAS: tvm_attn/blas.py) or "sme" (the same with its matmuls as Arm SME outer
     products, for targets with SME: apple-m4); the decode path has neither and takes "best".
-    Kernels reading a cache's shadow ("shadow" path) are not tuned: "best" is their hand schedule. ``blas_allowed``
+    Kernels reading a cache's shadow ("shadow" path) or integer K and V are not tuned: "best" is their hand
+    schedule. ``blas_allowed``
     False: "best" never picks "blas" (exported kernels, which do not link a BLAS yet)."""
     path = path or path_for(spec.seq_q)
     if schedule in ("blas", "sme"):
@@ -58,10 +59,11 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
             return _blas_scheduled(variant, spec, target)
         except ValueError:  # no BLAS for this target here: the TensorIR schedule
             pass
-    if path == "shadow" and schedule in ("best", "tuned"):
+    if (path == "shadow" or spec.kv_dtype is not None) and schedule in ("best", "tuned"):
         if schedule == "tuned":
-            raise LookupError(f"the {variant.name} kernel reading a cache's shadow of K is not tuned: use "
-                              f"schedule='best' or 'hand'")
+            what = "a cache's shadow of K" if path == "shadow" else f"{spec.kv_dtype} K and V"
+            raise LookupError(f"the {variant.name} kernel reading {what} is not tuned: use schedule='best' or "
+                              f"'hand'")
         schedule = "hand"
     if schedule in ("best", "tuned"):
         record = tuning.tuned_record(variant, spec, target)
@@ -210,6 +212,9 @@ class Kernel:
         """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``."""
         if self.path == "shadow":
             raise TypeError(f"this {self.variant} kernel reads a KVCache's shadow of K: run it with cache.attend")
+        if self.kernel_spec.kv_dtype is not None:
+            raise TypeError(f"this {self.variant} kernel reads {self.kernel_spec.kv_dtype} K and V with their row "
+                            f"scales: run it with the attend of a KVCache(dtype={self.kernel_spec.kv_dtype!r})")
         arrays = [host_array(name, x) for name, x in zip("qkv", (q, k, v))]
         return self.run_checked(self.check(*arrays), *arrays, out, like=q)
 
@@ -223,10 +228,13 @@ class Kernel:
         """The runtime function's arguments for a call on numpy arrays or torch tensors already checked and laid out
         as the kernel takes them (``as_kernel_argument``, ``checked_out``): keys before every query's window are
         dropped (unless the kernel reads a shadow or the variant's blocks start at key 0). ``shadow``: a KVCache's
-        (codes, lo, step), for kernels of the "shadow" path."""
+        (codes, lo, step), for kernels of the "shadow" path, or the row scales (k_scale, v_scale) of integer K and V
+        (their rows before the window dropped too)."""
         first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
         if first and self.path != "shadow" and not get_variant(self.variant).blocks_from_key0:
             k, v = k[:, :, first:], v[:, :, first:]
+            if self.kernel_spec.kv_dtype is not None:
+                shadow = tuple(scale[:, :, first:] for scale in shadow)
         return (q, k, v, *shadow, out)
 
     def launch(self, q, k, v, out, shadow: tuple = ()) -> None:
@@ -255,6 +263,10 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     path = path_for(spec.seq_q)
     if path == "decode" and not v.has_decode_kernel():
         path = "prefill"
+    if spec.kv_dtype is not None and path not in v.integer_kv_paths:
+        raise ValueError(f"kv_dtype={spec.kv_dtype!r}: the {v.name} {path} kernel reads float K and V (integer K and "
+                         f"V are read by the decode kernels of {', '.join(integer_kv_variants())}); a "
+                         f"KVCache(dtype={spec.kv_dtype!r}) dequantizes for the others")
     return _build_cached(v.name, spec.kernel, path, str(resolve_target(target)), schedule)
 
 
@@ -275,7 +287,7 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     seq_q = 1 if path in ("decode", "shadow") else 1024
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
-                         dtype=kspec.dtype, **kspec.knobs())
+                         dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, **kspec.knobs())
 
 
 def compile_counted(mod: tvm.IRModule, target) -> object:

@@ -14,6 +14,7 @@ DTYPE = "float32"  # the default
 # and accumulators are float32 for every dtype.
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+KV_DTYPES = ("int8",)  # integer K and V (tvm_attn/quantized_kv.py), read by the kernels of an integer KVCache
 KNOBS = ("threshold", "top_k", "eps")  # the pruning knobs: at most one is set, by the variant that uses it
 INT32_MAX = 2**31 - 1  # kernels index and count in int32: sizes, top_k and each argument's element count
 
@@ -28,7 +29,8 @@ class AttentionSpec:
     each query sees at most ``window`` keys, as in Mistral's sliding window. ``scale`` None means 1/sqrt(head_dim).
     ``threshold`` and ``top_k`` are the pruning knobs of the variants of the same names, ``eps`` the mass
     variant's, and are None elsewhere. ``dtype`` (one of DTYPES) is that of q, k, v and the output; computation is
-    float32 for every dtype. A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
+    float32 for every dtype. ``kv_dtype`` "int8": K and V are int8 codes with a float32 scale per row (an integer
+    KVCache's, ``tvm_attn.quantized_kv``). A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
     """
 
     batch: int = 2
@@ -44,6 +46,7 @@ class AttentionSpec:
     top_k: int | None = None
     eps: float | None = None
     dtype: str = DTYPE
+    kv_dtype: str | None = None
 
     def __post_init__(self):
         # Fill the derived defaults so equal specs hash equal (kernels are cached on the spec).
@@ -75,6 +78,9 @@ class AttentionSpec:
             object.__setattr__(self, "window", int(self.window))
         if self.dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise TypeError(f"kv_dtype must be None (K and V of dtype) or one of {', '.join(KV_DTYPES)}, got "
+                            f"{self.kv_dtype!r}")
         if self.scale is None:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
         elif not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale == 0:
@@ -104,7 +110,7 @@ class AttentionSpec:
     def kernel(self) -> "KernelSpec":
         """What a compiled kernel is specialized for: everything but batch, seq_q and seq_kv."""
         return KernelSpec(self.heads, self.kv_heads, self.head_dim, self.causal, self.window, self.scale,
-                          self.threshold, self.top_k, self.eps, self.dtype)
+                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype)
 
     def knobs(self) -> dict:
         """The pruning knob that is set, as {name: value} (empty for dense variants)."""
@@ -164,6 +170,8 @@ class AttentionSpec:
             parts.append(f"eps{self.eps:g}")
         if self.dtype != DTYPE:
             parts.append(DTYPE_TAGS[self.dtype])
+        if self.kv_dtype is not None:
+            parts.append(f"kv{self.kv_dtype}")
         return "_".join(parts)
 
     @classmethod
@@ -246,6 +254,7 @@ class KernelSpec:
     top_k: int | None
     eps: float | None
     dtype: str
+    kv_dtype: str | None = None
 
     @property
     def group_size(self) -> int:
@@ -267,4 +276,6 @@ class KernelSpec:
                 parts.append(f"{tag}{getattr(self, knob):g}")
         if self.dtype != DTYPE:
             parts.append(DTYPE_TAGS[self.dtype])
+        if self.kv_dtype is not None:
+            parts.append(f"kv{self.kv_dtype}")
         return "_".join(parts)

@@ -2,7 +2,8 @@
 
 The default run answers the seed report's questions, every kernel study with fewer repeats (each provider of a point
 timed for 0.1 s, no spread target), in about 10 minutes on 2 cores; ``--full`` times each until its interquartile
-range is within 5% of its median and adds the model, sparse_decode and serving studies (~40 minutes)."""
+range is within 5% of its median and adds the model, sparse_decode, serving and integer_kv studies (~45
+minutes)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ SERVING = "serving"
 QUICK_SERVING = dict(ragged=dict(sequences=5, shortest=16, longest=300, page_sizes=(16, 64)),
                      continuous=dict(slots=3, shortest=16, longest=200, steps=6, tokens=(1, 4)),
                      shape=dict(heads=4, kv_heads=2, head_dim=32), min_seconds=0.05)
+# decode through int8 caches against float16 and float32 ones (bench/integer_kv.py): --full runs and --study integer_kv
+INTEGER_KV = "integer_kv"
+QUICK_INTEGER_KV = dict(shapes=((4, 4), (4, 2)), lengths=(256,), head_dim=64, rotate_bytes=2**22, min_seconds=0.05)
 
 
 def main(argv=None) -> None:
@@ -32,7 +36,7 @@ def main(argv=None) -> None:
                     "torch SDPA (if installed) and numpy; write results.csv, report.md and plots.")
     parser.add_argument("--quick", action="store_true", help="a reduced study on tiny shapes (under 2 minutes)")
     parser.add_argument("--full", action="store_true", help="every provider timed to a 5%% interquartile range, "
-                        "and the model, sparse_decode and serving studies (~40 minutes)")
+                        "and the model, sparse_decode, serving and integer_kv studies (~45 minutes)")
     parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>, with "
                         "-<isa> for --isa)")
     parser.add_argument("--isa", default="native", help="the ISA class to hold every provider to: native (the "
@@ -71,8 +75,8 @@ def main(argv=None) -> None:
     if not args.report_only:
         studies = default_studies(quick=args.quick)
         # The generation loop, the model and sparse_decode run the host's kernels through KVCache: native runs only.
-        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE, SERVING] if isa.name == "native"
-                                             else [])
+        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE, SERVING, INTEGER_KV]
+                                             if isa.name == "native" else [])
         for name in args.study or []:
             if name not in known:
                 parser.error(f"unknown study {name!r}: use one of {', '.join(known)}")
@@ -99,6 +103,9 @@ def main(argv=None) -> None:
         serving = None
         if (not args.study and args.full and isa.name == "native") or SERVING in (args.study or []):
             serving = QUICK_SERVING if args.quick else {}
+        integer_kv = None
+        if (not args.study and args.full and isa.name == "native") or INTEGER_KV in (args.study or []):
+            integer_kv = QUICK_INTEGER_KV if args.quick else {}
         for name in args.variant or []:
             if name not in tvm_attn.VARIANTS:
                 parser.error(f"unknown variant {name!r}: use one of {', '.join(tvm_attn.VARIANTS)}")
@@ -123,7 +130,8 @@ def main(argv=None) -> None:
         partial = bool(args.study) and os.path.exists(csv_path)
         run_csv = csv_path + ".partial" if partial else csv_path
         run_studies(studies, run_csv, min_seconds=min_seconds, spread=SPREAD if args.full else None,
-                    generation=generation, model=model, sparse_decode=sparse_decode, serving=serving, isa=isa)
+                    generation=generation, model=model, sparse_decode=sparse_decode, serving=serving,
+                    integer_kv=integer_kv, isa=isa)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "

@@ -1,6 +1,9 @@
 """The model study: SmolLM2-135M-Instruct with its attention on tvm_attn kernels. Speed (prefill and decode tokens/s
 against torch SDPA in the same model) and, for every pruning knob, what pruning does to the model: perplexity on
-real prose and how often its top-1 prediction is dense attention's.
+real prose and how often its top-1 prediction is dense attention's. Likewise for the KV cache's dtype: each layer's
+K and V go through a ``KVCache`` of that dtype (int8: quantized on append) before flash attends to them; and, for the
+record of how the int8 format was chosen, other integer formats with K and V round-tripped through them (no cache
+stores them).
 
 Perplexity is teacher-forced: each window of the text goes through the model in one causal forward pass, and row i
 of every attention layer sees keys 0..i, so a pruned variant selects exactly what it would select when decoding
@@ -28,6 +31,40 @@ CONFIGS = (
     ("mass 0.01", "mass", {"eps": 0.01}),
     ("mass 0.05", "mass", {"eps": 0.05}),
     ("mass 0.2", "mass", {"eps": 0.2}),
+)
+# KV cache dtypes, judged against the float32 cache
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def _absmax(x, levels: int, block: int | None = None):
+    """x (..., d) round-tripped through symmetric integer codes -levels..levels with one absmax scale per row, or
+    per ``block`` elements of a row."""
+    y = x if block is None else x.unflatten(-1, (-1, block))
+    scale = y.abs().amax(-1, keepdim=True) / levels
+    return ((y / scale.clamp_min(1e-30)).round().clamp(-levels, levels) * scale).reshape(x.shape)
+
+
+def _per_channel(x, levels: int, group: int = 32):
+    """K (b, h, n, d) round-tripped through codes 0..levels with an offset and a step per channel and group of
+    ``group`` positions (KIVI's keys); the last partial group stays as it is (KIVI keeps it in full precision)."""
+    full = x.shape[2] // group * group
+    y = x[:, :, :full].unflatten(2, (-1, group))
+    lo, hi = y.amin(3, keepdim=True), y.amax(3, keepdim=True)
+    step = (hi - lo) / levels
+    out = x.clone()
+    out[:, :, :full] = (lo + ((y - lo) / step.clamp_min(1e-30)).round().clamp(0, levels) * step).flatten(2, 3)
+    return out
+
+
+# Integer formats considered for the cache: (label, K round trip, V round trip). The first is the int8 cache's own
+# (tvm_attn.quantized_kv); the int4 ones are what a 4-bit cache would cost.
+KV_FORMATS = (
+    ("int8 per row (the cache's)", lambda k: _absmax(k, 127), lambda v: _absmax(v, 127)),
+    ("int8 per 32 elements (q8_0)", lambda k: _absmax(k, 127, 32), lambda v: _absmax(v, 127, 32)),
+    ("int8 K per channel / V per row (KIVI)", lambda k: _per_channel(k, 255), lambda v: _absmax(v, 127)),
+    ("int4 per row", lambda k: _absmax(k, 7), lambda v: _absmax(v, 7)),
+    ("int4 per 32 elements (q4_0)", lambda k: _absmax(k, 7, 32), lambda v: _absmax(v, 7, 32)),
+    ("int4 K per channel / V per row (KIVI)", lambda k: _per_channel(k, 15), lambda v: _absmax(v, 7)),
 )
 # Real prose every Debian/Ubuntu machine has (~7.7k tokens for SmolLM2's tokenizer).
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -57,6 +94,49 @@ def _implementation(variant: str, knob: dict) -> str:
         return hf.register()  # the default name (a name with "flash" in it means flash-attention to transformers)
     return hf.register("_".join([hf.NAME, variant, *(f"{k}{v:g}" for k, v in knob.items())]), variant=variant,
                        **knob)
+
+
+def _register_kv(name: str, attention) -> str:
+    """Register ``attention`` (transformers' attention-function interface) as ``name``, with sdpa's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def _through_cache(dtype: str) -> str:
+    """An attention implementation whose K and V go into a KVCache of ``dtype`` and whose queries attend to it
+    (flash, causal): a teacher-forced window as a decode step with that cache would see it."""
+    import torch
+
+    import tvm_attn
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("the cache-dtype study runs unpadded windows")
+        batch, kv_heads, length, head_dim = key.shape
+        cache = tvm_attn.KVCache(batch, kv_heads, head_dim, length, dtype=dtype)
+        torch_dtype = getattr(torch, cache.input_dtype)
+        cache.append(key.to(torch_dtype), value.to(torch_dtype))
+        out = cache.attend(query.to(torch_dtype).contiguous(), scale=scaling)
+        return out.float().transpose(1, 2), None
+
+    return _register_kv(f"{NAME_PREFIX}_cache_{dtype}", attention)
+
+
+def _round_trip(n: int, k_round_trip, v_round_trip) -> str:
+    """An attention implementation that round-trips K and V through a format, then runs tvm_attn's flash."""
+    from .. import hf
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return hf.attention_forward(module, query, k_round_trip(key), v_round_trip(value), attention_mask, **kwargs)
+
+    return _register_kv(f"{NAME_PREFIX}_format{n}", attention)
+
+
+NAME_PREFIX = "tvm_attn_kv"  # (no "flash" in it: transformers would take it for flash-attention)
 
 
 def windows_of(tokens, window: int, count: int) -> list:
@@ -93,9 +173,11 @@ def decode_speed(model, prompt_ids, implementation: str, steps: int) -> tuple[fl
 
 
 def model_study(text_path: Path = DEFAULT_TEXT, window: int = 2048, windows: int = 2, prompt: int = 1024,
-                steps: int = 64, rounds: int = 2, configs=CONFIGS, model=None, tokenizer=None, log=None) -> list[dict]:
+                steps: int = 64, rounds: int = 2, configs=CONFIGS, cache_dtypes=CACHE_DTYPES, kv_formats=KV_FORMATS,
+                model=None, tokenizer=None, log=None) -> list[dict]:
     """The study's rows: per config its perplexity over ``windows`` windows of ``window`` tokens of ``text_path``
-    and its top-1 agreement with dense tvm_attn (flash); torch SDPA's perplexity; prefill (one window) and decode
+    and its top-1 agreement with dense tvm_attn (flash); torch SDPA's perplexity; the same per KV cache dtype and
+    integer format, with top-1 agreement against the float32 cache; prefill (one window) and decode
     (``steps`` greedy steps after a ``prompt``-token prompt) tokens/s of flash with tvm_attn's cache against torch
     SDPA with transformers' DynamicCache, interleaved over ``rounds`` rounds. Loads SmolLM2 unless given a model."""
     from .. import hf
@@ -129,6 +211,21 @@ def model_study(text_path: Path = DEFAULT_TEXT, window: int = 2048, windows: int
                          tokens_per_s=window / seconds, **({knob_name: knob_value} if knob_name else {})))
         say(f"model {label}: perplexity {ppl:.3f}, top-1 agreement with flash "
             f"{'-' if agreement is None else f'{agreement:.4f}'}, {window / seconds:.0f} tokens/s prefill")
+
+    float32_predictions = None
+    kv_rows = [(f"{dtype} cache", dtype, _through_cache(dtype)) for dtype in cache_dtypes] + [
+        (label, "", _round_trip(n, k_round_trip, v_round_trip))
+        for n, (label, k_round_trip, v_round_trip) in enumerate(kv_formats)]
+    for label, dtype, name in kv_rows:
+        ppl, predictions, seconds = evaluate(model, name, texts)
+        if dtype == "float32":
+            float32_predictions = predictions
+        agreement = float(np.mean(predictions == float32_predictions)) if float32_predictions is not None else None
+        rows.append(dict(common, x_name="kv_cache", x=len(predictions), line=label, variant="flash",
+                         provider="tvm_attn", seq_q=window, seq_kv=window, perplexity=ppl, top1_agreement=agreement,
+                         median_ms=seconds * 1e3, tokens_per_s=window / seconds))
+        say(f"model {label}: perplexity {ppl:.4f}, top-1 agreement with the float32 cache "
+            f"{'-' if agreement is None else f'{agreement:.4f}'}")
 
     prompt_ids = tokens[:, :prompt]
     flash = _implementation("flash", {})

@@ -13,6 +13,7 @@ from collections import defaultdict
 from ..timing import MAX_SECONDS, SPREAD
 from .ceiling import SAME_ROUND_SGEMM_N
 from .formatting import best, knob_points, load, mb, ms, one, pct, pick, plot, ratio, sci, table, tuned_ms
+from .integer_kv import integer_kv_section
 from .isa_classes import isa_classes_section
 from .serving import serving_section
 from .sections import Column, Context, Plot, Section
@@ -630,6 +631,18 @@ def _model_section(rows, ctx: Context) -> list[str]:
                          "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%",
                          f"{r['median_ms'] / 1e3:.2f}"])
         parts += [table(["attention", "perplexity", "vs dense", "top-1 = dense", "forward s"], body), ""]
+    kv = pick(rs, x_name="kv_cache")
+    if kv:
+        base = one(kv, line="float32 cache")
+        parts += ["**The KV cache's dtype judged by the model.** The same windows, every layer's K and V appended to "
+                  "a `KVCache` of the dtype (int8: codes and a scale per row, `tvm_attn.quantized_kv`) that flash "
+                  "then attends through; below them, integer formats considered for the cache, with K and V "
+                  "round-tripped through each (no cache stores these). Top-1: the share of positions whose "
+                  "prediction is the float32 cache's.", ""]
+        body = [[r["line"], f"{r['perplexity']:.4f}",
+                 f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.3f}%" if base else "-",
+                 "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%"] for r in kv]
+        parts += [table(["K and V", "perplexity", "vs float32 cache", "top-1 = float32 cache's"], body), ""]
     return parts
 
 
@@ -692,7 +705,7 @@ def _sparse_decode_section(rows, ctx: Context) -> list[str]:
 # The report, in order: declared sections (drawn by Section.render) and the sections whose layout is their own.
 REPORT = (_preamble, SEQ_SWEEP, _memory_section, ACCURACY, _knob_sections, _tradeoff_section, _timing_comparison,
           TUNING, DECODE, _generation_section, CAUSAL, BLAS_PREFILL, PREFILL_16BIT, _model_section,
-          _sparse_decode_section, serving_section, isa_classes_section)
+          _sparse_decode_section, serving_section, integer_kv_section, isa_classes_section)
 
 
 def write_report(csv_path: str, out_dir: str) -> str:

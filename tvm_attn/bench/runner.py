@@ -20,6 +20,7 @@ from . import ceiling
 from .bandwidth import BYTES as BANDWIDTH_BYTES
 from .bandwidth import read_bandwidth
 from .generation import generation_loop
+from .integer_kv import integer_kv_study
 from .serving import serving_study
 from .inputs import make_inputs, row_entropy
 from .isa import ISAS, BenchIsa
@@ -90,12 +91,14 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
 
 def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, spread: float | None = SPREAD,
                 generation: dict | None = None, model: dict | None = None, sparse_decode: dict | None = None,
-                serving: dict | None = None, log=None, isa: BenchIsa = ISAS["native"]) -> list[dict]:
+                serving: dict | None = None, integer_kv: dict | None = None, log=None,
+                isa: BenchIsa = ISAS["native"]) -> list[dict]:
     """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
     ``model``, those of model_study; given ``sparse_decode``, those of sparse_decode_study; given ``serving``, those
-    of serving_study); write and return the rows. ``spread``: the timer's interquartile-range target
-    (timing.measure_interleaved). Progress goes to ``log`` (default: sys.stderr at the time of the call). ``isa``:
-    the ISA class the kernels are built for (and the peers held to, by ``isa.activate``)."""
+    of serving_study; given ``integer_kv``, those of integer_kv_study); write and return the rows. ``spread``: the
+    timer's interquartile-range target (timing.measure_interleaved). Progress goes to ``log`` (default: sys.stderr at
+    the time of the call). ``isa``: the ISA class the kernels are built for (and the peers held to, by
+    ``isa.activate``)."""
     log = log or sys.stderr
     target = tvm_attn.resolve_target(isa.target)
     key = tvm_attn.target_key(target)
@@ -150,8 +153,8 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
         for row in sparse_decode_study(log=log, **sparse_decode):
             row.update(threads=n_threads, target=key)
             rows.append(row)
-    if serving is not None:
-        for row in serving_study(log=log, **serving):
+    for study, kwargs in ((serving_study, serving), (integer_kv_study, integer_kv)):
+        for row in study(log=log, **kwargs) if kwargs is not None else ():
             row.update(threads=n_threads, target=key)
             rows.append(row)
     with open(out_csv, "w", newline="") as f:

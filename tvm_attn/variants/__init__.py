@@ -59,6 +59,9 @@ class Variant:
     # Paths whose compute takes float16_products=True: float16 QK^T in NEON fmlal (schedules/float16_products.py)
     # on targets that have it.
     float16_product_paths: frozenset = frozenset()
+    # Paths whose compute reads integer K and V (KernelSpec.kv_dtype, tvm_attn/quantized_kv.py) as codes and row
+    # scales, (q, k, v, k_scale, v_scale, out): what an integer KVCache runs (it dequantizes for the other kernels).
+    integer_kv_paths: frozenset = frozenset()
     # Dense prefill with its tiles' matmuls in a BLAS (schedule="blas"): (KernelSpec, blas.Blas) -> PrimFunc.
     blas_compute: Callable | None = None
     blas_schedule: Callable | None = None
@@ -80,11 +83,12 @@ class Variant:
 
     def computes_in_pairs(self, path: str, kspec, target) -> bool:
         """Whether the kernel serving ``path`` for ``kspec`` on ``target`` computes in bfloat16 pair products."""
-        return path in self.pair_paths and uses_pair_products(kspec, target)
+        return path in self.pair_paths and kspec.kv_dtype is None and uses_pair_products(kspec, target)
 
     def computes_in_float16_products(self, path: str, kspec, target) -> bool:
         """Whether the kernel serving ``path`` for ``kspec`` on ``target`` computes float16 products unwidened."""
-        return path in self.float16_product_paths and uses_float16_products(kspec, target)
+        return (path in self.float16_product_paths and kspec.kv_dtype is None
+                and uses_float16_products(kspec, target))
 
     def compute_for(self, path: str, kspec, target):
         """The PrimFunc of the kernel serving ``path`` for ``kspec`` on ``target`` (generic over batch and
@@ -126,6 +130,11 @@ def uses_float16_products(kspec, target) -> bool:
             and has_float16_products(capabilities(target if target is not None else "host")))
 
 
+def integer_kv_variants() -> list[str]:
+    """The variants with a kernel reading integer K and V."""
+    return [v.name for v in VARIANTS.values() if v.integer_kv_paths]
+
+
 def variant_using(knob: str) -> str:
     """The variants whose pruning knob is ``knob``, quoted for messages: "'topk'", "'mass' or 'bounded'"."""
     return " or ".join(repr(v.name) for v in VARIANTS.values() if v.knob == knob)
@@ -139,7 +148,7 @@ def _on_scores(keep):
 # The dense variants compute one function: their decode calls share the split-KV kernel, and their prefill the
 # BLAS-backed one (schedule="blas") and the SME one (schedule="sme").
 DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
-                    float16_product_paths=frozenset({"decode"}),
+                    float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
                     blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
                     sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)

@@ -17,7 +17,7 @@ from ..spec import KernelSpec
 # The kernels assume only element alignment of their arguments (the element's bytes): numpy and torch tensors,
 # strided views into a KV cache and slices at any offset are passed without a copy (unaligned vector loads cost
 # nothing on aligned data).
-ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def ceil_div(a, b: int):
@@ -53,6 +53,13 @@ def bhsd(handle, batch, heads, seq, head_dim: int, dtype: str):
     """A (batch, heads, seq, head_dim) argument: any strides but a contiguous last axis, element alignment."""
     return T.match_buffer(handle, (batch, heads, seq, head_dim), dtype,
                           strides=(T.int32(), T.int32(), T.int32(), 1), align=ELEMENT_BYTES[dtype], offset_factor=1)
+
+
+def row_scales(handle, batch, kv_heads, seq):
+    """The float32 scale of each row of integer K or V (tvm_attn/quantized_kv.py): (batch, kv_heads, seq), any
+    strides but a contiguous last axis."""
+    return T.match_buffer(handle, (batch, kv_heads, seq), ACC, strides=(T.int32(), T.int32(), 1), align=4,
+                          offset_factor=1)
 
 
 class Visibility:
@@ -197,12 +204,13 @@ def update_output(acc, O, alpha, l, t_sum, rows, head_dim):
 
 @T.macro
 def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
-                        row0, sees, all_see, neg, zero, one):
+                        row0, sees, all_see, neg, zero, one, v_scale=None):
     """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
     are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
     exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added (``softmax_weights`` says what sees and
     all_see are). Keys past seq_kv have P = 0 and read the last row of v (a predicate in pv, seq_kv being a
-    run-time size, would stay in the micro-kernel's inner loop)."""
+    run-time size, would stay in the micro-kernel's inner loop). ``v_scale`` (integer V: codes with a scale per
+    key, (batch, kv_heads, seq_kv)) multiplies each key's weight in P V."""
     softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero, one,
                     softmax_exp)
     for ri, jj, d in T.grid(rows, block_kv, head_dim):
@@ -210,7 +218,11 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
             r, j, dd = T.axis.remap("SRS", [ri, jj, d])
             with T.init():
                 O[r, dd] = zero
-            O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+            if v_scale is None:
+                O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+            else:
+                O[r, dd] = O[r, dd] + P[r, j] * v_scale[vb, vkh, T.min(key0 + j, seq_kv - 1)] * \
+                    widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
     update_output(acc, O, alpha, l, t_sum, rows, head_dim)
 
 

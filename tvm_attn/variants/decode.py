@@ -34,7 +34,8 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, BF16_BITS, LANE_SUM_LANES, Visibility, bhsd, bits_of, ceil_div, fresh_block_names,
-                     init_online_softmax, online_softmax_tile, row_output, run_time_sizes, sum_lanes, widen)
+                     init_online_softmax, online_softmax_tile, row_output, row_scales, run_time_sizes, sum_lanes,
+                     widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,9 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
     if float16_products and (kspec.dtype != "float16" or kspec.head_dim % LANES or pairs):
         raise ValueError(f"float16 products need float16 inputs, a head_dim multiple of {LANES} and no pairs, got "
                          f"{kspec.dtype} head_dim={kspec.head_dim} pairs={pairs}")
+    quantized = kspec.kv_dtype is not None
+    if quantized and (pairs or float16_products):
+        raise ValueError(f"{kspec.kv_dtype} K and V are read as codes: no pair or float16 products")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
@@ -111,6 +115,151 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
         first = T.max(s * TPC, vis.first_tile(i, BK))
         return first, T.max(first, T.min(T.min((s + 1) * TPC, NK), vis.end_tile(i, BK)))
 
+    @T.macro
+    def body(q, k, v, k_scale, v_scale, out):
+        m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
+        l_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
+        o_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G, D), ACC)
+        merged_max = T.sblock_alloc_buffer((B, H, SQ), ACC)
+        weight = T.sblock_alloc_buffer((B, H, SQ, NSR), ACC)
+        merged_sum = T.sblock_alloc_buffer((B, H, SQ), ACC)
+        merged_acc = T.sblock_alloc_buffer((B, H, SQ, D), ACC)
+        for b, kh, s in T.grid(B, KVH, NSR):
+            with T.sblock("split"):
+                vb, vkh, vs = T.axis.remap("SSS", [b, kh, s])
+                if quantized:
+                    T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D],
+                            k_scale[vb, vkh, 0:SKV], v_scale[vb, vkh, 0:SKV])
+                else:
+                    T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D])
+                T.writes(m_part[vb, vkh, vs, 0:SQ, 0:G], l_part[vb, vkh, vs, 0:SQ, 0:G],
+                         o_part[vb, vkh, vs, 0:SQ, 0:G, 0:D])
+                q_rows = T.sblock_alloc_buffer((G, DP), Q_ROWS)
+                part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
+                half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
+                half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
+                half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
+                S = T.sblock_alloc_buffer((G, BK), ACC)
+                code_dots = T.sblock_alloc_buffer((G, BK), ACC)  # integer K: q . codes, before the keys' scales
+                P = T.sblock_alloc_buffer((G, BK), ACC)
+                O = T.sblock_alloc_buffer((G, D), ACC)
+                m = T.sblock_alloc_buffer((G,), ACC)
+                t_max = T.sblock_alloc_buffer((G,), ACC)
+                t_sum = T.sblock_alloc_buffer((G,), ACC)
+                alpha = T.sblock_alloc_buffer((G,), ACC)
+                l = T.sblock_alloc_buffer((G,), ACC)
+                acc = T.sblock_alloc_buffer((G, D), ACC)
+                for i in range(SQ):
+                    with T.sblock("query"):
+                        vi = T.axis.opaque(SQ, i)
+                        for g, d in T.grid(G, DP):
+                            with T.sblock("q_rows"):
+                                vg, vd = T.axis.remap("SS", [g, d])
+                                if pairs:  # DP == D
+                                    q_rows[vg, vd] = bits_of(q[vb, vkh * G + vg, vi, vd])
+                                elif float16_products:  # DP == D
+                                    q_rows[vg, vd] = q[vb, vkh * G + vg, vi, vd]
+                                else:
+                                    q_rows[vg, vd] = T.if_then_else(
+                                        vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
+                        init_online_softmax(m, l, acc, G, D, NEG, ZERO)
+                        for t in range(tile_range(vs, vi)[0], tile_range(vs, vi)[1]):
+                            with T.sblock("kv_tile"):
+                                vt = T.axis.opaque(NK, t)
+                                if pairs:
+                                    for g, jj, c, lane, t2 in T.grid(G, BK, DP // STEP, LANES, 2):
+                                        with T.sblock("qk_part"):
+                                            vg, j, vc, vl, vt2 = T.axis.remap("SSRSR", [g, jj, c, lane, t2])
+                                            with T.init():
+                                                part[vg, j, vl] = ZERO
+                                            part[vg, j, vl] = part[vg, j, vl] + widen(
+                                                q_rows[vg, vc * STEP + vl * 2 + vt2]) * widen(
+                                                k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * STEP + vl * 2 + vt2])
+                                elif float16_products:
+                                    for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                        with T.sblock("qk_part"):
+                                            vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                            with T.init():
+                                                part[vg, j, vl] = ZERO
+                                            part[vg, j, vl] = part[vg, j, vl] + widen(
+                                                q_rows[vg, vc * LANES + vl]) * widen(
+                                                k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * LANES + vl])
+                                else:
+                                    for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
+                                        with T.sblock("qk_part"):
+                                            vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
+                                            with T.init():
+                                                part[vg, j, vl] = ZERO
+                                            # Keys past seq_kv read the last key; tile_max and p mask them.
+                                            part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * \
+                                                widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
+                                if quantized:
+                                    sum_lanes(part, half8, half4, half2, code_dots, G, BK, score)
+                                    for g, jj in T.grid(G, BK):
+                                        with T.sblock("qk_scale"):
+                                            vg, j = T.axis.remap("SS", [g, jj])
+                                            S[vg, j] = code_dots[vg, j] * k_scale[vb, vkh, T.min(vt * BK + j, SKV - 1)]
+                                else:
+                                    sum_lanes(part, half8, half4, half2, S, G, BK, score)
+                                online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
+                                                    BK, D, SKV, vi, query_sees,
+                                                    vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE,
+                                                    v_scale)
+                        for g, d in T.grid(G, D):
+                            with T.sblock("save_acc"):
+                                vg, vd = T.axis.remap("SS", [g, d])
+                                o_part[vb, vkh, vs, vi, vg, vd] = acc[vg, vd]
+                        for g in range(G):
+                            with T.sblock("save_stats"):
+                                vg = T.axis.spatial(G, g)
+                                m_part[vb, vkh, vs, vi, vg] = m[vg]
+                                l_part[vb, vkh, vs, vi, vg] = l[vg]
+        for b, h, i, s in T.grid(B, H, SQ, NSR):
+            with T.sblock("merge_max"):
+                vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
+                with T.init():
+                    merged_max[vb, vh, vi] = NEG
+                merged_max[vb, vh, vi] = T.max(merged_max[vb, vh, vi], m_part[vb, vh // G, vs, vi, vh % G])
+        for b, h, i, s in T.grid(B, H, SQ, NSR):
+            with T.sblock("merge_weight"):
+                vb, vh, vi, vs = T.axis.remap("SSSS", [b, h, i, s])
+                weight[vb, vh, vi, vs] = softmax_exp(m_part[vb, vh // G, vs, vi, vh % G] - merged_max[vb, vh, vi])
+        for b, h, i, s in T.grid(B, H, SQ, NSR):
+            with T.sblock("merge_sum"):
+                vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
+                with T.init():
+                    merged_sum[vb, vh, vi] = ZERO
+                merged_sum[vb, vh, vi] = merged_sum[vb, vh, vi] + \
+                    l_part[vb, vh // G, vs, vi, vh % G] * weight[vb, vh, vi, vs]
+        for b, h, i, d, s in T.grid(B, H, SQ, D, NSR):
+            with T.sblock("merge_acc"):
+                vb, vh, vi, vd, vs = T.axis.remap("SSSSR", [b, h, i, d, s])
+                with T.init():
+                    merged_acc[vb, vh, vi, vd] = ZERO
+                merged_acc[vb, vh, vi, vd] = merged_acc[vb, vh, vi, vd] + \
+                    o_part[vb, vh // G, vs, vi, vh % G, vd] * weight[vb, vh, vi, vs]
+        for b, h, i, d in T.grid(B, H, SQ, D):
+            with T.sblock("out"):
+                vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
+                                                 merged_max[vb, vh, vi], dtype)
+
+    if quantized:
+        @T.prim_func(s_tir=True)
+        def decode_integer_kv(q_h: T.handle, k_h: T.handle, v_h: T.handle, k_scale_h: T.handle, v_scale_h: T.handle,
+                              out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            q = bhsd(q_h, B, H, SQ, D, dtype)
+            k = bhsd(k_h, B, KVH, SKV, D, kspec.kv_dtype)
+            v = bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype)
+            k_scale = row_scales(k_scale_h, B, KVH, SKV)
+            v_scale = row_scales(v_scale_h, B, KVH, SKV)
+            out = bhsd(out_h, B, H, SQ, D, dtype)
+            with T.sblock("root"):
+                body(q, k, v, k_scale, v_scale, out)
+
+        return decode_integer_kv
+
     @T.prim_func(s_tir=True)
     def decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
@@ -119,118 +268,6 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), pairs: boo
         v = bhsd(v_h, B, KVH, SKV, D, dtype)
         out = bhsd(out_h, B, H, SQ, D, dtype)
         with T.sblock("root"):
-            m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
-            l_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
-            o_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G, D), ACC)
-            merged_max = T.sblock_alloc_buffer((B, H, SQ), ACC)
-            weight = T.sblock_alloc_buffer((B, H, SQ, NSR), ACC)
-            merged_sum = T.sblock_alloc_buffer((B, H, SQ), ACC)
-            merged_acc = T.sblock_alloc_buffer((B, H, SQ, D), ACC)
-            for b, kh, s in T.grid(B, KVH, NSR):
-                with T.sblock("split"):
-                    vb, vkh, vs = T.axis.remap("SSS", [b, kh, s])
-                    T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D])
-                    T.writes(m_part[vb, vkh, vs, 0:SQ, 0:G], l_part[vb, vkh, vs, 0:SQ, 0:G],
-                             o_part[vb, vkh, vs, 0:SQ, 0:G, 0:D])
-                    q_rows = T.sblock_alloc_buffer((G, DP), Q_ROWS)
-                    part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
-                    half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
-                    half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
-                    half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
-                    S = T.sblock_alloc_buffer((G, BK), ACC)
-                    P = T.sblock_alloc_buffer((G, BK), ACC)
-                    O = T.sblock_alloc_buffer((G, D), ACC)
-                    m = T.sblock_alloc_buffer((G,), ACC)
-                    t_max = T.sblock_alloc_buffer((G,), ACC)
-                    t_sum = T.sblock_alloc_buffer((G,), ACC)
-                    alpha = T.sblock_alloc_buffer((G,), ACC)
-                    l = T.sblock_alloc_buffer((G,), ACC)
-                    acc = T.sblock_alloc_buffer((G, D), ACC)
-                    for i in range(SQ):
-                        with T.sblock("query"):
-                            vi = T.axis.opaque(SQ, i)
-                            for g, d in T.grid(G, DP):
-                                with T.sblock("q_rows"):
-                                    vg, vd = T.axis.remap("SS", [g, d])
-                                    if pairs:  # DP == D
-                                        q_rows[vg, vd] = bits_of(q[vb, vkh * G + vg, vi, vd])
-                                    elif float16_products:  # DP == D
-                                        q_rows[vg, vd] = q[vb, vkh * G + vg, vi, vd]
-                                    else:
-                                        q_rows[vg, vd] = T.if_then_else(
-                                            vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
-                            init_online_softmax(m, l, acc, G, D, NEG, ZERO)
-                            for t in range(tile_range(vs, vi)[0], tile_range(vs, vi)[1]):
-                                with T.sblock("kv_tile"):
-                                    vt = T.axis.opaque(NK, t)
-                                    if pairs:
-                                        for g, jj, c, lane, t2 in T.grid(G, BK, DP // STEP, LANES, 2):
-                                            with T.sblock("qk_part"):
-                                                vg, j, vc, vl, vt2 = T.axis.remap("SSRSR", [g, jj, c, lane, t2])
-                                                with T.init():
-                                                    part[vg, j, vl] = ZERO
-                                                part[vg, j, vl] = part[vg, j, vl] + widen(
-                                                    q_rows[vg, vc * STEP + vl * 2 + vt2]) * widen(
-                                                    k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * STEP + vl * 2 + vt2])
-                                    elif float16_products:
-                                        for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
-                                            with T.sblock("qk_part"):
-                                                vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
-                                                with T.init():
-                                                    part[vg, j, vl] = ZERO
-                                                part[vg, j, vl] = part[vg, j, vl] + widen(
-                                                    q_rows[vg, vc * LANES + vl]) * widen(
-                                                    k[vb, vkh, T.min(vt * BK + j, SKV - 1), vc * LANES + vl])
-                                    else:
-                                        for g, jj, c, lane in T.grid(G, BK, DP // LANES, LANES):
-                                            with T.sblock("qk_part"):
-                                                vg, j, vc, vl = T.axis.remap("SSRS", [g, jj, c, lane])
-                                                with T.init():
-                                                    part[vg, j, vl] = ZERO
-                                                # Keys past seq_kv read the last key; tile_max and p mask them.
-                                                part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * \
-                                                    widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
-                                    sum_lanes(part, half8, half4, half2, S, G, BK, score)
-                                    online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
-                                                        BK, D, SKV, vi, query_sees,
-                                                        vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE)
-                            for g, d in T.grid(G, D):
-                                with T.sblock("save_acc"):
-                                    vg, vd = T.axis.remap("SS", [g, d])
-                                    o_part[vb, vkh, vs, vi, vg, vd] = acc[vg, vd]
-                            for g in range(G):
-                                with T.sblock("save_stats"):
-                                    vg = T.axis.spatial(G, g)
-                                    m_part[vb, vkh, vs, vi, vg] = m[vg]
-                                    l_part[vb, vkh, vs, vi, vg] = l[vg]
-            for b, h, i, s in T.grid(B, H, SQ, NSR):
-                with T.sblock("merge_max"):
-                    vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
-                    with T.init():
-                        merged_max[vb, vh, vi] = NEG
-                    merged_max[vb, vh, vi] = T.max(merged_max[vb, vh, vi], m_part[vb, vh // G, vs, vi, vh % G])
-            for b, h, i, s in T.grid(B, H, SQ, NSR):
-                with T.sblock("merge_weight"):
-                    vb, vh, vi, vs = T.axis.remap("SSSS", [b, h, i, s])
-                    weight[vb, vh, vi, vs] = softmax_exp(m_part[vb, vh // G, vs, vi, vh % G] - merged_max[vb, vh, vi])
-            for b, h, i, s in T.grid(B, H, SQ, NSR):
-                with T.sblock("merge_sum"):
-                    vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
-                    with T.init():
-                        merged_sum[vb, vh, vi] = ZERO
-                    merged_sum[vb, vh, vi] = merged_sum[vb, vh, vi] + \
-                        l_part[vb, vh // G, vs, vi, vh % G] * weight[vb, vh, vi, vs]
-            for b, h, i, d, s in T.grid(B, H, SQ, D, NSR):
-                with T.sblock("merge_acc"):
-                    vb, vh, vi, vd, vs = T.axis.remap("SSSSR", [b, h, i, d, s])
-                    with T.init():
-                        merged_acc[vb, vh, vi, vd] = ZERO
-                    merged_acc[vb, vh, vi, vd] = merged_acc[vb, vh, vi, vd] + \
-                        o_part[vb, vh // G, vs, vi, vh % G, vd] * weight[vb, vh, vi, vs]
-            for b, h, i, d in T.grid(B, H, SQ, D):
-                with T.sblock("out"):
-                    vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
-                    out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
-                                                     merged_max[vb, vh, vi], dtype)
+            body(q, k, v, None, None, out)
 
     return decode
