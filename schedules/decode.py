@@ -55,29 +55,47 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
 
 
 def value_rows_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, lanes: int,
-                            row: int = -3) -> None:
+                            row: int = -3, rows_first: bool = False) -> None:
     """Block ``name`` (loops (row, key, d), key the reduction; ``row`` indexes the row loop when more reduction
     loops precede the key's) accumulates P V for a few query rows: whole V rows per key (up to 8 vectors, as the
     registers allow) keep the reads in memory order; fewer rows then keep the accumulators within the vector
-    registers."""
-    vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock(name))[-1]).extent.value // lanes))
-    rows = max(1, 16 // vectors)
+    registers. ``rows_first`` (V widened from integer codes): every row (up to 8) instead, fewer vectors, so each
+    V vector is widened once for all rows."""
+    loops = sch.get_loops(sch.get_sblock(name))
+    vectors = min(8, max(1, sch.get(loops[-1]).extent.value // lanes))
+    rows = min(8, sch.get(loops[row]).extent.value) if rows_first else max(1, 16 // vectors)
     while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
-        rows, vectors = (rows // 2, vectors) if rows > 1 else (rows, vectors // 2)
+        shrink_rows = rows > 1 and not (rows_first and vectors > 1)
+        rows, vectors = (rows // 2, vectors) if shrink_rows else (rows, vectors // 2)
     register_blocked_matmul(sch, name, row=row, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
+
+
+def key_vectors_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, lanes: int) -> None:
+    """Block ``name`` (loops (row, key, d), d the reduction) computes q . k with the keys along the lanes: every row
+    of the group (up to 8) in registers, so each vector of K's codes is widened once for all of them, and as many
+    key vectors as the registers then hold."""
+    loops = sch.get_loops(sch.get_sblock(name))
+    rows = min(8, sch.get(loops[-3]).extent.value)
+    vectors = min(8, max(1, sch.get(loops[-2]).extent.value // lanes))
+    while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
+        rows, vectors = (rows, vectors // 2) if vectors > 1 else (rows // 2, vectors)
+    register_blocked_matmul(sch, name, row=-3, col=-2, red=-1, lanes=lanes, limit=RegisterBlock(rows, vectors))
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
     caps, lanes = schedule_target(target)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
-    dot_product_micro_kernel(sch, "qk_part", caps)
-    value_rows_micro_kernel(sch, "pv", caps, lanes)
+    integer = has_block(sch, "qk_codes")
+    if integer:  # integer K: keys along the lanes
+        key_vectors_micro_kernel(sch, "qk_codes", caps, lanes)
+    else:
+        dot_product_micro_kernel(sch, "qk_part", caps)
+    value_rows_micro_kernel(sch, "pv", caps, lanes, rows_first=integer)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
-    for name in ("qk_half8", "qk_half4", "qk_half2", "p"):
+    for name in ("qk_scale",) if integer else ("qk_half8", "qk_half4", "qk_half2"):
         vectorize_last(sch, name, lanes)
-    if has_block(sch, "qk_scale"):  # integer K: the scores times the keys' scales
-        vectorize_last(sch, "qk_scale", lanes)
+    vectorize_last(sch, "p", lanes)
     for name in ("q_rows", "init_acc", "save_acc"):
         vectorize_last(sch, name, lanes)
     b, h, i, d, s = sch.get_loops(sch.get_sblock("merge_acc"))

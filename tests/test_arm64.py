@@ -142,9 +142,9 @@ def emulated(emulator_ready, tmp_path_factory):
         shadowed = cache.shadow is not None
         kernel = (build_shadow if shadowed else tvm_attn.build)(variant, spec, target=TARGET)
         out = np.zeros(spec.q_shape, numpy_dtype(spec.dtype))
-        extra = cache.shadow.views(cache.length) if shadowed else cache.scales if cache.integer else ()
-        emulator.call(f"cache-{variant}-{dtype}", kernel.executable,
-                      kernel.arguments(q, cache.k, cache.v, out, extra), outputs=[-1])
+        k, v, extra = cache.kernel_inputs(kernel, 1)  # (an int8 cache's codes in blocks and its scales)
+        emulator.call(f"cache-{variant}-{dtype}", kernel.executable, kernel.arguments(q, k, v, out, extra),
+                      outputs=[-1])
         k, v = cache.dequantized() if cache.integer else (cache.k.copy(), cache.v.copy())
         given[f"cache-{variant}-{dtype}"] = (dataclasses.replace(spec, kv_dtype=None), q, k, v)
     for dtype in ("float32", "bfloat16"):

@@ -29,6 +29,23 @@ def test_quantize_rounds_each_row_to_its_scale():
     assert (error <= scales[..., None] * (0.5 + 1e-5)).all()  # half a step, float32 rounding aside
 
 
+def test_key_codes_in_blocks_of_positions():
+    """K's codes go into blocks of KEY_BLOCK positions (dimension-major) and come back by position, across block
+    edges and from any start."""
+    rng = np.random.default_rng(2)
+    block = quantized_kv.KEY_BLOCK
+    codes = rng.integers(-127, 128, (2, 3, 3 * block + 31, 8)).astype(np.int8)
+    blocks = np.zeros((2, 3, 4, 8, block), np.int8)
+    start = 0
+    for n in (37, 1, block + 26, 30, block + 1):  # appends that start and end mid-block: 3 * block + 31
+        quantized_kv.write_key_codes(blocks, codes[:, :, start:start + n], start)
+        start += n
+    np.testing.assert_array_equal(quantized_kv.key_codes(blocks, 0, start), codes)
+    np.testing.assert_array_equal(quantized_kv.key_codes(blocks, block + 3, 2 * block + 1),
+                                  codes[:, :, block + 3:2 * block + 1])
+    np.testing.assert_array_equal(blocks[0, 1, 1, :, 5], codes[0, 1, block + 5])
+
+
 def test_quantize_zero_and_non_finite_rows():
     x = np.zeros((4, 8), np.float32)
     x[1, 3] = np.nan

@@ -40,6 +40,13 @@ from .variants import get_variant, path_for
 ALIGNMENT = 64
 
 
+def aligned_zeros(shape: tuple, dtype) -> np.ndarray:
+    """A zero-filled array of ``shape`` whose data is ALIGNMENT-byte aligned."""
+    array = aligned_empty(shape, dtype, ALIGNMENT)
+    array.fill(0)
+    return array
+
+
 def padded_groups(runs: list[tuple[int, int]], n_q: int,
                   length: int) -> list[tuple[int, int, int, int, slice]]:
     """Padded batch rows grouped for kernel calls: (first row, end row, lo, hi, query rows) per run of consecutive
@@ -88,12 +95,16 @@ class KVCache:
         # What q, k, v and the output are: the cache's own dtype, float32 for an integer cache.
         self.input_dtype = DTYPE if self.integer else dtype
         shape = (self.batch, self.kv_heads, self.capacity, self.head_dim)
-        stored = quantized_kv.CODE_DTYPE[dtype] if self.integer else numpy_dtype(dtype)
-        self._k = aligned_empty(shape, stored, ALIGNMENT)
-        self._v = aligned_empty(shape, stored, ALIGNMENT)
-        if self.integer:
-            self._k_scale = aligned_empty(shape[:3], np.float32, ALIGNMENT)
-            self._v_scale = aligned_empty(shape[:3], np.float32, ALIGNMENT)
+        if self.integer:  # K's codes in blocks of positions (quantized_kv), zeros past the filled part
+            blocks = quantized_kv.key_blocks(self.capacity)
+            self._k = aligned_zeros((*shape[:2], blocks, self.head_dim, quantized_kv.KEY_BLOCK),
+                                    quantized_kv.CODE_DTYPE[dtype])
+            self._v = aligned_zeros(shape, quantized_kv.CODE_DTYPE[dtype])
+            self._k_scale = aligned_zeros((*shape[:2], blocks * quantized_kv.KEY_BLOCK), np.float32)
+            self._v_scale = aligned_zeros(shape[:3], np.float32)
+        else:
+            self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
+            self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
         if shadow is not None and not isinstance(shadow, (bool, np.bool_)):
             raise TypeError(f"shadow must be True, False or None (built when first needed), got {shadow!r}")
         if shadow and self.integer:
@@ -112,13 +123,15 @@ class KVCache:
 
     @property
     def k(self) -> np.ndarray:
-        """The filled part of K, (batch, kv_heads, length, head_dim): a view, not a copy (an integer cache's
-        codes)."""
+        """The filled part of K, (batch, kv_heads, length, head_dim): a view, not a copy (an integer cache's codes,
+        a copy: they are stored in blocks of positions)."""
+        if self.integer:
+            return quantized_kv.key_codes(self._k, 0, self._length)
         return self._k[:, :, : self._length]
 
     @property
     def v(self) -> np.ndarray:
-        """The filled part of V: a view."""
+        """The filled part of V: a view (an integer cache's codes)."""
         return self._v[:, :, : self._length]
 
     @property
@@ -140,7 +153,8 @@ class KVCache:
     @property
     def buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole K and V buffers, (batch, kv_heads, capacity, head_dim): positions from ``length`` on are
-        unfilled. For wrappers that keep their own views of the memory (e.g. torch tensors)."""
+        unfilled. For wrappers that keep their own views of the memory (e.g. torch tensors). (An integer cache's
+        codes: K's in blocks, (batch, kv_heads, blocks, head_dim, quantized_kv.KEY_BLOCK).)"""
         return self._k, self._v
 
     def __repr__(self) -> str:
@@ -165,8 +179,10 @@ class KVCache:
                              f"{self.capacity} ({self.capacity - self._length} left); nothing was written")
         end = self._length + n
         if self.integer:
-            for x, codes, scales in ((k, self._k, self._k_scale), (v, self._v, self._v_scale)):
-                codes[:, :, self._length:end], scales[:, :, self._length:end] = quantized_kv.quantize(x, self.dtype)
+            k_codes, self._k_scale[:, :, self._length:end] = quantized_kv.quantize(k, self.dtype)
+            quantized_kv.write_key_codes(self._k, k_codes, self._length)
+            self._v[:, :, self._length:end], self._v_scale[:, :, self._length:end] = quantized_kv.quantize(v,
+                                                                                                         self.dtype)
         else:
             self._k[:, :, self._length:end] = k
             self._v[:, :, self._length:end] = v
@@ -223,18 +239,33 @@ class KVCache:
         """Run ``kernel`` for q of batch rows ``rows`` over their positions first..end-1: K and V as stored (with
         the shadow or the row scales the kernel reads), or dequantized, from the first key a query sees, for a
         float kernel on an integer cache."""
-        k, v, extra = self._k[rows, :, first:end], self._v[rows, :, first:end], ()
-        if kernel.path == "shadow":
-            keys = self.shadow or self._build_shadow()
-            extra = tuple(dlpack_argument(x) for x in keys.views(self._length))
-        elif self.integer and kernel.kernel_spec.kv_dtype is not None:
-            extra = (self._k_scale[rows, :, first:end], self._v_scale[rows, :, first:end])
-        elif self.integer:
-            skip = 0 if get_variant(kernel.variant).blocks_from_key0 else \
-                first_visible_key(kernel.kernel_spec, q.shape[2], end - first)
-            k = quantized_kv.dequantize(k[:, :, skip:], self._k_scale[rows, :, first + skip:end])
-            v = quantized_kv.dequantize(v[:, :, skip:], self._v_scale[rows, :, first + skip:end])
+        k, v, extra = self.kernel_inputs(kernel, q.shape[2], rows, first, end)
         kernel.launch(q, k, v, out, extra)
+
+    def kernel_inputs(self, kernel: Kernel, n_q: int, rows: slice = slice(None), first: int = 0,
+                      end: int | None = None) -> tuple:
+        """(k, v, extra) as ``kernel.launch`` takes them for n_q query rows of batch rows ``rows`` over positions
+        first..end-1 (default: the filled part): K and V as stored, with the shadow of K or the row scales the
+        kernel reads (an integer cache's codes from position 0 only: K is stored in blocks), or, for a float kernel
+        on an integer cache, K and V dequantized from the first key a query sees."""
+        end = self._length if end is None else end
+        if not self.integer:
+            k, v = self._k[rows, :, first:end], self._v[rows, :, first:end]
+            if kernel.path != "shadow":
+                return k, v, ()
+            keys = self.shadow or self._build_shadow()
+            return k, v, tuple(dlpack_argument(x) for x in keys.views(self._length))
+        if kernel.kernel_spec.kv_dtype is not None:
+            if first:
+                raise ValueError(f"an integer kernel reads K's codes from position 0, got first={first}")
+            blocks = quantized_kv.key_blocks(end)
+            return (self._k[rows, :, :blocks], self._v[rows, :, :end],
+                    (self._k_scale[rows, :, :blocks * quantized_kv.KEY_BLOCK], self._v_scale[rows, :, :end]))
+        if not get_variant(kernel.variant).blocks_from_key0:
+            first += first_visible_key(kernel.kernel_spec, n_q, end - first)
+        return (quantized_kv.dequantize(quantized_kv.key_codes(self._k[rows], first, end),
+                                        self._k_scale[rows, :, first:end]),
+                quantized_kv.dequantize(self._v[rows, :, first:end], self._v_scale[rows, :, first:end]), ())
 
     def _runs(self, attention_mask) -> list[tuple[int, int]]:
         """(first, end) of each row's run of ones in ``attention_mask``; ValueError naming the row otherwise."""
@@ -263,7 +294,9 @@ class KVCache:
         for *_, rows in groups:  # every kernel first: a refusal computes nothing
             kernel = None
             if rows.stop > rows.start:
-                kernel = self._kernel(variant, heads, rows.stop - rows.start, causal, scale, window, schedule, knob)
+                # (an integer cache's codes are read from position 0 on: padded rows get dequantized K and V)
+                kernel = self._kernel(variant, heads, rows.stop - rows.start, causal, scale, window, schedule, knob,
+                                      codes=False)
                 if kernel.path == "shadow":
                     raise ValueError(f"variant {variant!r} reads the cache's shadow of K, which does not take "
                                      f"attention_mask: make the cache with shadow=False for padded batches")
@@ -275,8 +308,8 @@ class KVCache:
                 self._launch(kernel, as_kernel_argument(q[b:last, :, rows]), slice(b, last), first, end,
                              out[b:last, :, rows])
 
-    def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob) -> Kernel:
-        key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())))
+    def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob, codes: bool = True) -> Kernel:
+        key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:
             unknown = set(knob) - set(KNOBS)
@@ -290,7 +323,7 @@ class KVCache:
             v = get_variant(variant)
             # An integer cache's decode calls of the variants that read its codes do; the others get dequantized K
             # and V.
-            reads_codes = self.integer and path_for(n_q) in v.integer_kv_paths
+            reads_codes = self.integer and codes and path_for(n_q) in v.integer_kv_paths
             spec = AttentionSpec(batch=self.batch, heads=heads, kv_heads=self.kv_heads, seq_q=n_q,
                                  seq_kv=self._length, head_dim=self.head_dim, causal=causal, window=window,
                                  scale=scale, dtype=self.input_dtype, kv_dtype=self.dtype if reads_codes else None,

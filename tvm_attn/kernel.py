@@ -227,14 +227,13 @@ class Kernel:
     def arguments(self, q, k, v, out, shadow: tuple = ()) -> tuple:
         """The runtime function's arguments for a call on numpy arrays or torch tensors already checked and laid out
         as the kernel takes them (``as_kernel_argument``, ``checked_out``): keys before every query's window are
-        dropped (unless the kernel reads a shadow or the variant's blocks start at key 0). ``shadow``: a KVCache's
-        (codes, lo, step), for kernels of the "shadow" path, or the row scales (k_scale, v_scale) of integer K and V
-        (their rows before the window dropped too)."""
-        first = first_visible_key(self.kernel_spec, q.shape[2], k.shape[2])
-        if first and self.path != "shadow" and not get_variant(self.variant).blocks_from_key0:
+        dropped (unless the kernel reads a shadow or integer K, or the variant's blocks start at key 0). ``shadow``:
+        a KVCache's (codes, lo, step), for kernels of the "shadow" path, or the row scales (k_scale, v_scale) of
+        integer K and V (K's codes in blocks of positions: ``KVCache.kernel_inputs``)."""
+        first = first_visible_key(self.kernel_spec, q.shape[2], v.shape[2])
+        if (first and self.path != "shadow" and self.kernel_spec.kv_dtype is None
+                and not get_variant(self.variant).blocks_from_key0):
             k, v = k[:, :, first:], v[:, :, first:]
-            if self.kernel_spec.kv_dtype is not None:
-                shadow = tuple(scale[:, :, first:] for scale in shadow)
         return (q, k, v, *shadow, out)
 
     def launch(self, q, k, v, out, shadow: tuple = ()) -> None:

@@ -12,6 +12,10 @@ whose dequantization is a multiply per key.
 
 A row holding NaN or +-Inf gets a NaN or infinite scale and codes 0: it dequantizes to NaN (0 x Inf), so a
 non-finite input poisons the rows that read it instead of passing as a finite wrong value.
+
+The cache stores K's codes in blocks of KEY_BLOCK positions, dimension-major within a block: (..., blocks, head_dim,
+KEY_BLOCK), so the decode kernel loads a vector of keys' codes per dimension and computes q . k for a vector of keys
+at once, with no sum across lanes. V's codes stay one row per position (P V sums rows of V).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from .spec import KV_DTYPES
 
 LEVELS = 127  # codes -127..127 (symmetric: -128 unused)
+KEY_BLOCK = 64  # positions per block of K's codes (a cache line of codes per dimension)
 CODE_DTYPE = {"int8": np.int8}
 
 
@@ -44,3 +49,29 @@ def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The float32 rows codes (..., head_dim) with scales (...) stand for: what the kernels compute with."""
     with np.errstate(invalid="ignore"):
         return codes.astype(np.float32) * scales[..., None]
+
+
+def key_blocks(n: int) -> int:
+    """Blocks of KEY_BLOCK positions covering n."""
+    return -(-n // KEY_BLOCK)
+
+
+def write_key_codes(blocks: np.ndarray, codes: np.ndarray, start: int) -> None:
+    """Write codes (..., n, head_dim) of positions start.. into K's blocks (..., blocks, head_dim, KEY_BLOCK)."""
+    end = start + codes.shape[-2]
+    position = start
+    while position < end:
+        block, lane = divmod(position, KEY_BLOCK)
+        stop = min(end, (block + 1) * KEY_BLOCK)
+        blocks[..., block, :, lane:lane + stop - position] = np.swapaxes(codes[..., position - start:stop - start, :],
+                                                                          -1, -2)
+        position = stop
+
+
+def key_codes(blocks: np.ndarray, start: int, end: int) -> np.ndarray:
+    """The codes of positions start..end-1 from K's blocks (..., blocks, head_dim, KEY_BLOCK), as (..., n, head_dim)
+    (a copy)."""
+    first, last = start // KEY_BLOCK, key_blocks(end)
+    by_position = np.swapaxes(blocks[..., first:last, :, :], -1, -2)
+    by_position = by_position.reshape(*by_position.shape[:-3], -1, by_position.shape[-1])
+    return np.ascontiguousarray(by_position[..., start - first * KEY_BLOCK:end - first * KEY_BLOCK, :])

@@ -68,7 +68,7 @@ def integer_kv_study(shapes=SHAPES, lengths=LENGTHS, head_dim: int = HEAD_DIM, d
                 turn = itertools.cycle(caches)
                 fns[dtype] = lambda turn=turn, qd=qd, out=outs[dtype]: next(turn).attend(qd, out=out)
                 if dtype in tvm_attn.KV_DTYPES:
-                    codes = [(c.k, c.v) for c in caches]
+                    codes = [c.buffers for c in caches]  # K's codes in blocks of positions, V's by position
                     shape = reader(codes[0][0].nbytes)
                     if shape is not None:
                         read_sum, sums = parallel_sum(*shape), np.empty((shape[0], 8, 16), np.float32)
