@@ -93,7 +93,7 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     value_rows_micro_kernel(sch, "pv", caps, lanes, rows_first=integer)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
-    for name in ("qk_scale",) if integer else ("qk_half8", "qk_half4", "qk_half2"):
+    for name in ("qk_scale", "value_weight") if integer else ("qk_half8", "qk_half4", "qk_half2"):
         vectorize_last(sch, name, lanes)
     vectorize_last(sch, "p", lanes)
     for name in ("q_rows", "init_acc", "save_acc"):

@@ -101,7 +101,7 @@ class KVCache:
                                     quantized_kv.CODE_DTYPE[dtype])
             self._v = aligned_zeros(shape, quantized_kv.CODE_DTYPE[dtype])
             self._k_scale = aligned_zeros((*shape[:2], blocks * quantized_kv.KEY_BLOCK), np.float32)
-            self._v_scale = aligned_zeros(shape[:3], np.float32)
+            self._v_scale = aligned_zeros((*shape[:2], blocks * quantized_kv.KEY_BLOCK), np.float32)
         else:
             self._k = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
             self._v = aligned_empty(shape, numpy_dtype(dtype), ALIGNMENT)
@@ -260,7 +260,7 @@ class KVCache:
                 raise ValueError(f"an integer kernel reads K's codes from position 0, got first={first}")
             blocks = quantized_kv.key_blocks(end)
             return (self._k[rows, :, :blocks], self._v[rows, :, :end],
-                    (self._k_scale[rows, :, :blocks * quantized_kv.KEY_BLOCK], self._v_scale[rows, :, :end]))
+                    tuple(s[rows, :, :blocks * quantized_kv.KEY_BLOCK] for s in (self._k_scale, self._v_scale)))
         if not get_variant(kernel.variant).blocks_from_key0:
             first += first_visible_key(kernel.kernel_spec, n_q, end - first)
         return (quantized_kv.dequantize(quantized_kv.key_codes(self._k[rows], first, end),

@@ -141,7 +141,7 @@ def integer_kv_section(rows, ctx) -> list[str]:
             share = min((s for _, s in ratios if s is not None), default=None)
             if share is not None:
                 met = "met" if share >= GOALS["mha_of_read"] else "not met"
-                verdicts.append(f"{label} {100 * share:.0f}% of the read at worst (goal >= "
+                verdicts.append(f"{label} {100 * share:.2f}% of the read at worst (goal >= "
                                 f"{100 * GOALS['mha_of_read']:.0f}%: {met})")
     if verdicts:
         parts += ["Goals (issue 30): " + "; ".join(verdicts) + ".", ""]

@@ -204,25 +204,34 @@ def update_output(acc, O, alpha, l, t_sum, rows, head_dim):
 
 @T.macro
 def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
-                        row0, sees, all_see, neg, zero, one, v_scale=None):
+                        row0, sees, all_see, neg, zero, one, value_scale=None, weights=None):
     """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
     are computed: m (running max), l (running sum) and acc (unnormalized output) are rescaled by alpha =
     exp(m_old - m_new) and the tile's P = exp(S - m_new) and P V added (``softmax_weights`` says what sees and
     all_see are). Keys past seq_kv have P = 0 and read the last row of v (a predicate in pv, seq_kv being a
-    run-time size, would stay in the micro-kernel's inner loop). ``v_scale`` (integer V: codes with a scale per
-    key, (batch, kv_heads, seq_kv)) multiplies each key's weight in P V."""
+    run-time size, would stay in the micro-kernel's inner loop). ``value_scale`` (integer V: codes with a scale per
+    key): j -> the scale of key key0 + j; P V then weighs each key by its weight times its scale, computed into
+    ``weights`` (rows, block_kv) first."""
     softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero, one,
                     softmax_exp)
-    for ri, jj, d in T.grid(rows, block_kv, head_dim):
-        with T.sblock("pv"):
-            r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-            with T.init():
-                O[r, dd] = zero
-            if v_scale is None:
+    if value_scale is None:
+        for ri, jj, d in T.grid(rows, block_kv, head_dim):
+            with T.sblock("pv"):
+                r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+                with T.init():
+                    O[r, dd] = zero
                 O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
-            else:
-                O[r, dd] = O[r, dd] + P[r, j] * v_scale[vb, vkh, T.min(key0 + j, seq_kv - 1)] * \
-                    widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+    else:
+        for ri, jj in T.grid(rows, block_kv):
+            with T.sblock("value_weight"):
+                r, j = T.axis.remap("SS", [ri, jj])
+                weights[r, j] = P[r, j] * value_scale(j)
+        for ri, jj, d in T.grid(rows, block_kv, head_dim):
+            with T.sblock("pv"):
+                r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+                with T.init():
+                    O[r, dd] = zero
+                O[r, dd] = O[r, dd] + weights[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
     update_output(acc, O, alpha, l, t_sum, rows, head_dim)
 
 

@@ -24,8 +24,8 @@ Blocks (the contract with schedules/decode.py):
       qk_half8, qk_half4, qk_half2, qk
                              the lanes summed pairwise (a tree: LLVM will not reorder a float sum) into S = q k^T
       (integer K instead: qk_codes, per (row, key) q . codes over head_dim; qk_scale, S = that times the key's scale)
-      tile_max, rescale, p, tile_sum, pv, update, update_sum   as in flash (integer V: pv weighs each key by its
-                                                               scale)
+      tile_max, rescale, p, tile_sum, pv, update, update_sum   as in flash (integer V: value_weight, the weights
+                                                               times V's scales, before pv)
     save_acc, save_stats   the chunk's (output, max, sum) per row
   merge_max, merge_weight, merge_sum, merge_acc, out
              the chunks merged: w_c = e^(m_c - M), out = sum_c w_c o_c / sum_c w_c l_c
@@ -140,6 +140,10 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
         """The block of integer K's codes holding key j of tile t (past the last block: the last block)."""
         return T.min(t * (BK // KB) + j // KB, NKB - 1)
 
+    def key_scale(scales, b, kh, t):
+        """j -> the scale of key j of tile t in an integer cache's row scales (padded to whole key blocks)."""
+        return lambda j: scales[b, kh, key_block(t, j) * KB + j % KB]
+
     def tile_range(s, i):
         """The KV tiles of chunk s that query i sees: range(first, end) (empty when none)."""
         first = T.max(s * TPC, vis.first_tile(i, BK))
@@ -159,7 +163,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                 vb, vkh, vs = T.axis.remap("SSS", [b, kh, s])
                 if quantized:
                     T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:NKB, 0:D, 0:KB],
-                            v[vb, vkh, 0:SKV, 0:D], k_scale[vb, vkh, 0:NKB * KB], v_scale[vb, vkh, 0:SKV])
+                            v[vb, vkh, 0:SKV, 0:D], k_scale[vb, vkh, 0:NKB * KB], v_scale[vb, vkh, 0:NKB * KB])
                 else:
                     T.reads(q[vb, vkh * G:vkh * G + G, 0:SQ, 0:D], k[vb, vkh, 0:SKV, 0:D], v[vb, vkh, 0:SKV, 0:D])
                 T.writes(m_part[vb, vkh, vs, 0:SQ, 0:G], l_part[vb, vkh, vs, 0:SQ, 0:G],
@@ -180,6 +184,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                 acc = T.sblock_alloc_buffer((G, D), ACC)
                 if quantized:  # (only then: a float kernel's workload, the key of its tuning records, is unchanged)
                     code_dots = T.sblock_alloc_buffer((G, BK), ACC)  # q . codes, before the keys' scales
+                    weights = T.sblock_alloc_buffer((G, BK), ACC)  # the softmax's weights times V's scales
                 for i in range(SQ):
                     with T.sblock("query"):
                         vi = T.axis.opaque(SQ, i)
@@ -209,8 +214,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                     for g, jj in T.grid(G, BK):
                                         with T.sblock("qk_scale"):
                                             vg, j = T.axis.remap("SS", [g, jj])
-                                            S[vg, j] = code_dots[vg, j] * k_scale[vb, vkh,
-                                                                                  key_block(vt, j) * KB + j % KB]
+                                            S[vg, j] = code_dots[vg, j] * key_scale(k_scale, vb, vkh, vt)(j)
                                 elif pairs:
                                     for g, jj, c, lane, t2 in T.grid(G, BK, DP // STEP, LANES, 2):
                                         with T.sblock("qk_part"):
@@ -240,10 +244,15 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                                 widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
                                 if not quantized:
                                     sum_lanes(part, half8, half4, half2, S, G, BK, score)
-                                online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, G,
-                                                    BK, D, SKV, vi, query_sees,
-                                                    vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE,
-                                                    v_scale)
+                                if quantized:
+                                    online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK,
+                                                        G, BK, D, SKV, vi, query_sees,
+                                                        vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE,
+                                                        key_scale(v_scale, vb, vkh, vt), weights)
+                                else:
+                                    online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK,
+                                                        G, BK, D, SKV, vi, query_sees,
+                                                        vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE)
                         for g, d in T.grid(G, D):
                             with T.sblock("save_acc"):
                                 vg, vd = T.axis.remap("SS", [g, d])
@@ -293,7 +302,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                align=1, offset_factor=1)
             v = bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype)
             k_scale = row_scales(k_scale_h, B, KVH, NKB * KB)
-            v_scale = row_scales(v_scale_h, B, KVH, SKV)
+            v_scale = row_scales(v_scale_h, B, KVH, NKB * KB)
             out = bhsd(out_h, B, H, SQ, D, dtype)
             with T.sblock("root"):
                 body(q, k, v, k_scale, v_scale, out)
