@@ -70,13 +70,14 @@ LANES = LANE_SUM_LANES  # partial sums per dot product, summed by a tree of 4 ha
 
 def default_config(kspec: KernelSpec) -> DecodeConfig:
     """The split the decode kernel of ``kspec`` takes unless given one: DecodeConfig() for float K and V. Integer K
-    and V, measured here (Zen 5, 2 cores, int8 caches rotated through memory, head_dim 128, 4k-16k keys, one
-    process): one query row per KV head takes 64-key tiles (0.89 -> 0.60 ms at 4k keys, 3.96 -> 3.21 ms at 16k
-    against 128-key ones), grouped rows 512-key tiles (0.49 -> 0.40 ms, 1.97 -> 1.47 ms at GQA 32/8; the same time
-    at 32/4)."""
+    and V, measured here (Zen 5, 2 cores, int8 caches rotated through memory, head_dim 128, one process): one query
+    row per KV head takes 64-key tiles (0.89 -> 0.60 ms at 4k keys, 3.96 -> 3.21 ms at 16k against 128-key ones);
+    grouped rows 1024-key tiles (GQA 32/8 at 16k keys: 1.54 ms with 128-key tiles, 1.23 with 256, 1.12 with 512,
+    1.03 with 1024, 1.01 with 2048; at 4k 0.297 ms with 512, 0.283 with 1024). A tile's keys past the cache's end
+    are computed and masked: a 1024-key tile costs short caches up to 1023 keys of work."""
     if kspec.kv_dtype is None:
         return DecodeConfig()
-    return DecodeConfig(block_kv=64 if kspec.group_size == 1 else 512, chunk_keys=2048)
+    return DecodeConfig(block_kv=64 if kspec.group_size == 1 else 1024, chunk_keys=2048)
 
 
 def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool = False,
