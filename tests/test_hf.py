@@ -205,3 +205,43 @@ def test_smollm2_greedy_tokens_identical_to_sdpa():
     assert ours.tokens == sdpa.tokens
     assert tokenizer.decode(ours.tokens[0]).startswith(" Paris")
     assert ours.compiles_during_decode <= 1  # the prompts' rows already took the decode kernel
+
+
+def _round_trip_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """torch SDPA over K and V as an int8 tvm_attn cache stores them (quantized per row, dequantized)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tvm_attn import quantized_kv
+
+    key, value = (torch.from_numpy(quantized_kv.dequantize(*quantized_kv.quantize(x.numpy()))) for x in (key, value))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def test_int8_cache_matches_sdpa_over_the_dequantized_keys(llama):
+    """tvm_attn.hf.Cache(dtype="int8"): prefill logits, a padded batch and greedy generation equal torch SDPA over
+    the same K and V quantized and dequantized (the int8 cache's semantics); the layers keep int8 codes."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    tvm_attn.hf.register()
+    AttentionInterface.register("int8_round_trip", _round_trip_sdpa)
+    AttentionMaskInterface.register("int8_round_trip", sdpa_mask)
+    ids = torch.randint(1, 96, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    ids[mask == 0] = 0
+    cache = tvm_attn.hf.Cache.for_model(llama, capacity=12, dtype="int8")
+    ours = _logits(llama, "tvm_attn", ids, attention_mask=mask, cache=cache)
+    expected = _logits(llama, "int8_round_trip", ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], expected[real], rtol=1e-4, atol=1e-4)
+    assert all(layer.cache.dtype == "int8" for layer in cache.layers)
+    with torch.no_grad():
+        llama.set_attn_implementation("int8_round_trip")
+        want = llama.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        llama.set_attn_implementation("tvm_attn")
+        got = llama.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             cache=tvm_attn.hf.Cache.for_model(llama, 20, dtype="int8"))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="dtype must be None"):
+        tvm_attn.hf.Cache.for_model(llama, 20, dtype="int4")

@@ -11,7 +11,9 @@ by the kernels; padding in a batch (transformers' attention_mask: left padding, 
 without a window) becomes each row's own range of keys, rows of equal range in one call (rows that see no key: 0);
 a mask that hides anything else is refused with a ValueError. ``Cache`` is a
 transformers cache whose layers are ``tvm_attn.KVCache`` buffers: appending a token writes it in place, where
-transformers' ``DynamicCache`` concatenates (copies) the whole history at every step.
+transformers' ``DynamicCache`` concatenates (copies) the whole history at every step. ``Cache(..., dtype="int8")``
+keeps K and V as int8 codes (``tvm_attn.quantized_kv``): the layers then hand the attention function stand-ins for
+K and V (no float copy), and it attends through the layer's KVCache.
 
 Importing this module sets ``TVM_THREAD_POOL_SPIN_COUNT=0`` unless it is set: TVM's worker threads otherwise spin
 after each kernel and take the cores torch's next matmul needs (SmolLM2's 16-token prefill: 140 ms with spinning
@@ -34,7 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .cache import KVCache, padded_groups
 from .kernel import SCHEDULES, Kernel, build, torch_argument
 from .runtime import torch_view
-from .spec import AttentionSpec
+from .spec import KV_DTYPES, AttentionSpec
 from .variants import DECODE_MAX_ROWS, get_variant, path_for
 
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
@@ -80,6 +82,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         causal, window, keys = _mask_pattern(attention_mask, seq_q, seq_kv, causal, window)
     out = query.new_empty((batch, seq_q, heads, value.shape[-1]))
     out_t = out.transpose(1, 2)
+    cache = getattr(key, STANDS_FOR, None)
+    if cache is not None:  # an integer cache's layer: attend through it
+        _attend_cache(cache, query, out_t, keys, variant, schedule, knob, causal, window, scaling)
+        return out, None
     for b, end, lo, hi, rows in padded_groups(keys, seq_q, seq_kv):  # rows that see the same keys: one call
         k, v = key[b:end, :, lo:hi], value[b:end, :, lo:hi]
         if hi == lo:  # every key hidden
@@ -95,6 +101,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                 _launch(query[b:end, :, rows.stop:], k, v, out_t[b:end, :, rows.stop:], variant, schedule, knob,
                         False, None, scaling)
     return out, None
+
+
+def _attend_cache(cache: KVCache, query, out_t, keys, variant, schedule, knob, causal, window, scaling) -> None:
+    """attention_forward through an integer KVCache holding the keys and values (padding as its attention_mask)."""
+    seq_kv = cache.length
+    mask = None
+    if any(run != (0, seq_kv) for run in keys):
+        if not causal:
+            raise ValueError("an int8 tvm_attn.hf.Cache takes padded batches in causal layers only")
+        mask = torch.zeros((len(keys), seq_kv), dtype=torch.bool)
+        for row, (lo, hi) in enumerate(keys):
+            mask[row, lo:hi] = True
+    cache.attend(query, variant=variant, causal=causal, scale=scaling, window=window, schedule=schedule,
+                 out=out_t, attention_mask=mask, **(knob or {}))
 
 
 def _launch(query, key, value, out_t, variant, schedule, knob, causal, window, scaling) -> None:
@@ -177,20 +197,25 @@ def _mask_keys(mask: torch.Tensor, seq_q: int, seq_kv: int, causal: bool, window
     return causal, window, list(zip(lo.tolist(), hi.tolist()))
 
 
+STANDS_FOR = "_tvm_attn_cache"  # the attribute of an integer cache layer's stand-ins for K and V: the KVCache
+
+
 class KVCacheLayer(DynamicLayer):
     """One decoder layer's keys and values in a ``tvm_attn.KVCache`` of ``capacity`` positions, created on the
-    first update with the batch, heads, head_dim and dtype of the keys."""
+    first update with the batch, heads and head_dim of the keys, and their dtype unless ``dtype`` is given ("int8":
+    float32 keys quantized on append)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, dtype: str | None = None):
         super().__init__()
         self.capacity = capacity
+        self.dtype = dtype
         self.cache: KVCache | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, kv_heads, _, head_dim = key_states.shape
         self.cache = KVCache(batch, kv_heads, head_dim, self.capacity,
-                             dtype=str(key_states.dtype).removeprefix("torch."))
-        self._buffers = tuple(torch_view(b) for b in self.cache.buffers)
+                             dtype=self.dtype or str(key_states.dtype).removeprefix("torch."))
+        self._buffers = None if self.cache.integer else tuple(torch_view(b) for b in self.cache.buffers)
         self.device = key_states.device
         self.is_initialized = True
 
@@ -199,8 +224,18 @@ class KVCacheLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.cache.append(key_states, value_states)
         n = self.cache.length
-        self.keys, self.values = self._buffers[0][:, :, :n], self._buffers[1][:, :, :n]
+        if self.cache.integer:
+            # K and V as codes: the attention function gets stand-ins of their shape (one element, broadcast: no
+            # memory) that name the cache, and attends through it (attention_forward).
+            self.keys, self.values = (self._stand_in(key_states, n), self._stand_in(value_states, n))
+        else:
+            self.keys, self.values = self._buffers[0][:, :, :n], self._buffers[1][:, :, :n]
         return self.keys, self.values
+
+    def _stand_in(self, like: torch.Tensor, n: int) -> torch.Tensor:
+        stand_in = like.new_zeros(()).expand(like.shape[0], like.shape[1], n, like.shape[3])
+        setattr(stand_in, STANDS_FOR, self.cache)
+        return stand_in
 
     def get_seq_length(self) -> int:
         return 0 if self.cache is None else self.cache.length
@@ -228,22 +263,25 @@ class KVCacheLayer(DynamicLayer):
 
 class Cache(_HFCache):
     """A transformers cache of ``num_layers`` ``KVCacheLayer`` of ``capacity`` positions each (prompt plus new
-    tokens): pass it as ``cache`` to ``model(...)`` or ``model.generate(...)``."""
+    tokens), stored as the keys' dtype or as ``dtype`` ("int8", for float32 models): pass it as ``cache`` to
+    ``model(...)`` or ``model.generate(...)`` of a model whose attention is a tvm_attn registration."""
 
-    def __init__(self, num_layers: int, capacity: int):
-        super().__init__(layers=[KVCacheLayer(capacity) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, capacity: int, dtype: str | None = None):
+        if dtype is not None and dtype not in KV_DTYPES:
+            raise ValueError(f"dtype must be None (the keys' own) or one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+        super().__init__(layers=[KVCacheLayer(capacity, dtype) for _ in range(num_layers)])
 
     @classmethod
-    def for_model(cls, model, capacity: int) -> "Cache":
+    def for_model(cls, model, capacity: int, dtype: str | None = None) -> "Cache":
         """A cache with one layer per decoder layer of ``model``."""
-        return cls(model.config.num_hidden_layers, capacity)
+        return cls(model.config.num_hidden_layers, capacity, dtype)
 
 
-def cache_for(model, attn_implementation: str, capacity: int):
-    """The cache a generation with ``attn_implementation`` uses: tvm_attn's (``capacity`` positions) for names
-    registered here (they start with NAME), transformers' DynamicCache for its own (e.g. "sdpa")."""
+def cache_for(model, attn_implementation: str, capacity: int, dtype: str | None = None):
+    """The cache a generation with ``attn_implementation`` uses: tvm_attn's (``capacity`` positions, ``dtype``) for
+    names registered here (they start with NAME), transformers' DynamicCache for its own (e.g. "sdpa")."""
     if attn_implementation.startswith(NAME):
-        return Cache.for_model(model, capacity)
+        return Cache.for_model(model, capacity, dtype)
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
