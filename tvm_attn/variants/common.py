@@ -203,6 +203,17 @@ def update_output(acc, O, alpha, l, t_sum, rows, head_dim):
 
 
 @T.macro
+def weighted_values(O, W, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv, zero):
+    """O = W V over one KV tile (block "pv"): keys past seq_kv read the last row of v (their weight is 0)."""
+    for ri, jj, d in T.grid(rows, block_kv, head_dim):
+        with T.sblock("pv"):
+            r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+            with T.init():
+                O[r, dd] = zero
+            O[r, dd] = O[r, dd] + W[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+
+
+@T.macro
 def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
                         row0, sees, all_see, neg, zero, one, value_scale=None, weights=None):
     """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
@@ -215,24 +226,15 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
     softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero, one,
                     softmax_exp)
     if value_scale is None:
-        for ri, jj, d in T.grid(rows, block_kv, head_dim):
-            with T.sblock("pv"):
-                r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                with T.init():
-                    O[r, dd] = zero
-                O[r, dd] = O[r, dd] + P[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+        weighted_values(O, P, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv, zero)
     else:
         for ri, jj in T.grid(rows, block_kv):
             with T.sblock("value_weight"):
                 r, j = T.axis.remap("SS", [ri, jj])
                 weights[r, j] = P[r, j] * value_scale(j)
-        for ri, jj, d in T.grid(rows, block_kv, head_dim):
-            with T.sblock("pv"):
-                r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                with T.init():
-                    O[r, dd] = zero
-                O[r, dd] = O[r, dd] + weights[r, j] * widen(v[vb, vkh, T.min(key0 + j, seq_kv - 1), dd])
+        weighted_values(O, weights, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv, zero)
     update_output(acc, O, alpha, l, t_sum, rows, head_dim)
+
 
 
 # Pair products (AVX512-BF16 vdpbf16ps, NEON bfdot): a float32 lane accumulates a[2i] b[2i] + a[2i+1] b[2i+1] of
@@ -385,7 +387,8 @@ def macro_state(wrapper):
 
 MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
                                          online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
-                                         load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes))
+                                         load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes,
+                                         weighted_values))
 
 
 def fresh_block_names() -> None:
