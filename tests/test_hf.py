@@ -245,3 +245,5 @@ def test_int8_cache_matches_sdpa_over_the_dequantized_keys(llama):
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="dtype must be None"):
         tvm_attn.hf.Cache.for_model(llama, 20, dtype="int4")
+    # another attention implementation over an int8 cache reads NaN stand-ins: NaN logits, not wrong finite ones
+    assert torch.isnan(_logits(llama, "sdpa", ids[:1], cache=tvm_attn.hf.Cache.for_model(llama, 12, "int8"))).all()

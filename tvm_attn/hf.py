@@ -226,14 +226,15 @@ class KVCacheLayer(DynamicLayer):
         n = self.cache.length
         if self.cache.integer:
             # K and V as codes: the attention function gets stand-ins of their shape (one element, broadcast: no
-            # memory) that name the cache, and attends through it (attention_forward).
+            # memory) that name the cache, and attends through it (attention_forward). They hold NaN, so another
+            # attention implementation (sdpa, eager) over them gives NaN, never a finite wrong output.
             self.keys, self.values = (self._stand_in(key_states, n), self._stand_in(value_states, n))
         else:
             self.keys, self.values = self._buffers[0][:, :, :n], self._buffers[1][:, :, :n]
         return self.keys, self.values
 
     def _stand_in(self, like: torch.Tensor, n: int) -> torch.Tensor:
-        stand_in = like.new_zeros(()).expand(like.shape[0], like.shape[1], n, like.shape[3])
+        stand_in = like.new_full((), float("nan")).expand(like.shape[0], like.shape[1], n, like.shape[3])
         setattr(stand_in, STANDS_FOR, self.cache)
         return stand_in
 

@@ -5,10 +5,10 @@ one float32 scale s = max|x| / 127, and stands for s * c (symmetric, round half 
 and fold the scales into the scores (s_k q . c) and into the softmax weights (p s_v), so dequantizing costs one
 multiply per key, not per element; a row costs head_dim + 4 bytes instead of 2 head_dim (16-bit) or 4 head_dim.
 
-Chosen by measurement (SmolLM2-135M, perplexity over the model study's 4094 tokens with K and V round-tripped
-through each format; README "Integer KV caches"): per-row int8 +0.13% perplexity, 32-element blocks (q8_0) +0.02%,
-K per channel over 32-key groups with V per row (KIVI) +0.01%. All are within the 0.5% goal; per-row is the one
-whose dequantization is a multiply per key.
+Chosen by measurement (SmolLM2-135M's perplexity over the model study's 4094 predictions; README "Integer KV
+caches"): this cache +0.21% against the float32 cache; K and V round-tripped through 32-element blocks (q8_0)
+-0.02%, through K per channel over 32-key groups with V per row (KIVI) -0.004%. All are within the 0.5% goal; per
+row is the one whose dequantization is a multiply per key.
 
 A row holding NaN or +-Inf gets a NaN or infinite scale and codes 0: it dequantizes to NaN (0 x Inf), so a
 non-finite input poisons the rows that read it instead of passing as a finite wrong value.
