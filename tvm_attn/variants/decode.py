@@ -84,8 +84,9 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
             float16_products: bool = False):
     """The decode PrimFunc for ``kspec`` (dense attention; any seq_q, organized for a few), split by ``config``
     (None: ``default_config(kspec)``). ``pairs`` (bfloat16, head_dim a multiple of 2 x LANES): QK^T in bfloat16
-    pair products, each partial lane summing a pair of head dims. ``float16_products`` (float16, head_dim a multiple of LANES): QK^T in float16 products (NEON fmlal). Either way q
-    is kept in 16 bits, unscaled (the scale applied to the scores), and P V widens V as without."""
+    pair products, each partial lane summing a pair of head dims. ``float16_products`` (float16, head_dim a multiple
+    of LANES): QK^T in float16 products (NEON fmlal). Either way q is kept in 16 bits, unscaled (the scale applied to
+    the scores), and P V widens V as without."""
     if pairs and (kspec.dtype != "bfloat16" or kspec.head_dim % (2 * LANES)):
         raise ValueError(f"pair products need bfloat16 inputs and a head_dim multiple of {2 * LANES}, got "
                          f"{kspec.dtype} head_dim={kspec.head_dim}")
