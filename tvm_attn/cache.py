@@ -309,6 +309,7 @@ class KVCache:
                              out[b:last, :, rows])
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob, codes: bool = True) -> Kernel:
+        codes = codes and self.integer  # (a float cache has no codes: padded and unpadded calls share its kernels)
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:
