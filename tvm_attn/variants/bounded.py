@@ -61,18 +61,22 @@ class BoundedConfig:
                              f"({SB})")
 
 
+def _add(a, b):
+    return a + b
+
+
 @T.macro
-def halve_to_two(scratch, x, start):
-    """Sum x[start:start + SB] pairwise into scratch[0] + scratch[1] (scratch: SB floats; may be x itself with start
-    0): a sequential float sum would be a chain of SB dependent adds."""
+def halve_to_two(scratch, x, start, combine):
+    """Combine x[start:start + SB] pairwise (``combine``: +, T.min, T.max) into scratch[0] and scratch[1] (scratch: SB
+    elements; may be x itself with start 0): vector halvings, not a chain of SB dependent scalar steps."""
     for lane in T.vectorized(SB // 2):
-        scratch[lane] = x[start + lane] + x[start + SB // 2 + lane]
+        scratch[lane] = combine(x[start + lane], x[start + SB // 2 + lane])
     for lane in T.vectorized(SB // 4):
-        scratch[lane] = scratch[lane] + scratch[lane + SB // 4]
+        scratch[lane] = combine(scratch[lane], scratch[lane + SB // 4])
     for lane in T.vectorized(SB // 8):
-        scratch[lane] = scratch[lane] + scratch[lane + SB // 8]
+        scratch[lane] = combine(scratch[lane], scratch[lane + SB // 8])
     for lane in T.vectorized(SB // 16):
-        scratch[lane] = scratch[lane] + scratch[lane + SB // 16]
+        scratch[lane] = combine(scratch[lane], scratch[lane + SB // 16])
 
 
 def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
@@ -155,8 +159,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 for lane in T.vectorized(SB):
                     pd[lane] = pd[lane] + T.Select(bins[t * SB + lane] >= first, e[t * SB + lane], ZERO)
                     pk[lane] = pk[lane] + T.Select(bins[t * SB + lane] >= first, e[t * SB + lane] * shrink[t], ZERO)
-        halve_to_two(pd, pd, 0)
-        halve_to_two(pk, pk, 0)
+        halve_to_two(pd, pd, 0, _add)
+        halve_to_two(pk, pk, 0, _add)
         rest_hi[0] = rest_hi[0] + (pd[0] + pd[1])
         rest_lo[0] = rest_lo[0] + (pk[0] + pk[1])
 
@@ -269,6 +273,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 mid = T.sblock_alloc_buffer((1,), "int32")
                 cnt = T.sblock_alloc_buffer((1,), "int32")
                 seen = T.sblock_alloc_buffer((NB,), "int32")
+                pa = T.sblock_alloc_buffer((SB,), "int32")
+                pb = T.sblock_alloc_buffer((SB,), "int32")
                 pc = T.sblock_alloc_buffer((SB,), "int32")
                 count = T.sblock_alloc_buffer((1,), "int32")
                 kk = T.sblock_alloc_buffer((1,), "int32")
@@ -305,14 +311,16 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             T.Select(top[0] < T.float32(INF), T.Cast(
                                 "int32", T.min((top[0] - upper[vb, vh, vi, t * SB + lane]) * INV_STEP, FAR)), 0),
                             CUTS + 1)
-                    bin_min[t] = CUTS + 1
-                    bin_max[t] = -1
-                    seen[t] = 0
-                    for lane in range(SB):
-                        bin_min[t] = T.min(bin_min[t], bins[t * SB + lane])
-                        bin_max[t] = T.max(bin_max[t], T.Select(bins[t * SB + lane] <= CUTS, bins[t * SB + lane], -1))
-                        seen[t] = seen[t] + T.Cast("int32", bins[t * SB + lane] <= CUTS)
-                    halve_to_two(pd, e, t * SB)
+                    for lane in T.vectorized(SB):
+                        pb[lane] = T.Select(bins[t * SB + lane] <= CUTS, bins[t * SB + lane], -1)
+                        pc[lane] = T.Cast("int32", bins[t * SB + lane] <= CUTS)
+                    halve_to_two(pa, bins, t * SB, T.min)
+                    halve_to_two(pb, pb, 0, T.max)
+                    halve_to_two(pc, pc, 0, _add)
+                    bin_min[t] = T.min(pa[0], pa[1])
+                    bin_max[t] = T.max(pb[0], pb[1])
+                    seen[t] = pc[0] + pc[1]
+                    halve_to_two(pd, e, t * SB, _add)
                     e_sum[t] = pd[0] + pd[1]
                     shrink[t] = softmax_exp(T.float32(-2) * radius[vb, vh, vi, t])
                 if IS_TOPK or IS_THRESHOLD:
@@ -392,8 +400,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                                                                    e[t * SB + lane])
                                     pk[lane] = pk[lane] + T.Select(bins[t * SB + lane] < mid[0],
                                                                    e[t * SB + lane] * shrink[t], ZERO)
-                        halve_to_two(pd, pd, 0)
-                        halve_to_two(pk, pk, 0)
+                        halve_to_two(pd, pd, 0, _add)
+                        halve_to_two(pk, pk, 0, _add)
                         dropped[0] = dropped[0] + (pd[0] + pd[1])
                         held[0] = held[0] + (pk[0] + pk[1])
                         if dropped[0] <= BUDGET * held[0]:
