@@ -40,7 +40,7 @@ from .pruned import INT32_MIN, order_key
 LANES = 16
 SB = certificate.BLOCK
 PREFETCH = 8  # kept keys ahead whose K and V rows are prefetched
-EXTEND = 16  # bins (2 logits) scored exactly per round while a threshold weight is undecided
+EXTEND = 16  # bins (2 logits) scored exactly in the first round while a threshold weight is undecided (doubling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +141,13 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
             pd[lane] = pd[lane] + pd[lane + 4]
         for lane in T.vectorized(2):
             pd[lane] = pd[lane] + pd[lane + 2]
+
+    @T.macro
+    def prefetch_row(x, b, kh, j):
+        """Ask for the cache lines of row x[b, kh, j] (K or V), to be read a few keys later."""
+        for line in range(ROW_LINES):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(x[b, kh, j, line * LINE_ELEMENTS]),
+                                          0, 3, 1))
 
     @T.macro
     def rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, first):
@@ -256,7 +263,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 bin_max = T.sblock_alloc_buffer((NB,), "int32")
                 e_sum = T.sblock_alloc_buffer((NB,), ACC)
                 shrink = T.sblock_alloc_buffer((NB,), ACC)
-                idx = T.sblock_alloc_buffer((SKVP,), "int32")
+                idx = T.sblock_alloc_buffer((SKVP + 1,), "int32")  # + 1: the branchless compactions' last write
                 sc = T.sblock_alloc_buffer((SKVP,), ACC)
                 qr = T.sblock_alloc_buffer((DP,), ACC)
                 acc = T.sblock_alloc_buffer((D,), ACC)
@@ -294,6 +301,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 scored = T.sblock_alloc_buffer((1,), "int32")
                 floor_w = T.sblock_alloc_buffer((1,), ACC)
                 undecided = T.sblock_alloc_buffer((1,), "int32")
+                width = T.sblock_alloc_buffer((1,), "int32")
+                extended = T.sblock_alloc_buffer((1,), "int32")
                 top[0] = NEG
                 for s in range(NSR):
                     top[0] = T.max(top[0], m_part[vb, vh // G, s, vi, vh % G])
@@ -425,11 +434,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                 for c in range(cnt[0]):
                     # The kept keys' rows are scattered over memory: ask for those PREFETCH keys ahead (K and V)
                     # so that many are in flight, not one at a time.
-                    for line in range(ROW_LINES):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                            k[vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)], line * LINE_ELEMENTS]), 0, 3, 1))
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                            v[vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)], line * LINE_ELEMENTS]), 0, 3, 1))
+                    prefetch_row(k, vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)])
+                    prefetch_row(v, vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)])
                     exact_score(pd, qr, k, vb, vh // G, idx[c])
                     sc[c] = pd[0] + pd[1]
                     okey[c] = order_key(sc[c])
@@ -448,8 +454,10 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     for c in range(cnt[0]):
                         sum_c[0] = sum_c[0] + softmax_exp(sc[c] - m[0])
                     # Keys of bins < scored have their exact terms in sum_c. While a weight is undecided, score the
-                    # next EXTEND bins too (their keys are certainly dropped; their terms narrow the sum's bounds).
+                    # next ``width`` bins too (their keys are certainly dropped; their terms narrow the sum's bounds),
+                    # twice as many each round. Their indices go to idx past the candidates', to be prefetched.
                     scored[0] = hi_n[0]
+                    width[0] = EXTEND
                     undecided[0] = 1
                     while undecided[0] > 0:
                         sum_hi[0] = sum_c[0] + rest_hi[0] * softmax_exp(top[0] - m[0])
@@ -459,15 +467,25 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             undecided[0] = undecided[0] + T.Cast("int32", T.And(
                                 softmax_exp(sc[c] - m[0]) >= T.min(TAU * sum_lo[0], ONE),
                                 softmax_exp(sc[c] - m[0]) < T.min(TAU * sum_hi[0], ONE)))
+                        if scored[0] > CUTS:
+                            undecided[0] = 0  # every key seen is scored: the bounds are the exact sum
                         if undecided[0] > 0:
+                            # Bins past CUTS hold the keys not seen: never scored.
+                            width[0] = T.min(width[0], CUTS + 1 - scored[0])
+                            extended[0] = cnt[0]
                             for t in range(NB):
-                                if T.And(bin_max[t] >= scored[0], bin_min[t] < scored[0] + EXTEND):
+                                if T.And(bin_max[t] >= scored[0], bin_min[t] < scored[0] + width[0]):
                                     for lane in range(SB):
-                                        if T.And(bins[t * SB + lane] >= scored[0],
-                                                 bins[t * SB + lane] < scored[0] + EXTEND):
-                                            exact_score(pd, qr, k, vb, vh // G, t * SB + lane)
-                                            sum_c[0] = sum_c[0] + softmax_exp(pd[0] + pd[1] - m[0])
-                            scored[0] = scored[0] + EXTEND
+                                        idx[extended[0]] = t * SB + lane
+                                        extended[0] = extended[0] + T.Cast("int32", T.And(
+                                            bins[t * SB + lane] >= scored[0],
+                                            bins[t * SB + lane] < scored[0] + width[0]))
+                            for c in range(cnt[0], extended[0]):
+                                prefetch_row(k, vb, vh // G, idx[T.min(c + PREFETCH, extended[0] - 1)])
+                                exact_score(pd, qr, k, vb, vh // G, idx[c])
+                                sum_c[0] = sum_c[0] + softmax_exp(pd[0] + pd[1] - m[0])
+                            scored[0] = scored[0] + width[0]
+                            width[0] = width[0] * 2
                             rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, scored[0])
                     floor_w[0] = T.min(TAU * sum_hi[0], ONE)
                 if IS_TOPK:
