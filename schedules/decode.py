@@ -55,14 +55,23 @@ def dot_product_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
 
 
 def value_rows_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, lanes: int,
-                            row: int = -3) -> None:
+                            row: int = -3, integer: bool = False) -> None:
     """Block ``name`` (loops (row, key, d), key the reduction; ``row`` indexes the row loop when more reduction
     loops precede the key's) accumulates P V for a few query rows: whole V rows per key (up to 8 vectors, as the
     registers allow) keep the reads in memory order; fewer rows then keep the accumulators within the vector
-    registers. (Integer V too: all 4 rows of a GQA group over half rows, each V vector widened once, measured 1.27x
-    slower than 2 rows over whole rows, at 16k keys.)"""
-    vectors = min(8, max(1, sch.get(sch.get_loops(sch.get_sblock(name))[-1]).extent.value // lanes))
-    rows = max(1, 16 // vectors)
+    registers. Integer V, measured on Zen 5 (GQA 32/8, int8 caches): with 32 registers, 2 rows over 8 vectors beat
+    all 4 rows over fewer (1.27x at head_dim 128, 16k keys; 1.07x against 4 x 4 at head_dim 256); with 16 (AVX2),
+    where 2 rows hold 4 vectors at most, as many rows as leave two vectors, each code vector widened once for all of
+    them, beat 1 row over 8 vectors (4 x 2: 1.17x at head_dim 128; float16 V is slower that way: float V keeps the
+    first rule)."""
+    loops = sch.get_loops(sch.get_sblock(name))
+    n_rows, row_vectors = sch.get(loops[row]).extent.value, max(1, sch.get(loops[-1]).extent.value // lanes)
+    if integer and n_rows > 1 and RegisterBlock(2, 8).registers > caps.vector_registers:
+        rows = min(n_rows, (caps.vector_registers - 3) // 2)
+        vectors = min(row_vectors, max(1, (caps.vector_registers - 1) // (rows + 1)))
+    else:
+        vectors = min(8, row_vectors)
+        rows = max(1, 16 // vectors)
     while RegisterBlock(rows, vectors).registers > caps.vector_registers and (rows > 1 or vectors > 1):
         rows, vectors = (rows // 2, vectors) if rows > 1 else (rows, vectors // 2)
     register_blocked_matmul(sch, name, row=row, col=-1, red=-2, lanes=lanes, limit=RegisterBlock(rows, vectors))
@@ -88,7 +97,7 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
         key_vectors_micro_kernel(sch, "qk_codes", caps, lanes)
     else:
         dot_product_micro_kernel(sch, "qk_part", caps)
-    value_rows_micro_kernel(sch, "pv", caps, lanes)
+    value_rows_micro_kernel(sch, "pv", caps, lanes, integer=integer)
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     for name in ("qk_scale", "value_weight") if integer else ("qk_half8", "qk_half4", "qk_half2"):

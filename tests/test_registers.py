@@ -23,9 +23,11 @@ ISA_TARGETS = {
 }
 PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True)
 DECODE = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=1, seq_kv=64, head_dim=128)
+DECODE_INT8 = dataclasses.replace(DECODE, kv_dtype="int8")  # K and V codes widened in the micro-kernels
 KERNELS = {
     "flash": ("flash", PREFILL), "mqa": ("mqa", PREFILL), "standard": ("standard", PREFILL),
     "topk": ("topk", dataclasses.replace(PREFILL, top_k=8)), "decode": ("flash", DECODE),
+    "decode-int8": ("flash", DECODE_INT8),
 }
 
 
@@ -38,6 +40,16 @@ def test_micro_kernels_do_not_spill(isa, kernel):
     assert loops, f"no micro-kernel loop found in the {kernel} kernel for {isa}"
     spilling = [(loop.fmas, loop.stack_stores) for loop in loops if loop.stack_stores]
     assert not spilling, f"{kernel} for {isa}: micro-kernel loops (FMAs, stack stores) spill: {spilling}"
+
+
+def test_avx2_integer_values_are_widened_once_for_the_group():
+    """With 16 registers the int8 decode kernel's micro-kernels take the group's 4 rows: each widened vector of K's
+    or V's codes feeds 4 FMAs (P V over 1 row and 8 vectors fed 1)."""
+    asm = tvm_attn.build("flash", DECODE_INT8, target=ISA_TARGETS["avx2"], schedule="hand").executable.mod \
+        .inspect_source("asm")
+    loops = micro_kernel_loops(asm)
+    ratios = [loop.fmas / n for loop in loops if (n := sum("vcvtdq2ps" in i for i in loop.instructions))]
+    assert len(ratios) == 2 and min(ratios) >= 4, ratios
 
 
 def test_register_budget_from_the_target():
