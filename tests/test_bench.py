@@ -185,7 +185,7 @@ def test_sparse_decode_study_and_report(tmp_path, monkeypatch):
     assert lines["topk 64 (shadow)"]["rel_err_own"] < 1e-5
     assert {"memory: the shadow", "memory: K and V"} <= set(lines)
     report = open(write_report(str(csv_path), str(tmp_path))).read()
-    assert "## Certified sparse decode" in report and "Goals (issue 17): bounded eps 0.05 >= 3x flash:" in report
+    assert "## Certified sparse decode" in report and "Goals (issue 30): bounded eps 0.05 >= 3x flash:" in report
 
 
 def test_serving_study_and_report(tmp_path):

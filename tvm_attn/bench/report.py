@@ -646,8 +646,9 @@ def _model_section(rows, ctx: Context) -> list[str]:
     return parts
 
 
-# Issue 17's goals, from 8k keys on: (label, line, speedup over flash decode on the same caches).
-SPARSE_GOALS = (("bounded eps 0.05", "bounded eps=0.05", 3.0), ("top-k 64", "topk 64 (shadow)", 2.0),
+# Issue 30's goals (issue 17's, top-k's raised from 2x), from 8k keys on: (label, line, speedup over flash decode on
+# the same caches).
+SPARSE_GOALS = (("bounded eps 0.05", "bounded eps=0.05", 3.0), ("top-k 64", "topk 64 (shadow)", 3.0),
                 ("threshold 0.001", "threshold 0.001 (shadow)", 2.0))
 SPARSE_GOAL_KEYS = 8192
 
@@ -692,7 +693,7 @@ def _sparse_decode_section(rows, ctx: Context) -> list[str]:
                     got = flash["median_ms"] / r["median_ms"]
                     verdicts.append(f"{label} >= {speedup:g}x flash: {'met' if got >= speedup else 'missed'} "
                                     f"({got:.2f}x)")
-            parts += ["Goals (issue 17): " + "; ".join(verdicts) + ".", ""]
+            parts += ["Goals (issue 30): " + "; ".join(verdicts) + ".", ""]
     costs = pick(rs, distribution="shadow cost")
     if costs:
         body = [[r["line"], "-" if r["median_ms"] is None else f"{r['median_ms'] * 1e3:.0f} us",
