@@ -31,6 +31,9 @@ CONFIGS = (
     ("mass 0.01", "mass", {"eps": 0.01}),
     ("mass 0.05", "mass", {"eps": 0.05}),
     ("mass 0.2", "mass", {"eps": 0.2}),
+    ("bounded 0.01", "bounded", {"eps": 0.01}),
+    ("bounded 0.05", "bounded", {"eps": 0.05}),
+    ("bounded 0.2", "bounded", {"eps": 0.2}),
 )
 # KV cache dtypes, judged against the float32 cache
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
