@@ -111,12 +111,14 @@ class KernelCase:
     @property
     def kv_bytes(self) -> int:
         s = self.spec
+        if s.kv_dtype is not None:  # codes and a float32 scale per row
+            return 2 * s.batch * s.kv_heads * s.seq_kv * (s.head_dim + 4)
         return 2 * s.batch * s.kv_heads * s.seq_kv * s.head_dim * {"float32": 4}.get(s.dtype, 2)
 
 
 def kernel_cases() -> list[KernelCase]:
     """Flash prefill (one head of the benchmark's seq-1024 B2 H8 D64 shape: every head costs the same) in float32
-    and bfloat16, NEON and SME; dense decode GQA 32/8 d128 at 4096 keys in float32 and float16."""
+    and bfloat16, NEON and SME; dense decode GQA 32/8 d128 at 4096 keys in float32, float16 and from an int8 cache."""
     import tvm_attn
 
     from ..plan import DECODE_SHAPE, PREFILL_SHAPE
@@ -128,7 +130,8 @@ def kernel_cases() -> list[KernelCase]:
             KernelCase("flash prefill bfloat16", "flash", bf16, "hand"),
             KernelCase("flash prefill bfloat16", "flash", bf16, "sme"),
             KernelCase("decode (GQA 32/8, d128, 4096 keys)", "flash", decode, "hand"),
-            KernelCase("decode float16", "flash", dataclasses.replace(decode, dtype="float16"), "hand")]
+            KernelCase("decode float16", "flash", dataclasses.replace(decode, dtype="float16"), "hand"),
+            KernelCase("decode int8 cache", "flash", dataclasses.replace(decode, kv_dtype="int8"), "hand")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +171,13 @@ def estimate_kernels(mca: str, chips, models: tuple[str, ...], workdir: Path, lo
                                                                                        s.kv_shape))
                 q, k, v = (x.astype(numpy_dtype(s.dtype)) for x in (q, k, v))
                 out = np.zeros_like(q)
+                extra = ()
+                if s.kv_dtype is not None:  # an integer cache's codes (K in blocks of keys) and row scales
+                    cache = tvm_attn.KVCache(s.batch, s.kv_heads, s.head_dim, s.seq_kv, dtype=s.kv_dtype)
+                    cache.append(k, v)
+                    k, v, extra = cache.kernel_inputs(kernel, s.seq_q)
                 log(f"counting {case.name} ({case.schedule}) for {chip} under qemu")
-                counted[digest] = block_counts(library, [q, k, v, out],
+                counted[digest] = block_counts(library, [q, k, v, *extra, out],
                                                streaming_vector_bytes=CHIPS[chip].streaming_vector_bytes)
             cost = kernel_cost(mca, counted[digest], chip, models)
             if case.schedule == "sme":
