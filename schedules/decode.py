@@ -8,6 +8,8 @@ from tvm import s_tir
 
 from tvm_attn.targets import CpuCapabilities
 
+from .byte_products import INTERLEAVE_INTRIN, INTERLEAVE_KEYS, byte_dot_intrin
+from .byte_products import LANES as BYTE_DOT_LANES
 from .common import (RegisterBlock, has_block, largest_divisor, register_blocked_matmul, schedule_target,
                      vectorize_last, vectorized_row_reduction)
 from .float16_products import LANES as FLOAT16_PRODUCT_LANES
@@ -89,11 +91,56 @@ def key_vectors_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabiliti
     register_blocked_matmul(sch, name, row=-3, col=-2, red=-1, lanes=lanes, limit=RegisterBlock(rows, vectors))
 
 
+def interleave(sch: s_tir.Schedule, name: str) -> None:
+    """Block ``name`` (loops (word, lane, byte)) gathers WORD rows of codes into words: INTERLEAVE_KEYS lanes at a
+    time, one st4."""
+    lane = sch.get_loops(sch.get_sblock(name))[-2]
+    sch.tensorize(sch.split(lane, [None, INTERLEAVE_KEYS])[1], INTERLEAVE_INTRIN)
+
+
+def byte_dots_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, vectors: int = 4) -> None:
+    """Block ``name`` (loops (row, digit, lane, reduction), int32 byte products of digits and words) as a
+    micro-kernel: every digit of a few rows times ``vectors`` x BYTE_DOT_LANES lanes in registers while the
+    reduction streams through, WORD at a time; each word vector loaded serves rows x digits products. A row is
+    digits x vectors accumulators: two rows of 3 x 4 keep 29 of NEON's 32 registers live."""
+    block = sch.get_sblock(name)
+    g, r, lane, red = sch.get_loops(block)[-4:]
+    per_row = sch.get(r).extent.value * vectors
+    rows = largest_divisor(sch.get(g).extent.value, max(1, (caps.vector_registers - vectors - 1) // per_row))
+    g_o, g_i = sch.split(g, [None, rows])
+    l_o, l_v, l_i = sch.split(lane, [None, vectors, BYTE_DOT_LANES])
+    red_o, red_i = sch.split(red, [None, 4])
+    sch.reorder(l_o, g_o, red_o, g_i, r, l_v, l_i, red_i)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, g_o, preserve_unit_loops=True)
+    init = sch.decompose_reduction(block, red_o)
+    for loop in (g_i, r, l_v):
+        sch.unroll(loop)
+    sch.tensorize(l_i, byte_dot_intrin(caps))
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(local)[-1])
+
+
+def schedule_byte_products(sch: s_tir.Schedule, caps: CpuCapabilities, lanes: int) -> None:
+    """The blocks of integer K and V in byte products: q's digits, the words of K and V, both micro-kernels, the
+    weights' digits and the conversions back to float32."""
+    interleave(sch, "k_words")
+    byte_dots_micro_kernel(sch, "qk_bytes", caps)
+    vectorize_last(sch, "q_digits", lanes)
+    if has_block(sch, "pv_bytes"):  # (head_dim whole interleaves of V)
+        interleave(sch, "v_words")
+        byte_dots_micro_kernel(sch, "pv_bytes", caps)
+        vectorized_row_reduction(sch, "w_peak", lanes)
+        vectorize_last(sch, "w_digits", lanes)  # (pv_scale adds to O in place, which TVM does not vectorize)
+
+
 def schedule(sch: s_tir.Schedule, target=None) -> None:
     caps, lanes = schedule_target(target)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("split"))))
-    integer = has_block(sch, "qk_codes")
-    if integer:  # integer K: keys along the lanes
+    integer = has_block(sch, "qk_codes") or has_block(sch, "qk_bytes")
+    if has_block(sch, "qk_bytes"):  # integer K and V in byte products
+        schedule_byte_products(sch, caps, lanes)
+    elif integer:  # integer K: keys along the lanes
         key_vectors_micro_kernel(sch, "qk_codes", caps, lanes)
     else:
         dot_product_micro_kernel(sch, "qk_part", caps)

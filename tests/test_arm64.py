@@ -18,7 +18,7 @@ import tvm
 import tvm_attn
 from arm64_emulation import (TARGET, Emulator, environment, instruction_count, python, run_python,
                              simd_fp_mix)
-from conftest import (assert_matches_reference, float16_products_here, knobs_for, make_inputs,
+from conftest import (assert_matches_reference, float16_products_here, knobs_for, make_inputs, output_tolerance,
                       pair_products_here)
 from tvm_attn import certificate, export, runtime, shadow
 from tvm_attn.kernel import build_shadow, scheduled_module
@@ -79,6 +79,29 @@ CALLS = [(case, n) for case in CASES for n in range(len(case.lengths))]
 CACHE_CASES = [("flash", "float32"), ("flash", "float16"), ("flash", "int8"), ("topk", "float32"),
                ("threshold", "float32"), ("bounded", "float32"), ("bounded", "bfloat16")]
 CACHE_APPENDS = (37, 1, 90, 30)  # 158 positions: whole and partial shadow blocks of 32
+
+
+# Decode over int8 caches with q . K and P V in byte products (sdot: tvm_attn/schedules/byte_products.py):
+# (name, heads, kv_heads, head_dim, positions). MHA takes 64-key tiles, so V goes through byte products in its two
+# whole tiles and is widened in the last; head_dim 36 takes K's codes only (V needs whole 16-dim interleaves); 1100
+# grouped keys fill one 1024-key tile. "non-finite": a NaN and an Inf in two query rows and a NaN in V.
+BYTE_CASES = [("mha-d64", 2, 2, 64, 158), ("gqa-d36", 6, 2, 36, 158), ("gqa-d48", 4, 1, 48, 1100),
+              ("non-finite", 6, 3, 32, 1100)]
+
+
+def _byte_case(name: str, heads: int, kv_heads: int, head_dim: int, positions: int):
+    """(cache, q, spec of its kernel) of a BYTE_CASES entry."""
+    rng = np.random.default_rng(11)
+    cache = tvm_attn.KVCache(batch=1, kv_heads=kv_heads, head_dim=head_dim, capacity=positions, dtype="int8")
+    k, v = (rng.standard_normal((1, kv_heads, positions, head_dim)).astype(np.float32) for _ in "kv")
+    q = (2 * rng.standard_normal((1, heads, 1, head_dim))).astype(np.float32)
+    if name == "non-finite":
+        q[0, 0, 0, 3], q[0, 1, 0, 5] = np.nan, np.inf  # rows 0 and 1 (KV head 0)
+        v[0, 1, 700, 2] = np.nan  # rows 2 and 3 (KV head 1) see position 700; rows 4 and 5 (KV head 2) are finite
+    cache.append(k, v)
+    spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=kv_heads, seq_q=1, seq_kv=positions,
+                                  head_dim=head_dim, causal=True, kv_dtype="int8")
+    return cache, q, spec
 
 
 def _inputs(case: Case, spec: tvm_attn.AttentionSpec, seed: int):
@@ -147,6 +170,13 @@ def emulated(emulator_ready, tmp_path_factory):
                       outputs=[-1])
         k, v = cache.dequantized() if cache.integer else (cache.k.copy(), cache.v.copy())
         given[f"cache-{variant}-{dtype}"] = (dataclasses.replace(spec, kv_dtype=None), q, k, v)
+    for name, *shape in BYTE_CASES:
+        cache, q, spec = _byte_case(name, *shape)
+        kernel = tvm_attn.build("flash", spec, target=TARGET)
+        out = np.zeros(spec.q_shape, np.float32)
+        k, v, extra = cache.kernel_inputs(kernel, 1)
+        emulator.call(f"bytes-{name}", kernel.executable, kernel.arguments(q, k, v, out, extra), outputs=[-1])
+        given[f"bytes-{name}"] = (dataclasses.replace(spec, kv_dtype=None), q, *cache.dequantized())
     for dtype in ("float32", "bfloat16"):
         keys = np.random.default_rng(3).standard_normal((1, 2, 158, 64)).astype(numpy_dtype(dtype))
         nb = certificate.blocks(158)
@@ -177,6 +207,27 @@ def test_cache_decode_matches_reference_under_emulation(emulated, variant, dtype
     results, given = emulated
     spec, q, k, v = given[f"cache-{variant}-{dtype}"]
     assert_matches_reference(variant, spec, results[f"cache-{variant}-{dtype}"][0], q, k, v, TARGET)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in BYTE_CASES if c[0] != "non-finite"])
+def test_int8_cache_decode_in_byte_products_matches_reference_under_emulation(emulated, name):
+    results, given = emulated
+    spec, q, k, v = given[f"bytes-{name}"]
+    int8 = dataclasses.replace(spec, kv_dtype="int8").kernel
+    assert tvm_attn.get_variant("flash").computes_in_byte_products("decode", int8, TARGET)
+    assert_matches_reference("flash", spec, results[f"bytes-{name}"][0], q, k, v, TARGET)
+
+
+def test_int8_cache_decode_in_byte_products_keeps_non_finite_rows_under_emulation(emulated):
+    """A NaN or an Inf in q, a NaN in V: the rows reading them are NaN, the others match the reference."""
+    results, given = emulated
+    spec, q, k, v = given["bytes-non-finite"]
+    out = results["bytes-non-finite"][0]
+    assert np.isnan(out[0, :4]).all()  # q rows 0 (NaN) and 1 (Inf); rows 2, 3 read V's NaN
+    with np.errstate(invalid="ignore"):
+        ref = tvm_attn.get_variant("flash").reference(spec, q, k, v)
+    rtol, atol = output_tolerance(spec)
+    np.testing.assert_allclose(out[0, 4:], ref[0, 4:], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -168,3 +168,26 @@ def test_integer_kernels_are_refused_where_they_do_not_exist():
         tvm_attn.build("topk", dataclasses.replace(spec, top_k=4))
     with pytest.raises(LookupError, match="not tuned"):
         tvm_attn.build("flash", spec, schedule="tuned")
+
+
+def test_byte_products_where_the_target_has_them():
+    """The int8 decode kernel computes in NEON sdot byte products on Apple M (head_dim whole words of 4, up to 512)
+    and widens the codes on x86; a compute asked for byte products it cannot do refuses, naming why."""
+    from tvm_attn.variants import decode
+
+    flash = tvm_attn.get_variant("flash")
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=64, head_dim=36, kv_dtype="int8")
+    assert flash.computes_in_byte_products("decode", spec.kernel, "apple-m1")
+    # P V too where head_dim is whole 16-dim interleaves of V's codes
+    assert "pv_bytes" not in decode.compute(spec.kernel, byte_products=True).script()
+    assert "pv_bytes" in decode.compute(dataclasses.replace(spec, head_dim=48).kernel, byte_products=True).script()
+    for target in ({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "znver4"},
+                   {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"}):
+        assert not flash.computes_in_byte_products("decode", spec.kernel, target)
+    for head_dim in (34, 516):
+        wide = dataclasses.replace(spec, head_dim=head_dim)
+        assert not flash.computes_in_byte_products("decode", wide.kernel, "apple-m1")
+        with pytest.raises(ValueError, match=f"head_dim={head_dim}"):
+            decode.compute(wide.kernel, byte_products=True)
+    with pytest.raises(ValueError, match="kv_dtype=None"):
+        decode.compute(dataclasses.replace(spec, kv_dtype=None).kernel, byte_products=True)

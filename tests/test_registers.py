@@ -23,7 +23,7 @@ ISA_TARGETS = {
 }
 PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True)
 DECODE = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=1, seq_kv=64, head_dim=128)
-DECODE_INT8 = dataclasses.replace(DECODE, kv_dtype="int8")  # K and V codes widened in the micro-kernels
+DECODE_INT8 = dataclasses.replace(DECODE, kv_dtype="int8")  # codes widened (x86) or in byte products (NEON)
 KERNELS = {
     "flash": ("flash", PREFILL), "mqa": ("mqa", PREFILL), "standard": ("standard", PREFILL),
     "topk": ("topk", dataclasses.replace(PREFILL, top_k=8)), "decode": ("flash", DECODE),
@@ -50,6 +50,16 @@ def test_avx2_integer_values_are_widened_once_for_the_group():
     loops = micro_kernel_loops(asm)
     ratios = [loop.fmas / n for loop in loops if (n := sum("vcvtdq2ps" in i for i in loop.instructions))]
     assert len(ratios) == 2 and min(ratios) >= 4, ratios
+
+
+@pytest.mark.parametrize("isa", ["apple-m1", "apple-m4"])
+def test_neon_integer_keys_and_values_in_byte_products(isa):
+    """On NEON the int8 decode kernel's micro-kernels are sdot loops of 2 rows x 3 digits x 4 vectors (q K and P V;
+    LLVM versions some of them), besides P V's float loop for the tile reaching past the cache's end."""
+    asm = tvm_attn.build("flash", DECODE_INT8, target=ISA_TARGETS[isa], schedule="hand").executable.mod \
+        .inspect_source("asm")
+    byte_loops = [loop for loop in micro_kernel_loops(asm) if any("sdot" in i for i in loop.instructions)]
+    assert len(byte_loops) >= 2 and {loop.fmas for loop in byte_loops} == {24}
 
 
 def test_register_budget_from_the_target():

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .apple_chips import CHIPS
-from .emulation import Block, is_scalable
+from .emulation import AARCH64_FEATURES, Block, is_scalable
 
 _BRANCH = re.compile(r"^(?:b|bl|br|blr|ret|cbn?z|tbn?z|b\.\w+)$")
 _PC_RELATIVE = re.compile(r"^(adrp?)\s+(\w+),.*$")  # adrp x8, #0x5509de3000: an address llvm-mca cannot encode
@@ -51,7 +51,7 @@ def _mca_blocks(mca: str, blocks: list[Block], cpu: str, iterations: int = 100) 
         f.write("\n".join(lines) + "\n")
     try:
         proc = subprocess.run([mca, "-mtriple=aarch64-linux-gnu", f"-mcpu={cpu}", f"-iterations={iterations}",
-                               "-mattr=+sme,+sve,+bf16,+fp16fml,+fullfp16", f.name],
+                               f"-mattr={AARCH64_FEATURES}", f.name],
                               capture_output=True, text=True, timeout=600)
     finally:
         Path(f.name).unlink()

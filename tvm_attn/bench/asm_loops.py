@@ -9,9 +9,10 @@ import re
 _LABEL = re.compile(r"^(\.?L\w+):")
 _X86_JUMP = re.compile(r"^\s+j[a-z]+\s+(\.?L\w+)\s*$")
 _ARM_BRANCH = re.compile(r"^\s+(?:b(?:\.\w+)?|cbn?z|tbn?z)\s+(?:[^,]+,\s*)*(\.?L\w+)\s*$")
-_X86_FMA = re.compile(r"^\s+(?:vfn?m(?:add|sub)\d+[ps]s|vdpbf16ps)\s+.*%[xyz]mm")
+# Vector multiply-accumulates: float FMAs and dot products (bfloat16 pairs, int8 words).
+_X86_FMA = re.compile(r"^\s+(?:vfn?m(?:add|sub)\d+[ps]s|vdpbf16ps|vpdpbusd)\s+.*%[xyz]mm")
 # Apple's syntax puts the arrangement on the mnemonic (fmla.4s v0, v1, v2), the generic one on the operands.
-_ARM_FMA = re.compile(r"^\s+(?:fmla|fmls|bfdot|bfmmla|bfmlal[bt]|fmlal2?|fdot)(?:\.\w+)?\s+v\d+")
+_ARM_FMA = re.compile(r"^\s+(?:fmla|fmls|bfdot|bfmmla|bfmlal[bt]|fmlal2?|fdot|sdot|smmla)(?:\.\w+)?\s+v\d+")
 _X86_STACK_VECTOR = re.compile(r"%[xyz]mm\d+.*\((?:%rsp|%rbp)\)|\((?:%rsp|%rbp)\).*%[xyz]mm\d+")
 _ARM_STACK_VECTOR = re.compile(r"^\s+(?:ldr|str|ldp|stp|ldur|stur)(?:\.\w+)?\s+(?:[qd]\d+|v\d+)[^\[]*\[(?:sp|x29)\b")
 

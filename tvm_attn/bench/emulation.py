@@ -155,13 +155,17 @@ def llvm_objdump() -> str | None:
     return None
 
 
+# What llvm-objdump and llvm-mca are told the code may use (features they do not default to for aarch64).
+AARCH64_FEATURES = "+sme,+sve,+bf16,+fp16fml,+fullfp16,+dotprod,+i8mm"
+
+
 def disassemble(library: Path) -> dict[int, str]:
     """{virtual address: "mnemonic operands"} of an aarch64 library's code, SVE and SME included."""
     objdump = llvm_objdump()
     if objdump is None:
         raise RuntimeError("needs llvm-objdump (Debian: apt-get install llvm-19)")
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "--mattr=+sme,+sve,+bf16,+fp16fml,+fullfp16",
-                           str(library)], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", f"--mattr={AARCH64_FEATURES}", str(library)],
+                          capture_output=True, text=True, check=True).stdout
     code = {}
     for line in text.splitlines():
         found = _OBJDUMP.match(line)

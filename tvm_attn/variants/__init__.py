@@ -15,6 +15,7 @@ from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import sme_prefill as _sme_prefill_schedule
 from ..schedules import standard as _standard_schedule
+from ..schedules.byte_products import has_byte_products
 from ..schedules.float16_products import has_float16_products
 from ..schedules.pair_products import has_pair_products
 from ..targets import capabilities
@@ -90,15 +91,22 @@ class Variant:
         return (path in self.float16_product_paths and kspec.kv_dtype is None
                 and uses_float16_products(kspec, target))
 
+    def computes_in_byte_products(self, path: str, kspec, target) -> bool:
+        """Whether the kernel serving ``path`` for ``kspec`` on ``target`` computes q . K's integer codes in byte
+        dot products."""
+        return path in self.integer_kv_paths and uses_byte_products(kspec, target)
+
     def compute_for(self, path: str, kspec, target):
         """The PrimFunc of the kernel serving ``path`` for ``kspec`` on ``target`` (generic over batch and
-        lengths): in 16-bit products (bfloat16 pairs, float16 lanes) where the target has them and this path
-        computes that way."""
+        lengths): in 16-bit products (bfloat16 pairs, float16 lanes) or byte products (integer K) where the target
+        has them and this path computes that way."""
         compute, _ = self.kernel_parts(path)
         if self.computes_in_pairs(path, kspec, target):
             return compute(kspec, pairs=True)
         if self.computes_in_float16_products(path, kspec, target):
             return compute(kspec, float16_products=True)
+        if self.computes_in_byte_products(path, kspec, target):
+            return compute(kspec, byte_products=True)
         return compute(kspec)
 
     def has_decode_kernel(self) -> bool:
@@ -128,6 +136,14 @@ def uses_float16_products(kspec, target) -> bool:
     where it has them (NEON fmlal) and the head dim is whole steps of the decode kernel's partial dot products."""
     return (kspec.dtype == "float16" and kspec.head_dim % decode.LANES == 0
             and has_float16_products(capabilities(target if target is not None else "host")))
+
+
+def uses_byte_products(kspec, target) -> bool:
+    """Whether the kernels of ``kspec`` reading integer K compute q . codes in byte dot products on ``target``
+    (None: the host): where it has them (NEON sdot) and the head dim is whole words of them."""
+    return (kspec.kv_dtype is not None and kspec.head_dim % decode.WORD == 0
+            and kspec.head_dim <= decode.MAX_BYTE_HEAD_DIM
+            and has_byte_products(capabilities(target if target is not None else "host")))
 
 
 def integer_kv_variants() -> list[str]:

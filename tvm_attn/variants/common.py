@@ -190,12 +190,20 @@ def init_online_softmax(m, l, acc, rows, head_dim, neg, zero):
 
 
 @T.macro
-def update_output(acc, O, alpha, l, t_sum, rows, head_dim):
-    """acc = alpha acc + O and l = alpha l + the tile's sum: the tile's P V and weights added to the running ones."""
-    for ri, d in T.grid(rows, head_dim):
-        with T.sblock("update"):
-            r, dd = T.axis.remap("SS", [ri, d])
-            acc[r, dd] = acc[r, dd] * alpha[r] + O[r, dd]
+def update_output(acc, O, alpha, l, t_sum, rows, head_dim, other=None, in_other=None):
+    """acc = alpha acc + O and l = alpha l + the tile's sum: the tile's P V and weights added to the running ones.
+    ``other``: a second buffer of the tile's P V, taken where the condition ``in_other`` holds (computed one of two
+    ways, each into its own buffer)."""
+    if other is None:
+        for ri, d in T.grid(rows, head_dim):
+            with T.sblock("update"):
+                r, dd = T.axis.remap("SS", [ri, d])
+                acc[r, dd] = acc[r, dd] * alpha[r] + O[r, dd]
+    else:
+        for ri, d in T.grid(rows, head_dim):
+            with T.sblock("update"):
+                r, dd = T.axis.remap("SS", [ri, d])
+                acc[r, dd] = acc[r, dd] * alpha[r] + T.Select(in_other, other[r, dd], O[r, dd])
     for ri in range(rows):
         with T.sblock("update_sum"):
             r = T.axis.spatial(rows, ri)
@@ -214,6 +222,15 @@ def weighted_values(O, W, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv, ze
 
 
 @T.macro
+def value_weights(weights, P, value_scale, rows, block_kv):
+    """weights = P times the scale of each key's V row (integer V: value_scale, j -> the scale of key j)."""
+    for ri, jj in T.grid(rows, block_kv):
+        with T.sblock("value_weight"):
+            r, j = T.axis.remap("SS", [ri, jj])
+            weights[r, j] = P[r, j] * value_scale(j)
+
+
+@T.macro
 def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv,
                         row0, sees, all_see, neg, zero, one, value_scale=None, weights=None):
     """One KV tile of the online softmax (FlashAttention-2) for ``rows`` rows whose scores S against keys key0..
@@ -228,10 +245,7 @@ def online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, key
     if value_scale is None:
         weighted_values(O, P, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv, zero)
     else:
-        for ri, jj in T.grid(rows, block_kv):
-            with T.sblock("value_weight"):
-                r, j = T.axis.remap("SS", [ri, jj])
-                weights[r, j] = P[r, j] * value_scale(j)
+        value_weights(weights, P, value_scale, rows, block_kv)
         weighted_values(O, weights, v, vb, vkh, key0, rows, block_kv, head_dim, seq_kv, zero)
     update_output(acc, O, alpha, l, t_sum, rows, head_dim)
 
@@ -388,7 +402,7 @@ def macro_state(wrapper):
 MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
                                          online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
                                          load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes,
-                                         weighted_values))
+                                         weighted_values, value_weights))
 
 
 def fresh_block_names() -> None:

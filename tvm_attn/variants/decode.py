@@ -13,7 +13,10 @@ LANES-wide partial vectors (head_dim padded to a multiple of LANES, q zero there
 
 Integer K and V (KernelSpec.kv_dtype, an integer KVCache's: tvm_attn/quantized_kv.py) are read as codes with a scale
 per row; K's codes are stored in blocks of KEY_BLOCK keys, dimension-major, so q . k is a matmul with the keys along
-the vector lanes (no tree), and the kernel takes (q, k, v, k_scale, v_scale, out).
+the vector lanes (no tree), and the kernel takes (q, k, v, k_scale, v_scale, out). In byte products (``byte_products``,
+NEON sdot: schedules/byte_products.py) q is an integer row n = round(q / step), step = max|q| / Q_LEVELS, in DIGITS
+signed bytes, and each block's codes are interleaved into words of WORD dimensions of a key; P V likewise, per block
+of KEY_BLOCK keys, the weights' digits against V's codes interleaved by WORD keys (in tiles wholly below seq_kv).
 
 Blocks (the contract with schedules/decode.py):
   split      one per (batch, KV head, chunk); inside it, per query position:
@@ -23,9 +26,13 @@ Blocks (the contract with schedules/decode.py):
       qk_part                per (row, key, lane): partial dot products over head_dim / LANES steps
       qk_half8, qk_half4, qk_half2, qk
                              the lanes summed pairwise (a tree: LLVM will not reorder a float sum) into S = q k^T
-      (integer K instead: qk_codes, per (row, key) q . codes over head_dim; qk_scale, S = that times the key's scale)
+      (integer K instead: qk_codes, per (row, key) q . codes over head_dim; qk_scale, S = that times the key's scale;
+       in byte products, q_peak and q_digits per position, and per key block key_block: k_words, qk_bytes (per
+       (row, digit, key) int32 digits . codes), then qk_scale from the digits' sums)
       tile_max, rescale, p, tile_sum, pv, update, update_sum   as in flash (integer V: value_weight, the weights
-                                                               times V's scales, before pv)
+                                                               times V's scales, before pv; in byte products, per
+                                                               key block value_block: v_words, w_peak, w_digits,
+                                                               pv_bytes, pv_scale, and pv for the last tile)
     save_acc, save_stats   the chunk's (output, max, sum) per row
   merge_max, merge_weight, merge_sum, merge_acc, out
              the chunks merged: w_c = e^(m_c - M), out = sum_c w_c o_c / sum_c w_c l_c
@@ -41,9 +48,9 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..quantized_kv import KEY_BLOCK
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, LANE_SUM_LANES, Visibility, bhsd, bits_of, ceil_div, fresh_block_names,
-                     init_online_softmax, online_softmax_tile, row_output, row_scales, run_time_sizes, sum_lanes,
-                     widen)
+from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, Visibility, bhsd, bits_of, ceil_div, fresh_block_names,
+                     init_online_softmax, online_softmax_tile, poisoned, row_output, row_scales, run_time_sizes,
+                     softmax_weights, sum_lanes, update_output, value_weights, weighted_values, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,15 @@ class DecodeConfig:
 
 
 LANES = LANE_SUM_LANES  # partial sums per dot product, summed by a tree of 4 halvings
+# Byte products: q as integers n = round(q / step), step = max|q| / Q_LEVELS, in DIGITS signed-byte digits (base 256,
+# each in -128..127): n is exact in them, and rounding q costs at most step / 2 = max|q| 2^-23 per dimension, the
+# float32 rounding of max|q| itself.
+DIGITS = 3
+Q_LEVELS = 2 ** 22
+DIGIT_BIAS = 128 * (1 + 256 + 256 ** 2)  # n + DIGIT_BIAS in 0..2^24: its unsigned base-256 digits are the digits + 128
+WORD = 4  # dimensions of one key per int32 lane of a byte product
+MAX_BYTE_HEAD_DIM = 512  # digit sums stay within int32
+BYTE_VALUE_DIMS = 16  # P V in byte products interleaves V's codes 16 dimensions at a time
 
 
 def default_config(kspec: KernelSpec) -> DecodeConfig:
@@ -81,12 +97,13 @@ def default_config(kspec: KernelSpec) -> DecodeConfig:
 
 
 def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool = False,
-            float16_products: bool = False):
+            float16_products: bool = False, byte_products: bool = False):
     """The decode PrimFunc for ``kspec`` (dense attention; any seq_q, organized for a few), split by ``config``
     (None: ``default_config(kspec)``). ``pairs`` (bfloat16, head_dim a multiple of 2 x LANES): QK^T in bfloat16
     pair products, each partial lane summing a pair of head dims. ``float16_products`` (float16, head_dim a multiple
     of LANES): QK^T in float16 products (NEON fmlal). Either way q is kept in 16 bits, unscaled (the scale applied to
-    the scores), and P V widens V as without."""
+    the scores), and P V widens V as without. ``byte_products`` (integer K and V, head_dim a multiple of WORD): q . K's
+    codes in int32 byte products (NEON sdot), q in DIGITS signed-byte digits."""
     if pairs and (kspec.dtype != "bfloat16" or kspec.head_dim % (2 * LANES)):
         raise ValueError(f"pair products need bfloat16 inputs and a head_dim multiple of {2 * LANES}, got "
                          f"{kspec.dtype} head_dim={kspec.head_dim}")
@@ -97,7 +114,12 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
     quantized = kspec.kv_dtype is not None
     if quantized and (pairs or float16_products):
         raise ValueError(f"{kspec.kv_dtype} K and V are read as codes: no pair or float16 products")
+    if byte_products and (not quantized or kspec.head_dim % WORD or kspec.head_dim > MAX_BYTE_HEAD_DIM):
+        raise ValueError(f"byte products need integer K and V and a head_dim multiple of {WORD} up to "
+                         f"{MAX_BYTE_HEAD_DIM}, got kv_dtype={kspec.kv_dtype} head_dim={kspec.head_dim}")
     KB = KEY_BLOCK
+    # P V in byte products too where head_dim is whole interleaves of V's codes (else V is widened)
+    byte_values_too = byte_products and kspec.head_dim % BYTE_VALUE_DIMS == 0
     if quantized and config.block_kv % KB:
         raise ValueError(f"integer K is read in blocks of {KB} keys: DecodeConfig.block_kv={config.block_kv} must be a "
                          f"multiple of {KB}")
@@ -151,6 +173,96 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
         first = T.max(s * TPC, vis.first_tile(i, BK))
         return first, T.max(first, T.min(T.min((s + 1) * TPC, NK), vis.end_tile(i, BK)))
 
+    Q = T.float32(Q_LEVELS)
+
+    def step_of(peak):
+        """The step of a row's integers whose max |x| is ``peak`` (NaN when the row is not finite: what is computed
+        from it is then NaN)."""
+        return T.Select(peak < T.float32(INF), peak * T.float32(1 / Q_LEVELS), T.float32(float("nan")))
+
+    def integer_of(x, peak):
+        """round(x / step) for an element x of a row whose max |x| is ``peak`` (0 when it is not finite: what is
+        computed from the row is NaN then, whatever its digits; and where peak is subnormal, 1 / peak overflowing:
+        a row of elements below 2^-126 counts as zeros)."""
+        scaled = x * T.Select(peak > ZERO, ONE / peak, ZERO) * Q
+        return T.Cast("int32", T.round(T.Select(T.abs(scaled) <= Q, scaled, ZERO)))
+
+    def digit(n, r):
+        """Digit r of integer n."""
+        return T.Cast("int8", T.bitwise_and(T.shift_right(n + DIGIT_BIAS, 8 * r), 255) - 128)
+
+    def digit_sum(code_dots, g, j):
+        """A dot product in units of its row's step, from its digits' int32 dot products (over head_dim or a key
+        block): the top two combined exactly in int32 (|digit 2| <= 64: under 2^30 for head_dim <=
+        MAX_BYTE_HEAD_DIM), then rounded once to float32."""
+        top = code_dots[g, 2, j] * 256 + code_dots[g, 1, j]
+        return T.Cast(ACC, top) * T.float32(256) + T.Cast(ACC, code_dots[g, 0, j])
+
+    @T.macro
+    def q_to_digits(q_rows, q_peak, q_digits):
+        for g, d in T.grid(G, D):
+            with T.sblock("q_peak"):
+                vg, vd = T.axis.remap("SR", [g, d])
+                with T.init():
+                    q_peak[vg] = ZERO
+                q_peak[vg] = T.max(q_peak[vg], poisoned(T.abs(q_rows[vg, vd])))
+        for g, r, d in T.grid(G, DIGITS, D):
+            with T.sblock("q_digits"):
+                vg, vr, vd = T.axis.remap("SSS", [g, r, d])
+                q_digits[vg, vr, vd] = digit(integer_of(q_rows[vg, vd], q_peak[vg]), vr)
+
+    @T.macro
+    def byte_dots(k, vb, vkh, vt, kb, words, q_digits, code_dots):
+        """code_dots of key block kb of tile vt: its codes interleaved into words, then q's digits . codes."""
+        with T.sblock("key_block"):
+            vkb = T.axis.opaque(BK // KB, kb)
+            for w, j, t in T.grid(D // WORD, KB, WORD):
+                with T.sblock("k_words"):
+                    vw, vj, vt4 = T.axis.remap("SSS", [w, j, t])
+                    # Tiles past the last block read it again; tile_max and p mask them.
+                    words[vw, vj, vt4] = k[vb, vkh, T.min(vt * (BK // KB) + vkb, NKB - 1), vw * WORD + vt4, vj]
+            for g, r, j, d in T.grid(G, DIGITS, KB, D):
+                with T.sblock("qk_bytes"):
+                    vg, vr, vj, vd = T.axis.remap("SSSR", [g, r, j, d])
+                    with T.init():
+                        code_dots[vg, vr, vkb * KB + vj] = 0
+                    code_dots[vg, vr, vkb * KB + vj] = code_dots[vg, vr, vkb * KB + vj] + T.Cast(
+                        "int32", q_digits[vg, vr, vd]) * T.Cast("int32", words[vd // WORD, vj, vd % WORD])
+
+    @T.macro
+    def byte_values(O, weights, v, vb, vkh, key0, w_peak, w_digits, v_words, value_dots):
+        """O = weights V over a tile whose keys are all below seq_kv, in byte products, per block of KB keys: V's
+        codes interleaved by WORD keys, the block's weights in digits of their own step."""
+        for kb in range(BK // KB):
+            with T.sblock("value_block"):
+                vkb = T.axis.opaque(BK // KB, kb)
+                for w, d, t in T.grid(KB // WORD, D, WORD):
+                    with T.sblock("v_words"):
+                        vw, vd, vt4 = T.axis.remap("SSS", [w, d, t])
+                        v_words[vw, vd, vt4] = v[vb, vkh, key0 + vkb * KB + vw * WORD + vt4, vd]
+                for g, j in T.grid(G, KB):
+                    with T.sblock("w_peak"):
+                        vg, vj = T.axis.remap("SR", [g, j])
+                        with T.init():
+                            w_peak[vg] = NEG  # (the max's identity: rfactor recognizes it)
+                        w_peak[vg] = T.max(w_peak[vg], poisoned(T.abs(weights[vg, vkb * KB + vj])))
+                for g, r, j in T.grid(G, DIGITS, KB):
+                    with T.sblock("w_digits"):
+                        vg, vr, vj = T.axis.remap("SSS", [g, r, j])
+                        w_digits[vg, vr, vj] = digit(integer_of(weights[vg, vkb * KB + vj], w_peak[vg]), vr)
+                for g, r, d, j in T.grid(G, DIGITS, D, KB):
+                    with T.sblock("pv_bytes"):
+                        vg, vr, vd, vj = T.axis.remap("SSSR", [g, r, d, j])
+                        with T.init():
+                            value_dots[vg, vr, vd] = 0
+                        value_dots[vg, vr, vd] = value_dots[vg, vr, vd] + T.Cast(
+                            "int32", w_digits[vg, vr, vj]) * T.Cast("int32", v_words[vj // WORD, vd, vj % WORD])
+                for g, d in T.grid(G, D):
+                    with T.sblock("pv_scale"):
+                        vg, vd = T.axis.remap("SS", [g, d])
+                        O[vg, vd] = T.Select(vkb == 0, ZERO, O[vg, vd]) + \
+                            digit_sum(value_dots, vg, vd) * step_of(w_peak[vg])
+
     @T.macro
     def body(q, k, v, k_scale, v_scale, out):
         m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
@@ -186,8 +298,20 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                 l = T.sblock_alloc_buffer((G,), ACC)
                 acc = T.sblock_alloc_buffer((G, D), ACC)
                 if quantized:  # (only then: a float kernel's workload, the key of its tuning records, is unchanged)
-                    code_dots = T.sblock_alloc_buffer((G, BK), ACC)  # q . codes, before the keys' scales
+                    if byte_products:
+                        q_peak = T.sblock_alloc_buffer((G,), ACC)  # max |q|, +Inf when q is not finite
+                        q_digits = T.sblock_alloc_buffer((G, DIGITS, D), "int8")
+                        words = T.sblock_alloc_buffer((D // WORD, KB, WORD), "int8")  # a key block's codes by key
+                        code_dots = T.sblock_alloc_buffer((G, DIGITS, BK), "int32")  # q's digits . codes
+                    else:
+                        code_dots = T.sblock_alloc_buffer((G, BK), ACC)  # q . codes, before the keys' scales
                     weights = T.sblock_alloc_buffer((G, BK), ACC)  # the softmax's weights times V's scales
+                    if byte_values_too:
+                        w_peak = T.sblock_alloc_buffer((G,), ACC)  # a key block's max weight
+                        w_digits = T.sblock_alloc_buffer((G, DIGITS, KB), "int8")
+                        v_words = T.sblock_alloc_buffer((KB // WORD, D, WORD), "int8")  # V's codes by WORD keys
+                        value_dots = T.sblock_alloc_buffer((G, DIGITS, D), "int32")  # the weights' digits . codes
+                        O_bytes = T.sblock_alloc_buffer((G, D), ACC)  # O of a tile in byte products
                 for i in range(SQ):
                     with T.sblock("query"):
                         vi = T.axis.opaque(SQ, i)
@@ -201,11 +325,21 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                 else:
                                     q_rows[vg, vd] = T.if_then_else(
                                         vd < D, widen(q[vb, vkh * G + vg, vi, T.min(vd, D - 1)]) * SCALE, ZERO)
+                        if byte_products:
+                            q_to_digits(q_rows, q_peak, q_digits)
                         init_online_softmax(m, l, acc, G, D, NEG, ZERO)
                         for t in range(tile_range(vs, vi)[0], tile_range(vs, vi)[1]):
                             with T.sblock("kv_tile"):
                                 vt = T.axis.opaque(NK, t)
-                                if quantized:  # codes in blocks of keys: q . k for a vector of keys at once
+                                if byte_products:
+                                    for kb in range(BK // KB):
+                                        byte_dots(k, vb, vkh, vt, kb, words, q_digits, code_dots)
+                                    for g, jj in T.grid(G, BK):
+                                        with T.sblock("qk_scale"):
+                                            vg, j = T.axis.remap("SS", [g, jj])
+                                            S[vg, j] = digit_sum(code_dots, vg, j) * step_of(q_peak[vg]) * \
+                                                key_scale(k_scale, vb, vkh, vt)(j)
+                                elif quantized:  # codes in blocks of keys: q . k for a vector of keys at once
                                     for g, jj, d in T.grid(G, BK, D):
                                         with T.sblock("qk_codes"):
                                             vg, j, vd = T.axis.remap("SSR", [g, jj, d])
@@ -247,7 +381,18 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                                 widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
                                 if not quantized:
                                     sum_lanes(part, half8, half4, half2, S, G, BK, score)
-                                if quantized:
+                                if byte_values_too:  # but in the tile reaching past seq_kv: V widened
+                                    softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi, query_sees,
+                                                    vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE,
+                                                    softmax_exp)
+                                    value_weights(weights, P, key_scale(v_scale, vb, vkh, vt), G, BK)
+                                    if vt * BK + BK <= SKV:
+                                        byte_values(O_bytes, weights, v, vb, vkh, vt * BK, w_peak, w_digits,
+                                                    v_words, value_dots)
+                                    else:
+                                        weighted_values(O, weights, v, vb, vkh, vt * BK, G, BK, D, SKV, ZERO)
+                                    update_output(acc, O, alpha, l, t_sum, G, D, O_bytes, vt * BK + BK <= SKV)
+                                elif quantized:
                                     online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK,
                                                         G, BK, D, SKV, vi, query_sees,
                                                         vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE,
