@@ -247,3 +247,28 @@ def test_int8_cache_matches_sdpa_over_the_dequantized_keys(llama):
         tvm_attn.hf.Cache.for_model(llama, 20, dtype="int4")
     # another attention implementation over an int8 cache reads NaN stand-ins: NaN logits, not wrong finite ones
     assert torch.isnan(_logits(llama, "sdpa", ids[:1], cache=tvm_attn.hf.Cache.for_model(llama, 12, "int8"))).all()
+
+
+def test_gemma2_softcapping_matches_eager():
+    """A tiny Gemma 2 (logit softcapping, sliding-window and full layers alternating) through the backend: its
+    logits are eager attention's, greedy generation through the cache gives eager's tokens, and the cap matters
+    here (the same weights without it give other logits)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(2)
+    config = Gemma2Config(**TINY, head_dim=16, sliding_window=6, attn_logit_softcapping=0.1,
+                          query_pre_attn_scalar=16, final_logit_softcapping=None)
+    model = Gemma2ForCausalLM(config).eval()
+    tvm_attn.hf.register()
+    ids = torch.randint(0, 96, (1, 19))
+    eager = _logits(model, "eager", ids)
+    torch.testing.assert_close(_logits(model, "tvm_attn", ids), eager, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.set_attn_implementation("tvm_attn")
+        ours = model.generate(ids, max_new_tokens=8, do_sample=False, cache=tvm_attn.hf.Cache.for_model(model, 27))
+    assert torch.equal(ours, expected)
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert (_logits(model, "tvm_attn", ids) - eager).abs().max() > 1e-3  # 10x the tolerance above

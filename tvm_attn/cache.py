@@ -209,9 +209,10 @@ class KVCache:
                **knob) -> np.ndarray:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
-        variant's pruning knob (threshold=, top_k= or eps=). ``attention_mask`` (batch, length) of 0 and 1 (numpy
-        or torch) pads a batch of sequences of different lengths: each row's ones are one run (padding on the left,
-        the right or both), its other positions are neither keys nor queries (their rows of the output are 0).
+        variant's pruning knob (threshold=, top_k= or eps=) and softcap= (AttentionSpec.softcap).
+        ``attention_mask`` (batch, length) of 0 and 1 (numpy or torch) pads a batch of sequences of different
+        lengths: each row's ones are one run (padding on the left, the right or both), its other positions are
+        neither keys nor queries (their rows of the output are 0).
         Returns a new array (a torch tensor when q is one), or fills ``out``."""
         like = q
         q = cache_array("q", q, self.input_dtype)
@@ -313,10 +314,10 @@ class KVCache:
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:
-            unknown = set(knob) - set(KNOBS)
+            unknown = set(knob) - set(KNOBS) - {"softcap"}
             if unknown:
                 raise TypeError(f"attend() got unexpected keyword arguments {sorted(unknown)}: the pruning knobs "
-                                f"are {', '.join(KNOBS)}")
+                                f"are {', '.join(KNOBS)}, and softcap")
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
             if heads % self.kv_heads:

@@ -251,6 +251,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
             "window": spec.window,
             "causal_alignment": "bottom-right: query i sees keys j <= i + seq_kv - seq_q",
             "scale": spec.scale, "threshold": spec.threshold, "top_k": spec.top_k, "eps": spec.eps, "dtype": spec.dtype,
+            **({"softcap": spec.softcap} if spec.softcap is not None else {}),  # scores s -> softcap tanh(s / softcap)
         },
         "target": {"key": target_key(t), "tvm_target": json.loads(str(t)),
                    **_platform(t, matrix_unit=scheduled.schedule == "sme")},

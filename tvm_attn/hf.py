@@ -70,9 +70,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (B, Sq, H, D) and no attention weights."""
     if dropout:
         raise ValueError(f"dropout={dropout}: tvm_attn kernels are inference-only (call model.eval())")
-    for unsupported in ("softcap", "s_aux", "position_bias"):
+    for unsupported in ("s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"{unsupported} is not supported by tvm_attn kernels (layer {type(module).__name__})")
+    if kwargs.get("softcap") is not None:  # (Gemma 2's attn_logit_softcapping)
+        knob = {**(knob or {}), "softcap": kwargs["softcap"]}
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = kwargs.get("sliding_window")
     batch, heads, seq_q, _ = query.shape

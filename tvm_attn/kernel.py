@@ -54,7 +54,7 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
             return (_blas_scheduled if schedule == "blas" else _sme_scheduled)(variant, spec, target)
         schedule = "best"
     if (schedule == "best" and blas_allowed and path == "prefill" and variant.blas_compute is not None
-            and tuning.blas_measured_faster(variant, spec, target)):
+            and spec.softcap is None and tuning.blas_measured_faster(variant, spec, target)):
         try:
             return _blas_scheduled(variant, spec, target)
         except ValueError:  # no BLAS for this target here: the TensorIR schedule
@@ -87,6 +87,8 @@ def _blas_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     if variant.blas_compute is None:
         raise ValueError(f"schedule='blas' computes dense attention (standard, flash, mqa); variant "
                          f"{variant.name!r} prunes")
+    if spec.softcap is not None:
+        raise ValueError(f"schedule='blas' does not apply softcap={spec.softcap!r}: use schedule='best' or 'hand'")
     library = blas.for_target(target)
     if runs_on_host(target):
         library.load()  # the compiled kernel resolves the library's sgemm in this process
@@ -99,6 +101,8 @@ def _sme_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     if variant.sme_compute is None:
         raise ValueError(f"schedule='sme' computes dense attention (standard, flash, mqa); variant "
                          f"{variant.name!r} prunes")
+    if spec.softcap is not None:
+        raise ValueError(f"schedule='sme' does not apply softcap={spec.softcap!r}: use schedule='best' or 'hand'")
     if capabilities(target).matrix_unit != "sme":
         raise ValueError(f"schedule='sme' needs a CPU with Arm SME (apple-m4); target {target_key(target)} has "
                          f"none")
@@ -200,7 +204,8 @@ class Kernel:
     def check(self, q, k, v) -> AttentionSpec:
         """The spec of a call with q, k, v; ValueError/TypeError when this kernel cannot serve it."""
         ks = self.kernel_spec
-        spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale, **ks.knobs())
+        spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale,
+                                         softcap=ks.softcap, **ks.knobs())
         if spec.dtype != ks.dtype:
             raise TypeError(f"q, k and v are {spec.dtype}; this kernel was built for {ks.dtype}")
         if spec.kernel != ks:
@@ -286,7 +291,7 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     seq_q = 1 if path in ("decode", "shadow") else 1024
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
-                         dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, **kspec.knobs())
+                         dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, softcap=kspec.softcap, **kspec.knobs())
 
 
 def compile_counted(mod: tvm.IRModule, target) -> object:

@@ -21,10 +21,12 @@ from .spec import AttentionSpec
 
 
 def scores(spec: AttentionSpec, q, k) -> np.ndarray:
-    """scale * q k^T in float64, shape (batch, heads, seq_q, seq_kv), KV heads broadcast over their group."""
+    """scale * q k^T in float64, shape (batch, heads, seq_q, seq_kv), KV heads broadcast over their group; with
+    ``spec.softcap``, softcap * tanh(that / softcap) (+-Inf scores become +-softcap)."""
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.repeat(np.asarray(k, dtype=np.float64), spec.group_size, axis=1)
-    return spec.scale * (q64 @ k64.swapaxes(-1, -2))
+    s = spec.scale * (q64 @ k64.swapaxes(-1, -2))
+    return s if spec.softcap is None else spec.softcap * np.tanh(s / spec.softcap)
 
 
 def visible_mask(spec: AttentionSpec) -> np.ndarray:

@@ -30,7 +30,9 @@ class AttentionSpec:
     ``threshold`` and ``top_k`` are the pruning knobs of the variants of the same names, ``eps`` the mass
     variant's, and are None elsewhere. ``dtype`` (one of DTYPES) is that of q, k, v and the output; computation is
     float32 for every dtype. ``kv_dtype`` "int8": K and V are int8 codes with a float32 scale per row (an integer
-    KVCache's, ``tvm_attn.quantized_kv``). A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
+    KVCache's, ``tvm_attn.quantized_kv``). ``softcap`` (logit softcapping, Gemma 2): each score s = scale q.k
+    becomes softcap * tanh(s / softcap) before the mask and the softmax. A compiled kernel serves every batch, seq_q
+    and seq_kv of its ``kernel``.
     """
 
     batch: int = 2
@@ -47,6 +49,7 @@ class AttentionSpec:
     eps: float | None = None
     dtype: str = DTYPE
     kv_dtype: str | None = None
+    softcap: float | None = None
 
     def __post_init__(self):
         # Fill the derived defaults so equal specs hash equal (kernels are cached on the spec).
@@ -86,6 +89,10 @@ class AttentionSpec:
         elif not _is_real(self.scale) or not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError(f"scale must be a finite non-zero number, got {self.scale!r}")
         object.__setattr__(self, "scale", float(self.scale))
+        if self.softcap is not None:
+            if not _is_real(self.softcap) or not math.isfinite(self.softcap) or self.softcap <= 0:
+                raise ValueError(f"softcap must be a finite number > 0 (or None), got {self.softcap!r}")
+            object.__setattr__(self, "softcap", float(self.softcap))
         given = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
         if len(given) > 1:
             raise ValueError(f"give at most one pruning knob, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
@@ -110,7 +117,7 @@ class AttentionSpec:
     def kernel(self) -> "KernelSpec":
         """What a compiled kernel is specialized for: everything but batch, seq_q and seq_kv."""
         return KernelSpec(self.heads, self.kv_heads, self.head_dim, self.causal, self.window, self.scale,
-                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype)
+                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype, self.softcap)
 
     def knobs(self) -> dict:
         """The pruning knob that is set, as {name: value} (empty for dense variants)."""
@@ -172,6 +179,8 @@ class AttentionSpec:
             parts.append(DTYPE_TAGS[self.dtype])
         if self.kv_dtype is not None:
             parts.append(f"kv{self.kv_dtype}")
+        if self.softcap is not None:
+            parts.append(f"cap{self.softcap:g}")
         return "_".join(parts)
 
     @classmethod
@@ -255,6 +264,7 @@ class KernelSpec:
     eps: float | None
     dtype: str
     kv_dtype: str | None = None
+    softcap: float | None = None
 
     @property
     def group_size(self) -> int:
@@ -278,4 +288,6 @@ class KernelSpec:
             parts.append(DTYPE_TAGS[self.dtype])
         if self.kv_dtype is not None:
             parts.append(f"kv{self.kv_dtype}")
+        if self.softcap is not None:
+            parts.append(f"cap{self.softcap:g}")
         return "_".join(parts)

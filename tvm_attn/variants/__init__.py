@@ -69,6 +69,8 @@ class Variant:
     # Dense prefill with its tiles' matmuls as Arm SME outer products (schedule="sme"): KernelSpec -> IRModule.
     sme_compute: Callable | None = None
     sme_schedule: Callable | None = None
+    # Whether the kernels of compute and decode_compute apply AttentionSpec.softcap (logit softcapping).
+    softcap: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -113,7 +115,11 @@ class Variant:
         return self.decode_compute is not None
 
     def check(self, spec: AttentionSpec) -> None:
-        """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs."""
+        """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs, or asks
+        for softcapping the variant does not do."""
+        if spec.softcap is not None and not self.softcap:
+            raise ValueError(f"softcap={spec.softcap!r}: variant {self.name!r} does not apply logit softcapping "
+                             f"(the variants that do: {', '.join(v.name for v in VARIANTS.values() if v.softcap)})")
         for knob in KNOBS:
             value = getattr(spec, knob)
             if knob == self.knob and value is None:
@@ -166,7 +172,7 @@ def _on_scores(keep):
 DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
                     float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
                     blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
-                    sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule)
+                    sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.

@@ -11,7 +11,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..element_types import ACC, BF16_BITS, bits_of, narrow, widen  # noqa: F401 (the computes import them from here)
-from ..fast_exp import softmax_exp
+from ..fast_exp import fast_exp, softmax_exp
 from ..spec import KernelSpec
 
 # The kernels assume only element alignment of their arguments (the element's bytes): numpy and torch tensors,
@@ -30,6 +30,36 @@ def ceil_div(a, b: int):
 # the row read such a score (NaN itself would not survive: T.max(a, b) is a > b ? a : b), and row_output turns that
 # max into a NaN row, whatever the softmax and the selections did with the NaN meanwhile.
 INF = float("inf")
+
+
+# tanh(x) = x (1 + x^2 (c1 + x^2 (c2 + ...))) for |x| < TANH_SERIES (Taylor: the next term is under 2e-8 x there)
+TANH_SERIES = 0.25
+_TANH_COEFFICIENTS = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835)
+
+
+def softcapped(s, cap: float):
+    """cap * tanh(s / cap) (logit softcapping) in vectorizable float32 arithmetic: the odd series where |s / cap| <
+    TANH_SERIES, else (1 - t) / (1 + t) with t = e^(-2 |s / cap|) (no cancellation there); NaN stays NaN, +-Inf
+    become +-cap."""
+    x = s * T.float32(1 / cap)
+    x2 = x * x
+    series = T.float32(_TANH_COEFFICIENTS[-1])
+    for c in _TANH_COEFFICIENTS[-2::-1]:
+        series = series * x2 + T.float32(c)
+    t = fast_exp(T.float32(-2) * T.abs(x))
+    large = (T.float32(1) - t) / (T.float32(1) + t)
+    tanh = T.Select(T.abs(x) < T.float32(TANH_SERIES), x + x * x2 * series, T.Select(x < T.float32(0), -large, large))
+    return T.Select(T.isnan(s), s, tanh * T.float32(cap))
+
+
+@T.macro
+def cap_scores(S, capped, rows, tiles, block_kv, cap, prescale):
+    """capped = softcapped(prescale S) (block "softcap") for rows x (tiles x block_kv) scores (``prescale``: the
+    scale of scores computed unscaled, else 1)."""
+    for ri, t, jj in T.grid(rows, tiles, block_kv):
+        with T.sblock("softcap"):
+            r, vt, j = T.axis.remap("SSS", [ri, t, jj])
+            capped[r, vt * block_kv + j] = softcapped(S[r, vt * block_kv + j] * T.float32(prescale), cap)
 
 
 def poisoned(x):
@@ -402,7 +432,7 @@ def macro_state(wrapper):
 MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
                                          online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
                                          load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes,
-                                         weighted_values, value_weights))
+                                         weighted_values, value_weights, cap_scores))
 
 
 def fresh_block_names() -> None:

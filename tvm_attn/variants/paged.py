@@ -113,6 +113,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
     (PageTiling(page_size, config.block_kv)); the chunks are the caller's plan."""
     if kspec.knobs():
         raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
+    if kspec.softcap is not None:
+        raise ValueError(f"the paged kernel does not apply softcap={kspec.softcap!r} yet")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size

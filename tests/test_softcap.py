@@ -1,0 +1,95 @@
+"""Logit softcapping (AttentionSpec.softcap, Gemma 2): each score s becomes cap * tanh(s / cap) before the softmax,
+in the dense variants' prefill and decode kernels and through the caches, against the float64 reference; refused
+where it is not applied. The transformers backend's Gemma 2 check is in tests/test_hf.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm.script import tirx as T
+
+import tvm_attn
+from conftest import assert_matches_reference, make_inputs
+from tvm_attn.variants.common import TANH_SERIES, softcapped
+
+# (heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, dtype): awkward lengths, GQA, a window, decode (1 and 3
+# rows), 16-bit inputs (bfloat16 prefill in pair products on hosts with them)
+SHAPES = [(4, 2, 70, 130, 40, True, None, "float32"), (6, 2, 33, 33, 64, False, None, "float32"),
+          (4, 2, 3, 300, 64, True, 100, "float32"), (4, 4, 1, 257, 48, True, None, "float32"),
+          (4, 2, 50, 50, 64, True, None, "bfloat16"), (4, 2, 2, 90, 32, True, None, "float16")]
+
+
+# flash on every shape; standard and mqa (the same decode kernel as flash) on two each
+CASES = [("flash", shape) for shape in SHAPES] + [("standard", SHAPES[0]), ("standard", SHAPES[3]),
+                                                  ("mqa", SHAPES[1]), ("mqa", SHAPES[4])]
+
+
+@pytest.mark.parametrize("variant,shape", CASES, ids=str)
+def test_dense_variants_cap_their_scores(variant, shape):
+    heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, dtype = shape
+    spec = tvm_attn.AttentionSpec(batch=2, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_kv=seq_kv,
+                                  head_dim=head_dim, causal=causal, window=window, dtype=dtype, softcap=5.0)
+    q, k, v = make_inputs(spec, seed=seq_kv, q_scale=3.0)  # scores well past the cap's linear range
+    out = tvm_attn.attention(q, k, v, variant=variant, causal=causal, window=window, softcap=5.0)
+    assert_matches_reference(variant, spec, out, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_softcap_through_a_cache(dtype):
+    """Decode (1 row) and prefill-sized (12 rows) calls through a KVCache, an int8 one's decode reading its codes."""
+    rng = np.random.default_rng(1)
+    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=64, capacity=400, dtype=dtype)
+    rows = np.float16 if dtype == "float16" else np.float32
+    cache.append(*(rng.standard_normal((1, 2, 300, 64)).astype(rows) for _ in "kv"))
+    k, v = cache.dequantized() if cache.integer else (cache.k, cache.v)
+    for n_q in (1, 12):
+        q = (3 * rng.standard_normal((1, 4, n_q, 64))).astype(rows)
+        spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=n_q, seq_kv=300, head_dim=64, causal=True,
+                                      dtype=cache.input_dtype, softcap=4.0)
+        assert_matches_reference("flash", spec, cache.attend(q, softcap=4.0), q, k, v)
+
+
+def test_softcapped_scores_are_float32_close_to_tanh():
+    """softcapped over both branches of its tanh (the series below TANH_SERIES, the exp form above), +-Inf and NaN:
+    within a few float32 ulps of cap (absolute) of the float64 cap tanh(s / cap)."""
+    cap = 30.0
+    n = 4096
+
+    @T.prim_func(s_tir=True)
+    def cap_all(x: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
+        for i in range(n):
+            with T.sblock("y"):
+                vi = T.axis.spatial(n, i)
+                y[vi] = softcapped(x[vi], cap)
+
+    f = tvm.compile(cap_all, target="llvm")
+    s = np.concatenate([np.linspace(-3 * cap, 3 * cap, n - 8),
+                        cap * TANH_SERIES * np.array([-1.0001, -1, -0.9999, 0.9999, 1, 1.0001]), [np.inf, -np.inf]])
+    s = s.astype(np.float32)
+    got = np.zeros(n, np.float32)
+    f(tvm.runtime.tensor(s), out := tvm.runtime.tensor(got))
+    got = out.numpy()
+    want = cap * np.tanh(s.astype(np.float64) / cap)
+    assert np.abs(got - want).max() <= 4 * np.finfo(np.float32).eps * cap
+    s[0] = np.nan
+    f(tvm.runtime.tensor(s), out)
+    assert np.isnan(out.numpy()[0])
+
+
+def test_softcap_refusals():
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "5"):
+        with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+            tvm_attn.AttentionSpec(softcap=bad)
+    q = np.zeros((1, 4, 8, 32), np.float32)
+    k = np.zeros((1, 2, 8, 32), np.float32)
+    with pytest.raises(ValueError, match="variant 'topk' does not apply logit softcapping"):
+        tvm_attn.attention(q, k, k, variant="topk", top_k=2, softcap=5.0)
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=64, seq_kv=64, head_dim=32, softcap=5.0)
+    with pytest.raises(ValueError, match="schedule='blas' does not apply softcap=5.0"):
+        tvm_attn.build("flash", spec, schedule="blas")
+    with pytest.raises(ValueError, match="schedule='sme' does not apply softcap=5.0"):
+        tvm_attn.build("flash", spec, target="apple-m4", schedule="sme")
+    paged = tvm_attn.PagedKVCache(num_pages=4, page_size=16, kv_heads=2, head_dim=32)
+    with pytest.raises(TypeError, match="softcap"):  # (not applied there yet)
+        paged.attend(np.zeros((1, 4, 1, 32), np.float32), [0], [1], softcap=5.0)
