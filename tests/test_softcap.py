@@ -1,6 +1,6 @@
 """Logit softcapping (AttentionSpec.softcap, Gemma 2): each score s becomes cap * tanh(s / cap) before the softmax,
-in the dense variants' prefill and decode kernels and through the caches, against the float64 reference; refused
-where it is not applied. The transformers backend's Gemma 2 check is in tests/test_hf.py."""
+in the dense and pruned variants' prefill and decode kernels and through the caches, against the float64 reference;
+refused where it is not applied. The transformers backend's Gemma 2 check is in tests/test_hf.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import tvm
 from tvm.script import tirx as T
 
 import tvm_attn
-from conftest import assert_matches_reference, make_inputs
+import tvm_attn.kernel
+from conftest import assert_matches_reference, knobs_for, make_inputs
 from tvm_attn.variants.common import TANH_SERIES, softcapped
 
 # (heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, dtype): awkward lengths, GQA, a window, decode (1 and 3
@@ -20,19 +21,35 @@ SHAPES = [(4, 2, 70, 130, 40, True, None, "float32"), (6, 2, 33, 33, 64, False, 
           (4, 2, 50, 50, 64, True, None, "bfloat16"), (4, 2, 2, 90, 32, True, None, "float16")]
 
 
-# flash on every shape; standard and mqa (the same decode kernel as flash) on two each
+# flash on every shape; standard and mqa (the same decode kernel as flash) on two each; the pruned variants that cap
+# on a prefill and a decode shape each (their knobs: conftest.KNOBS)
 CASES = [("flash", shape) for shape in SHAPES] + [("standard", SHAPES[0]), ("standard", SHAPES[3]),
-                                                  ("mqa", SHAPES[1]), ("mqa", SHAPES[4])]
+                                                  ("mqa", SHAPES[1]), ("mqa", SHAPES[4])] + [
+    (variant, shape) for variant in ("threshold", "topk", "mass") for shape in (SHAPES[0], SHAPES[2])]
 
 
 @pytest.mark.parametrize("variant,shape", CASES, ids=str)
-def test_dense_variants_cap_their_scores(variant, shape):
+def test_variants_cap_their_scores(variant, shape):
     heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, dtype = shape
+    knob = knobs_for(variant)[0]
     spec = tvm_attn.AttentionSpec(batch=2, heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_kv=seq_kv,
-                                  head_dim=head_dim, causal=causal, window=window, dtype=dtype, softcap=5.0)
+                                  head_dim=head_dim, causal=causal, window=window, dtype=dtype, softcap=5.0, **knob)
     q, k, v = make_inputs(spec, seed=seq_kv, q_scale=3.0)  # scores well past the cap's linear range
-    out = tvm_attn.attention(q, k, v, variant=variant, causal=causal, window=window, softcap=5.0)
+    out = tvm_attn.attention(q, k, v, variant=variant, causal=causal, window=window, softcap=5.0, **knob)
     assert_matches_reference(variant, spec, out, q, k, v)
+
+
+def test_top_k_decode_through_a_cache_caps_without_the_shadow():
+    """A softcapped top-k decode call through a cache takes top-k's own decode kernel (the shadow's do not cap)."""
+    rng = np.random.default_rng(4)
+    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=200)
+    cache.append(*(rng.standard_normal((1, 2, 200, 32)).astype(np.float32) for _ in "kv"))
+    q = (3 * rng.standard_normal((1, 4, 1, 32))).astype(np.float32)
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=200, head_dim=32, causal=True,
+                                  top_k=8, softcap=2.0)
+    assert_matches_reference("topk", spec, cache.attend(q, variant="topk", top_k=8, softcap=2.0), q, cache.k,
+                             cache.v)
+    assert cache.shadow is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
@@ -83,8 +100,11 @@ def test_softcap_refusals():
             tvm_attn.AttentionSpec(softcap=bad)
     q = np.zeros((1, 4, 8, 32), np.float32)
     k = np.zeros((1, 2, 8, 32), np.float32)
-    with pytest.raises(ValueError, match="variant 'topk' does not apply logit softcapping"):
-        tvm_attn.attention(q, k, k, variant="topk", top_k=2, softcap=5.0)
+    with pytest.raises(ValueError, match="variant 'bounded' does not apply logit softcapping"):
+        tvm_attn.attention(q, k, k, variant="bounded", eps=0.1, softcap=5.0)
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=8, head_dim=32, top_k=2, softcap=5.0)
+    with pytest.raises(ValueError, match="reading the shadow of K does not apply softcap=5.0"):
+        tvm_attn.kernel.build_shadow("topk", spec)
     spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=64, seq_kv=64, head_dim=32, softcap=5.0)
     with pytest.raises(ValueError, match="schedule='blas' does not apply softcap=5.0"):
         tvm_attn.build("flash", spec, schedule="blas")

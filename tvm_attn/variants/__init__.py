@@ -173,7 +173,7 @@ DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.sch
                     float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
                     blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
                     sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True)
-PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule)
+PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.
 SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)
