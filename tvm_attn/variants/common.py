@@ -11,7 +11,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..element_types import ACC, BF16_BITS, bits_of, narrow, widen  # noqa: F401 (the computes import them from here)
-from ..fast_exp import fast_exp, softmax_exp
+from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 
 # The kernels assume only element alignment of their arguments (the element's bytes): numpy and torch tensors,
@@ -32,23 +32,27 @@ def ceil_div(a, b: int):
 INF = float("inf")
 
 
-# tanh(x) = x (1 + x^2 (c1 + x^2 (c2 + ...))) for |x| < TANH_SERIES (Taylor: the next term is under 2e-8 x there)
-TANH_SERIES = 0.25
-_TANH_COEFFICIENTS = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835)
+# tanh(x) = x p(x^2) / q(x^2) on |x| <= TANH_CLAMP (float32 tanh is +-1 beyond), x itself below TANH_TINY: the
+# rational approximation of Eigen's fast float tanh (numerator odd of degree 13, denominator even of degree 6).
+TANH_CLAMP = 7.90531110763549805
+TANH_TINY = 0.0004
+_TANH_NUMERATOR = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+                   -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)  # x^1, x^3, ..., x^13
+_TANH_DENOMINATOR = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
 
 
 def softcapped(s, cap: float):
-    """cap * tanh(s / cap) (logit softcapping) in vectorizable float32 arithmetic: the odd series where |s / cap| <
-    TANH_SERIES, else (1 - t) / (1 + t) with t = e^(-2 |s / cap|) (no cancellation there); NaN stays NaN, +-Inf
-    become +-cap."""
-    x = s * T.float32(1 / cap)
+    """cap * tanh(s / cap) (logit softcapping) in vectorizable float32 arithmetic (one division, no exp): x = s / cap
+    clamped to +-TANH_CLAMP, then a rational function of it; NaN stays NaN, +-Inf become +-cap."""
+    x = T.max(T.min(s * T.float32(1 / cap), T.float32(TANH_CLAMP)), T.float32(-TANH_CLAMP))
     x2 = x * x
-    series = T.float32(_TANH_COEFFICIENTS[-1])
-    for c in _TANH_COEFFICIENTS[-2::-1]:
-        series = series * x2 + T.float32(c)
-    t = fast_exp(T.float32(-2) * T.abs(x))
-    large = (T.float32(1) - t) / (T.float32(1) + t)
-    tanh = T.Select(T.abs(x) < T.float32(TANH_SERIES), x + x * x2 * series, T.Select(x < T.float32(0), -large, large))
+    p = T.float32(_TANH_NUMERATOR[-1])
+    for c in _TANH_NUMERATOR[-2::-1]:
+        p = p * x2 + T.float32(c)
+    q = T.float32(_TANH_DENOMINATOR[-1])
+    for c in _TANH_DENOMINATOR[-2::-1]:
+        q = q * x2 + T.float32(c)
+    tanh = T.Select(T.abs(x) < T.float32(TANH_TINY), x, x * p / q)
     return T.Select(T.isnan(s), s, tanh * T.float32(cap))
 
 
