@@ -33,7 +33,7 @@ def fill(cache, rng, lengths, chunk=7):
     return seqs
 
 
-def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None):
+def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, softcap=None):
     """Each sequence's rows of ``out`` against the float64 reference over that sequence alone."""
     heads = q.shape[1]
     start = 0
@@ -41,7 +41,7 @@ def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None):
         k, v = cache.gather(seq)
         spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=cache.kv_heads, seq_q=n, seq_kv=k.shape[1],
                                       head_dim=cache.head_dim, causal=causal, window=window, scale=scale,
-                                      dtype=cache.dtype)
+                                      dtype=cache.dtype, softcap=softcap)
         rows = slice(start, start + n)
         as_bhsd = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
         assert_matches_reference("flash", spec, as_bhsd(out[rows]), as_bhsd(q[rows]), k[None], v[None])
@@ -101,6 +101,15 @@ def test_not_causal_and_one_sequence_twice():
     q = _rows(rng, 10, 4, 32, "float32")
     out = cache.attend(q, [a, b, a], counts, causal=False, scale=-0.3)
     check(cache, out, q, [a, b, a], counts, causal=False, scale=-0.3)
+
+
+def test_softcap():
+    rng = np.random.default_rng(5)
+    cache = tvm_attn.PagedKVCache(num_pages=16, page_size=16, kv_heads=2, head_dim=32)
+    seqs = fill(cache, rng, [70, 9])
+    counts = [1, 3]
+    q = 3 * _rows(rng, 4, 4, 32, "float32")
+    check(cache, cache.attend(q, seqs, counts, softcap=2.0), q, seqs, counts, softcap=2.0)
 
 
 def test_fork_shares_full_pages_and_copies_the_partial_one():

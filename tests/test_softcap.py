@@ -1,6 +1,6 @@
 """Logit softcapping (AttentionSpec.softcap, Gemma 2): each score s becomes cap * tanh(s / cap) before the softmax,
 in the dense and pruned variants' prefill and decode kernels and through the caches, against the float64 reference;
-refused where it is not applied. The transformers backend's Gemma 2 check is in tests/test_hf.py."""
+refused where it is not applied. The paged cache's check is in tests/test_paged.py. The transformers backend's Gemma 2 check is in tests/test_hf.py."""
 
 from __future__ import annotations
 
@@ -111,6 +111,3 @@ def test_softcap_refusals():
         tvm_attn.build("flash", spec, schedule="blas")
     with pytest.raises(ValueError, match="schedule='sme' does not apply softcap=5.0"):
         tvm_attn.build("flash", spec, target="apple-m4", schedule="sme")
-    paged = tvm_attn.PagedKVCache(num_pages=4, page_size=16, kv_heads=2, head_dim=32)
-    with pytest.raises(TypeError, match="softcap"):  # (not applied there yet)
-        paged.attend(np.zeros((1, 4, 1, 32), np.float32), [0], [1], softcap=5.0)

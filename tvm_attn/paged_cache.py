@@ -214,11 +214,11 @@ class PagedKVCache:
 
     # -- attention -----------------------------------------------------------------------------------------------
     def attend(self, q, seqs, query_counts, causal: bool = True, scale: float | None = None,
-               window: int | None = None, out=None):
+               window: int | None = None, out=None, softcap: float | None = None):
         """Dense attention of a ragged batch: q (rows, heads, head_dim) holds query_counts[0] rows of seqs[0], then
         query_counts[1] rows of seqs[1], ...; each sequence's rows are its newest positions (their keys appended
-        already), attending to its own cached positions (causal masks align bottom-right per sequence). Returns
-        (rows, heads, head_dim) (a torch tensor when q is one) or fills ``out``."""
+        already), attending to its own cached positions (causal masks align bottom-right per sequence; ``softcap``
+        as AttentionSpec's). Returns (rows, heads, head_dim) (a torch tensor when q is one) or fills ``out``."""
         like = q
         q = cache_array("q", q, self.dtype, ("rows", "heads", "head_dim"))
         rows, heads, d = q.shape
@@ -241,7 +241,7 @@ class PagedKVCache:
                                  f"causal=True its rows are its newest positions (append their keys first)")
         if sum(counts) != rows:
             raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
-        function = self._kernel(heads, causal, scale, window)
+        function = self._kernel(heads, causal, scale, window, softcap)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
         table = np.full((len(seqs), max_pages), self.num_pages, np.int32)  # past a sequence's pages: zeros
@@ -267,11 +267,12 @@ class PagedKVCache:
             self._scratch[heads] = (o, m, l)
         return o[:rows], m[:rows], l[:rows]
 
-    def _kernel(self, heads, causal, scale, window):
-        key = (heads, causal, scale, window)
+    def _kernel(self, heads, causal, scale, window, softcap):
+        key = (heads, causal, scale, window, softcap)
         if key not in self._kernels:
             spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
-                                 head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype)
+                                 head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype,
+                                 softcap=softcap)
             self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config)["main"]
         return self._kernels[key]
 

@@ -55,7 +55,7 @@ from tvm import tirx
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, ceil_div, fresh_block_names,
-                     init_online_softmax, row_output, softmax_weights, sum_lanes, update_output, widen)
+                     init_online_softmax, row_output, softcapped, softmax_weights, sum_lanes, update_output, widen)
 from .decode import DecodeConfig
 
 
@@ -113,8 +113,6 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
     (PageTiling(page_size, config.block_kv)); the chunks are the caller's plan."""
     if kspec.knobs():
         raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
-    if kspec.softcap is not None:
-        raise ValueError(f"the paged kernel does not apply softcap={kspec.softcap!r} yet")
     fresh_block_names()
     H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
@@ -138,8 +136,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
         return Visibility(kspec, row_start[s + 1] - row_start[s], seq_lens[s])
 
     def as_is(dot):
-        """A score from its dot product (q was scaled)."""
-        return dot
+        """A score from its dot product (q was scaled), softcapped where kspec.softcap is set."""
+        return dot if kspec.softcap is None else softcapped(dot, kspec.softcap)
 
     def page(page_table, s, t, p):
         """The page holding page p of tile t of sequence s (past its end: the cache's zero page)."""
