@@ -100,6 +100,8 @@ def test_custom_op_matches_the_api_and_passes_opcheck():
     q, k, v = _inputs()
     out = torch.ops.tvm_attn.attention(q, k, v, "mass", True, eps=0.1)
     np.testing.assert_array_equal(out.numpy(), tvm_attn.attention(q, k, v, variant="mass", causal=True, eps=0.1))
+    out = torch.ops.tvm_attn.attention(q, k, v, "flash", True, softcap=2.0)
+    np.testing.assert_array_equal(out.numpy(), tvm_attn.attention(q, k, v, causal=True, softcap=2.0))
     torch.library.opcheck(torch.ops.tvm_attn.attention.default, (q, k, v, "flash", True))
 
 
