@@ -8,7 +8,7 @@ from tvm import s_tir
 
 from tvm_attn.targets import CpuCapabilities
 
-from .byte_products import INTERLEAVE_INTRIN, INTERLEAVE_KEYS, byte_dot_intrin
+from .byte_products import INTERLEAVE_INTRIN, INTERLEAVE_KEYS, WORD, byte_dot_intrin
 from .byte_products import LANES as BYTE_DOT_LANES
 from .common import (RegisterBlock, has_block, largest_divisor, register_blocked_matmul, schedule_target,
                      vectorize_last, vectorized_row_reduction)
@@ -109,7 +109,7 @@ def byte_dots_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities
     rows = largest_divisor(sch.get(g).extent.value, max(1, (caps.vector_registers - vectors - 1) // per_row))
     g_o, g_i = sch.split(g, [None, rows])
     l_o, l_v, l_i = sch.split(lane, [None, vectors, BYTE_DOT_LANES])
-    red_o, red_i = sch.split(red, [None, 4])
+    red_o, red_i = sch.split(red, [None, WORD])
     sch.reorder(l_o, g_o, red_o, g_i, r, l_v, l_i, red_i)
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, g_o, preserve_unit_loops=True)
