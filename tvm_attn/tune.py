@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import tvm
@@ -59,6 +60,28 @@ def _build(mod: tvm.IRModule, target, _params):
     """MetaSchedule's default_build without its `import tvm.s_tir.tensor_intrin`, which takes ~27 s in every
     builder worker (the pool restarts each batch) and which these kernels do not use."""
     return tvm.driver.build(mod, target=target)
+
+
+TENSOR_INTRIN_MODULE = "tvm.s_tir.tensor_intrin"
+
+
+@contextlib.contextmanager
+def _without_tvm_tensor_intrinsics():
+    """MetaSchedule's TuneContext imports tvm.s_tir.tensor_intrin, which registers TVM's tensor intrinsics (CUDA,
+    Hexagon, AMX, ...) by parsing some 270 TVMScript functions: 23 s here, in every tuning process. Our design
+    spaces (the hand schedules, no schedule rules or postprocessors) use none of them, so while tuning a placeholder
+    module stands in for it (our own intrinsics, schedules/byte_products.py and the like, are registered by our
+    schedules)."""
+    if TENSOR_INTRIN_MODULE in sys.modules:
+        yield
+        return
+    placeholder = types.ModuleType(TENSOR_INTRIN_MODULE)
+    sys.modules[TENSOR_INTRIN_MODULE] = placeholder
+    try:
+        yield
+    finally:
+        if sys.modules.get(TENSOR_INTRIN_MODULE) is placeholder:
+            del sys.modules[TENSOR_INTRIN_MODULE]
 
 
 def _init_builder_worker() -> None:
@@ -106,7 +129,8 @@ def tune_workload(w: Workload, target, db, *, trials: int, builder, runner, work
         space = ms.space_generator.ScheduleFn(lambda sch: schedule(sch, target), sch_rules=[], postprocs=[],
                                               mutator_probs={ms.mutator.MutateTileSize(): 1.0})
         # MetaSchedule logs to files under work_dir/logs and echoes to stdout: send the echo to a file too.
-        with open(Path(work_dir) / "metaschedule_console.log", "a") as console, contextlib.redirect_stdout(console):
+        with (open(Path(work_dir) / "metaschedule_console.log", "a") as console, contextlib.redirect_stdout(console),
+              _without_tvm_tensor_intrinsics()):
             ms.tune_tir(mod=mod, target=target, work_dir=work_dir, max_trials_global=trials,
                         num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, database=db,
                         cost_model="xgb", space=space, num_tuning_cores=_cores(), seed=seed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -104,12 +105,12 @@ class Variant:
         has them and this path computes that way."""
         compute, _ = self.kernel_parts(path)
         if self.computes_in_pairs(path, kspec, target):
-            return compute(kspec, pairs=True)
+            return _parsed(compute, kspec, "pairs")
         if self.computes_in_float16_products(path, kspec, target):
-            return compute(kspec, float16_products=True)
+            return _parsed(compute, kspec, "float16_products")
         if self.computes_in_byte_products(path, kspec, target):
-            return compute(kspec, byte_products=True)
-        return compute(kspec)
+            return _parsed(compute, kspec, "byte_products")
+        return _parsed(compute, kspec, None)
 
     def has_decode_kernel(self) -> bool:
         return self.decode_compute is not None
@@ -127,6 +128,14 @@ class Variant:
             if knob != self.knob and value is not None:
                 raise ValueError(f"{knob}={value!r} is only used by variant {variant_using(knob)}, not "
                                  f"{self.name!r}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(compute: Callable, kspec, products: str | None):
+    """compute(kspec), with ``products``=True when given, once per process (PrimFuncs are immutable): TVMScript takes
+    0.1-0.3 s to parse a kernel, and a build asks for its PrimFunc up to three times (the keys of its tuning record
+    and its BLAS choice, then the schedule)."""
+    return compute(kspec, **({products: True} if products else {}))
 
 
 def uses_pair_products(kspec, target) -> bool:
