@@ -82,13 +82,14 @@ def make_inputs(spec: tvm_attn.AttentionSpec, seed: int = 0, q_scale: float = 1.
     return q, k, v
 
 
-def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k) -> np.ndarray:
+def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k, sinks=None) -> np.ndarray:
     """(B, H, Sq) bool: rows whose keep decision float32 rounding could flip (a weight within 1e-4 relative of the
-    threshold, or k-th and (k+1)-th scores within 1e-4). Elsewhere kernel and reference must agree."""
+    threshold, or k-th and (k+1)-th scores within 1e-4; weights in the softmax with the sink logits ``sinks``).
+    Elsewhere kernel and reference must agree."""
     s = references.scores(spec, q, k)
     vis = references.visible_mask(spec)
     if variant == "threshold":
-        p = references.softmax_weights(spec, s)
+        p = references.softmax_weights(spec, s, sinks)
         return (vis & (np.abs(p - spec.threshold) < 1e-4 * spec.threshold)).any(axis=-1)
     if variant == "topk":
         ordered = -np.sort(-np.where(vis, s, -np.inf), axis=-1)
@@ -101,9 +102,10 @@ def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k) -> np.ndarr
     if variant == "mass":
         # A cumulative weight (descending order) so close to 1 - eps that float32 sums (error ~ eps32 sqrt(n))
         # could move the cut by one key.
-        p = references.softmax_weights(spec, s)
+        p = references.softmax_weights(spec, s, sinks)
         ordered = -np.sort(-np.where(vis, p, -1.0), axis=-1)
-        cumulative = np.cumsum(np.maximum(ordered, 0.0), axis=-1)
+        sink = 0.0 if sinks is None else 1.0 - p.sum(axis=-1, keepdims=True)  # the sink's weight, counted first
+        cumulative = np.cumsum(np.maximum(ordered, 0.0), axis=-1) + sink
         margin = 4 * EPS32 * math.sqrt(spec.seq_kv)
         return (np.abs(cumulative - (1.0 - spec.eps)) < margin).any(axis=-1)
     if variant == "bounded":
@@ -143,13 +145,14 @@ def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
     return at(chosen) | at(chosen - 1)
 
 
-def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v, target="host"):
-    """out, the kernel's for ``target`` (which the tolerance depends on), against the float64 reference."""
-    ref = tvm_attn.get_variant(variant).reference(spec, q, k, v)
+def assert_matches_reference(variant: str, spec: tvm_attn.AttentionSpec, out, q, k, v, target="host", sinks=None):
+    """out, the kernel's for ``target`` (which the tolerance depends on), against the float64 reference (with the
+    sink logits ``sinks``)."""
+    ref = tvm_attn.get_variant(variant).reference(spec, q, k, v, **({} if sinks is None else {"sinks": sinks}))
     assert out.shape == ref.shape and out.dtype == numpy_dtype(spec.dtype)
     out = out.astype(np.float64)
     assert np.isfinite(out).all(), "kernel produced non-finite values"
-    skip = ambiguous_rows(variant, spec, q, k)
+    skip = ambiguous_rows(variant, spec, q, k, sinks)
     # Mass cuts with a small eps fall among many tiny weights, where more rows sit within float32 reach of 1 - eps.
     assert skip.sum() <= max(1, 0.1 * skip.size), f"{skip.sum()} of {skip.size} rows are ambiguous: pick other inputs"
     rtol, atol = output_tolerance(spec, variant, v, target)

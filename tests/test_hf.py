@@ -32,7 +32,8 @@ def test_prefill_logits_match_sdpa_and_gqa_reads_kv_heads_as_they_are(llama, mon
     seen = []
     launch = tvm_attn.kernel.Kernel.launch
     monkeypatch.setattr(tvm_attn.kernel.Kernel, "launch",
-                        lambda self, q, k, v, out: seen.append((q.shape[1], k.shape[1])) or launch(self, q, k, v, out))
+                        lambda self, q, k, v, out, **kw: seen.append((q.shape[1], k.shape[1])) or launch(self, q, k, v,
+                                                                                                         out, **kw))
     ids = torch.randint(0, 96, (2, 21))
     torch.testing.assert_close(_logits(llama, "tvm_attn", ids), _logits(llama, "sdpa", ids), rtol=1e-4, atol=1e-4)
     assert seen and all(shape == (6, 2) for shape in seen)  # 6 query heads over 2 KV heads: no repeat_kv copy
@@ -249,6 +250,23 @@ def test_int8_cache_matches_sdpa_over_the_dequantized_keys(llama):
     assert torch.isnan(_logits(llama, "sdpa", ids[:1], cache=tvm_attn.hf.Cache.for_model(llama, 12, "int8"))).all()
 
 
+def _assert_matches_eager(model, ids):
+    """The backend's logits for ``ids`` are eager attention's (returned), and greedy generation through the
+    tvm_attn cache gives eager's tokens."""
+    tvm_attn.hf.register()
+    eager = _logits(model, "eager", ids)
+    torch.testing.assert_close(_logits(model, "tvm_attn", ids), eager, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.set_attn_implementation("tvm_attn")
+        cache = tvm_attn.hf.Cache.for_model(model, ids.shape[1] + 8)
+        ours = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
+    assert torch.equal(ours, expected)
+    assert cache.get_seq_length() == ids.shape[1] + 7  # the cache was used (the last token is never fed back)
+    return eager
+
+
 def test_gemma2_softcapping_matches_eager():
     """A tiny Gemma 2 (logit softcapping, sliding-window and full layers alternating) through the backend: its
     logits are eager attention's, greedy generation through the cache gives eager's tokens, and the cap matters
@@ -259,16 +277,29 @@ def test_gemma2_softcapping_matches_eager():
     config = Gemma2Config(**TINY, head_dim=16, sliding_window=6, attn_logit_softcapping=0.1,
                           query_pre_attn_scalar=16, final_logit_softcapping=None)
     model = Gemma2ForCausalLM(config).eval()
-    tvm_attn.hf.register()
     ids = torch.randint(0, 96, (1, 19))
-    eager = _logits(model, "eager", ids)
-    torch.testing.assert_close(_logits(model, "tvm_attn", ids), eager, rtol=1e-4, atol=1e-4)
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        expected = model.generate(ids, max_new_tokens=8, do_sample=False)
-        model.set_attn_implementation("tvm_attn")
-        ours = model.generate(ids, max_new_tokens=8, do_sample=False, cache=tvm_attn.hf.Cache.for_model(model, 27))
-    assert torch.equal(ours, expected)
+    eager = _assert_matches_eager(model, ids)
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = None
+    assert (_logits(model, "tvm_attn", ids) - eager).abs().max() > 1e-3  # 10x the tolerance above
+
+
+def test_gpt_oss_sinks_match_eager():
+    """A tiny gpt-oss (learned attention sinks, sliding-window and full layers alternating, GQA) through the
+    backend: its logits are eager attention's, greedy generation through the cache gives eager's tokens, and the
+    sinks matter here (the same weights with sinks of -1e4, which hold no weight, give other logits)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(3)
+    config = GptOssConfig(**{**TINY, "num_attention_heads": 4}, head_dim=16, sliding_window=6, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(1.0, 2.0)
+    ids = torch.randint(0, 96, (1, 19))
+    eager = _assert_matches_eager(model, ids)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)
     assert (_logits(model, "tvm_attn", ids) - eager).abs().max() > 1e-3  # 10x the tolerance above

@@ -33,7 +33,7 @@ def fill(cache, rng, lengths, chunk=7):
     return seqs
 
 
-def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, softcap=None):
+def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, softcap=None, sinks=None):
     """Each sequence's rows of ``out`` against the float64 reference over that sequence alone."""
     heads = q.shape[1]
     start = 0
@@ -41,10 +41,10 @@ def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, 
         k, v = cache.gather(seq)
         spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=cache.kv_heads, seq_q=n, seq_kv=k.shape[1],
                                       head_dim=cache.head_dim, causal=causal, window=window, scale=scale,
-                                      dtype=cache.dtype, softcap=softcap)
+                                      dtype=cache.dtype, softcap=softcap, sinks=sinks is not None)
         rows = slice(start, start + n)
         as_bhsd = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
-        assert_matches_reference("flash", spec, as_bhsd(out[rows]), as_bhsd(q[rows]), k[None], v[None])
+        assert_matches_reference("flash", spec, as_bhsd(out[rows]), as_bhsd(q[rows]), k[None], v[None], sinks=sinks)
         start += n
 
 
@@ -110,6 +110,19 @@ def test_softcap():
     counts = [1, 3]
     q = 3 * _rows(rng, 4, 4, 32, "float32")
     check(cache, cache.attend(q, seqs, counts, softcap=2.0), q, seqs, counts, softcap=2.0)
+
+
+def test_sinks():
+    """Sinks (one logit per query head) with a window and bfloat16 rows, against each sequence's reference."""
+    rng = np.random.default_rng(6)
+    cache = tvm_attn.PagedKVCache(num_pages=16, page_size=16, kv_heads=2, head_dim=32, dtype="bfloat16")
+    seqs = fill(cache, rng, [70, 9, 40])
+    counts = [1, 3, 2]
+    q = _rows(rng, 6, 4, 32, "bfloat16")
+    sinks = np.log(20) + 2 * rng.standard_normal(4)
+    check(cache, cache.attend(q, seqs, counts, window=30, sinks=sinks), q, seqs, counts, window=30, sinks=sinks)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(heads,\) = \(4,\)"):
+        cache.attend(q, seqs, counts, sinks=sinks[:2])
 
 
 def test_fork_shares_full_pages_and_copies_the_partial_one():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from .kernel import build, host_array
-from .spec import AttentionSpec
+from .spec import AttentionSpec, sink_logits
 from .variants import get_variant
 
 
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
-              eps: float | None = None, softcap: float | None = None, target="host", tuned: bool = True,
+              eps: float | None = None, softcap: float | None = None, sinks=None, target="host", tuned: bool = True,
               schedule: str | None = None, out=None):
     """Attention of q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel; returns an array of
     q's dtype, or fills ``out``. q, k, v share one dtype: float32, float16 or bfloat16 (ml_dtypes.bfloat16);
@@ -20,27 +20,34 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
 
     A kernel is compiled once per (variant, heads, kv_heads, head_dim, mask, knob) and its path (decode for a few
     query rows, prefill for more) and serves every batch and length. Arrays whose last axis is contiguous (strided
-    views such as ``k_buf[:, :, :n]``, any element-aligned address) are read in place. ``tuned`` picks the best schedule available;
-    ``tuned=False`` or ``schedule="hand"`` forces the variant's hand schedule; ``schedule="untuned"`` compiles the
-    compute with no schedule (the slow reference the benchmarks compare against). ``softcap``: each score s becomes
-    softcap * tanh(s / softcap) before the softmax (Gemma 2's logit softcapping; the dense variants).
+    views such as ``k_buf[:, :, :n]``, any element-aligned address) are read in place. ``tuned`` picks the best
+    schedule available; ``tuned=False`` or ``schedule="hand"`` forces the variant's hand schedule;
+    ``schedule="untuned"`` compiles the compute with no schedule (the slow reference the benchmarks compare
+    against). ``softcap``: each score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2's logit
+    softcapping). ``sinks``: one logit per query head (numpy or torch, shape (heads,)) that joins each row's softmax
+    denominator as a key without a value (gpt-oss' attention sinks; README "Semantics" says how the pruned variants
+    keep it).
     """
     v_ = get_variant(variant)
     arrays = [host_array(n, x) for n, x in zip("qkv", (q, k, v))]
     spec = AttentionSpec.from_arrays(*arrays, causal=causal, window=window, scale=scale, threshold=threshold,
-                                     top_k=top_k, eps=eps, softcap=softcap)
+                                     top_k=top_k, eps=eps, softcap=softcap, sinks=sinks is not None)
     if schedule is None:
         schedule = "best" if tuned else "hand"
-    return build(v_, spec, target=target, schedule=schedule).run_checked(spec, *arrays, out, like=q)
+    return build(v_, spec, target=target, schedule=schedule).run_checked(spec, *arrays, out, like=q, sinks=sinks)
 
 
 def reference(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
-              eps: float | None = None, softcap: float | None = None) -> np.ndarray:
+              eps: float | None = None, softcap: float | None = None, sinks=None) -> np.ndarray:
     """The float64 numpy reference of ``variant`` (same arguments as ``attention``; returns numpy)."""
     v_ = get_variant(variant)
     q, k, v = (host_array(n, x) for n, x in zip("qkv", (q, k, v)))
     spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
-                                     top_k=top_k, eps=eps, softcap=softcap)
+                                     top_k=top_k, eps=eps, softcap=softcap, sinks=sinks is not None)
     v_.check(spec)
-    return v_.reference(spec, q, k, v)
+    if sinks is None:
+        return v_.reference(spec, q, k, v)
+    sinks = host_array("sinks", sinks)
+    sink_logits(sinks, spec.heads)  # the checks
+    return v_.reference(spec, q, k, v, sinks=np.asarray(sinks, np.float64))

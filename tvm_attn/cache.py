@@ -205,14 +205,15 @@ class KVCache:
             self.shadow.update(self._k, self._length, self._length)  # the last block's range, of the keys left
 
     def attend(self, q, variant: str = "flash", causal: bool = True, scale: float | None = None,
-               window: int | None = None, schedule: str = "best", out=None, attention_mask=None,
+               window: int | None = None, schedule: str = "best", out=None, attention_mask=None, sinks=None,
                **knob) -> np.ndarray:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
         variant's pruning knob (threshold=, top_k= or eps=) and softcap= (AttentionSpec.softcap).
         ``attention_mask`` (batch, length) of 0 and 1 (numpy or torch) pads a batch of sequences of different
         lengths: each row's ones are one run (padding on the left, the right or both), its other positions are
-        neither keys nor queries (their rows of the output are 0).
+        neither keys nor queries (their rows of the output are 0). ``sinks``: one logit per query head (the dense
+        variants; ``tvm_attn.attention``).
         Returns a new array (a torch tensor when q is one), or fills ``out``."""
         like = q
         q = cache_array("q", q, self.input_dtype)
@@ -228,20 +229,23 @@ class KVCache:
         if causal and n_q > self._length:
             raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
                              f"queries must be the newest cached positions (append their keys first)")
+        knob = {**knob, "sinks": sinks is not None}
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
+        logits = kernel.sink_logits(sinks)
         out, result = checked_out(out, q.shape, self.input_dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         if attention_mask is not None:
-            self._attend_padded(q, out, self._runs(attention_mask), variant, causal, scale, window, schedule, knob)
+            self._attend_padded(q, out, self._runs(attention_mask), variant, causal, scale, window, schedule, knob,
+                                logits)
             return result
-        self._launch(kernel, as_kernel_argument(q), slice(None), 0, self._length, out)
+        self._launch(kernel, as_kernel_argument(q), slice(None), 0, self._length, out, logits)
         return result
 
-    def _launch(self, kernel: Kernel, q, rows: slice, first: int, end: int, out) -> None:
+    def _launch(self, kernel: Kernel, q, rows: slice, first: int, end: int, out, sinks=None) -> None:
         """Run ``kernel`` for q of batch rows ``rows`` over their positions first..end-1: K and V as stored (with
         the shadow or the row scales the kernel reads), or dequantized, from the first key a query sees, for a
         float kernel on an integer cache."""
         k, v, extra = self.kernel_inputs(kernel, q.shape[2], rows, first, end)
-        kernel.launch(q, k, v, out, extra)
+        kernel.launch(q, k, v, out, extra, sinks)
 
     def kernel_inputs(self, kernel: Kernel, n_q: int, rows: slice = slice(None), first: int = 0,
                       end: int | None = None) -> tuple:
@@ -286,7 +290,7 @@ class KVCache:
             runs.append((first, end))
         return runs
 
-    def _attend_padded(self, q, out, runs, variant, causal, scale, window, schedule, knob) -> None:
+    def _attend_padded(self, q, out, runs, variant, causal, scale, window, schedule, knob, sinks) -> None:
         """attend's padded batch: rows that see the same run of positions in one call, over the views of their
         queries and keys (no copies)."""
         heads, n_q = q.shape[1], q.shape[2]
@@ -307,14 +311,14 @@ class KVCache:
             out[b:last, :, rows.stop:] = 0
             if kernel is not None:
                 self._launch(kernel, as_kernel_argument(q[b:last, :, rows]), slice(b, last), first, end,
-                             out[b:last, :, rows])
+                             out[b:last, :, rows], sinks)
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob, codes: bool = True) -> Kernel:
         codes = codes and self.integer  # (a float cache has no codes: padded and unpadded calls share its kernels)
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:
-            unknown = set(knob) - set(KNOBS) - {"softcap"}
+            unknown = set(knob) - set(KNOBS) - {"softcap", "sinks"}
             if unknown:
                 raise TypeError(f"attend() got unexpected keyword arguments {sorted(unknown)}: the pruning knobs "
                                 f"are {', '.join(KNOBS)}, and softcap")
@@ -333,10 +337,10 @@ class KVCache:
             # The shadow's kernel serves every call of a variant the shadow defines (bounded), and decode calls of
             # the others that have one (top-k, threshold: exact, reading fewer rows); their prefill-sized calls, and
             # calls on a cache made with shadow=False, take their own kernels.
-            # (Softcapped decode calls of top-k and threshold take their plain decode kernels: the shadow's kernels
-            # do not cap yet.)
-            shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or (path_for(n_q) == "decode"
-                                                                                 and spec.softcap is None))
+            # (Softcapped decode calls of top-k and threshold, and those with sinks, take their plain decode kernels:
+            # the shadow's kernels take neither yet.)
+            shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or (
+                path_for(n_q) == "decode" and spec.softcap is None and not spec.sinks))
             if shadowed and not self._shadow_allowed:
                 if v.blocks_from_key0:
                     why = f"an {self.dtype} cache has none" if self.integer else "this cache was made with shadow=False"

@@ -171,10 +171,9 @@ def fetch_runtime_library(dest: Path, target) -> Path:
 
 
 def _arguments(func, spec: AttentionSpec) -> list[dict]:
-    shapes = (spec.q_shape, spec.kv_shape, spec.kv_shape, spec.q_shape)
-    roles = ("input", "input", "input", "output")
-    return [{"name": str(p.name), "role": role, "shape": list(shape), "dtype": spec.dtype}
-            for p, role, shape in zip(func.params, roles, shapes, strict=True)]
+    shapes = {"q": spec.q_shape, "k": spec.kv_shape, "v": spec.kv_shape, "sinks": (spec.heads,), "out": spec.q_shape}
+    return [{"name": name, "role": "output" if name == "out" else "input", "shape": list(shapes[name]),
+             "dtype": "float32" if name == "sinks" else spec.dtype} for name in map(str, (p.name for p in func.params))]
 
 
 EXPORT_SCHEDULES = ("best", "tuned", "hand", "blas", "sme")
@@ -242,7 +241,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         "name": name,
         "library": library.name,
         "function": fname,
-        "call": f"{fname}(q, k, v, out)",
+        "call": f"{fname}({', '.join(str(p.name) for p in func.params)})",
         "arguments": _arguments(func, spec),
         "layout": "BHSD: q and out (batch, heads, seq_q, head_dim); k, v (batch, kv_heads, seq_kv, head_dim)",
         "semantics": {
@@ -252,6 +251,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
             "causal_alignment": "bottom-right: query i sees keys j <= i + seq_kv - seq_q",
             "scale": spec.scale, "threshold": spec.threshold, "top_k": spec.top_k, "eps": spec.eps, "dtype": spec.dtype,
             **({"softcap": spec.softcap} if spec.softcap is not None else {}),  # scores s -> softcap tanh(s / softcap)
+            # one logit per query head joining each row's softmax denominator (the "sinks" argument)
+            **({"sinks": True} if spec.sinks else {}),
         },
         "target": {"key": target_key(t), "tvm_target": json.loads(str(t)),
                    **_platform(t, matrix_unit=scheduled.schedule == "sme")},

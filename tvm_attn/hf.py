@@ -9,7 +9,8 @@ kernels as they are (GQA without ``repeat_kv`` copies, K/V read in place through
 straight into the (batch, seq, heads, head_dim) tensor the model reads. Causal and sliding-window masks are computed
 by the kernels; padding in a batch (transformers' attention_mask: left padding, as generate uses, or right padding
 without a window) becomes each row's own range of keys, rows of equal range in one call (rows that see no key: 0);
-a mask that hides anything else is refused with a ValueError. ``Cache`` is a
+a mask that hides anything else is refused with a ValueError. Logit softcapping (Gemma 2's ``softcap``) and
+attention sinks (gpt-oss' ``s_aux``) go to the kernels with each layer's own window. ``Cache`` is a
 transformers cache whose layers are ``tvm_attn.KVCache`` buffers: appending a token writes it in place, where
 transformers' ``DynamicCache`` concatenates (copies) the whole history at every step. ``Cache(..., dtype="int8")``
 keeps K and V as int8 codes (``tvm_attn.quantized_kv``): the layers then hand the attention function stand-ins for
@@ -70,11 +71,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (B, Sq, H, D) and no attention weights."""
     if dropout:
         raise ValueError(f"dropout={dropout}: tvm_attn kernels are inference-only (call model.eval())")
-    for unsupported in ("s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"{unsupported} is not supported by tvm_attn kernels (layer {type(module).__name__})")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"position_bias is not supported by tvm_attn kernels (layer {type(module).__name__})")
     if kwargs.get("softcap") is not None:  # (Gemma 2's attn_logit_softcapping)
         knob = {**(knob or {}), "softcap": kwargs["softcap"]}
+    sinks = kwargs.get("s_aux")  # (gpt-oss' attention sinks: one logit per query head)
+    if sinks is not None:
+        sinks = torch_argument("s_aux", sinks).to(torch.float32)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = kwargs.get("sliding_window")
     batch, heads, seq_q, _ = query.shape
@@ -86,26 +89,27 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out_t = out.transpose(1, 2)
     cache = getattr(key, STANDS_FOR, None)
     if cache is not None:  # an integer cache's layer: attend through it
-        _attend_cache(cache, query, out_t, keys, variant, schedule, knob, causal, window, scaling)
+        _attend_cache(cache, query, out_t, keys, variant, schedule, knob, causal, window, scaling, sinks)
         return out, None
     for b, end, lo, hi, rows in padded_groups(keys, seq_q, seq_kv):  # rows that see the same keys: one call
         k, v = key[b:end, :, lo:hi], value[b:end, :, lo:hi]
         if hi == lo:  # every key hidden
             out_t[b:end] = 0
         elif not causal:  # every row sees all of lo..hi-1
-            _launch(query[b:end], k, v, out_t[b:end], variant, schedule, knob, False, None, scaling)
+            _launch(query[b:end], k, v, out_t[b:end], variant, schedule, knob, False, None, scaling, sinks)
         else:
             out_t[b:end, :, :rows.start] = 0  # left padding: rows that see no key (the kernels' rule: output 0)
             if rows.stop > rows.start:
                 _launch(query[b:end, :, rows], k, v, out_t[b:end, :, rows], variant, schedule, knob, True, window,
-                        scaling)
+                        scaling, sinks)
             if rows.stop < seq_q:  # right padding: rows past the last key see all of lo..hi-1
                 _launch(query[b:end, :, rows.stop:], k, v, out_t[b:end, :, rows.stop:], variant, schedule, knob,
-                        False, None, scaling)
+                        False, None, scaling, sinks)
     return out, None
 
 
-def _attend_cache(cache: KVCache, query, out_t, keys, variant, schedule, knob, causal, window, scaling) -> None:
+def _attend_cache(cache: KVCache, query, out_t, keys, variant, schedule, knob, causal, window, scaling,
+                  sinks) -> None:
     """attention_forward through an integer KVCache holding the keys and values (padding as its attention_mask)."""
     seq_kv = cache.length
     mask = None
@@ -116,17 +120,18 @@ def _attend_cache(cache: KVCache, query, out_t, keys, variant, schedule, knob, c
         for row, (lo, hi) in enumerate(keys):
             mask[row, lo:hi] = True
     cache.attend(query, variant=variant, causal=causal, scale=scaling, window=window, schedule=schedule,
-                 out=out_t, attention_mask=mask, **(knob or {}))
+                 out=out_t, attention_mask=mask, sinks=sinks, **(knob or {}))
 
 
-def _launch(query, key, value, out_t, variant, schedule, knob, causal, window, scaling) -> None:
+def _launch(query, key, value, out_t, variant, schedule, knob, causal, window, scaling, sinks) -> None:
     heads, seq_q = query.shape[1], query.shape[2]
-    kernel = _kernel(variant, schedule, tuple(sorted((knob or {}).items())), heads, key.shape[1], key.shape[3],
+    knob = {**(knob or {}), **({"sinks": True} if sinks is not None else {})}
+    kernel = _kernel(variant, schedule, tuple(sorted(knob.items())), heads, key.shape[1], key.shape[3],
                      causal, window, scaling, str(query.dtype).removeprefix("torch."), path_for(seq_q))
     # torch tensors straight to the runtime function (its own argument checks cover dtypes and sizes): this runs
     # once per layer and token, where tvm_attn.attention's full checks would cost more than a short decode step.
     kernel.launch(*(_kernel_argument(name, x) for name, x in (("query", query), ("key", key), ("value", value))),
-                  out_t)
+                  out_t, sinks=None if sinks is None else kernel.sink_logits(sinks))
 
 
 def _kernel_argument(name: str, x: torch.Tensor) -> torch.Tensor:

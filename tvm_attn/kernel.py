@@ -13,7 +13,7 @@ from tvm import s_tir
 
 from . import blas, tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
-from .spec import AttentionSpec, KernelSpec
+from .spec import AttentionSpec, KernelSpec, sink_logits
 from .targets import capabilities, host_mismatch, resolve_target, runs_on_host, target_key
 from .variants import Variant, get_variant, integer_kv_variants, path_for
 
@@ -54,7 +54,7 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
             return (_blas_scheduled if schedule == "blas" else _sme_scheduled)(variant, spec, target)
         schedule = "best"
     if (schedule == "best" and blas_allowed and path == "prefill" and variant.blas_compute is not None
-            and spec.softcap is None and tuning.blas_measured_faster(variant, spec, target)):
+            and spec.softcap is None and not spec.sinks and tuning.blas_measured_faster(variant, spec, target)):
         try:
             return _blas_scheduled(variant, spec, target)
         except ValueError:  # no BLAS for this target here: the TensorIR schedule
@@ -87,8 +87,7 @@ def _blas_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     if variant.blas_compute is None:
         raise ValueError(f"schedule='blas' computes dense attention (standard, flash, mqa); variant "
                          f"{variant.name!r} prunes")
-    if spec.softcap is not None:
-        raise ValueError(f"schedule='blas' does not apply softcap={spec.softcap!r}: use schedule='best' or 'hand'")
+    refuse_features(spec, "schedule='blas'")
     library = blas.for_target(target)
     if runs_on_host(target):
         library.load()  # the compiled kernel resolves the library's sgemm in this process
@@ -101,14 +100,22 @@ def _sme_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     if variant.sme_compute is None:
         raise ValueError(f"schedule='sme' computes dense attention (standard, flash, mqa); variant "
                          f"{variant.name!r} prunes")
-    if spec.softcap is not None:
-        raise ValueError(f"schedule='sme' does not apply softcap={spec.softcap!r}: use schedule='best' or 'hand'")
+    refuse_features(spec, "schedule='sme'")
     if capabilities(target).matrix_unit != "sme":
         raise ValueError(f"schedule='sme' needs a CPU with Arm SME (apple-m4); target {target_key(target)} has "
                          f"none")
     sch = s_tir.Schedule(variant.sme_compute(spec.kernel))
     variant.sme_schedule(sch, target)
     return Scheduled(sch.mod, "sme")
+
+
+def refuse_features(spec: AttentionSpec, what: str, instead: str = "use schedule='best' or 'hand'") -> None:
+    """ValueError when ``spec`` asks for softcapping or sinks, which ``what`` does not do yet (``instead``: what
+    to do)."""
+    if spec.softcap is not None:
+        raise ValueError(f"{what} does not apply softcap={spec.softcap!r} yet: {instead}")
+    if spec.sinks:
+        raise ValueError(f"{what} does not take sinks yet: {instead}")
 
 
 def _passes_in_place(x: np.ndarray) -> bool:
@@ -205,7 +212,7 @@ class Kernel:
         """The spec of a call with q, k, v; ValueError/TypeError when this kernel cannot serve it."""
         ks = self.kernel_spec
         spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale,
-                                         softcap=ks.softcap, **ks.knobs())
+                                         softcap=ks.softcap, sinks=ks.sinks, **ks.knobs())
         if spec.dtype != ks.dtype:
             raise TypeError(f"q, k and v are {spec.dtype}; this kernel was built for {ks.dtype}")
         if spec.kernel != ks:
@@ -213,38 +220,55 @@ class Kernel:
                              f"this kernel was built for {ks.name}")
         return spec
 
-    def __call__(self, q, k, v, out=None):
-        """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``."""
+    def __call__(self, q, k, v, out=None, sinks=None):
+        """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``; ``sinks``: the
+        (heads,) sink logits, for a kernel built with them (AttentionSpec(sinks=True))."""
         if self.path == "shadow":
             raise TypeError(f"this {self.variant} kernel reads a KVCache's shadow of K: run it with cache.attend")
         if self.kernel_spec.kv_dtype is not None:
             raise TypeError(f"this {self.variant} kernel reads {self.kernel_spec.kv_dtype} K and V with their row "
                             f"scales: run it with the attend of a KVCache(dtype={self.kernel_spec.kv_dtype!r})")
         arrays = [host_array(name, x) for name, x in zip("qkv", (q, k, v))]
-        return self.run_checked(self.check(*arrays), *arrays, out, like=q)
+        return self.run_checked(self.check(*arrays), *arrays, out, like=q, sinks=sinks)
 
-    def run_checked(self, spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, out, like=None):
+    def run_checked(self, spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, out, like=None,
+                    sinks=None):
         """``__call__`` after ``check``: numpy q, k, v of ``spec``; the result is a torch tensor when ``like`` is."""
+        logits = self.sink_logits(sinks)
         out, result = checked_out(out, spec.q_shape, spec.dtype, like, inputs=dict(q=q, k=k, v=v))
-        self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out)
+        self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out, sinks=logits)
         return result
 
-    def arguments(self, q, k, v, out, shadow: tuple = ()) -> tuple:
+    def sink_logits(self, sinks) -> np.ndarray | None:
+        """``sinks`` (numpy or torch) as this kernel takes them: float32 (heads,) for a kernel with sinks, None
+        without; ValueError/TypeError naming what is wrong."""
+        if not self.kernel_spec.sinks:
+            if sinks is not None:
+                raise ValueError(f"sinks were passed to a kernel built without them ({self.kernel_spec.name}): "
+                                 f"build it with AttentionSpec(sinks=True)")
+            return None
+        if sinks is None:
+            raise ValueError(f"this kernel ({self.kernel_spec.name}) takes sinks: pass sinks=, one logit per query "
+                             f"head ({self.kernel_spec.heads})")
+        return sink_logits(host_array("sinks", sinks), self.kernel_spec.heads)
+
+    def arguments(self, q, k, v, out, shadow: tuple = (), sinks=None) -> tuple:
         """The runtime function's arguments for a call on numpy arrays or torch tensors already checked and laid out
         as the kernel takes them (``as_kernel_argument``, ``checked_out``): keys before every query's window are
         dropped (unless the kernel reads a shadow or integer K, or the variant's blocks start at key 0). ``shadow``:
         a KVCache's (codes, lo, step), for kernels of the "shadow" path, or the row scales (k_scale, v_scale) of
-        integer K and V (K's codes in blocks of positions: ``KVCache.kernel_inputs``)."""
+        integer K and V (K's codes in blocks of positions: ``KVCache.kernel_inputs``). ``sinks``: the checked sink
+        logits (``sink_logits``) of a kernel with sinks."""
         first = first_visible_key(self.kernel_spec, q.shape[2], v.shape[2])
         if (first and self.path != "shadow" and self.kernel_spec.kv_dtype is None
                 and not get_variant(self.variant).blocks_from_key0):
             k, v = k[:, :, first:], v[:, :, first:]
-        return (q, k, v, *shadow, out)
+        return (q, k, v, *shadow, *(() if sinks is None else (sinks,)), out)
 
-    def launch(self, q, k, v, out, shadow: tuple = ()) -> None:
+    def launch(self, q, k, v, out, shadow: tuple = (), sinks=None) -> None:
         """Run on ``arguments``' inputs (bfloat16 numpy arrays go through DLPack). The runtime function itself still
         checks dtypes and the kernel's fixed sizes."""
-        self.function(*map(dlpack_argument, self.arguments(q, k, v, out, shadow)))
+        self.function(*map(dlpack_argument, self.arguments(q, k, v, out, shadow, sinks)))
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
@@ -281,8 +305,7 @@ def build_shadow(variant, spec: AttentionSpec, *, target="host", schedule: str =
     v.check(spec)
     if v.shadow_compute is None:
         raise ValueError(f"variant {v.name!r} has no kernel reading the shadow of K")
-    if spec.softcap is not None:
-        raise ValueError(f"the {v.name} kernel reading the shadow of K does not apply softcap={spec.softcap!r} yet")
+    refuse_features(spec, f"the {v.name} kernel reading the shadow of K", "build its own kernel (build)")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     return _build_cached(v.name, spec.kernel, "shadow", str(resolve_target(target)), schedule)
@@ -293,7 +316,8 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     seq_q = 1 if path in ("decode", "shadow") else 1024
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
-                         dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, softcap=kspec.softcap, **kspec.knobs())
+                         dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, softcap=kspec.softcap, sinks=kspec.sinks,
+                         **kspec.knobs())
 
 
 def compile_counted(mod: tvm.IRModule, target) -> object:

@@ -30,10 +30,10 @@ import tvm
 from tvm import s_tir
 
 from .cache import cache_array
-from .kernel import as_kernel_argument, checked_out, compile_counted
+from .kernel import as_kernel_argument, checked_out, compile_counted, host_array
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .schedules import paged as paged_schedule
-from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, positive_int
+from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, positive_int, sink_logits
 from .targets import resolve_target
 from .variants import DECODE_MAX_ROWS, paged
 from .variants.decode import DecodeConfig
@@ -214,11 +214,12 @@ class PagedKVCache:
 
     # -- attention -----------------------------------------------------------------------------------------------
     def attend(self, q, seqs, query_counts, causal: bool = True, scale: float | None = None,
-               window: int | None = None, out=None, softcap: float | None = None):
+               window: int | None = None, out=None, softcap: float | None = None, sinks=None):
         """Dense attention of a ragged batch: q (rows, heads, head_dim) holds query_counts[0] rows of seqs[0], then
         query_counts[1] rows of seqs[1], ...; each sequence's rows are its newest positions (their keys appended
         already), attending to its own cached positions (causal masks align bottom-right per sequence; ``softcap``
-        as AttentionSpec's). Returns (rows, heads, head_dim) (a torch tensor when q is one) or fills ``out``."""
+        as AttentionSpec's; ``sinks``: one logit per query head, as ``tvm_attn.attention``'s). Returns (rows, heads,
+        head_dim) (a torch tensor when q is one) or fills ``out``."""
         like = q
         q = cache_array("q", q, self.dtype, ("rows", "heads", "head_dim"))
         rows, heads, d = q.shape
@@ -241,7 +242,8 @@ class PagedKVCache:
                                  f"causal=True its rows are its newest positions (append their keys first)")
         if sum(counts) != rows:
             raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
-        function = self._kernel(heads, causal, scale, window, softcap)
+        function = self._kernel(heads, causal, scale, window, softcap, sinks is not None)
+        logits = () if sinks is None else (sink_logits(host_array("sinks", sinks), heads),)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
         table = np.full((len(seqs), max_pages), self.num_pages, np.int32)  # past a sequence's pages: zeros
@@ -254,7 +256,7 @@ class PagedKVCache:
         chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys)
         o_part, m_part, l_part = self._partials(heads, int(chunks[-1, 3] + counts[chunks[-1, 0]]))
         function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
-                                        chunks, seq_chunks, o_part, m_part, l_part, out)))
+                                        chunks, seq_chunks, o_part, m_part, l_part, *logits, out)))
         return result
 
     def _partials(self, heads: int, rows: int):
@@ -267,12 +269,12 @@ class PagedKVCache:
             self._scratch[heads] = (o, m, l)
         return o[:rows], m[:rows], l[:rows]
 
-    def _kernel(self, heads, causal, scale, window, softcap):
-        key = (heads, causal, scale, window, softcap)
+    def _kernel(self, heads, causal, scale, window, softcap, sinks):
+        key = (heads, causal, scale, window, softcap, sinks)
         if key not in self._kernels:
             spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
                                  head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype,
-                                 softcap=softcap)
+                                 softcap=softcap, sinks=sinks)
             self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config)["main"]
         return self._kernels[key]
 
@@ -307,5 +309,6 @@ def _build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig, target
 def build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig(), target="host"):
     """The compiled paged kernel (tvm_attn/variants/paged.py) for ``kspec`` over pages of ``page_size`` positions,
     keys in tiles of ``config.block_kv``: an executable whose "main" takes (q, k_pages, v_pages, page_table,
-    seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part, out). Cached."""
+    seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part, out), with the (heads,) sinks before
+    out where kspec.sinks. Cached."""
     return _build_paged(kspec, positive_int("page_size", page_size), config, str(resolve_target(target)))

@@ -1,6 +1,11 @@
 """Float64 numpy references: the definition of every variant's output.
 
 Rows with no visible key (causal with seq_q > seq_kv) output 0, as in FlashAttention.
+Sinks (``sinks``, one finite logit per query head, gpt-oss'): each row's softmax has one more term, e^sink, in its
+denominator, a key every row sees that has no value; it is not softcapped. A row with no visible key still outputs 0.
+The pruned variants keep the sink as a key that is never dropped: threshold compares the weights of the softmax with
+the sink, top-k keeps top_k keys besides it, mass counts its weight first (keeping no key when it alone holds
+1 - eps), and each renormalizes over the kept keys and the sink.
 A sliding window (``spec.window``) only narrows the visible keys: every variant prunes within them.
 
 NaN and Inf, for kernels and references alike (IEEE arithmetic's answer, and torch SDPA's): a row that reads a NaN
@@ -46,22 +51,33 @@ def poisoned_rows(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
     return (visible_mask(spec) & ~(s < np.inf)).any(axis=-1, keepdims=True)
 
 
-def softmax_weights(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
-    """Row softmax over the visible keys; masked keys (-Inf scores too) and empty rows get weight 0, rows that read
-    a NaN or +Inf score NaN."""
+def softmax_weights(spec: AttentionSpec, s: np.ndarray, sinks=None) -> np.ndarray:
+    """Row softmax over the visible keys (and the row's head's sink logit, ``sinks``, in the denominator); masked
+    keys (-Inf scores too) and empty rows get weight 0, rows that read a NaN or +Inf score NaN."""
+    return _softmax(spec, s, sinks)[0]
+
+
+def _softmax(spec: AttentionSpec, s: np.ndarray, sinks) -> tuple[np.ndarray, np.ndarray]:
     live = visible_mask(spec) & (s > -np.inf)
     masked = np.where(live & (s < np.inf), s, -np.inf)
     row_max = masked.max(axis=-1, keepdims=True)
+    sink = None if sinks is None else np.asarray(sinks, np.float64)[:, None, None]  # (heads, 1, 1)
+    if sink is not None:
+        row_max = np.maximum(row_max, sink)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     e = np.where(live, np.exp(masked - row_max), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
+    e_sink = np.zeros_like(row_max) if sink is None else np.exp(sink - row_max)
+    total = e.sum(axis=-1, keepdims=True) + e_sink
     w = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-    return np.where(poisoned_rows(spec, s), np.nan, w)
+    w_sink = np.divide(e_sink, total, out=np.zeros_like(e_sink), where=total > 0)
+    poisoned = poisoned_rows(spec, s)
+    return np.where(poisoned, np.nan, w), np.where(poisoned, np.nan, w_sink)
 
 
-def _weighted_sum(spec: AttentionSpec, w: np.ndarray, v) -> np.ndarray:
-    """Renormalize w over each row (NaN rows stay NaN) and sum the values of the keys weighing > 0."""
-    total = w.sum(axis=-1, keepdims=True)
+def _weighted_sum(spec: AttentionSpec, w: np.ndarray, v, sink_weight=0.0) -> np.ndarray:
+    """Renormalize w over each row, with the row's sink weighing ``sink_weight`` (NaN rows stay NaN), and sum the
+    values of the keys weighing > 0."""
+    total = w.sum(axis=-1, keepdims=True) + sink_weight
     w = np.divide(w, total, out=np.where(np.isnan(total), np.nan, np.zeros_like(w)), where=total > 0)
     v64 = np.repeat(np.asarray(v, dtype=np.float64), spec.group_size, axis=1)
     finite = np.isfinite(v64)
@@ -76,23 +92,26 @@ def _weighted_sum(spec: AttentionSpec, w: np.ndarray, v) -> np.ndarray:
     return np.where(nan_in | np.isnan(w).any(axis=-1, keepdims=True), np.nan, out)
 
 
-def dense(spec: AttentionSpec, q, k, v) -> np.ndarray:
-    """softmax(scale * q k^T) v over the visible keys (standard, flash and mqa)."""
-    return _weighted_sum(spec, softmax_weights(spec, scores(spec, q, k)), v)
+def dense(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
+    """softmax(scale * q k^T) v over the visible keys (standard, flash and mqa); ``sinks``: (heads,) logits."""
+    w, w_sink = _softmax(spec, scores(spec, q, k), sinks)
+    return _weighted_sum(spec, w, v, w_sink)
 
 
-def threshold_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
-    """Keys kept by threshold pruning: weight >= threshold, plus every key holding the row's largest weight."""
+def threshold_keep(spec: AttentionSpec, s: np.ndarray, sinks=None) -> np.ndarray:
+    """Keys kept by threshold pruning: weight >= threshold (in the softmax with the sinks), plus every key holding
+    the row's largest weight."""
     vis = visible_mask(spec)
-    p = softmax_weights(spec, s)
+    p = softmax_weights(spec, s, sinks)
     row_max = np.where(vis, s, -np.inf).max(axis=-1, keepdims=True)
     return vis & ((p >= spec.threshold) | (s == row_max))
 
 
-def threshold(spec: AttentionSpec, q, k, v) -> np.ndarray:
+def threshold(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
     """Softmax weights below the threshold dropped (the row's largest always kept), then renormalized."""
     s = scores(spec, q, k)
-    return _weighted_sum(spec, softmax_weights(spec, s) * threshold_keep(spec, s), v)
+    w, w_sink = _softmax(spec, s, sinks)
+    return _weighted_sum(spec, w * threshold_keep(spec, s, sinks), v, w_sink)
 
 
 def topk_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
@@ -105,27 +124,28 @@ def topk_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
     return keep & vis
 
 
-def topk(spec: AttentionSpec, q, k, v) -> np.ndarray:
+def topk(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
     """Softmax over the top_k largest scores of each row (dense when top_k >= the visible keys)."""
     s = scores(spec, q, k)
-    return _weighted_sum(spec, softmax_weights(spec, s) * topk_keep(spec, s), v)
+    w, w_sink = _softmax(spec, s, sinks)
+    return _weighted_sum(spec, w * topk_keep(spec, s), v, w_sink)
 
 
-def mass_keep(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+def mass_keep(spec: AttentionSpec, s: np.ndarray, sinks=None) -> np.ndarray:
     """Keys kept by mass pruning: the shortest prefix of the row's weights in descending order (ties to the lower
-    key index) whose sum is >= 1 - eps."""
+    key index) whose sum, with the sink's weight, is >= 1 - eps."""
     vis = visible_mask(spec)
-    p = softmax_weights(spec, s)
+    p, p_sink = _softmax(spec, s, sinks)
     order = np.argsort(np.where(vis, -s, np.inf), axis=-1, kind="stable")
     cumulative = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
     # Key number n of the order is kept when the keys before it hold less than 1 - eps.
-    before = cumulative - np.take_along_axis(p, order, axis=-1)
+    before = cumulative - np.take_along_axis(p, order, axis=-1) + p_sink
     keep = np.zeros(s.shape, dtype=bool)
     np.put_along_axis(keep, order, before < 1.0 - spec.eps, axis=-1)
     return keep & vis
 
 
-def mass(spec: AttentionSpec, q, k, v) -> np.ndarray:
+def mass(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
     """Softmax restricted to the fewest largest weights holding 1 - eps of the row's mass, renormalized.
 
     Error bound: with P >= 1 - eps the kept mass, dense = P a + (1 - P) b where a (this output) and b are the
@@ -133,7 +153,8 @@ def mass(spec: AttentionSpec, q, k, v) -> np.ndarray:
     per element.
     """
     s = scores(spec, q, k)
-    return _weighted_sum(spec, softmax_weights(spec, s) * mass_keep(spec, s), v)
+    w, w_sink = _softmax(spec, s, sinks)
+    return _weighted_sum(spec, w * mass_keep(spec, s, sinks), v, w_sink)
 
 
 def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:

@@ -238,8 +238,16 @@ class ExportedKernel:
         copy[...] = array
         return copy
 
-    def __call__(self, q, k, v, *, out=None):
+    def __call__(self, q, k, v, *, sinks=None, out=None):
+        """Attention of q, k, v (``sinks``: the (heads,) float32 sink logits of a kernel exported with them)."""
         args = [self._prepare(n, x) for n, x in zip(ARGUMENTS, (q, k, v))]
+        if ("sinks" in self._args) != (sinks is not None):
+            raise ValueError(f"kernel {self.name} takes sinks: pass sinks=" if sinks is None else
+                             f"kernel {self.name} was exported without sinks: do not pass sinks=")
+        if sinks is not None:
+            sinks = self._prepare("sinks", sinks)
+            if not np.isfinite(sinks).all():
+                raise ValueError(f"sinks must be finite, got {sinks.tolist()}")
         result = out
         if out is None:
             out = result = aligned_empty(self.out_shape, numpy_dtype(self._args["out"]["dtype"]), self.alignment)
@@ -247,7 +255,7 @@ class ExportedKernel:
                 result = torch_view(out)  # torch in, torch out, sharing the output buffer
         out_view = self._prepare("out", out, writable=True)
         refuse_overlap(out_view, dict(zip(ARGUMENTS, args)))
-        self._function(*(dlpack_argument(a) for a in (*args, out_view)))
+        self._function(*(dlpack_argument(a) for a in (*args, *(() if sinks is None else (sinks,)), out_view)))
         return result
 
 

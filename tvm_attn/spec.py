@@ -50,6 +50,7 @@ class AttentionSpec:
     dtype: str = DTYPE
     kv_dtype: str | None = None
     softcap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self):
         # Fill the derived defaults so equal specs hash equal (kernels are cached on the spec).
@@ -93,6 +94,9 @@ class AttentionSpec:
             if not _is_real(self.softcap) or not math.isfinite(self.softcap) or self.softcap <= 0:
                 raise ValueError(f"softcap must be a finite number > 0 (or None), got {self.softcap!r}")
             object.__setattr__(self, "softcap", float(self.softcap))
+        if not isinstance(self.sinks, (bool, np.bool_)):
+            raise TypeError(f"sinks must be a bool (whether the call passes sink logits), got {self.sinks!r}")
+        object.__setattr__(self, "sinks", bool(self.sinks))
         given = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
         if len(given) > 1:
             raise ValueError(f"give at most one pruning knob, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
@@ -117,7 +121,7 @@ class AttentionSpec:
     def kernel(self) -> "KernelSpec":
         """What a compiled kernel is specialized for: everything but batch, seq_q and seq_kv."""
         return KernelSpec(self.heads, self.kv_heads, self.head_dim, self.causal, self.window, self.scale,
-                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype, self.softcap)
+                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype, self.softcap, self.sinks)
 
     def knobs(self) -> dict:
         """The pruning knob that is set, as {name: value} (empty for dense variants)."""
@@ -181,6 +185,8 @@ class AttentionSpec:
             parts.append(f"kv{self.kv_dtype}")
         if self.softcap is not None:
             parts.append(f"cap{self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
         return "_".join(parts)
 
     @classmethod
@@ -232,6 +238,25 @@ def _dtype_name(dtype) -> str:
         return str(dtype)
 
 
+def sink_logits(sinks, heads: int) -> np.ndarray:
+    """``sinks`` (a numpy array of floats, one logit per query head) as the kernels take it: float32, contiguous, of
+    shape (heads,), every logit finite; TypeError/ValueError naming what is wrong."""
+    if not hasattr(sinks, "shape") or not hasattr(sinks, "dtype"):
+        raise TypeError(f"sinks must be an array of {heads} floats (one logit per query head), got "
+                        f"{type(sinks).__name__}")
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"sinks must have shape (heads,) = ({heads},), one logit per query head, got "
+                         f"{tuple(sinks.shape)}")
+    if _dtype_name(sinks.dtype) not in ("float64", *DTYPES):
+        raise TypeError(f"sinks must hold floats (float32, float64, float16 or bfloat16), got "
+                        f"{_dtype_name(sinks.dtype)}")
+    logits = np.ascontiguousarray(sinks, dtype=np.float32)
+    if not np.isfinite(logits).all():
+        bad = int(np.flatnonzero(~np.isfinite(logits))[0])
+        raise ValueError(f"sinks must be finite, got {sinks[bad]!r} for head {bad}")
+    return logits
+
+
 def positive_int(name: str, value) -> int:
     """``value`` as an int >= 1; TypeError/ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -265,6 +290,7 @@ class KernelSpec:
     dtype: str
     kv_dtype: str | None = None
     softcap: float | None = None
+    sinks: bool = False  # the kernel takes a (heads,) float32 argument of sink logits before out
 
     @property
     def group_size(self) -> int:
@@ -290,4 +316,6 @@ class KernelSpec:
             parts.append(f"kv{self.kv_dtype}")
         if self.softcap is not None:
             parts.append(f"cap{self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
         return "_".join(parts)

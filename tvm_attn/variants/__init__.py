@@ -72,6 +72,8 @@ class Variant:
     sme_schedule: Callable | None = None
     # Whether the kernels of compute and decode_compute apply AttentionSpec.softcap (logit softcapping).
     softcap: bool = False
+    # Whether the kernels of compute and decode_compute take sink logits (AttentionSpec.sinks).
+    sinks: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -117,10 +119,13 @@ class Variant:
 
     def check(self, spec: AttentionSpec) -> None:
         """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs, or asks
-        for softcapping the variant does not do."""
+        for softcapping or sinks the variant does not do."""
         if spec.softcap is not None and not self.softcap:
             raise ValueError(f"softcap={spec.softcap!r}: variant {self.name!r} does not apply logit softcapping "
                              f"(the variants that do: {', '.join(v.name for v in VARIANTS.values() if v.softcap)})")
+        if spec.sinks and not self.sinks:
+            raise ValueError(f"sinks: variant {self.name!r} does not take attention sinks yet (the variants that do: "
+                             f"{', '.join(v.name for v in VARIANTS.values() if v.sinks)})")
         for knob in KNOBS:
             value = getattr(spec, knob)
             if knob == self.knob and value is None:
@@ -179,10 +184,11 @@ def _on_scores(keep):
 # The dense variants compute one function: their decode calls share the split-KV kernel, and their prefill the
 # BLAS-backed one (schedule="blas") and the SME one (schedule="sme").
 DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
-                    float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
-                    blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
-                    sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True)
-PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True)
+             float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
+             blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
+             sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True, sinks=True)
+PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True,
+                     sinks=True)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.
 SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)

@@ -71,11 +71,60 @@ def poisoned(x):
     return T.Select(x < T.float32(INF), x, T.float32(INF))
 
 
-def row_output(acc, total, row_max, dtype: str):
-    """An output element from the row's weighted sum ``acc``, sum of weights ``total`` and max of poisoned scores
-    ``row_max``: NaN when row_max is +Inf, 0 when the row has no weight (no visible key), else acc / total."""
-    return narrow(T.Select(row_max == T.float32(INF), T.float32(float("nan")),
-                           T.Select(total > T.float32(0), acc / total, T.float32(0))), dtype)
+def row_output(acc, total, row_max, dtype: str, sink=None):
+    """An output element from the row's weighted sum ``acc``, sum of weights ``total`` (both relative to e^row_max)
+    and max of poisoned scores ``row_max``: NaN when row_max is +Inf, 0 when the row has no weight (no visible
+    key), else acc / total; with a ``sink`` logit, acc / (total + e^(sink - row_max)), both terms taken relative
+    to the larger of row_max and sink (neither exp overflows)."""
+    if sink is None:
+        normalized = T.Select(total > T.float32(0), acc / total, T.float32(0))
+    else:
+        top = T.max(row_max, sink)
+        keys = softmax_exp(row_max - top)
+        normalized = acc * keys / (total * keys + softmax_exp(sink - top))
+    return narrow(T.Select(row_max == T.float32(INF), T.float32(float("nan")), normalized), dtype)
+
+
+def sink_logit(sinks, head):
+    """The sink logit of query ``head`` from the kernel's (heads,) ``sinks`` argument (None for kernels without)."""
+    return None if sinks is None else sinks[head]
+
+
+def sink_argument(handle, heads: int):
+    """The (heads,) float32 sink logits argument of kernels with sinks (KernelSpec.sinks)."""
+    return T.match_buffer(handle, (heads,), ACC, align=4, offset_factor=1)
+
+
+def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv):
+    """The PrimFunc of a kernel taking (q, k, v, out), or (q, k, v, sinks, out) where kspec.sinks, all of kspec's
+    dtype but the float32 sinks: the ``@T.macro`` ``body(q, k, v, sinks, out)`` (sinks None without) in its root
+    block."""
+    H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+    if kspec.sinks:
+        @T.prim_func(s_tir=True)
+        def kernel_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, sinks_h: T.handle, out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            q = bhsd(q_h, batch, H, seq_q, D, dtype)
+            k = bhsd(k_h, batch, KVH, seq_kv, D, dtype)
+            v = bhsd(v_h, batch, KVH, seq_kv, D, dtype)
+            sinks = sink_argument(sinks_h, H)
+            out = bhsd(out_h, batch, H, seq_q, D, dtype)
+            with T.sblock("root"):
+                body(q, k, v, sinks, out)
+
+        return kernel_with_sinks
+
+    @T.prim_func(s_tir=True)
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        q = bhsd(q_h, batch, H, seq_q, D, dtype)
+        k = bhsd(k_h, batch, KVH, seq_kv, D, dtype)
+        v = bhsd(v_h, batch, KVH, seq_kv, D, dtype)
+        out = bhsd(out_h, batch, H, seq_q, D, dtype)
+        with T.sblock("root"):
+            body(q, k, v, None, out)
+
+    return kernel
 
 
 def run_time_sizes():

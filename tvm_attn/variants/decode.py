@@ -48,9 +48,10 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..quantized_kv import KEY_BLOCK
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, Visibility, bhsd, bits_of, ceil_div, fresh_block_names,
-                     init_online_softmax, online_softmax_tile, poisoned, row_output, row_scales, run_time_sizes,
-                     softcapped, softmax_weights, sum_lanes, update_output, value_weights, weighted_values, widen)
+from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, Visibility, bhsd, bhsd_kernel, bits_of, ceil_div,
+                     fresh_block_names, init_online_softmax, online_softmax_tile, poisoned, row_output, row_scales,
+                     run_time_sizes, sink_argument, sink_logit, softcapped, softmax_weights, sum_lanes, update_output,
+                     value_weights, weighted_values, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +271,13 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                         O[vg, vd] = T.Select(vkb == 0, ZERO, O[vg, vd]) + \
                             digit_sum(value_dots, vg, vd) * step_of(w_peak[vg])
 
+    def integer_keys(handle):
+        """Integer K's codes argument: (batch, kv_heads, key blocks, head_dim, KB)."""
+        return T.match_buffer(handle, (B, KVH, NKB, D, KB), kspec.kv_dtype,
+                              strides=(T.int32(), T.int32(), D * KB, KB, 1), align=1, offset_factor=1)
+
     @T.macro
-    def body(q, k, v, k_scale, v_scale, out):
+    def body(q, k, v, k_scale, v_scale, sinks, out):
         m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
         l_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
         o_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G, D), ACC)
@@ -445,7 +451,24 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
             with T.sblock("out"):
                 vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
                 out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
-                                                 merged_max[vb, vh, vi], dtype)
+                                                 merged_max[vb, vh, vi], dtype, sink_logit(sinks, vh))
+
+    if quantized and kspec.sinks:
+        @T.prim_func(s_tir=True)
+        def decode_integer_kv_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, k_scale_h: T.handle,
+                                         v_scale_h: T.handle, sinks_h: T.handle, out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            q = bhsd(q_h, B, H, SQ, D, dtype)
+            k = integer_keys(k_h)
+            v = bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype)
+            k_scale = row_scales(k_scale_h, B, KVH, NKB * KB)
+            v_scale = row_scales(v_scale_h, B, KVH, NKB * KB)
+            sinks = sink_argument(sinks_h, H)
+            out = bhsd(out_h, B, H, SQ, D, dtype)
+            with T.sblock("root"):
+                body(q, k, v, k_scale, v_scale, sinks, out)
+
+        return decode_integer_kv_with_sinks
 
     if quantized:
         @T.prim_func(s_tir=True)
@@ -453,25 +476,18 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                               out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             q = bhsd(q_h, B, H, SQ, D, dtype)
-            k = T.match_buffer(k_h, (B, KVH, NKB, D, KB), kspec.kv_dtype, strides=(T.int32(), T.int32(), D * KB, KB, 1),
-                               align=1, offset_factor=1)
+            k = integer_keys(k_h)
             v = bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype)
             k_scale = row_scales(k_scale_h, B, KVH, NKB * KB)
             v_scale = row_scales(v_scale_h, B, KVH, NKB * KB)
             out = bhsd(out_h, B, H, SQ, D, dtype)
             with T.sblock("root"):
-                body(q, k, v, k_scale, v_scale, out)
+                body(q, k, v, k_scale, v_scale, None, out)
 
         return decode_integer_kv
 
-    @T.prim_func(s_tir=True)
-    def decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = bhsd(q_h, B, H, SQ, D, dtype)
-        k = bhsd(k_h, B, KVH, SKV, D, dtype)
-        v = bhsd(v_h, B, KVH, SKV, D, dtype)
-        out = bhsd(out_h, B, H, SQ, D, dtype)
-        with T.sblock("root"):
-            body(q, k, v, None, None, out)
+    @T.macro
+    def float_body(q, k, v, sinks, out):
+        body(q, k, v, None, None, sinks, out)
 
-    return decode
+    return bhsd_kernel(float_body, kspec, B, SQ, SKV)

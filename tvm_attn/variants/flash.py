@@ -22,7 +22,7 @@ Blocks (the contract with schedules/flash.py):
       tile_sum   row sums of P
       pv         O = P v                                      (a BQ x BK x D matmul)
       update     acc = alpha acc + O, l = alpha l + tile_sum
-    out        acc / l (0 for rows that see no key)
+    out        acc / l (0 for rows that see no key; with sinks, the row's sink logit joins l: common.row_output)
 In bfloat16 pair products (``pairs``; schedules/pair_products.py): k_t packs K as (d / 2, key, 2) and v_p packs V
 as (key / 2, d, 2), q_tile and P hold bfloat16 bits, and qk and pv reduce over pairs (their last loop).
 """
@@ -33,9 +33,10 @@ from tvm.script import tirx as T
 
 from ..spec import KernelSpec
 from ..fast_exp import softmax_exp
-from .common import (ACC, BF16_BITS, Visibility, bhsd, bits_of, cap_scores, ceil_div, fresh_block_names,
+from .common import (ACC, BF16_BITS, Visibility, bhsd_kernel, bits_of, cap_scores, ceil_div, fresh_block_names,
                      init_online_softmax, online_softmax_tile, pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile,
-                     qk_tile_pairs, row_output, run_time_sizes, softmax_weights, transpose_k, update_output, widen)
+                     qk_tile_pairs, row_output, run_time_sizes, sink_logit, softmax_weights, transpose_k,
+                     update_output, widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -55,7 +56,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
     if pairs and (kspec.dtype != "bfloat16" or kspec.head_dim % 2):
         raise ValueError(f"pair products need bfloat16 inputs and an even head_dim, got {kspec.dtype} "
                          f"head_dim={kspec.head_dim}")
-    H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
+    KVH, D = kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
     GI = G if group_rows else 1  # query heads stacked inside one row tile
     GO = G // GI  # query heads of a group handled by separate tiles
@@ -73,6 +74,12 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
     CAP = kspec.softcap  # softcapping: the capped scores (scaled first where pairs left them unscaled) in S_capped
     CAP_PRESCALE = abs(kspec.scale) if pairs else 1.0
     OPERAND = BF16_BITS if pairs else ACC  # q_tile and P
+    # The running max in score units, for the sink's term (pairs without softcap keep it unscaled).
+    MAX_SCALE = abs(kspec.scale) if pairs and CAP is None else 1.0
+
+    def output_max(m, sinks):
+        """The running max as row_output takes it: in score units where a sink logit is compared with it."""
+        return m if sinks is None or MAX_SCALE == 1.0 else m * T.float32(MAX_SCALE)
 
     # Rows of one (batch, kv head, outer group) slice: row r is head r // SQ of the tile's group, query r % SQ.
     def head(kh, go, r, SQ):
@@ -109,88 +116,83 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
         first_q, last_q = tile_queries(rt, SQ)
         return vis.all_see(first_q, last_q, t * BK, t * BK + BK)
 
-    @T.prim_func(s_tir=True)
-    def flash(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = bhsd(q_h, B, H, SQ, D, dtype)
-        k = bhsd(k_h, B, KVH, SKV, D, dtype)
-        v = bhsd(v_h, B, KVH, SKV, D, dtype)
-        out = bhsd(out_h, B, H, SQ, D, dtype)
-        with T.sblock("root"):
-            if pairs:
-                k_p = T.sblock_alloc_buffer((B, KVH, D // 2, ceil_div(SKV, BK) * BK, 2), BF16_BITS)
-                v_p = T.sblock_alloc_buffer((B, KVH, ceil_div(SKV, BK) * BK // 2, D, 2), BF16_BITS)
-                pack_k_pairs(k, k_p, B, KVH, D, SKV, ceil_div(SKV, BK) * BK)
-                pack_v_pairs(v, v_p, B, KVH, D, SKV, ceil_div(SKV, BK) * BK)
-            else:
-                k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), ACC)
-                transpose_k(k, k_t, B, KVH, D, SKV, ceil_div(SKV, BK) * BK, ZERO)
-            for b, kh, go, rt in T.grid(B, KVH, GO, ceil_div(GI * SQ, BQ)):
-                with T.sblock("tile"):
-                    vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
-                    q_tile = T.sblock_alloc_buffer((BQ, D), OPERAND)
-                    S = T.sblock_alloc_buffer((BQ, BK), ACC)
-                    if CAP is not None:
-                        S_capped = T.sblock_alloc_buffer((BQ, BK), ACC)
-                    P = T.sblock_alloc_buffer((BQ, BK), OPERAND)
-                    O = T.sblock_alloc_buffer((BQ, D), ACC)
-                    m = T.sblock_alloc_buffer((BQ,), ACC)
-                    t_max = T.sblock_alloc_buffer((BQ,), ACC)
-                    t_sum = T.sblock_alloc_buffer((BQ,), ACC)
-                    alpha = T.sblock_alloc_buffer((BQ,), ACC)
-                    l = T.sblock_alloc_buffer((BQ,), ACC)
-                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
-                    for ri, d in T.grid(BQ, D):
-                        with T.sblock("q_tile"):
-                            r, dd = T.axis.remap("SS", [ri, d])
-                            if pairs:
-                                q_tile[r, dd] = T.if_then_else(
-                                    vrt * BQ + r < R,
-                                    bits_of(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
-                                              query(T.min(vrt * BQ + r, R - 1), SQ), dd]) ^ SIGN_BIT,
-                                    T.uint16(0),
-                                )
-                            else:
-                                q_tile[r, dd] = T.if_then_else(
-                                    vrt * BQ + r < R,
-                                    widen(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
-                                            query(T.min(vrt * BQ + r, R - 1), SQ), dd]) * SCALE,
-                                    ZERO,
-                                )
-                    init_online_softmax(m, l, acc, BQ, D, NEG, ZERO)
-                    for t in range(kv_tiles(vrt)[0], kv_tiles(vrt)[1]):
-                        with T.sblock("kv_tile"):
-                            vt = T.axis.opaque(ceil_div(SKV, BK), t)
-                            if pairs:
-                                qk_tile_pairs(S, q_tile, k_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                                if CAP is not None:
-                                    cap_scores(S, S_capped, BQ, 1, BK, CAP, CAP_PRESCALE)
-                                    softmax_weights(S_capped, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
-                                                    row_sees, tile_sees_all(vrt, vt), NEG, ZERO, ONE, softmax_exp)
-                                else:
-                                    softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ, row_sees,
-                                                    tile_sees_all(vrt, vt), NEG, ZERO, ONE, score_exp)
-                                pv_tile_pairs(O, P, v_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                                update_output(acc, O, alpha, l, t_sum, BQ, D)
-                            elif CAP is not None:
-                                qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+    @T.macro
+    def body(q, k, v, sinks, out):
+        if pairs:
+            k_p = T.sblock_alloc_buffer((B, KVH, D // 2, ceil_div(SKV, BK) * BK, 2), BF16_BITS)
+            v_p = T.sblock_alloc_buffer((B, KVH, ceil_div(SKV, BK) * BK // 2, D, 2), BF16_BITS)
+            pack_k_pairs(k, k_p, B, KVH, D, SKV, ceil_div(SKV, BK) * BK)
+            pack_v_pairs(v, v_p, B, KVH, D, SKV, ceil_div(SKV, BK) * BK)
+        else:
+            k_t = T.sblock_alloc_buffer((B, KVH, D, ceil_div(SKV, BK) * BK), ACC)
+            transpose_k(k, k_t, B, KVH, D, SKV, ceil_div(SKV, BK) * BK, ZERO)
+        for b, kh, go, rt in T.grid(B, KVH, GO, ceil_div(GI * SQ, BQ)):
+            with T.sblock("tile"):
+                vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
+                q_tile = T.sblock_alloc_buffer((BQ, D), OPERAND)
+                S = T.sblock_alloc_buffer((BQ, BK), ACC)
+                if CAP is not None:
+                    S_capped = T.sblock_alloc_buffer((BQ, BK), ACC)
+                P = T.sblock_alloc_buffer((BQ, BK), OPERAND)
+                O = T.sblock_alloc_buffer((BQ, D), ACC)
+                m = T.sblock_alloc_buffer((BQ,), ACC)
+                t_max = T.sblock_alloc_buffer((BQ,), ACC)
+                t_sum = T.sblock_alloc_buffer((BQ,), ACC)
+                alpha = T.sblock_alloc_buffer((BQ,), ACC)
+                l = T.sblock_alloc_buffer((BQ,), ACC)
+                acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                for ri, d in T.grid(BQ, D):
+                    with T.sblock("q_tile"):
+                        r, dd = T.axis.remap("SS", [ri, d])
+                        if pairs:
+                            q_tile[r, dd] = T.if_then_else(
+                                vrt * BQ + r < R,
+                                bits_of(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
+                                          query(T.min(vrt * BQ + r, R - 1), SQ), dd]) ^ SIGN_BIT,
+                                T.uint16(0),
+                            )
+                        else:
+                            q_tile[r, dd] = T.if_then_else(
+                                vrt * BQ + r < R,
+                                widen(q[vb, head(vkh, vgo, T.min(vrt * BQ + r, R - 1), SQ),
+                                        query(T.min(vrt * BQ + r, R - 1), SQ), dd]) * SCALE,
+                                ZERO,
+                            )
+                init_online_softmax(m, l, acc, BQ, D, NEG, ZERO)
+                for t in range(kv_tiles(vrt)[0], kv_tiles(vrt)[1]):
+                    with T.sblock("kv_tile"):
+                        vt = T.axis.opaque(ceil_div(SKV, BK), t)
+                        if pairs:
+                            qk_tile_pairs(S, q_tile, k_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                            if CAP is not None:
                                 cap_scores(S, S_capped, BQ, 1, BK, CAP, CAP_PRESCALE)
-                                online_softmax_tile(S_capped, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh,
-                                                    vt * BK, BQ, BK, D, SKV, vrt * BQ, row_sees,
-                                                    tile_sees_all(vrt, vt), NEG, ZERO, ONE)
+                                softmax_weights(S_capped, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
+                                                row_sees, tile_sees_all(vrt, vt), NEG, ZERO, ONE, softmax_exp)
                             else:
-                                qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                                online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, BQ,
-                                                    BK, D, SKV, vrt * BQ, row_sees, tile_sees_all(vrt, vt), NEG, ZERO,
-                                                    ONE)
-                    for ri, d in T.grid(BQ, D):
-                        with T.sblock("out"):
-                            r, dd = T.axis.remap("SS", [ri, d])
-                            T.where(vrt * BQ + ri < R)
-                            out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = row_output(
-                                acc[r, dd], l[r], m[r], dtype)
+                                softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ, row_sees,
+                                                tile_sees_all(vrt, vt), NEG, ZERO, ONE, score_exp)
+                            pv_tile_pairs(O, P, v_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                            update_output(acc, O, alpha, l, t_sum, BQ, D)
+                        elif CAP is not None:
+                            qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                            cap_scores(S, S_capped, BQ, 1, BK, CAP, CAP_PRESCALE)
+                            online_softmax_tile(S_capped, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh,
+                                                vt * BK, BQ, BK, D, SKV, vrt * BQ, row_sees,
+                                                tile_sees_all(vrt, vt), NEG, ZERO, ONE)
+                        else:
+                            qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
+                            online_softmax_tile(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt * BK, BQ,
+                                                BK, D, SKV, vrt * BQ, row_sees, tile_sees_all(vrt, vt), NEG, ZERO,
+                                                ONE)
+                for ri, d in T.grid(BQ, D):
+                    with T.sblock("out"):
+                        r, dd = T.axis.remap("SS", [ri, d])
+                        T.where(vrt * BQ + ri < R)
+                        out[vb, head(vkh, vgo, vrt * BQ + r, SQ), query(vrt * BQ + r, SQ), dd] = row_output(
+                            acc[r, dd], l[r], output_max(m[r], sinks), dtype,
+                            sink_logit(sinks, head(vkh, vgo, vrt * BQ + r, SQ)))
 
-    return flash
+    return bhsd_kernel(body, kspec, B, SQ, SKV)
 
 
 def compute_grouped(kspec: KernelSpec, pairs: bool = False):

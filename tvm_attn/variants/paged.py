@@ -55,7 +55,8 @@ from tvm import tirx
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, ceil_div, fresh_block_names,
-                     init_online_softmax, row_output, softcapped, softmax_weights, sum_lanes, update_output, widen)
+                     init_online_softmax, row_output, sink_argument, sink_logit, softcapped, softmax_weights, sum_lanes,
+                     update_output, widen)
 from .decode import DecodeConfig
 
 
@@ -158,128 +159,156 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
         first = T.max(chunks[c, 1], vis.first(i) // BK)
         return first, T.max(first, T.min(chunks[c, 2], ceil_div(vis.end(i), BK)))
 
+    @T.macro
+    def body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
+             sinks, out):
+        for c, kh in T.grid(NC, KVH):
+            with T.sblock("task"):
+                vc, vkh = T.axis.remap("SS", [c, kh])
+                T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[vkh, 0:NP, 0:page_size, 0:D],
+                        v_pages[vkh, 0:NP, 0:page_size, 0:D], page_table[0:NS, 0:MP], seq_lens[0:NS],
+                        row_start[0:NS + 1], chunks[vc, 0:4])
+                T.writes(o_part[0:PR, vkh * G:vkh * G + G, 0:D], m_part[0:PR, vkh * G:vkh * G + G],
+                         l_part[0:PR, vkh * G:vkh * G + G])
+                q_rows = T.sblock_alloc_buffer((G, DP), ACC)
+                part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
+                half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
+                half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
+                half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
+                S = T.sblock_alloc_buffer((G, BK), ACC)
+                P = T.sblock_alloc_buffer((G, BK), ACC)
+                O = T.sblock_alloc_buffer((G, D), ACC)
+                m = T.sblock_alloc_buffer((G,), ACC)
+                t_max = T.sblock_alloc_buffer((G,), ACC)
+                t_sum = T.sblock_alloc_buffer((G,), ACC)
+                alpha = T.sblock_alloc_buffer((G,), ACC)
+                l = T.sblock_alloc_buffer((G,), ACC)
+                acc = T.sblock_alloc_buffer((G, D), ACC)
+                for i in range(row_start[chunks[vc, 0] + 1] - row_start[chunks[vc, 0]]):
+                    with T.sblock("row"):
+                        vi = T.axis.opaque(NR, i)
+                        for g, d in T.grid(G, DP):
+                            with T.sblock("q_rows"):
+                                vg, vd = T.axis.remap("SS", [g, d])
+                                q_rows[vg, vd] = T.if_then_else(
+                                    vd < D, widen(q[row_start[chunks[vc, 0]] + vi, vkh * G + vg,
+                                                    T.min(vd, D - 1)]) * SCALE, ZERO)
+                        init_online_softmax(m, l, acc, G, D, NEG, ZERO)
+                        for t in range(tile_range(chunks, row_start, seq_lens, vc, vi)[0],
+                                       tile_range(chunks, row_start, seq_lens, vc, vi)[1]):
+                            with T.sblock("kv_tile"):
+                                vt = T.axis.opaque(MP * TPP, t)
+                                for g, p, jj, dc, lane in T.grid(G, NPT, SPT, DP // LANES, LANES):
+                                    with T.sblock("qk_part"):
+                                        vg, vp, j, vdc, vl = T.axis.remap("SSSRS", [g, p, jj, dc, lane])
+                                        with T.init():
+                                            part[vg, vp * SPT + j, vl] = ZERO
+                                        part[vg, vp * SPT + j, vl] = part[vg, vp * SPT + j, vl] + q_rows[
+                                            vg, vdc * LANES + vl] * widen(k_pages[
+                                                vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j),
+                                                dim(vdc * LANES + vl)])
+                                sum_lanes(part, half8, half4, half2, S, G, BK, as_is)
+                                softmax_weights(
+                                    S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
+                                    row_sees(row_start, seq_lens, chunks[vc, 0]),
+                                    visibility(row_start, seq_lens, chunks[vc, 0]).all_see(
+                                        vi, vi, vt * BK, vt * BK + BK),
+                                    NEG, ZERO, ONE, softmax_exp)
+                                for g, p, jj, d in T.grid(G, NPT, SPT, D):
+                                    with T.sblock("pv"):
+                                        vg, vp, j, vd = T.axis.remap("SRRS", [g, p, jj, d])
+                                        with T.init():
+                                            O[vg, vd] = ZERO
+                                        O[vg, vd] = O[vg, vd] + P[vg, vp * SPT + j] * widen(v_pages[
+                                            vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j), vd])
+                                update_output(acc, O, alpha, l, t_sum, G, D)
+                        for g, d in T.grid(G, D):
+                            with T.sblock("save_acc"):
+                                vg, vd = T.axis.remap("SS", [g, d])
+                                o_part[chunks[vc, 3] + vi, vkh * G + vg, vd] = acc[vg, vd]
+                        for g in range(G):
+                            with T.sblock("save_stats"):
+                                vg = T.axis.spatial(G, g)
+                                m_part[chunks[vc, 3] + vi, vkh * G + vg] = m[vg]
+                                l_part[chunks[vc, 3] + vi, vkh * G + vg] = l[vg]
+        for r, h in T.grid(NR, H):
+            with T.sblock("merge"):
+                vr, vh = T.axis.remap("SS", [r, h])
+                if sinks is None:
+                    T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
+                            row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1])
+                else:
+                    T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
+                            row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1], sinks[vh])
+                T.writes(out[vr, vh, 0:D])
+                row_max = T.sblock_alloc_buffer((1,), ACC)
+                total = T.sblock_alloc_buffer((1,), ACC)
+                weight = T.sblock_alloc_buffer((config.max_splits,), ACC)
+                merged = T.sblock_alloc_buffer((D,), ACC)
+                with T.sblock("merge_init"):
+                    row_max[0] = NEG
+                    total[0] = ZERO
+                for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
+                    with T.sblock("merge_max"):
+                        vc = T.axis.opaque(NC, c)
+                        row_max[0] = T.max(row_max[0], m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh])
+                for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
+                    with T.sblock("merge_weight"):
+                        vc = T.axis.opaque(NC, c)
+                        weight[vc - seq_chunks[row_seq[vr]]] = softmax_exp(
+                            m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh] - row_max[0])
+                        total[0] = total[0] + weight[vc - seq_chunks[row_seq[vr]]] * \
+                            l_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh]
+                for c, d in T.grid(seq_chunks[row_seq[vr] + 1] - seq_chunks[row_seq[vr]], D):
+                    with T.sblock("merge_acc"):
+                        vc, vd = T.axis.remap("RS", [c, d])
+                        with T.init():
+                            merged[vd] = ZERO
+                        merged[vd] = merged[vd] + weight[vc] * o_part[
+                            chunks[seq_chunks[row_seq[vr]] + vc, 3] + vr - row_start[row_seq[vr]], vh, vd]
+                for d in range(D):
+                    with T.sblock("out"):
+                        vd = T.axis.spatial(D, d)
+                        out[vr, vh, vd] = row_output(merged[vd], total[0], row_max[0], dtype, sink_logit(sinks, vh))
+
+    def arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h, m_part_h,
+                  l_part_h, out_h):
+        """The kernel's argument buffers (the sinks' aside) from their handles."""
+        return (_rows_buffer(q_h, NR, H, D, dtype), _pages_buffer(k_h, KVH, NP, page_size, D, dtype),
+                _pages_buffer(v_h, KVH, NP, page_size, D, dtype), T.match_buffer(table_h, (NS, MP), "int32"),
+                T.match_buffer(lens_h, (NS,), "int32"), T.match_buffer(start_h, (NS + 1,), "int32"),
+                T.match_buffer(row_seq_h, (NR,), "int32"), T.match_buffer(chunks_h, (NC, 4), "int32"),
+                T.match_buffer(seq_chunks_h, (NS + 1,), "int32"), T.match_buffer(o_part_h, (PR, H, D), ACC),
+                T.match_buffer(m_part_h, (PR, H), ACC), T.match_buffer(l_part_h, (PR, H), ACC),
+                _rows_buffer(out_h, NR, H, D, dtype))
+
+    if kspec.sinks:
+        @T.prim_func(s_tir=True)
+        def paged_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
+                             start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
+                             o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, sinks_h: T.handle,
+                             out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            (q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
+             out) = arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h,
+                              m_part_h, l_part_h, out_h)
+            sinks = sink_argument(sinks_h, H)
+            with T.sblock("root"):
+                body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part,
+                     l_part, sinks, out)
+
+        return paged_with_sinks
+
     @T.prim_func(s_tir=True)
     def paged(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
               start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
               o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = _rows_buffer(q_h, NR, H, D, dtype)
-        k_pages = _pages_buffer(k_h, KVH, NP, page_size, D, dtype)
-        v_pages = _pages_buffer(v_h, KVH, NP, page_size, D, dtype)
-        page_table = T.match_buffer(table_h, (NS, MP), "int32")
-        seq_lens = T.match_buffer(lens_h, (NS,), "int32")
-        row_start = T.match_buffer(start_h, (NS + 1,), "int32")
-        row_seq = T.match_buffer(row_seq_h, (NR,), "int32")
-        chunks = T.match_buffer(chunks_h, (NC, 4), "int32")
-        seq_chunks = T.match_buffer(seq_chunks_h, (NS + 1,), "int32")
-        o_part = T.match_buffer(o_part_h, (PR, H, D), ACC)
-        m_part = T.match_buffer(m_part_h, (PR, H), ACC)
-        l_part = T.match_buffer(l_part_h, (PR, H), ACC)
-        out = _rows_buffer(out_h, NR, H, D, dtype)
+        (q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
+         out) = arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h,
+                          m_part_h, l_part_h, out_h)
         with T.sblock("root"):
-            for c, kh in T.grid(NC, KVH):
-                with T.sblock("task"):
-                    vc, vkh = T.axis.remap("SS", [c, kh])
-                    T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[vkh, 0:NP, 0:page_size, 0:D],
-                            v_pages[vkh, 0:NP, 0:page_size, 0:D], page_table[0:NS, 0:MP], seq_lens[0:NS],
-                            row_start[0:NS + 1], chunks[vc, 0:4])
-                    T.writes(o_part[0:PR, vkh * G:vkh * G + G, 0:D], m_part[0:PR, vkh * G:vkh * G + G],
-                             l_part[0:PR, vkh * G:vkh * G + G])
-                    q_rows = T.sblock_alloc_buffer((G, DP), ACC)
-                    part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
-                    half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
-                    half4 = T.sblock_alloc_buffer((G, BK, 4), ACC)
-                    half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
-                    S = T.sblock_alloc_buffer((G, BK), ACC)
-                    P = T.sblock_alloc_buffer((G, BK), ACC)
-                    O = T.sblock_alloc_buffer((G, D), ACC)
-                    m = T.sblock_alloc_buffer((G,), ACC)
-                    t_max = T.sblock_alloc_buffer((G,), ACC)
-                    t_sum = T.sblock_alloc_buffer((G,), ACC)
-                    alpha = T.sblock_alloc_buffer((G,), ACC)
-                    l = T.sblock_alloc_buffer((G,), ACC)
-                    acc = T.sblock_alloc_buffer((G, D), ACC)
-                    for i in range(row_start[chunks[vc, 0] + 1] - row_start[chunks[vc, 0]]):
-                        with T.sblock("row"):
-                            vi = T.axis.opaque(NR, i)
-                            for g, d in T.grid(G, DP):
-                                with T.sblock("q_rows"):
-                                    vg, vd = T.axis.remap("SS", [g, d])
-                                    q_rows[vg, vd] = T.if_then_else(
-                                        vd < D, widen(q[row_start[chunks[vc, 0]] + vi, vkh * G + vg,
-                                                        T.min(vd, D - 1)]) * SCALE, ZERO)
-                            init_online_softmax(m, l, acc, G, D, NEG, ZERO)
-                            for t in range(tile_range(chunks, row_start, seq_lens, vc, vi)[0],
-                                           tile_range(chunks, row_start, seq_lens, vc, vi)[1]):
-                                with T.sblock("kv_tile"):
-                                    vt = T.axis.opaque(MP * TPP, t)
-                                    for g, p, jj, dc, lane in T.grid(G, NPT, SPT, DP // LANES, LANES):
-                                        with T.sblock("qk_part"):
-                                            vg, vp, j, vdc, vl = T.axis.remap("SSSRS", [g, p, jj, dc, lane])
-                                            with T.init():
-                                                part[vg, vp * SPT + j, vl] = ZERO
-                                            part[vg, vp * SPT + j, vl] = part[vg, vp * SPT + j, vl] + q_rows[
-                                                vg, vdc * LANES + vl] * widen(k_pages[
-                                                    vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j),
-                                                    dim(vdc * LANES + vl)])
-                                    sum_lanes(part, half8, half4, half2, S, G, BK, as_is)
-                                    softmax_weights(
-                                        S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
-                                        row_sees(row_start, seq_lens, chunks[vc, 0]),
-                                        visibility(row_start, seq_lens, chunks[vc, 0]).all_see(
-                                            vi, vi, vt * BK, vt * BK + BK),
-                                        NEG, ZERO, ONE, softmax_exp)
-                                    for g, p, jj, d in T.grid(G, NPT, SPT, D):
-                                        with T.sblock("pv"):
-                                            vg, vp, j, vd = T.axis.remap("SRRS", [g, p, jj, d])
-                                            with T.init():
-                                                O[vg, vd] = ZERO
-                                            O[vg, vd] = O[vg, vd] + P[vg, vp * SPT + j] * widen(v_pages[
-                                                vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j), vd])
-                                    update_output(acc, O, alpha, l, t_sum, G, D)
-                            for g, d in T.grid(G, D):
-                                with T.sblock("save_acc"):
-                                    vg, vd = T.axis.remap("SS", [g, d])
-                                    o_part[chunks[vc, 3] + vi, vkh * G + vg, vd] = acc[vg, vd]
-                            for g in range(G):
-                                with T.sblock("save_stats"):
-                                    vg = T.axis.spatial(G, g)
-                                    m_part[chunks[vc, 3] + vi, vkh * G + vg] = m[vg]
-                                    l_part[chunks[vc, 3] + vi, vkh * G + vg] = l[vg]
-            for r, h in T.grid(NR, H):
-                with T.sblock("merge"):
-                    vr, vh = T.axis.remap("SS", [r, h])
-                    T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
-                            row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1])
-                    T.writes(out[vr, vh, 0:D])
-                    row_max = T.sblock_alloc_buffer((1,), ACC)
-                    total = T.sblock_alloc_buffer((1,), ACC)
-                    weight = T.sblock_alloc_buffer((config.max_splits,), ACC)
-                    merged = T.sblock_alloc_buffer((D,), ACC)
-                    with T.sblock("merge_init"):
-                        row_max[0] = NEG
-                        total[0] = ZERO
-                    for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
-                        with T.sblock("merge_max"):
-                            vc = T.axis.opaque(NC, c)
-                            row_max[0] = T.max(row_max[0], m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh])
-                    for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
-                        with T.sblock("merge_weight"):
-                            vc = T.axis.opaque(NC, c)
-                            weight[vc - seq_chunks[row_seq[vr]]] = softmax_exp(
-                                m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh] - row_max[0])
-                            total[0] = total[0] + weight[vc - seq_chunks[row_seq[vr]]] * \
-                                l_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh]
-                    for c, d in T.grid(seq_chunks[row_seq[vr] + 1] - seq_chunks[row_seq[vr]], D):
-                        with T.sblock("merge_acc"):
-                            vc, vd = T.axis.remap("RS", [c, d])
-                            with T.init():
-                                merged[vd] = ZERO
-                            merged[vd] = merged[vd] + weight[vc] * o_part[
-                                chunks[seq_chunks[row_seq[vr]] + vc, 3] + vr - row_start[row_seq[vr]], vh, vd]
-                    for d in range(D):
-                        with T.sblock("out"):
-                            vd = T.axis.spatial(D, d)
-                            out[vr, vh, vd] = row_output(merged[vd], total[0], row_max[0], dtype)
+            body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part,
+                 l_part, None, out)
 
     return paged

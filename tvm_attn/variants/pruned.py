@@ -22,6 +22,8 @@ Per tile of query rows (rows of one head), with block names (the contract with s
     compact    per row: the kept key indices, written branchless
     pv         per row: sum over kept keys of w_j v_j and of w_j, v rows gathered
     out        acc / l (0 for rows that see no key)
+With sinks (spec.sinks), the row's sink logit is a key that is always kept: its weight joins the sum the threshold
+compares with and counts first towards mass' 1 - eps, and out's denominator (common.row_output).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, widen, LANES, Visibility, bhsd, cap_scores, ceil_div, fresh_block_names, load_q_rows,
-                     row_max_of_scores, row_output, run_time_sizes, scores_of_rows, softmax_numerators, transpose_k)
+from .common import (ACC, widen, LANES, Visibility, bhsd_kernel, cap_scores, ceil_div, fresh_block_names,
+                     load_q_rows, row_max_of_scores, row_output, run_time_sizes, scores_of_rows, sink_logit,
+                     softmax_numerators, transpose_k)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -77,196 +80,205 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
 
     SLOTS = T.min(TOP_K + 1, SKVP) if IS_TOPK else SKVP  # idx slots: the most keys a row keeps, + 1 spare (compact)
 
-    @T.prim_func(s_tir=True)
-    def pruned(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = bhsd(q_h, B, H, SQ, D, dtype)
-        k = bhsd(k_h, B, KVH, SKV, D, dtype)
-        v = bhsd(v_h, B, KVH, SKV, D, dtype)
-        out = bhsd(out_h, B, H, SQ, D, dtype)
-        with T.sblock("root"):
-            k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), ACC)
-            transpose_k(k, k_t, B, KVH, D, SKV, SKVP, ZERO)
-            for b, h, rt in T.grid(B, H, ceil_div(SQ, BQ)):
-                with T.sblock("tile"):
-                    vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
-                    q_tile = T.sblock_alloc_buffer((BQ, D), ACC)
-                    S = T.sblock_alloc_buffer((BQ, SKVP), ACC)
-                    max_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
-                    row_max = T.sblock_alloc_buffer((BQ,), ACC)
-                    sum_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
-                    E = T.sblock_alloc_buffer((BQ, SKVP), ACC)
-                    row_sum = T.sblock_alloc_buffer((BQ,), ACC)
-                    cut = T.sblock_alloc_buffer((BQ,), ACC)
-                    keys = T.sblock_alloc_buffer((BQ, SKVP), "int32")
-                    cut_key = T.sblock_alloc_buffer((BQ,), "int32")
-                    cut_index = T.sblock_alloc_buffer((BQ,), "int32")
-                    idx = T.sblock_alloc_buffer((BQ, SLOTS), "int32")
-                    cnt = T.sblock_alloc_buffer((BQ,), "int32")
-                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
-                    l = T.sblock_alloc_buffer((BQ,), ACC)
-                    load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
-                    if spec.softcap is not None:  # S the capped scores, from here on
-                        S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
-                        scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                        cap_scores(S_raw, S, BQ, NK, BK, spec.softcap, 1.0)
-                    else:
-                        scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                    row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
-                    if not IS_TOPK:
-                        softmax_numerators(S, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
-                    if KEYS:
-                        for ri, c, lane in T.grid(BQ, SKVP // LANES, LANES):
-                            with T.sblock("keys"):
-                                r, vc, vl = T.axis.remap("SSS", [ri, c, lane])
-                                # Keys a row does not see (before its window) sort below every score.
-                                keys[r, vc * LANES + vl] = T.Select(vis.sees(vrt * BQ + r, vc * LANES + vl),
-                                                                    order_key(S[r, vc * LANES + vl]), INT32_MIN)
-                    for ri in range(BQ):
-                        with T.sblock("select"):
-                            r = T.axis.spatial(BQ, ri)
-                            T.where(vrt * BQ + ri < SQ)
+    def with_sink(sinks, h, row_sum, row_max):
+        """A row's sum of weights (relative to its max) with its sink's, e^(sink - max)."""
+        return row_sum if sinks is None else row_sum + softmax_exp(sinks[h] - row_max)
+
+    def mass_needed(sinks, h, row_sum, row_max):
+        """The weight the kept keys must hold: 1 - eps of the row's with the sink's, less the sink's own (<= 0: the
+        sink alone holds enough, and no key is kept)."""
+        if sinks is None:
+            return MASS * row_sum
+        return MASS * with_sink(sinks, h, row_sum, row_max) - softmax_exp(sinks[h] - row_max)
+
+    @T.macro
+    def body(q, k, v, sinks, out):
+        k_t = T.sblock_alloc_buffer((B, KVH, D, SKVP), ACC)
+        transpose_k(k, k_t, B, KVH, D, SKV, SKVP, ZERO)
+        for b, h, rt in T.grid(B, H, ceil_div(SQ, BQ)):
+            with T.sblock("tile"):
+                vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
+                q_tile = T.sblock_alloc_buffer((BQ, D), ACC)
+                S = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                max_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
+                row_max = T.sblock_alloc_buffer((BQ,), ACC)
+                sum_part = T.sblock_alloc_buffer((BQ, LANES), ACC)
+                E = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                row_sum = T.sblock_alloc_buffer((BQ,), ACC)
+                cut = T.sblock_alloc_buffer((BQ,), ACC)
+                keys = T.sblock_alloc_buffer((BQ, SKVP), "int32")
+                cut_key = T.sblock_alloc_buffer((BQ,), "int32")
+                cut_index = T.sblock_alloc_buffer((BQ,), "int32")
+                idx = T.sblock_alloc_buffer((BQ, SLOTS), "int32")
+                cnt = T.sblock_alloc_buffer((BQ,), "int32")
+                acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                l = T.sblock_alloc_buffer((BQ,), ACC)
+                load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
+                if spec.softcap is not None:  # S the capped scores, from here on
+                    S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
+                    cap_scores(S_raw, S, BQ, NK, BK, spec.softcap, 1.0)
+                else:
+                    scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
+                row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
+                if not IS_TOPK:
+                    softmax_numerators(S, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
+                if KEYS:
+                    for ri, c, lane in T.grid(BQ, SKVP // LANES, LANES):
+                        with T.sblock("keys"):
+                            r, vc, vl = T.axis.remap("SSS", [ri, c, lane])
+                            # Keys a row does not see (before its window) sort below every score.
+                            keys[r, vc * LANES + vl] = T.Select(vis.sees(vrt * BQ + r, vc * LANES + vl),
+                                                                order_key(S[r, vc * LANES + vl]), INT32_MIN)
+                for ri in range(BQ):
+                    with T.sblock("select"):
+                        r = T.axis.spatial(BQ, ri)
+                        T.where(vrt * BQ + ri < SQ)
+                        if sinks is None:
                             T.reads(keys[r, 0:SKVP], row_sum[r], E[r, 0:SKVP])
-                            T.writes(cut[r], cut_key[r], cut_index[r])
-                            lo = T.sblock_alloc_buffer((1,), "int32")
-                            hi = T.sblock_alloc_buffer((1,), "int64")
-                            mid = T.sblock_alloc_buffer((1,), "int32")
-                            count = T.sblock_alloc_buffer((1,), "int32")
-                            found = T.sblock_alloc_buffer((1,), "int32")
-                            part = T.sblock_alloc_buffer((LANES,), ACC)
-                            need = T.sblock_alloc_buffer((1,), ACC)
-                            above = T.sblock_alloc_buffer((1,), ACC)
-                            if not KEYS:
-                                cut[r] = T.min(TAU * row_sum[r], ONE)
-                            elif IS_MASS:
-                                # Bisection over the order keys, as for top-k, on the mass above the midpoint: each
-                                # pass is a masked sum over the whole (zero-weight padded) row in LANES partial sums,
-                                # which vectorizes. Invariant: the keys >= lo hold >= need, the keys >= hi less.
-                                need[0] = MASS * row_sum[r]
-                                lo[0] = T.int32(2**31 - 1)
-                                hi[0] = T.int64(-(2**31))
-                                for j in range(row_end(vrt * BQ + r)):
-                                    lo[0] = T.min(lo[0], keys[r, j])
-                                    hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
-                                while hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
-                                    mid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", lo[0]) + hi[0], T.int64(1)))
-                                    for lane in T.vectorized(LANES):
-                                        part[lane] = ZERO
-                                    for c in range(SKVP // LANES):
-                                        for lane in T.vectorized(LANES):
-                                            part[lane] = part[lane] + T.Select(
-                                                keys[r, c * LANES + lane] >= mid[0], E[r, c * LANES + lane], ZERO)
-                                    above[0] = ZERO
-                                    for lane in range(LANES):
-                                        above[0] = above[0] + part[lane]
-                                    if above[0] >= need[0]:
-                                        lo[0] = mid[0]
-                                    else:
-                                        hi[0] = T.Cast("int64", mid[0])
-                                cut_key[r] = lo[0]
+                        else:
+                            T.reads(keys[r, 0:SKVP], row_sum[r], row_max[r], E[r, 0:SKVP])
+                        T.writes(cut[r], cut_key[r], cut_index[r])
+                        lo = T.sblock_alloc_buffer((1,), "int32")
+                        hi = T.sblock_alloc_buffer((1,), "int64")
+                        mid = T.sblock_alloc_buffer((1,), "int32")
+                        count = T.sblock_alloc_buffer((1,), "int32")
+                        found = T.sblock_alloc_buffer((1,), "int32")
+                        part = T.sblock_alloc_buffer((LANES,), ACC)
+                        need = T.sblock_alloc_buffer((1,), ACC)
+                        above = T.sblock_alloc_buffer((1,), ACC)
+                        if not KEYS:
+                            cut[r] = T.min(TAU * with_sink(sinks, vh, row_sum[r], row_max[r]), ONE)
+                        elif IS_MASS:
+                            # Bisection over the order keys, as for top-k, on the mass above the midpoint: each
+                            # pass is a masked sum over the whole (zero-weight padded) row in LANES partial sums,
+                            # which vectorizes. Invariant: the keys >= lo hold >= need, the keys >= hi less.
+                            need[0] = mass_needed(sinks, vh, row_sum[r], row_max[r])
+                            lo[0] = T.int32(2**31 - 1)
+                            hi[0] = T.int64(-(2**31))
+                            for j in range(row_end(vrt * BQ + r)):
+                                lo[0] = T.min(lo[0], keys[r, j])
+                                hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
+                            while hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
+                                mid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", lo[0]) + hi[0], T.int64(1)))
                                 for lane in T.vectorized(LANES):
                                     part[lane] = ZERO
                                 for c in range(SKVP // LANES):
                                     for lane in T.vectorized(LANES):
                                         part[lane] = part[lane] + T.Select(
-                                            keys[r, c * LANES + lane] > cut_key[r], E[r, c * LANES + lane], ZERO)
+                                            keys[r, c * LANES + lane] >= mid[0], E[r, c * LANES + lane], ZERO)
                                 above[0] = ZERO
                                 for lane in range(LANES):
                                     above[0] = above[0] + part[lane]
-                                need[0] = need[0] - above[0]
-                                # Keys above the cut hold less than the mass needed; ties fill the rest by index.
-                                above[0] = ZERO
-                                cut_index[r] = -1
-                                for j in range(row_end(vrt * BQ + r)):
-                                    if above[0] < need[0] and keys[r, j] == cut_key[r]:
-                                        above[0] = above[0] + E[r, j]
-                                        cut_index[r] = j
-                            else:
-                                kk: T.let[T.int32] = T.min(TOP_K, vis.end(vrt * BQ + r) - vis.first(vrt * BQ + r))
-                                cut_key[r] = INT32_MIN
-                                cut_index[r] = SKV
-                                if kk < vis.end(vrt * BQ + r) - vis.first(vrt * BQ + r):
-                                    lo[0] = T.int32(2**31 - 1)
-                                    hi[0] = T.int64(-(2**31))
-                                    for j in range(row_end(vrt * BQ + r)):
-                                        lo[0] = T.min(lo[0], keys[r, j])
-                                        hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
-                                    # Invariant: at least kk keys are >= lo, fewer than kk are >= hi. (hi may be
-                                    # 2^31, hence int64; every midpoint fits int32, so the counting pass is int32.)
-                                    found[0] = 0
-                                    while found[0] == 0 and hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
-                                        mid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", lo[0]) + hi[0], T.int64(1)))
-                                        count[0] = 0
-                                        for j in range(row_end(vrt * BQ + r)):
-                                            count[0] = count[0] + T.Cast("int32", keys[r, j] >= mid[0])
-                                        if count[0] == kk:
-                                            found[0] = 1
-                                        if count[0] >= kk:
-                                            lo[0] = mid[0]
-                                        else:
-                                            hi[0] = T.Cast("int64", mid[0])
-                                    if found[0] == 1:
-                                        cut_key[r] = lo[0] - 1  # keep keys >= lo; lo > key_min >= INT32_MIN here
-                                        cut_index[r] = -1
-                                    else:
-                                        # lo is the k-th largest key and ties straddle the cut: the first ties fill
-                                        # what the keys above lo leave of the quota.
-                                        cut_key[r] = lo[0]
-                                        count[0] = 0
-                                        for j in range(row_end(vrt * BQ + r)):
-                                            count[0] = count[0] + T.Cast("int32", keys[r, j] > cut_key[r])
-                                        count[0] = kk - count[0]
-                                        cut_index[r] = -1
-                                        for j in range(row_end(vrt * BQ + r)):
-                                            if count[0] > 0 and keys[r, j] == cut_key[r]:
-                                                count[0] = count[0] - 1
-                                                cut_index[r] = j
-                    for ri in range(BQ):
-                        with T.sblock("compact"):
-                            r = T.axis.spatial(BQ, ri)
-                            T.where(vrt * BQ + ri < SQ)
-                            T.reads(keys[r, 0:SKVP], E[r, 0:SKVP], cut[r], cut_key[r], cut_index[r])
-                            T.writes(idx[r, 0:SLOTS], cnt[r])
-                            cnt[r] = 0
+                                if above[0] >= need[0]:
+                                    lo[0] = mid[0]
+                                else:
+                                    hi[0] = T.Cast("int64", mid[0])
+                            cut_key[r] = lo[0]
+                            for lane in T.vectorized(LANES):
+                                part[lane] = ZERO
+                            for c in range(SKVP // LANES):
+                                for lane in T.vectorized(LANES):
+                                    part[lane] = part[lane] + T.Select(
+                                        keys[r, c * LANES + lane] > cut_key[r], E[r, c * LANES + lane], ZERO)
+                            above[0] = ZERO
+                            for lane in range(LANES):
+                                above[0] = above[0] + part[lane]
+                            need[0] = need[0] - above[0]
+                            # Keys above the cut hold less than the mass needed; ties fill the rest by index.
+                            above[0] = ZERO
+                            cut_index[r] = -1
                             for j in range(row_end(vrt * BQ + r)):
-                                # Branchless: always write, advance only past kept keys (idx has a spare slot).
-                                idx[r, cnt[r]] = j
-                                if KEYS:
-                                    cnt[r] = cnt[r] + T.Cast(
-                                        "int32",
-                                        T.And(j >= vis.first(vrt * BQ + r), T.Or(
-                                            keys[r, j] > cut_key[r],
-                                            T.And(keys[r, j] == cut_key[r], j <= cut_index[r]),
-                                        )),
-                                    )
+                                if above[0] < need[0] and keys[r, j] == cut_key[r]:
+                                    above[0] = above[0] + E[r, j]
+                                    cut_index[r] = j
+                        else:
+                            kk: T.let[T.int32] = T.min(TOP_K, vis.end(vrt * BQ + r) - vis.first(vrt * BQ + r))
+                            cut_key[r] = INT32_MIN
+                            cut_index[r] = SKV
+                            if kk < vis.end(vrt * BQ + r) - vis.first(vrt * BQ + r):
+                                lo[0] = T.int32(2**31 - 1)
+                                hi[0] = T.int64(-(2**31))
+                                for j in range(row_end(vrt * BQ + r)):
+                                    lo[0] = T.min(lo[0], keys[r, j])
+                                    hi[0] = T.max(hi[0], T.Cast("int64", keys[r, j]) + T.int64(1))
+                                # Invariant: at least kk keys are >= lo, fewer than kk are >= hi. (hi may be
+                                # 2^31, hence int64; every midpoint fits int32, so the counting pass is int32.)
+                                found[0] = 0
+                                while found[0] == 0 and hi[0] - T.Cast("int64", lo[0]) > T.int64(1):
+                                    mid[0] = T.Cast("int32", T.shift_right(T.Cast("int64", lo[0]) + hi[0], T.int64(1)))
+                                    count[0] = 0
+                                    for j in range(row_end(vrt * BQ + r)):
+                                        count[0] = count[0] + T.Cast("int32", keys[r, j] >= mid[0])
+                                    if count[0] == kk:
+                                        found[0] = 1
+                                    if count[0] >= kk:
+                                        lo[0] = mid[0]
+                                    else:
+                                        hi[0] = T.Cast("int64", mid[0])
+                                if found[0] == 1:
+                                    cut_key[r] = lo[0] - 1  # keep keys >= lo; lo > key_min >= INT32_MIN here
+                                    cut_index[r] = -1
                                 else:
-                                    cnt[r] = cnt[r] + T.Cast("int32", E[r, j] >= cut[r])
-                    for ri in range(BQ):
-                        with T.sblock("pv"):
-                            r = T.axis.spatial(BQ, ri)
-                            T.where(vrt * BQ + ri < SQ)
-                            T.reads(cnt[r], idx[r, 0:SLOTS], S[r, 0:SKVP], E[r, 0:SKVP], row_max[r],
-                                    v[vb, vh // G, 0:SKV, 0:D])
-                            T.writes(acc[r, 0:D], l[r])
-                            w = T.sblock_alloc_buffer((1,), ACC)
-                            l[r] = ZERO
+                                    # lo is the k-th largest key and ties straddle the cut: the first ties fill
+                                    # what the keys above lo leave of the quota.
+                                    cut_key[r] = lo[0]
+                                    count[0] = 0
+                                    for j in range(row_end(vrt * BQ + r)):
+                                        count[0] = count[0] + T.Cast("int32", keys[r, j] > cut_key[r])
+                                    count[0] = kk - count[0]
+                                    cut_index[r] = -1
+                                    for j in range(row_end(vrt * BQ + r)):
+                                        if count[0] > 0 and keys[r, j] == cut_key[r]:
+                                            count[0] = count[0] - 1
+                                            cut_index[r] = j
+                for ri in range(BQ):
+                    with T.sblock("compact"):
+                        r = T.axis.spatial(BQ, ri)
+                        T.where(vrt * BQ + ri < SQ)
+                        T.reads(keys[r, 0:SKVP], E[r, 0:SKVP], cut[r], cut_key[r], cut_index[r])
+                        T.writes(idx[r, 0:SLOTS], cnt[r])
+                        cnt[r] = 0
+                        for j in range(row_end(vrt * BQ + r)):
+                            # Branchless: always write, advance only past kept keys (idx has a spare slot).
+                            idx[r, cnt[r]] = j
+                            if KEYS:
+                                cnt[r] = cnt[r] + T.Cast(
+                                    "int32",
+                                    T.And(j >= vis.first(vrt * BQ + r), T.Or(
+                                        keys[r, j] > cut_key[r],
+                                        T.And(keys[r, j] == cut_key[r], j <= cut_index[r]),
+                                    )),
+                                )
+                            else:
+                                cnt[r] = cnt[r] + T.Cast("int32", E[r, j] >= cut[r])
+                for ri in range(BQ):
+                    with T.sblock("pv"):
+                        r = T.axis.spatial(BQ, ri)
+                        T.where(vrt * BQ + ri < SQ)
+                        T.reads(cnt[r], idx[r, 0:SLOTS], S[r, 0:SKVP], E[r, 0:SKVP], row_max[r],
+                                v[vb, vh // G, 0:SKV, 0:D])
+                        T.writes(acc[r, 0:D], l[r])
+                        w = T.sblock_alloc_buffer((1,), ACC)
+                        l[r] = ZERO
+                        for d in range(D):
+                            acc[r, d] = ZERO
+                        for c in range(cnt[r]):
+                            if IS_TOPK:
+                                w[0] = softmax_exp(S[r, idx[r, c]] - row_max[r])
+                            else:
+                                w[0] = E[r, idx[r, c]]
+                            l[r] = l[r] + w[0]
                             for d in range(D):
-                                acc[r, d] = ZERO
-                            for c in range(cnt[r]):
-                                if IS_TOPK:
-                                    w[0] = softmax_exp(S[r, idx[r, c]] - row_max[r])
-                                else:
-                                    w[0] = E[r, idx[r, c]]
-                                l[r] = l[r] + w[0]
-                                for d in range(D):
-                                    acc[r, d] = acc[r, d] + w[0] * widen(v[vb, vh // G, idx[r, c], d])
-                    for ri, d in T.grid(BQ, D):
-                        with T.sblock("out"):
-                            r, dd = T.axis.remap("SS", [ri, d])
-                            T.where(vrt * BQ + ri < SQ)
-                            out[vb, vh, vrt * BQ + r, dd] = row_output(acc[r, dd], l[r], row_max[r], dtype)
+                                acc[r, d] = acc[r, d] + w[0] * widen(v[vb, vh // G, idx[r, c], d])
+                for ri, d in T.grid(BQ, D):
+                    with T.sblock("out"):
+                        r, dd = T.axis.remap("SS", [ri, d])
+                        T.where(vrt * BQ + ri < SQ)
+                        out[vb, vh, vrt * BQ + r, dd] = row_output(acc[r, dd], l[r], row_max[r], dtype,
+                                                                   sink_logit(sinks, vh))
 
-    return pruned
+    return bhsd_kernel(body, spec, B, SQ, SKV)
 
 
 def compute_decode(spec: KernelSpec):
