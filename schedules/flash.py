@@ -36,7 +36,7 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     vectorize_last(sch, "p", lanes)
-    if has_block(sch, "softcap"):
-        vectorize_last(sch, "softcap", lanes)
+    if has_block(sch, "score_terms"):
+        vectorize_last(sch, "score_terms", lanes)
     for name in ("q_tile", "init_acc", "out"):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])

@@ -16,6 +16,6 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("k_t"))[:3]))
     register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes, limit=limit)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("tile"))}
-    for name in ("row_max_part", "row_sum_part", "exp", "keys", "q_tile", "out", "softcap"):
+    for name in ("row_max_part", "row_sum_part", "exp", "keys", "q_tile", "out", "score_terms"):
         if name in names:
             vectorize_last(sch, name, lanes)

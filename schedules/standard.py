@@ -18,5 +18,5 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=limit)
     for name in ("row_max_part", "row_sum_part", "exp", "q_tile", "init_acc", "out"):
         vectorize_last(sch, name, lanes)
-    if has_block(sch, "softcap"):
-        vectorize_last(sch, "softcap", lanes)
+    if has_block(sch, "score_terms"):
+        vectorize_last(sch, "score_terms", lanes)

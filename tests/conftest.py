@@ -26,6 +26,15 @@ KNOBS = {
 }
 
 
+# The shapes of the attention-feature tests (sinks, ALiBi): (heads, kv_heads, seq_q, seq_kv, head_dim, causal, window,
+# dtype): awkward lengths, GQA, not causal, a window, more queries than keys (rows that see no key output 0), decode
+# (1 and 3 rows), 16-bit inputs (bfloat16 in pair products on hosts with them).
+FEATURE_SHAPES = [(4, 2, 70, 130, 40, True, None, "float32"), (6, 2, 33, 33, 64, False, None, "float32"),
+                  (4, 2, 3, 300, 64, True, 100, "float32"), (4, 4, 1, 257, 48, True, None, "float32"),
+                  (4, 2, 40, 25, 32, True, None, "float32"), (4, 2, 50, 50, 64, True, None, "bfloat16"),
+                  (4, 2, 1, 600, 64, True, None, "bfloat16"), (4, 2, 2, 90, 32, True, None, "float16")]
+
+
 def knobs_for(variant: str) -> list[dict]:
     return KNOBS.get(variant, [{}])
 

@@ -33,7 +33,8 @@ def fill(cache, rng, lengths, chunk=7):
     return seqs
 
 
-def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, softcap=None, sinks=None):
+def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, softcap=None, sinks=None,
+          alibi_slopes=None):
     """Each sequence's rows of ``out`` against the float64 reference over that sequence alone."""
     heads = q.shape[1]
     start = 0
@@ -41,7 +42,8 @@ def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, 
         k, v = cache.gather(seq)
         spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=cache.kv_heads, seq_q=n, seq_kv=k.shape[1],
                                       head_dim=cache.head_dim, causal=causal, window=window, scale=scale,
-                                      dtype=cache.dtype, softcap=softcap, sinks=sinks is not None)
+                                      dtype=cache.dtype, softcap=softcap, sinks=sinks is not None,
+                                      alibi_slopes=alibi_slopes)
         rows = slice(start, start + n)
         as_bhsd = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
         assert_matches_reference("flash", spec, as_bhsd(out[rows]), as_bhsd(q[rows]), k[None], v[None], sinks=sinks)
@@ -123,6 +125,18 @@ def test_sinks():
     check(cache, cache.attend(q, seqs, counts, window=30, sinks=sinks), q, seqs, counts, window=30, sinks=sinks)
     with pytest.raises(ValueError, match=r"sinks must have shape \(heads,\) = \(4,\)"):
         cache.attend(q, seqs, counts, sinks=sinks[:2])
+
+
+def test_alibi():
+    """ALiBi slopes with softcap: each sequence's distances are its own (rows are its newest positions)."""
+    rng = np.random.default_rng(7)
+    cache = tvm_attn.PagedKVCache(num_pages=16, page_size=16, kv_heads=2, head_dim=32)
+    seqs = fill(cache, rng, [70, 9, 40])
+    counts = [1, 3, 2]
+    q = 2 * _rows(rng, 6, 4, 32, "float32")
+    slopes = 2.0 ** (-8.0 * np.arange(1, 5) / 4)
+    out = cache.attend(q, seqs, counts, softcap=3.0, alibi_slopes=slopes)
+    check(cache, out, q, seqs, counts, softcap=3.0, alibi_slopes=slopes)
 
 
 def test_fork_shares_full_pages_and_copies_the_partial_one():

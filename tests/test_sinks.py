@@ -12,16 +12,9 @@ import pytest
 
 import tvm_attn
 import tvm_attn.kernel
-from conftest import assert_matches_reference, knobs_for, make_inputs
+from conftest import FEATURE_SHAPES as SHAPES, assert_matches_reference, knobs_for, make_inputs
 from tvm_attn import export, runtime
 
-# (heads, kv_heads, seq_q, seq_kv, head_dim, causal, window, dtype): awkward lengths, GQA, a window, more queries
-# than keys (rows that see no key output 0), decode (1 and 3 rows), 16-bit inputs (bfloat16 in pair products on
-# hosts with them)
-SHAPES = [(4, 2, 70, 130, 40, True, None, "float32"), (6, 2, 33, 33, 64, False, None, "float32"),
-          (4, 2, 3, 300, 64, True, 100, "float32"), (4, 4, 1, 257, 48, True, None, "float32"),
-          (4, 2, 40, 25, 32, True, None, "float32"), (4, 2, 50, 50, 64, True, None, "bfloat16"),
-          (4, 2, 1, 600, 64, True, None, "bfloat16"), (4, 2, 2, 90, 32, True, None, "float16")]
 CASES = [("flash", shape) for shape in SHAPES] + [("standard", SHAPES[0]), ("standard", SHAPES[4]),
                                                   ("mqa", SHAPES[1]), ("mqa", SHAPES[5])]
 

@@ -30,11 +30,12 @@ import numbers
 import numpy as np
 
 from . import quantized_kv
-from .kernel import (SCHEDULES, Kernel, as_kernel_argument, build, build_shadow, checked_out, first_visible_key,
-                     host_array)
+from .kernel import (SCHEDULES, Kernel, adds_terms, as_kernel_argument, build, build_shadow, checked_out,
+                     first_visible_key, host_array, slopes_argument)
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .shadow import ShadowKeys
 from .spec import DTYPE, DTYPES, KNOBS, KV_DTYPES, AttentionSpec, array_dtype, positive_int
+from .spec import alibi_slopes as alibi_slopes_of
 from .variants import get_variant, path_for
 
 ALIGNMENT = 64
@@ -206,14 +207,14 @@ class KVCache:
 
     def attend(self, q, variant: str = "flash", causal: bool = True, scale: float | None = None,
                window: int | None = None, schedule: str = "best", out=None, attention_mask=None, sinks=None,
-               **knob) -> np.ndarray:
+               alibi_slopes=None, **knob) -> np.ndarray:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
         variant's pruning knob (threshold=, top_k= or eps=) and softcap= (AttentionSpec.softcap).
         ``attention_mask`` (batch, length) of 0 and 1 (numpy or torch) pads a batch of sequences of different
         lengths: each row's ones are one run (padding on the left, the right or both), its other positions are
-        neither keys nor queries (their rows of the output are 0). ``sinks``: one logit per query head (the dense
-        variants; ``tvm_attn.attention``).
+        neither keys nor queries (their rows of the output are 0). ``sinks``: one logit per query head;
+        ``alibi_slopes``: one ALiBi slope per query head (``tvm_attn.attention``'s).
         Returns a new array (a torch tensor when q is one), or fills ``out``."""
         like = q
         q = cache_array("q", q, self.input_dtype)
@@ -230,6 +231,8 @@ class KVCache:
             raise ValueError(f"n_q={n_q} query positions but the cache holds {self._length}: with causal=True the "
                              f"queries must be the newest cached positions (append their keys first)")
         knob = {**knob, "sinks": sinks is not None}
+        if alibi_slopes is not None:  # (as a tuple: kernels are cached on the knobs)
+            knob["alibi_slopes"] = alibi_slopes_of(slopes_argument(alibi_slopes), heads)
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
         logits = kernel.sink_logits(sinks)
         out, result = checked_out(out, q.shape, self.input_dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
@@ -318,7 +321,7 @@ class KVCache:
         key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:
-            unknown = set(knob) - set(KNOBS) - {"softcap", "sinks"}
+            unknown = set(knob) - set(KNOBS) - {"softcap", "sinks", "alibi_slopes"}
             if unknown:
                 raise TypeError(f"attend() got unexpected keyword arguments {sorted(unknown)}: the pruning knobs "
                                 f"are {', '.join(KNOBS)}, and softcap")
@@ -337,10 +340,10 @@ class KVCache:
             # The shadow's kernel serves every call of a variant the shadow defines (bounded), and decode calls of
             # the others that have one (top-k, threshold: exact, reading fewer rows); their prefill-sized calls, and
             # calls on a cache made with shadow=False, take their own kernels.
-            # (Softcapped decode calls of top-k and threshold, and those with sinks, take their plain decode kernels:
-            # the shadow's kernels take neither yet.)
+            # (Decode calls of top-k and threshold with softcap or sinks take their plain decode kernels: the
+            # shadow's kernels take neither yet.)
             shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or (
-                path_for(n_q) == "decode" and spec.softcap is None and not spec.sinks))
+                path_for(n_q) == "decode" and not adds_terms(spec)))
             if shadowed and not self._shadow_allowed:
                 if v.blocks_from_key0:
                     why = f"an {self.dtype} cache has none" if self.integer else "this cache was made with shadow=False"

@@ -253,6 +253,8 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
             **({"softcap": spec.softcap} if spec.softcap is not None else {}),  # scores s -> softcap tanh(s / softcap)
             # one logit per query head joining each row's softmax denominator (the "sinks" argument)
             **({"sinks": True} if spec.sinks else {}),
+            # one slope per query head, compiled in: score -= slope * (query position - key position)
+            **({"alibi_slopes": list(spec.alibi_slopes)} if spec.alibi_slopes is not None else {}),
         },
         "target": {"key": target_key(t), "tvm_target": json.loads(str(t)),
                    **_platform(t, matrix_unit=scheduled.schedule == "sme")},

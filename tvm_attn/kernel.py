@@ -54,7 +54,7 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
             return (_blas_scheduled if schedule == "blas" else _sme_scheduled)(variant, spec, target)
         schedule = "best"
     if (schedule == "best" and blas_allowed and path == "prefill" and variant.blas_compute is not None
-            and spec.softcap is None and not spec.sinks and tuning.blas_measured_faster(variant, spec, target)):
+            and not adds_terms(spec) and tuning.blas_measured_faster(variant, spec, target)):
         try:
             return _blas_scheduled(variant, spec, target)
         except ValueError:  # no BLAS for this target here: the TensorIR schedule
@@ -109,13 +109,20 @@ def _sme_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     return Scheduled(sch.mod, "sme")
 
 
+def adds_terms(spec: AttentionSpec) -> bool:
+    """Whether ``spec`` asks for softcapping, sinks or ALiBi."""
+    return spec.softcap is not None or spec.sinks or spec.alibi_slopes is not None
+
+
 def refuse_features(spec: AttentionSpec, what: str, instead: str = "use schedule='best' or 'hand'") -> None:
-    """ValueError when ``spec`` asks for softcapping or sinks, which ``what`` does not do yet (``instead``: what
-    to do)."""
+    """ValueError when ``spec`` asks for softcapping, sinks or ALiBi, which ``what`` does not do yet (``instead``:
+    what to do)."""
     if spec.softcap is not None:
         raise ValueError(f"{what} does not apply softcap={spec.softcap!r} yet: {instead}")
     if spec.sinks:
         raise ValueError(f"{what} does not take sinks yet: {instead}")
+    if spec.alibi_slopes is not None:
+        raise ValueError(f"{what} does not add ALiBi biases yet: {instead}")
 
 
 def _passes_in_place(x: np.ndarray) -> bool:
@@ -149,6 +156,11 @@ def torch_argument(name: str, x):
                             f"torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
         x = x.detach()
     return x
+
+
+def slopes_argument(slopes):
+    """ALiBi slopes as AttentionSpec takes them: a torch tensor as numpy (None stays None)."""
+    return None if slopes is None else host_array("alibi_slopes", slopes)
 
 
 def host_array(name: str, x):
@@ -212,7 +224,9 @@ class Kernel:
         """The spec of a call with q, k, v; ValueError/TypeError when this kernel cannot serve it."""
         ks = self.kernel_spec
         spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale,
-                                         softcap=ks.softcap, sinks=ks.sinks, **ks.knobs())
+                                         softcap=ks.softcap, sinks=ks.sinks, **ks.knobs(),
+                                         # (other heads: the mismatch is said below)
+                                         alibi_slopes=ks.alibi_slopes if q.shape[1] == ks.heads else None)
         if spec.dtype != ks.dtype:
             raise TypeError(f"q, k and v are {spec.dtype}; this kernel was built for {ks.dtype}")
         if spec.kernel != ks:
@@ -317,7 +331,7 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
                          dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, softcap=kspec.softcap, sinks=kspec.sinks,
-                         **kspec.knobs())
+                         alibi_slopes=kspec.alibi_slopes, **kspec.knobs())
 
 
 def compile_counted(mod: tvm.IRModule, target) -> object:

@@ -34,6 +34,7 @@ from .kernel import as_kernel_argument, checked_out, compile_counted, host_array
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .schedules import paged as paged_schedule
 from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, positive_int, sink_logits
+from .spec import alibi_slopes as alibi_slopes_of
 from .targets import resolve_target
 from .variants import DECODE_MAX_ROWS, paged
 from .variants.decode import DecodeConfig
@@ -214,12 +215,12 @@ class PagedKVCache:
 
     # -- attention -----------------------------------------------------------------------------------------------
     def attend(self, q, seqs, query_counts, causal: bool = True, scale: float | None = None,
-               window: int | None = None, out=None, softcap: float | None = None, sinks=None):
+               window: int | None = None, out=None, softcap: float | None = None, sinks=None, alibi_slopes=None):
         """Dense attention of a ragged batch: q (rows, heads, head_dim) holds query_counts[0] rows of seqs[0], then
         query_counts[1] rows of seqs[1], ...; each sequence's rows are its newest positions (their keys appended
         already), attending to its own cached positions (causal masks align bottom-right per sequence; ``softcap``
-        as AttentionSpec's; ``sinks``: one logit per query head, as ``tvm_attn.attention``'s). Returns (rows, heads,
-        head_dim) (a torch tensor when q is one) or fills ``out``."""
+        as AttentionSpec's; ``sinks``, ``alibi_slopes``: one logit, one slope per query head, as
+        ``tvm_attn.attention``'s). Returns (rows, heads, head_dim) (a torch tensor when q is one) or fills ``out``."""
         like = q
         q = cache_array("q", q, self.dtype, ("rows", "heads", "head_dim"))
         rows, heads, d = q.shape
@@ -242,7 +243,8 @@ class PagedKVCache:
                                  f"causal=True its rows are its newest positions (append their keys first)")
         if sum(counts) != rows:
             raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
-        function = self._kernel(heads, causal, scale, window, softcap, sinks is not None)
+        slopes = None if alibi_slopes is None else alibi_slopes_of(host_array("alibi_slopes", alibi_slopes), heads)
+        function = self._kernel(heads, causal, scale, window, softcap, sinks is not None, slopes)
         logits = () if sinks is None else (sink_logits(host_array("sinks", sinks), heads),)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
@@ -269,12 +271,12 @@ class PagedKVCache:
             self._scratch[heads] = (o, m, l)
         return o[:rows], m[:rows], l[:rows]
 
-    def _kernel(self, heads, causal, scale, window, softcap, sinks):
-        key = (heads, causal, scale, window, softcap, sinks)
+    def _kernel(self, heads, causal, scale, window, softcap, sinks, alibi_slopes):
+        key = (heads, causal, scale, window, softcap, sinks, alibi_slopes)
         if key not in self._kernels:
             spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
                                  head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype,
-                                 softcap=softcap, sinks=sinks)
+                                 softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
             self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config)["main"]
         return self._kernels[key]
 

@@ -27,11 +27,17 @@ from .spec import AttentionSpec
 
 def scores(spec: AttentionSpec, q, k) -> np.ndarray:
     """scale * q k^T in float64, shape (batch, heads, seq_q, seq_kv), KV heads broadcast over their group; with
-    ``spec.softcap``, softcap * tanh(that / softcap) (+-Inf scores become +-softcap)."""
+    ``spec.softcap``, softcap * tanh(that / softcap) (+-Inf scores become +-softcap); with ``spec.alibi_slopes``,
+    then minus each head's slope times the query's position (i + seq_kv - seq_q) minus the key's."""
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.repeat(np.asarray(k, dtype=np.float64), spec.group_size, axis=1)
     s = spec.scale * (q64 @ k64.swapaxes(-1, -2))
-    return s if spec.softcap is None else spec.softcap * np.tanh(s / spec.softcap)
+    if spec.softcap is not None:
+        s = spec.softcap * np.tanh(s / spec.softcap)
+    if spec.alibi_slopes is not None:
+        distance = np.arange(spec.seq_q)[:, None] + spec.causal_offset - np.arange(spec.seq_kv)[None, :]
+        s = s - np.asarray(spec.alibi_slopes, np.float64)[:, None, None] * distance
+    return s
 
 
 def visible_mask(spec: AttentionSpec) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import numbers
 
@@ -31,8 +32,12 @@ class AttentionSpec:
     variant's, and are None elsewhere. ``dtype`` (one of DTYPES) is that of q, k, v and the output; computation is
     float32 for every dtype. ``kv_dtype`` "int8": K and V are int8 codes with a float32 scale per row (an integer
     KVCache's, ``tvm_attn.quantized_kv``). ``softcap`` (logit softcapping, Gemma 2): each score s = scale q.k
-    becomes softcap * tanh(s / softcap) before the mask and the softmax. A compiled kernel serves every batch, seq_q
-    and seq_kv of its ``kernel``.
+    becomes softcap * tanh(s / softcap) before the mask and the softmax. ``sinks`` (gpt-oss' learned attention
+    sinks): the call passes one logit per query head, which joins each row's softmax denominator as a key that has no
+    value (the logits are a run-time argument, ``sink_logits``). ``alibi_slopes`` (ALiBi: BLOOM, MPT): one slope per
+    query head (any sequence of floats, kept as float32-rounded floats); each score of query i and key j, after
+    softcapping, gains -slope * (i + seq_kv - seq_q - j), the slope times the distance from the query's position
+    back to the key. A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
     """
 
     batch: int = 2
@@ -51,6 +56,7 @@ class AttentionSpec:
     kv_dtype: str | None = None
     softcap: float | None = None
     sinks: bool = False
+    alibi_slopes: tuple | None = None
 
     def __post_init__(self):
         # Fill the derived defaults so equal specs hash equal (kernels are cached on the spec).
@@ -97,6 +103,8 @@ class AttentionSpec:
         if not isinstance(self.sinks, (bool, np.bool_)):
             raise TypeError(f"sinks must be a bool (whether the call passes sink logits), got {self.sinks!r}")
         object.__setattr__(self, "sinks", bool(self.sinks))
+        if self.alibi_slopes is not None:
+            object.__setattr__(self, "alibi_slopes", alibi_slopes(self.alibi_slopes, self.heads))
         given = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
         if len(given) > 1:
             raise ValueError(f"give at most one pruning knob, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
@@ -121,7 +129,8 @@ class AttentionSpec:
     def kernel(self) -> "KernelSpec":
         """What a compiled kernel is specialized for: everything but batch, seq_q and seq_kv."""
         return KernelSpec(self.heads, self.kv_heads, self.head_dim, self.causal, self.window, self.scale,
-                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype, self.softcap, self.sinks)
+                          self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype, self.softcap, self.sinks,
+                          self.alibi_slopes)
 
     def knobs(self) -> dict:
         """The pruning knob that is set, as {name: value} (empty for dense variants)."""
@@ -187,6 +196,8 @@ class AttentionSpec:
             parts.append(f"cap{self.softcap:g}")
         if self.sinks:
             parts.append("sinks")
+        if self.alibi_slopes is not None:
+            parts.append(alibi_tag(self.alibi_slopes))
         return "_".join(parts)
 
     @classmethod
@@ -236,6 +247,29 @@ def _dtype_name(dtype) -> str:
         return np.dtype(dtype).name
     except TypeError:
         return str(dtype)
+
+
+def alibi_slopes(slopes, heads: int) -> tuple[float, ...]:
+    """``slopes`` (a sequence or array of floats, one per query head) as a spec keeps them: a tuple of heads
+    float32-rounded finite floats; TypeError/ValueError naming what is wrong."""
+    if isinstance(slopes, (str, bytes)) or not hasattr(slopes, "__len__"):
+        raise TypeError(f"alibi_slopes must be a sequence or array of {heads} floats, got {type(slopes).__name__}")
+    try:
+        array = np.asarray(slopes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"alibi_slopes must hold floats, got {slopes!r}") from None
+    if array.shape != (heads,):
+        raise ValueError(f"alibi_slopes must have shape (heads,) = ({heads},), one slope per query head, got "
+                         f"{array.shape}")
+    if not np.isfinite(array).all():
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise ValueError(f"alibi_slopes must be finite, got {array[bad]!r} for head {bad}")
+    return tuple(float(x) for x in array.astype(np.float32))
+
+
+def alibi_tag(slopes: tuple) -> str:
+    """The kernel-name part of a set of ALiBi slopes: alibi and a digest of them."""
+    return "alibi" + hashlib.sha256(np.asarray(slopes, np.float32).tobytes()).hexdigest()[:8]
 
 
 def sink_logits(sinks, heads: int) -> np.ndarray:
@@ -291,6 +325,7 @@ class KernelSpec:
     kv_dtype: str | None = None
     softcap: float | None = None
     sinks: bool = False  # the kernel takes a (heads,) float32 argument of sink logits before out
+    alibi_slopes: tuple | None = None  # float32-rounded, one per query head (compile-time constants)
 
     @property
     def group_size(self) -> int:
@@ -318,4 +353,6 @@ class KernelSpec:
             parts.append(f"cap{self.softcap:g}")
         if self.sinks:
             parts.append("sinks")
+        if self.alibi_slopes is not None:
+            parts.append(alibi_tag(self.alibi_slopes))
         return "_".join(parts)

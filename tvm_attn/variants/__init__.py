@@ -74,6 +74,8 @@ class Variant:
     softcap: bool = False
     # Whether the kernels of compute and decode_compute take sink logits (AttentionSpec.sinks).
     sinks: bool = False
+    # Whether the kernels of compute and decode_compute add ALiBi biases (AttentionSpec.alibi_slopes).
+    alibi: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -119,10 +121,13 @@ class Variant:
 
     def check(self, spec: AttentionSpec) -> None:
         """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs, or asks
-        for softcapping or sinks the variant does not do."""
+        for softcapping, sinks or ALiBi the variant does not do."""
         if spec.softcap is not None and not self.softcap:
             raise ValueError(f"softcap={spec.softcap!r}: variant {self.name!r} does not apply logit softcapping "
                              f"(the variants that do: {', '.join(v.name for v in VARIANTS.values() if v.softcap)})")
+        if spec.alibi_slopes is not None and not self.alibi:
+            raise ValueError(f"alibi_slopes: variant {self.name!r} does not add ALiBi biases yet (the variants that "
+                             f"do: {', '.join(v.name for v in VARIANTS.values() if v.alibi)})")
         if spec.sinks and not self.sinks:
             raise ValueError(f"sinks: variant {self.name!r} does not take attention sinks yet (the variants that do: "
                              f"{', '.join(v.name for v in VARIANTS.values() if v.sinks)})")
@@ -186,9 +191,10 @@ def _on_scores(keep):
 DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
              float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
              blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
-             sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True, sinks=True)
+             sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True, sinks=True,
+             alibi=True)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True,
-                     sinks=True)
+                     sinks=True, alibi=True)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.
 SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)

@@ -56,14 +56,46 @@ def softcapped(s, cap: float):
     return T.Select(T.isnan(s), s, tanh * T.float32(cap))
 
 
+def constant_of(values: tuple, i, first: int = 0):
+    """values[i - first] for a run-time index i, as a tree of selects over float32 constants (no memory access; i
+    past the end gives the last value)."""
+    if len(values) == 1:
+        return T.float32(values[0])
+    half = len(values) // 2
+    return T.Select(i < first + half, constant_of(values[:half], i, first), constant_of(values[half:], i, first + half))
+
+
+def adjusted(kspec: KernelSpec, s, head, distance, prescale: float = 1.0):
+    """Score s as the softmax takes it: times ``prescale`` (the scale of scores computed unscaled, else 1),
+    softcapped where kspec.softcap is set, then minus kspec's ALiBi slope of query ``head`` times ``distance`` (the
+    query's position minus the key's, an int) where kspec.alibi_slopes is set."""
+    x = s * T.float32(prescale) if prescale != 1.0 else s
+    if kspec.softcap is not None:
+        x = softcapped(x, kspec.softcap)
+    if kspec.alibi_slopes is not None:
+        x = x - constant_of(kspec.alibi_slopes, head) * T.Cast(ACC, distance)
+    return x
+
+
+def adjusts_scores(kspec: KernelSpec) -> bool:
+    """Whether kspec's scores take terms before the softmax (softcap, ALiBi): the computes then add a block
+    "score_terms" writing the adjusted scores to a buffer of their own."""
+    return kspec.softcap is not None or kspec.alibi_slopes is not None
+
+
+def row_score_terms(kspec: KernelSpec, head, row0, seq_q, seq_kv):
+    """(r, j, s) -> score s of query row0 + r (of query ``head``) against key j, adjusted (``adjusted``; rows past
+    seq_q count as its last)."""
+    return lambda r, j, s: adjusted(kspec, s, head, T.min(row0 + r, seq_q - 1) + seq_kv - seq_q - j)
+
+
 @T.macro
-def cap_scores(S, capped, rows, tiles, block_kv, cap, prescale):
-    """capped = softcapped(prescale S) (block "softcap") for rows x (tiles x block_kv) scores (``prescale``: the
-    scale of scores computed unscaled, else 1)."""
+def adjust_scores(S, adjusted_scores, rows, tiles, block_kv, adjust):
+    """adjusted_scores = adjust(r, key, S[r, key]) (block "score_terms") for rows x (tiles x block_kv) scores."""
     for ri, t, jj in T.grid(rows, tiles, block_kv):
-        with T.sblock("softcap"):
+        with T.sblock("score_terms"):
             r, vt, j = T.axis.remap("SSS", [ri, t, jj])
-            capped[r, vt * block_kv + j] = softcapped(S[r, vt * block_kv + j] * T.float32(prescale), cap)
+            adjusted_scores[r, vt * block_kv + j] = adjust(r, vt * block_kv + j, S[r, vt * block_kv + j])
 
 
 def poisoned(x):
@@ -454,8 +486,8 @@ LANE_SUM_LANES = 16  # the partial sums of a dot product that sum_lanes adds up
 
 @T.macro
 def sum_lanes(part, half8, half4, half2, S, rows, keys, score):
-    """S[r, j] = score(the sum of part[r, j, 0:16]), the 16 partial sums of a dot product added pairwise (a tree:
-    LLVM will not reorder a float sum) through half8, half4 and half2."""
+    """S[r, j] = score(the sum of part[r, j, 0:16], r, j), the 16 partial sums of a dot product added pairwise (a
+    tree: LLVM will not reorder a float sum) through half8, half4 and half2."""
     for g, jj, lane in T.grid(rows, keys, 8):
         with T.sblock("qk_half8"):
             vg, j, vl = T.axis.remap("SSS", [g, jj, lane])
@@ -471,7 +503,7 @@ def sum_lanes(part, half8, half4, half2, S, rows, keys, score):
     for g, jj in T.grid(rows, keys):
         with T.sblock("qk"):
             vg, j = T.axis.remap("SS", [g, jj])
-            S[vg, j] = score(half2[vg, j, 0] + half2[vg, j, 1])
+            S[vg, j] = score(half2[vg, j, 0] + half2[vg, j, 1], vg, j)
 
 
 def macro_state(wrapper):
@@ -485,7 +517,7 @@ def macro_state(wrapper):
 MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
                                          online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
                                          load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes,
-                                         weighted_values, value_weights, cap_scores))
+                                         weighted_values, value_weights, adjust_scores))
 
 
 def fresh_block_names() -> None:

@@ -48,9 +48,9 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..quantized_kv import KEY_BLOCK
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, Visibility, bhsd, bhsd_kernel, bits_of, ceil_div,
+from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, Visibility, adjusted, bhsd, bhsd_kernel, bits_of, ceil_div,
                      fresh_block_names, init_online_softmax, online_softmax_tile, poisoned, row_output, row_scales,
-                     run_time_sizes, sink_argument, sink_logit, softcapped, softmax_weights, sum_lanes, update_output,
+                     run_time_sizes, sink_argument, sink_logit, softmax_weights, sum_lanes, update_output,
                      value_weights, weighted_values, widen)
 
 
@@ -139,12 +139,14 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
         """A score from its dot product: 16-bit products take q unscaled (exact)."""
         return dot * T.float32(kspec.scale) if q_exact else dot
 
-    def capped(s):
-        """A score as the softmax takes it: softcapped where kspec.softcap is set."""
-        return s if kspec.softcap is None else softcapped(s, kspec.softcap)
+    def score_terms(kh, i, t):
+        """(s, g, j) -> score s of row g (query head kh * G + g, query i) against key j of tile t as the softmax
+        takes it (common.adjusted)."""
+        return lambda s, g, j: adjusted(kspec, s, kh * G + g, i + SKV - SQ - (t * BK + j))
 
-    def capped_score(dot):
-        return capped(score(dot))
+    def adjusted_dot(kh, i, t):
+        """(dot, g, j) -> the score of a dot product, adjusted."""
+        return lambda dot, g, j: score_terms(kh, i, t)(score(dot), g, j)
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
@@ -350,8 +352,9 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                     for g, jj in T.grid(G, BK):
                                         with T.sblock("qk_scale"):
                                             vg, j = T.axis.remap("SS", [g, jj])
-                                            S[vg, j] = capped(digit_sum(code_dots, vg, j) * step_of(q_peak[vg]) *
-                                                              key_scale(k_scale, vb, vkh, vt)(j))
+                                            S[vg, j] = score_terms(vkh, vi, vt)(
+                                                digit_sum(code_dots, vg, j) * step_of(q_peak[vg]) *
+                                                key_scale(k_scale, vb, vkh, vt)(j), vg, j)
                                 elif quantized:  # codes in blocks of keys: q . k for a vector of keys at once
                                     for g, jj, d in T.grid(G, BK, D):
                                         with T.sblock("qk_codes"):
@@ -364,7 +367,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                     for g, jj in T.grid(G, BK):
                                         with T.sblock("qk_scale"):
                                             vg, j = T.axis.remap("SS", [g, jj])
-                                            S[vg, j] = capped(code_dots[vg, j] * key_scale(k_scale, vb, vkh, vt)(j))
+                                            S[vg, j] = score_terms(vkh, vi, vt)(
+                                                code_dots[vg, j] * key_scale(k_scale, vb, vkh, vt)(j), vg, j)
                                 elif pairs:
                                     for g, jj, c, lane, t2 in T.grid(G, BK, DP // STEP, LANES, 2):
                                         with T.sblock("qk_part"):
@@ -393,7 +397,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                             part[vg, j, vl] = part[vg, j, vl] + q_rows[vg, vc * LANES + vl] * \
                                                 widen(k[vb, vkh, T.min(vt * BK + j, SKV - 1), dim(vc * LANES + vl)])
                                 if not quantized:
-                                    sum_lanes(part, half8, half4, half2, S, G, BK, capped_score)
+                                    sum_lanes(part, half8, half4, half2, S, G, BK, adjusted_dot(vkh, vi, vt))
                                 if byte_values_too:  # but in the tile reaching past seq_kv: V widened
                                     softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi, query_sees,
                                                     vis.all_see(vi, vi, vt * BK, vt * BK + BK), NEG, ZERO, ONE,

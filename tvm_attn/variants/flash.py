@@ -15,7 +15,8 @@ Blocks (the contract with schedules/flash.py):
     init_stats, init_acc
     kv_tile    one per KV tile (causal: only tiles some row of the tile can see); inside it:
       qk         S = q_tile k_t                               (a BQ x BK x D matmul)
-      softcap    (kspec.softcap) S_capped = softcap tanh(S / softcap), what the softmax then reads
+      score_terms  (kspec.softcap, kspec.alibi_slopes) S_adjusted = S softcapped, then with the ALiBi bias:
+                   what the softmax then reads (common.adjusted)
       tile_max   the tile's row max over visible keys         (pure reductions, so rfactor/cache_write apply)
       rescale    m_new = max(m, tile_max), alpha = exp(m - m_new)
       p          P = exp(S - m_new), 0 where masked
@@ -33,10 +34,10 @@ from tvm.script import tirx as T
 
 from ..spec import KernelSpec
 from ..fast_exp import softmax_exp
-from .common import (ACC, BF16_BITS, Visibility, bhsd_kernel, bits_of, cap_scores, ceil_div, fresh_block_names,
-                     init_online_softmax, online_softmax_tile, pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile,
-                     qk_tile_pairs, row_output, run_time_sizes, sink_logit, softmax_weights, transpose_k,
-                     update_output, widen)
+from .common import (ACC, BF16_BITS, Visibility, adjust_scores, adjusted, adjusts_scores, bhsd_kernel, bits_of,
+                     ceil_div, fresh_block_names, init_online_softmax, online_softmax_tile, pack_k_pairs, pack_v_pairs,
+                     pv_tile_pairs, qk_tile, qk_tile_pairs, row_output, run_time_sizes, sink_logit, softmax_weights,
+                     transpose_k, update_output, widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -71,11 +72,12 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
     # the unscaled scores s (q negated for a negative scale, which is exact, so the max stays the max).
     SIGN_BIT = T.uint16(0 if kspec.scale > 0 else 0x8000)
     score_exp = (lambda x: softmax_exp(x * T.float32(abs(kspec.scale)))) if pairs else softmax_exp
-    CAP = kspec.softcap  # softcapping: the capped scores (scaled first where pairs left them unscaled) in S_capped
-    CAP_PRESCALE = abs(kspec.scale) if pairs else 1.0
+    # Softcap and ALiBi: the adjusted scores (scaled first where pairs left them unscaled) in S_adjusted
+    ADJUST = adjusts_scores(kspec)
+    PRESCALE = abs(kspec.scale) if pairs else 1.0
     OPERAND = BF16_BITS if pairs else ACC  # q_tile and P
     # The running max in score units, for the sink's term (pairs without softcap keep it unscaled).
-    MAX_SCALE = abs(kspec.scale) if pairs and CAP is None else 1.0
+    MAX_SCALE = abs(kspec.scale) if pairs and not ADJUST else 1.0
 
     def output_max(m, sinks):
         """The running max as row_output takes it: in score units where a sink logit is compared with it."""
@@ -111,6 +113,13 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
         first_q, last_q = tile_queries(rt, SQ)
         return vis.first_tile(first_q, BK), vis.end_tile(last_q, BK)
 
+    def score_terms(kh, go, rt, t):
+        """(r, j, s) -> score s of row r of row tile rt against key j of KV tile t, adjusted."""
+        def adjust(r, j, s):
+            row = T.min(rt * BQ + r, R - 1)
+            return adjusted(kspec, s, head(kh, go, row, SQ), query(row, SQ) + SKV - SQ - (t * BK + j), PRESCALE)
+        return adjust
+
     def tile_sees_all(rt, t):
         """Every row of row tile rt sees every key of KV tile t."""
         first_q, last_q = tile_queries(rt, SQ)
@@ -131,8 +140,8 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                 vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
                 q_tile = T.sblock_alloc_buffer((BQ, D), OPERAND)
                 S = T.sblock_alloc_buffer((BQ, BK), ACC)
-                if CAP is not None:
-                    S_capped = T.sblock_alloc_buffer((BQ, BK), ACC)
+                if ADJUST:
+                    S_adjusted = T.sblock_alloc_buffer((BQ, BK), ACC)
                 P = T.sblock_alloc_buffer((BQ, BK), OPERAND)
                 O = T.sblock_alloc_buffer((BQ, D), ACC)
                 m = T.sblock_alloc_buffer((BQ,), ACC)
@@ -164,19 +173,19 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                         vt = T.axis.opaque(ceil_div(SKV, BK), t)
                         if pairs:
                             qk_tile_pairs(S, q_tile, k_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                            if CAP is not None:
-                                cap_scores(S, S_capped, BQ, 1, BK, CAP, CAP_PRESCALE)
-                                softmax_weights(S_capped, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
+                            if ADJUST:
+                                adjust_scores(S, S_adjusted, BQ, 1, BK, score_terms(vkh, vgo, vrt, vt))
+                                softmax_weights(S_adjusted, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
                                                 row_sees, tile_sees_all(vrt, vt), NEG, ZERO, ONE, softmax_exp)
                             else:
                                 softmax_weights(S, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ, row_sees,
                                                 tile_sees_all(vrt, vt), NEG, ZERO, ONE, score_exp)
                             pv_tile_pairs(O, P, v_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
                             update_output(acc, O, alpha, l, t_sum, BQ, D)
-                        elif CAP is not None:
+                        elif ADJUST:
                             qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                            cap_scores(S, S_capped, BQ, 1, BK, CAP, CAP_PRESCALE)
-                            online_softmax_tile(S_capped, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh,
+                            adjust_scores(S, S_adjusted, BQ, 1, BK, score_terms(vkh, vgo, vrt, vt))
+                            online_softmax_tile(S_adjusted, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh,
                                                 vt * BK, BQ, BK, D, SKV, vrt * BQ, row_sees,
                                                 tile_sees_all(vrt, vt), NEG, ZERO, ONE)
                         else:

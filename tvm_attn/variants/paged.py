@@ -54,8 +54,8 @@ from tvm import tirx
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, ceil_div, fresh_block_names,
-                     init_online_softmax, row_output, sink_argument, sink_logit, softcapped, softmax_weights, sum_lanes,
+from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, adjusted, ceil_div, fresh_block_names,
+                     init_online_softmax, row_output, sink_argument, sink_logit, softmax_weights, sum_lanes,
                      update_output, widen)
 from .decode import DecodeConfig
 
@@ -136,9 +136,10 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
         """The mask of sequence s: its rows are the last of its seq_lens[s] positions."""
         return Visibility(kspec, row_start[s + 1] - row_start[s], seq_lens[s])
 
-    def as_is(dot):
-        """A score from its dot product (q was scaled), softcapped where kspec.softcap is set."""
-        return dot if kspec.softcap is None else softcapped(dot, kspec.softcap)
+    def score_terms(kh, vis, i, t):
+        """(dot, g, j) -> the score of row g (query head kh * G + g, row i of a sequence of visibility ``vis``) against
+        key j of tile t from its dot product (q was scaled), adjusted (common.adjusted)."""
+        return lambda dot, g, j: adjusted(kspec, dot, kh * G + g, i + vis.off - (t * BK + j))
 
     def page(page_table, s, t, p):
         """The page holding page p of tile t of sequence s (past its end: the cache's zero page)."""
@@ -207,7 +208,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                             vg, vdc * LANES + vl] * widen(k_pages[
                                                 vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j),
                                                 dim(vdc * LANES + vl)])
-                                sum_lanes(part, half8, half4, half2, S, G, BK, as_is)
+                                sum_lanes(part, half8, half4, half2, S, G, BK, score_terms(
+                                    vkh, visibility(row_start, seq_lens, chunks[vc, 0]), vi, vt))
                                 softmax_weights(
                                     S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
                                     row_sees(row_start, seq_lens, chunks[vc, 0]),

@@ -8,7 +8,8 @@ Per tile of query rows (rows of one head), with block names (the contract with s
   tile       one per row tile, owning its scratch; inside it:
     q_tile     the rows, pre-scaled, zero-padded
     kv_tile/qk S = q k^T for the KV tiles the rows can see (causal: tiles past the diagonal are skipped); with
-               spec.softcap, into S_raw, and softcap: S = softcap tanh(S_raw / softcap)
+               spec.softcap or spec.alibi_slopes, into S_raw, and score_terms: S = S_raw softcapped, then with the ALiBi
+               bias (common.adjusted)
     row_max_part, row_max        per-row max over visible keys (16 lane-wise partials, then their max)
     exp, row_sum_part, row_sum   (threshold, mass) e_j = exp(s_j - max) and its full sum, which decide who passes
     keys       (topk, mass) order-preserving int32 keys of the scores
@@ -32,9 +33,9 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, widen, LANES, Visibility, bhsd_kernel, cap_scores, ceil_div, fresh_block_names,
-                     load_q_rows, row_max_of_scores, row_output, run_time_sizes, scores_of_rows, sink_logit,
-                     softmax_numerators, transpose_k)
+from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_scores, bhsd_kernel, ceil_div, fresh_block_names,
+                     load_q_rows, row_max_of_scores, row_output, row_score_terms, run_time_sizes, scores_of_rows,
+                     sink_logit, softmax_numerators, transpose_k, widen)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -114,10 +115,10 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                 acc = T.sblock_alloc_buffer((BQ, D), ACC)
                 l = T.sblock_alloc_buffer((BQ,), ACC)
                 load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
-                if spec.softcap is not None:  # S the capped scores, from here on
+                if adjusts_scores(spec):  # S the adjusted scores (softcap, ALiBi), from here on
                     S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
                     scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                    cap_scores(S_raw, S, BQ, NK, BK, spec.softcap, 1.0)
+                    adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, SQ, SKV))
                 else:
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)

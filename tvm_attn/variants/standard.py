@@ -4,7 +4,8 @@ Per tile of query rows of one head (block names, the contract with schedules/sta
   k_t        K transposed to (d, key), zero-padded to whole KV tiles (as in flash)
   tile       one per row tile, owning its scratch: the tile's whole score rows S and weights E; inside it:
     q_tile, kv_tile/qk                 S = q k^T over the KV tiles the rows can see
-    softcap                            (kspec.softcap) S_capped = softcap tanh(S / softcap), read from here on
+    score_terms                        (kspec.softcap, kspec.alibi_slopes) S_adjusted: S softcapped, then with the
+                                       ALiBi bias (common.adjusted), read from here on
     row_max_part, row_max              per-row max over visible keys (lane-wise partials, then their max)
     exp, row_sum_part, row_sum         E = exp(S - max) where visible, else 0, and its row sums
     init_acc, pv_tile/pv, update      acc = E V, one KV tile at a time (tiles no row sees are skipped)
@@ -18,9 +19,9 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..spec import KernelSpec
-from .common import (ACC, widen, LANES, Visibility, bhsd_kernel, cap_scores, ceil_div, fresh_block_names, load_q_rows,
-                     row_max_of_scores, row_output, run_time_sizes, scores_of_rows, sink_logit,
-                     softmax_numerators, transpose_k)
+from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_scores, bhsd_kernel, ceil_div, fresh_block_names,
+                     load_q_rows, row_max_of_scores, row_output, row_score_terms, run_time_sizes, scores_of_rows,
+                     sink_logit, softmax_numerators, transpose_k, widen)
 
 BLOCK_Q = 16
 BLOCK_KV = 64
@@ -59,11 +60,11 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                 acc = T.sblock_alloc_buffer((BQ, D), ACC)
                 load_q_rows(q_tile, q, vb, vh, vrt * BQ, BQ, SQ, D, SCALE, ZERO)
                 scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                if kspec.softcap is not None:
-                    S_capped = T.sblock_alloc_buffer((BQ, SKVP), ACC)
-                    cap_scores(S, S_capped, BQ, NK, BK, kspec.softcap, 1.0)
-                    row_max_of_scores(S_capped, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
-                    softmax_numerators(S_capped, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
+                if adjusts_scores(kspec):
+                    S_adjusted = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    adjust_scores(S, S_adjusted, BQ, NK, BK, row_score_terms(kspec, vh, vrt * BQ, SQ, SKV))
+                    row_max_of_scores(S_adjusted, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
+                    softmax_numerators(S_adjusted, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
                 else:
                     row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
                     softmax_numerators(S, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
