@@ -84,9 +84,12 @@ CACHE_APPENDS = (37, 1, 90, 30)  # 158 positions: whole and partial shadow block
 # Decode over int8 caches with q . K and P V in byte products (sdot: tvm_attn/schedules/byte_products.py):
 # (name, heads, kv_heads, head_dim, positions). MHA takes 64-key tiles, so V goes through byte products in its two
 # whole tiles and is widened in the last; head_dim 36 takes K's codes only (V needs whole 16-dim interleaves); 1100
-# grouped keys fill one 1024-key tile. "non-finite": a NaN and an Inf in two query rows and a NaN in V.
+# grouped keys fill one 1024-key tile. "non-finite": a NaN and an Inf in two query rows and a NaN in V. "features":
+# softcap, sinks and ALiBi in the same expression as the byte products' scores.
 BYTE_CASES = [("mha-d64", 2, 2, 64, 158), ("gqa-d36", 6, 2, 36, 158), ("gqa-d48", 4, 1, 48, 1100),
-              ("non-finite", 6, 3, 32, 1100)]
+              ("non-finite", 6, 3, 32, 1100), ("features", 4, 2, 64, 300)]
+FEATURES = dict(softcap=3.0, sinks=True, alibi_slopes=(0.5, 0.25, 0.125, 0.0625))
+FEATURE_SINKS = np.array([1.0, 4.0, -1.0, 2.0], np.float32)
 
 
 def _byte_case(name: str, heads: int, kv_heads: int, head_dim: int, positions: int):
@@ -100,7 +103,8 @@ def _byte_case(name: str, heads: int, kv_heads: int, head_dim: int, positions: i
         v[0, 1, 700, 2] = np.nan  # rows 2 and 3 (KV head 1) see position 700; rows 4 and 5 (KV head 2) are finite
     cache.append(k, v)
     spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=kv_heads, seq_q=1, seq_kv=positions,
-                                  head_dim=head_dim, causal=True, kv_dtype="int8")
+                                  head_dim=head_dim, causal=True, kv_dtype="int8",
+                                  **(FEATURES if name == "features" else {}))
     return cache, q, spec
 
 
@@ -175,7 +179,8 @@ def emulated(emulator_ready, tmp_path_factory):
         kernel = tvm_attn.build("flash", spec, target=TARGET)
         out = np.zeros(spec.q_shape, np.float32)
         k, v, extra = cache.kernel_inputs(kernel, 1)
-        emulator.call(f"bytes-{name}", kernel.executable, kernel.arguments(q, k, v, out, extra), outputs=[-1])
+        sinks = kernel.sink_logits(FEATURE_SINKS if spec.sinks else None)
+        emulator.call(f"bytes-{name}", kernel.executable, kernel.arguments(q, k, v, out, extra, sinks), outputs=[-1])
         given[f"bytes-{name}"] = (dataclasses.replace(spec, kv_dtype=None), q, *cache.dequantized())
     for dtype in ("float32", "bfloat16"):
         keys = np.random.default_rng(3).standard_normal((1, 2, 158, 64)).astype(numpy_dtype(dtype))
@@ -215,7 +220,8 @@ def test_int8_cache_decode_in_byte_products_matches_reference_under_emulation(em
     spec, q, k, v = given[f"bytes-{name}"]
     int8 = dataclasses.replace(spec, kv_dtype="int8").kernel
     assert tvm_attn.get_variant("flash").computes_in_byte_products("decode", int8, TARGET)
-    assert_matches_reference("flash", spec, results[f"bytes-{name}"][0], q, k, v, TARGET)
+    assert_matches_reference("flash", spec, results[f"bytes-{name}"][0], q, k, v, TARGET,
+                             sinks=FEATURE_SINKS if spec.sinks else None)
 
 
 def test_int8_cache_decode_in_byte_products_keeps_non_finite_rows_under_emulation(emulated):
