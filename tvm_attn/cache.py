@@ -340,8 +340,8 @@ class KVCache:
             # The shadow's kernel serves every call of a variant the shadow defines (bounded), and decode calls of
             # the others that have one (top-k, threshold: exact, reading fewer rows); their prefill-sized calls, and
             # calls on a cache made with shadow=False, take their own kernels.
-            # (Decode calls of top-k and threshold with softcap or sinks take their plain decode kernels: the
-            # shadow's kernels take neither yet.)
+            # (Decode calls of top-k and threshold with softcap, sinks or ALiBi take their plain decode kernels:
+            # the shadow's kernels take none of them yet.)
             shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or (
                 path_for(n_q) == "decode" and not adds_terms(spec)))
             if shadowed and not self._shadow_allowed:
