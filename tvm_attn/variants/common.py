@@ -32,10 +32,9 @@ def ceil_div(a, b: int):
 INF = float("inf")
 
 
-# tanh(x) = x p(x^2) / q(x^2) on |x| <= TANH_CLAMP (float32 tanh is +-1 beyond), x itself below TANH_TINY: the
-# rational approximation of Eigen's fast float tanh (numerator odd of degree 13, denominator even of degree 6).
+# tanh(x) = x p(x^2) / q(x^2) on |x| <= TANH_CLAMP (float32 tanh is +-1 beyond): the rational approximation of
+# Eigen's fast float tanh (numerator odd of degree 13, denominator even of degree 6).
 TANH_CLAMP = 7.90531110763549805
-TANH_TINY = 0.0004
 _TANH_NUMERATOR = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
                    -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)  # x^1, x^3, ..., x^13
 _TANH_DENOMINATOR = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
@@ -43,17 +42,17 @@ _TANH_DENOMINATOR = (4.89352518554385e-03, 2.26843463243900e-03, 1.1853470568665
 
 def softcapped(s, cap: float):
     """cap * tanh(s / cap) (logit softcapping) in vectorizable float32 arithmetic (one division, no exp): x = s / cap
-    clamped to +-TANH_CLAMP, then a rational function of it; NaN stays NaN, +-Inf become +-cap."""
-    x = T.max(T.min(s * T.float32(1 / cap), T.float32(TANH_CLAMP)), T.float32(-TANH_CLAMP))
+    clamped to +-TANH_CLAMP, then x p(x^2) / q(x^2) with cap folded into p; NaN stays NaN (each clamp returns its
+    second operand when the comparison fails, and the constant is the first), +-Inf become +-cap."""
+    x = T.max(T.float32(-TANH_CLAMP), T.min(T.float32(TANH_CLAMP), s * T.float32(1 / cap)))
     x2 = x * x
-    p = T.float32(_TANH_NUMERATOR[-1])
+    p = T.float32(_TANH_NUMERATOR[-1] * cap)
     for c in _TANH_NUMERATOR[-2::-1]:
-        p = p * x2 + T.float32(c)
+        p = p * x2 + T.float32(c * cap)
     q = T.float32(_TANH_DENOMINATOR[-1])
     for c in _TANH_DENOMINATOR[-2::-1]:
         q = q * x2 + T.float32(c)
-    tanh = T.Select(T.abs(x) < T.float32(TANH_TINY), x, x * p / q)
-    return T.Select(T.isnan(s), s, tanh * T.float32(cap))
+    return x * p / q
 
 
 def constant_of(values: tuple, i, first: int = 0):
