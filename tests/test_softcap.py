@@ -95,6 +95,24 @@ def test_softcapped_scores_are_float32_close_to_tanh():
     assert np.isnan(out.numpy()[0])
 
 
+@pytest.mark.parametrize("variant,seq_q", [("flash", 40), ("flash", 1), ("standard", 40), ("topk", 40)])
+def test_a_nan_score_still_makes_a_nan_row_through_the_cap(variant, seq_q):
+    """The vectorized kernels keep the NaN rule with softcapping (the clamps pass NaN on: no select guards it), and
+    +Inf scores become +cap (finite rows)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 4, seq_q, 32)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 70, 32)).astype(np.float32) for _ in "kv")
+    q[0, 1, 0, 3] = np.nan  # head 1's first row reads NaN scores
+    k[0, 0, 5, 2] = np.inf  # KV head 0's key 5: +-Inf scores, capped
+    knob = knobs_for(variant)[0]
+    with np.errstate(invalid="ignore"):
+        out = tvm_attn.attention(q, k, v, variant=variant, causal=True, softcap=5.0, **knob)
+        ref = tvm_attn.reference(q, k, v, variant=variant, causal=True, softcap=5.0, **knob)
+    assert np.isnan(out[0, 1, 0]).all() and np.array_equal(np.isnan(out), np.isnan(ref))
+    finite = ~np.isnan(ref)
+    np.testing.assert_allclose(out[finite], ref[finite], atol=1e-5)
+
+
 def test_softcap_refusals():
     for bad in (0.0, -1.0, float("inf"), float("nan"), "5"):
         with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
