@@ -131,15 +131,18 @@ def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv):
     dtype but the float32 sinks: the ``@T.macro`` ``body(q, k, v, sinks, out)`` (sinks None without) in its root
     block."""
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+
+    def arguments(q_h, k_h, v_h, out_h):
+        """The q, k, v and out buffers from their handles."""
+        return (bhsd(q_h, batch, H, seq_q, D, dtype), bhsd(k_h, batch, KVH, seq_kv, D, dtype),
+                bhsd(v_h, batch, KVH, seq_kv, D, dtype), bhsd(out_h, batch, H, seq_q, D, dtype))
+
     if kspec.sinks:
         @T.prim_func(s_tir=True)
         def kernel_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, sinks_h: T.handle, out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q = bhsd(q_h, batch, H, seq_q, D, dtype)
-            k = bhsd(k_h, batch, KVH, seq_kv, D, dtype)
-            v = bhsd(v_h, batch, KVH, seq_kv, D, dtype)
+            q, k, v, out = arguments(q_h, k_h, v_h, out_h)
             sinks = sink_argument(sinks_h, H)
-            out = bhsd(out_h, batch, H, seq_q, D, dtype)
             with T.sblock("root"):
                 body(q, k, v, sinks, out)
 
@@ -148,10 +151,7 @@ def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv):
     @T.prim_func(s_tir=True)
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = bhsd(q_h, batch, H, seq_q, D, dtype)
-        k = bhsd(k_h, batch, KVH, seq_kv, D, dtype)
-        v = bhsd(v_h, batch, KVH, seq_kv, D, dtype)
-        out = bhsd(out_h, batch, H, seq_q, D, dtype)
+        q, k, v, out = arguments(q_h, k_h, v_h, out_h)
         with T.sblock("root"):
             body(q, k, v, None, out)
 

@@ -273,10 +273,14 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                         O[vg, vd] = T.Select(vkb == 0, ZERO, O[vg, vd]) + \
                             digit_sum(value_dots, vg, vd) * step_of(w_peak[vg])
 
-    def integer_keys(handle):
-        """Integer K's codes argument: (batch, kv_heads, key blocks, head_dim, KB)."""
-        return T.match_buffer(handle, (B, KVH, NKB, D, KB), kspec.kv_dtype,
-                              strides=(T.int32(), T.int32(), D * KB, KB, 1), align=1, offset_factor=1)
+    def integer_arguments(q_h, k_h, v_h, k_scale_h, v_scale_h, out_h):
+        """The buffers of the integer K and V kernel from their handles: q, K's codes (batch, kv_heads, key blocks,
+        head_dim, KB), V's codes, their row scales and out."""
+        return (bhsd(q_h, B, H, SQ, D, dtype),
+                T.match_buffer(k_h, (B, KVH, NKB, D, KB), kspec.kv_dtype,
+                               strides=(T.int32(), T.int32(), D * KB, KB, 1), align=1, offset_factor=1),
+                bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype), row_scales(k_scale_h, B, KVH, NKB * KB),
+                row_scales(v_scale_h, B, KVH, NKB * KB), bhsd(out_h, B, H, SQ, D, dtype))
 
     @T.macro
     def body(q, k, v, k_scale, v_scale, sinks, out):
@@ -462,13 +466,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
         def decode_integer_kv_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, k_scale_h: T.handle,
                                          v_scale_h: T.handle, sinks_h: T.handle, out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q = bhsd(q_h, B, H, SQ, D, dtype)
-            k = integer_keys(k_h)
-            v = bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype)
-            k_scale = row_scales(k_scale_h, B, KVH, NKB * KB)
-            v_scale = row_scales(v_scale_h, B, KVH, NKB * KB)
+            q, k, v, k_scale, v_scale, out = integer_arguments(q_h, k_h, v_h, k_scale_h, v_scale_h, out_h)
             sinks = sink_argument(sinks_h, H)
-            out = bhsd(out_h, B, H, SQ, D, dtype)
             with T.sblock("root"):
                 body(q, k, v, k_scale, v_scale, sinks, out)
 
@@ -479,12 +478,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
         def decode_integer_kv(q_h: T.handle, k_h: T.handle, v_h: T.handle, k_scale_h: T.handle, v_scale_h: T.handle,
                               out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q = bhsd(q_h, B, H, SQ, D, dtype)
-            k = integer_keys(k_h)
-            v = bhsd(v_h, B, KVH, SKV, D, kspec.kv_dtype)
-            k_scale = row_scales(k_scale_h, B, KVH, NKB * KB)
-            v_scale = row_scales(v_scale_h, B, KVH, NKB * KB)
-            out = bhsd(out_h, B, H, SQ, D, dtype)
+            q, k, v, k_scale, v_scale, out = integer_arguments(q_h, k_h, v_h, k_scale_h, v_scale_h, out_h)
             with T.sblock("root"):
                 body(q, k, v, k_scale, v_scale, None, out)
 
