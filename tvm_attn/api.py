@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel import build, host_array, slopes_argument
+from .kernel import build, host_array, slopes_argument, tree_argument
 from .spec import AttentionSpec, sink_logits
 from .variants import get_variant
 
 
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
-              eps: float | None = None, softcap: float | None = None, sinks=None, alibi_slopes=None, target="host",
-              tuned: bool = True, schedule: str | None = None, out=None):
+              eps: float | None = None, softcap: float | None = None, sinks=None, alibi_slopes=None, tree_parents=None,
+              target="host", tuned: bool = True, schedule: str | None = None, out=None):
     """Attention of q (B, H, Sq, D), k and v (B, KVH, Skv, D), computed by a compiled kernel; returns an array of
     q's dtype, or fills ``out``. q, k, v share one dtype: float32, float16 or bfloat16 (ml_dtypes.bfloat16);
     scores, softmax and accumulation are float32 for all three. numpy arrays or torch CPU tensors (read in place
@@ -28,12 +28,16 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
     denominator as a key without a value (gpt-oss' attention sinks; README "Semantics" says how the pruned variants
     keep it). ``alibi_slopes``: one slope per query head (numpy, torch or a sequence); the score of query i and key j
     gains -slope * (i + seq_kv - seq_q - j) (ALiBi; the dense variants; a kernel per set of slopes).
+    ``tree_parents`` (causal; the dense variants): the query rows are the nodes of a tree of draft tokens whose k and v
+    are the last seq_q keys; entry i is node i's parent, -1 or an earlier node; each row sees the keys before the
+    tree, its ancestors and itself (speculative decoding's tree verification in one call; AttentionSpec).
     """
     v_ = get_variant(variant)
     arrays = [host_array(n, x) for n, x in zip("qkv", (q, k, v))]
     spec = AttentionSpec.from_arrays(*arrays, causal=causal, window=window, scale=scale, threshold=threshold,
                                      top_k=top_k, eps=eps, softcap=softcap, sinks=sinks is not None,
-                                     alibi_slopes=slopes_argument(alibi_slopes))
+                                     alibi_slopes=slopes_argument(alibi_slopes),
+                                     tree_parents=tree_argument(tree_parents))
     if schedule is None:
         schedule = "best" if tuned else "hand"
     return build(v_, spec, target=target, schedule=schedule).run_checked(spec, *arrays, out, like=q, sinks=sinks)
@@ -41,13 +45,15 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
 
 def reference(q, k, v, *, variant: str = "flash", causal: bool = False, window: int | None = None,
               scale: float | None = None, threshold: float | None = None, top_k: int | None = None,
-              eps: float | None = None, softcap: float | None = None, sinks=None, alibi_slopes=None) -> np.ndarray:
+              eps: float | None = None, softcap: float | None = None, sinks=None, alibi_slopes=None,
+              tree_parents=None) -> np.ndarray:
     """The float64 numpy reference of ``variant`` (same arguments as ``attention``; returns numpy)."""
     v_ = get_variant(variant)
     q, k, v = (host_array(n, x) for n, x in zip("qkv", (q, k, v)))
     spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
                                      top_k=top_k, eps=eps, softcap=softcap, sinks=sinks is not None,
-                                     alibi_slopes=slopes_argument(alibi_slopes))
+                                     alibi_slopes=slopes_argument(alibi_slopes),
+                                     tree_parents=tree_argument(tree_parents))
     v_.check(spec)
     if sinks is None:
         return v_.reference(spec, q, k, v)

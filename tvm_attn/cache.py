@@ -31,11 +31,12 @@ import numpy as np
 
 from . import quantized_kv
 from .kernel import (SCHEDULES, Kernel, adds_terms, as_kernel_argument, build, build_shadow, checked_out,
-                     first_visible_key, host_array, slopes_argument)
+                     first_visible_key, host_array, slopes_argument, tree_argument)
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .shadow import ShadowKeys
-from .spec import DTYPE, DTYPES, KNOBS, KV_DTYPES, AttentionSpec, array_dtype, positive_int
+from .spec import DTYPE, DTYPES, KNOBS, KV_DTYPES, AttentionSpec, ancestor_mask, array_dtype, positive_int
 from .spec import alibi_slopes as alibi_slopes_of
+from .spec import tree_parents as tree_parents_of
 from .variants import get_variant, path_for
 
 ALIGNMENT = 64
@@ -205,16 +206,55 @@ class KVCache:
         if self.shadow is not None:
             self.shadow.update(self._k, self._length, self._length)  # the last block's range, of the keys left
 
+    def keep_tree_path(self, tree_parents, path) -> None:
+        """After verifying a draft tree (``attend(q, tree_parents=...)`` over the tree's nodes, the cache's newest
+        len(tree_parents) positions), keep the accepted ``path`` and forget the tree's other nodes: ``path`` lists
+        nodes from a root (parent -1) down, each the parent of the next (empty: none accepted); their keys and
+        values move, in order, to the tree's first positions, and the length becomes the tree's start plus
+        len(path). The cache is unchanged when this raises."""
+        parents = tree_parents_of(host_array("tree_parents", tree_parents), len(tree_parents)
+                                  if hasattr(tree_parents, "__len__") else 0)
+        if len(parents) > self._length:
+            raise ValueError(f"tree_parents has {len(parents)} nodes but the cache holds {self._length} positions: "
+                             f"the tree's nodes are the newest positions (append them, then attend)")
+        path = np.asarray(host_array("path", path))
+        if path.ndim != 1 or (path.size and (path.dtype == bool or not np.issubdtype(path.dtype, np.integer))):
+            raise TypeError(f"path must be a sequence of node indices (ints), got {path!r}")
+        path = [int(node) for node in path]
+        for n, node in enumerate(path):
+            if not 0 <= node < len(parents):
+                raise ValueError(f"path[{n}] = {node} is not a node of the {len(parents)}-node tree")
+            parent = path[n - 1] if n else -1
+            if parents[node] != parent:
+                raise ValueError(f"path[{n}] = {node}: its parent is {parents[node]}, not {parent} (a path runs from "
+                                 f"a root, parent -1, down through children)")
+        start = self._length - len(parents)
+        positions = [start + node for node in path]  # (increasing: parents come before their children)
+        end = start + len(path)
+        if self.integer:
+            quantized_kv.write_key_codes(self._k, quantized_kv.key_codes(self._k, start, self._length)[:, :, path],
+                                         start)
+            for scales in (self._k_scale, self._v_scale):
+                scales[:, :, start:end] = scales[:, :, positions]
+        else:
+            self._k[:, :, start:end] = self._k[:, :, positions]
+        self._v[:, :, start:end] = self._v[:, :, positions]
+        self._length = end
+        if self.shadow is not None:
+            self.shadow.update(self._k, start, end)
+
     def attend(self, q, variant: str = "flash", causal: bool = True, scale: float | None = None,
                window: int | None = None, schedule: str = "best", out=None, attention_mask=None, sinks=None,
-               alibi_slopes=None, **knob) -> np.ndarray:
+               alibi_slopes=None, tree_parents=None, **knob) -> np.ndarray:
         """Attention of q (batch, heads, n_q, head_dim), the n_q newest positions, over the cache's ``length``
         positions; causal masks align bottom-right (query i is position length - n_q + i). ``knob`` is the
         variant's pruning knob (threshold=, top_k= or eps=) and softcap= (AttentionSpec.softcap).
         ``attention_mask`` (batch, length) of 0 and 1 (numpy or torch) pads a batch of sequences of different
         lengths: each row's ones are one run (padding on the left, the right or both), its other positions are
         neither keys nor queries (their rows of the output are 0). ``sinks``: one logit per query head;
-        ``alibi_slopes``: one ALiBi slope per query head (``tvm_attn.attention``'s).
+        ``alibi_slopes``: one ALiBi slope per query head (``tvm_attn.attention``'s). ``tree_parents``: the n_q
+        newest positions are a draft tree's nodes (AttentionSpec.tree_parents), verified in one call; then
+        ``keep_tree_path`` keeps the accepted ones.
         Returns a new array (a torch tensor when q is one), or fills ``out``."""
         like = q
         q = cache_array("q", q, self.input_dtype)
@@ -233,6 +273,12 @@ class KVCache:
         knob = {**knob, "sinks": sinks is not None}
         if alibi_slopes is not None:  # (as a tuple: kernels are cached on the knobs)
             knob["alibi_slopes"] = alibi_slopes_of(slopes_argument(alibi_slopes), heads)
+        tree = None
+        if tree_parents is not None:
+            if attention_mask is not None:
+                raise ValueError("tree_parents with attention_mask: a padded batch does not take tree masks yet")
+            knob["tree_parents"] = tree_parents_of(tree_argument(tree_parents), n_q)
+            tree = ancestor_mask(knob["tree_parents"])
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
         logits = kernel.sink_logits(sinks)
         out, result = checked_out(out, q.shape, self.input_dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
@@ -240,15 +286,15 @@ class KVCache:
             self._attend_padded(q, out, self._runs(attention_mask), variant, causal, scale, window, schedule, knob,
                                 logits)
             return result
-        self._launch(kernel, as_kernel_argument(q), slice(None), 0, self._length, out, logits)
+        self._launch(kernel, as_kernel_argument(q), slice(None), 0, self._length, out, logits, tree)
         return result
 
-    def _launch(self, kernel: Kernel, q, rows: slice, first: int, end: int, out, sinks=None) -> None:
+    def _launch(self, kernel: Kernel, q, rows: slice, first: int, end: int, out, sinks=None, tree=None) -> None:
         """Run ``kernel`` for q of batch rows ``rows`` over their positions first..end-1: K and V as stored (with
         the shadow or the row scales the kernel reads), or dequantized, from the first key a query sees, for a
         float kernel on an integer cache."""
         k, v, extra = self.kernel_inputs(kernel, q.shape[2], rows, first, end)
-        kernel.launch(q, k, v, out, extra, sinks)
+        kernel.launch(q, k, v, out, extra, sinks, tree)
 
     def kernel_inputs(self, kernel: Kernel, n_q: int, rows: slice = slice(None), first: int = 0,
                       end: int | None = None) -> tuple:
@@ -317,11 +363,14 @@ class KVCache:
                              out[b:last, :, rows], sinks)
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob, codes: bool = True) -> Kernel:
-        codes = codes and self.integer  # (a float cache has no codes: padded and unpadded calls share its kernels)
-        key = (variant, heads, path_for(n_q), causal, scale, window, schedule, tuple(sorted(knob.items())), codes)
+        # (A float cache has no codes: padded and unpadded calls share its kernels. The kernels of tree masks take
+        # them at run time: one kernel serves every tree; an integer cache dequantizes for them.)
+        codes = codes and self.integer and "tree_parents" not in knob
+        key = (variant, heads, path_for(n_q), causal, scale, window, schedule,
+               tuple(sorted((name, name == "tree_parents" or value) for name, value in knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:
-            unknown = set(knob) - set(KNOBS) - {"softcap", "sinks", "alibi_slopes"}
+            unknown = set(knob) - set(KNOBS) - {"softcap", "sinks", "alibi_slopes", "tree_parents"}
             if unknown:
                 raise TypeError(f"attend() got unexpected keyword arguments {sorted(unknown)}: the pruning knobs "
                                 f"are {', '.join(KNOBS)}, and softcap")

@@ -110,19 +110,21 @@ def _sme_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
 
 
 def adds_terms(spec: AttentionSpec) -> bool:
-    """Whether ``spec`` asks for softcapping, sinks or ALiBi."""
-    return spec.softcap is not None or spec.sinks or spec.alibi_slopes is not None
+    """Whether ``spec`` asks for softcapping, sinks, ALiBi or a tree mask."""
+    return spec.softcap is not None or spec.sinks or spec.alibi_slopes is not None or spec.tree_parents is not None
 
 
 def refuse_features(spec: AttentionSpec, what: str, instead: str = "use schedule='best' or 'hand'") -> None:
-    """ValueError when ``spec`` asks for softcapping, sinks or ALiBi, which ``what`` does not do yet (``instead``:
-    what to do)."""
+    """ValueError when ``spec`` asks for softcapping, sinks, ALiBi or a tree mask, which ``what`` does not do yet
+    (``instead``: what to do)."""
     if spec.softcap is not None:
         raise ValueError(f"{what} does not apply softcap={spec.softcap!r} yet: {instead}")
     if spec.sinks:
         raise ValueError(f"{what} does not take sinks yet: {instead}")
     if spec.alibi_slopes is not None:
         raise ValueError(f"{what} does not add ALiBi biases yet: {instead}")
+    if spec.tree_parents is not None:
+        raise ValueError(f"{what} does not take tree masks yet: {instead}")
 
 
 def _passes_in_place(x: np.ndarray) -> bool:
@@ -161,6 +163,11 @@ def torch_argument(name: str, x):
 def slopes_argument(slopes):
     """ALiBi slopes as AttentionSpec takes them: a torch tensor as numpy (None stays None)."""
     return None if slopes is None else host_array("alibi_slopes", slopes)
+
+
+def tree_argument(parents):
+    """Tree parents as AttentionSpec takes them: a torch tensor as numpy (None stays None)."""
+    return None if parents is None else host_array("tree_parents", parents)
 
 
 def host_array(name: str, x):
@@ -220,11 +227,18 @@ class Kernel:
                                f"{target_key('host')} host: {why}; export it instead")
         return self.executable["main"]
 
-    def check(self, q, k, v) -> AttentionSpec:
-        """The spec of a call with q, k, v; ValueError/TypeError when this kernel cannot serve it."""
+    def check(self, q, k, v, tree_parents=None) -> AttentionSpec:
+        """The spec of a call with q, k, v (and the tree of a kernel with a tree mask); ValueError/TypeError when
+        this kernel cannot serve it."""
         ks = self.kernel_spec
+        if ks.tree and tree_parents is None:
+            raise ValueError(f"this kernel ({ks.name}) takes a tree mask: pass tree_parents=, one parent per query row")
+        if not ks.tree and tree_parents is not None:
+            raise ValueError(f"tree_parents were passed to a kernel built without a tree mask ({ks.name}): build it "
+                             f"with AttentionSpec(tree_parents=...)")
         spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale,
                                          softcap=ks.softcap, sinks=ks.sinks, **ks.knobs(),
+                                         tree_parents=tree_argument(tree_parents),
                                          # (other heads: the mismatch is said below)
                                          alibi_slopes=ks.alibi_slopes if q.shape[1] == ks.heads else None)
         if spec.dtype != ks.dtype:
@@ -234,23 +248,25 @@ class Kernel:
                              f"this kernel was built for {ks.name}")
         return spec
 
-    def __call__(self, q, k, v, out=None, sinks=None):
+    def __call__(self, q, k, v, out=None, sinks=None, tree_parents=None):
         """Attention of q, k, v into a new array (a torch tensor when q is one) or into ``out``; ``sinks``: the
-        (heads,) sink logits, for a kernel built with them (AttentionSpec(sinks=True))."""
+        (heads,) sink logits, for a kernel built with them (AttentionSpec(sinks=True)); ``tree_parents``: the
+        parent of each query row's tree node, for a kernel with a tree mask (AttentionSpec.tree_parents)."""
         if self.path == "shadow":
             raise TypeError(f"this {self.variant} kernel reads a KVCache's shadow of K: run it with cache.attend")
         if self.kernel_spec.kv_dtype is not None:
             raise TypeError(f"this {self.variant} kernel reads {self.kernel_spec.kv_dtype} K and V with their row "
                             f"scales: run it with the attend of a KVCache(dtype={self.kernel_spec.kv_dtype!r})")
         arrays = [host_array(name, x) for name, x in zip("qkv", (q, k, v))]
-        return self.run_checked(self.check(*arrays), *arrays, out, like=q, sinks=sinks)
+        return self.run_checked(self.check(*arrays, tree_parents), *arrays, out, like=q, sinks=sinks)
 
     def run_checked(self, spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, out, like=None,
                     sinks=None):
-        """``__call__`` after ``check``: numpy q, k, v of ``spec``; the result is a torch tensor when ``like`` is."""
+        """``__call__`` after ``check``: numpy q, k, v of ``spec`` (its tree mask, if any, is passed); the result is a
+        torch tensor when ``like`` is."""
         logits = self.sink_logits(sinks)
         out, result = checked_out(out, spec.q_shape, spec.dtype, like, inputs=dict(q=q, k=k, v=v))
-        self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out, sinks=logits)
+        self.launch(*(as_kernel_argument(x) for x in (q, k, v)), out, sinks=logits, tree=spec.tree_mask)
         return result
 
     def sink_logits(self, sinks) -> np.ndarray | None:
@@ -266,23 +282,24 @@ class Kernel:
                              f"head ({self.kernel_spec.heads})")
         return sink_logits(host_array("sinks", sinks), self.kernel_spec.heads)
 
-    def arguments(self, q, k, v, out, shadow: tuple = (), sinks=None) -> tuple:
+    def arguments(self, q, k, v, out, shadow: tuple = (), sinks=None, tree=None) -> tuple:
         """The runtime function's arguments for a call on numpy arrays or torch tensors already checked and laid out
         as the kernel takes them (``as_kernel_argument``, ``checked_out``): keys before every query's window are
         dropped (unless the kernel reads a shadow or integer K, or the variant's blocks start at key 0). ``shadow``:
         a KVCache's (codes, lo, step), for kernels of the "shadow" path, or the row scales (k_scale, v_scale) of
         integer K and V (K's codes in blocks of positions: ``KVCache.kernel_inputs``). ``sinks``: the checked sink
-        logits (``sink_logits``) of a kernel with sinks."""
+        logits (``sink_logits``) of a kernel with sinks; ``tree``: the tree mask (AttentionSpec.tree_mask) of a kernel
+        with one."""
         first = first_visible_key(self.kernel_spec, q.shape[2], v.shape[2])
         if (first and self.path != "shadow" and self.kernel_spec.kv_dtype is None
                 and not get_variant(self.variant).blocks_from_key0):
             k, v = k[:, :, first:], v[:, :, first:]
-        return (q, k, v, *shadow, *(() if sinks is None else (sinks,)), out)
+        return (q, k, v, *shadow, *(() if sinks is None else (sinks,)), *(() if tree is None else (tree,)), out)
 
-    def launch(self, q, k, v, out, shadow: tuple = (), sinks=None) -> None:
+    def launch(self, q, k, v, out, shadow: tuple = (), sinks=None, tree=None) -> None:
         """Run on ``arguments``' inputs (bfloat16 numpy arrays go through DLPack). The runtime function itself still
         checks dtypes and the kernel's fixed sizes."""
-        self.function(*map(dlpack_argument, self.arguments(q, k, v, out, shadow, sinks)))
+        self.function(*map(dlpack_argument, self.arguments(q, k, v, out, shadow, sinks, tree)))
 
 
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
@@ -305,6 +322,9 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     path = path_for(spec.seq_q)
     if path == "decode" and not v.has_decode_kernel():
         path = "prefill"
+    if spec.kv_dtype is not None and spec.tree_parents is not None:
+        raise ValueError(f"kv_dtype={spec.kv_dtype!r} with tree_parents: the kernels reading integer K and V take no "
+                         f"tree mask yet (dequantize K and V, or verify the tree in a float KVCache)")
     if spec.kv_dtype is not None and path not in v.integer_kv_paths:
         raise ValueError(f"kv_dtype={spec.kv_dtype!r}: the {v.name} {path} kernel reads float K and V (integer K and "
                          f"V are read by the decode kernels of {', '.join(integer_kv_variants())}); a "
@@ -331,6 +351,7 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
                          dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, softcap=kspec.softcap, sinks=kspec.sinks,
+                         tree_parents=tuple(range(-1, seq_q - 1)) if kspec.tree else None,
                          alibi_slopes=kspec.alibi_slopes, **kspec.knobs())
 
 

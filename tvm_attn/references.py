@@ -6,7 +6,8 @@ denominator, a key every row sees that has no value; it is not softcapped. A row
 The pruned variants keep the sink as a key that is never dropped: threshold compares the weights of the softmax with
 the sink, top-k keeps top_k keys besides it, mass counts its weight first (keeping no key when it alone holds
 1 - eps), and each renormalizes over the kept keys and the sink.
-A sliding window (``spec.window``) only narrows the visible keys: every variant prunes within them.
+A sliding window (``spec.window``) and a tree mask (``spec.tree_parents``: a tree node sees the keys before the tree,
+its ancestors and itself) only narrow the visible keys: every variant prunes within them.
 
 NaN and Inf, for kernels and references alike (IEEE arithmetic's answer, and torch SDPA's): a row that reads a NaN
 or +Inf score among its visible keys is NaN in every element, whatever a pruned variant would have kept; a -Inf
@@ -49,6 +50,8 @@ def visible_mask(spec: AttentionSpec) -> np.ndarray:
     visible = j <= i + spec.causal_offset
     if spec.window is not None:
         visible &= j > i + spec.causal_offset - spec.window
+    if spec.tree_parents is not None:
+        visible[:, spec.causal_offset:] &= spec.tree_mask.astype(bool)
     return visible
 
 

@@ -238,9 +238,15 @@ class ExportedKernel:
         copy[...] = array
         return copy
 
-    def __call__(self, q, k, v, *, sinks=None, out=None):
-        """Attention of q, k, v (``sinks``: the (heads,) float32 sink logits of a kernel exported with them)."""
+    def __call__(self, q, k, v, *, sinks=None, tree_parents=None, out=None):
+        """Attention of q, k, v (``sinks``: the (heads,) float32 sink logits of a kernel exported with them;
+        ``tree_parents``: the parent of each query row's node, for a kernel exported with a tree mask:
+        ``tvm_attn.AttentionSpec``'s)."""
         args = [self._prepare(n, x) for n, x in zip(ARGUMENTS, (q, k, v))]
+        if ("tree" in self._args) != (tree_parents is not None):
+            raise ValueError(f"kernel {self.name} takes a tree mask: pass tree_parents=" if tree_parents is None else
+                             f"kernel {self.name} was exported without a tree mask: do not pass tree_parents=")
+        tree = () if tree_parents is None else (_tree_mask(tree_parents, self._args["tree"]["shape"][0]),)
         if ("sinks" in self._args) != (sinks is not None):
             raise ValueError(f"kernel {self.name} takes sinks: pass sinks=" if sinks is None else
                              f"kernel {self.name} was exported without sinks: do not pass sinks=")
@@ -255,8 +261,17 @@ class ExportedKernel:
                 result = torch_view(out)  # torch in, torch out, sharing the output buffer
         out_view = self._prepare("out", out, writable=True)
         refuse_overlap(out_view, dict(zip(ARGUMENTS, args)))
-        self._function(*(dlpack_argument(a) for a in (*args, *(() if sinks is None else (sinks,)), out_view)))
+        self._function(*(dlpack_argument(a) for a in (*args, *(() if sinks is None else (sinks,)), *tree, out_view)))
         return result
+
+
+def _tree_mask(tree_parents, nodes: int) -> np.ndarray:
+    """The checked (nodes, nodes) int8 mask of ``tree_parents`` (AttentionSpec.tree_mask)."""
+    # Imported here: tests/arm64_runner.py loads this file on its own, and tvm_attn.spec needs numpy only.
+    from .spec import ancestor_mask
+    from .spec import tree_parents as checked
+
+    return ancestor_mask(checked(numpy_view(tree_parents) if is_torch(tree_parents) else tree_parents, nodes))
 
 
 def is_torch(x) -> bool:

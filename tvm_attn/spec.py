@@ -37,7 +37,12 @@ class AttentionSpec:
     value (the logits are a run-time argument, ``sink_logits``). ``alibi_slopes`` (ALiBi: BLOOM, MPT): one slope per
     query head (any sequence of floats, kept as float32-rounded floats); each score of query i and key j, after
     softcapping, gains -slope * (i + seq_kv - seq_q - j), the slope times the distance from the query's position
-    back to the key. A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
+    back to the key. ``tree_parents`` (needs causal; speculative decoding's draft trees): the seq_q query rows are the
+    nodes of a tree whose keys are the last seq_q keys, in the same order; entry i is the parent of node i, an earlier
+    node (< i) or -1 for a node whose parent is the last key before the tree. Row i then sees the keys before the tree
+    and the keys of its ancestors and itself (``tree_mask``); a chain (parent i - 1) is the causal mask. The kernels
+    take the mask as a run-time argument (KernelSpec.tree). A compiled kernel serves every batch, seq_q and seq_kv
+    of its ``kernel``.
     """
 
     batch: int = 2
@@ -57,6 +62,7 @@ class AttentionSpec:
     softcap: float | None = None
     sinks: bool = False
     alibi_slopes: tuple | None = None
+    tree_parents: tuple | None = None
 
     def __post_init__(self):
         # Fill the derived defaults so equal specs hash equal (kernels are cached on the spec).
@@ -105,6 +111,18 @@ class AttentionSpec:
         object.__setattr__(self, "sinks", bool(self.sinks))
         if self.alibi_slopes is not None:
             object.__setattr__(self, "alibi_slopes", alibi_slopes(self.alibi_slopes, self.heads))
+        if self.tree_parents is not None:
+            object.__setattr__(self, "tree_parents", tree_parents(self.tree_parents, self.seq_q))
+            if not self.causal:
+                raise ValueError("tree_parents needs causal=True (a tree mask narrows the causal mask: each node sees "
+                                 "the keys before the tree and its ancestors)")
+            if self.seq_kv < self.seq_q:
+                raise ValueError(f"tree_parents: the tree's {self.seq_q} nodes are the last keys, but there are only "
+                                 f"seq_kv={self.seq_kv} keys (pass the tree's own k and v after the cached ones)")
+            for name, value in (("window", self.window), ("alibi_slopes", self.alibi_slopes)):
+                if value is not None:
+                    raise ValueError(f"tree_parents with {name}: not supported yet (a tree node's position is the "
+                                     f"tree's start plus its depth, which {name} would need)")
         given = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
         if len(given) > 1:
             raise ValueError(f"give at most one pruning knob, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
@@ -130,7 +148,7 @@ class AttentionSpec:
         """What a compiled kernel is specialized for: everything but batch, seq_q and seq_kv."""
         return KernelSpec(self.heads, self.kv_heads, self.head_dim, self.causal, self.window, self.scale,
                           self.threshold, self.top_k, self.eps, self.dtype, self.kv_dtype, self.softcap, self.sinks,
-                          self.alibi_slopes)
+                          self.alibi_slopes, self.tree_parents is not None)
 
     def knobs(self) -> dict:
         """The pruning knob that is set, as {name: value} (empty for dense variants)."""
@@ -154,8 +172,14 @@ class AttentionSpec:
     def kv_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.kv_heads, self.seq_kv, self.head_dim)
 
+    @functools.cached_property
+    def tree_mask(self) -> np.ndarray | None:
+        """(seq_q, seq_q) int8, 1 where tree node i sees node j (j is i or one of its ancestors); None without a tree:
+        what the kernels of KernelSpec.tree take, after q, k, v (and the sink logits)."""
+        return None if self.tree_parents is None else ancestor_mask(self.tree_parents)
+
     def visible_range(self, i: int) -> tuple[int, int]:
-        """The keys lo..hi-1 query row i sees (lo = hi when none)."""
+        """The keys lo..hi-1 query row i sees (lo = hi when none; a tree mask hides some of them)."""
         if not self.causal:
             return 0, self.seq_kv
         hi = min(self.seq_kv, max(0, i + self.causal_offset + 1))
@@ -164,6 +188,8 @@ class AttentionSpec:
 
     def visible_keys(self, i: int) -> int:
         """How many keys query row i sees."""
+        if self.tree_parents is not None:
+            return self.causal_offset + int(self.tree_mask[i].sum())
         lo, hi = self.visible_range(i)
         return hi - lo
 
@@ -198,6 +224,8 @@ class AttentionSpec:
             parts.append("sinks")
         if self.alibi_slopes is not None:
             parts.append(alibi_tag(self.alibi_slopes))
+        if self.tree_parents is not None:
+            parts.append("tree")
         return "_".join(parts)
 
     @classmethod
@@ -272,6 +300,38 @@ def alibi_tag(slopes: tuple) -> str:
     return "alibi" + hashlib.sha256(np.asarray(slopes, np.float32).tobytes()).hexdigest()[:8]
 
 
+def tree_parents(parents, nodes: int) -> tuple[int, ...]:
+    """``parents`` (a sequence or array of ints, one per tree node) as a spec keeps them: a tuple of ``nodes`` ints,
+    each -1 (the node hangs from the keys before the tree) or an earlier node's index, so the nodes form a tree
+    (no cycle, parents before children); TypeError/ValueError naming the bad entry otherwise."""
+    if isinstance(parents, (str, bytes)) or not hasattr(parents, "__len__"):
+        raise TypeError(f"tree_parents must be a sequence or array of {nodes} ints, got {type(parents).__name__}")
+    array = np.asarray(parents)
+    if array.ndim != 1 or array.shape[0] != nodes:
+        raise ValueError(f"tree_parents must have shape (seq_q,) = ({nodes},), one parent per query row, got "
+                         f"{array.shape}")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"tree_parents must hold ints, got {array.dtype}")
+    bad = np.flatnonzero((array < -1) | (array >= np.arange(nodes)))
+    if bad.size:
+        i = int(bad[0])
+        why = "is not a node" if not -1 <= array[i] < nodes else "is not before it (a tree lists parents first)"
+        raise ValueError(f"tree_parents[{i}] = {int(array[i])}: the parent of node {i} must be -1 or an earlier node "
+                         f"(0..{i - 1}); {int(array[i])} {why}")
+    return tuple(int(p) for p in array)
+
+
+def ancestor_mask(parents: tuple) -> np.ndarray:
+    """(n, n) int8: mask[i, j] = 1 where node j is node i or one of its ancestors in the tree ``parents``."""
+    n = len(parents)
+    mask = np.zeros((n, n), np.int8)
+    for i, p in enumerate(parents):  # parents come first: row p is complete
+        if p >= 0:
+            mask[i, :p + 1] = mask[p, :p + 1]
+        mask[i, i] = 1
+    return mask
+
+
 def sink_logits(sinks, heads: int) -> np.ndarray:
     """``sinks`` (a numpy array of floats, one logit per query head) as the kernels take it: float32, contiguous, of
     shape (heads,), every logit finite; TypeError/ValueError naming what is wrong."""
@@ -326,6 +386,7 @@ class KernelSpec:
     softcap: float | None = None
     sinks: bool = False  # the kernel takes a (heads,) float32 argument of sink logits before out
     alibi_slopes: tuple | None = None  # float32-rounded, one per query head (compile-time constants)
+    tree: bool = False  # the kernel takes a (seq_q, seq_q) int8 tree mask (AttentionSpec.tree_mask) before out
 
     @property
     def group_size(self) -> int:
@@ -355,4 +416,6 @@ class KernelSpec:
             parts.append("sinks")
         if self.alibi_slopes is not None:
             parts.append(alibi_tag(self.alibi_slopes))
+        if self.tree:
+            parts.append("tree")
         return "_".join(parts)

@@ -76,6 +76,8 @@ class Variant:
     sinks: bool = False
     # Whether the kernels of compute and decode_compute add ALiBi biases (AttentionSpec.alibi_slopes).
     alibi: bool = False
+    # Whether the kernels of compute and decode_compute take a tree mask (AttentionSpec.tree_parents).
+    tree: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
         """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
@@ -121,7 +123,7 @@ class Variant:
 
     def check(self, spec: AttentionSpec) -> None:
         """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs, or asks
-        for softcapping, sinks or ALiBi the variant does not do."""
+        for softcapping, sinks, ALiBi or a tree mask the variant does not do."""
         if spec.softcap is not None and not self.softcap:
             raise ValueError(f"softcap={spec.softcap!r}: variant {self.name!r} does not apply logit softcapping "
                              f"(the variants that do: {', '.join(v.name for v in VARIANTS.values() if v.softcap)})")
@@ -131,6 +133,9 @@ class Variant:
         if spec.sinks and not self.sinks:
             raise ValueError(f"sinks: variant {self.name!r} does not take attention sinks yet (the variants that do: "
                              f"{', '.join(v.name for v in VARIANTS.values() if v.sinks)})")
+        if spec.tree_parents is not None and not self.tree:
+            raise ValueError(f"tree_parents: variant {self.name!r} does not take tree masks yet (the variants that "
+                             f"do: {', '.join(v.name for v in VARIANTS.values() if v.tree)})")
         for knob in KNOBS:
             value = getattr(spec, knob)
             if knob == self.knob and value is None:
@@ -192,9 +197,9 @@ DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.sch
              float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
              blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
              sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True, sinks=True,
-             alibi=True)
+             alibi=True, tree=True)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True,
-                     sinks=True, alibi=True)
+                     sinks=True, alibi=True, tree=True)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
 # at decode.
 SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)

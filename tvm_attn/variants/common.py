@@ -1,6 +1,6 @@
 """Pieces the TensorIR computes share: argument buffers of any length and layout, the visibility rule (causal,
-window), and the statement blocks several variants write the same way (``@T.macro``: the K transpose, the QK^T tile,
-and the row-tile blocks of the materialized-score variants).
+window, tree mask), and the statement blocks several variants write the same way (``@T.macro``: the K transpose, the
+QK^T tile, and the row-tile blocks of the materialized-score variants).
 
 Block names are the contract with schedules/: k_t, q_tile, qk, ... (each compute's docstring lists its own).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 
 from ..element_types import ACC, BF16_BITS, bits_of, narrow, widen  # noqa: F401 (the computes import them from here)
 from ..fast_exp import softmax_exp
@@ -126,27 +127,64 @@ def sink_argument(handle, heads: int):
     return T.match_buffer(handle, (heads,), ACC, align=4, offset_factor=1)
 
 
-def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv):
-    """The PrimFunc of a kernel taking (q, k, v, out), or (q, k, v, sinks, out) where kspec.sinks, all of kspec's
-    dtype but the float32 sinks: the ``@T.macro`` ``body(q, k, v, sinks, out)`` (sinks None without) in its root
-    block."""
+def tree_argument(handle, seq_q):
+    """The (seq_q, seq_q) int8 tree mask argument of kernels with one (KernelSpec.tree; AttentionSpec.tree_mask)."""
+    return T.match_buffer(handle, (seq_q, seq_q), "int8", align=1, offset_factor=1)
+
+
+class OptionalArguments:
+    """The arguments a kernel spec adds before ``out``, in this order: the (heads,) float32 sink logits
+    (KernelSpec.sinks) and the (seq_q, seq_q) int8 tree mask (KernelSpec.tree). Call ``declare`` at the top of the
+    PrimFunc with their handles; then ``sinks`` is the sinks buffer (None without), and the tree mask is bound to
+    ``vis``, whose tests read it."""
+
+    def __init__(self, kspec: KernelSpec, vis, seq_q):
+        self.kspec, self.vis, self.seq_q = kspec, vis, seq_q
+        self.count = int(kspec.sinks) + int(kspec.tree)
+        self.sinks = None
+
+    def declare(self, *handles) -> None:
+        handles = list(handles)
+        if self.kspec.sinks:
+            self.sinks = IRBuilder.name("sinks", sink_argument(handles.pop(0), self.kspec.heads))
+        if self.kspec.tree:
+            self.vis.bind_tree(IRBuilder.name("tree", tree_argument(handles.pop(0), self.seq_q)))
+
+
+def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv, vis=None):
+    """The PrimFunc of a kernel taking (q, k, v, [sinks,] [tree,] out) (OptionalArguments; ``vis``: the Visibility
+    the body tests keys with, for the tree mask), all of kspec's dtype but the float32 sinks and the int8 tree: the
+    ``@T.macro`` ``body(q, k, v, sinks, out)`` (sinks None without) in its root block."""
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+    optional = OptionalArguments(kspec, vis, seq_q)
 
     def arguments(q_h, k_h, v_h, out_h):
         """The q, k, v and out buffers from their handles."""
         return (bhsd(q_h, batch, H, seq_q, D, dtype), bhsd(k_h, batch, KVH, seq_kv, D, dtype),
                 bhsd(v_h, batch, KVH, seq_kv, D, dtype), bhsd(out_h, batch, H, seq_q, D, dtype))
 
-    if kspec.sinks:
+    if optional.count == 2:
         @T.prim_func(s_tir=True)
-        def kernel_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, sinks_h: T.handle, out_h: T.handle):
+        def kernel_with_two(q_h: T.handle, k_h: T.handle, v_h: T.handle, a_h: T.handle, b_h: T.handle,
+                            out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             q, k, v, out = arguments(q_h, k_h, v_h, out_h)
-            sinks = sink_argument(sinks_h, H)
+            optional.declare(a_h, b_h)
             with T.sblock("root"):
-                body(q, k, v, sinks, out)
+                body(q, k, v, optional.sinks, out)
 
-        return kernel_with_sinks
+        return kernel_with_two
+
+    if optional.count == 1:
+        @T.prim_func(s_tir=True)
+        def kernel_with_one(q_h: T.handle, k_h: T.handle, v_h: T.handle, a_h: T.handle, out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            q, k, v, out = arguments(q_h, k_h, v_h, out_h)
+            optional.declare(a_h)
+            with T.sblock("root"):
+                body(q, k, v, optional.sinks, out)
+
+        return kernel_with_one
 
     @T.prim_func(s_tir=True)
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
@@ -178,13 +216,29 @@ def row_scales(handle, batch, kv_heads, seq):
 
 class Visibility:
     """Which keys query i sees for a kernel spec and run-time lengths: j < seq_kv; causal: j <= i + off
-    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window."""
+    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window; tree (KernelSpec.tree): keys
+    j >= off (the tree's nodes) only where tree[i, j - off] is 1, the mask ``bind_tree`` binds. A tree narrows the
+    causal mask, so every range below (first, end, tiles) holds for it too."""
 
     def __init__(self, kspec: KernelSpec, seq_q, seq_kv):
         self.causal = kspec.causal
         self.window = kspec.window
+        self.seq_q = seq_q
         self.seq_kv = seq_kv
         self.off = seq_kv - seq_q
+        self.needs_tree = kspec.tree
+        self.tree = None
+
+    def bind_tree(self, tree) -> None:
+        """Test keys against the tree mask buffer ``tree`` (the kernel's argument, declared by OptionalArguments)."""
+        self.tree = tree
+
+    def _tree_bound(self) -> bool:
+        """Whether keys are tested against a tree mask; ValueError for a kernel spec with one that no mask was bound
+        to (a compute that does not take it would silently ignore it)."""
+        if self.needs_tree and self.tree is None:
+            raise ValueError("this compute takes no tree mask (KernelSpec.tree): its kernel would ignore the tree")
+        return self.tree is not None
 
     def _last(self, i):
         """The last key position query i may see (before clamping to the keys that exist)."""
@@ -209,6 +263,11 @@ class Visibility:
             cond = T.And(cond, j <= self._last(i))
         if self.window is not None:
             cond = T.And(cond, j > self._last(i) - self.window)
+        if self._tree_bound():
+            # Both indices clamped: rows past seq_q (padding of a row tile) and keys the causal test hides are
+            # tested too, lane by lane.
+            node = T.min(T.max(j - self.off, 0), self.seq_q - 1)
+            cond = T.And(cond, T.Or(j < self.off, self.tree[T.min(i, self.seq_q - 1), node] != T.int8(0)))
         return cond
 
     def all_see(self, first_q, last_q, key0, key_end):
@@ -218,6 +277,8 @@ class Visibility:
             cond = T.And(cond, key_end - 1 <= self._last(first_q))
         if self.window is not None:
             cond = T.And(cond, key0 > self._last(last_q) - self.window)
+        if self._tree_bound():
+            cond = T.And(cond, key_end <= self.off)
         return cond
 
     def first_tile(self, first_q, block: int):

@@ -488,4 +488,4 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
     def float_body(q, k, v, sinks, out):
         body(q, k, v, None, None, sinks, out)
 
-    return bhsd_kernel(float_body, kspec, B, SQ, SKV)
+    return bhsd_kernel(float_body, kspec, B, SQ, SKV, vis)

@@ -201,7 +201,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                             acc[r, dd], l[r], output_max(m[r], sinks), dtype,
                             sink_logit(sinks, head(vkh, vgo, vrt * BQ + r, SQ)))
 
-    return bhsd_kernel(body, kspec, B, SQ, SKV)
+    return bhsd_kernel(body, kspec, B, SQ, SKV, vis)
 
 
 def compute_grouped(kspec: KernelSpec, pairs: bool = False):

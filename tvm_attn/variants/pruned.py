@@ -75,6 +75,14 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
     NK = ceil_div(SKV, BK)
     SKVP = NK * BK
 
+    # A tree mask hides keys inside a row's range, which the cut may reach (a row seeing fewer than top_k keys, or
+    # weights of 0 at a cut of 0): the compaction tests each key.
+    TREE = spec.tree
+
+    def seen(i, j):
+        """Key j of the range row_end(i) counts: row i sees it (j from the row's first key, unless a tree mask)."""
+        return vis.sees(i, j) if TREE else j >= vis.first(i)
+
     def row_end(i):
         """vis.end(i), with a bound TVM's buffer compaction can handle (it fails on int32 overflow otherwise)."""
         return T.min(vis.end(i), SKVP)
@@ -237,7 +245,11 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                     with T.sblock("compact"):
                         r = T.axis.spatial(BQ, ri)
                         T.where(vrt * BQ + ri < SQ)
-                        T.reads(keys[r, 0:SKVP], E[r, 0:SKVP], cut[r], cut_key[r], cut_index[r])
+                        if TREE:
+                            T.reads(keys[r, 0:SKVP], E[r, 0:SKVP], cut[r], cut_key[r], cut_index[r],
+                                    vis.tree[0:SQ, 0:SQ])
+                        else:
+                            T.reads(keys[r, 0:SKVP], E[r, 0:SKVP], cut[r], cut_key[r], cut_index[r])
                         T.writes(idx[r, 0:SLOTS], cnt[r])
                         cnt[r] = 0
                         for j in range(row_end(vrt * BQ + r)):
@@ -246,11 +258,13 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                             if KEYS:
                                 cnt[r] = cnt[r] + T.Cast(
                                     "int32",
-                                    T.And(j >= vis.first(vrt * BQ + r), T.Or(
+                                    T.And(seen(vrt * BQ + r, j), T.Or(
                                         keys[r, j] > cut_key[r],
                                         T.And(keys[r, j] == cut_key[r], j <= cut_index[r]),
                                     )),
                                 )
+                            elif TREE:
+                                cnt[r] = cnt[r] + T.Cast("int32", T.And(vis.sees(vrt * BQ + r, j), E[r, j] >= cut[r]))
                             else:
                                 cnt[r] = cnt[r] + T.Cast("int32", E[r, j] >= cut[r])
                 for ri in range(BQ):
@@ -279,7 +293,7 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                         out[vb, vh, vrt * BQ + r, dd] = row_output(acc[r, dd], l[r], row_max[r], dtype,
                                                                    sink_logit(sinks, vh))
 
-    return bhsd_kernel(body, spec, B, SQ, SKV)
+    return bhsd_kernel(body, spec, B, SQ, SKV, vis)
 
 
 def compute_decode(spec: KernelSpec):

@@ -95,4 +95,4 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                         out[vb, vh, vrt * BQ + r, dd] = row_output(acc[r, dd], row_sum[r], row_max[r], dtype,
                                                             sink_logit(sinks, vh))
 
-    return bhsd_kernel(body, kspec, B, SQ, SKV)
+    return bhsd_kernel(body, kspec, B, SQ, SKV, vis)

@@ -1,0 +1,225 @@
+"""Tree masks (AttentionSpec.tree_parents, speculative decoding's draft trees): the query rows are a tree's nodes,
+whose keys are the last seq_q keys, and each row sees the keys before the tree, its ancestors and itself. Checked
+the way the definition reads: each node's row equals the last row of its root-to-node path run as its own causal
+sequence (float64 reference of that path), for the dense variants' prefill (more than 8 nodes) and decode kernels;
+refused where it is not taken."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+
+import tvm_attn
+from conftest import assert_matches_reference, make_inputs, output_tolerance
+from tvm_attn import export, runtime
+from tvm_attn.variants import DECODE_MAX_ROWS
+
+# 16 nodes, branching at several depths (a draft tree of speculative decoding); 5 nodes with two roots (a forest:
+# two first-token candidates); 8 nodes; a chain (the causal mask).
+TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)
+FOREST_5 = (-1, -1, 0, 1, 1)
+TREE_8 = (-1, 0, 1, 0, 3, 2, 4, 4)
+
+# (heads, kv_heads, cached keys before the tree, head_dim, dtype)
+SHAPES = [(4, 2, 37, 40, "float32"), (6, 2, 0, 64, "float32"), (4, 4, 257, 48, "float32"),
+          (4, 2, 130, 64, "bfloat16"), (4, 2, 90, 32, "float16")]
+CASES = ([("flash", TREE_16, shape) for shape in SHAPES] + [("flash", FOREST_5, shape) for shape in SHAPES[:4]]
+         + [("standard", TREE_16, SHAPES[0]), ("standard", TREE_8, SHAPES[2]),
+            ("mqa", TREE_16, SHAPES[3]), ("mqa", FOREST_5, SHAPES[0])])
+
+
+def path_to(parents, node: int) -> list[int]:
+    """The nodes from node's root down to node."""
+    path = [node]
+    while parents[path[0]] >= 0:
+        path.insert(0, parents[path[0]])
+    return path
+
+
+def tree_inputs(shape, parents, seed=0, batch=2):
+    heads, kv_heads, cached, head_dim, dtype = shape
+    spec = tvm_attn.AttentionSpec(batch=batch, heads=heads, kv_heads=kv_heads, seq_q=len(parents),
+                                  seq_kv=cached + len(parents), head_dim=head_dim, causal=True, dtype=dtype,
+                                  tree_parents=parents)
+    return (spec, *make_inputs(spec, seed=seed, q_scale=2.0))
+
+
+def assert_rows_equal_their_paths(spec, out, q, k, v, variant="flash", **features):
+    """Each node's row of ``out`` (``variant``'s) against the float64 reference of its path run as its own causal
+    sequence, within the tolerance of the tree's call (its path's keys are among the tree call's)."""
+    cached = spec.seq_kv - spec.seq_q
+    rtol, atol = output_tolerance(spec, variant, v)
+    for node in range(spec.seq_q):
+        path = path_to(spec.tree_parents, node)
+        keys = list(range(cached)) + [cached + p for p in path]
+        path_ref = tvm_attn.reference(q[:, :, path], k[:, :, keys], v[:, :, keys], causal=True, **features)
+        np.testing.assert_allclose(np.asarray(out[:, :, node], np.float64), path_ref[:, :, -1], rtol=rtol, atol=atol,
+                                   err_msg=f"tree node {node} (path {path}) differs from its path's own attention")
+
+
+@pytest.mark.parametrize("variant,parents,shape", CASES, ids=str)
+def test_tree_rows_equal_their_paths(variant, parents, shape):
+    spec, q, k, v = tree_inputs(shape, parents, seed=len(parents) + shape[2])
+    out = tvm_attn.attention(q, k, v, variant=variant, causal=True, tree_parents=parents)
+    assert_matches_reference(variant, spec, out, q, k, v)
+    assert_rows_equal_their_paths(spec, out, q, k, v, variant)
+    causal = tvm_attn.reference(q, k, v, causal=True)  # the test can fail: the tree hides keys the causal mask shows
+    assert np.abs(causal - out.astype(np.float64)).max() > 0.05
+
+
+# top_k 12 with 3 keys before the tree: deep nodes see 3 + depth keys, fewer than top_k and fewer than the causal
+# range, so the selection reaches keys the tree hides.
+PRUNED_CASES = [(variant, knob, parents, cached) for variant, knob in (
+    ("topk", {"top_k": 12}), ("topk", {"top_k": 5}), ("threshold", {"threshold": 0.05}), ("mass", {"eps": 0.05}))
+    for parents, cached in ((TREE_16, 3), (FOREST_5, 40))]
+
+
+@pytest.mark.parametrize("variant,knob,parents,cached", PRUNED_CASES, ids=str)
+def test_pruned_variants_prune_within_the_tree(variant, knob, parents, cached):
+    spec, q, k, v = tree_inputs((4, 2, cached, 32, "float32"), parents, seed=cached)
+    spec = dataclasses.replace(spec, **knob)
+    out = tvm_attn.attention(q, k, v, variant=variant, causal=True, tree_parents=parents, **knob)
+    assert_matches_reference(variant, spec, out, q, k, v)
+
+
+@pytest.mark.parametrize("parents", [TREE_16, TREE_8], ids=["prefill", "decode"])
+def test_trees_with_sinks_and_softcap(parents):
+    assert (len(parents) > DECODE_MAX_ROWS) == (parents is TREE_16)
+    spec, q, k, v = tree_inputs((4, 2, 61, 64, "float32"), parents, seed=3)
+    spec = dataclasses.replace(spec, softcap=5.0, sinks=True)
+    sinks = np.linspace(-1.0, 4.0, 4).astype(np.float32)
+    out = tvm_attn.attention(q, k, v, causal=True, tree_parents=parents, softcap=5.0, sinks=sinks)
+    assert_matches_reference("flash", spec, out, q, k, v, sinks=sinks)
+    assert_rows_equal_their_paths(spec, out, q, k, v, softcap=5.0, sinks=sinks)
+
+
+@pytest.mark.parametrize("nodes", [5, 20])
+def test_a_chain_is_the_causal_mask(nodes):
+    parents = tuple(range(-1, nodes - 1))
+    spec, q, k, v = tree_inputs((4, 2, 100, 64, "float32"), parents, seed=nodes)
+    tree = tvm_attn.attention(q, k, v, causal=True, tree_parents=parents)
+    np.testing.assert_array_equal(tree, tvm_attn.attention(q, k, v, causal=True))
+
+
+def test_a_kernel_serves_every_tree_and_length():
+    """One compiled tree kernel, other trees and cache lengths: the mask is a run-time argument."""
+    kernel = tvm_attn.build("flash", tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=16, seq_kv=100,
+                                                            head_dim=32, causal=True, tree_parents=TREE_16))
+    for parents, cached in ((TREE_16, 300), (TREE_16[:12], 7), (tuple(range(-1, 9)) + (0, 0, 0), 64)):
+        spec, q, k, v = tree_inputs((4, 2, cached, 32, "float32"), parents, seed=cached, batch=1)
+        out = kernel(q, k, v, tree_parents=parents)
+        assert_rows_equal_their_paths(spec, out, q, k, v)
+
+
+def test_bad_trees_are_clear_errors():
+    spec, q, k, v = tree_inputs((4, 2, 10, 32, "float32"), TREE_8)
+    bad = [
+        (dict(tree_parents=(-1, 0, 1)), ValueError, r"shape \(seq_q,\) = \(8,\)"),
+        (dict(tree_parents=(-1, 0, 1, 3, 3, 2, 4, 4)), ValueError, r"tree_parents\[3\] = 3.*not before it"),
+        (dict(tree_parents=(-1, 2, 1, 0, 3, 2, 4, 4)), ValueError, r"tree_parents\[1\] = 2"),  # a cycle 1 <-> 2
+        (dict(tree_parents=(-1, 0, 1, 0, 3, 2, 4, 9)), ValueError, r"tree_parents\[7\] = 9: .*not a node"),
+        (dict(tree_parents=(-2, 0, 1, 0, 3, 2, 4, 4)), ValueError, r"tree_parents\[0\] = -2"),
+        (dict(tree_parents=np.array(TREE_8, np.float32)), TypeError, "must hold ints"),
+        (dict(tree_parents="01"), TypeError, "sequence or array"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            tvm_attn.attention(q, k, v, causal=True, **kwargs)
+    with pytest.raises(ValueError, match="needs causal=True"):
+        tvm_attn.attention(q, k, v, tree_parents=TREE_8)
+    with pytest.raises(ValueError, match="only seq_kv=5 keys"):
+        tvm_attn.attention(q, k[:, :, :5], v[:, :, :5], causal=True, tree_parents=TREE_8)
+    with pytest.raises(ValueError, match="tree_parents with window"):
+        tvm_attn.attention(q, k, v, causal=True, window=4, tree_parents=TREE_8)
+    with pytest.raises(ValueError, match="tree_parents with alibi_slopes"):
+        tvm_attn.attention(q, k, v, causal=True, alibi_slopes=[0.1] * 4, tree_parents=TREE_8)
+    with pytest.raises(ValueError, match="variant 'bounded' does not take tree masks"):
+        tvm_attn.attention(q, k, v, variant="bounded", eps=0.1, causal=True, tree_parents=TREE_8)
+    _, q16, k16, v16 = tree_inputs((4, 2, 10, 32, "float32"), TREE_16)
+    with pytest.raises(ValueError, match="schedule='blas' does not take tree masks yet"):
+        tvm_attn.attention(q16, k16, v16, causal=True, tree_parents=TREE_16, schedule="blas")
+    tree_kernel = tvm_attn.build("flash", spec)
+    with pytest.raises(ValueError, match="pass tree_parents="):
+        tree_kernel(q, k, v)
+    plain_kernel = tvm_attn.build("flash", dataclasses.replace(spec, tree_parents=None))
+    with pytest.raises(ValueError, match="built without a tree mask"):
+        plain_kernel(q, k, v, tree_parents=TREE_8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_verify_a_tree_through_a_cache_and_keep_the_accepted_path(dtype):
+    """A speculative decoding step: append the tree's keys and values, verify every node in one attend, keep the
+    accepted path; the cache then holds what appending the path alone would have."""
+    shape = (4, 2, 45, 32, "float32" if dtype == "int8" else dtype)
+    spec, q, k, v = tree_inputs(shape, TREE_16, seed=5, batch=1)
+    cached = spec.seq_kv - spec.seq_q
+    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=80, dtype=dtype)
+    path_cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=80, dtype=dtype)
+    for c in (cache, path_cache):
+        c.append(k[:, :, :cached], v[:, :, :cached])
+    cache.append(k[:, :, cached:], v[:, :, cached:])
+    k_all, v_all = cache.dequantized()
+    for rows in (slice(None), slice(0, 5)):  # the 16-node tree (prefill kernel) and its first 5 nodes (decode)
+        if rows.stop:
+            cache.truncate(cached + rows.stop)
+        parents = TREE_16[rows]
+        out = cache.attend(q[:, :, rows], tree_parents=parents)
+        nodes = len(parents)
+        tree_spec = dataclasses.replace(spec, seq_q=nodes, seq_kv=cached + nodes, tree_parents=parents)
+        assert_matches_reference("flash", tree_spec, out, q[:, :, rows], k_all[:, :, :cached + nodes],
+                                 v_all[:, :, :cached + nodes])
+    cache.append(k[:, :, cached + 5:], v[:, :, cached + 5:])
+    accepted = [0, 1, 4, 8]
+    cache.keep_tree_path(TREE_16, accepted)
+    path_cache.append(k[:, :, [cached + node for node in accepted]], v[:, :, [cached + node for node in accepted]])
+    assert cache.length == path_cache.length == cached + 4
+    for mine, theirs in zip(cache.dequantized(), path_cache.dequantized()):
+        np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(cache.attend(q[:, :, :1]), path_cache.attend(q[:, :, :1]))
+    cache.append(k[:, :, cached:cached + 3], v[:, :, cached:cached + 3])
+    cache.keep_tree_path((-1, 0, 0), [])  # none accepted
+    assert cache.length == cached + 4
+
+
+def test_bad_tree_paths_leave_the_cache_unchanged():
+    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=40)
+    k = np.random.default_rng(0).standard_normal((1, 2, 20, 32)).astype(np.float32)
+    cache.append(k, k)
+    before = cache.k.copy()
+    bad = [((-1, 0, 0, 1), [0, 2, 3], ValueError, r"path\[2\] = 3: its parent is 1, not 2"),
+           ((-1, 0, 0, 1), [1], ValueError, r"path\[0\] = 1: its parent is 0, not -1"),
+           ((-1, 0, 0, 1), [0, 7], ValueError, r"path\[1\] = 7 is not a node of the 4-node tree"),
+           ((-1, 0, 0, 1), [0.0], TypeError, "node indices"),
+           ((-1, 1), [0], ValueError, r"tree_parents\[1\] = 1"),
+           (tuple(range(-1, 21)), [0], ValueError, "22 nodes but the cache holds 20")]
+    for parents, path, error, message in bad:
+        with pytest.raises(error, match=message):
+            cache.keep_tree_path(parents, path)
+        assert cache.length == 20
+        np.testing.assert_array_equal(cache.k, before)
+    q = np.zeros((1, 4, 4, 32), np.float32)
+    with pytest.raises(ValueError, match="padded batch does not take tree masks"):
+        cache.attend(q, tree_parents=(-1, 0, 0, 1), attention_mask=np.ones((1, 20), np.int64))
+    with pytest.raises(ValueError, match=r"shape \(seq_q,\) = \(4,\)"):
+        cache.attend(q, tree_parents=(-1, 0, 0))
+
+
+def test_torch_op_and_export_take_trees(tmp_path):
+    torch = pytest.importorskip("torch")
+    import tvm_attn.torch_ops  # noqa: F401
+
+    spec, q, k, v = tree_inputs((4, 2, 23, 32, "float32"), TREE_16, seed=8, batch=1)
+    out = torch.ops.tvm_attn.attention(*map(torch.from_numpy, (q, k, v)), "flash", True,
+                                       tree_parents=torch.tensor(TREE_16))
+    assert_matches_reference("flash", spec, out.numpy(), q, k, v)
+    kernel = runtime.load(export.export("flash", spec, "host", tmp_path, log=io.StringIO()).manifest)
+    assert [a["name"] for a in kernel.manifest["arguments"]] == ["q", "k", "v", "tree", "out"]
+    assert "tree" in kernel.manifest["semantics"]
+    assert_matches_reference("flash", spec, kernel(q, k, v, tree_parents=TREE_16), q, k, v)
+    with pytest.raises(ValueError, match="takes a tree mask"):
+        kernel(q, k, v)
+    with pytest.raises(ValueError, match=r"tree_parents\[3\] = 5"):
+        kernel(q, k, v, tree_parents=(-1, 0, 0, 5) + TREE_16[4:])
