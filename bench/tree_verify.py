@@ -3,10 +3,11 @@
 round per point with the benchmark's timer (warm-up, then turns until 1 s each and a spread under 5%), schedule
 "best" (tuned records where this CPU has them; a tree kernel replays the record of the causal kernel without).
 
-The tree call is each tree-taking kernel serving 16 rows over the cache and the tree's keys: flash's and mqa's
-prefill kernels (mqa stacks a KV group's query heads in its row tiles) and flash's decode kernel (split-KV, built for
-at most 8 rows). The 16 decode calls are flash's decode kernel, one query row each, over the cache and the node's
-path (cache + depth keys), as a loop verifying each root-to-node path as its own sequence would run.
+The tree call is each dense kernel serving the 16 rows over the cache and the tree's keys: the split-KV decode kernel
+(what ``build`` and ``KVCache.attend`` take for trees of up to 16 nodes, ``variants.TREE_DECODE_MAX_ROWS``), and, for
+comparison, flash's and mqa's prefill kernels (mqa stacks a KV group's query heads in its row tiles). The 16 decode
+calls are flash's decode kernel, one query row each, over the cache and the node's path (cache + depth keys), as a
+loop verifying each root-to-node path as its own sequence would run.
 
     python bench/tree_verify.py        # run on an idle machine; prints a markdown table
 """
@@ -67,7 +68,8 @@ def main():
     rng = np.random.default_rng(0)
     print(f"# Tree verification on {tvm_attn.target_key('host')}: a {len(TREE)}-node tree over {CACHED} cached "
           f"positions, time of one call / time of {len(TREE)} decode calls (median of interleaved turns)\n")
-    print("| shape | dtype | 16 decode calls | flash prefill | mqa prefill | flash decode kernel, 16 rows |")
+    print("| shape | dtype | 16 decode calls | one call: split-KV decode kernel (taken) | flash prefill kernel | "
+          "mqa prefill kernel |")
     print("|---|---|---|---|---|---|")
     for label, fields in POINTS:
         for dtype in DTYPES:
@@ -78,13 +80,14 @@ def main():
             k, v = (rng.standard_normal(spec.kv_shape).astype(np.float32).astype(np_dtype) for _ in "kv")
             fns, used = {}, {}
             fns["decode"], used["decode"] = decode_calls(spec, q, k, v)
-            for name, variant, path in (("flash", "flash", "prefill"), ("mqa", "mqa", "prefill"),
-                                        ("flash decode", "flash", "decode")):
+            assert tvm_attn.get_variant("flash").path_of(spec) == "decode"
+            for name, variant, path in (("flash decode", "flash", "decode"), ("flash", "flash", "prefill"),
+                                        ("mqa", "mqa", "prefill")):
                 fns[name], used[name] = tree_call(variant, path, spec, q, k, v)
             res = measure_interleaved(fns, min_seconds=1.0, spread=0.05, max_seconds=6)
             base = res["decode"].median_ms
             cells = [f"{res[n].median_ms / base:.3f}x ({res[n].median_ms:.2f} ms, {used[n]})"
-                     for n in ("flash", "mqa", "flash decode")]
+                     for n in ("flash decode", "flash", "mqa")]
             print(f"| {label} | {dtype} | {base:.2f} ms ({used['decode']}) | " + " | ".join(cells) + " |",
                   flush=True)
 

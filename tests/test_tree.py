@@ -13,22 +13,25 @@ import numpy as np
 import pytest
 
 import tvm_attn
-from conftest import assert_matches_reference, make_inputs, output_tolerance
+from conftest import assert_matches_reference, knobs_for, make_inputs, output_tolerance
 from tvm_attn import export, runtime
-from tvm_attn.variants import DECODE_MAX_ROWS
+from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS
 
-# 16 nodes, branching at several depths (a draft tree of speculative decoding); 5 nodes with two roots (a forest:
-# two first-token candidates); 8 nodes; a chain (the causal mask).
+# 16 nodes, branching at several depths (a draft tree of speculative decoding; the split-KV decode kernel serves
+# trees up to TREE_DECODE_MAX_ROWS nodes); 40 nodes, a binary heap with a second root (the prefill kernels); 5 nodes
+# with two roots (a forest: two first-token candidates); 8 nodes.
 TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)
+TREE_40 = (-1,) + tuple((i - 1) // 2 for i in range(1, 39)) + (-1,)
 FOREST_5 = (-1, -1, 0, 1, 1)
 TREE_8 = (-1, 0, 1, 0, 3, 2, 4, 4)
 
 # (heads, kv_heads, cached keys before the tree, head_dim, dtype)
 SHAPES = [(4, 2, 37, 40, "float32"), (6, 2, 0, 64, "float32"), (4, 4, 257, 48, "float32"),
           (4, 2, 130, 64, "bfloat16"), (4, 2, 90, 32, "float16")]
-CASES = ([("flash", TREE_16, shape) for shape in SHAPES] + [("flash", FOREST_5, shape) for shape in SHAPES[:4]]
-         + [("standard", TREE_16, SHAPES[0]), ("standard", TREE_8, SHAPES[2]),
-            ("mqa", TREE_16, SHAPES[3]), ("mqa", FOREST_5, SHAPES[0])])
+CASES = ([("flash", TREE_16, shape) for shape in SHAPES] + [("flash", TREE_40, shape) for shape in SHAPES]
+         + [("flash", FOREST_5, shape) for shape in SHAPES[:4]]
+         + [("standard", TREE_40, SHAPES[0]), ("standard", TREE_8, SHAPES[2]),
+            ("mqa", TREE_40, SHAPES[3]), ("mqa", FOREST_5, SHAPES[0])])
 
 
 def path_to(parents, node: int) -> list[int]:
@@ -85,15 +88,26 @@ def test_pruned_variants_prune_within_the_tree(variant, knob, parents, cached):
     assert_matches_reference(variant, spec, out, q, k, v)
 
 
-@pytest.mark.parametrize("parents", [TREE_16, TREE_8], ids=["prefill", "decode"])
+@pytest.mark.parametrize("parents", [TREE_40, TREE_16], ids=["prefill", "decode"])
 def test_trees_with_sinks_and_softcap(parents):
-    assert (len(parents) > DECODE_MAX_ROWS) == (parents is TREE_16)
     spec, q, k, v = tree_inputs((4, 2, 61, 64, "float32"), parents, seed=3)
     spec = dataclasses.replace(spec, softcap=5.0, sinks=True)
     sinks = np.linspace(-1.0, 4.0, 4).astype(np.float32)
     out = tvm_attn.attention(q, k, v, causal=True, tree_parents=parents, softcap=5.0, sinks=sinks)
     assert_matches_reference("flash", spec, out, q, k, v, sinks=sinks)
     assert_rows_equal_their_paths(spec, out, q, k, v, softcap=5.0, sinks=sinks)
+
+
+def test_draft_trees_up_to_16_nodes_take_the_split_kv_decode_kernel():
+    def path(variant, nodes):
+        spec = tvm_attn.AttentionSpec(heads=4, kv_heads=2, seq_q=nodes, seq_kv=nodes + 50, head_dim=32, causal=True,
+                                      tree_parents=tuple(range(-1, nodes - 1)), **knobs_for(variant)[0])
+        return tvm_attn.get_variant(variant).path_of(spec)
+
+    assert DECODE_MAX_ROWS < 9 <= TREE_DECODE_MAX_ROWS == 16
+    assert [path("flash", n) for n in (8, 9, 16, 17)] == ["decode", "decode", "decode", "prefill"]
+    assert path("mqa", 16) == path("standard", 16) == "decode"
+    assert path("topk", 9) == "prefill"  # (its decode kernel is not split-KV)
 
 
 @pytest.mark.parametrize("nodes", [5, 20])
@@ -138,9 +152,9 @@ def test_bad_trees_are_clear_errors():
         tvm_attn.attention(q, k, v, causal=True, alibi_slopes=[0.1] * 4, tree_parents=TREE_8)
     with pytest.raises(ValueError, match="variant 'bounded' does not take tree masks"):
         tvm_attn.attention(q, k, v, variant="bounded", eps=0.1, causal=True, tree_parents=TREE_8)
-    _, q16, k16, v16 = tree_inputs((4, 2, 10, 32, "float32"), TREE_16)
+    _, q40, k40, v40 = tree_inputs((4, 2, 10, 32, "float32"), TREE_40)
     with pytest.raises(ValueError, match="schedule='blas' does not take tree masks yet"):
-        tvm_attn.attention(q16, k16, v16, causal=True, tree_parents=TREE_16, schedule="blas")
+        tvm_attn.attention(q40, k40, v40, causal=True, tree_parents=TREE_40, schedule="blas")
     tree_kernel = tvm_attn.build("flash", spec)
     with pytest.raises(ValueError, match="pass tree_parents="):
         tree_kernel(q, k, v)
@@ -154,26 +168,26 @@ def test_verify_a_tree_through_a_cache_and_keep_the_accepted_path(dtype):
     """A speculative decoding step: append the tree's keys and values, verify every node in one attend, keep the
     accepted path; the cache then holds what appending the path alone would have."""
     shape = (4, 2, 45, 32, "float32" if dtype == "int8" else dtype)
-    spec, q, k, v = tree_inputs(shape, TREE_16, seed=5, batch=1)
+    spec, q, k, v = tree_inputs(shape, TREE_40, seed=5, batch=1)
     cached = spec.seq_kv - spec.seq_q
-    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=80, dtype=dtype)
-    path_cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=80, dtype=dtype)
+    cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=100, dtype=dtype)
+    path_cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=100, dtype=dtype)
     for c in (cache, path_cache):
         c.append(k[:, :, :cached], v[:, :, :cached])
     cache.append(k[:, :, cached:], v[:, :, cached:])
     k_all, v_all = cache.dequantized()
-    for rows in (slice(None), slice(0, 5)):  # the 16-node tree (prefill kernel) and its first 5 nodes (decode)
+    for rows in (slice(None), slice(0, 5)):  # the 40-node tree (prefill kernel) and its first 5 nodes (decode)
         if rows.stop:
             cache.truncate(cached + rows.stop)
-        parents = TREE_16[rows]
+        parents = TREE_40[rows]
         out = cache.attend(q[:, :, rows], tree_parents=parents)
         nodes = len(parents)
         tree_spec = dataclasses.replace(spec, seq_q=nodes, seq_kv=cached + nodes, tree_parents=parents)
         assert_matches_reference("flash", tree_spec, out, q[:, :, rows], k_all[:, :, :cached + nodes],
                                  v_all[:, :, :cached + nodes])
     cache.append(k[:, :, cached + 5:], v[:, :, cached + 5:])
-    accepted = [0, 1, 4, 8]
-    cache.keep_tree_path(TREE_16, accepted)
+    accepted = [0, 1, 3, 7]
+    cache.keep_tree_path(TREE_40, accepted)
     path_cache.append(k[:, :, [cached + node for node in accepted]], v[:, :, [cached + node for node in accepted]])
     assert cache.length == path_cache.length == cached + 4
     for mine, theirs in zip(cache.dequantized(), path_cache.dequantized()):

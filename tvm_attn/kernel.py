@@ -319,9 +319,7 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     v.check(spec)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    path = path_for(spec.seq_q)
-    if path == "decode" and not v.has_decode_kernel():
-        path = "prefill"
+    path = v.path_of(spec)
     if spec.kv_dtype is not None and spec.tree_parents is not None:
         raise ValueError(f"kv_dtype={spec.kv_dtype!r} with tree_parents: the kernels reading integer K and V take no "
                          f"tree mask yet (dequantize K and V, or verify the tree in a float KVCache)")

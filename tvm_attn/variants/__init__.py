@@ -26,6 +26,10 @@ from . import blas_prefill, bounded, decode, flash, pruned, sme_prefill, standar
 
 PATHS = ("prefill", "decode", "shadow")  # shadow: the kernel KVCache.attend runs over the cache's shadow of K
 DECODE_MAX_ROWS = 8  # calls with at most this many query rows (seq_q) take a variant's decode kernel
+# Draft trees of up to this many nodes take the dense variants' split-KV decode kernel (kernel.build): verifying a
+# 16-node tree over 8192 cached positions, it took 0.28x-0.80x the time of 16 one-row decode calls where the prefill
+# kernels took 0.56x-1.46x (flash) and 0.56x-0.89x (mqa) (bench/tree_verify.py, Zen 4).
+TREE_DECODE_MAX_ROWS = 16
 
 
 def path_for(seq_q: int) -> str:
@@ -120,6 +124,17 @@ class Variant:
 
     def has_decode_kernel(self) -> bool:
         return self.decode_compute is not None
+
+    def path_of(self, spec: AttentionSpec) -> str:
+        """Which kernel of this variant serves ``spec``: ``path_for(spec.seq_q)``, the decode kernel where the
+        variant has none, and the split-KV decode kernel for draft trees of up to TREE_DECODE_MAX_ROWS nodes."""
+        path = path_for(spec.seq_q)
+        if (path == "prefill" and spec.tree_parents is not None and spec.seq_q <= TREE_DECODE_MAX_ROWS
+                and self.decode_compute is decode.compute):
+            return "decode"
+        if path == "decode" and not self.has_decode_kernel():
+            return "prefill"
+        return path
 
     def check(self, spec: AttentionSpec) -> None:
         """Raise ValueError when spec sets a knob this variant does not use, or lacks the one it needs, or asks

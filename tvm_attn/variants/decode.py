@@ -86,12 +86,17 @@ BYTE_VALUE_DIMS = 16  # P V in byte products interleaves V's codes 16 dimensions
 
 
 def default_config(kspec: KernelSpec) -> DecodeConfig:
-    """The split the decode kernel of ``kspec`` takes unless given one: DecodeConfig() for float K and V. Integer K
-    and V, measured here (Zen 5, 2 cores, int8 caches rotated through memory, head_dim 128, one process): one query
-    row per KV head takes 64-key tiles (0.89 -> 0.60 ms at 4k keys, 3.96 -> 3.21 ms at 16k against 128-key ones);
-    grouped rows 1024-key tiles (GQA 32/8 at 16k keys: 1.54 ms with 128-key tiles, 1.23 with 256, 1.12 with 512,
-    1.03 with 1024, 1.01 with 2048; at 4k 0.297 ms with 512, 0.283 with 1024). A tile's keys past the cache's end
-    are computed and masked: a 1024-key tile costs short caches up to 1023 keys of work."""
+    """The split the decode kernel of ``kspec`` takes unless given one: DecodeConfig() for float K and V (512-key chunks
+    for a tree mask's). Integer K and V, measured here (Zen 5, 2 cores, int8 caches rotated through memory, head_dim
+    128, one process): one query row per KV head takes 64-key tiles (0.89 -> 0.60 ms at 4k keys, 3.96 -> 3.21 ms at
+    16k against 128-key ones); grouped rows 1024-key tiles (GQA 32/8 at 16k keys: 1.54 ms with 128-key tiles, 1.23
+    with 256, 1.12 with 512, 1.03 with 1024, 1.01 with 2048; at 4k 0.297 ms with 512, 0.283 with 1024). A tile's
+    keys past the cache's end are computed and masked: a 1024-key tile costs short caches up to 1023 keys of work."""
+    if kspec.tree:
+        # A draft tree's rows walk each chunk once per node: half the keys keep a chunk's K and V (128-dim float32)
+        # in a 1 MB L2. Measured here (Zen 4), a 16-node tree over 8192 keys: MHA 32 D128 36.3 -> 32.5 ms, GQA 32/8
+        # 19.0 -> 18.4 ms against 1024-key chunks (256 keys: the same as 512).
+        return DecodeConfig(chunk_keys=512)
     if kspec.kv_dtype is None:
         return DecodeConfig()
     return DecodeConfig(block_kv=64 if kspec.group_size == 1 else 1024, chunk_keys=2048)
