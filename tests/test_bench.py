@@ -231,6 +231,25 @@ def test_integer_kv_study_and_report(tmp_path):
     assert "Goals (issue 30): kv_heads=4 (MHA) int8 vs float16" in report
 
 
+def test_features_study_and_report(tmp_path):
+    """The features study on tiny shapes (python -m tvm_attn.bench --quick --study features): a row per feature and the
+    kernel without it, a row per tree provider, and the report's section states issue 29's goals."""
+    from tvm_attn.bench.__main__ import QUICK_FEATURES
+    from tvm_attn.bench.features import DECODE_CALLS, FEATURES, TAKEN
+    from tvm_attn.bench.report import write_report
+    from tvm_attn.bench.runner import run_studies
+
+    csv_path = tmp_path / "results.csv"
+    rows = [r for r in run_studies([], str(csv_path), features=QUICK_FEATURES) if r["study"] == "features"]
+    assert sorted(r["feature"] for r in rows if r["feature"] != "tree") == sorted(["", *FEATURES])
+    tree = [r for r in rows if r["feature"] == "tree"]
+    assert {r["provider"] for r in tree} == {TAKEN, DECODE_CALLS, "flash prefill kernel", "mqa prefill kernel"}
+    assert all(r["median_ms"] > 0 for r in rows)
+    report = open(write_report(str(csv_path), str(tmp_path))).read()
+    assert "## Attention features: softcap, sinks, ALiBi, tree verification" in report
+    assert "Goals (issue 29): each feature at most" in report and "one call verifying the tree at most" in report
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_the_default_plan_is_what_the_benchmark_times(quick):
     """tune and export default to the core's plan (tvm_attn/plan.py); the benchmark's studies time exactly those

@@ -34,6 +34,13 @@ CASES = ([("flash", TREE_16, shape) for shape in SHAPES] + [("flash", TREE_40, s
             ("mqa", TREE_40, SHAPES[3]), ("mqa", FOREST_5, SHAPES[0])])
 
 
+def case_id(value) -> str:
+    """Test ids: a tree by its node count, a shape by its fields."""
+    if isinstance(value, tuple) and value and isinstance(value[0], int) and value[0] == -1:
+        return f"{len(value)}nodes"
+    return str(value)
+
+
 def path_to(parents, node: int) -> list[int]:
     """The nodes from node's root down to node."""
     path = [node]
@@ -63,7 +70,7 @@ def assert_rows_equal_their_paths(spec, out, q, k, v, variant="flash", **feature
                                    err_msg=f"tree node {node} (path {path}) differs from its path's own attention")
 
 
-@pytest.mark.parametrize("variant,parents,shape", CASES, ids=str)
+@pytest.mark.parametrize("variant,parents,shape", CASES, ids=case_id)
 def test_tree_rows_equal_their_paths(variant, parents, shape):
     spec, q, k, v = tree_inputs(shape, parents, seed=len(parents) + shape[2])
     out = tvm_attn.attention(q, k, v, variant=variant, causal=True, tree_parents=parents)
@@ -80,7 +87,7 @@ PRUNED_CASES = [(variant, knob, parents, cached) for variant, knob in (
     for parents, cached in ((TREE_16, 3), (FOREST_5, 40))]
 
 
-@pytest.mark.parametrize("variant,knob,parents,cached", PRUNED_CASES, ids=str)
+@pytest.mark.parametrize("variant,knob,parents,cached", PRUNED_CASES, ids=case_id)
 def test_pruned_variants_prune_within_the_tree(variant, knob, parents, cached):
     spec, q, k, v = tree_inputs((4, 2, cached, 32, "float32"), parents, seed=cached)
     spec = dataclasses.replace(spec, **knob)
@@ -108,6 +115,12 @@ def test_draft_trees_up_to_16_nodes_take_the_split_kv_decode_kernel():
     assert [path("flash", n) for n in (8, 9, 16, 17)] == ["decode", "decode", "decode", "prefill"]
     assert path("mqa", 16) == path("standard", 16) == "decode"
     assert path("topk", 9) == "prefill"  # (its decode kernel is not split-KV)
+    spec = tvm_attn.AttentionSpec(heads=4, kv_heads=2, seq_q=16, seq_kv=60, head_dim=32, causal=True,
+                                  tree_parents=TREE_16)
+    assert tvm_attn.build("flash", spec).path == "decode" and tvm_attn.build("flash", spec, path="prefill").path == (
+        "prefill")
+    with pytest.raises(ValueError, match="path must be None"):
+        tvm_attn.build("bounded", dataclasses.replace(spec, tree_parents=None, eps=0.1), path="decode")
 
 
 @pytest.mark.parametrize("nodes", [5, 20])

@@ -302,9 +302,11 @@ class Kernel:
         self.function(*map(dlpack_argument, self.arguments(q, k, v, out, shadow, sinks, tree)))
 
 
-def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best") -> Kernel:
-    """Compile ``variant`` for the kernel serving ``spec`` on ``target``: the decode kernel when spec.seq_q is small,
-    else the prefill one; either serves every batch, seq_q and seq_kv with spec's heads, head_dim, mask and knob.
+def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best",
+          path: str | None = None) -> Kernel:
+    """Compile ``variant`` for the kernel serving ``spec`` on ``target``: the decode kernel when spec.seq_q is small
+    (or a draft tree has at most 16 nodes: Variant.path_of), else the prefill one (``path`` "decode" or "prefill"
+    picks one instead); either serves every batch, seq_q and seq_kv with spec's heads, head_dim, mask and knob.
     ``schedule``: "best" ("blas" where `tune` measured it faster for this CPU or its ISA class, else the tuned
     record for this target if one exists, else the hand schedule, with a warning once), "tuned", "hand", "untuned"
     (the compute with no schedule at all, the reference the benchmarks compare against), or "blas" (dense prefill in
@@ -319,7 +321,11 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
     v.check(spec)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    path = v.path_of(spec)
+    if path is None:
+        path = v.path_of(spec)
+    elif path not in ("prefill", "decode") or (path == "decode" and not v.has_decode_kernel()):
+        raise ValueError(f"path must be None (the kernel the spec takes), 'prefill' or 'decode' (for variants with a "
+                         f"decode kernel), got {path!r} for variant {v.name!r}")
     if spec.kv_dtype is not None and spec.tree_parents is not None:
         raise ValueError(f"kv_dtype={spec.kv_dtype!r} with tree_parents: the kernels reading integer K and V take no "
                          f"tree mask yet (dequantize K and V, or verify the tree in a float KVCache)")

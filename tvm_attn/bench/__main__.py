@@ -2,8 +2,8 @@
 
 The default run answers the seed report's questions, every kernel study with fewer repeats (each provider of a point
 timed for 0.1 s, no spread target), in about 10 minutes on 2 cores; ``--full`` times each until its interquartile
-range is within 5% of its median and adds the model, sparse_decode, serving and integer_kv studies (~45
-minutes)."""
+range is within 5% of its median and adds the model, sparse_decode, serving, integer_kv and features studies (~50
+minutes: features ~6)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ QUICK_SERVING = dict(ragged=dict(sequences=5, shortest=16, longest=300, page_siz
 # decode through int8 caches against float16 and float32 ones (bench/integer_kv.py): --full runs and --study integer_kv
 INTEGER_KV = "integer_kv"
 QUICK_INTEGER_KV = dict(shapes=((4, 4), (4, 2)), lengths=(256,), head_dim=64, rotate_bytes=2**22, min_seconds=0.05)
+# what softcap, sinks and ALiBi cost, and tree verification against decode calls (bench/features.py): --full runs and
+# --study features
+FEATURES = "features"
+QUICK_FEATURES = dict(
+    cost=dict(points=(("flash prefill B1 H2 D32, 64, causal", dict(batch=1, heads=2, seq_q=64, head_dim=32,
+                                                                    causal=True)),),
+              min_seconds=0.02, max_seconds=0.1),
+    tree=dict(points=(("GQA 4/2 D32", dict(heads=4, kv_heads=2, head_dim=32)),), dtypes=("float32",), cached=256,
+              min_seconds=0.02, max_seconds=0.1))
 
 
 def main(argv=None) -> None:
@@ -36,7 +45,7 @@ def main(argv=None) -> None:
                     "torch SDPA (if installed) and numpy; write results.csv, report.md and plots.")
     parser.add_argument("--quick", action="store_true", help="a reduced study on tiny shapes (under 2 minutes)")
     parser.add_argument("--full", action="store_true", help="every provider timed to a 5%% interquartile range, "
-                        "and the model, sparse_decode, serving and integer_kv studies (~45 minutes)")
+                        "and the model, sparse_decode, serving, integer_kv and features studies (~50 minutes)")
     parser.add_argument("--out", default=None, help="output directory (default bench/results/<target key>, with "
                         "-<isa> for --isa)")
     parser.add_argument("--isa", default="native", help="the ISA class to hold every provider to: native (the "
@@ -75,7 +84,7 @@ def main(argv=None) -> None:
     if not args.report_only:
         studies = default_studies(quick=args.quick)
         # The generation loop, the model and sparse_decode run the host's kernels through KVCache: native runs only.
-        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE, SERVING, INTEGER_KV]
+        known = [s.name for s in studies] + ([GENERATION, MODEL, SPARSE_DECODE, SERVING, INTEGER_KV, FEATURES]
                                              if isa.name == "native" else [])
         for name in args.study or []:
             if name not in known:
@@ -106,6 +115,9 @@ def main(argv=None) -> None:
         integer_kv = None
         if (not args.study and args.full and isa.name == "native") or INTEGER_KV in (args.study or []):
             integer_kv = QUICK_INTEGER_KV if args.quick else {}
+        features = None
+        if (not args.study and args.full and isa.name == "native") or FEATURES in (args.study or []):
+            features = QUICK_FEATURES if args.quick else {}
         for name in args.variant or []:
             if name not in tvm_attn.VARIANTS:
                 parser.error(f"unknown variant {name!r}: use one of {', '.join(tvm_attn.VARIANTS)}")
@@ -131,7 +143,7 @@ def main(argv=None) -> None:
         run_csv = csv_path + ".partial" if partial else csv_path
         run_studies(studies, run_csv, min_seconds=min_seconds, spread=SPREAD if args.full else None,
                     generation=generation, model=model, sparse_decode=sparse_decode, serving=serving,
-                    integer_kv=integer_kv, isa=isa)
+                    integer_kv=integer_kv, features=features, isa=isa)
         if partial:
             merge_results(csv_path, run_csv, set(args.study))
             print(f"replaced the rows of {', '.join(args.study)} in {csv_path}; the other studies' rows (and the "

@@ -13,6 +13,7 @@ from collections import defaultdict
 from ..timing import MAX_SECONDS, SPREAD
 from .ceiling import SAME_ROUND_SGEMM_N
 from .formatting import best, knob_points, load, mb, ms, one, pct, pick, plot, ratio, sci, table, tuned_ms
+from .features import features_section
 from .integer_kv import integer_kv_section
 from .isa_classes import isa_classes_section
 from .serving import serving_section
@@ -706,7 +707,7 @@ def _sparse_decode_section(rows, ctx: Context) -> list[str]:
 # The report, in order: declared sections (drawn by Section.render) and the sections whose layout is their own.
 REPORT = (_preamble, SEQ_SWEEP, _memory_section, ACCURACY, _knob_sections, _tradeoff_section, _timing_comparison,
           TUNING, DECODE, _generation_section, CAUSAL, BLAS_PREFILL, PREFILL_16BIT, _model_section,
-          _sparse_decode_section, serving_section, integer_kv_section, isa_classes_section)
+          _sparse_decode_section, serving_section, integer_kv_section, features_section, isa_classes_section)
 
 
 def write_report(csv_path: str, out_dir: str) -> str:

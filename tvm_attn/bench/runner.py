@@ -19,6 +19,7 @@ from ..timing import SPREAD, measure_interleaved
 from . import ceiling
 from .bandwidth import BYTES as BANDWIDTH_BYTES
 from .bandwidth import read_bandwidth
+from .features import features_study
 from .generation import generation_loop
 from .integer_kv import integer_kv_study
 from .serving import serving_study
@@ -37,7 +38,7 @@ FIELDS = (
     "bytes_inputs", "bytes_output", "bytes_intermediate",
     "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
     "threads", "target", "kernel_ms", "overhead_us", "compiles", "prefill_ms",
-    "perplexity", "top1_agreement", "tokens_per_s", "certificate",
+    "perplexity", "top1_agreement", "tokens_per_s", "certificate", "feature",
 )
 MAX_LAYERS = 64
 SLOW_PROVIDERS = ("untuned", "numpy")
@@ -91,11 +92,12 @@ def _accuracy(variant: str, spec, q, k, v, out) -> dict:
 
 def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2, spread: float | None = SPREAD,
                 generation: dict | None = None, model: dict | None = None, sparse_decode: dict | None = None,
-                serving: dict | None = None, integer_kv: dict | None = None, log=None,
+                serving: dict | None = None, integer_kv: dict | None = None, features: dict | None = None, log=None,
                 isa: BenchIsa = ISAS["native"]) -> list[dict]:
     """Measure every point of ``studies`` (and, given ``generation``, the arguments of generation_loop; given
     ``model``, those of model_study; given ``sparse_decode``, those of sparse_decode_study; given ``serving``, those
-    of serving_study; given ``integer_kv``, those of integer_kv_study); write and return the rows. ``spread``: the
+    of serving_study; given ``integer_kv``, those of integer_kv_study; given ``features``, those of features_study);
+    write and return the rows. ``spread``: the
     timer's interquartile-range target (timing.measure_interleaved). Progress goes to ``log`` (default: sys.stderr at
     the time of the call). ``isa``: the ISA class the kernels are built for (and the peers held to, by
     ``isa.activate``)."""
@@ -153,7 +155,7 @@ def run_studies(studies: list[Study], out_csv: str, *, min_seconds: float = 0.2,
         for row in sparse_decode_study(log=log, **sparse_decode):
             row.update(threads=n_threads, target=key)
             rows.append(row)
-    for study, kwargs in ((serving_study, serving), (integer_kv_study, integer_kv)):
+    for study, kwargs in ((serving_study, serving), (integer_kv_study, integer_kv), (features_study, features)):
         for row in study(log=log, **kwargs) if kwargs is not None else ():
             row.update(threads=n_threads, target=key)
             rows.append(row)

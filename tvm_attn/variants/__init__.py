@@ -27,8 +27,8 @@ from . import blas_prefill, bounded, decode, flash, pruned, sme_prefill, standar
 PATHS = ("prefill", "decode", "shadow")  # shadow: the kernel KVCache.attend runs over the cache's shadow of K
 DECODE_MAX_ROWS = 8  # calls with at most this many query rows (seq_q) take a variant's decode kernel
 # Draft trees of up to this many nodes take the dense variants' split-KV decode kernel (kernel.build): verifying a
-# 16-node tree over 8192 cached positions, it took 0.28x-0.80x the time of 16 one-row decode calls where the prefill
-# kernels took 0.56x-1.46x (flash) and 0.56x-0.89x (mqa) (bench/tree_verify.py, Zen 4).
+# 16-node tree over 8192 cached positions, it took 0.25x-0.78x the time of 16 one-row decode calls where the prefill
+# kernels took 0.57x-1.50x (flash) and 0.57x-0.90x (mqa) (the benchmark's features study, Zen 4).
 TREE_DECODE_MAX_ROWS = 16
 
 

@@ -1,0 +1,193 @@
+"""The features study (issue 29): what logit softcapping, attention sinks and ALiBi cost against the same kernel
+without them (goal: at most 1.10x), and what verifying a speculative decoding draft tree in one call costs against a
+decode call per node (goal: at most 0.25x of 16 calls for a 16-node tree over 8192 cached positions). Each point is
+timed in one interleaved round, float32 unless said, schedule "best" (tuned records where this CPU has them; a
+kernel with sinks, ALiBi or a tree replays the record of the kernel without).
+
+Tree verification: the kernel ``build`` takes for the tree (the split-KV decode kernel for up to 16 nodes,
+``variants.TREE_DECODE_MAX_ROWS``) and, for comparison, flash's and mqa's prefill kernels, against flash's decode
+kernel called once per node over the cache and the node's path (cache + depth keys), as verifying each root-to-node
+path as its own sequence would run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import tvm_attn
+from tvm_attn.runtime import dlpack_argument, numpy_dtype
+from tvm_attn.timing import measure_interleaved
+
+COST_POINTS = (
+    ("flash prefill B1 H8 D64, 1024, causal", dict(batch=1, heads=8, seq_q=1024, head_dim=64, causal=True)),
+    ("flash prefill B1 H8 D128, 1024", dict(batch=1, heads=8, seq_q=1024, head_dim=128)),
+    ("decode GQA 32/8 D128, 4096 keys", dict(batch=1, heads=32, kv_heads=8, seq_q=1, seq_kv=4096, head_dim=128,
+                                             causal=True)),
+    ("decode MHA 32 D64, 4096 keys", dict(batch=1, heads=32, seq_q=1, seq_kv=4096, head_dim=64, causal=True)),
+)
+FEATURES = {"softcap 30": dict(softcap=30.0), "sinks": dict(sinks=True), "ALiBi": dict(alibi_slopes="bloom")}
+TREE = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # 16 nodes, depth 7 (tests/test_tree.py's TREE_16)
+TREE_CACHED = 8192
+TREE_POINTS = (("GQA 32/8 D128 (Llama 3 8B)", dict(heads=32, kv_heads=8, head_dim=128)),
+               ("MHA 32 D128 (Llama 2 7B)", dict(heads=32, kv_heads=32, head_dim=128)),
+               ("GQA 9/3 D64 (SmolLM2 135M)", dict(heads=9, kv_heads=3, head_dim=64)))
+TREE_DTYPES = ("float32", "bfloat16")
+DECODE_CALLS = "decode calls"  # the provider of the one-call-per-node baseline
+TAKEN = "one call"  # the provider of the kernel build takes for the tree
+GOALS = dict(feature_cost=1.10, tree_vs_decode=0.25)
+
+
+def _slopes(heads: int) -> tuple:
+    """BLOOM's ALiBi slopes for ``heads`` heads (a power of two or not: the geometric series is what costs)."""
+    return tuple(2.0 ** (-8.0 * np.arange(1, heads + 1) / heads))
+
+
+def _bound_call(kernel, q, k, v, sinks=None, tree=None):
+    """kernel's runtime function with its arguments bound (DLPack conversions outside the timing)."""
+    args = [dlpack_argument(x) for x in kernel.arguments(q, k, v, np.empty_like(q), (), sinks, tree)]
+    return lambda: kernel.function(*args)
+
+
+def _row(feature: str, line: str, provider: str, spec, timing, record: str, x) -> dict:
+    return dict(study="features", x_name="feature", x=x, line=line, feature=feature, variant="flash",
+                provider=provider, record=record, distribution="gaussian", dtype=spec.dtype, batch=spec.batch,
+                heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
+                head_dim=spec.head_dim, causal=spec.causal, median_ms=timing.median_ms, q25_ms=timing.q25_ms,
+                q75_ms=timing.q75_ms, repeats=timing.repeats)
+
+
+def feature_cost_rows(points=COST_POINTS, features=FEATURES, min_seconds: float = 1.0, max_seconds: float = 4.0,
+                      seed: int = 0, log=None) -> list[dict]:
+    """Per point, the kernel without a feature and with each, in one interleaved round: a row each (feature "" for
+    the kernel without)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, fields in points:
+        fns, specs, records = {}, {}, {}
+        for name, extra in {"": {}, **features}.items():
+            extra = {k: (_slopes(fields["heads"]) if v == "bloom" else v) for k, v in extra.items()}
+            spec = specs[name] = tvm_attn.AttentionSpec(**fields, **extra)
+            kernel = tvm_attn.build("flash", spec)
+            q = rng.standard_normal(spec.q_shape).astype(np.float32)
+            k, v = (rng.standard_normal(spec.kv_shape).astype(np.float32) for _ in "kv")
+            sinks = kernel.sink_logits(np.zeros(spec.heads, np.float32) if spec.sinks else None)
+            fns[name], records[name] = _bound_call(kernel, q, k, v, sinks), kernel.schedule
+        timings = measure_interleaved(fns, min_seconds=min_seconds, spread=0.05, max_seconds=max_seconds)
+        for name, timing in timings.items():
+            rows.append(_row(name, label, "tvm_attn", specs[name], timing, records[name], specs[name].seq_kv))
+            if log is not None:
+                print(f"features {label} {name or 'without'}: {timing.median_ms:.3f} ms ({records[name]})",
+                      file=log, flush=True)
+    return rows
+
+
+def _depth(parents, node: int) -> int:
+    return 0 if parents[node] < 0 else _depth(parents, parents[node]) + 1
+
+
+def tree_rows(points=TREE_POINTS, dtypes=TREE_DTYPES, parents=TREE, cached: int = TREE_CACHED,
+              min_seconds: float = 1.0, max_seconds: float = 6.0, seed: int = 0, log=None) -> list[dict]:
+    """Per (point, dtype), one call verifying the tree (the kernel taken, flash's and mqa's prefill kernels) and a
+    decode call per node, in one interleaved round: a row each (feature "tree")."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, fields in points:
+        for dtype in dtypes:
+            spec = tvm_attn.AttentionSpec(batch=1, seq_q=len(parents), seq_kv=cached + len(parents), causal=True,
+                                          dtype=dtype, tree_parents=parents, **fields)
+            q, k, v = (rng.standard_normal(shape).astype(np.float32).astype(numpy_dtype(dtype))
+                       for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape))
+            fns, records = {}, {}
+            taken = tvm_attn.build("flash", spec)
+            fns[TAKEN], records[TAKEN] = _bound_call(taken, q, k, v, tree=spec.tree_mask), taken.schedule
+            for variant in ("flash", "mqa"):
+                kernel = tvm_attn.build(variant, spec, path="prefill")
+                name = f"{variant} prefill kernel"
+                fns[name], records[name] = _bound_call(kernel, q, k, v, tree=spec.tree_mask), kernel.schedule
+            one = tvm_attn.build("flash", tvm_attn.AttentionSpec(
+                batch=1, seq_q=1, seq_kv=cached + 1, causal=True, dtype=dtype, **fields))
+            # node i's row over the cache and its path's keys (the time depends on how many, not which)
+            calls = [_bound_call(one, q[:, :, i:i + 1], k[:, :, :cached + _depth(parents, i) + 1],
+                                 v[:, :, :cached + _depth(parents, i) + 1]) for i in range(len(parents))]
+            fns[DECODE_CALLS] = lambda calls=calls: [call() for call in calls]
+            records[DECODE_CALLS] = one.schedule
+            timings = measure_interleaved(fns, min_seconds=min_seconds, spread=0.05, max_seconds=max_seconds)
+            for name, timing in timings.items():
+                rows.append(_row("tree", label, name, spec, timing, records[name], cached))
+                if log is not None:
+                    print(f"features tree {label} {dtype} {name}: {timing.median_ms:.3f} ms ({records[name]})",
+                          file=log, flush=True)
+    return rows
+
+
+def features_study(cost: dict | None = None, tree: dict | None = None, log=None) -> list[dict]:
+    """The rows of feature_cost_rows(**cost) and tree_rows(**tree) (default arguments for None)."""
+    return feature_cost_rows(log=log, **(cost or {})) + tree_rows(log=log, **(tree or {}))
+
+
+def features_section(rows, ctx) -> list[str]:
+    """The report's part for the features study (rows of study "features")."""
+    from .formatting import pick, table
+
+    rs = pick(rows, study="features")
+    if not rs:
+        return []
+    parts = ["## Attention features: softcap, sinks, ALiBi, tree verification", ""]
+    verdicts = []
+    cost = [r for r in rs if r.get("feature") != "tree"]
+    if cost:
+        names = list(dict.fromkeys(r["feature"] for r in cost if r["feature"]))
+        body, worst = [], None
+        for line in dict.fromkeys(r["line"] for r in cost):
+            at = {r["feature"]: r for r in cost if r["line"] == line}
+            base = at.get("")
+            if base is None:
+                continue
+            cells = [line, f"{base['median_ms']:.3f} ({base['record']})"]
+            for name in names:
+                r = at.get(name)
+                ratio = None if r is None else r["median_ms"] / base["median_ms"]
+                worst = ratio if ratio is not None and (worst is None or ratio > worst) else worst
+                cells.append("-" if r is None else f"{ratio:.3f}x ({r['record']})")
+            body.append(cells)
+        parts += ["Each feature's flash kernel against the same kernel without it, one interleaved round per kernel "
+                  "(float32, schedule \"best\"; the schedule used in brackets): time with / time without.", "",
+                  table(["kernel", "without ms"] + names, body), ""]
+        if worst is not None:
+            goal = GOALS["feature_cost"]
+            verdicts.append(f"each feature at most {worst:.3f}x its kernel without (goal <= {goal:.2f}x: "
+                            f"{'met' if worst <= goal else 'not met'})")
+    tree = [r for r in rs if r.get("feature") == "tree"]
+    if tree:
+        providers = [p for p in dict.fromkeys(r["provider"] for r in tree) if p != DECODE_CALLS]
+        body, worst = [], None
+        for key in dict.fromkeys((r["line"], r["dtype"]) for r in tree):
+            at = {r["provider"]: r for r in tree if (r["line"], r["dtype"]) == key}
+            base = at.get(DECODE_CALLS)
+            if base is None:
+                continue
+            cells = [*key, f"{base['median_ms']:.2f} ({base['record']})"]
+            for p in providers:
+                r = at.get(p)
+                ratio = None if r is None else r["median_ms"] / base["median_ms"]
+                if p == TAKEN and ratio is not None:
+                    worst = ratio if worst is None or ratio > worst else worst
+                cells.append("-" if r is None else f"{ratio:.3f}x ({r['median_ms']:.2f} ms, {r['record']})")
+            body.append(cells)
+        first = tree[0]
+        nodes, cached = int(first["seq_q"]), int(first["x"])
+        parts += [f"Verifying a {nodes}-node draft tree over {cached} cached positions (batch 1): one call against "
+                  f"{nodes} decode calls, one per node over the cache and its path, in one interleaved round. "
+                  f"\"{TAKEN}\" is the kernel `build` and `KVCache.attend` take (the split-KV decode kernel for trees "
+                  "of up to 16 nodes); the prefill kernels for comparison.", "",
+                  table(["shape", "dtype", f"{nodes} decode calls ms"] + providers, body), ""]
+        if worst is not None:
+            goal = GOALS["tree_vs_decode"]
+            judged = nodes == len(TREE) and cached >= TREE_CACHED  # the goal's own size
+            verdict = ("met" if worst <= goal else "not met") if judged else (
+                f"stated for {len(TREE)} nodes over {TREE_CACHED} positions, not judged here")
+            verdicts.append(f"one call verifying the tree at most {worst:.3f}x the decode calls (goal <= {goal:.2f}x: "
+                            f"{verdict}; the call does the decode calls' arithmetic, reading K and V once)")
+    if verdicts:
+        parts += ["Goals (issue 29): " + "; ".join(verdicts) + ".", ""]
+    return parts
