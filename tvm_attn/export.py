@@ -173,7 +173,7 @@ def fetch_runtime_library(dest: Path, target) -> Path:
 def _arguments(func, spec: AttentionSpec) -> list[dict]:
     shapes = {"q": spec.q_shape, "k": spec.kv_shape, "v": spec.kv_shape, "sinks": (spec.heads,),
               "tree": (spec.seq_q, spec.seq_q), "out": spec.q_shape}
-    dtypes = {"sinks": "float32", "tree": "int8"}
+    dtypes = {"sinks": "float32", "tree": "int32"}
     return [{"name": name, "role": "output" if name == "out" else "input", "shape": list(shapes[name]),
              "dtype": dtypes.get(name, spec.dtype)} for name in map(str, (p.name for p in func.params))]
 
@@ -257,9 +257,10 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
             **({"sinks": True} if spec.sinks else {}),
             # one slope per query head, compiled in: score -= slope * (query position - key position)
             **({"alibi_slopes": list(spec.alibi_slopes)} if spec.alibi_slopes is not None else {}),
-            # the query rows are a tree's nodes, the last seq_q keys: the "tree" argument, tree[i, j] = 1 where node
-            # j is node i or an ancestor of it, which the runtime makes from tree_parents=
-            **({"tree": "node i sees keys j < seq_kv - seq_q and the keys of nodes j with tree[i, j] = 1"}
+            # the query rows are a tree's nodes, the last seq_q keys: the "tree" argument, tree[i, j] = 1 + the depth
+            # of node j where j is node i or an ancestor of it (else 0), which the runtime makes from tree_parents=
+            **({"tree": "node i sees keys j < seq_kv - seq_q and the keys of nodes j with tree[i, j] > 0; a node's "
+                        "position is seq_kv - seq_q + tree[i, i] - 1"}
                if spec.tree_parents is not None else {}),
         },
         "target": {"key": target_key(t), "tvm_target": json.loads(str(t)),

@@ -29,29 +29,29 @@ from .spec import AttentionSpec
 def scores(spec: AttentionSpec, q, k) -> np.ndarray:
     """scale * q k^T in float64, shape (batch, heads, seq_q, seq_kv), KV heads broadcast over their group; with
     ``spec.softcap``, softcap * tanh(that / softcap) (+-Inf scores become +-softcap); with ``spec.alibi_slopes``,
-    then minus each head's slope times the query's position (i + seq_kv - seq_q) minus the key's."""
+    then minus each head's slope times the query's position minus the key's (``spec.positions``: i + seq_kv - seq_q
+    and j; a tree node's by its depth)."""
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.repeat(np.asarray(k, dtype=np.float64), spec.group_size, axis=1)
     s = spec.scale * (q64 @ k64.swapaxes(-1, -2))
     if spec.softcap is not None:
         s = spec.softcap * np.tanh(s / spec.softcap)
     if spec.alibi_slopes is not None:
-        distance = np.arange(spec.seq_q)[:, None] + spec.causal_offset - np.arange(spec.seq_kv)[None, :]
-        s = s - np.asarray(spec.alibi_slopes, np.float64)[:, None, None] * distance
+        queries, keys = spec.positions()
+        s = s - np.asarray(spec.alibi_slopes, np.float64)[:, None, None] * (queries[:, None] - keys[None, :])
     return s
 
 
 def visible_mask(spec: AttentionSpec) -> np.ndarray:
     """(seq_q, seq_kv) bool: which keys each query row sees."""
-    i = np.arange(spec.seq_q)[:, None]
-    j = np.arange(spec.seq_kv)[None, :]
     if not spec.causal:
         return np.ones((spec.seq_q, spec.seq_kv), dtype=bool)
-    visible = j <= i + spec.causal_offset
-    if spec.window is not None:
-        visible &= j > i + spec.causal_offset - spec.window
+    queries, keys = spec.positions()
+    visible = keys[None, :] <= queries[:, None]
     if spec.tree_parents is not None:
-        visible[:, spec.causal_offset:] &= spec.tree_mask.astype(bool)
+        visible[:, spec.causal_offset:] = spec.tree_mask > 0
+    if spec.window is not None:
+        visible &= keys[None, :] > queries[:, None] - spec.window
     return visible
 
 

@@ -266,7 +266,7 @@ class ExportedKernel:
 
 
 def _tree_mask(tree_parents, nodes: int) -> np.ndarray:
-    """The checked (nodes, nodes) int8 mask of ``tree_parents`` (AttentionSpec.tree_mask)."""
+    """The checked (nodes, nodes) int32 mask of ``tree_parents`` (AttentionSpec.tree_mask)."""
     # Imported here: tests/arm64_runner.py loads this file on its own, and tvm_attn.spec needs numpy only.
     from .spec import ancestor_mask
     from .spec import tree_parents as checked

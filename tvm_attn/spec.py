@@ -40,9 +40,10 @@ class AttentionSpec:
     back to the key. ``tree_parents`` (needs causal; speculative decoding's draft trees): the seq_q query rows are the
     nodes of a tree whose keys are the last seq_q keys, in the same order; entry i is the parent of node i, an earlier
     node (< i) or -1 for a node whose parent is the last key before the tree. Row i then sees the keys before the tree
-    and the keys of its ancestors and itself (``tree_mask``); a chain (parent i - 1) is the causal mask. The kernels
-    take the mask as a run-time argument (KernelSpec.tree). A compiled kernel serves every batch, seq_q and seq_kv
-    of its ``kernel``.
+    and the keys of its ancestors and itself (``tree_mask``); a chain (parent i - 1) is the causal mask. A node's
+    position is seq_kv - seq_q plus its depth (``positions``): windows and ALiBi distances count in positions, as
+    for the node's root-to-node path run as its own sequence. The kernels take the mask as a run-time argument
+    (KernelSpec.tree). A compiled kernel serves every batch, seq_q and seq_kv of its ``kernel``.
     """
 
     batch: int = 2
@@ -119,10 +120,6 @@ class AttentionSpec:
             if self.seq_kv < self.seq_q:
                 raise ValueError(f"tree_parents: the tree's {self.seq_q} nodes are the last keys, but there are only "
                                  f"seq_kv={self.seq_kv} keys (pass the tree's own k and v after the cached ones)")
-            for name, value in (("window", self.window), ("alibi_slopes", self.alibi_slopes)):
-                if value is not None:
-                    raise ValueError(f"tree_parents with {name}: not supported yet (a tree node's position is the "
-                                     f"tree's start plus its depth, which {name} would need)")
         given = {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
         if len(given) > 1:
             raise ValueError(f"give at most one pruning knob, got {', '.join(f'{k}={v!r}' for k, v in given.items())}")
@@ -174,9 +171,19 @@ class AttentionSpec:
 
     @functools.cached_property
     def tree_mask(self) -> np.ndarray | None:
-        """(seq_q, seq_q) int8, 1 where tree node i sees node j (j is i or one of its ancestors); None without a tree:
-        what the kernels of KernelSpec.tree take, after q, k, v (and the sink logits)."""
+        """(seq_q, seq_q) int32: 1 + the depth of node j where tree node i sees it (j is i or one of its ancestors),
+        else 0; None without a tree: what the kernels of KernelSpec.tree take, after q, k, v (and the sink
+        logits)."""
         return None if self.tree_parents is None else ancestor_mask(self.tree_parents)
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the position of each query row, of each key): i + seq_kv - seq_q and j, bottom-right aligned; a tree
+        node's is seq_kv - seq_q plus its depth (as a query and as a key)."""
+        queries, keys = np.arange(self.seq_q) + self.causal_offset, np.arange(self.seq_kv)
+        if self.tree_parents is not None:
+            queries = self.causal_offset + self.tree_mask.diagonal().astype(np.int64) - 1
+            keys = np.concatenate([keys[:self.causal_offset], queries])
+        return queries, keys
 
     def visible_range(self, i: int) -> tuple[int, int]:
         """The keys lo..hi-1 query row i sees (lo = hi when none; a tree mask hides some of them)."""
@@ -189,7 +196,12 @@ class AttentionSpec:
     def visible_keys(self, i: int) -> int:
         """How many keys query row i sees."""
         if self.tree_parents is not None:
-            return self.causal_offset + int(self.tree_mask[i].sum())
+            queries, keys = self.positions()
+            seen = (keys <= queries[i]) & (np.arange(self.seq_kv) < self.causal_offset)
+            seen[self.causal_offset:] = self.tree_mask[i] > 0
+            if self.window is not None:
+                seen &= keys > queries[i] - self.window
+            return int(seen.sum())
         lo, hi = self.visible_range(i)
         return hi - lo
 
@@ -322,13 +334,14 @@ def tree_parents(parents, nodes: int) -> tuple[int, ...]:
 
 
 def ancestor_mask(parents: tuple) -> np.ndarray:
-    """(n, n) int8: mask[i, j] = 1 where node j is node i or one of its ancestors in the tree ``parents``."""
+    """(n, n) int32: mask[i, j] = 1 + the depth of node j where j is node i or one of its ancestors in the tree
+    ``parents`` (roots have depth 0), else 0; the diagonal holds 1 + each node's depth."""
     n = len(parents)
-    mask = np.zeros((n, n), np.int8)
+    mask = np.zeros((n, n), np.int32)
     for i, p in enumerate(parents):  # parents come first: row p is complete
         if p >= 0:
             mask[i, :p + 1] = mask[p, :p + 1]
-        mask[i, i] = 1
+        mask[i, i] = 1 if p < 0 else mask[p, p] + 1
     return mask
 
 
@@ -386,7 +399,7 @@ class KernelSpec:
     softcap: float | None = None
     sinks: bool = False  # the kernel takes a (heads,) float32 argument of sink logits before out
     alibi_slopes: tuple | None = None  # float32-rounded, one per query head (compile-time constants)
-    tree: bool = False  # the kernel takes a (seq_q, seq_q) int8 tree mask (AttentionSpec.tree_mask) before out
+    tree: bool = False  # the kernel takes a (seq_q, seq_q) int32 tree mask (AttentionSpec.tree_mask) before out
 
     @property
     def group_size(self) -> int:

@@ -83,10 +83,10 @@ def adjusts_scores(kspec: KernelSpec) -> bool:
     return kspec.softcap is not None or kspec.alibi_slopes is not None
 
 
-def row_score_terms(kspec: KernelSpec, head, row0, seq_q, seq_kv):
-    """(r, j, s) -> score s of query row0 + r (of query ``head``) against key j, adjusted (``adjusted``; rows past
-    seq_q count as its last)."""
-    return lambda r, j, s: adjusted(kspec, s, head, T.min(row0 + r, seq_q - 1) + seq_kv - seq_q - j)
+def row_score_terms(kspec: KernelSpec, head, row0, vis):
+    """(r, j, s) -> score s of query row0 + r (of query ``head``) against key j, adjusted (``adjusted``, at the
+    distance ``vis`` says; rows past seq_q count as its last)."""
+    return lambda r, j, s: adjusted(kspec, s, head, vis.distance(T.min(row0 + r, vis.seq_q - 1), j))
 
 
 @T.macro
@@ -128,13 +128,14 @@ def sink_argument(handle, heads: int):
 
 
 def tree_argument(handle, seq_q):
-    """The (seq_q, seq_q) int8 tree mask argument of kernels with one (KernelSpec.tree; AttentionSpec.tree_mask)."""
-    return T.match_buffer(handle, (seq_q, seq_q), "int8", align=1, offset_factor=1)
+    """The (seq_q, seq_q) int32 tree mask argument of kernels with one (KernelSpec.tree; AttentionSpec.tree_mask:
+    1 + the depth of node j where j is node i or an ancestor of it, else 0)."""
+    return T.match_buffer(handle, (seq_q, seq_q), "int32", align=4, offset_factor=1)
 
 
 class OptionalArguments:
     """The arguments a kernel spec adds before ``out``, in this order: the (heads,) float32 sink logits
-    (KernelSpec.sinks) and the (seq_q, seq_q) int8 tree mask (KernelSpec.tree). Call ``declare`` at the top of the
+    (KernelSpec.sinks) and the (seq_q, seq_q) int32 tree mask (KernelSpec.tree). Call ``declare`` at the top of the
     PrimFunc with their handles; then ``sinks`` is the sinks buffer (None without), and the tree mask is bound to
     ``vis``, whose tests read it."""
 
@@ -153,7 +154,7 @@ class OptionalArguments:
 
 def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv, vis=None):
     """The PrimFunc of a kernel taking (q, k, v, [sinks,] [tree,] out) (OptionalArguments; ``vis``: the Visibility
-    the body tests keys with, for the tree mask), all of kspec's dtype but the float32 sinks and the int8 tree: the
+    the body tests keys with, for the tree mask), all of kspec's dtype but the float32 sinks and the int32 tree: the
     ``@T.macro`` ``body(q, k, v, sinks, out)`` (sinks None without) in its root block."""
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
     optional = OptionalArguments(kspec, vis, seq_q)
@@ -216,9 +217,11 @@ def row_scales(handle, batch, kv_heads, seq):
 
 class Visibility:
     """Which keys query i sees for a kernel spec and run-time lengths: j < seq_kv; causal: j <= i + off
-    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window; tree (KernelSpec.tree): keys
-    j >= off (the tree's nodes) only where tree[i, j - off] is 1, the mask ``bind_tree`` binds. A tree narrows the
-    causal mask, so every range below (first, end, tiles) holds for it too."""
+    (off = seq_kv - seq_q, bottom-right aligned); window: also j > i + off - window. With a tree (KernelSpec.tree;
+    the mask ``bind_tree`` binds, tree[i, n] = 1 + depth of node n where n is i or an ancestor of i, else 0) query i
+    is at position off + depth(i) and key j >= off at off + depth(j - off): it sees the keys j < off in its window
+    and the ancestors (itself included) in it. A tree narrows the causal mask, so the ranges below (end, tiles) hold
+    for it too; its first key is bounded below by off + 1 - window, for any depth."""
 
     def __init__(self, kspec: KernelSpec, seq_q, seq_kv):
         self.causal = kspec.causal
@@ -245,10 +248,11 @@ class Visibility:
         return i + self.off
 
     def first(self, i):
-        """The first key query i sees (0 unless windowed)."""
+        """The first key query i sees (0 unless windowed; with a tree, a lower bound: depth 0's)."""
         if self.window is None:
             return 0
-        return T.min(self.seq_kv, T.max(0, self._last(i) + 1 - self.window))
+        last = self.off if self.needs_tree else self._last(i)
+        return T.min(self.seq_kv, T.max(0, last + 1 - self.window))
 
     def end(self, i):
         """One past the last key query i sees."""
@@ -256,19 +260,34 @@ class Visibility:
             return self.seq_kv
         return T.min(self.seq_kv, T.max(0, self._last(i) + 1))
 
+    def _tree_entries(self, i, j):
+        """(1 + depth of query i's node, tree[i, j - off]) with both indices clamped: rows past seq_q (padding of a
+        row tile) and keys before the tree or hidden by the causal test are tested too, lane by lane."""
+        row = T.min(i, self.seq_q - 1)
+        return self.tree[row, row], self.tree[row, T.min(T.max(j - self.off, 0), self.seq_q - 1)]
+
     def sees(self, i, j):
         """Query i sees key j (j < seq_kv included)."""
         cond = j < self.seq_kv
         if self.causal:
             cond = T.And(cond, j <= self._last(i))
+        if self._tree_bound():
+            own, entry = self._tree_entries(i, j)
+            cached, node = j < self.off, entry != 0
+            if self.window is not None:  # by position: the query's is off + own - 1, a node's off + entry - 1
+                cached = T.And(cached, j > self.off + own - 1 - self.window)
+                node = T.And(node, own - entry < self.window)
+            return T.And(cond, T.Or(cached, T.And(j >= self.off, node)))
         if self.window is not None:
             cond = T.And(cond, j > self._last(i) - self.window)
-        if self._tree_bound():
-            # Both indices clamped: rows past seq_q (padding of a row tile) and keys the causal test hides are
-            # tested too, lane by lane.
-            node = T.min(T.max(j - self.off, 0), self.seq_q - 1)
-            cond = T.And(cond, T.Or(j < self.off, self.tree[T.min(i, self.seq_q - 1), node] != T.int8(0)))
         return cond
+
+    def distance(self, i, j):
+        """Query i's position minus key j's (ALiBi's distance; by depth in a tree, for the keys query i sees)."""
+        if self._tree_bound():
+            own, entry = self._tree_entries(i, j)
+            return T.Select(j < self.off, self.off + own - 1 - j, own - entry)
+        return i + self.seq_kv - self.seq_q - j
 
     def all_see(self, first_q, last_q, key0, key_end):
         """Queries first_q..last_q all see keys key0..key_end - 1 (a KV tile that needs no mask)."""

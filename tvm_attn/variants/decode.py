@@ -147,7 +147,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
     def score_terms(kh, i, t):
         """(s, g, j) -> score s of row g (query head kh * G + g, query i) against key j of tile t as the softmax
         takes it (common.adjusted)."""
-        return lambda s, g, j: adjusted(kspec, s, kh * G + g, i + SKV - SQ - (t * BK + j))
+        return lambda s, g, j: adjusted(kspec, s, kh * G + g, vis.distance(i, t * BK + j))
 
     def adjusted_dot(kh, i, t):
         """(dot, g, j) -> the score of a dot product, adjusted."""

@@ -117,7 +117,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
         """(r, j, s) -> score s of row r of row tile rt against key j of KV tile t, adjusted."""
         def adjust(r, j, s):
             row = T.min(rt * BQ + r, R - 1)
-            return adjusted(kspec, s, head(kh, go, row, SQ), query(row, SQ) + SKV - SQ - (t * BK + j), PRESCALE)
+            return adjusted(kspec, s, head(kh, go, row, SQ), vis.distance(query(row, SQ), t * BK + j), PRESCALE)
         return adjust
 
     def tile_sees_all(rt, t):

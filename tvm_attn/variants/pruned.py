@@ -126,7 +126,7 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                 if adjusts_scores(spec):  # S the adjusted scores (softcap, ALiBi), from here on
                     S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
                     scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                    adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, SQ, SKV))
+                    adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, vis))
                 else:
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
