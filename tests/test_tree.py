@@ -160,6 +160,9 @@ def test_a_kernel_serves_every_tree_and_length():
         spec, q, k, v = tree_inputs((4, 2, cached, 32, "float32"), parents, seed=cached, batch=1)
         out = kernel(q, k, v, tree_parents=parents)
         assert_rows_equal_their_paths(spec, out, q, k, v)
+    # The mask is cached per tree, read-only, and not kept on the spec (whose fields alone make it)
+    assert spec.tree_mask is spec.tree_mask and not spec.tree_mask.flags.writeable
+    assert tvm_attn.AttentionSpec(**vars(spec)) == spec
 
 
 def test_bad_trees_are_clear_errors():

@@ -294,7 +294,8 @@ class Kernel:
         if (first and self.path != "shadow" and self.kernel_spec.kv_dtype is None
                 and not get_variant(self.variant).blocks_from_key0):
             k, v = k[:, :, first:], v[:, :, first:]
-        return (q, k, v, *shadow, *(() if sinks is None else (sinks,)), *(() if tree is None else (tree,)), out)
+        return (q, k, v, *shadow, *(() if sinks is None else (sinks,)),
+                *(() if tree is None else (as_kernel_argument(tree),)), out)
 
     def launch(self, q, k, v, out, shadow: tuple = (), sinks=None, tree=None) -> None:
         """Run on ``arguments``' inputs (bfloat16 numpy arrays go through DLPack). The runtime function itself still

@@ -271,7 +271,8 @@ def _tree_mask(tree_parents, nodes: int) -> np.ndarray:
     from .spec import ancestor_mask
     from .spec import tree_parents as checked
 
-    return ancestor_mask(checked(numpy_view(tree_parents) if is_torch(tree_parents) else tree_parents, nodes))
+    # (a copy: the cached mask is read-only, and DLPack cannot pass read-only arrays)
+    return np.array(ancestor_mask(checked(numpy_view(tree_parents) if is_torch(tree_parents) else tree_parents, nodes)))
 
 
 def is_torch(x) -> bool:

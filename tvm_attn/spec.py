@@ -169,11 +169,11 @@ class AttentionSpec:
     def kv_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.kv_heads, self.seq_kv, self.head_dim)
 
-    @functools.cached_property
+    @property
     def tree_mask(self) -> np.ndarray | None:
-        """(seq_q, seq_q) int32: 1 + the depth of node j where tree node i sees it (j is i or one of its ancestors),
-        else 0; None without a tree: what the kernels of KernelSpec.tree take, after q, k, v (and the sink
-        logits)."""
+        """(seq_q, seq_q) int32, read-only: 1 + the depth of node j where tree node i sees it (j is i or one of its
+        ancestors), else 0; None without a tree: what the kernels of KernelSpec.tree take, after q, k, v (and the
+        sink logits)."""
         return None if self.tree_parents is None else ancestor_mask(self.tree_parents)
 
     def positions(self) -> tuple[np.ndarray, np.ndarray]:
@@ -333,15 +333,18 @@ def tree_parents(parents, nodes: int) -> tuple[int, ...]:
     return tuple(int(p) for p in array)
 
 
+@functools.lru_cache(maxsize=256)
 def ancestor_mask(parents: tuple) -> np.ndarray:
-    """(n, n) int32: mask[i, j] = 1 + the depth of node j where j is node i or one of its ancestors in the tree
-    ``parents`` (roots have depth 0), else 0; the diagonal holds 1 + each node's depth."""
+    """(n, n) int32, read-only (cached: one per tree): mask[i, j] = 1 + the depth of node j where j is node i or one
+    of its ancestors in the tree ``parents`` (a tuple; roots have depth 0), else 0; the diagonal holds 1 + each
+    node's depth."""
     n = len(parents)
     mask = np.zeros((n, n), np.int32)
     for i, p in enumerate(parents):  # parents come first: row p is complete
         if p >= 0:
             mask[i, :p + 1] = mask[p, :p + 1]
         mask[i, i] = 1 if p < 0 else mask[p, p] + 1
+    mask.flags.writeable = False
     return mask
 
 
