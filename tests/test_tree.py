@@ -218,7 +218,11 @@ def test_verify_a_tree_through_a_cache_and_keep_the_accepted_path(dtype):
         tree_spec = dataclasses.replace(spec, seq_q=nodes, seq_kv=cached + nodes, tree_parents=parents)
         assert_matches_reference("flash", tree_spec, out, q[:, :, rows], k_all[:, :, :cached + nodes],
                                  v_all[:, :, :cached + nodes])
-    cache.append(k[:, :, cached + 5:], v[:, :, cached + 5:])
+    # A cache keeps a kernel per path: 16 nodes after 40 take the decode kernel, not the 40-node call's prefill one
+    cache.append(k[:, :, cached + 5:cached + 16], v[:, :, cached + 5:cached + 16])
+    assert {cache._kernel("flash", 4, n, True, None, None, "best", {"tree_parents": TREE_40[:n]}).path
+            for n in (16, 40)} == {"decode", "prefill"}
+    cache.append(k[:, :, cached + 16:], v[:, :, cached + 16:])
     accepted = [0, 1, 3, 7]
     cache.keep_tree_path(TREE_40, accepted)
     path_cache.append(k[:, :, [cached + node for node in accepted]], v[:, :, [cached + node for node in accepted]])

@@ -365,8 +365,9 @@ class KVCache:
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob, codes: bool = True) -> Kernel:
         # (A float cache has no codes: padded and unpadded calls share its kernels. The kernels of tree masks take
         # them at run time: one kernel serves every tree; an integer cache dequantizes for them.)
-        codes = codes and self.integer and "tree_parents" not in knob
-        key = (variant, heads, path_for(n_q), causal, scale, window, schedule,
+        tree = "tree_parents" in knob
+        codes = codes and self.integer and not tree
+        key = (variant, heads, get_variant(variant).path_for_rows(n_q, tree), causal, scale, window, schedule,
                tuple(sorted((name, name == "tree_parents" or value) for name, value in knob.items())), codes)
         kernel = self._kernels.get(key)
         if kernel is None:

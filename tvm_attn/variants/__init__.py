@@ -128,9 +128,12 @@ class Variant:
     def path_of(self, spec: AttentionSpec) -> str:
         """Which kernel of this variant serves ``spec``: ``path_for(spec.seq_q)``, the decode kernel where the
         variant has none, and the split-KV decode kernel for draft trees of up to TREE_DECODE_MAX_ROWS nodes."""
-        path = path_for(spec.seq_q)
-        if (path == "prefill" and spec.tree_parents is not None and spec.seq_q <= TREE_DECODE_MAX_ROWS
-                and self.decode_compute is decode.compute):
+        return self.path_for_rows(spec.seq_q, spec.tree_parents is not None)
+
+    def path_for_rows(self, seq_q: int, tree: bool = False) -> str:
+        """``path_of`` a spec of ``seq_q`` query rows (``tree``: the rows are a draft tree's nodes)."""
+        path = path_for(seq_q)
+        if path == "prefill" and tree and seq_q <= TREE_DECODE_MAX_ROWS and self.decode_compute is decode.compute:
             return "decode"
         if path == "decode" and not self.has_decode_kernel():
             return "prefill"
