@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernel import build, host_array, slopes_argument, tree_argument
+from .kernel import build, host_array, optional_host_array
 from .spec import AttentionSpec, sink_logits
 from .variants import get_variant
 
@@ -36,8 +36,8 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
     arrays = [host_array(n, x) for n, x in zip("qkv", (q, k, v))]
     spec = AttentionSpec.from_arrays(*arrays, causal=causal, window=window, scale=scale, threshold=threshold,
                                      top_k=top_k, eps=eps, softcap=softcap, sinks=sinks is not None,
-                                     alibi_slopes=slopes_argument(alibi_slopes),
-                                     tree_parents=tree_argument(tree_parents))
+                                     alibi_slopes=optional_host_array("alibi_slopes", alibi_slopes),
+                                     tree_parents=optional_host_array("tree_parents", tree_parents))
     if schedule is None:
         schedule = "best" if tuned else "hand"
     return build(v_, spec, target=target, schedule=schedule).run_checked(spec, *arrays, out, like=q, sinks=sinks)
@@ -52,8 +52,8 @@ def reference(q, k, v, *, variant: str = "flash", causal: bool = False, window: 
     q, k, v = (host_array(n, x) for n, x in zip("qkv", (q, k, v)))
     spec = AttentionSpec.from_arrays(q, k, v, causal=causal, window=window, scale=scale, threshold=threshold,
                                      top_k=top_k, eps=eps, softcap=softcap, sinks=sinks is not None,
-                                     alibi_slopes=slopes_argument(alibi_slopes),
-                                     tree_parents=tree_argument(tree_parents))
+                                     alibi_slopes=optional_host_array("alibi_slopes", alibi_slopes),
+                                     tree_parents=optional_host_array("tree_parents", tree_parents))
     v_.check(spec)
     if sinks is None:
         return v_.reference(spec, q, k, v)

@@ -30,8 +30,8 @@ import numbers
 import numpy as np
 
 from . import quantized_kv
-from .kernel import (SCHEDULES, Kernel, adds_terms, as_kernel_argument, build, build_shadow, checked_out,
-                     first_visible_key, host_array, slopes_argument, tree_argument)
+from .kernel import (SCHEDULES, Kernel, as_kernel_argument, build, build_shadow, checked_out, first_visible_key,
+                     host_array, uses_features)
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .shadow import ShadowKeys
 from .spec import DTYPE, DTYPES, KNOBS, KV_DTYPES, AttentionSpec, ancestor_mask, array_dtype, positive_int
@@ -272,12 +272,12 @@ class KVCache:
                              f"queries must be the newest cached positions (append their keys first)")
         knob = {**knob, "sinks": sinks is not None}
         if alibi_slopes is not None:  # (as a tuple: kernels are cached on the knobs)
-            knob["alibi_slopes"] = alibi_slopes_of(slopes_argument(alibi_slopes), heads)
+            knob["alibi_slopes"] = alibi_slopes_of(host_array("alibi_slopes", alibi_slopes), heads)
         tree = None
         if tree_parents is not None:
             if attention_mask is not None:
                 raise ValueError("tree_parents with attention_mask: a padded batch does not take tree masks yet")
-            knob["tree_parents"] = tree_parents_of(tree_argument(tree_parents), n_q)
+            knob["tree_parents"] = tree_parents_of(host_array("tree_parents", tree_parents), n_q)
             tree = ancestor_mask(knob["tree_parents"])
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
         logits = kernel.sink_logits(sinks)
@@ -393,7 +393,7 @@ class KVCache:
             # (Decode calls of top-k and threshold with softcap, sinks or ALiBi take their plain decode kernels:
             # the shadow's kernels take none of them yet.)
             shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or (
-                path_for(n_q) == "decode" and not adds_terms(spec)))
+                path_for(n_q) == "decode" and not uses_features(spec)))
             if shadowed and not self._shadow_allowed:
                 if v.blocks_from_key0:
                     why = f"an {self.dtype} cache has none" if self.integer else "this cache was made with shadow=False"

@@ -54,7 +54,7 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
             return (_blas_scheduled if schedule == "blas" else _sme_scheduled)(variant, spec, target)
         schedule = "best"
     if (schedule == "best" and blas_allowed and path == "prefill" and variant.blas_compute is not None
-            and not adds_terms(spec) and tuning.blas_measured_faster(variant, spec, target)):
+            and not uses_features(spec) and tuning.blas_measured_faster(variant, spec, target)):
         try:
             return _blas_scheduled(variant, spec, target)
         except ValueError:  # no BLAS for this target here: the TensorIR schedule
@@ -109,7 +109,7 @@ def _sme_scheduled(variant: Variant, spec: AttentionSpec, target) -> Scheduled:
     return Scheduled(sch.mod, "sme")
 
 
-def adds_terms(spec: AttentionSpec) -> bool:
+def uses_features(spec: AttentionSpec) -> bool:
     """Whether ``spec`` asks for softcapping, sinks, ALiBi or a tree mask."""
     return spec.softcap is not None or spec.sinks or spec.alibi_slopes is not None or spec.tree_parents is not None
 
@@ -160,14 +160,9 @@ def torch_argument(name: str, x):
     return x
 
 
-def slopes_argument(slopes):
-    """ALiBi slopes as AttentionSpec takes them: a torch tensor as numpy (None stays None)."""
-    return None if slopes is None else host_array("alibi_slopes", slopes)
-
-
-def tree_argument(parents):
-    """Tree parents as AttentionSpec takes them: a torch tensor as numpy (None stays None)."""
-    return None if parents is None else host_array("tree_parents", parents)
+def optional_host_array(name: str, x):
+    """``host_array`` of an optional argument (ALiBi slopes, tree parents): None stays None."""
+    return None if x is None else host_array(name, x)
 
 
 def host_array(name: str, x):
@@ -238,7 +233,7 @@ class Kernel:
                              f"with AttentionSpec(tree_parents=...)")
         spec = AttentionSpec.from_arrays(q, k, v, causal=ks.causal, window=ks.window, scale=ks.scale,
                                          softcap=ks.softcap, sinks=ks.sinks, **ks.knobs(),
-                                         tree_parents=tree_argument(tree_parents),
+                                         tree_parents=optional_host_array("tree_parents", tree_parents),
                                          # (other heads: the mismatch is said below)
                                          alibi_slopes=ks.alibi_slopes if q.shape[1] == ks.heads else None)
         if spec.dtype != ks.dtype:

@@ -44,15 +44,7 @@ def scores(spec: AttentionSpec, q, k) -> np.ndarray:
 
 def visible_mask(spec: AttentionSpec) -> np.ndarray:
     """(seq_q, seq_kv) bool: which keys each query row sees."""
-    if not spec.causal:
-        return np.ones((spec.seq_q, spec.seq_kv), dtype=bool)
-    queries, keys = spec.positions()
-    visible = keys[None, :] <= queries[:, None]
-    if spec.tree_parents is not None:
-        visible[:, spec.causal_offset:] = spec.tree_mask > 0
-    if spec.window is not None:
-        visible &= keys[None, :] > queries[:, None] - spec.window
-    return visible
+    return spec.visible_mask()
 
 
 def poisoned_rows(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:

@@ -193,15 +193,23 @@ class AttentionSpec:
         lo = 0 if self.window is None else min(hi, max(0, i + self.causal_offset + 1 - self.window))
         return lo, hi
 
+    def visible_mask(self) -> np.ndarray:
+        """(seq_q, seq_kv) bool: which keys each query row sees (by ``positions``: causal, window; a tree node sees
+        the keys before the tree and its ancestors, itself included)."""
+        if not self.causal:
+            return np.ones((self.seq_q, self.seq_kv), dtype=bool)
+        queries, keys = self.positions()
+        visible = keys[None, :] <= queries[:, None]
+        if self.tree_parents is not None:
+            visible[:, self.causal_offset:] = self.tree_mask > 0
+        if self.window is not None:
+            visible &= keys[None, :] > queries[:, None] - self.window
+        return visible
+
     def visible_keys(self, i: int) -> int:
         """How many keys query row i sees."""
         if self.tree_parents is not None:
-            queries, keys = self.positions()
-            seen = (keys <= queries[i]) & (np.arange(self.seq_kv) < self.causal_offset)
-            seen[self.causal_offset:] = self.tree_mask[i] > 0
-            if self.window is not None:
-                seen &= keys > queries[i] - self.window
-            return int(seen.sum())
+            return int(self.visible_mask()[i].sum())
         lo, hi = self.visible_range(i)
         return hi - lo
 

@@ -81,10 +81,6 @@ def feature_cost_rows(points=COST_POINTS, features=FEATURES, min_seconds: float 
     return rows
 
 
-def _depth(parents, node: int) -> int:
-    return 0 if parents[node] < 0 else _depth(parents, parents[node]) + 1
-
-
 def tree_rows(points=TREE_POINTS, dtypes=TREE_DTYPES, parents=TREE, cached: int = TREE_CACHED,
               min_seconds: float = 1.0, max_seconds: float = 6.0, seed: int = 0, log=None) -> list[dict]:
     """Per (point, dtype), one call verifying the tree (the kernel taken, flash's and mqa's prefill kernels) and a
@@ -106,9 +102,10 @@ def tree_rows(points=TREE_POINTS, dtypes=TREE_DTYPES, parents=TREE, cached: int 
                 fns[name], records[name] = _bound_call(kernel, q, k, v, tree=spec.tree_mask), kernel.schedule
             one = tvm_attn.build("flash", tvm_attn.AttentionSpec(
                 batch=1, seq_q=1, seq_kv=cached + 1, causal=True, dtype=dtype, **fields))
-            # node i's row over the cache and its path's keys (the time depends on how many, not which)
-            calls = [_bound_call(one, q[:, :, i:i + 1], k[:, :, :cached + _depth(parents, i) + 1],
-                                 v[:, :, :cached + _depth(parents, i) + 1]) for i in range(len(parents))]
+            # node i's row over the cache and its path's keys, up to its position (the time depends on how many, not
+            # which)
+            calls = [_bound_call(one, q[:, :, i:i + 1], k[:, :, :position + 1], v[:, :, :position + 1])
+                     for i, position in enumerate(spec.positions()[0])]
             fns[DECODE_CALLS] = lambda calls=calls: [call() for call in calls]
             records[DECODE_CALLS] = one.schedule
             timings = measure_interleaved(fns, min_seconds=min_seconds, spread=0.05, max_seconds=max_seconds)
