@@ -118,14 +118,14 @@ def ambiguous_rows(variant: str, spec: tvm_attn.AttentionSpec, q, k, sinks=None)
         margin = 4 * EPS32 * math.sqrt(spec.seq_kv)
         return (np.abs(cumulative - (1.0 - spec.eps)) < margin).any(axis=-1)
     if variant == "bounded":
-        return _bounded_ambiguous_rows(spec, q, k)
+        return _bounded_ambiguous_rows(spec, q, k, sinks)
     return np.zeros(s.shape[:3], dtype=bool)
 
 
-def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
+def _bounded_ambiguous_rows(spec, q, k, sinks=None) -> np.ndarray:
     """Rows where float32 could pick another set than float64: an upper bound within 2e-6 relative to the row's top
     bound (float32 shadow scores measured within 3.1e-7 of float64 ones) of the chosen bin edge or the one before
-    it, or the certificate at either within 1e-4 relative of its budget."""
+    it, or the certificate (with the sink's term, ``sinks``) at either within 1e-4 relative of its budget."""
     from tvm_attn import certificate
 
     vis = references.visible_mask(spec)
@@ -133,13 +133,14 @@ def _bounded_ambiguous_rows(spec, q, k) -> np.ndarray:
     top = np.where(vis, upper, -np.inf).max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     e_up, e_low = np.where(vis, np.exp(upper - top), 0.0), np.where(vis, np.exp(lower - top), 0.0)
+    e_sink = 0.0 if sinks is None else np.exp(np.asarray(sinks, np.float64)[:, None, None] - top)
     budget = certificate.CERTIFY * spec.eps / (1.0 - spec.eps)
     certified, close = [], []
     for n in range(1, certificate.CUT_STEPS + 1):
         edge = top - n * certificate.CUT_STEP
         kept = vis & (upper > edge)
         dropped, held = (np.where(kept, 0.0, e_up).sum(-1, keepdims=True),
-                         budget * np.where(kept, e_low, 0.0).sum(-1, keepdims=True))
+                         budget * (np.where(kept, e_low, 0.0).sum(-1, keepdims=True) + e_sink))
         certified.append(dropped <= held)
         close.append((vis & (np.abs(upper - edge) < 2e-6 * (1 + np.abs(top)))).any(-1, keepdims=True)
                      | (np.abs(dropped - held) < 1e-4 * held))

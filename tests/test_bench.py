@@ -241,7 +241,11 @@ def test_features_study_and_report(tmp_path):
 
     csv_path = tmp_path / "results.csv"
     rows = [r for r in run_studies([], str(csv_path), features=QUICK_FEATURES) if r["study"] == "features"]
-    assert sorted(r["feature"] for r in rows if r["feature"] != "tree") == sorted(["", *FEATURES])
+    cost = [r for r in rows if r["feature"] != "tree"]
+    for point in QUICK_FEATURES["cost"]["points"]:  # flash's prefill kernel, bounded's reading a cache's shadow
+        at = [r for r in cost if r["line"] == point["label"]]
+        assert sorted(r["feature"] for r in at) == sorted(["", *FEATURES])
+        assert {r["variant"] for r in at} == {point.get("variant", "flash")}
     tree = [r for r in rows if r["feature"] == "tree"]
     assert {r["provider"] for r in tree} == {TAKEN, DECODE_CALLS, "flash prefill kernel", "mqa prefill kernel"}
     assert all(r["median_ms"] > 0 for r in rows)

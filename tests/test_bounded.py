@@ -85,6 +85,36 @@ def test_topk_and_threshold_through_the_shadow_are_exact(kind, variant, knob):
     assert_matches_reference(variant, spec, out, q, k, v)
 
 
+# Softcap, ALiBi and sinks in the kernels reading the shadow (certificate.py: the bounds capped and biased as the
+# scores, the sink an exact term): one kernel per variant with all three, each of which moves the output.
+FEATURES = dict(softcap=4.0, alibi_slopes=(0.02, 0.01, 0.005, 0.04, 0.0025, 0.0))
+SINKS = np.array([2.0, -1.0, 12.0, 5.0, 0.0, 8.0], np.float32)  # head 2's holds nearly all of its rows' mass
+
+
+@pytest.mark.parametrize("variant,knob", [("bounded", {"eps": 0.05}), ("topk", {"top_k": 16}),
+                                          ("threshold", {"threshold": 0.01})], ids=str)
+def test_shadow_kernels_take_softcap_alibi_and_sinks(variant, knob):
+    n, sq = 700, 3
+    q, k, v = _inputs("peaked", n, sq, seed=13)
+    spec = tvm_attn.AttentionSpec(batch=B, heads=H, kv_heads=KVH, seq_q=sq, seq_kv=n, head_dim=D, causal=True,
+                                  sinks=True, **FEATURES, **knob)
+    cache = _filled_cache(k, v)
+    out = cache.attend(q, variant=variant, sinks=SINKS, **FEATURES, **knob)
+    assert cache.shadow is not None  # the shadow's kernel served it
+    assert_matches_reference(variant, spec, out, q, k, v, sinks=SINKS)
+    ref = tvm_attn.get_variant(variant).reference
+    for without in ({"softcap": None}, {"alibi_slopes": None}, {"sinks": False}):  # each feature matters
+        plain = ref(tvm_attn.AttentionSpec(**{**spec.__dict__, **without}), q, k, v,
+                    **({} if "sinks" in without else {"sinks": SINKS}))
+        assert np.abs(plain - out).max() > 0.05, without
+    if variant == "bounded":
+        dense = references.dense(spec, q, k, v, sinks=SINKS)
+        assert np.abs(out - dense).max() <= 2 * knob["eps"] * np.abs(v).max() + output_tolerance(spec)[1]
+        assert references.bounded_keep(spec, q, k, SINKS).mean() < 0.5  # it still prunes
+        direct = tvm_attn.attention(q, k, v, variant=variant, causal=True, sinks=SINKS, **FEATURES, **knob)
+        np.testing.assert_allclose(direct, out, rtol=1e-5, atol=1e-6)  # the kernel quantizing K itself
+
+
 def test_topk_ties_go_to_the_lower_index_through_the_shadow():
     """Equal scores straddling the cut: the lower key indices fill the quota, as in the reference (and with every
     score equal, the first top_k keys)."""

@@ -15,6 +15,7 @@ import pytest
 import tvm_attn
 from conftest import assert_matches_reference, knobs_for, make_inputs, output_tolerance
 from tvm_attn import export, runtime
+from tvm_attn.kernel import build_shadow
 from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS
 
 # 16 nodes, branching at several depths (a draft tree of speculative decoding; the split-KV decode kernel serves
@@ -93,6 +94,11 @@ def test_pruned_variants_prune_within_the_tree(variant, knob, parents, cached):
     spec = dataclasses.replace(spec, **knob)
     out = tvm_attn.attention(q, k, v, variant=variant, causal=True, tree_parents=parents, **knob)
     assert_matches_reference(variant, spec, out, q, k, v)
+    if len(parents) <= DECODE_MAX_ROWS:  # a decode call through a cache: not the shadow's kernel (it takes no tree)
+        cache = tvm_attn.KVCache(spec.batch, spec.kv_heads, spec.head_dim, capacity=spec.seq_kv)
+        cache.append(k, v)
+        np.testing.assert_array_equal(cache.attend(q, variant=variant, tree_parents=parents, **knob), out)
+        assert cache.shadow is None
 
 
 @pytest.mark.parametrize("parents", [TREE_40, TREE_16], ids=["prefill", "decode"])
@@ -185,6 +191,8 @@ def test_bad_trees_are_clear_errors():
         tvm_attn.attention(q, k[:, :, :5], v[:, :, :5], causal=True, tree_parents=TREE_8)
     with pytest.raises(ValueError, match="variant 'bounded' does not take tree masks"):
         tvm_attn.attention(q, k, v, variant="bounded", eps=0.1, causal=True, tree_parents=TREE_8)
+    with pytest.raises(ValueError, match="shadow of K does not take tree masks"):
+        build_shadow("topk", dataclasses.replace(spec, top_k=4))
     _, q40, k40, v40 = tree_inputs((4, 2, 10, 32, "float32"), TREE_40)
     with pytest.raises(ValueError, match="schedule='blas' does not take tree masks yet"):
         tvm_attn.attention(q40, k40, v40, causal=True, tree_parents=TREE_40, schedule="blas")

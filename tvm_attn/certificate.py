@@ -21,6 +21,11 @@ n in 1..CUT_STEPS such that
 (every visible key when none does): the dropped keys' softmax mass is then at most eps, and |out - dense| <=
 2 eps max|v| per element.
 
+Softcapping and ALiBi (AttentionSpec.softcap, alibi_slopes) map u_j as they map the score (capped, then biased): an
+upper bound of the score the softmax takes. u_j - 2 radius stays a lower bound, since cap tanh(x / cap) moves no two
+scores farther apart, so every rule here holds for those scores unchanged. A sink (AttentionSpec.sinks) is a term
+known exactly: it joins the kept side of the certificate, e^(sink - U), and the sum threshold compares weights with.
+
 Top-k through a cache is exact: with n the smallest bin count whose keys (bins < n) number at least k, those keys all
 score above U - n CUT_STEP - 2 R (R: the row's largest radius), so a key whose upper bound is below that is not in
 the top k; the rest (bins < n + 2 R / CUT_STEP + 2) get exact scores from K, and the top k of those are the answer.

@@ -33,7 +33,11 @@ def scores(spec: AttentionSpec, q, k) -> np.ndarray:
     and j; a tree node's by its depth)."""
     q64 = np.asarray(q, dtype=np.float64)
     k64 = np.repeat(np.asarray(k, dtype=np.float64), spec.group_size, axis=1)
-    s = spec.scale * (q64 @ k64.swapaxes(-1, -2))
+    return _adjusted(spec, spec.scale * (q64 @ k64.swapaxes(-1, -2)))
+
+
+def _adjusted(spec: AttentionSpec, s: np.ndarray) -> np.ndarray:
+    """Scaled scores s (batch, heads, seq_q, seq_kv) softcapped, then with the ALiBi biases, as ``spec`` says."""
     if spec.softcap is not None:
         s = spec.softcap * np.tanh(s / spec.softcap)
     if spec.alibi_slopes is not None:
@@ -159,8 +163,9 @@ def mass(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
 
 
 def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) bounds of every score from the int8 shadow of k (``shadow``), in float64, each
-    (batch, heads, seq_q, seq_kv)."""
+    """(lower, upper) bounds of every score (``scores``) from the int8 shadow of k (``shadow``), in float64, each
+    (batch, heads, seq_q, seq_kv): s^ -+ radius; with softcap or ALiBi, the upper bound softcapped and biased as the
+    score is, and the lower bound that minus 2 radius (softcapping moves no two scores farther apart)."""
     codes, lo, step = certificate.quantize(k)
     block = np.arange(spec.seq_kv) // certificate.BLOCK
     k_hat = lo[:, :, block].astype(np.float64) + step[:, :, block].astype(np.float64) * codes
@@ -169,12 +174,16 @@ def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:
     lo64, step64 = (np.repeat(x.astype(np.float64), spec.group_size, axis=1) for x in (lo, step))
     width = 0.5 * step64 + certificate.margin(spec.head_dim) * (np.abs(lo64) + certificate.LEVELS * step64)
     radius = (np.abs(q64) @ width.swapaxes(-1, -2))[..., block]
-    return s_hat - radius, s_hat + radius
+    if spec.softcap is None and spec.alibi_slopes is None:
+        return s_hat - radius, s_hat + radius
+    upper = _adjusted(spec, s_hat + radius)
+    return upper - 2 * radius, upper
 
 
-def bounded_keep(spec: AttentionSpec, q, k) -> np.ndarray:
+def bounded_keep(spec: AttentionSpec, q, k, sinks=None) -> np.ndarray:
     """Keys kept by the bounded variant: those whose shadow upper bound lies within the fewest CUT_STEP bins below
-    the row's top bound that certify the rest hold at most eps of the row's softmax mass (``shadow``'s rule)."""
+    the row's top bound that certify the rest hold at most eps of the row's softmax mass, the sink's (``sinks``:
+    the (heads,) logits) included (``shadow``'s rule)."""
     vis = visible_mask(spec)
     lower, upper = shadow_bounds(spec, q, k)
     # A NaN or +Inf bound (a NaN or Inf in q or in a block of k): nothing is certified, every visible key is kept.
@@ -185,17 +194,20 @@ def bounded_keep(spec: AttentionSpec, q, k) -> np.ndarray:
                                                            certificate.CUT_STEPS)), certificate.CUT_STEPS + 1)
     e_upper = np.where(vis, np.exp(upper - top), 0.0)
     e_lower = np.where(vis, np.exp(lower - top), 0.0)
+    e_sink = 0.0 if sinks is None else np.exp(np.asarray(sinks, np.float64)[:, None, None] - top)
     budget = certificate.CERTIFY * spec.eps / (1.0 - spec.eps)
     chosen = np.full(top.shape, certificate.CUT_STEPS + 1)  # none certifies: every visible key
     for n in range(certificate.CUT_STEPS, 0, -1):
         kept = bins < n
         certified = (np.where(kept, 0.0, e_upper).sum(axis=-1, keepdims=True)
-                     <= budget * np.where(kept, e_lower, 0.0).sum(axis=-1, keepdims=True))
+                     <= budget * (np.where(kept, e_lower, 0.0).sum(axis=-1, keepdims=True) + e_sink))
         chosen = np.where(certified, n, chosen)
     return bins < chosen
 
 
-def bounded(spec: AttentionSpec, q, k, v) -> np.ndarray:
-    """Softmax over a set of keys certified from the int8 shadow of K to hold >= 1 - eps of the row's mass,
-    renormalized, with exact scores; |out - dense| <= 2 eps max|v| per element (as for mass)."""
-    return _weighted_sum(spec, softmax_weights(spec, scores(spec, q, k)) * bounded_keep(spec, q, k), v)
+def bounded(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
+    """Softmax over a set of keys certified from the int8 shadow of K to hold >= 1 - eps of the row's mass (with the
+    sink's), renormalized with the sink, with exact scores; |out - dense| <= 2 eps max|v| per element (as for
+    mass)."""
+    w, w_sink = _softmax(spec, scores(spec, q, k), sinks)
+    return _weighted_sum(spec, w * bounded_keep(spec, q, k, sinks), v, w_sink)

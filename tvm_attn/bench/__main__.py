@@ -31,8 +31,11 @@ QUICK_INTEGER_KV = dict(shapes=((4, 4), (4, 2)), lengths=(256,), head_dim=64, ro
 # --study features
 FEATURES = "features"
 QUICK_FEATURES = dict(
-    cost=dict(points=(("flash prefill B1 H2 D32, 64, causal", dict(batch=1, heads=2, seq_q=64, head_dim=32,
-                                                                    causal=True)),),
+    cost=dict(points=(dict(label="flash prefill B1 H2 D32, 64, causal",
+                           fields=dict(batch=1, heads=2, seq_q=64, head_dim=32, causal=True)),
+                      dict(label="bounded eps 0.05 decode B1 H4/2 D32, 256 keys (shadow)",
+                           fields=dict(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=256, head_dim=32, causal=True,
+                                       eps=0.05), variant="bounded", shadow=True, q_scale=3.0)),
               min_seconds=0.02, max_seconds=0.1),
     tree=dict(points=(("GQA 4/2 D32", dict(heads=4, kv_heads=2, head_dim=32)),), dtypes=("float32",), cached=256,
               min_seconds=0.02, max_seconds=0.1))

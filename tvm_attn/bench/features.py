@@ -1,8 +1,9 @@
 """The features study (issue 29): what logit softcapping, attention sinks and ALiBi cost against the same kernel
-without them (goal: at most 1.10x), and what verifying a speculative decoding draft tree in one call costs against a
-decode call per node (goal: at most 0.25x of 16 calls for a 16-node tree over 8192 cached positions). Each point is
-timed in one interleaved round, float32 unless said, schedule "best" (tuned records where this CPU has them; a
-kernel with sinks, ALiBi or a tree replays the record of the kernel without).
+without them (goal: at most 1.10x; flash's kernels, and the kernels reading a KVCache's shadow of K), and what
+verifying a speculative decoding draft tree in one call costs against a decode call per node (goal: at most 0.25x of
+16 calls for a 16-node tree over 8192 cached positions). Each point is timed in one interleaved round, float32 unless
+said, schedule "best" (tuned records where this CPU has them; a kernel with sinks, ALiBi or a tree replays the record
+of the kernel without).
 
 Tree verification: the kernel ``build`` takes for the tree (the split-KV decode kernel for up to 16 nodes,
 ``variants.TREE_DECODE_MAX_ROWS``) and, for comparison, flash's and mqa's prefill kernels, against flash's decode
@@ -12,18 +13,42 @@ path as its own sequence would run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import tvm_attn
+from tvm_attn.kernel import build_shadow
 from tvm_attn.runtime import dlpack_argument, numpy_dtype
 from tvm_attn.timing import measure_interleaved
 
+
+@dataclasses.dataclass(frozen=True)
+class CostPoint:
+    """A kernel whose features are timed: ``variant``'s for the AttentionSpec ``fields`` (its knob included), the
+    one reading a KVCache's shadow of K where ``shadow`` (a decode call through a cache), with q scaled by
+    ``q_scale`` (> 1: peaked rows, as models' decode rows are, for the pruned variants)."""
+
+    label: str
+    fields: dict
+    variant: str = "flash"
+    shadow: bool = False
+    q_scale: float = 1.0
+
+
 COST_POINTS = (
-    ("flash prefill B1 H8 D64, 1024, causal", dict(batch=1, heads=8, seq_q=1024, head_dim=64, causal=True)),
-    ("flash prefill B1 H8 D128, 1024", dict(batch=1, heads=8, seq_q=1024, head_dim=128)),
-    ("decode GQA 32/8 D128, 4096 keys", dict(batch=1, heads=32, kv_heads=8, seq_q=1, seq_kv=4096, head_dim=128,
-                                             causal=True)),
-    ("decode MHA 32 D64, 4096 keys", dict(batch=1, heads=32, seq_q=1, seq_kv=4096, head_dim=64, causal=True)),
+    CostPoint("flash prefill B1 H8 D64, 1024, causal", dict(batch=1, heads=8, seq_q=1024, head_dim=64, causal=True)),
+    CostPoint("flash prefill B1 H8 D128, 1024", dict(batch=1, heads=8, seq_q=1024, head_dim=128)),
+    CostPoint("flash decode GQA 32/8 D128, 4096 keys", dict(batch=1, heads=32, kv_heads=8, seq_q=1, seq_kv=4096,
+                                                            head_dim=128, causal=True)),
+    CostPoint("flash decode MHA 32 D64, 4096 keys", dict(batch=1, heads=32, seq_q=1, seq_kv=4096, head_dim=64,
+                                                         causal=True)),
+    CostPoint("bounded eps 0.05 decode GQA 32/8 D128, 8192 keys (shadow)",
+              dict(batch=1, heads=32, kv_heads=8, seq_q=1, seq_kv=8192, head_dim=128, causal=True, eps=0.05),
+              variant="bounded", shadow=True, q_scale=3.0),
+    CostPoint("top-k 64 decode MHA 32 D64, 8192 keys (shadow)",
+              dict(batch=1, heads=32, seq_q=1, seq_kv=8192, head_dim=64, causal=True, top_k=64),
+              variant="topk", shadow=True, q_scale=3.0),
 )
 FEATURES = {"softcap 30": dict(softcap=30.0), "sinks": dict(sinks=True), "ALiBi": dict(alibi_slopes="bloom")}
 TREE = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # 16 nodes, depth 7 (tests/test_tree.py's TREE_16)
@@ -42,14 +67,23 @@ def _slopes(heads: int) -> tuple:
     return tuple(2.0 ** (-8.0 * np.arange(1, heads + 1) / heads))
 
 
-def _bound_call(kernel, q, k, v, sinks=None, tree=None):
+def _bound_call(kernel, q, k, v, sinks=None, tree=None, shadow=()):
     """kernel's runtime function with its arguments bound (DLPack conversions outside the timing)."""
-    args = [dlpack_argument(x) for x in kernel.arguments(q, k, v, np.empty_like(q), (), sinks, tree)]
+    args = [dlpack_argument(x) for x in kernel.arguments(q, k, v, np.empty_like(q), shadow, sinks, tree)]
     return lambda: kernel.function(*args)
 
 
-def _row(feature: str, line: str, provider: str, spec, timing, record: str, x) -> dict:
-    return dict(study="features", x_name="feature", x=x, line=line, feature=feature, variant="flash",
+def _shadow_call(kernel, q, k, v, sinks):
+    """The call of a kernel reading the shadow of K on a KVCache holding k and v (the cache kept alive with it)."""
+    cache = tvm_attn.KVCache(k.shape[0], k.shape[1], k.shape[3], capacity=k.shape[2], shadow=True)
+    cache.append(k, v)
+    k, v, shadow = cache.kernel_inputs(kernel, q.shape[2])
+    call = _bound_call(kernel, q, k, v, sinks=sinks, shadow=shadow)
+    return lambda: (cache, call())
+
+
+def _row(feature: str, line: str, provider: str, spec, timing, record: str, x, variant: str = "flash") -> dict:
+    return dict(study="features", x_name="feature", x=x, line=line, feature=feature, variant=variant,
                 provider=provider, record=record, distribution="gaussian", dtype=spec.dtype, batch=spec.batch,
                 heads=spec.heads, kv_heads=spec.kv_heads, seq_q=spec.seq_q, seq_kv=spec.seq_kv,
                 head_dim=spec.head_dim, causal=spec.causal, median_ms=timing.median_ms, q25_ms=timing.q25_ms,
@@ -58,25 +92,28 @@ def _row(feature: str, line: str, provider: str, spec, timing, record: str, x) -
 
 def feature_cost_rows(points=COST_POINTS, features=FEATURES, min_seconds: float = 1.0, max_seconds: float = 4.0,
                       seed: int = 0, log=None) -> list[dict]:
-    """Per point, the kernel without a feature and with each, in one interleaved round: a row each (feature "" for
-    the kernel without)."""
+    """Per point (a CostPoint, or its fields as a dict), the kernel without a feature and with each, in one
+    interleaved round: a row each (feature "" for the kernel without)."""
     rng = np.random.default_rng(seed)
     rows = []
-    for label, fields in points:
+    for point in points:
+        point = point if isinstance(point, CostPoint) else CostPoint(**point)
         fns, specs, records = {}, {}, {}
         for name, extra in {"": {}, **features}.items():
-            extra = {k: (_slopes(fields["heads"]) if v == "bloom" else v) for k, v in extra.items()}
-            spec = specs[name] = tvm_attn.AttentionSpec(**fields, **extra)
-            kernel = tvm_attn.build("flash", spec)
-            q = rng.standard_normal(spec.q_shape).astype(np.float32)
+            extra = {k: (_slopes(point.fields["heads"]) if v == "bloom" else v) for k, v in extra.items()}
+            spec = specs[name] = tvm_attn.AttentionSpec(**point.fields, **extra)
+            kernel = (build_shadow if point.shadow else tvm_attn.build)(point.variant, spec)
+            q = (point.q_scale * rng.standard_normal(spec.q_shape)).astype(np.float32)
             k, v = (rng.standard_normal(spec.kv_shape).astype(np.float32) for _ in "kv")
             sinks = kernel.sink_logits(np.zeros(spec.heads, np.float32) if spec.sinks else None)
-            fns[name], records[name] = _bound_call(kernel, q, k, v, sinks), kernel.schedule
+            fns[name] = (_shadow_call if point.shadow else _bound_call)(kernel, q, k, v, sinks)
+            records[name] = kernel.schedule
         timings = measure_interleaved(fns, min_seconds=min_seconds, spread=0.05, max_seconds=max_seconds)
         for name, timing in timings.items():
-            rows.append(_row(name, label, "tvm_attn", specs[name], timing, records[name], specs[name].seq_kv))
+            rows.append(_row(name, point.label, "tvm_attn", specs[name], timing, records[name], specs[name].seq_kv,
+                             point.variant))
             if log is not None:
-                print(f"features {label} {name or 'without'}: {timing.median_ms:.3f} ms ({records[name]})",
+                print(f"features {point.label} {name or 'without'}: {timing.median_ms:.3f} ms ({records[name]})",
                       file=log, flush=True)
     return rows
 
@@ -147,8 +184,10 @@ def features_section(rows, ctx) -> list[str]:
                 worst = ratio if ratio is not None and (worst is None or ratio > worst) else worst
                 cells.append("-" if r is None else f"{ratio:.3f}x ({r['record']})")
             body.append(cells)
-        parts += ["Each feature's flash kernel against the same kernel without it, one interleaved round per kernel "
-                  "(float32, schedule \"best\"; the schedule used in brackets): time with / time without.", "",
+        parts += ["Each feature's kernel against the same kernel without it, one interleaved round per kernel "
+                  "(float32, schedule \"best\"; the schedule used in brackets; \"(shadow)\": the kernel a decode "
+                  "call through a KVCache runs, reading the cache's int8 shadow of K, on rows with q scaled by 3): "
+                  "time with / time without.", "",
                   table(["kernel", "without ms"] + names, body), ""]
         if worst is not None:
             goal = GOALS["feature_cost"]

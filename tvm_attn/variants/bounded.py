@@ -4,8 +4,10 @@ for the kept keys. The same kernel with ``top_k`` or ``threshold`` set is that v
 rule most keys out, the rest get exact scores (``shadow`` states the rules).
 
 Two kernels share the body: ``compute_shadow`` reads the shadow a KVCache keeps (arguments q, k, v, codes, lo,
-step, out), ``compute`` quantizes K itself first (q, k, v, out: the registry's signature, for ``attention``; it reads
-all of K once more, so it is no faster than dense). Batch, seq_q and seq_kv are run-time sizes.
+step, [sinks,] out), ``compute`` quantizes K itself first (q, k, v, [sinks,] out: the registry's signature, for
+``attention``; it reads all of K once more, so it is no faster than dense). Batch, seq_q and seq_kv are run-time
+sizes. Softcapping and ALiBi adjust the upper bounds as the exact scores (``certificate`` says why the bounds hold);
+the sink logit is an exact term of the certificate, the threshold's sum and the output.
 
 Blocks (the contract with schedules/bounded.py):
   shadow_min, shadow_max, shadow_step, shadow_codes    (compute only) the shadow of K, as certificate.quantize
@@ -33,8 +35,8 @@ from tvm.script import tirx as T
 from .. import certificate
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, ELEMENT_BYTES, INF, Visibility, bhsd, ceil_div, fresh_block_names, macro_state, poisoned,
-                     row_output, run_time_sizes, widen)
+from .common import (ACC, ELEMENT_BYTES, INF, Visibility, adjusted, bhsd, bhsd_kernel, ceil_div, fresh_block_names,
+                     macro_state, poisoned, row_output, run_time_sizes, sink_argument, sink_logit, widen, with_sink)
 from .pruned import INT32_MIN, order_key
 
 LANES = 16
@@ -126,6 +128,12 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         first = T.max(s * BPC, vis.first_tile(i, SB))
         return first, T.max(first, T.min(T.min((s + 1) * BPC, NB), vis.end_tile(i, SB)))
 
+    def score_terms(s, head, i, j):
+        """Score s of query i (of query ``head``) against key j as the softmax takes it: softcapped, then with the
+        ALiBi bias (``adjusted``). Of an upper bound it makes an upper bound of the adjusted score, and that minus
+        twice the radius stays a lower bound: softcapping moves no two scores farther apart."""
+        return adjusted(kspec, s, head, vis.distance(i, j))
+
     @T.macro
     def exact_score(pd, qr, k, b, kh, j):
         """q . k[b, kh, j] (q pre-scaled in qr, zero-padded to DP) as pd[0] + pd[1]: LANES partial sums, then
@@ -172,7 +180,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         rest_lo[0] = rest_lo[0] + (pk[0] + pk[1])
 
     @T.macro
-    def body(q, k, v, codes, lo, step, out):
+    def body(q, k, v, codes, lo, step, sinks, out):
         upper = T.sblock_alloc_buffer((B, H, SQ, SKVP), ACC)
         radius = T.sblock_alloc_buffer((B, H, SQ, NB), ACC)
         m_part = T.sblock_alloc_buffer((B, KVH, NSR, SQ, G), ACC)
@@ -233,8 +241,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                                     with T.sblock("upper"):
                                         vg, j = T.axis.remap("SS", [g, jj])
                                         # Keys past seq_kv hold stale codes: masked here.
-                                        u[vg, j] = T.Select(vis.sees(vi, vt * SB + j),
-                                                            qo[vg] + s_hat[vg, j] + rad[vg], NEG)
+                                        u[vg, j] = T.Select(vis.sees(vi, vt * SB + j), score_terms(
+                                            qo[vg] + s_hat[vg, j] + rad[vg], vkh * G + vg, vi, vt * SB + j), NEG)
                                 for g, jj in T.grid(G, SB):
                                     with T.sblock("save_upper"):
                                         vg, j = T.axis.remap("SS", [g, jj])
@@ -341,6 +349,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             widest[0] = T.max(widest[0], radius[vb, vh, vi, t])
                         held[0] = held[0] + e_sum[t] * shrink[t]
                 if IS_THRESHOLD:
+                    if sinks is not None:
+                        held[0] = with_sink(sinks, vh, held[0], top[0])  # the sink's weight is known exactly
                     # Candidates: keys that may hold weight >= tau (e^(u - top) >= tau sum_j e^(l_j - top)), keys that
                     # may be the row's largest (u >= top - 2 widest), and enough more that the bounds on the rest's
                     # sum are within THRESHOLD_SLACK of the row's: the smallest n whose bins >= n have
@@ -413,7 +423,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                         halve_to_two(pk, pk, 0, _add)
                         dropped[0] = dropped[0] + (pd[0] + pd[1])
                         held[0] = held[0] + (pk[0] + pk[1])
-                        if dropped[0] <= BUDGET * held[0]:
+                        if dropped[0] <= BUDGET * with_sink(sinks, vh, held[0], top[0]):
                             hi_n[0] = mid[0]
                         else:
                             lo_n[0] = mid[0]
@@ -437,7 +447,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     prefetch_row(k, vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)])
                     prefetch_row(v, vb, vh // G, idx[T.min(c + PREFETCH, cnt[0] - 1)])
                     exact_score(pd, qr, k, vb, vh // G, idx[c])
-                    sc[c] = pd[0] + pd[1]
+                    sc[c] = score_terms(pd[0] + pd[1], vh, vi, idx[c])
                     okey[c] = order_key(sc[c])
                     m[0] = T.max(m[0], poisoned(sc[c]))
                 # Top-k: the kk largest exact scores among the candidates (which hold every key of the top kk), ties
@@ -460,8 +470,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     width[0] = EXTEND
                     undecided[0] = 1
                     while undecided[0] > 0:
-                        sum_hi[0] = sum_c[0] + rest_hi[0] * softmax_exp(top[0] - m[0])
-                        sum_lo[0] = sum_c[0] + rest_lo[0] * softmax_exp(top[0] - m[0])
+                        sum_hi[0] = with_sink(sinks, vh, sum_c[0], m[0]) + rest_hi[0] * softmax_exp(top[0] - m[0])
+                        sum_lo[0] = with_sink(sinks, vh, sum_c[0], m[0]) + rest_lo[0] * softmax_exp(top[0] - m[0])
                         undecided[0] = 0
                         for c in range(cnt[0]):
                             undecided[0] = undecided[0] + T.Cast("int32", T.And(
@@ -483,7 +493,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             for c in range(cnt[0], extended[0]):
                                 prefetch_row(k, vb, vh // G, idx[T.min(c + PREFETCH, extended[0] - 1)])
                                 exact_score(pd, qr, k, vb, vh // G, idx[c])
-                                sum_c[0] = sum_c[0] + softmax_exp(pd[0] + pd[1] - m[0])
+                                sum_c[0] = sum_c[0] + softmax_exp(score_terms(pd[0] + pd[1], vh, vi, idx[c]) - m[0])
                             scored[0] = scored[0] + width[0]
                             width[0] = width[0] * 2
                             rest_bounds(rest_hi, rest_lo, pd, pk, bins, e, e_sum, shrink, bin_min, bin_max, scored[0])
@@ -531,32 +541,44 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                         for d in range(D):
                             acc[d] = acc[d] + w[0] * widen(v[vb, vh // G, idx[c], d])
                 for d in range(D):
-                    out[vb, vh, vi, d] = row_output(acc[d], l[0], m[0], dtype)
+                    out[vb, vh, vi, d] = row_output(acc[d], l[0], m[0], dtype, sink_logit(sinks, vh))
 
     if reads_shadow:
         return _with_shadow_arguments(kspec, body, B, SQ, SKV, NB)
-    return _quantizing(kspec, body, B, SQ, SKV, NB)
+    return _quantizing(kspec, body, B, SQ, SKV, NB, vis)
 
 
 def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
 
+    def arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h):
+        """The q, k, v, shadow (codes, lo, step) and out buffers from their handles, declared in that order."""
+        qkv = [bhsd(h, B, heads, seq, D, dtype) for h, heads, seq in ((q_h, H, SQ), (k_h, KVH, SKV), (v_h, KVH, SKV))]
+        codes = T.match_buffer(codes_h, (B, KVH, NB, D, SB), "uint8",
+                               strides=(T.int32(), T.int32(), T.int32(), T.int32(), 1), align=1, offset_factor=1)
+        lo, step = [T.match_buffer(h, (B, KVH, NB, D), ACC, strides=(T.int32(), T.int32(), T.int32(), 1), align=4,
+                                   offset_factor=1) for h in (lo_h, step_h)]
+        return (*qkv, codes, lo, step, bhsd(out_h, B, H, SQ, D, dtype))
+
+    if kspec.sinks:
+        @T.prim_func(s_tir=True)
+        def bounded_shadow_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle,
+                                      lo_h: T.handle, step_h: T.handle, sinks_h: T.handle, out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
+            sinks = sink_argument(sinks_h, H)
+            with T.sblock("root"):
+                body(q, k, v, codes, lo, step, sinks, out)
+
+        return bounded_shadow_with_sinks
+
     @T.prim_func(s_tir=True)
     def bounded_shadow(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle, lo_h: T.handle,
                        step_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = bhsd(q_h, B, H, SQ, D, dtype)
-        k = bhsd(k_h, B, KVH, SKV, D, dtype)
-        v = bhsd(v_h, B, KVH, SKV, D, dtype)
-        codes = T.match_buffer(codes_h, (B, KVH, NB, D, SB), "uint8",
-                               strides=(T.int32(), T.int32(), T.int32(), T.int32(), 1), align=1, offset_factor=1)
-        lo = T.match_buffer(lo_h, (B, KVH, NB, D), ACC, strides=(T.int32(), T.int32(), T.int32(), 1), align=4,
-                            offset_factor=1)
-        step = T.match_buffer(step_h, (B, KVH, NB, D), ACC, strides=(T.int32(), T.int32(), T.int32(), 1), align=4,
-                              offset_factor=1)
-        out = bhsd(out_h, B, H, SQ, D, dtype)
+        q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
         with T.sblock("root"):
-            body(q, k, v, codes, lo, step, out)
+            body(q, k, v, codes, lo, step, None, out)
 
     return bounded_shadow
 
@@ -599,25 +621,19 @@ def quantize_keys(k, codes, lo, hi, step, batch, kv_heads, blocks, head_dim, seq
 _QUANTIZE_MACRO = macro_state(quantize_keys)
 
 
-def _quantizing(kspec, body, B, SQ, SKV, NB):
-    H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+def _quantizing(kspec, body, B, SQ, SKV, NB, vis):
+    KVH, D = kspec.kv_heads, kspec.head_dim
 
-    @T.prim_func(s_tir=True)
-    def bounded(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q = bhsd(q_h, B, H, SQ, D, dtype)
-        k = bhsd(k_h, B, KVH, SKV, D, dtype)
-        v = bhsd(v_h, B, KVH, SKV, D, dtype)
-        out = bhsd(out_h, B, H, SQ, D, dtype)
-        with T.sblock("root"):
-            codes = T.sblock_alloc_buffer((B, KVH, NB, D, SB), "uint8")
-            lo = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
-            hi = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
-            step = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
-            quantize_keys(k, codes, lo, hi, step, B, KVH, NB, D, SKV)
-            body(q, k, v, codes, lo, step, out)
+    @T.macro
+    def quantizing_body(q, k, v, sinks, out):
+        codes = T.sblock_alloc_buffer((B, KVH, NB, D, SB), "uint8")
+        lo = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
+        hi = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
+        step = T.sblock_alloc_buffer((B, KVH, NB, D), ACC)
+        quantize_keys(k, codes, lo, hi, step, B, KVH, NB, D, SKV)
+        body(q, k, v, codes, lo, step, sinks, out)
 
-    return bounded
+    return bhsd_kernel(quantizing_body, kspec, B, SQ, SKV, vis)
 
 
 def compute_quantize(kv_heads: int, head_dim: int, dtype: str):

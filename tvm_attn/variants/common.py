@@ -122,6 +122,12 @@ def sink_logit(sinks, head):
     return None if sinks is None else sinks[head]
 
 
+def with_sink(sinks, head, row_sum, row_max):
+    """A row's sum of weights (relative to e^row_max) with the sink's of query ``head``, e^(sink - row_max);
+    ``row_sum`` itself for kernels without sinks (``sinks`` None)."""
+    return row_sum if sinks is None else row_sum + softmax_exp(sinks[head] - row_max)
+
+
 def sink_argument(handle, heads: int):
     """The (heads,) float32 sink logits argument of kernels with sinks (KernelSpec.sinks)."""
     return T.match_buffer(handle, (heads,), ACC, align=4, offset_factor=1)

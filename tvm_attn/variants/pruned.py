@@ -35,7 +35,7 @@ from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_scores, bhsd_kernel, ceil_div, fresh_block_names,
                      load_q_rows, row_max_of_scores, row_output, row_score_terms, run_time_sizes, scores_of_rows,
-                     sink_logit, softmax_numerators, transpose_k, widen)
+                     sink_logit, softmax_numerators, transpose_k, widen, with_sink)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -88,10 +88,6 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
         return T.min(vis.end(i), SKVP)
 
     SLOTS = T.min(TOP_K + 1, SKVP) if IS_TOPK else SKVP  # idx slots: the most keys a row keeps, + 1 spare (compact)
-
-    def with_sink(sinks, h, row_sum, row_max):
-        """A row's sum of weights (relative to its max) with its sink's, e^(sink - max)."""
-        return row_sum if sinks is None else row_sum + softmax_exp(sinks[h] - row_max)
 
     def mass_needed(sinks, h, row_sum, row_max):
         """The weight the kept keys must hold: 1 - eps of the row's with the sink's, less the sink's own (<= 0: the
