@@ -103,15 +103,6 @@ def test_tuned_record_is_used(tuned_logs, monkeypatch):
         tuning._cached_database.cache_clear()
 
 
-def test_running_again_resumes_and_adds_trials(tuned_logs, tmp_path):
-    logs = tmp_path / "logs"
-    shutil.copytree(tuned_logs[0], logs)
-    before = _records(logs)
-    proc = _tune(logs, trials=2)
-    assert "hand schedule measured" not in proc.stderr  # the recorded hand schedule is reused
-    assert _records(logs) == before + 2
-
-
 def test_records_of_another_target_are_never_applied(tuned_logs, tmp_path):
     """MetaSchedule's database ignores targets: x86 records copied under an Apple key must not be used there."""
     logs = tmp_path / "logs"
@@ -182,7 +173,12 @@ def _wait_for_device(port: int, key: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"no free RPC server with key {key!r} on tracker port {port} after {timeout} s")
 
 
-def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
+def test_running_again_through_an_rpc_tracker_resumes_and_adds_trials(tuned_logs, tmp_path):
+    """A second run (here measuring on a device behind an RPC tracker on loopback) reuses the first run's records,
+    the hand schedule's included, and adds its trials. (One tuning run for both: each costs ~45 s of CI.)"""
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned_logs[0], logs)
+    before = _records(logs)
     tracker_port, server_port = _free_port(), _free_port()  # each binds in [port, --port-end)
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
@@ -193,9 +189,10 @@ def test_tuning_through_an_rpc_tracker_on_loopback(tmp_path):
                                        "--tracker", f"127.0.0.1:{tracker_port}",
                                        "--key", "loopback"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_for_device(tracker_port, "loopback")
-        proc = _tune(tmp_path, "--rpc-tracker", f"127.0.0.1:{tracker_port}", "--rpc-key", "loopback", trials=2)
+        proc = _tune(logs, "--rpc-tracker", f"127.0.0.1:{tracker_port}", "--rpc-key", "loopback", trials=2)
         assert "2/2 trials" in proc.stderr
-        assert _records(tmp_path) == 1 + 2
+        assert "hand schedule measured" not in proc.stderr  # the recorded hand schedule is reused
+        assert _records(logs) == before + 2
     finally:
         for p in procs:
             p.terminate()
