@@ -15,7 +15,6 @@ import pytest
 import tvm_attn
 from conftest import assert_matches_reference, knobs_for, make_inputs, output_tolerance
 from tvm_attn import export, runtime
-from tvm_attn.kernel import build_shadow
 from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS
 
 # 16 nodes, branching at several depths (a draft tree of speculative decoding; the split-KV decode kernel serves
@@ -85,7 +84,7 @@ def test_tree_rows_equal_their_paths(variant, parents, shape):
 # range, so the selection reaches keys the tree hides.
 PRUNED_CASES = [(variant, knob, TREE_16, 3) for variant, knob in (
     ("topk", {"top_k": 12}), ("threshold", {"threshold": 0.05}), ("mass", {"eps": 0.05}))] + [
-    ("topk", {"top_k": 5}, FOREST_5, 40)]
+    ("topk", {"top_k": 5}, FOREST_5, 40), ("bounded", {"eps": 0.05}, TREE_16, 300)]
 
 
 @pytest.mark.parametrize("variant,knob,parents,cached", PRUNED_CASES, ids=case_id)
@@ -94,11 +93,14 @@ def test_pruned_variants_prune_within_the_tree(variant, knob, parents, cached):
     spec = dataclasses.replace(spec, **knob)
     out = tvm_attn.attention(q, k, v, variant=variant, causal=True, tree_parents=parents, **knob)
     assert_matches_reference(variant, spec, out, q, k, v)
-    if len(parents) <= DECODE_MAX_ROWS:  # a decode call through a cache: not the shadow's kernel (it takes no tree)
-        cache = tvm_attn.KVCache(spec.batch, spec.kv_heads, spec.head_dim, capacity=spec.seq_kv)
-        cache.append(k, v)
-        np.testing.assert_array_equal(cache.attend(q, variant=variant, tree_parents=parents, **knob), out)
-        assert cache.shadow is None
+    causal = tvm_attn.reference(q, k, v, variant=variant, causal=True, **knob)
+    assert np.abs(out - causal).max() > 0.05  # the tree hides keys that matter
+    # Through a cache: the kernel reading its shadow of K for bounded, and for top-k's and threshold's decode calls
+    cache = tvm_attn.KVCache(spec.batch, spec.kv_heads, spec.head_dim, capacity=spec.seq_kv)
+    cache.append(k, v)
+    assert_matches_reference(variant, spec, cache.attend(q, variant=variant, tree_parents=parents, **knob), q, k, v)
+    assert (cache.shadow is not None) == (variant == "bounded" or (
+        variant in ("topk", "threshold") and len(parents) <= DECODE_MAX_ROWS))
 
 
 @pytest.mark.parametrize("parents", [TREE_40, TREE_16], ids=["prefill", "decode"])
@@ -189,10 +191,6 @@ def test_bad_trees_are_clear_errors():
         tvm_attn.attention(q, k, v, tree_parents=TREE_8)
     with pytest.raises(ValueError, match="only seq_kv=5 keys"):
         tvm_attn.attention(q, k[:, :, :5], v[:, :, :5], causal=True, tree_parents=TREE_8)
-    with pytest.raises(ValueError, match="variant 'bounded' does not take tree masks"):
-        tvm_attn.attention(q, k, v, variant="bounded", eps=0.1, causal=True, tree_parents=TREE_8)
-    with pytest.raises(ValueError, match="shadow of K does not take tree masks"):
-        build_shadow("topk", dataclasses.replace(spec, top_k=4))
     _, q40, k40, v40 = tree_inputs((4, 2, 10, 32, "float32"), TREE_40)
     with pytest.raises(ValueError, match="schedule='blas' does not take tree masks yet"):
         tvm_attn.attention(q40, k40, v40, causal=True, tree_parents=TREE_40, schedule="blas")

@@ -390,10 +390,7 @@ class KVCache:
             # The shadow's kernel serves every call of a variant the shadow defines (bounded), and decode calls of
             # the others that have one (top-k, threshold: exact, reading fewer rows); their prefill-sized calls, and
             # calls on a cache made with shadow=False, take their own kernels.
-            # (Decode calls of top-k and threshold verifying a tree take their plain decode kernels: the shadow's
-            # kernels take no tree masks yet.)
-            shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or (
-                path_for(n_q) == "decode" and spec.tree_parents is None))
+            shadowed = v.shadow_compute is not None and (v.blocks_from_key0 or path_for(n_q) == "decode")
             if shadowed and not self._shadow_allowed:
                 if v.blocks_from_key0:
                     why = f"an {self.dtype} cache has none" if self.integer else "this cache was made with shadow=False"

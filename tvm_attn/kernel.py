@@ -339,9 +339,6 @@ def build_shadow(variant, spec: AttentionSpec, *, target="host", schedule: str =
     v.check(spec)
     if v.shadow_compute is None:
         raise ValueError(f"variant {v.name!r} has no kernel reading the shadow of K")
-    if spec.tree_parents is not None:
-        raise ValueError(f"the {v.name} kernel reading the shadow of K does not take tree masks yet: build its own "
-                         f"kernel (build)")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     return _build_cached(v.name, spec.kernel, "shadow", str(resolve_target(target)), schedule)

@@ -52,7 +52,7 @@ class Variant:
     keep: Callable | None = None  # pruned variants: (AttentionSpec, q, k) -> bool mask of the keys kept
     decode_compute: Callable | None = None  # as compute, for few query rows (None: compute serves decode too)
     decode_schedule: Callable | None = None
-    # A compute reading the int8 shadow of K a KVCache keeps, (q, k, v, codes, lo, step, [sinks,] out): what
+    # A compute reading the int8 shadow of K a KVCache keeps, (q, k, v, codes, lo, step, [sinks,] [tree,] out): what
     # KVCache.attend runs, reading full K and V rows only for the keys the bounds cannot rule out.
     shadow_compute: Callable | None = None
     shadow_schedule: Callable | None = None
@@ -219,7 +219,7 @@ DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.sch
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True,
                      sinks=True, alibi=True, tree=True)
 # Kernels reading a KVCache's shadow of K (variants/bounded.py): bounded's only cache kernel, top-k's and threshold's
-# at decode. They apply softcapping, sinks and ALiBi, not tree masks.
+# at decode. They take softcapping, sinks, ALiBi and tree masks as the other kernels do.
 SHADOW = dict(shadow_compute=bounded.compute_shadow, shadow_schedule=_bounded_schedule.schedule)
 
 VARIANTS: dict[str, Variant] = {
@@ -246,7 +246,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("bounded", "a set of keys certified from an int8 shadow of K to hold >= 1 - eps of each row's "
                 "softmax mass, renormalized (|out - dense| <= 2 eps max|v|)",
                 bounded.compute, _bounded_schedule.schedule, _ref.bounded, knob="eps", keep=_ref.bounded_keep,
-                **SHADOW, blocks_from_key0=True, softcap=True, sinks=True, alibi=True),
+                **SHADOW, blocks_from_key0=True, softcap=True, sinks=True, alibi=True, tree=True),
     )
 }
 

@@ -4,10 +4,11 @@ for the kept keys. The same kernel with ``top_k`` or ``threshold`` set is that v
 rule most keys out, the rest get exact scores (``shadow`` states the rules).
 
 Two kernels share the body: ``compute_shadow`` reads the shadow a KVCache keeps (arguments q, k, v, codes, lo,
-step, [sinks,] out), ``compute`` quantizes K itself first (q, k, v, [sinks,] out: the registry's signature, for
-``attention``; it reads all of K once more, so it is no faster than dense). Batch, seq_q and seq_kv are run-time
-sizes. Softcapping and ALiBi adjust the upper bounds as the exact scores (``certificate`` says why the bounds hold);
-the sink logit is an exact term of the certificate, the threshold's sum and the output.
+step, [sinks,] [tree,] out), ``compute`` quantizes K itself first (q, k, v, [sinks,] [tree,] out: the registry's
+signature, for ``attention``; it reads all of K once more, so it is no faster than dense). Batch, seq_q and seq_kv
+are run-time sizes. Softcapping and ALiBi adjust the upper bounds as the exact scores (``certificate`` says why the
+bounds hold); the sink logit is an exact term of the certificate, the threshold's sum and the output; a tree mask
+(``Visibility``) decides which keys each row sees, as in the other kernels.
 
 Blocks (the contract with schedules/bounded.py):
   shadow_min, shadow_max, shadow_step, shadow_codes    (compute only) the shadow of K, as certificate.quantize
@@ -35,8 +36,9 @@ from tvm.script import tirx as T
 from .. import certificate
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, ELEMENT_BYTES, INF, Visibility, adjusted, bhsd, bhsd_kernel, ceil_div, fresh_block_names,
-                     macro_state, poisoned, row_output, run_time_sizes, sink_argument, sink_logit, widen, with_sink)
+from .common import (ACC, ELEMENT_BYTES, INF, OptionalArguments, Visibility, adjusted, bhsd, bhsd_kernel, ceil_div,
+                     fresh_block_names, macro_state, poisoned, row_output, run_time_sizes, sink_logit, widen,
+                     with_sink)
 from .pruned import INT32_MIN, order_key
 
 LANES = 16
@@ -544,12 +546,14 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     out[vb, vh, vi, d] = row_output(acc[d], l[0], m[0], dtype, sink_logit(sinks, vh))
 
     if reads_shadow:
-        return _with_shadow_arguments(kspec, body, B, SQ, SKV, NB)
+        return _with_shadow_arguments(kspec, body, B, SQ, SKV, NB, vis)
     return _quantizing(kspec, body, B, SQ, SKV, NB, vis)
 
 
-def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
+def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB, vis):
+    """The PrimFunc taking (q, k, v, codes, lo, step, [sinks,] [tree,] out) (common.OptionalArguments)."""
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+    optional = OptionalArguments(kspec, vis, SQ)
 
     def arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h):
         """The q, k, v, shadow (codes, lo, step) and out buffers from their handles, declared in that order."""
@@ -560,17 +564,29 @@ def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB):
                                    offset_factor=1) for h in (lo_h, step_h)]
         return (*qkv, codes, lo, step, bhsd(out_h, B, H, SQ, D, dtype))
 
-    if kspec.sinks:
+    if optional.count == 2:
         @T.prim_func(s_tir=True)
-        def bounded_shadow_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle,
-                                      lo_h: T.handle, step_h: T.handle, sinks_h: T.handle, out_h: T.handle):
+        def bounded_shadow_with_two(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle,
+                                    lo_h: T.handle, step_h: T.handle, a_h: T.handle, b_h: T.handle, out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
-            sinks = sink_argument(sinks_h, H)
+            optional.declare(a_h, b_h)
             with T.sblock("root"):
-                body(q, k, v, codes, lo, step, sinks, out)
+                body(q, k, v, codes, lo, step, optional.sinks, out)
 
-        return bounded_shadow_with_sinks
+        return bounded_shadow_with_two
+
+    if optional.count == 1:
+        @T.prim_func(s_tir=True)
+        def bounded_shadow_with_one(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle,
+                                    lo_h: T.handle, step_h: T.handle, a_h: T.handle, out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
+            optional.declare(a_h)
+            with T.sblock("root"):
+                body(q, k, v, codes, lo, step, optional.sinks, out)
+
+        return bounded_shadow_with_one
 
     @T.prim_func(s_tir=True)
     def bounded_shadow(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle, lo_h: T.handle,
