@@ -8,7 +8,7 @@ from tvm import s_tir
 
 from tvm_attn.targets import CpuCapabilities
 
-from .byte_products import INTERLEAVE_INTRIN, INTERLEAVE_KEYS, WORD, byte_dot_intrin
+from .byte_products import INTERLEAVE_KEYS, WORD, byte_dot_intrin, interleave_intrin
 from .byte_products import LANES as BYTE_DOT_LANES
 from .common import (RegisterBlock, has_block, largest_divisor, register_blocked_matmul, schedule_target,
                      vectorize_last, vectorized_row_reduction)
@@ -95,7 +95,7 @@ def interleave(sch: s_tir.Schedule, name: str) -> None:
     """Block ``name`` (loops (word, lane, byte)) gathers WORD rows of codes into words: INTERLEAVE_KEYS lanes at a
     time, one st4."""
     lane = sch.get_loops(sch.get_sblock(name))[-2]
-    sch.tensorize(sch.split(lane, [None, INTERLEAVE_KEYS])[1], INTERLEAVE_INTRIN)
+    sch.tensorize(sch.split(lane, [None, INTERLEAVE_KEYS])[1], interleave_intrin())
 
 
 def byte_dots_micro_kernel(sch: s_tir.Schedule, name: str, caps: CpuCapabilities, vectors: int = 4) -> None:

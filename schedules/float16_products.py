@@ -9,6 +9,8 @@ float16 -> float32 multiply-accumulate, so only NEON uses these.
 
 from __future__ import annotations
 
+import functools
+
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -22,37 +24,42 @@ def _fmlal(half: str):
     return T.llvm_lookup_intrinsic_id(f"llvm.aarch64.neon.{half}.v4f32.v8f16")
 
 
-@T.prim_func(s_tir=True)
-def _lanewise_desc(A: T.Buffer((LANES,), "float16", offset_factor=1),
-                   B: T.Buffer((LANES,), "float16", offset_factor=1, align=2),
-                   C: T.Buffer((LANES,), "float32", offset_factor=1, scope="local")) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:LANES], A[0:LANES], B[0:LANES])
-        T.writes(C[0:LANES])
-        for i in range(LANES):
-            with T.sblock("update"):
-                vi = T.axis.spatial(LANES, i)
-                C[vi] = C[vi] + T.Cast("float32", A[vi]) * T.Cast("float32", B[vi])
-
-
-@T.prim_func(s_tir=True)
-def _lanewise_impl(A: T.Buffer((LANES,), "float16", offset_factor=1),
-                   B: T.Buffer((LANES,), "float16", offset_factor=1, align=2),
-                   C: T.Buffer((LANES,), "float32", offset_factor=1, scope="local")) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:LANES], A[0:LANES], B[0:LANES])
-        T.writes(C[0:LANES])
-        a = A.vload([0], "float16x8")
-        b = B.vload([0], "float16x8")
-        C[T.ramp(0, 1, 4)] = T.call_llvm_pure_intrin(_fmlal("fmlal"), C.vload([0], "float32x4"), a, b,
-                                                     dtype="float32x4")
-        C[T.ramp(4, 1, 4)] = T.call_llvm_pure_intrin(_fmlal("fmlal2"), C.vload([4], "float32x4"), a, b,
-                                                     dtype="float32x4")
-
-
 # Tuning records' traces name the intrinsics they tensorize with: a renamed one makes its logs unreadable.
 LANEWISE_INTRIN = "tvm_attn_f16_lanewise_product_8_fmlal"
-TensorIntrin.register(LANEWISE_INTRIN, _lanewise_desc, _lanewise_impl, override=True)
+
+
+@functools.cache
+def register_intrinsics() -> None:
+    """Register LANEWISE_INTRIN, on first use (parsing its TVMScript takes ~0.3 s, which a process that never
+    schedules float16 products should not pay at import)."""
+
+    @T.prim_func(s_tir=True)
+    def _lanewise_desc(A: T.Buffer((LANES,), "float16", offset_factor=1),
+                       B: T.Buffer((LANES,), "float16", offset_factor=1, align=2),
+                       C: T.Buffer((LANES,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:LANES], B[0:LANES])
+            T.writes(C[0:LANES])
+            for i in range(LANES):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(LANES, i)
+                    C[vi] = C[vi] + T.Cast("float32", A[vi]) * T.Cast("float32", B[vi])
+
+    @T.prim_func(s_tir=True)
+    def _lanewise_impl(A: T.Buffer((LANES,), "float16", offset_factor=1),
+                       B: T.Buffer((LANES,), "float16", offset_factor=1, align=2),
+                       C: T.Buffer((LANES,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:LANES], B[0:LANES])
+            T.writes(C[0:LANES])
+            a = A.vload([0], "float16x8")
+            b = B.vload([0], "float16x8")
+            C[T.ramp(0, 1, 4)] = T.call_llvm_pure_intrin(_fmlal("fmlal"), C.vload([0], "float32x4"), a, b,
+                                                         dtype="float32x4")
+            C[T.ramp(4, 1, 4)] = T.call_llvm_pure_intrin(_fmlal("fmlal2"), C.vload([4], "float32x4"), a, b,
+                                                         dtype="float32x4")
+
+    TensorIntrin.register(LANEWISE_INTRIN, _lanewise_desc, _lanewise_impl, override=True)
 
 
 def has_float16_products(caps: CpuCapabilities) -> bool:
@@ -66,6 +73,7 @@ def float16_product_intrin(caps: CpuCapabilities) -> str:
     if not has_float16_products(caps):
         raise ValueError(f"{caps.isa_class} target has no float16 products the kernels use "
                          f"(float16_products={caps.float16_products})")
+    register_intrinsics()
     return LANEWISE_INTRIN
 
 

@@ -14,6 +14,7 @@ target's instruction and ``pair_product_intrin`` the intrinsic a schedule tensor
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
@@ -131,9 +132,21 @@ def _intrin_name(kind: str, dot: PairDot) -> str:
     return f"tvm_attn_bf16_{kind}_pair_dot_{dot.lanes}_{dot.mnemonic}"
 
 
-for _dot in INSTRUCTIONS.values():
-    for _kind, _make in KINDS.items():
-        TensorIntrin.register(_intrin_name(_kind, _dot), *_make(_dot), override=True)
+@functools.cache
+def _registered(kind: str, dot: PairDot) -> str:
+    """The name of the intrinsic of ``kind`` for ``dot``, registered on first use (parsing its TVMScript takes
+    ~0.3 s, which a process that never schedules 16-bit pair products should not pay at import)."""
+    name = _intrin_name(kind, dot)
+    TensorIntrin.register(name, *KINDS[kind](dot), override=True)
+    return name
+
+
+def register_intrinsics(isa_class: str | None = None) -> None:
+    """Register the pair-product intrinsics of ``isa_class`` (None: of every ISA)."""
+    for name, dot in INSTRUCTIONS.items():
+        if isa_class in (None, name):
+            for kind in KINDS:
+                _registered(kind, dot)
 
 
 def has_pair_products(caps: CpuCapabilities) -> bool:
@@ -159,4 +172,4 @@ def pair_product_intrin(caps: CpuCapabilities, kind: str) -> str:
     """The tensor intrinsic of ``kind`` ("broadcast" or "lanewise") for the target; ValueError when it has none."""
     if kind not in KINDS:
         raise ValueError(f"unknown pair product kind {kind!r}: use one of {', '.join(KINDS)}")
-    return _intrin_name(kind, pair_dot(caps))
+    return _registered(kind, pair_dot(caps))

@@ -24,6 +24,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
+from .schedules import register_tensor_intrinsics
 from .spec import AttentionSpec, KernelSpec
 from .targets import capabilities, resolve_target, target_from_key, target_key
 from .variants import path_for
@@ -158,6 +159,7 @@ def open_database(target, root: Path | None = None, *, create: bool = False) -> 
         return None
     directory.mkdir(parents=True, exist_ok=True)
     check_log_files(directory)
+    register_tensor_intrinsics(capabilities(target).isa_class)  # the traces name them: parsed as they load
     try:
         return ms.database.JSONDatabase(path_workload=str(directory / WORKLOAD_FILE),
                                         path_tuning_record=str(directory / RECORD_FILE),
