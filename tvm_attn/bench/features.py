@@ -171,28 +171,42 @@ def features_section(rows, ctx) -> list[str]:
     cost = [r for r in rs if r.get("feature") != "tree"]
     if cost:
         names = list(dict.fromkeys(r["feature"] for r in cost if r["feature"]))
-        body, worst = [], None
+        # The goal judges the arithmetic a feature adds. A pruned kernel's ALiBi biases also change which keys it
+        # keeps (distant keys drop out, or a top-k cut falls past the bins the shadow separates), so those ratios
+        # are shown apart from the verdict.
+        body, worst, selection = [], {}, []
         for line in dict.fromkeys(r["line"] for r in cost):
             at = {r["feature"]: r for r in cost if r["line"] == line}
             base = at.get("")
             if base is None:
                 continue
+            pruned = tvm_attn.get_variant(base.get("variant") or "flash").knob is not None
             cells = [line, f"{base['median_ms']:.3f} ({base['record']})"]
             for name in names:
                 r = at.get(name)
                 ratio = None if r is None else r["median_ms"] / base["median_ms"]
-                worst = ratio if ratio is not None and (worst is None or ratio > worst) else worst
+                if ratio is not None and pruned and name == "ALiBi":
+                    selection.append(ratio)
+                elif ratio is not None:
+                    kind = "pruned" if pruned else "dense"
+                    worst[kind] = max(worst.get(kind, ratio), ratio)
                 cells.append("-" if r is None else f"{ratio:.3f}x ({r['record']})")
             body.append(cells)
         parts += ["Each feature's kernel against the same kernel without it, one interleaved round per kernel "
                   "(float32, schedule \"best\"; the schedule used in brackets; \"(shadow)\": the kernel a decode "
                   "call through a KVCache runs, reading the cache's int8 shadow of K, on rows with q scaled by 3): "
-                  "time with / time without.", "",
+                  "time with / time without. ALiBi in a pruned kernel also changes which keys it keeps (BLOOM's "
+                  "slopes drop distant keys; a top-k cut can fall past the 16 logits the shadow's bins separate, "
+                  "and then every key is scored exactly), so that ratio is the data's as much as the bias's.", "",
                   table(["kernel", "without ms"] + names, body), ""]
-        if worst is not None:
-            goal = GOALS["feature_cost"]
-            verdicts.append(f"each feature at most {worst:.3f}x its kernel without (goal <= {goal:.2f}x: "
-                            f"{'met' if worst <= goal else 'not met'})")
+        goal = GOALS["feature_cost"]
+        for kind, ratio in worst.items():
+            verdicts.append(f"each feature at most {ratio:.3f}x its {kind} kernel without"
+                            f"{' (softcap, sinks)' if kind == 'pruned' and selection else ''} (goal <= {goal:.2f}x: "
+                            f"{'met' if ratio <= goal else 'not met'})")
+        if selection:
+            verdicts.append(f"ALiBi in the pruned kernels {min(selection):.3f}x-{max(selection):.3f}x (kept keys "
+                            "change; not judged)")
     tree = [r for r in rs if r.get("feature") == "tree"]
     if tree:
         providers = [p for p in dict.fromkeys(r["provider"] for r in tree) if p != DECODE_CALLS]
