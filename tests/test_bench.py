@@ -235,7 +235,7 @@ def test_features_study_and_report(tmp_path):
     """The features study on tiny shapes (python -m tvm_attn.bench --quick --study features): a row per feature and the
     kernel without it, a row per tree provider, and the report's section states issue 29's goals."""
     from tvm_attn.bench.__main__ import QUICK_FEATURES
-    from tvm_attn.bench.features import DECODE_CALLS, FEATURES, TAKEN
+    from tvm_attn.bench.features import DECODE_CALLS, FEATURES, SAME_KEYS, TAKEN
     from tvm_attn.bench.report import write_report
     from tvm_attn.bench.runner import run_studies
 
@@ -244,8 +244,9 @@ def test_features_study_and_report(tmp_path):
     cost = [r for r in rows if r["feature"] != "tree"]
     for point in QUICK_FEATURES["cost"]["points"]:  # flash's prefill kernel, bounded's reading a cache's shadow
         at = [r for r in cost if r["line"] == point["label"]]
-        assert sorted(r["feature"] for r in at) == sorted(["", *FEATURES])
-        assert {r["variant"] for r in at} == {point.get("variant", "flash")}
+        variant = point.get("variant", "flash")
+        assert sorted(r["feature"] for r in at) == sorted(["", *FEATURES, *(SAME_KEYS if variant != "flash" else ())])
+        assert {r["variant"] for r in at} == {variant}
     tree = [r for r in rows if r["feature"] == "tree"]
     assert {r["provider"] for r in tree} == {TAKEN, DECODE_CALLS, "flash prefill kernel", "mqa prefill kernel"}
     assert all(r["median_ms"] > 0 for r in rows)
