@@ -274,6 +274,7 @@ def test_torch_op_and_export_take_trees(tmp_path):
     assert_matches_reference("flash", spec, out.numpy(), q, k, v)
     kernel = runtime.load(export.export("flash", spec, "host", tmp_path, log=io.StringIO()).manifest)
     assert [a["name"] for a in kernel.manifest["arguments"]] == ["q", "k", "v", "tree", "out"]
+    assert kernel.manifest["kernel"] == "decode"  # a 16-node tree: the split-KV decode kernel, as build takes
     assert "tree" in kernel.manifest["semantics"]
     assert_matches_reference("flash", spec, kernel(q, k, v, tree_parents=TREE_16), q, k, v)
     with pytest.raises(ValueError, match="takes a tree mask"):
