@@ -241,6 +241,32 @@ def test_verify_a_tree_through_a_cache_and_keep_the_accepted_path(dtype):
     assert cache.length == cached + 4
 
 
+def test_a_padded_batch_verifies_each_sequence_s_tree():
+    """attention_mask pads sequences of different lengths on the left: each row's nodes see that row's own cached
+    keys and their ancestors, at that row's positions (ALiBi), as the float64 reference on the row's run alone; a
+    row whose mask leaves out some of the tree's nodes is refused."""
+    rng = np.random.default_rng(11)
+    nodes, length = len(TREE_16), 46
+    q = (2 * rng.standard_normal((3, 4, nodes, 32))).astype(np.float32)
+    k, v = (rng.standard_normal((3, 2, length, 32)).astype(np.float32) for _ in "kv")
+    cache = tvm_attn.KVCache(batch=3, kv_heads=2, head_dim=32, capacity=length, shadow=False)
+    cache.append(k, v)
+    firsts = (0, 18, length - nodes)  # 30, 12 and no cached keys before the tree
+    mask = np.zeros((3, length), np.int64)
+    for row, first in enumerate(firsts):
+        mask[row, first:] = 1
+    slopes = (0.5, 0.25, 0.125, 0.0625)
+    out = cache.attend(q, tree_parents=TREE_16, attention_mask=mask, alibi_slopes=slopes)
+    for row, first in enumerate(firsts):
+        spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=nodes, seq_kv=length - first, head_dim=32,
+                                      causal=True, tree_parents=TREE_16, alibi_slopes=slopes)
+        assert_matches_reference("flash", spec, out[row:row + 1], q[row:row + 1], k[row:row + 1, :, first:],
+                                 v[row:row + 1, :, first:])
+    mask[1, :length - nodes + 3] = 0  # row 1's first three nodes marked as padding
+    with pytest.raises(ValueError, match="attention_mask row 1 marks 13 of the 16 newest positions real"):
+        cache.attend(q, tree_parents=TREE_16, attention_mask=mask)
+
+
 def test_bad_tree_paths_leave_the_cache_unchanged():
     cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=40)
     k = np.random.default_rng(0).standard_normal((1, 2, 20, 32)).astype(np.float32)
@@ -258,8 +284,6 @@ def test_bad_tree_paths_leave_the_cache_unchanged():
         assert cache.length == 20
         np.testing.assert_array_equal(cache.k, before)
     q = np.zeros((1, 4, 4, 32), np.float32)
-    with pytest.raises(ValueError, match="padded batch does not take tree masks"):
-        cache.attend(q, tree_parents=(-1, 0, 0, 1), attention_mask=np.ones((1, 20), np.int64))
     with pytest.raises(ValueError, match=r"shape \(seq_q,\) = \(4,\)"):
         cache.attend(q, tree_parents=(-1, 0, 0))
 

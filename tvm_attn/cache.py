@@ -275,8 +275,6 @@ class KVCache:
             knob["alibi_slopes"] = alibi_slopes_of(host_array("alibi_slopes", alibi_slopes), heads)
         tree = None
         if tree_parents is not None:
-            if attention_mask is not None:
-                raise ValueError("tree_parents with attention_mask: a padded batch does not take tree masks yet")
             knob["tree_parents"] = tree_parents_of(host_array("tree_parents", tree_parents), n_q)
             tree = ancestor_mask(knob["tree_parents"])
         kernel = self._kernel(variant, heads, n_q, causal, scale, window, schedule, knob)
@@ -284,7 +282,7 @@ class KVCache:
         out, result = checked_out(out, q.shape, self.input_dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         if attention_mask is not None:
             self._attend_padded(q, out, self._runs(attention_mask), variant, causal, scale, window, schedule, knob,
-                                logits)
+                                logits, tree)
             return result
         self._launch(kernel, as_kernel_argument(q), slice(None), 0, self._length, out, logits, tree)
         return result
@@ -339,14 +337,19 @@ class KVCache:
             runs.append((first, end))
         return runs
 
-    def _attend_padded(self, q, out, runs, variant, causal, scale, window, schedule, knob, sinks) -> None:
+    def _attend_padded(self, q, out, runs, variant, causal, scale, window, schedule, knob, sinks, tree=None) -> None:
         """attend's padded batch: rows that see the same run of positions in one call, over the views of their
-        queries and keys (no copies)."""
+        queries and keys (no copies). With a draft tree (``tree``: its mask) each sequence's n_q newest positions
+        are its nodes, so they must all be real."""
         heads, n_q = q.shape[1], q.shape[2]
         groups = padded_groups(runs, n_q, self._length)
         kernels = []
-        for *_, rows in groups:  # every kernel first: a refusal computes nothing
+        for b, _, _, _, rows in groups:  # every kernel first: a refusal computes nothing
             kernel = None
+            if tree is not None and rows.start < rows.stop and rows != slice(0, n_q):
+                raise ValueError(f"attention_mask row {b} marks {rows.stop - rows.start} of the {n_q} newest "
+                                 f"positions real: a draft tree's nodes (tree_parents) must all be, in every row "
+                                 f"that has any")
             if rows.stop > rows.start:
                 # (an integer cache's codes are read from position 0 on: padded rows get dequantized K and V)
                 kernel = self._kernel(variant, heads, rows.stop - rows.start, causal, scale, window, schedule, knob,
@@ -360,7 +363,7 @@ class KVCache:
             out[b:last, :, rows.stop:] = 0
             if kernel is not None:
                 self._launch(kernel, as_kernel_argument(q[b:last, :, rows]), slice(b, last), first, end,
-                             out[b:last, :, rows], sinks)
+                             out[b:last, :, rows], sinks, tree)
 
     def _kernel(self, variant, heads, n_q, causal, scale, window, schedule, knob, codes: bool = True) -> Kernel:
         # (A float cache has no codes: padded and unpadded calls share its kernels. The kernels of tree masks take
