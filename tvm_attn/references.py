@@ -5,7 +5,8 @@ Sinks (``sinks``, one finite logit per query head, gpt-oss'): each row's softmax
 denominator, a key every row sees that has no value; it is not softcapped. A row with no visible key still outputs 0.
 The pruned variants keep the sink as a key that is never dropped: threshold compares the weights of the softmax with
 the sink, top-k keeps top_k keys besides it, mass counts its weight first (keeping no key when it alone holds
-1 - eps), and each renormalizes over the kept keys and the sink.
+1 - eps), bounded counts it on the kept side of its certificate, and each renormalizes over the kept keys and the
+sink.
 A sliding window (``spec.window``) and a tree mask (``spec.tree_parents``: a tree node sees the keys before the tree,
 its ancestors and itself) only narrow the visible keys: every variant prunes within them.
 
