@@ -165,8 +165,9 @@ def mass(spec: AttentionSpec, q, k, v, sinks=None) -> np.ndarray:
 
 def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) bounds of every score (``scores``) from the int8 shadow of k (``shadow``), in float64, each
-    (batch, heads, seq_q, seq_kv): s^ -+ radius; with softcap or ALiBi, the upper bound softcapped and biased as the
-    score is, and the lower bound that minus 2 radius (softcapping moves no two scores farther apart)."""
+    (batch, heads, seq_q, seq_kv): the upper bound s^ + radius softcapped and biased as the score is (``scores``),
+    and the lower bound that minus 2 radius (s^ - radius without either; softcapping moves no two scores farther
+    apart), as the kernels take them."""
     codes, lo, step = certificate.quantize(k)
     block = np.arange(spec.seq_kv) // certificate.BLOCK
     k_hat = lo[:, :, block].astype(np.float64) + step[:, :, block].astype(np.float64) * codes
@@ -175,8 +176,6 @@ def shadow_bounds(spec: AttentionSpec, q, k) -> tuple[np.ndarray, np.ndarray]:
     lo64, step64 = (np.repeat(x.astype(np.float64), spec.group_size, axis=1) for x in (lo, step))
     width = 0.5 * step64 + certificate.margin(spec.head_dim) * (np.abs(lo64) + certificate.LEVELS * step64)
     radius = (np.abs(q64) @ width.swapaxes(-1, -2))[..., block]
-    if spec.softcap is None and spec.alibi_slopes is None:
-        return s_hat - radius, s_hat + radius
     upper = _adjusted(spec, s_hat + radius)
     return upper - 2 * radius, upper
 
