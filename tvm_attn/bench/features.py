@@ -53,8 +53,8 @@ COST_POINTS = (
 FEATURES = {"softcap 30": dict(softcap=30.0), "sinks": dict(sinks=True), "ALiBi": dict(alibi_slopes="bloom")}
 # A pruned kernel's softcap and ALiBi also change which keys it keeps (capped scores are flatter: more keys hold the
 # mass; BLOOM's slopes drop distant keys). A cap so wide that no score moves by 0.01 (|s| <= 40: 2e-4 in float64,
-# and the float32 tanh's few ulps of the cap) keeps the same keys: the arithmetic alone. Its pruned kernels are judged on it and on the sinks (logits 0, far below the scores);
-# the others' ratios are shown, not judged.
+# and the float32 tanh's few ulps of the cap) keeps the same keys: the arithmetic alone. Pruned kernels are judged on
+# it and on the sinks (logits 0, far below the scores); their other ratios are shown, not judged.
 SAME_KEYS = {"softcap 1e4": dict(softcap=1e4)}
 JUDGED_PRUNED = ("sinks", *SAME_KEYS)
 TREE = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # 16 nodes, depth 7 (tests/test_tree.py's TREE_16)
@@ -68,6 +68,11 @@ TAKEN = "one call"  # the provider of the kernel build takes for the tree
 GOALS = dict(feature_cost=1.10, tree_vs_decode=0.25)
 
 
+def _prunes(variant: str) -> bool:
+    """Whether ``variant`` keeps a subset of the keys (its time then depends on which)."""
+    return tvm_attn.get_variant(variant).knob is not None
+
+
 def _slopes(heads: int) -> tuple:
     """BLOOM's ALiBi slopes for ``heads`` heads (a power of two or not: the geometric series is what costs)."""
     return tuple(2.0 ** (-8.0 * np.arange(1, heads + 1) / heads))
@@ -79,10 +84,8 @@ def _bound_call(kernel, q, k, v, sinks=None, tree=None, shadow=()):
     return lambda: kernel.function(*args)
 
 
-def _shadow_call(kernel, q, k, v, sinks):
-    """The call of a kernel reading the shadow of K on a KVCache holding k and v (the cache kept alive with it)."""
-    cache = tvm_attn.KVCache(k.shape[0], k.shape[1], k.shape[3], capacity=k.shape[2], shadow=True)
-    cache.append(k, v)
+def _shadow_call(kernel, q, cache, sinks):
+    """The call of a kernel reading the shadow of K on ``cache`` (kept alive with it)."""
     k, v, shadow = cache.kernel_inputs(kernel, q.shape[2])
     call = _bound_call(kernel, q, k, v, sinks=sinks, shadow=shadow)
     return lambda: (cache, call())
@@ -106,17 +109,19 @@ def feature_cost_rows(points=COST_POINTS, features=FEATURES, min_seconds: float 
     for point in points:
         point = point if isinstance(point, CostPoint) else CostPoint(**point)
         fns, specs, records = {}, {}, {}
-        pruned = tvm_attn.get_variant(point.variant).knob is not None
         plain = tvm_attn.AttentionSpec(**point.fields)
         q = (point.q_scale * rng.standard_normal(plain.q_shape)).astype(np.float32)
         k, v = (rng.standard_normal(plain.kv_shape).astype(np.float32) for _ in "kv")
-        for name, extra in {"": {}, **features, **(SAME_KEYS if pruned else {})}.items():
+        if point.shadow:  # one cache (and shadow) that every kernel of the point reads
+            cache = tvm_attn.KVCache(plain.batch, plain.kv_heads, plain.head_dim, capacity=plain.seq_kv, shadow=True)
+            cache.append(k, v)
+        for name, extra in {"": {}, **features, **(SAME_KEYS if _prunes(point.variant) else {})}.items():
             extra = {field: (_slopes(point.fields["heads"]) if value == "bloom" else value)
                      for field, value in extra.items()}
             spec = specs[name] = tvm_attn.AttentionSpec(**point.fields, **extra)
             kernel = (build_shadow if point.shadow else tvm_attn.build)(point.variant, spec)
             sinks = kernel.sink_logits(np.zeros(spec.heads, np.float32) if spec.sinks else None)
-            fns[name] = (_shadow_call if point.shadow else _bound_call)(kernel, q, k, v, sinks)
+            fns[name] = _shadow_call(kernel, q, cache, sinks) if point.shadow else _bound_call(kernel, q, k, v, sinks)
             records[name] = kernel.schedule
         timings = measure_interleaved(fns, min_seconds=min_seconds, spread=0.05, max_seconds=max_seconds)
         for name, timing in timings.items():
@@ -187,7 +192,7 @@ def features_section(rows, ctx) -> list[str]:
             base = at.get("")
             if base is None:
                 continue
-            pruned = tvm_attn.get_variant(base.get("variant") or "flash").knob is not None
+            pruned = _prunes(base.get("variant") or "flash")
             cells = [line, f"{base['median_ms']:.3f} ({base['record']})"]
             for name in names:
                 r = at.get(name)
