@@ -34,16 +34,17 @@ def fill(cache, rng, lengths, chunk=7):
 
 
 def check(cache, out, q, seqs, counts, *, causal=True, window=None, scale=None, softcap=None, sinks=None,
-          alibi_slopes=None):
-    """Each sequence's rows of ``out`` against the float64 reference over that sequence alone."""
+          alibi_slopes=None, tree_parents=None):
+    """Each sequence's rows of ``out`` against the float64 reference over that sequence alone (with its own tree,
+    where ``tree_parents`` gives one)."""
     heads = q.shape[1]
     start = 0
-    for seq, n in zip(seqs, counts):
+    for seq, n, parents in zip(seqs, counts, tree_parents or [None] * len(seqs), strict=True):
         k, v = cache.gather(seq)
         spec = tvm_attn.AttentionSpec(batch=1, heads=heads, kv_heads=cache.kv_heads, seq_q=n, seq_kv=k.shape[1],
                                       head_dim=cache.head_dim, causal=causal, window=window, scale=scale,
                                       dtype=cache.dtype, softcap=softcap, sinks=sinks is not None,
-                                      alibi_slopes=alibi_slopes)
+                                      alibi_slopes=alibi_slopes, tree_parents=parents)
         rows = slice(start, start + n)
         as_bhsd = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
         assert_matches_reference("flash", spec, as_bhsd(out[rows]), as_bhsd(q[rows]), k[None], v[None], sinks=sinks)
@@ -93,6 +94,11 @@ def test_chunk_plan():
     assert seq_chunks.tolist() == [0, 1, 3, 8, 9]
     assert chunks.tolist() == [[0, 0, 1, 0], [1, 0, 2, 1], [1, 2, 3, 5], [2, 0, 4, 9], [2, 4, 8, 10],
                                [2, 8, 12, 11], [2, 12, 16, 12], [2, 16, 19, 13], [3, 0, 3, 14]]
+    # The same sequences, the last two rows of 12 a draft tree's: chunks of 1 tile (half chunk_keys), 12 rows each
+    chunks, seq_chunks = plan_chunks(np.array([1, 33, 300, 40], np.int32), np.array([1, 4, 1, 12], np.int32), SMALL,
+                                     tile_keys=16, trees=np.array([False, False, False, True]))
+    assert seq_chunks.tolist() == [0, 1, 3, 8, 11]
+    assert chunks[8:].tolist() == [[3, 0, 1, 14], [3, 1, 2, 26], [3, 2, 3, 38]]
 
 
 def test_not_causal_and_one_sequence_twice():
@@ -137,6 +143,101 @@ def test_alibi():
     slopes = 2.0 ** (-8.0 * np.arange(1, 5) / 4)
     out = cache.attend(q, seqs, counts, softcap=3.0, alibi_slopes=slopes)
     check(cache, out, q, seqs, counts, softcap=3.0, alibi_slopes=slopes)
+
+
+TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # test_tree.py's: 16 nodes, depth 7
+FOREST_5 = (-1, -1, 0, 1, 1)
+
+
+@pytest.mark.parametrize("dtype,features", [("float32", {}), ("bfloat16", dict(window=40, softcap=5.0, alibi=True,
+                                                                                 sinks=True))])
+def test_draft_trees_in_a_ragged_batch(dtype, features):
+    """Two sequences verify draft trees (16 nodes, the split-KV kernel's most; a 5-node forest) in one call beside a
+    decode row and a 3-row chunk: each sequence's rows against the float64 reference of its own tree, positions by
+    depth (window, ALiBi); the trees' rows are not the causal rows."""
+    rng = np.random.default_rng(12)
+    cache = tvm_attn.PagedKVCache(num_pages=40, page_size=8, kv_heads=2, head_dim=32, dtype=dtype, config=SMALL)
+    counts, trees = [16, 1, 5, 3], [TREE_16, None, FOREST_5, None]
+    seqs = fill(cache, rng, [86, 10, 45, 36])
+    q = 2 * _rows(rng, sum(counts), 4, 32, dtype)
+    options = dict(window=features.get("window"), softcap=features.get("softcap"),
+                   alibi_slopes=2.0 ** (-8.0 * np.arange(1, 5) / 4) if features.get("alibi") else None,
+                   sinks=rng.standard_normal(4).astype(np.float32) if features.get("sinks") else None)
+    out = cache.attend(q, seqs, counts, tree_parents=trees, **options)
+    check(cache, out, q, seqs, counts, tree_parents=trees, **options)
+    causal = cache.attend(q, seqs, counts, **options).astype(np.float32)
+    moved = np.abs(out.astype(np.float32) - causal).max(axis=(1, 2))
+    assert moved[:16].max() > 0.05 and moved[17:22].max() > 0.05  # the trees' rows
+    assert moved[16] == 0 and moved[22:].max() == 0  # the others' rows are the same kernel's causal ones
+
+
+def test_keep_tree_path_copies_pages_shared_with_forks():
+    """The accepted path moves into pages a fork shares: they are copied first, and the fork keeps what it held;
+    the sequence then holds what appending the path alone would have. With no page free for the copies, nothing
+    changes."""
+    rng = np.random.default_rng(13)
+    cache = tvm_attn.PagedKVCache(num_pages=12, page_size=8, kv_heads=2, head_dim=32, config=SMALL)
+    (seq,) = fill(cache, rng, [30])
+    k_tree, v_tree = (_rows(rng, 2, len(TREE_16), 32, "float32") for _ in "kv")
+    cache.append(seq, k_tree, v_tree)  # positions 30..45: pages 3 (shared), 4 (shared) and 5 (copied)
+    fork = cache.fork_sequence(seq)
+    held = cache.gather(fork)
+    expected_k, expected_v = cache.gather(seq)
+    accepted = [0, 1, 3, 7]
+    expected_k = np.concatenate([expected_k[:, :30], k_tree[:, accepted]], axis=1)
+    expected_v = np.concatenate([expected_v[:, :30], v_tree[:, accepted]], axis=1)
+    free = cache.free_pages
+    cache.keep_tree_path(seq, TREE_16, accepted)
+    assert cache.length(seq) == 34 and cache.free_pages == free - 2 + 1  # two copies taken, its last page freed
+    for mine, theirs in zip(cache.gather(seq), (expected_k, expected_v)):
+        np.testing.assert_array_equal(mine, theirs)
+    for mine, theirs in zip(cache.gather(fork), held):
+        np.testing.assert_array_equal(mine, theirs)
+    assert set(cache.pages(seq)[3:]).isdisjoint(cache.pages(fork)) and cache.pages(seq)[:3] == cache.pages(fork)[:3]
+    q = _rows(rng, 2, 4, 32, "float32")
+    check(cache, cache.attend(q, [seq, fork], [1, 1]), q, [seq, fork], [1, 1])
+
+    tree_6 = FOREST_5 + (3,)
+    cache.append(seq, k_tree[:, :6], v_tree[:, :6])  # a second tree fills page 4, which a new fork shares
+    second_fork = cache.fork_sequence(seq)
+    held = cache.gather(second_fork)
+    filler = cache.add_sequence()
+    cache.append(filler, *(_rows(rng, 2, 8 * cache.free_pages, 32, "float32") for _ in "kv"))
+    before, pages = cache.gather(seq), cache.pages(seq)
+    for path in ([1, 3], []):  # none accepted still zeroes page 4 past position 34
+        with pytest.raises(ValueError, match="writes 1 pages it shares with forks, .* 0 pages are free; nothing was"):
+            cache.keep_tree_path(seq, tree_6, path)
+        assert cache.pages(seq) == pages and cache.length(seq) == 40
+        for mine, theirs in zip(cache.gather(seq), before):
+            np.testing.assert_array_equal(mine, theirs)
+    cache.remove_sequence(filler)
+    cache.keep_tree_path(seq, tree_6, [])
+    assert cache.length(seq) == 34
+    for mine, theirs in zip(cache.gather(second_fork), held):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_bad_trees_name_the_sequence_and_compute_nothing():
+    rng = np.random.default_rng(14)
+    cache = tvm_attn.PagedKVCache(num_pages=8, page_size=8, kv_heads=2, head_dim=16)
+    a, b = fill(cache, rng, [20, 12])
+    q = _rows(rng, 5, 2, 16, "float32")
+    out = np.full_like(q, 7.0)
+    bad = [([None, (-1, 0, 1)], ValueError, r"sequence 1's tree_parents must have shape \(seq_q,\) = \(4,\)"),
+           ([None, (-1, 0, 2, 1)], ValueError, r"sequence 1's tree_parents\[2\] = 2"),
+           ([(-1,)], ValueError, "tree_parents has 1 entries for 2 sequences"),
+           (np.array([-1, -1]), TypeError, "one entry per sequence")]
+    for trees, error, message in bad:
+        with pytest.raises(error, match=message):
+            cache.attend(q, [a, b], [1, 4], tree_parents=trees, out=out)
+    with pytest.raises(ValueError, match="tree_parents needs causal=True"):
+        cache.attend(q, [a, b], [1, 4], causal=False, tree_parents=[None, (-1, 0, 0, 1)], out=out)
+    assert (out == 7.0).all()
+    with pytest.raises(ValueError, match=r"path\[1\] = 3: its parent is 1, not 0"):
+        cache.keep_tree_path(b, (-1, 0, 0, 1), [0, 3])
+    with pytest.raises(ValueError, match="tree_parents has 13 nodes but the cache holds 12 positions"):
+        cache.keep_tree_path(b, tuple(range(-1, 12)), [0])
+    assert cache.length(b) == 12
 
 
 def test_fork_shares_full_pages_and_copies_the_partial_one():

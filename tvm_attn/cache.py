@@ -65,6 +65,29 @@ def padded_groups(runs: list[tuple[int, int]], n_q: int,
     return groups
 
 
+def accepted_path(tree_parents, path, length: int) -> tuple[tuple[int, ...], list[int]]:
+    """(parents, path) of ``keep_tree_path``, checked: a tree of at most ``length`` nodes (the newest of a
+    sequence's ``length`` positions) and a path of its nodes from a root (parent -1) down, each the parent of the
+    next; TypeError/ValueError naming what is wrong."""
+    parents = tree_parents_of(host_array("tree_parents", tree_parents), len(tree_parents)
+                              if hasattr(tree_parents, "__len__") else 0)
+    if len(parents) > length:
+        raise ValueError(f"tree_parents has {len(parents)} nodes but the cache holds {length} positions: the tree's "
+                         f"nodes are the newest positions (append them, then attend)")
+    path = np.asarray(host_array("path", path))
+    if path.ndim != 1 or (path.size and (path.dtype == bool or not np.issubdtype(path.dtype, np.integer))):
+        raise TypeError(f"path must be a sequence of node indices (ints), got {path!r}")
+    path = [int(node) for node in path]
+    for n, node in enumerate(path):
+        if not 0 <= node < len(parents):
+            raise ValueError(f"path[{n}] = {node} is not a node of the {len(parents)}-node tree")
+        parent = path[n - 1] if n else -1
+        if parents[node] != parent:
+            raise ValueError(f"path[{n}] = {node}: its parent is {parents[node]}, not {parent} (a path runs from a "
+                             f"root, parent -1, down through children)")
+    return parents, path
+
+
 def cache_array(name: str, x, dtype: str, axes: tuple[str, ...] = ("batch", "heads", "seq", "head_dim")
                 ) -> np.ndarray:
     """x (numpy or torch) as a numpy array of ``dtype`` with one axis per name in ``axes``; TypeError/ValueError
@@ -212,22 +235,7 @@ class KVCache:
         nodes from a root (parent -1) down, each the parent of the next (empty: none accepted); their keys and
         values move, in order, to the tree's first positions, and the length becomes the tree's start plus
         len(path). The cache is unchanged when this raises."""
-        parents = tree_parents_of(host_array("tree_parents", tree_parents), len(tree_parents)
-                                  if hasattr(tree_parents, "__len__") else 0)
-        if len(parents) > self._length:
-            raise ValueError(f"tree_parents has {len(parents)} nodes but the cache holds {self._length} positions: "
-                             f"the tree's nodes are the newest positions (append them, then attend)")
-        path = np.asarray(host_array("path", path))
-        if path.ndim != 1 or (path.size and (path.dtype == bool or not np.issubdtype(path.dtype, np.integer))):
-            raise TypeError(f"path must be a sequence of node indices (ints), got {path!r}")
-        path = [int(node) for node in path]
-        for n, node in enumerate(path):
-            if not 0 <= node < len(parents):
-                raise ValueError(f"path[{n}] = {node} is not a node of the {len(parents)}-node tree")
-            parent = path[n - 1] if n else -1
-            if parents[node] != parent:
-                raise ValueError(f"path[{n}] = {node}: its parent is {parents[node]}, not {parent} (a path runs from "
-                                 f"a root, parent -1, down through children)")
+        parents, path = accepted_path(tree_parents, path, self._length)
         start = self._length - len(parents)
         positions = [start + node for node in path]  # (increasing: parents come before their children)
         end = start + len(path)

@@ -8,6 +8,8 @@ draft tokens to verify).
     cache.append(b, k_b, v_b)
     out = cache.attend(q, [a, b], [1, 4])              # q: (5, heads, head_dim): a's row, then b's four
     c = cache.fork_sequence(a)                         # shares a's full pages; a partial last page is copied
+    out = cache.attend(q, [a, b], [1, 4], tree_parents=[None, (-1, 0, 0, 1)])  # b's four rows: a draft tree
+    cache.keep_tree_path(b, (-1, 0, 0, 1), [0, 2])     # b keeps the accepted nodes 0 and 2
 
 K and V live in pages of ``page_size`` positions, two (kv_heads, num_pages + 1, page_size, head_dim) buffers
 allocated once (a head's pages one after another, so a sequence's consecutive pages read as one stream; the extra
@@ -15,8 +17,9 @@ page holds zeros); a sequence is a list of pages. The kernel (tvm_attn/variants/
 through a page table, with the sequences' lengths and query counts as run-time data: one compiled kernel per
 (heads, mask, scale) serves every batch composition. Each call splits the sequences' keys into chunks
 (plan_chunks: a long sequence into many, a short one whole) that the cores share, then merges each row's chunks.
-A fork shares its parent's full pages by reference count (they are never written again: appends go to a
-sequence's own last page or to new ones) and copies at most one partial page.
+A fork shares its parent's full pages by reference count (appends go to a sequence's own last page or to new
+ones) and copies at most one partial page; the one write into full pages, keep_tree_path's, copies a shared page
+before it writes (copy on write).
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ import numpy as np
 import tvm
 from tvm import s_tir
 
-from .cache import cache_array
+from .cache import accepted_path, cache_array
 from .kernel import as_kernel_argument, checked_out, compile_counted, host_array
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .schedules import paged as paged_schedule
-from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, positive_int, sink_logits
+from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, ancestor_mask, positive_int, sink_logits
 from .spec import alibi_slopes as alibi_slopes_of
+from .spec import tree_parents as tree_parents_of
 from .targets import resolve_target
-from .variants import DECODE_MAX_ROWS, paged
+from .variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS, paged
 from .variants.decode import DecodeConfig
 
 ALIGNMENT = 64
@@ -215,12 +219,16 @@ class PagedKVCache:
 
     # -- attention -----------------------------------------------------------------------------------------------
     def attend(self, q, seqs, query_counts, causal: bool = True, scale: float | None = None,
-               window: int | None = None, out=None, softcap: float | None = None, sinks=None, alibi_slopes=None):
+               window: int | None = None, out=None, softcap: float | None = None, sinks=None, alibi_slopes=None,
+               tree_parents=None):
         """Dense attention of a ragged batch: q (rows, heads, head_dim) holds query_counts[0] rows of seqs[0], then
         query_counts[1] rows of seqs[1], ...; each sequence's rows are its newest positions (their keys appended
         already), attending to its own cached positions (causal masks align bottom-right per sequence; ``softcap``
         as AttentionSpec's; ``sinks``, ``alibi_slopes``: one logit, one slope per query head, as
-        ``tvm_attn.attention``'s). Returns (rows, heads, head_dim) (a torch tensor when q is one) or fills ``out``."""
+        ``tvm_attn.attention``'s). ``tree_parents``: one entry per sequence, None or the parents of its rows
+        (AttentionSpec.tree_parents): those rows are a draft tree's nodes, verified in the same call as the other
+        sequences' rows; then ``keep_tree_path`` keeps the accepted ones. Returns (rows, heads, head_dim) (a torch
+        tensor when q is one) or fills ``out``."""
         like = q
         q = cache_array("q", q, self.dtype, ("rows", "heads", "head_dim"))
         rows, heads, d = q.shape
@@ -244,7 +252,8 @@ class PagedKVCache:
         if sum(counts) != rows:
             raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
         slopes = None if alibi_slopes is None else alibi_slopes_of(host_array("alibi_slopes", alibi_slopes), heads)
-        function = self._kernel(heads, causal, scale, window, softcap, sinks is not None, slopes)
+        tree = () if tree_parents is None else (tree_rows(tree_parents, seqs, counts, causal),)
+        function = self._kernel(heads, causal, scale, window, softcap, sinks is not None, slopes, bool(tree))
         logits = () if sinks is None else (sink_logits(host_array("sinks", sinks), heads),)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
         max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
@@ -255,11 +264,48 @@ class PagedKVCache:
         counts = np.array(counts, np.int32)
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         row_seq = np.repeat(np.arange(len(seqs), dtype=np.int32), counts)
-        chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys)
+        trees = None if tree_parents is None else np.array([parents is not None for parents in tree_parents])
+        chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys, trees)
         o_part, m_part, l_part = self._partials(heads, int(chunks[-1, 3] + counts[chunks[-1, 0]]))
         function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
-                                        chunks, seq_chunks, o_part, m_part, l_part, *logits, out)))
+                                        chunks, seq_chunks, o_part, m_part, l_part, *logits, *tree, out)))
         return result
+
+    def keep_tree_path(self, seq: int, tree_parents, path) -> None:
+        """After verifying a draft tree of sequence ``seq`` (``attend`` with its tree_parents over the tree's nodes,
+        its newest len(tree_parents) positions), keep the accepted ``path`` and forget the tree's other nodes:
+        ``path`` lists nodes from a root (parent -1) down, each the parent of the next (empty: none accepted); their
+        keys and values move, in order, to the tree's first positions, and the length becomes the tree's start plus
+        len(path). Pages shared with forks are copied before they are written. The cache is unchanged when this
+        raises (a ValueError also when those copies need more pages than are free)."""
+        seq = self._check(seq)
+        length, pages, size = self._lengths[seq], self._pages[seq], self.page_size
+        parents, path = accepted_path(tree_parents, path, length)
+        start = length - len(parents)
+        end = start + len(path)
+        kept_pages = -(-end // size)
+        written = range(start // size, kept_pages)  # the pages the path moves into, the last one zeroed past end
+        shared = [n for n in written if self._refs[pages[n]] > 1]
+        if len(shared) > len(self._free):
+            raise ValueError(f"keeping the path of sequence {seq} writes {len(shared)} pages it shares with forks, "
+                             f"which are copied first, and {len(self._free)} pages are free; nothing was changed")
+        sources = [start + node for node in path]
+        k = self._k[:, [pages[p // size] for p in sources], [p % size for p in sources]]  # copies
+        v = self._v[:, [pages[p // size] for p in sources], [p % size for p in sources]]
+        for n in shared:
+            page = self._take()
+            self._k[:, page], self._v[:, page] = self._k[:, pages[n]], self._v[:, pages[n]]
+            self._release(pages[n])
+            pages[n] = page
+        targets = range(start, end)
+        self._k[:, [pages[p // size] for p in targets], [p % size for p in targets]] = k
+        self._v[:, [pages[p // size] for p in targets], [p % size for p in targets]] = v
+        for page in pages[kept_pages:]:
+            self._release(page)
+        del pages[kept_pages:]
+        if end % size:
+            self._zero_past(pages[-1], end % size)
+        self._lengths[seq] = end
 
     def _partials(self, heads: int, rows: int):
         """Scratch for ``rows`` partial rows of ``heads`` heads: each chunk's output, max and sum per row."""
@@ -271,26 +317,63 @@ class PagedKVCache:
             self._scratch[heads] = (o, m, l)
         return o[:rows], m[:rows], l[:rows]
 
-    def _kernel(self, heads, causal, scale, window, softcap, sinks, alibi_slopes):
-        key = (heads, causal, scale, window, softcap, sinks, alibi_slopes)
+    def _kernel(self, heads, causal, scale, window, softcap, sinks, alibi_slopes, tree):
+        key = (heads, causal, scale, window, softcap, sinks, alibi_slopes, tree)
         if key not in self._kernels:
             spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
                                  head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype,
-                                 softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+                                 softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                                 tree_parents=(-1,) if tree else None)
             self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config)["main"]
         return self._kernels[key]
 
 
-def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig,
-                tile_keys: int) -> tuple[np.ndarray, np.ndarray]:
+def tree_rows(tree_parents, seqs, counts, causal: bool) -> np.ndarray:
+    """The paged kernel's tree mask for a batch whose sequences ``seqs`` bring ``counts`` rows: ``tree_parents``
+    holds one entry per sequence, None (its rows see causally: a chain) or its rows' tree (AttentionSpec's
+    tree_parents); each sequence's rows hold AttentionSpec.tree_mask's, (rows, max(counts)) int32, zeros past its
+    nodes. TypeError/ValueError naming the sequence otherwise."""
+    if isinstance(tree_parents, (str, bytes, np.ndarray)) or not hasattr(tree_parents, "__len__"):
+        raise TypeError(f"tree_parents must be a list with one entry per sequence (None or a tree's parents), got "
+                        f"{type(tree_parents).__name__}")
+    if len(tree_parents) != len(seqs):
+        raise ValueError(f"tree_parents has {len(tree_parents)} entries for {len(seqs)} sequences: give one per "
+                         f"sequence, None for those without a tree")
+    if not causal:
+        raise ValueError("tree_parents needs causal=True (a tree mask narrows the causal mask: each node sees the keys "
+                         "before the tree and its ancestors)")
+    mask = np.zeros((sum(counts), max(counts)), np.int32)
+    start = 0
+    for seq, n, parents in zip(seqs, counts, tree_parents, strict=True):
+        if parents is None:  # a chain: row i sees the rows' positions 0..i, at depth 0..i
+            mask[start:start + n, :n] = np.tril(np.broadcast_to(np.arange(1, n + 1, dtype=np.int32), (n, n)))
+        else:
+            try:
+                parents = tree_parents_of(host_array("tree_parents", parents), n)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"sequence {seq}'s {error}") from None
+            mask[start:start + n, :n] = ancestor_mask(parents)
+        start += n
+    return mask
+
+
+def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig, tile_keys: int,
+                trees: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """How the paged kernel splits a batch's keys, in tiles of ``tile_keys``: (chunks, seq_chunks) as it takes
-    them. A sequence of at most DECODE_MAX_ROWS query rows is cut into chunks of whole tiles, chunk_keys worth or
-    more (at most max_splits chunks); one with more rows stays whole (its rows are the parallel work, and its
-    partials would be rows x chunks). Chunk c is (sequence, first tile, end tile, first partial row); the partial
-    rows of a chunk are its sequence's query rows, chunk after chunk."""
+    them. A sequence of at most DECODE_MAX_ROWS query rows (TREE_DECODE_MAX_ROWS where ``trees``, a bool per
+    sequence, says its rows are a draft tree's) is cut into chunks of whole tiles, chunk_keys worth or more (at most
+    max_splits chunks); one with more rows stays whole (its rows are the parallel work, and its partials would be
+    rows x chunks). Chunk c is (sequence, first tile, end tile, first partial row); the partial rows of a chunk are
+    its sequence's query rows, chunk after chunk."""
     tiles = -(-lengths // tile_keys)
-    per_chunk = np.where(counts <= DECODE_MAX_ROWS,
-                         np.maximum(max(1, config.chunk_keys // tile_keys), -(-tiles // config.max_splits)), tiles)
+    split, chunk_tiles = DECODE_MAX_ROWS, max(1, config.chunk_keys // tile_keys)
+    if trees is not None:
+        # A tree's rows walk each chunk once per node: half the keys keep its K and V in L2, as the decode
+        # kernel's tree chunks (variants/decode.py default_config). Measured here (Zen 4), a 16-node tree over 8192
+        # positions, GQA 32/8 D128: 20.6 ms in 512-key chunks, 22.9 in 1024, 36.5 whole.
+        split = np.where(trees, TREE_DECODE_MAX_ROWS, DECODE_MAX_ROWS)
+        chunk_tiles = np.where(trees, max(1, config.chunk_keys // 2 // tile_keys), chunk_tiles)
+    per_chunk = np.where(counts <= split, np.maximum(chunk_tiles, -(-tiles // config.max_splits)), tiles)
     n_chunks = -(-tiles // per_chunk)
     seq_chunks = np.concatenate([[0], np.cumsum(n_chunks)]).astype(np.int32)
     seq = np.repeat(np.arange(len(lengths)), n_chunks)
@@ -311,6 +394,6 @@ def _build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig, target
 def build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig(), target="host"):
     """The compiled paged kernel (tvm_attn/variants/paged.py) for ``kspec`` over pages of ``page_size`` positions,
     keys in tiles of ``config.block_kv``: an executable whose "main" takes (q, k_pages, v_pages, page_table,
-    seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part, out), with the (heads,) sinks before
-    out where kspec.sinks. Cached."""
+    seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part, out), with the (heads,) sinks
+    (kspec.sinks) and the (rows, tree nodes) tree mask (kspec.tree; ``tree_rows``) before out. Cached."""
     return _build_paged(kspec, positive_int("page_size", page_size), config, str(resolve_target(target)))

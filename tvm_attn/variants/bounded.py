@@ -553,7 +553,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
 def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB, vis):
     """The PrimFunc taking (q, k, v, codes, lo, step, [sinks,] [tree,] out) (common.OptionalArguments)."""
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
-    optional = OptionalArguments(kspec, vis, SQ)
+    optional = OptionalArguments(kspec, (SQ, SQ), vis)
 
     def arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h):
         """The q, k, v, shadow (codes, lo, step) and out buffers from their handles, declared in that order."""
@@ -564,39 +564,16 @@ def _with_shadow_arguments(kspec, body, B, SQ, SKV, NB, vis):
                                    offset_factor=1) for h in (lo_h, step_h)]
         return (*qkv, codes, lo, step, bhsd(out_h, B, H, SQ, D, dtype))
 
-    if optional.count == 2:
-        @T.prim_func(s_tir=True)
-        def bounded_shadow_with_two(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle,
-                                    lo_h: T.handle, step_h: T.handle, a_h: T.handle, b_h: T.handle, out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
-            optional.declare(a_h, b_h)
-            with T.sblock("root"):
-                body(q, k, v, codes, lo, step, optional.sinks, out)
-
-        return bounded_shadow_with_two
-
-    if optional.count == 1:
-        @T.prim_func(s_tir=True)
-        def bounded_shadow_with_one(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle,
-                                    lo_h: T.handle, step_h: T.handle, a_h: T.handle, out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
-            optional.declare(a_h)
-            with T.sblock("root"):
-                body(q, k, v, codes, lo, step, optional.sinks, out)
-
-        return bounded_shadow_with_one
-
     @T.prim_func(s_tir=True)
     def bounded_shadow(q_h: T.handle, k_h: T.handle, v_h: T.handle, codes_h: T.handle, lo_h: T.handle,
-                       step_h: T.handle, out_h: T.handle):
+                       step_h: T.handle, sinks_h: T.handle, tree_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         q, k, v, codes, lo, step, out = arguments(q_h, k_h, v_h, codes_h, lo_h, step_h, out_h)
+        optional.declare(sinks_h, tree_h)
         with T.sblock("root"):
-            body(q, k, v, codes, lo, step, None, out)
+            body(q, k, v, codes, lo, step, optional.sinks, out)
 
-    return bounded_shadow
+    return optional.signature(bounded_shadow)
 
 
 @T.macro

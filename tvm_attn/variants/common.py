@@ -133,29 +133,32 @@ def sink_argument(handle, heads: int):
     return T.match_buffer(handle, (heads,), ACC, align=4, offset_factor=1)
 
 
-def tree_argument(handle, seq_q):
-    """The (seq_q, seq_q) int32 tree mask argument of kernels with one (KernelSpec.tree; AttentionSpec.tree_mask:
-    1 + the depth of node j where j is node i or an ancestor of it, else 0)."""
-    return T.match_buffer(handle, (seq_q, seq_q), "int32", align=4, offset_factor=1)
-
-
 class OptionalArguments:
     """The arguments a kernel spec adds before ``out``, in this order: the (heads,) float32 sink logits
-    (KernelSpec.sinks) and the (seq_q, seq_q) int32 tree mask (KernelSpec.tree). Call ``declare`` at the top of the
-    PrimFunc with their handles; then ``sinks`` is the sinks buffer (None without), and the tree mask is bound to
-    ``vis``, whose tests read it."""
+    (KernelSpec.sinks) and the int32 tree mask (KernelSpec.tree; AttentionSpec.tree_mask: 1 + the depth of node j
+    where j is node i or an ancestor of it, else 0) of ``tree_shape``, bound to ``vis`` (the Visibility whose tests
+    read it) where given. A kernel's one TVMScript signature takes both handles, ``sinks_h`` and ``tree_h``: its
+    body calls ``declare(sinks_h, tree_h)``, after which ``sinks`` and ``tree`` are the buffers (None without), and
+    ``signature`` drops the handles the spec does not take."""
 
-    def __init__(self, kspec: KernelSpec, vis, seq_q):
-        self.kspec, self.vis, self.seq_q = kspec, vis, seq_q
-        self.count = int(kspec.sinks) + int(kspec.tree)
-        self.sinks = None
+    def __init__(self, kspec: KernelSpec, tree_shape: tuple, vis=None):
+        self.kspec, self.tree_shape, self.vis = kspec, tree_shape, vis
+        self.sinks = self.tree = None
 
-    def declare(self, *handles) -> None:
-        handles = list(handles)
+    def declare(self, sinks_h, tree_h) -> None:
         if self.kspec.sinks:
-            self.sinks = IRBuilder.name("sinks", sink_argument(handles.pop(0), self.kspec.heads))
+            self.sinks = IRBuilder.name("sinks", sink_argument(sinks_h, self.kspec.heads))
         if self.kspec.tree:
-            self.vis.bind_tree(IRBuilder.name("tree", tree_argument(handles.pop(0), self.seq_q)))
+            self.tree = IRBuilder.name("tree", T.match_buffer(tree_h, self.tree_shape, "int32", align=4,
+                                                              offset_factor=1))
+            if self.vis is not None:
+                self.vis.bind_tree(self.tree)
+
+    def signature(self, func):
+        """``func`` (parsed with both handles) without the handles its spec does not take."""
+        unused = [name for name, taken in (("sinks_h", self.kspec.sinks), ("tree_h", self.kspec.tree)) if not taken]
+        kept = [param for param in func.params if param.name not in unused]
+        return tirx.PrimFunc(kept, func.body, func.ret_type, func.attrs, func.span)
 
 
 def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv, vis=None):
@@ -163,44 +166,18 @@ def bhsd_kernel(body, kspec: KernelSpec, batch, seq_q, seq_kv, vis=None):
     the body tests keys with, for the tree mask), all of kspec's dtype but the float32 sinks and the int32 tree: the
     ``@T.macro`` ``body(q, k, v, sinks, out)`` (sinks None without) in its root block."""
     H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
-    optional = OptionalArguments(kspec, vis, seq_q)
-
-    def arguments(q_h, k_h, v_h, out_h):
-        """The q, k, v and out buffers from their handles."""
-        return (bhsd(q_h, batch, H, seq_q, D, dtype), bhsd(k_h, batch, KVH, seq_kv, D, dtype),
-                bhsd(v_h, batch, KVH, seq_kv, D, dtype), bhsd(out_h, batch, H, seq_q, D, dtype))
-
-    if optional.count == 2:
-        @T.prim_func(s_tir=True)
-        def kernel_with_two(q_h: T.handle, k_h: T.handle, v_h: T.handle, a_h: T.handle, b_h: T.handle,
-                            out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q, k, v, out = arguments(q_h, k_h, v_h, out_h)
-            optional.declare(a_h, b_h)
-            with T.sblock("root"):
-                body(q, k, v, optional.sinks, out)
-
-        return kernel_with_two
-
-    if optional.count == 1:
-        @T.prim_func(s_tir=True)
-        def kernel_with_one(q_h: T.handle, k_h: T.handle, v_h: T.handle, a_h: T.handle, out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q, k, v, out = arguments(q_h, k_h, v_h, out_h)
-            optional.declare(a_h)
-            with T.sblock("root"):
-                body(q, k, v, optional.sinks, out)
-
-        return kernel_with_one
+    optional = OptionalArguments(kspec, (seq_q, seq_q), vis)
 
     @T.prim_func(s_tir=True)
-    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, sinks_h: T.handle, tree_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        q, k, v, out = arguments(q_h, k_h, v_h, out_h)
+        q, k, v, out = (bhsd(q_h, batch, H, seq_q, D, dtype), bhsd(k_h, batch, KVH, seq_kv, D, dtype),
+                        bhsd(v_h, batch, KVH, seq_kv, D, dtype), bhsd(out_h, batch, H, seq_q, D, dtype))
+        optional.declare(sinks_h, tree_h)
         with T.sblock("root"):
-            body(q, k, v, None, out)
+            body(q, k, v, optional.sinks, out)
 
-    return kernel
+    return optional.signature(kernel)
 
 
 def run_time_sizes():
@@ -237,10 +214,13 @@ class Visibility:
         self.off = seq_kv - seq_q
         self.needs_tree = kspec.tree
         self.tree = None
+        self.tree_row = None
 
-    def bind_tree(self, tree) -> None:
-        """Test keys against the tree mask buffer ``tree`` (the kernel's argument, declared by OptionalArguments)."""
+    def bind_tree(self, tree, first_row=None) -> None:
+        """Test keys against the tree mask buffer ``tree`` (the kernel's argument, declared by OptionalArguments):
+        query i's row of it is ``first_row`` + i (a ragged batch's rows of many sequences; None: i)."""
         self.tree = tree
+        self.tree_row = first_row
 
     def _tree_bound(self) -> bool:
         """Whether keys are tested against a tree mask; ValueError for a kernel spec with one that no mask was bound
@@ -270,7 +250,8 @@ class Visibility:
         """(1 + depth of query i's node, tree[i, j - off]) with both indices clamped: rows past seq_q (padding of a
         row tile) and keys before the tree or hidden by the causal test are tested too, lane by lane."""
         row = T.min(i, self.seq_q - 1)
-        return self.tree[row, row], self.tree[row, T.min(T.max(j - self.off, 0), self.seq_q - 1)]
+        at = row if self.tree_row is None else self.tree_row + row
+        return self.tree[at, row], self.tree[at, T.min(T.max(j - self.off, 0), self.seq_q - 1)]
 
     def sees(self, i, j):
         """Query i sees key j (j < seq_kv included)."""

@@ -48,9 +48,9 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..quantized_kv import KEY_BLOCK
 from ..spec import KernelSpec
-from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, Visibility, adjusted, bhsd, bhsd_kernel, bits_of, ceil_div,
-                     fresh_block_names, init_online_softmax, online_softmax_tile, poisoned, row_output, row_scales,
-                     run_time_sizes, sink_argument, sink_logit, softmax_weights, sum_lanes, update_output,
+from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, OptionalArguments, Visibility, adjusted, bhsd, bhsd_kernel,
+                     bits_of, ceil_div, fresh_block_names, init_online_softmax, online_softmax_tile, poisoned,
+                     row_output, row_scales, run_time_sizes, sink_logit, softmax_weights, sum_lanes, update_output,
                      value_weights, weighted_values, widen)
 
 
@@ -466,28 +466,19 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                 out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
                                                  merged_max[vb, vh, vi], dtype, sink_logit(sinks, vh))
 
-    if quantized and kspec.sinks:
-        @T.prim_func(s_tir=True)
-        def decode_integer_kv_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, k_scale_h: T.handle,
-                                         v_scale_h: T.handle, sinks_h: T.handle, out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            q, k, v, k_scale, v_scale, out = integer_arguments(q_h, k_h, v_h, k_scale_h, v_scale_h, out_h)
-            sinks = sink_argument(sinks_h, H)
-            with T.sblock("root"):
-                body(q, k, v, k_scale, v_scale, sinks, out)
-
-        return decode_integer_kv_with_sinks
-
     if quantized:
+        optional = OptionalArguments(kspec, (SQ, SQ), vis)
+
         @T.prim_func(s_tir=True)
         def decode_integer_kv(q_h: T.handle, k_h: T.handle, v_h: T.handle, k_scale_h: T.handle, v_scale_h: T.handle,
-                              out_h: T.handle):
+                              sinks_h: T.handle, tree_h: T.handle, out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             q, k, v, k_scale, v_scale, out = integer_arguments(q_h, k_h, v_h, k_scale_h, v_scale_h, out_h)
+            optional.declare(sinks_h, tree_h)
             with T.sblock("root"):
-                body(q, k, v, k_scale, v_scale, None, out)
+                body(q, k, v, k_scale, v_scale, optional.sinks, out)
 
-        return decode_integer_kv
+        return optional.signature(decode_integer_kv)
 
     @T.macro
     def float_body(q, k, v, sinks, out):

@@ -23,6 +23,10 @@ Arguments (main):
   seq_chunks  (sequences + 1,) int32: sequence s's chunks are seq_chunks[s] .. seq_chunks[s + 1] - 1
   o_part      (partial rows, heads, head_dim) float32, m_part and l_part (partial rows, heads) float32: scratch,
               a chunk's row i at partial row chunks[c, 3] + i
+  sinks       (heads,) float32, where kspec.sinks: one logit per query head
+  tree        (rows, tree_nodes) int32, where kspec.tree (draft trees): row i of sequence s, at row_start[s] + i,
+              as AttentionSpec.tree_mask's row i of that sequence's tree (a chain: its causal mask), zeros past
+              its n nodes; its n rows are the tree's nodes, the last n of its positions
   out         like q
 Causal masks align bottom-right per sequence: its i-th of n rows is position seq_lens[s] - n + i. Keys are taken
 in tiles of whole pages (or whole parts of a page, PageTiling), found through the page table once per page. A
@@ -54,8 +58,8 @@ from tvm import tirx
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, Visibility, adjusted, ceil_div, fresh_block_names,
-                     init_online_softmax, row_output, sink_argument, sink_logit, softmax_weights, sum_lanes,
+from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, OptionalArguments, Visibility, adjusted, ceil_div,
+                     fresh_block_names, init_online_softmax, row_output, sink_logit, softmax_weights, sum_lanes,
                      update_output, widen)
 from .decode import DecodeConfig
 
@@ -109,9 +113,9 @@ class PageTiling:
 
 
 def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig()):
-    """The paged PrimFunc for ``kspec`` (dense attention: heads, kv_heads, head_dim, causal, window, scale, dtype)
-    over pages of ``page_size`` positions, keys in tiles of whole pages or whole parts of a page
-    (PageTiling(page_size, config.block_kv)); the chunks are the caller's plan."""
+    """The paged PrimFunc for ``kspec`` (dense attention: heads, kv_heads, head_dim, causal, window, scale, dtype,
+    softcap, sinks, ALiBi, tree) over pages of ``page_size`` positions, keys in tiles of whole pages or whole parts
+    of a page (PageTiling(page_size, config.block_kv)); the chunks are the caller's plan."""
     if kspec.knobs():
         raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
     fresh_block_names()
@@ -125,21 +129,25 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
     ZERO = T.float32(0)
     ONE = T.float32(1)
     dtype = kspec.dtype
-    NR, NS, NP, MP, NC, PR = (tirx.Var(name, "int32") for name in
-                              ("rows", "sequences", "pages", "max_pages", "chunks", "partial_rows"))
+    NR, NS, NP, MP, NC, PR, NN = (tirx.Var(name, "int32") for name in
+                                  ("rows", "sequences", "pages", "max_pages", "chunks", "partial_rows", "tree_nodes"))
+    optional = OptionalArguments(kspec, (NR, NN))  # each sequence's Visibility binds the tree mask
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
         return d if DP == D else T.min(d, D - 1)
 
     def visibility(row_start, seq_lens, s):
-        """The mask of sequence s: its rows are the last of its seq_lens[s] positions."""
-        return Visibility(kspec, row_start[s + 1] - row_start[s], seq_lens[s])
+        """The mask of sequence s: its rows are the last of its seq_lens[s] positions (a tree's nodes)."""
+        vis = Visibility(kspec, row_start[s + 1] - row_start[s], seq_lens[s])
+        if kspec.tree:
+            vis.bind_tree(optional.tree, row_start[s])
+        return vis
 
     def score_terms(kh, vis, i, t):
         """(dot, g, j) -> the score of row g (query head kh * G + g, row i of a sequence of visibility ``vis``) against
         key j of tile t from its dot product (q was scaled), adjusted (common.adjusted)."""
-        return lambda dot, g, j: adjusted(kspec, dot, kh * G + g, i + vis.off - (t * BK + j))
+        return lambda dot, g, j: adjusted(kspec, dot, kh * G + g, vis.distance(i, t * BK + j))
 
     def page(page_table, s, t, p):
         """The page holding page p of tile t of sequence s (past its end: the cache's zero page)."""
@@ -284,33 +292,18 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                 T.match_buffer(m_part_h, (PR, H), ACC), T.match_buffer(l_part_h, (PR, H), ACC),
                 _rows_buffer(out_h, NR, H, D, dtype))
 
-    if kspec.sinks:
-        @T.prim_func(s_tir=True)
-        def paged_with_sinks(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
-                             start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
-                             o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, sinks_h: T.handle,
-                             out_h: T.handle):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            (q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
-             out) = arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h,
-                              m_part_h, l_part_h, out_h)
-            sinks = sink_argument(sinks_h, H)
-            with T.sblock("root"):
-                body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part,
-                     l_part, sinks, out)
-
-        return paged_with_sinks
-
     @T.prim_func(s_tir=True)
     def paged(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
               start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
-              o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, out_h: T.handle):
+              o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, sinks_h: T.handle, tree_h: T.handle,
+              out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         (q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
          out) = arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h,
                           m_part_h, l_part_h, out_h)
+        optional.declare(sinks_h, tree_h)
         with T.sblock("root"):
             body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part,
-                 l_part, None, out)
+                 l_part, optional.sinks, out)
 
-    return paged
+    return optional.signature(paged)
