@@ -152,6 +152,11 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     vectorize_last(sch, "p", lanes)
     for name in ("q_rows", "init_acc", "save_acc"):
         vectorize_last(sch, name, lanes)
+    schedule_merge(sch, lanes)
+
+
+def schedule_merge(sch: s_tir.Schedule, lanes: int) -> None:
+    """The blocks of split-KV's merge (common.merge_chunks): (batch, head, query) in parallel, head_dim vectorized."""
     b, h, i, d, s = sch.get_loops(sch.get_sblock("merge_acc"))
     sch.parallel(sch.fuse(b, h, i))
     # At most 8 vectors of a row summed over the chunks at a time: a whole 128-wide row is 32 NEON registers.

@@ -235,7 +235,7 @@ def test_features_study_and_report(tmp_path):
     """The features study on tiny shapes (python -m tvm_attn.bench --quick --study features): a row per feature and the
     kernel without it, a row per tree provider, and the report's section states issue 29's goals."""
     from tvm_attn.bench.__main__ import QUICK_FEATURES
-    from tvm_attn.bench.features import DECODE_CALLS, FEATURES, SAME_KEYS, TAKEN
+    from tvm_attn.bench.features import DECODE_CALLS, FEATURES, PAGED, SAME_KEYS, TAKEN
     from tvm_attn.bench.report import write_report
     from tvm_attn.bench.runner import run_studies
 
@@ -248,7 +248,8 @@ def test_features_study_and_report(tmp_path):
         assert sorted(r["feature"] for r in at) == sorted(["", *FEATURES, *(SAME_KEYS if variant != "flash" else ())])
         assert {r["variant"] for r in at} == {variant}
     tree = [r for r in rows if r["feature"] == "tree"]
-    assert {r["provider"] for r in tree} == {TAKEN, DECODE_CALLS, "flash prefill kernel", "mqa prefill kernel"}
+    assert {r["provider"] for r in tree} == {TAKEN, DECODE_CALLS, "split-KV decode kernel", "flash prefill kernel",
+                                             "mqa prefill kernel", PAGED}
     assert all(r["median_ms"] > 0 for r in rows)
     report = open(write_report(str(csv_path), str(tmp_path))).read()
     assert "## Attention features: softcap, sinks, ALiBi, tree verification" in report

@@ -15,10 +15,11 @@ import pytest
 import tvm_attn
 from conftest import assert_matches_reference, knobs_for, make_inputs, output_tolerance
 from tvm_attn import export, runtime
-from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS
+from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS, TREE_KERNEL_MIN_ROWS
 
-# 16 nodes, branching at several depths (a draft tree of speculative decoding; the split-KV decode kernel serves
-# trees up to TREE_DECODE_MAX_ROWS nodes); 40 nodes, a binary heap with a second root (the prefill kernels); 5 nodes
+# 16 nodes, branching at several depths (a draft tree of speculative decoding; the tree kernel serves trees of
+# TREE_KERNEL_MIN_ROWS..TREE_DECODE_MAX_ROWS nodes, the split-KV decode kernel smaller ones); 40 nodes, a binary heap
+# with a second root (the prefill kernels); 5 nodes
 # with two roots (a forest: two first-token candidates); 8 nodes.
 TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)
 TREE_40 = (-1,) + tuple((i - 1) // 2 for i in range(1, 39)) + (-1,)
@@ -29,6 +30,7 @@ TREE_8 = (-1, 0, 1, 0, 3, 2, 4, 4)
 SHAPES = [(4, 2, 37, 40, "float32"), (6, 2, 0, 64, "float32"), (4, 4, 257, 48, "float32"),
           (4, 2, 130, 64, "bfloat16"), (4, 2, 90, 32, "float16")]
 CASES = ([("flash", TREE_16, shape) for shape in SHAPES] + [("flash", TREE_40, shape) for shape in SHAPES[::3]]
+         + [("flash", TREE_16[:10], shape) for shape in SHAPES[:4:3]]  # 10 nodes: the split-KV decode kernel
          + [("flash", FOREST_5, shape) for shape in SHAPES[:4]]
          + [("standard", TREE_40, SHAPES[0]), ("standard", TREE_8, SHAPES[2]),
             ("mqa", TREE_40, SHAPES[0]), ("mqa", FOREST_5, SHAPES[0])])
@@ -103,7 +105,7 @@ def test_pruned_variants_prune_within_the_tree(variant, knob, parents, cached):
         variant in ("topk", "threshold") and len(parents) <= DECODE_MAX_ROWS))
 
 
-@pytest.mark.parametrize("parents", [TREE_40, TREE_16], ids=["prefill", "decode"])
+@pytest.mark.parametrize("parents", [TREE_40, TREE_16, TREE_16[:10]], ids=["prefill", "tree", "decode"])
 def test_trees_with_sinks_and_softcap(parents):
     spec, q, k, v = tree_inputs((4, 2, 61, 64, "float32"), parents, seed=3)
     spec = dataclasses.replace(spec, softcap=5.0, sinks=True)
@@ -134,22 +136,27 @@ def test_trees_with_windows_and_alibi_count_positions_by_depth(variant, parents,
         assert np.abs(plain - out.astype(np.float64)).max() > 0.05
 
 
-def test_draft_trees_up_to_16_nodes_take_the_split_kv_decode_kernel():
+def test_draft_trees_up_to_16_nodes_take_the_split_kv_kernels():
     def path(variant, nodes):
         spec = tvm_attn.AttentionSpec(heads=4, kv_heads=2, seq_q=nodes, seq_kv=nodes + 50, head_dim=32, causal=True,
                                       tree_parents=tuple(range(-1, nodes - 1)), **knobs_for(variant)[0])
         return tvm_attn.get_variant(variant).path_of(spec)
 
-    assert DECODE_MAX_ROWS < 9 <= TREE_DECODE_MAX_ROWS == 16
-    assert [path("flash", n) for n in (8, 9, 16, 17)] == ["decode", "decode", "decode", "prefill"]
-    assert path("mqa", 16) == path("standard", 16) == "decode"
-    assert path("topk", 9) == "prefill"  # (its decode kernel is not split-KV)
+    assert DECODE_MAX_ROWS < 9 < TREE_KERNEL_MIN_ROWS == 12 <= TREE_DECODE_MAX_ROWS == 16
+    assert [path("flash", n) for n in (8, 9, 11, 12, 16, 17)] == ["decode", "decode", "decode", "tree", "tree",
+                                                                   "prefill"]
+    assert path("mqa", 16) == path("standard", 16) == "tree"
+    assert path("topk", 9) == path("topk", 16) == "prefill"  # (its decode kernel is not split-KV)
     spec = tvm_attn.AttentionSpec(heads=4, kv_heads=2, seq_q=16, seq_kv=60, head_dim=32, causal=True,
                                   tree_parents=TREE_16)
-    assert tvm_attn.build("flash", spec).path == "decode" and tvm_attn.build("flash", spec, path="prefill").path == (
-        "prefill")
+    assert [tvm_attn.build("flash", spec, path=p).path for p in (None, "decode", "prefill")] == [
+        "tree", "decode", "prefill"]
     with pytest.raises(ValueError, match="path must be None"):
         tvm_attn.build("bounded", dataclasses.replace(spec, tree_parents=None, eps=0.1), path="decode")
+    with pytest.raises(ValueError, match="path must be None"):
+        tvm_attn.build("topk", dataclasses.replace(spec, top_k=4), path="tree")
+    with pytest.raises(LookupError, match="the flash kernel for draft trees is not tuned"):
+        tvm_attn.build("flash", spec, schedule="tuned")
 
 
 @pytest.mark.parametrize("nodes", [20])
@@ -224,10 +231,10 @@ def test_verify_a_tree_through_a_cache_and_keep_the_accepted_path(dtype):
         tree_spec = dataclasses.replace(spec, seq_q=nodes, seq_kv=cached + nodes, tree_parents=parents)
         assert_matches_reference("flash", tree_spec, out, q[:, :, rows], k_all[:, :, :cached + nodes],
                                  v_all[:, :, :cached + nodes])
-    # A cache keeps a kernel per path: 16 nodes after 40 take the decode kernel, not the 40-node call's prefill one
+    # A cache keeps a kernel per path: 16 nodes after 40 take the tree kernel, not the 40-node call's prefill one
     cache.append(k[:, :, cached + 5:cached + 16], v[:, :, cached + 5:cached + 16])
     assert {cache._kernel("flash", 4, n, True, None, None, "best", {"tree_parents": TREE_40[:n]}).path
-            for n in (16, 40)} == {"decode", "prefill"}
+            for n in (16, 40)} == {"tree", "prefill"}
     cache.append(k[:, :, cached + 16:], v[:, :, cached + 16:])
     accepted = [0, 1, 3, 7]
     cache.keep_tree_path(TREE_40, accepted)
@@ -288,6 +295,16 @@ def test_bad_tree_paths_leave_the_cache_unchanged():
         cache.attend(q, tree_parents=(-1, 0, 0))
 
 
+def test_the_tree_kernel_on_other_isa_classes():
+    """The tree kernel's schedule asks the target for its vectors and registers: AVX2 code (run here) matches the
+    reference; NEON code (apple-m3) compiles."""
+    spec, q, k, v = tree_inputs((6, 2, 70, 48, "float32"), TREE_16, seed=9, batch=1)
+    avx2 = tvm_attn.build("flash", spec, target={"kind": "llvm", "mcpu": "x86-64-v3", "mtriple": "x86_64-linux-gnu"})
+    assert avx2.path == "tree"
+    assert_matches_reference("flash", spec, avx2(q, k, v, tree_parents=TREE_16), q, k, v)
+    assert tvm_attn.build("flash", spec, target="apple-m3").path == "tree"
+
+
 def test_torch_op_and_export_take_trees(tmp_path):
     torch = pytest.importorskip("torch")
     import tvm_attn.torch_ops  # noqa: F401
@@ -298,7 +315,7 @@ def test_torch_op_and_export_take_trees(tmp_path):
     assert_matches_reference("flash", spec, out.numpy(), q, k, v)
     kernel = runtime.load(export.export("flash", spec, "host", tmp_path, log=io.StringIO()).manifest)
     assert [a["name"] for a in kernel.manifest["arguments"]] == ["q", "k", "v", "tree", "out"]
-    assert kernel.manifest["kernel"] == "decode"  # a 16-node tree: the split-KV decode kernel, as build takes
+    assert kernel.manifest["kernel"] == "tree"  # a 16-node tree: the tree kernel, as build takes
     assert "tree" in kernel.manifest["semantics"]
     assert_matches_reference("flash", spec, kernel(q, k, v, tree_parents=TREE_16), q, k, v)
     with pytest.raises(ValueError, match="takes a tree mask"):

@@ -199,7 +199,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
     fname = function_name(name)
 
     # "best" never builds the BLAS form here: that an exported kernel needs a BLAS at load is asked for, not chosen.
-    path = v.path_of(spec)  # (a draft tree of up to 16 nodes: the split-KV decode kernel, as build takes)
+    path = v.path_of(spec)  # (a draft tree of up to 16 nodes: the tree or split-KV decode kernel, as build takes)
     scheduled = scheduled_module(v, spec, t, schedule, path, blas_allowed=False)
     func = scheduled.mod["main"].with_attr("global_symbol", fname)
     subroutines = {gv: f for gv, f in scheduled.mod.functions.items() if gv.name_hint != "main"}  # sme_matmul
@@ -267,7 +267,7 @@ def export(variant: str, spec: AttentionSpec, target="host", out_dir=".", *, fet
         "target": {"key": target_key(t), "tvm_target": json.loads(str(t)),
                    **_platform(t, matrix_unit=scheduled.schedule == "sme")},
         "schedule": scheduled.schedule,
-        "kernel": path,  # which of the variant's kernels: "prefill", or "decode" (organized for few query rows)
+        "kernel": path,  # which of the variant's kernels: "prefill", "decode" (few query rows) or "tree" (draft trees)
         "tuning_record": scheduled.record,
         # The BLAS a "blas" kernel calls (its sgemm symbol is left undefined in the library): runtime.load loads
         # Accelerate on macOS, numpy's OpenBLAS or TVM_ATTN_BLAS on Linux, and checks it exports that symbol.

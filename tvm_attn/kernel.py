@@ -15,7 +15,7 @@ from . import blas, tuning
 from .runtime import dlpack_argument, is_torch, numpy_dtype, numpy_view, refuse_overlap, torch_view
 from .spec import AttentionSpec, KernelSpec, sink_logits
 from .targets import capabilities, host_mismatch, resolve_target, runs_on_host, target_key
-from .variants import Variant, get_variant, integer_kv_variants, path_for
+from .variants import TREE_DECODE_MAX_ROWS, Variant, get_variant, integer_kv_variants, path_for
 
 SCHEDULES = ("best", "tuned", "hand", "untuned", "blas", "sme")
 
@@ -59,11 +59,11 @@ def scheduled_module(variant: Variant, spec: AttentionSpec, target, schedule: st
             return _blas_scheduled(variant, spec, target)
         except ValueError:  # no BLAS for this target here: the TensorIR schedule
             pass
-    if (path == "shadow" or spec.kv_dtype is not None) and schedule in ("best", "tuned"):
+    if (path in ("shadow", "tree") or spec.kv_dtype is not None) and schedule in ("best", "tuned"):
         if schedule == "tuned":
-            what = "a cache's shadow of K" if path == "shadow" else f"{spec.kv_dtype} K and V"
-            raise LookupError(f"the {variant.name} kernel reading {what} is not tuned: use schedule='best' or "
-                              f"'hand'")
+            what = {"shadow": "reading a cache's shadow of K", "tree": "for draft trees"}.get(
+                path, f"reading {spec.kv_dtype} K and V")
+            raise LookupError(f"the {variant.name} kernel {what} is not tuned: use schedule='best' or 'hand'")
         schedule = "hand"
     if schedule in ("best", "tuned"):
         record = tuning.tuned_record(variant, spec, target)
@@ -204,7 +204,7 @@ class Kernel:
 
     variant: str
     kernel_spec: KernelSpec
-    path: str  # "prefill" or "decode": which compute it is (both give the same result for any seq_q)
+    path: str  # "prefill", "decode", "shadow" or "tree": which compute it is (all give the same result for any seq_q)
     target: tvm.target.Target
     schedule: str  # the schedule actually used: "tuned", "hand", "untuned", "blas" or "sme"
     record: str | None  # digest of the tuning record, when tuned
@@ -301,8 +301,9 @@ class Kernel:
 def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", schedule: str = "best",
           path: str | None = None) -> Kernel:
     """Compile ``variant`` for the kernel serving ``spec`` on ``target``: the decode kernel when spec.seq_q is small
-    (or a draft tree has at most 16 nodes: Variant.path_of), else the prefill one (``path`` "decode" or "prefill"
-    picks one instead); either serves every batch, seq_q and seq_kv with spec's heads, head_dim, mask and knob.
+    (or a draft tree has at most 16 nodes, the tree kernel from 12: Variant.path_of), else the prefill one
+    (``path`` "decode", "tree" or "prefill" picks one instead); each serves every batch, seq_q and seq_kv with
+    spec's heads, head_dim, mask and knob.
     ``schedule``: "best" ("blas" where `tune` measured it faster for this CPU or its ISA class, else the tuned
     record for this target if one exists, else the hand schedule, with a warning once), "tuned", "hand", "untuned"
     (the compute with no schedule at all, the reference the benchmarks compare against), or "blas" (dense prefill in
@@ -319,9 +320,10 @@ def build(variant="flash", spec: AttentionSpec | None = None, *, target="host", 
         raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     if path is None:
         path = v.path_of(spec)
-    elif path not in ("prefill", "decode") or (path == "decode" and not v.has_decode_kernel()):
-        raise ValueError(f"path must be None (the kernel the spec takes), 'prefill' or 'decode' (for variants with a "
-                         f"decode kernel), got {path!r} for variant {v.name!r}")
+    elif (path not in ("prefill", "decode", "tree") or (path == "decode" and not v.has_decode_kernel())
+          or (path == "tree" and v.tree_compute is None)):
+        raise ValueError(f"path must be None (the kernel the spec takes), 'prefill', 'decode' or 'tree' (for variants "
+                         f"with such a kernel), got {path!r} for variant {v.name!r}")
     if spec.kv_dtype is not None and spec.tree_parents is not None:
         raise ValueError(f"kv_dtype={spec.kv_dtype!r} with tree_parents: the kernels reading integer K and V take no "
                          f"tree mask yet (dequantize K and V, or verify the tree in a float KVCache)")
@@ -346,7 +348,7 @@ def build_shadow(variant, spec: AttentionSpec, *, target="host", schedule: str =
 
 def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
     """An AttentionSpec of the kernel (its sizes only pick the path: the record is the kernel's, not the shape's)."""
-    seq_q = 1 if path in ("decode", "shadow") else 1024
+    seq_q = {"decode": 1, "shadow": 1, "tree": TREE_DECODE_MAX_ROWS}.get(path, 1024)
     return AttentionSpec(batch=1, heads=kspec.heads, kv_heads=kspec.kv_heads, seq_q=seq_q, seq_kv=1024,
                          head_dim=kspec.head_dim, causal=kspec.causal, window=kspec.window, scale=kspec.scale,
                          dtype=kspec.dtype, kv_dtype=kspec.kv_dtype, softcap=kspec.softcap, sinks=kspec.sinks,

@@ -5,10 +5,11 @@ verifying a speculative decoding draft tree in one call costs against a decode c
 said, schedule "best" (tuned records where this CPU has them; a kernel with sinks, ALiBi or a tree replays the record
 of the kernel without).
 
-Tree verification: the kernel ``build`` takes for the tree (the split-KV decode kernel for up to 16 nodes,
-``variants.TREE_DECODE_MAX_ROWS``) and, for comparison, flash's and mqa's prefill kernels, against flash's decode
-kernel called once per node over the cache and the node's path (cache + depth keys), as verifying each root-to-node
-path as its own sequence would run.
+Tree verification: the kernel ``build`` takes for the tree (the tree kernel for 12-16 nodes,
+``variants.TREE_KERNEL_MIN_ROWS``) and, for comparison, the split-KV decode kernel, flash's and mqa's prefill kernels
+and a ``PagedKVCache`` holding the same keys (its own kernel), against flash's decode kernel called once per node
+over the cache and the node's path (cache + depth keys), as verifying each root-to-node path as its own sequence
+would run.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ TREE_POINTS = (("GQA 32/8 D128 (Llama 3 8B)", dict(heads=32, kv_heads=8, head_di
                ("GQA 9/3 D64 (SmolLM2 135M)", dict(heads=9, kv_heads=3, head_dim=64)))
 TREE_DTYPES = ("float32", "bfloat16")
 DECODE_CALLS = "decode calls"  # the provider of the one-call-per-node baseline
+PAGED = "PagedKVCache"
 TAKEN = "one call"  # the provider of the kernel build takes for the tree
 GOALS = dict(feature_cost=1.10, tree_vs_decode=0.25)
 
@@ -133,6 +135,17 @@ def feature_cost_rows(points=COST_POINTS, features=FEATURES, min_seconds: float 
     return rows
 
 
+def _paged_call(spec, q, k, v):
+    """A call verifying spec's tree through a PagedKVCache (pages of 16) holding k and v (batch 1)."""
+    cache = tvm_attn.PagedKVCache(num_pages=-(-spec.seq_kv // 16), page_size=16, kv_heads=spec.kv_heads,
+                                  head_dim=spec.head_dim, dtype=spec.dtype)
+    seq = cache.add_sequence()
+    cache.append(seq, k[0], v[0])
+    rows = np.ascontiguousarray(q[0].transpose(1, 0, 2))
+    out = np.empty_like(rows)
+    return lambda: cache.attend(rows, [seq], [spec.seq_q], tree_parents=[spec.tree_parents], out=out)
+
+
 def tree_rows(points=TREE_POINTS, dtypes=TREE_DTYPES, parents=TREE, cached: int = TREE_CACHED,
               min_seconds: float = 1.0, max_seconds: float = 6.0, seed: int = 0, log=None) -> list[dict]:
     """Per (point, dtype), one call verifying the tree (the kernel taken, flash's and mqa's prefill kernels) and a
@@ -148,10 +161,11 @@ def tree_rows(points=TREE_POINTS, dtypes=TREE_DTYPES, parents=TREE, cached: int 
             fns, records = {}, {}
             taken = tvm_attn.build("flash", spec)
             fns[TAKEN], records[TAKEN] = _bound_call(taken, q, k, v, tree=spec.tree_mask), taken.schedule
-            for variant in ("flash", "mqa"):
-                kernel = tvm_attn.build(variant, spec, path="prefill")
-                name = f"{variant} prefill kernel"
+            for variant, path in (("flash", "decode"), ("flash", "prefill"), ("mqa", "prefill")):
+                kernel = tvm_attn.build(variant, spec, path=path)
+                name = f"{variant} {path} kernel" if path == "prefill" else "split-KV decode kernel"
                 fns[name], records[name] = _bound_call(kernel, q, k, v, tree=spec.tree_mask), kernel.schedule
+            fns[PAGED], records[PAGED] = _paged_call(spec, q, k, v), "hand"
             one = tvm_attn.build("flash", tvm_attn.AttentionSpec(
                 batch=1, seq_q=1, seq_kv=cached + 1, causal=True, dtype=dtype, **fields))
             # node i's row over the cache and its path's keys, up to its position (the time depends on how many, not
@@ -243,8 +257,9 @@ def features_section(rows, ctx) -> list[str]:
         nodes, cached = int(first["seq_q"]), int(first["x"])
         parts += [f"Verifying a {nodes}-node draft tree over {cached} cached positions (batch 1): one call against "
                   f"{nodes} decode calls, one per node over the cache and its path, in one interleaved round. "
-                  f"\"{TAKEN}\" is the kernel `build` and `KVCache.attend` take (the split-KV decode kernel for trees "
-                  "of up to 16 nodes); the prefill kernels for comparison.", "",
+                  f"\"{TAKEN}\" is the kernel `build` and `KVCache.attend` take (the tree kernel for trees of 12-16 "
+                  "nodes); the split-KV decode kernel (which took such trees before), the prefill kernels and a "
+                  "`PagedKVCache` call (its own kernel) for comparison.", "",
                   table(["shape", "dtype", f"{nodes} decode calls ms"] + providers, body), ""]
         if worst is not None:
             goal = GOALS["tree_vs_decode"]

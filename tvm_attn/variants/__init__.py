@@ -16,20 +16,26 @@ from ..schedules import flash as _flash_schedule
 from ..schedules import pruned as _pruned_schedule
 from ..schedules import sme_prefill as _sme_prefill_schedule
 from ..schedules import standard as _standard_schedule
+from ..schedules import tree_split as _tree_split_schedule
 from ..schedules.byte_products import has_byte_products
 from ..schedules.float16_products import has_float16_products
 from ..schedules.pair_products import has_pair_products
 from ..targets import capabilities
 from ..spec import KNOBS, AttentionSpec
-from . import blas_prefill, bounded, decode, flash, pruned, sme_prefill, standard
+from . import blas_prefill, bounded, decode, flash, pruned, sme_prefill, standard, tree_split
 
 
-PATHS = ("prefill", "decode", "shadow")  # shadow: the kernel KVCache.attend runs over the cache's shadow of K
+# shadow: the kernel KVCache.attend runs over the cache's shadow of K; tree: the dense variants' kernel for draft
+# trees of TREE_KERNEL_MIN_ROWS..TREE_DECODE_MAX_ROWS nodes (variants/tree_split.py)
+PATHS = ("prefill", "decode", "shadow", "tree")
 DECODE_MAX_ROWS = 8  # calls with at most this many query rows (seq_q) take a variant's decode kernel
-# Draft trees of up to this many nodes take the dense variants' split-KV decode kernel (kernel.build): verifying a
-# 16-node tree over 8192 cached positions, it took 0.25x-0.78x the time of 16 one-row decode calls where the prefill
-# kernels took 0.57x-1.50x (flash) and 0.57x-0.90x (mqa) (the benchmark's features study, Zen 4).
+# Draft trees of up to this many nodes take the dense variants' split-KV kernels (kernel.build): the decode kernel,
+# and from TREE_KERNEL_MIN_ROWS nodes on the tree kernel, whose row tiles hold 16 nodes' rows (it computes them all:
+# with fewer nodes the decode kernel, which walks the keys once per node, is faster). Measured here (Zen 4, 8192
+# cached positions, float32, one interleaved round each): the tree kernel against the decode kernel took 0.74x (GQA
+# 32/8 D128) and 0.73x (MHA 32 D128) at 16 nodes, 0.94x (MHA) at 12, 1.17x (MHA) and 1.13x (GQA) at 9.
 TREE_DECODE_MAX_ROWS = 16
+TREE_KERNEL_MIN_ROWS = 12
 
 
 def path_for(seq_q: int) -> str:
@@ -59,6 +65,9 @@ class Variant:
     # The result depends on where K's blocks start (the shadow's, from key 0): windowed calls pass every key rather
     # than only those from the first one a query sees.
     blocks_from_key0: bool = False
+    # The dense variants' kernel for draft trees of TREE_KERNEL_MIN_ROWS..TREE_DECODE_MAX_ROWS nodes (path "tree").
+    tree_compute: Callable | None = None
+    tree_schedule: Callable | None = None
     # Paths whose compute takes pairs=True: bfloat16 matmuls in pair products (schedules/pair_products.py) on
     # targets that have them.
     pair_paths: frozenset = frozenset()
@@ -84,11 +93,15 @@ class Variant:
     tree: bool = False
 
     def kernel_parts(self, path: str) -> tuple[Callable, Callable]:
-        """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode" or "shadow")."""
+        """(compute, schedule) of the kernel serving ``path`` ("prefill", "decode", "shadow" or "tree")."""
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}: use one of {', '.join(PATHS)}")
         if path == "decode" and self.decode_compute is not None:
             return self.decode_compute, self.decode_schedule
+        if path == "tree":
+            if self.tree_compute is None:
+                raise ValueError(f"variant {self.name!r} has no kernel for draft trees")
+            return self.tree_compute, self.tree_schedule
         if path == "shadow":
             if self.shadow_compute is None:
                 raise ValueError(f"variant {self.name!r} has no kernel reading the shadow of K")
@@ -127,12 +140,15 @@ class Variant:
 
     def path_of(self, spec: AttentionSpec) -> str:
         """Which kernel of this variant serves ``spec``: ``path_for(spec.seq_q)``, the decode kernel where the
-        variant has none, and the split-KV decode kernel for draft trees of up to TREE_DECODE_MAX_ROWS nodes."""
+        variant has none, and for draft trees of up to TREE_DECODE_MAX_ROWS nodes the split-KV ones: the tree
+        kernel from TREE_KERNEL_MIN_ROWS nodes, the decode kernel below."""
         return self.path_for_rows(spec.seq_q, spec.tree_parents is not None)
 
     def path_for_rows(self, seq_q: int, tree: bool = False) -> str:
         """``path_of`` a spec of ``seq_q`` query rows (``tree``: the rows are a draft tree's nodes)."""
         path = path_for(seq_q)
+        if tree and self.tree_compute is not None and TREE_KERNEL_MIN_ROWS <= seq_q <= TREE_DECODE_MAX_ROWS:
+            return "tree"
         if path == "prefill" and tree and seq_q <= TREE_DECODE_MAX_ROWS and self.decode_compute is decode.compute:
             return "decode"
         if path == "decode" and not self.has_decode_kernel():
@@ -214,7 +230,8 @@ def _on_scores(keep):
 DENSE = dict(decode_compute=decode.compute, decode_schedule=_decode_schedule.schedule,
              float16_product_paths=frozenset({"decode"}), integer_kv_paths=frozenset({"decode"}),
              blas_compute=blas_prefill.compute, blas_schedule=_blas_prefill_schedule.schedule,
-             sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule, softcap=True, sinks=True,
+             sme_compute=sme_prefill.compute, sme_schedule=_sme_prefill_schedule.schedule,
+             tree_compute=tree_split.compute, tree_schedule=_tree_split_schedule.schedule, softcap=True, sinks=True,
              alibi=True, tree=True)
 PRUNED_DECODE = dict(decode_compute=pruned.compute_decode, decode_schedule=_pruned_schedule.schedule, softcap=True,
                      sinks=True, alibi=True, tree=True)

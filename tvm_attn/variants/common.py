@@ -357,6 +357,36 @@ def softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, se
 
 
 @T.macro
+def softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero,
+                           one):
+    """``softmax_weights`` on transposed scores s_t (key, row) into transposed weights p_t: the reductions over keys
+    run down the columns, each row a vector lane."""
+    for jj, ri in T.grid(block_kv, rows):
+        with T.sblock("tile_max"):
+            j, r = T.axis.remap("RS", [jj, ri])
+            with T.init():
+                t_max[r] = neg
+            t_max[r] = T.max(t_max[r], T.if_then_else(
+                all_see, poisoned(s_t[j, r]), T.Select(sees(row0, r, key0 + j), poisoned(s_t[j, r]), neg)))
+    for ri in range(rows):
+        with T.sblock("rescale"):
+            r = T.axis.spatial(rows, ri)
+            alpha[r] = T.Select(m[r] >= t_max[r], one, softmax_exp(m[r] - t_max[r]))
+            m[r] = T.max(m[r], t_max[r])
+    for jj, ri in T.grid(block_kv, rows):
+        with T.sblock("p"):
+            j, r = T.axis.remap("SS", [jj, ri])
+            p_t[j, r] = T.if_then_else(all_see, softmax_exp(s_t[j, r] - m[r]),
+                                       T.Select(sees(row0, r, key0 + j), softmax_exp(s_t[j, r] - m[r]), zero))
+    for jj, ri in T.grid(block_kv, rows):
+        with T.sblock("tile_sum"):
+            j, r = T.axis.remap("RS", [jj, ri])
+            with T.init():
+                t_sum[r] = zero
+            t_sum[r] = t_sum[r] + p_t[j, r]
+
+
+@T.macro
 def init_online_softmax(m, l, acc, rows, head_dim, neg, zero):
     """The online softmax's state before the first KV tile: running max m = neg, running sum l = 0, acc = 0."""
     for ri in range(rows):
@@ -572,6 +602,43 @@ def sum_lanes(part, half8, half4, half2, S, rows, keys, score):
             S[vg, j] = score(half2[vg, j, 0] + half2[vg, j, 1], vg, j)
 
 
+@T.macro
+def merge_chunks(m_part, l_part, o_part, merged_max, weight, merged_sum, merged_acc, sinks, out, batch, heads,
+                 seq_q, chunks, group, head_dim, dtype, neg, zero):
+    """Split-KV's second step: out[b, h, i] from the chunks' running max, sum and unnormalized output of query i
+    of head h (m_part, l_part: (batch, kv_heads, chunks, seq_q, group), o_part the same by head_dim), each chunk
+    weighted by e^(its max - the largest); merged_max, weight, merged_sum and merged_acc are scratch."""
+    for b, h, i, s in T.grid(batch, heads, seq_q, chunks):
+        with T.sblock("merge_max"):
+            vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
+            with T.init():
+                merged_max[vb, vh, vi] = neg
+            merged_max[vb, vh, vi] = T.max(merged_max[vb, vh, vi], m_part[vb, vh // group, vs, vi, vh % group])
+    for b, h, i, s in T.grid(batch, heads, seq_q, chunks):
+        with T.sblock("merge_weight"):
+            vb, vh, vi, vs = T.axis.remap("SSSS", [b, h, i, s])
+            weight[vb, vh, vi, vs] = softmax_exp(m_part[vb, vh // group, vs, vi, vh % group] - merged_max[vb, vh, vi])
+    for b, h, i, s in T.grid(batch, heads, seq_q, chunks):
+        with T.sblock("merge_sum"):
+            vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
+            with T.init():
+                merged_sum[vb, vh, vi] = zero
+            merged_sum[vb, vh, vi] = merged_sum[vb, vh, vi] + \
+                l_part[vb, vh // group, vs, vi, vh % group] * weight[vb, vh, vi, vs]
+    for b, h, i, d, s in T.grid(batch, heads, seq_q, head_dim, chunks):
+        with T.sblock("merge_acc"):
+            vb, vh, vi, vd, vs = T.axis.remap("SSSSR", [b, h, i, d, s])
+            with T.init():
+                merged_acc[vb, vh, vi, vd] = zero
+            merged_acc[vb, vh, vi, vd] = merged_acc[vb, vh, vi, vd] + \
+                o_part[vb, vh // group, vs, vi, vh % group, vd] * weight[vb, vh, vi, vs]
+    for b, h, i, d in T.grid(batch, heads, seq_q, head_dim):
+        with T.sblock("out"):
+            vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+            out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
+                                             merged_max[vb, vh, vi], dtype, sink_logit(sinks, vh))
+
+
 def macro_state(wrapper):
     """The TVMScript macro object behind a ``@T.macro`` function (the decorator returns a closure over it)."""
     for cell in wrapper.__closure__ or ():
@@ -583,7 +650,8 @@ def macro_state(wrapper):
 MACROS = tuple(macro_state(m) for m in (transpose_k, qk_tile, softmax_weights, init_online_softmax, update_output,
                                          online_softmax_tile, pack_k_pairs, pack_v_pairs, qk_tile_pairs, pv_tile_pairs,
                                          load_q_rows, scores_of_rows, row_max_of_scores, softmax_numerators, sum_lanes,
-                                         weighted_values, value_weights, adjust_scores))
+                                         weighted_values, value_weights, adjust_scores, merge_chunks,
+                                         softmax_weights_by_key))
 
 
 def fresh_block_names() -> None:

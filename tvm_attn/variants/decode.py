@@ -49,9 +49,9 @@ from ..fast_exp import softmax_exp
 from ..quantized_kv import KEY_BLOCK
 from ..spec import KernelSpec
 from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, OptionalArguments, Visibility, adjusted, bhsd, bhsd_kernel,
-                     bits_of, ceil_div, fresh_block_names, init_online_softmax, online_softmax_tile, poisoned,
-                     row_output, row_scales, run_time_sizes, sink_logit, softmax_weights, sum_lanes, update_output,
-                     value_weights, weighted_values, widen)
+                     bits_of, ceil_div, fresh_block_names, init_online_softmax, merge_chunks, online_softmax_tile,
+                     poisoned, row_scales, run_time_sizes, softmax_weights, sum_lanes, update_output, value_weights,
+                     weighted_values, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,35 +436,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                                 vg = T.axis.spatial(G, g)
                                 m_part[vb, vkh, vs, vi, vg] = m[vg]
                                 l_part[vb, vkh, vs, vi, vg] = l[vg]
-        for b, h, i, s in T.grid(B, H, SQ, NSR):
-            with T.sblock("merge_max"):
-                vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
-                with T.init():
-                    merged_max[vb, vh, vi] = NEG
-                merged_max[vb, vh, vi] = T.max(merged_max[vb, vh, vi], m_part[vb, vh // G, vs, vi, vh % G])
-        for b, h, i, s in T.grid(B, H, SQ, NSR):
-            with T.sblock("merge_weight"):
-                vb, vh, vi, vs = T.axis.remap("SSSS", [b, h, i, s])
-                weight[vb, vh, vi, vs] = softmax_exp(m_part[vb, vh // G, vs, vi, vh % G] - merged_max[vb, vh, vi])
-        for b, h, i, s in T.grid(B, H, SQ, NSR):
-            with T.sblock("merge_sum"):
-                vb, vh, vi, vs = T.axis.remap("SSSR", [b, h, i, s])
-                with T.init():
-                    merged_sum[vb, vh, vi] = ZERO
-                merged_sum[vb, vh, vi] = merged_sum[vb, vh, vi] + \
-                    l_part[vb, vh // G, vs, vi, vh % G] * weight[vb, vh, vi, vs]
-        for b, h, i, d, s in T.grid(B, H, SQ, D, NSR):
-            with T.sblock("merge_acc"):
-                vb, vh, vi, vd, vs = T.axis.remap("SSSSR", [b, h, i, d, s])
-                with T.init():
-                    merged_acc[vb, vh, vi, vd] = ZERO
-                merged_acc[vb, vh, vi, vd] = merged_acc[vb, vh, vi, vd] + \
-                    o_part[vb, vh // G, vs, vi, vh % G, vd] * weight[vb, vh, vi, vs]
-        for b, h, i, d in T.grid(B, H, SQ, D):
-            with T.sblock("out"):
-                vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
-                out[vb, vh, vi, vd] = row_output(merged_acc[vb, vh, vi, vd], merged_sum[vb, vh, vi],
-                                                 merged_max[vb, vh, vi], dtype, sink_logit(sinks, vh))
+        merge_chunks(m_part, l_part, o_part, merged_max, weight, merged_sum, merged_acc, sinks, out, B, H, SQ, NSR, G,
+                     D, dtype, NEG, ZERO)
 
     if quantized:
         optional = OptionalArguments(kspec, (SQ, SQ), vis)

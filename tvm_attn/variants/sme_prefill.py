@@ -18,7 +18,7 @@ Blocks (the contract with schedules/sme_prefill.py):
     init_stats, init_acc
     kv_tile    one per KV tile some row of the tile sees; inside it:
       qk_sme     S^T = k q^T                                   (sme_matmul)
-      tile_max, rescale, p, tile_sum                           (softmax_weights_by_key: P^T)
+      tile_max, rescale, p, tile_sum                           (common.softmax_weights_by_key: P^T)
       pv_sme     O = P v                                       (sme_matmul)
       update, update_sum                                       (common.update_output)
     out        acc / l (0 for rows that see no key)
@@ -31,11 +31,10 @@ import dataclasses
 import tvm
 from tvm.script import tirx as T
 
-from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from . import sme_matmul
-from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, poisoned, row_output,
-                     run_time_sizes, transpose_k, update_output, widen)
+from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, row_output,
+                     run_time_sizes, softmax_weights_by_key, transpose_k, update_output, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,34 +75,6 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
 
     def last_row(rt):
         return T.min(rt * BQ + BQ, SQ) - 1
-
-    @T.macro
-    def softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, key0, row0, all_see):
-        """common.softmax_weights on the transposed scores s_t (key, row) into the transposed weights p_t: the
-        reductions over keys run down the columns, each row a vector lane."""
-        for jj, ri in T.grid(BK, BQ):
-            with T.sblock("tile_max"):
-                j, r = T.axis.remap("RS", [jj, ri])
-                with T.init():
-                    t_max[r] = NEG
-                t_max[r] = T.max(t_max[r], T.if_then_else(
-                    all_see, poisoned(s_t[j, r]), T.Select(row_sees(row0, r, key0 + j), poisoned(s_t[j, r]), NEG)))
-        for ri in range(BQ):
-            with T.sblock("rescale"):
-                r = T.axis.spatial(BQ, ri)
-                alpha[r] = T.Select(m[r] >= t_max[r], ONE, softmax_exp(m[r] - t_max[r]))
-                m[r] = T.max(m[r], t_max[r])
-        for jj, ri in T.grid(BK, BQ):
-            with T.sblock("p"):
-                j, r = T.axis.remap("SS", [jj, ri])
-                p_t[j, r] = T.if_then_else(all_see, softmax_exp(s_t[j, r] - m[r]),
-                                           T.Select(row_sees(row0, r, key0 + j), softmax_exp(s_t[j, r] - m[r]), ZERO))
-        for jj, ri in T.grid(BK, BQ):
-            with T.sblock("tile_sum"):
-                j, r = T.axis.remap("RS", [jj, ri])
-                with T.init():
-                    t_sum[r] = ZERO
-                t_sum[r] = t_sum[r] + p_t[j, r]
 
     @T.macro
     def pv_sme(p_t, values, ld, O, vb, vkh, vrt, vt):
@@ -159,8 +130,10 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
                                     T.min(BK, SKV - vt * BK), T.min(BQ, SQ - vrt * BQ), D,
                                     T.address_of(k_t[vb, vh // G, 0, vt * BK]), ceil_div(SKV, BK) * BK,
                                     T.address_of(q_t[0, 0]), BQ, T.address_of(s_t[0, 0]), BQ))
-                            softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, vt * BK, vrt * BQ,
-                                                   vis.all_see(vrt * BQ, last_row(vrt), vt * BK, vt * BK + BK))
+                            softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
+                                                   row_sees,
+                                                   vis.all_see(vrt * BQ, last_row(vrt), vt * BK, vt * BK + BK),
+                                                   NEG, ZERO, ONE)
                             if wide_v:
                                 pv_sme(p_t, v_f, D, O, vb, vh // G, vrt, vt)
                             else:
