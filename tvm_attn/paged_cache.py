@@ -289,17 +289,20 @@ class PagedKVCache:
         if len(shared) > len(self._free):
             raise ValueError(f"keeping the path of sequence {seq} writes {len(shared)} pages it shares with forks, "
                              f"which are copied first, and {len(self._free)} pages are free; nothing was changed")
-        sources = [start + node for node in path]
-        k = self._k[:, [pages[p // size] for p in sources], [p % size for p in sources]]  # copies
-        v = self._v[:, [pages[p // size] for p in sources], [p % size for p in sources]]
+        def slots(positions):
+            """(pages, slots) of ``positions``, as numpy's advanced index of a page buffer's axes 1 and 2."""
+            return [pages[p // size] for p in positions], [p % size for p in positions]
+
+        sources = slots([start + node for node in path])
+        k, v = self._k[:, sources[0], sources[1]], self._v[:, sources[0], sources[1]]  # copies
         for n in shared:
             page = self._take()
             self._k[:, page], self._v[:, page] = self._k[:, pages[n]], self._v[:, pages[n]]
             self._release(pages[n])
             pages[n] = page
-        targets = range(start, end)
-        self._k[:, [pages[p // size] for p in targets], [p % size for p in targets]] = k
-        self._v[:, [pages[p // size] for p in targets], [p % size for p in targets]] = v
+        targets = slots(range(start, end))  # (after the copies: the sequence's own pages)
+        self._k[:, targets[0], targets[1]] = k
+        self._v[:, targets[0], targets[1]] = v
         for page in pages[kept_pages:]:
             self._release(page)
         del pages[kept_pages:]
