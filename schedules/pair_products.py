@@ -1,8 +1,9 @@
 """Tensor intrinsics for bfloat16 pair products accumulating in float32: float32 lanes, each adding
 a[2i] b[2i] + a[2i+1] b[2i+1] (AVX512-BF16 ``vdpbf16ps``: 16 lanes; NEON ``bfdot``: 4). The computes that use them
 (``pairs=True``) store each operand that lies along the lanes with the pair of its reduction index adjacent:
-(reduction / 2, lanes, 2), as bfloat16 bits (element_types.BF16_BITS). The accumulators are the "local" cache
-of a register-blocked micro-kernel (schedules/common.py).
+(reduction / 2, lanes, 2), as bfloat16 bits (element_types.BF16_BITS), or as (reduction / 2, lanes) words of
+a pair each (element_types.BF16_PAIR: packed in registers and stored whole, where BF16_BITS pairs would be stored
+lane by lane). The accumulators are the "local" cache of a register-blocked micro-kernel (schedules/common.py).
 
 TVM has no LLVM ``bfloat`` type (its bfloat16 is i16 storage), and LLVM's intrinsics take ``<N x bfloat>``: a small
 LLVM IR function, imported into the kernel's module and inlined, bitcasts i16 lanes to bfloat and calls it.
@@ -19,7 +20,7 @@ import functools
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from tvm_attn.element_types import BF16_BITS
+from tvm_attn.element_types import BF16_BITS, BF16_PAIR, pair_half
 from tvm_attn.element_types import widen as _widen
 from tvm_attn.targets import CpuCapabilities
 
@@ -124,7 +125,48 @@ def _lanewise_pair(dot: PairDot):
     return desc, impl
 
 
-KINDS = {"broadcast": _broadcast_pair, "lanewise": _lanewise_pair}
+def _pair_words(dot: PairDot, a_dtype: str):
+    """(desc, impl) of C[i] += sum_t A_t B_t[i] with B ``lanes`` BF16_PAIR words and A one pair broadcast to every
+    lane: a BF16_PAIR word (a_dtype BF16_PAIR), or two adjacent elements of a bfloat16 argument ("bfloat16")."""
+    n = dot.lanes
+    a_shape, a_align = ((1,), 4) if a_dtype == BF16_PAIR else ((2,), 2)
+
+    def a_value(A, t):
+        return pair_half(A[0], t) if a_dtype == BF16_PAIR else _widen(A[t])
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer(a_shape, a_dtype, offset_factor=1, align=a_align),
+             B: T.Buffer((n,), BF16_PAIR, offset_factor=1),
+             C: T.Buffer((n,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:a_shape[0]], B[0:n])
+            T.writes(C[0:n])
+            for i, t in T.grid(n, 2):
+                with T.sblock("update"):
+                    vi, vt = T.axis.remap("SR", [i, t])
+                    C[vi] = C[vi] + a_value(A, vt) * pair_half(B[vi], vt)
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer(a_shape, a_dtype, offset_factor=1, align=a_align),
+             B: T.Buffer((n,), BF16_PAIR, offset_factor=1),
+             C: T.Buffer((n,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:n], A[0:a_shape[0]], B[0:n])
+            T.writes(C[0:n])
+            with T.attr(0, "pragma_import_llvm", dot.ir):
+                word = A[0] if a_dtype == BF16_PAIR else T.reinterpret(A.vload([0], f"{a_dtype}x2"), dtype=BF16_PAIR)
+                C[T.ramp(0, 1, n)] = T.call_pure_extern(
+                    f"float32x{n}", dot.helper, C.vload([0], f"float32x{n}"),
+                    T.reinterpret(T.broadcast(word, n), dtype=dot.pairs_type),
+                    T.reinterpret(B.vload([0], f"{BF16_PAIR}x{n}"), dtype=dot.pairs_type))
+
+    return desc, impl
+
+
+KINDS = {"broadcast": _broadcast_pair, "lanewise": _lanewise_pair,
+         # B in BF16_PAIR words, A a word (P against V's pairs) or a pair of a bfloat16 argument read in place (K
+         # against q's pairs)
+         "word": lambda dot: _pair_words(dot, BF16_PAIR), "bfloat16_word": lambda dot: _pair_words(dot, "bfloat16")}
 
 
 def _intrin_name(kind: str, dot: PairDot) -> str:
@@ -164,12 +206,13 @@ def pair_dot(caps: CpuCapabilities) -> PairDot:
 
 
 def in_pair_products(sch, name: str) -> bool:
-    """Whether block ``name`` of a scheduled compute is written for pair products (it reads BF16_BITS)."""
-    return any(str(region.source.dtype) == BF16_BITS for region in sch.get(sch.get_sblock(name)).reads)
+    """Whether block ``name`` of a scheduled compute is written for pair products (it reads BF16_BITS or
+    BF16_PAIR)."""
+    return any(str(region.source.dtype) in (BF16_BITS, BF16_PAIR) for region in sch.get(sch.get_sblock(name)).reads)
 
 
 def pair_product_intrin(caps: CpuCapabilities, kind: str) -> str:
-    """The tensor intrinsic of ``kind`` ("broadcast" or "lanewise") for the target; ValueError when it has none."""
+    """The tensor intrinsic of ``kind`` (one of KINDS) for the target; ValueError when it has none."""
     if kind not in KINDS:
         raise ValueError(f"unknown pair product kind {kind!r}: use one of {', '.join(KINDS)}")
     return _registered(kind, pair_dot(caps))

@@ -10,7 +10,6 @@ import pytest
 import tvm_attn
 from tvm_attn import references
 from tvm_attn.runtime import numpy_dtype
-from tvm_attn.variants import path_for
 
 EPS32 = float(np.finfo(np.float32).eps)
 # Unit roundoff (half an ulp, relative) of rounding a result to the output dtype.
@@ -73,12 +72,14 @@ def rounded_weights_error(variant: str | None, spec: tvm_attn.AttentionSpec, v, 
 
 def pair_products_here(variant: str, spec: tvm_attn.AttentionSpec, target="host") -> bool:
     """Whether the kernel serving ``spec`` computes in bfloat16 pair products on ``target`` (this host)."""
-    return tvm_attn.get_variant(variant).computes_in_pairs(path_for(spec.seq_q), spec.kernel, target)
+    v = tvm_attn.get_variant(variant)
+    return v.computes_in_pairs(v.path_of(spec), spec.kernel, target)
 
 
 def float16_products_here(variant: str, spec: tvm_attn.AttentionSpec, target="host") -> bool:
     """Whether the kernel serving ``spec`` computes float16 products unwidened (fmlal) on ``target``."""
-    return tvm_attn.get_variant(variant).computes_in_float16_products(path_for(spec.seq_q), spec.kernel, target)
+    v = tvm_attn.get_variant(variant)
+    return v.computes_in_float16_products(v.path_of(spec), spec.kernel, target)
 
 
 def make_inputs(spec: tvm_attn.AttentionSpec, seed: int = 0, q_scale: float = 1.0):

@@ -130,6 +130,13 @@ def _cache_for(variant: str, dtype: str):
     return cache, q, spec
 
 
+def _tree_call(dtype: str):
+    """(spec, q, k, v) of a 16-node draft tree over 140 cached keys: the tree kernel's."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=6, kv_heads=2, seq_q=16, seq_kv=156, head_dim=64, causal=True,
+                                  dtype=dtype, tree_parents=(-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14))
+    return (spec, *make_inputs(spec, seed=5, q_scale=2.0))
+
+
 def break_tail_predicate(mod: tvm.IRModule) -> tvm.IRModule:
     """The kernel with an off-by-one tail: every `... < seq_kv` of its TVMScript becomes `... <= seq_kv`, so the key
     past the end (read clamped to the last one) is counted."""
@@ -190,6 +197,13 @@ def emulated(emulator_ready, tmp_path_factory):
         emulator.call(f"quantize-{dtype}", shadow.build_update(2, 64, dtype, TARGET), (keys, codes, lo, step),
                       outputs=[1, 2, 3])
         given[f"quantize-{dtype}"] = keys
+    for dtype in ("float32", "bfloat16"):  # the tree kernel (bfloat16: in bfdot pair products)
+        spec, q, k, v = _tree_call(dtype)
+        kernel = tvm_attn.build("flash", spec, target=TARGET)
+        emulator.call(f"tree-{dtype}", kernel.executable,
+                      kernel.arguments(q, k, v, np.zeros(spec.q_shape, numpy_dtype(dtype)), tree=spec.tree_mask),
+                      outputs=[-1])
+        given[f"tree-{dtype}"] = (spec, q, k, v)
     spec = BROKEN.spec(*BROKEN.lengths[0])
     broken = scheduled_module(tvm_attn.get_variant("flash"), spec, tvm_attn.resolve_target(TARGET), "hand")
     executable = tvm.compile(break_tail_predicate(broken.mod), target=tvm_attn.resolve_target(TARGET))
@@ -205,6 +219,14 @@ def test_every_variant_matches_reference_under_emulation(emulated, case, n):
     results, given = emulated
     spec, q, k, v = given[_call_name(case, n)]
     assert_matches_reference(case.variant, spec, results[_call_name(case, n)][0], q, k, v, TARGET)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_tree_kernel_matches_reference_under_emulation(emulated, dtype):
+    results, given = emulated
+    spec, q, k, v = given[f"tree-{dtype}"]
+    assert tvm_attn.build("flash", spec, target=TARGET).path == "tree"
+    assert_matches_reference("flash", spec, results[f"tree-{dtype}"][0], q, k, v, TARGET)
 
 
 @pytest.mark.parametrize("variant,dtype", CACHE_CASES, ids=[f"{v}-{d}" for v, d in CACHE_CASES])

@@ -29,8 +29,10 @@ WITHOUT = {  # targets whose bfloat16 kernels widen to float32
 PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True,
                                  dtype="bfloat16")
 DECODE = dataclasses.replace(PREFILL, seq_q=1, head_dim=128, causal=False)
+TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # tests/test_tree.py's
+TREE = dataclasses.replace(DECODE, seq_q=16, causal=True, tree_parents=TREE_16)  # the tree kernel
 KERNELS = {"flash prefill": ("flash", PREFILL), "mqa prefill": ("mqa", PREFILL), "decode": ("flash", DECODE),
-           "standard decode": ("standard", DECODE)}
+           "standard decode": ("standard", DECODE), "tree": ("flash", TREE)}
 HOST_HAS_THEM = has_pair_products(capabilities("host"))
 
 
@@ -38,8 +40,11 @@ def _asm(variant, spec, target):
     return tvm_attn.build(variant, spec, target=target, schedule="hand").executable.mod.inspect_source("asm")
 
 
-@pytest.mark.parametrize("isa", WITH)
-@pytest.mark.parametrize("kernel", KERNELS)
+# The tree kernel's schedule is the same on every NEON target with BF16: compiled for one of them.
+PAIRS = [(isa, kernel) for kernel in KERNELS for isa in WITH if not (kernel == "tree" and isa == "apple-m4")]
+
+
+@pytest.mark.parametrize("isa,kernel", PAIRS)
 def test_bfloat16_kernels_use_pair_products_where_the_target_has_them(isa, kernel):
     variant, spec = KERNELS[kernel]
     target, instruction = WITH[isa]
@@ -94,6 +99,37 @@ def test_pair_products_match_the_reference(shape):
     naive = _rounded_weights_attention(spec, q, k, v).astype(ml_dtypes.bfloat16).astype(np.float64)
     error, naive_error = np.abs(out.astype(np.float64) - ref).max(), np.abs(naive - ref).max()
     assert error <= 2 * naive_error + tolerance(spec), (error, naive_error)
+
+
+# (heads, kv_heads, nodes, cached keys, head_dim, scale, features): groups of 5 and 7 heads pad their row tiles to
+# whole vectors of rows; 1500 and 2100 cached keys span two and three chunks of keys, merged by their scaled maxes.
+TREE_SHAPES = [
+    (10, 2, 16, 1500, 64, None, dict(sinks=True)),
+    (7, 1, 16, 300, 128, -0.2, dict(softcap=20.0, sinks=True, alibi_slopes=tuple(0.3 / (h + 1) for h in range(7)))),
+    (4, 4, 12, 2100, 32, None, dict(window=40)),
+]
+
+
+@pytest.mark.skipif(not HOST_HAS_THEM, reason="this host has no AVX512-BF16")
+@pytest.mark.parametrize("shape", TREE_SHAPES, ids=str)
+def test_the_tree_kernel_in_pair_products_matches_the_reference(shape):
+    heads, kv_heads, nodes, cached, head_dim, scale, features = shape
+    parents = TREE_16[:nodes]
+    spec = tvm_attn.AttentionSpec(batch=2, heads=heads, kv_heads=kv_heads, seq_q=nodes, seq_kv=cached + nodes,
+                                  head_dim=head_dim, causal=True, scale=scale, dtype="bfloat16",
+                                  tree_parents=parents, **features)
+    kernel = tvm_attn.build("flash", spec)
+    assert kernel.path == "tree" and pair_products_here("flash", spec)
+    q, k, v = make_inputs(spec, seed=cached)
+    sinks = np.linspace(-2.0, 3.0, heads).astype(np.float32) if spec.sinks else None
+    out = np.asarray(kernel(q, k, v, sinks=sinks, tree_parents=parents))
+    assert_matches_reference("flash", spec, out, q, k, v, sinks=sinks)
+    if sinks is None:  # as test_pair_products_match_the_reference: within twice a naive bfloat16 one's error
+        q, k, v = (x.astype(np.float64) for x in (q, k, v))
+        ref = references.dense(spec, q, k, v)
+        naive = _rounded_weights_attention(spec, q, k, v).astype(ml_dtypes.bfloat16).astype(np.float64)
+        error, naive_error = np.abs(out.astype(np.float64) - ref).max(), np.abs(naive - ref).max()
+        assert error <= 2 * naive_error + tolerance(spec), (error, naive_error)
 
 
 def _rounded_weights_attention(spec, q, k, v) -> np.ndarray:

@@ -297,12 +297,11 @@ def test_bad_tree_paths_leave_the_cache_unchanged():
 
 def test_the_tree_kernel_on_other_isa_classes():
     """The tree kernel's schedule asks the target for its vectors and registers: AVX2 code (run here) matches the
-    reference; NEON code (apple-m3) compiles."""
+    reference (NEON code runs under emulation in tests/test_arm64.py)."""
     spec, q, k, v = tree_inputs((6, 2, 70, 48, "float32"), TREE_16, seed=9, batch=1)
     avx2 = tvm_attn.build("flash", spec, target={"kind": "llvm", "mcpu": "x86-64-v3", "mtriple": "x86_64-linux-gnu"})
     assert avx2.path == "tree"
     assert_matches_reference("flash", spec, avx2(q, k, v, tree_parents=TREE_16), q, k, v)
-    assert tvm_attn.build("flash", spec, target="apple-m3").path == "tree"
 
 
 def test_torch_op_and_export_take_trees(tmp_path):

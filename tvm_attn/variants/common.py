@@ -11,7 +11,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 
-from ..element_types import ACC, BF16_BITS, bits_of, narrow, widen  # noqa: F401 (the computes import them from here)
+# The computes import the element types from here.
+from ..element_types import ACC, BF16_BITS, BF16_PAIR, bits_of, narrow, pair_half, pair_of, widen  # noqa: F401
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 
@@ -358,9 +359,10 @@ def softmax_weights(S, P, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, se
 
 @T.macro
 def softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, key0, rows, block_kv, row0, sees, all_see, neg, zero,
-                           one):
+                           one, exp, paired):
     """``softmax_weights`` on transposed scores s_t (key, row) into transposed weights p_t: the reductions over keys
-    run down the columns, each row a vector lane."""
+    run down the columns, each row a vector lane. ``paired``: p_t holds (key / 2, row) BF16_PAIR words of the
+    weights of keys 2i and 2i + 1 rounded to bfloat16, and the sum adds the rounded weights."""
     for jj, ri in T.grid(block_kv, rows):
         with T.sblock("tile_max"):
             j, r = T.axis.remap("RS", [jj, ri])
@@ -371,19 +373,34 @@ def softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, key0, rows, block_k
     for ri in range(rows):
         with T.sblock("rescale"):
             r = T.axis.spatial(rows, ri)
-            alpha[r] = T.Select(m[r] >= t_max[r], one, softmax_exp(m[r] - t_max[r]))
+            alpha[r] = T.Select(m[r] >= t_max[r], one, exp(m[r] - t_max[r]))
             m[r] = T.max(m[r], t_max[r])
-    for jj, ri in T.grid(block_kv, rows):
-        with T.sblock("p"):
-            j, r = T.axis.remap("SS", [jj, ri])
-            p_t[j, r] = T.if_then_else(all_see, softmax_exp(s_t[j, r] - m[r]),
-                                       T.Select(sees(row0, r, key0 + j), softmax_exp(s_t[j, r] - m[r]), zero))
-    for jj, ri in T.grid(block_kv, rows):
-        with T.sblock("tile_sum"):
-            j, r = T.axis.remap("RS", [jj, ri])
-            with T.init():
-                t_sum[r] = zero
-            t_sum[r] = t_sum[r] + p_t[j, r]
+    if paired:
+        for ii, ri in T.grid(block_kv // 2, rows):
+            with T.sblock("p"):
+                i, r = T.axis.remap("SS", [ii, ri])
+                p_t[i, r] = T.if_then_else(
+                    all_see, pair_of(exp(s_t[2 * i, r] - m[r]), exp(s_t[2 * i + 1, r] - m[r])),
+                    pair_of(T.Select(sees(row0, r, key0 + 2 * i), exp(s_t[2 * i, r] - m[r]), zero),
+                            T.Select(sees(row0, r, key0 + 2 * i + 1), exp(s_t[2 * i + 1, r] - m[r]), zero)))
+        for ii, t, ri in T.grid(block_kv // 2, 2, rows):
+            with T.sblock("tile_sum"):
+                i, vt, r = T.axis.remap("RRS", [ii, t, ri])
+                with T.init():
+                    t_sum[r] = zero
+                t_sum[r] = t_sum[r] + pair_half(p_t[i, r], vt)
+    else:
+        for jj, ri in T.grid(block_kv, rows):
+            with T.sblock("p"):
+                j, r = T.axis.remap("SS", [jj, ri])
+                p_t[j, r] = T.if_then_else(all_see, exp(s_t[j, r] - m[r]),
+                                           T.Select(sees(row0, r, key0 + j), exp(s_t[j, r] - m[r]), zero))
+        for jj, ri in T.grid(block_kv, rows):
+            with T.sblock("tile_sum"):
+                j, r = T.axis.remap("RS", [jj, ri])
+                with T.init():
+                    t_sum[r] = zero
+                t_sum[r] = t_sum[r] + p_t[j, r]
 
 
 @T.macro

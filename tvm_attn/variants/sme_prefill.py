@@ -31,6 +31,7 @@ import dataclasses
 import tvm
 from tvm.script import tirx as T
 
+from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from . import sme_matmul
 from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, row_output,
@@ -133,7 +134,7 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
                             softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
                                                    row_sees,
                                                    vis.all_see(vrt * BQ, last_row(vrt), vt * BK, vt * BK + BK),
-                                                   NEG, ZERO, ONE)
+                                                   NEG, ZERO, ONE, softmax_exp, False)
                             if wide_v:
                                 pv_sme(p_t, v_f, D, O, vb, vh // G, vrt, vt)
                             else:
