@@ -57,4 +57,3 @@ def pair_of(even, odd):
 def pair_half(word, t):
     """Element ``t`` (0: even, 1: odd) of a BF16_PAIR as float32."""
     return T.reinterpret((word >> T.Cast(BF16_PAIR, 16 * t)) << T.uint32(16), dtype=ACC)
-
