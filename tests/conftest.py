@@ -11,6 +11,10 @@ import tvm_attn
 from tvm_attn import references
 from tvm_attn.runtime import numpy_dtype
 
+# A draft tree of 16 nodes branching at several depths (depth 7), as speculative decoding verifies: the tree kernel's
+# (12-16 nodes).
+TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)
+
 EPS32 = float(np.finfo(np.float32).eps)
 # Unit roundoff (half an ulp, relative) of rounding a result to the output dtype.
 UNIT_ROUNDOFF = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}

@@ -18,8 +18,8 @@ import tvm
 import tvm_attn
 from arm64_emulation import (TARGET, Emulator, environment, instruction_count, python, run_python,
                              simd_fp_mix)
-from conftest import (assert_matches_reference, float16_products_here, knobs_for, make_inputs, output_tolerance,
-                      pair_products_here)
+from conftest import (TREE_16, assert_matches_reference, float16_products_here, knobs_for, make_inputs,
+                      output_tolerance, pair_products_here)
 from tvm_attn import certificate, export, runtime, shadow
 from tvm_attn.kernel import build_shadow, scheduled_module
 from tvm_attn.runtime import numpy_dtype
@@ -133,7 +133,7 @@ def _cache_for(variant: str, dtype: str):
 def _tree_call(dtype: str):
     """(spec, q, k, v) of a 16-node draft tree over 140 cached keys: the tree kernel's."""
     spec = tvm_attn.AttentionSpec(batch=1, heads=6, kv_heads=2, seq_q=16, seq_kv=156, head_dim=64, causal=True,
-                                  dtype=dtype, tree_parents=(-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14))
+                                  dtype=dtype, tree_parents=TREE_16)
     return (spec, *make_inputs(spec, seed=5, q_scale=2.0))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tvm_attn
-from conftest import assert_matches_reference
+from conftest import TREE_16, assert_matches_reference
 from tvm_attn.runtime import numpy_dtype
 
 
@@ -145,7 +145,6 @@ def test_alibi():
     check(cache, out, q, seqs, counts, softcap=3.0, alibi_slopes=slopes)
 
 
-TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # test_tree.py's: 16 nodes, depth 7
 FOREST_5 = (-1, -1, 0, 1, 1)
 
 

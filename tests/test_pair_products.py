@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tvm_attn
-from conftest import assert_matches_reference, make_inputs, pair_products_here, tolerance
+from conftest import TREE_16, assert_matches_reference, make_inputs, pair_products_here, tolerance
 from tvm_attn import references
 from tvm_attn.bench.asm_loops import micro_kernel_loops
 from tvm_attn.schedules.pair_products import has_pair_products
@@ -29,7 +29,6 @@ WITHOUT = {  # targets whose bfloat16 kernels widen to float32
 PREFILL = tvm_attn.AttentionSpec(batch=1, heads=8, kv_heads=2, seq_q=64, seq_kv=64, head_dim=64, causal=True,
                                  dtype="bfloat16")
 DECODE = dataclasses.replace(PREFILL, seq_q=1, head_dim=128, causal=False)
-TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)  # tests/test_tree.py's
 TREE = dataclasses.replace(DECODE, seq_q=16, causal=True, tree_parents=TREE_16)  # the tree kernel
 KERNELS = {"flash prefill": ("flash", PREFILL), "mqa prefill": ("mqa", PREFILL), "decode": ("flash", DECODE),
            "standard decode": ("standard", DECODE), "tree": ("flash", TREE)}
@@ -93,12 +92,7 @@ def test_pair_products_match_the_reference(shape):
     out = np.asarray(tvm_attn.build(variant, spec)(q.astype(ml_dtypes.bfloat16), k.astype(ml_dtypes.bfloat16),
                                                    v.astype(ml_dtypes.bfloat16)))
     assert_matches_reference(variant, spec, out, q, k, v)
-    # FlashAttention's test: no worse than twice what a naive implementation of the same precision (weights
-    # rounded to bfloat16 against the row max, output rounded to bfloat16) misses the float64 reference by.
-    ref = references.dense(spec, q, k, v)
-    naive = _rounded_weights_attention(spec, q, k, v).astype(ml_dtypes.bfloat16).astype(np.float64)
-    error, naive_error = np.abs(out.astype(np.float64) - ref).max(), np.abs(naive - ref).max()
-    assert error <= 2 * naive_error + tolerance(spec), (error, naive_error)
+    _assert_within_twice_the_naive_error(spec, out, q, k, v)
 
 
 # (heads, kv_heads, nodes, cached keys, head_dim, scale, features): groups of 5 and 7 heads pad their row tiles to
@@ -124,12 +118,17 @@ def test_the_tree_kernel_in_pair_products_matches_the_reference(shape):
     sinks = np.linspace(-2.0, 3.0, heads).astype(np.float32) if spec.sinks else None
     out = np.asarray(kernel(q, k, v, sinks=sinks, tree_parents=parents))
     assert_matches_reference("flash", spec, out, q, k, v, sinks=sinks)
-    if sinks is None:  # as test_pair_products_match_the_reference: within twice a naive bfloat16 one's error
-        q, k, v = (x.astype(np.float64) for x in (q, k, v))
-        ref = references.dense(spec, q, k, v)
-        naive = _rounded_weights_attention(spec, q, k, v).astype(ml_dtypes.bfloat16).astype(np.float64)
-        error, naive_error = np.abs(out.astype(np.float64) - ref).max(), np.abs(naive - ref).max()
-        assert error <= 2 * naive_error + tolerance(spec), (error, naive_error)
+    if sinks is None:  # (the naive implementation has no sinks)
+        _assert_within_twice_the_naive_error(spec, out, *(x.astype(np.float64) for x in (q, k, v)))
+
+
+def _assert_within_twice_the_naive_error(spec, out, q, k, v) -> None:
+    """FlashAttention's test: ``out`` misses the float64 reference by no more than twice what a naive implementation
+    of the same precision (weights rounded to bfloat16 against the row max, output rounded to bfloat16) does."""
+    ref = references.dense(spec, q, k, v)
+    naive = _rounded_weights_attention(spec, q, k, v).astype(ml_dtypes.bfloat16).astype(np.float64)
+    error, naive_error = np.abs(out.astype(np.float64) - ref).max(), np.abs(naive - ref).max()
+    assert error <= 2 * naive_error + tolerance(spec), (error, naive_error)
 
 
 def _rounded_weights_attention(spec, q, k, v) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tvm_attn
-from conftest import assert_matches_reference, knobs_for, make_inputs, output_tolerance
+from conftest import TREE_16, assert_matches_reference, knobs_for, make_inputs, output_tolerance
 from tvm_attn import export, runtime
 from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS, TREE_KERNEL_MIN_ROWS
 
@@ -21,7 +21,6 @@ from tvm_attn.variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS, TREE_KERNEL
 # TREE_KERNEL_MIN_ROWS..TREE_DECODE_MAX_ROWS nodes, the split-KV decode kernel smaller ones); 40 nodes, a binary heap
 # with a second root (the prefill kernels); 5 nodes
 # with two roots (a forest: two first-token candidates); 8 nodes.
-TREE_16 = (-1, 0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 7, 9, 9, 10, 14)
 TREE_40 = (-1,) + tuple((i - 1) // 2 for i in range(1, 39)) + (-1,)
 FOREST_5 = (-1, -1, 0, 1, 1)
 TREE_8 = (-1, 0, 1, 0, 3, 2, 4, 4)
