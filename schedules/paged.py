@@ -22,6 +22,11 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
         vectorized_row_reduction(sch, name, lanes)
     for name in ("qk_half8", "qk_half4", "qk_half2", "q_rows", "p", "init_acc", "save_acc"):
         vectorize_last(sch, name, lanes)
+    schedule_merge(sch, lanes)
+
+
+def schedule_merge(sch: s_tir.Schedule, lanes: int) -> None:
+    """The paged kernels' merge (variants/paged.PagedLayout.kernel): (row, head) in parallel, head_dim vectorized."""
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("merge"))))
     for name in ("merge_acc", "out"):
         vectorize_last(sch, name, lanes)

@@ -170,6 +170,34 @@ def test_draft_trees_in_a_ragged_batch(dtype, features):
     assert moved[16] == 0 and moved[22:].max() == 0  # the others' rows are the same kernel's causal ones
 
 
+@pytest.mark.parametrize("dtype,page_size,heads,kv_heads,head_dim,features", [
+    ("float32", 8, 16, 2, 32, dict(window=40, softcap=5.0, alibi=True, sinks=True)),  # two row tiles of 8 nodes
+    ("float32", 32, 3, 1, 20, {}),  # pages of two 16-key tiles; head_dim not a whole vector
+    ("float16", 5, 4, 4, 32, dict(sinks=True)),  # a tile's keys on 4 pages of 5 (of 16 slots: 20-key tiles)
+])
+def test_trees_of_12_to_16_nodes_take_row_tiles(dtype, page_size, heads, kv_heads, head_dim, features):
+    """Draft trees of 12 and 16 nodes take the paged tree kernel (their nodes' rows in row tiles read each key
+    once), over several chunks, beside a 5-node forest and a decode row (the paged kernel's, in a second call): each
+    sequence's rows against the float64 reference of its own tree."""
+    rng = np.random.default_rng(29)
+    config = tvm_attn.DecodeConfig(block_kv=16 if page_size != 5 else 20, chunk_keys=page_size * 8 if page_size == 5
+                                   else 32, max_splits=5)
+    cache = tvm_attn.PagedKVCache(num_pages=80, page_size=page_size, kv_heads=kv_heads, head_dim=head_dim,
+                                  dtype=dtype, config=config)
+    tree_12 = TREE_16[:12]
+    counts, trees = [16, 1, 12, 5], [TREE_16, None, tree_12, FOREST_5]
+    seqs = fill(cache, rng, [101, 10, 70, 33])
+    q = 2 * _rows(rng, sum(counts), heads, head_dim, dtype)
+    options = dict(window=features.get("window"), softcap=features.get("softcap"),
+                   alibi_slopes=2.0 ** (-8.0 * np.arange(1, heads + 1) / heads) if features.get("alibi") else None,
+                   sinks=rng.standard_normal(heads).astype(np.float32) if features.get("sinks") else None)
+    out = cache.attend(q, seqs, counts, tree_parents=trees, **options)
+    check(cache, out, q, seqs, counts, tree_parents=trees, **options)
+    assert [key[-1] for key in cache._kernels] == [False, True]  # the paged kernel, then the paged tree kernel
+    alone = cache.attend(q[:16], seqs[:1], [16], tree_parents=[TREE_16], **options)  # the tree kernel's call only
+    np.testing.assert_array_equal(alone, out[:16])
+
+
 def test_keep_tree_path_copies_pages_shared_with_forks():
     """The accepted path moves into pages a fork shares: they are copied first, and the fork keeps what it held;
     the sequence then holds what appending the path alone would have. With no page free for the copies, nothing

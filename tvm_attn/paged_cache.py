@@ -36,11 +36,12 @@ from .cache import accepted_path, cache_array
 from .kernel import as_kernel_argument, checked_out, compile_counted, host_array
 from .runtime import aligned_empty, dlpack_argument, numpy_dtype
 from .schedules import paged as paged_schedule
+from .schedules import paged_tree as paged_tree_schedule
 from .spec import DTYPE, DTYPES, INT32_MAX, AttentionSpec, KernelSpec, ancestor_mask, positive_int, sink_logits
 from .spec import alibi_slopes as alibi_slopes_of
 from .spec import tree_parents as tree_parents_of
 from .targets import resolve_target
-from .variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS, paged
+from .variants import DECODE_MAX_ROWS, TREE_DECODE_MAX_ROWS, TREE_KERNEL_MIN_ROWS, paged, paged_tree
 from .variants.decode import DecodeConfig
 
 ALIGNMENT = 64
@@ -252,10 +253,35 @@ class PagedKVCache:
         if sum(counts) != rows:
             raise ValueError(f"query_counts add up to {sum(counts)} rows, q has {rows}")
         slopes = None if alibi_slopes is None else alibi_slopes_of(host_array("alibi_slopes", alibi_slopes), heads)
-        tree = () if tree_parents is None else (tree_rows(tree_parents, seqs, counts, causal),)
-        function = self._kernel(heads, causal, scale, window, softcap, sinks is not None, slopes, bool(tree))
+        mask = None if tree_parents is None else tree_rows(tree_parents, seqs, counts, causal)
         logits = () if sinks is None else (sink_logits(host_array("sinks", sinks), heads),)
         out, result = checked_out(out, q.shape, self.dtype, like, inputs=dict(q=q, k=self._k, v=self._v))
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        # Draft trees of TREE_KERNEL_MIN_ROWS.. nodes take the paged tree kernel (their rows in row tiles), the other
+        # sequences the paged kernel (row by row): one call each, over the batch's rows of its sequences.
+        tiled = np.array([tree_parents is not None and tree_parents[n] is not None
+                          and TREE_KERNEL_MIN_ROWS <= counts[n] <= TREE_DECODE_MAX_ROWS for n in range(len(seqs))])
+        for tree_tiles in (False, True):
+            members = np.flatnonzero(tiled == tree_tiles)
+            if not len(members):
+                continue
+            kernel = self._kernel(heads, causal, scale, window, softcap, sinks is not None, slopes, mask is not None,
+                                  tree_tiles)
+            if len(members) == len(seqs):
+                self._attend_rows(kernel, q, [seqs[n] for n in members], [counts[n] for n in members], logits, mask,
+                                  out, tree_tiles, trees=tree_parents)
+                continue
+            rows = np.concatenate([np.arange(starts[n], starts[n + 1]) for n in members])
+            part = np.empty((len(rows), heads, d), out.dtype)
+            self._attend_rows(kernel, q[rows], [seqs[n] for n in members], [counts[n] for n in members], logits,
+                              None if mask is None else mask[rows], part, tree_tiles,
+                              trees=None if tree_parents is None else [tree_parents[n] for n in members])
+            out[rows] = part
+        return result
+
+    def _attend_rows(self, kernel, q, seqs, counts, logits, mask, out, tree_tiles: bool, trees=None) -> None:
+        """One paged kernel call: q's rows are counts[0] rows of seqs[0], then counts[1] of seqs[1], ...; ``mask``
+        their tree mask (the tree kernels'), ``trees`` the sequences' tree_parents entries (None: no trees)."""
         max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
         table = np.full((len(seqs), max_pages), self.num_pages, np.int32)  # past a sequence's pages: zeros
         for n, seq in enumerate(seqs):
@@ -264,12 +290,12 @@ class PagedKVCache:
         counts = np.array(counts, np.int32)
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         row_seq = np.repeat(np.arange(len(seqs), dtype=np.int32), counts)
-        trees = None if tree_parents is None else np.array([parents is not None for parents in tree_parents])
-        chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys, trees)
-        o_part, m_part, l_part = self._partials(heads, int(chunks[-1, 3] + counts[chunks[-1, 0]]))
-        function(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
-                                        chunks, seq_chunks, o_part, m_part, l_part, *logits, *tree, out)))
-        return result
+        walks = None if trees is None or tree_tiles else np.array([parents is not None for parents in trees])
+        chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys, walks, tree_tiles)
+        o_part, m_part, l_part = self._partials(q.shape[1], int(chunks[-1, 3] + counts[chunks[-1, 0]]))
+        kernel(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
+                                      chunks, seq_chunks, o_part, m_part, l_part, *logits,
+                                      *(() if mask is None else (mask,)), out)))
 
     def keep_tree_path(self, seq: int, tree_parents, path) -> None:
         """After verifying a draft tree of sequence ``seq`` (``attend`` with its tree_parents over the tree's nodes,
@@ -320,14 +346,15 @@ class PagedKVCache:
             self._scratch[heads] = (o, m, l)
         return o[:rows], m[:rows], l[:rows]
 
-    def _kernel(self, heads, causal, scale, window, softcap, sinks, alibi_slopes, tree):
-        key = (heads, causal, scale, window, softcap, sinks, alibi_slopes, tree)
+    def _kernel(self, heads, causal, scale, window, softcap, sinks, alibi_slopes, tree, tree_tiles):
+        key = (heads, causal, scale, window, softcap, sinks, alibi_slopes, tree, tree_tiles)
         if key not in self._kernels:
             spec = AttentionSpec(batch=1, heads=heads, kv_heads=self.kv_heads, seq_q=1, seq_kv=1,
                                  head_dim=self.head_dim, causal=causal, window=window, scale=scale, dtype=self.dtype,
                                  softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
                                  tree_parents=(-1,) if tree else None)
-            self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config)["main"]
+            self._kernels[key] = build_paged(spec.kernel, self.page_size, self.config,
+                                             tree_tiles=tree_tiles)["main"]
         return self._kernels[key]
 
 
@@ -361,15 +388,16 @@ def tree_rows(tree_parents, seqs, counts, causal: bool) -> np.ndarray:
 
 
 def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig, tile_keys: int,
-                trees: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """How the paged kernel splits a batch's keys, in tiles of ``tile_keys``: (chunks, seq_chunks) as it takes
+                trees: np.ndarray | None = None, tree_tiles: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """How the paged kernels split a batch's keys, in tiles of ``tile_keys``: (chunks, seq_chunks) as they take
     them. A sequence of at most DECODE_MAX_ROWS query rows (TREE_DECODE_MAX_ROWS where ``trees``, a bool per
-    sequence, says its rows are a draft tree's) is cut into chunks of whole tiles, chunk_keys worth or more (at most
-    max_splits chunks); one with more rows stays whole (its rows are the parallel work, and its partials would be
-    rows x chunks). Chunk c is (sequence, first tile, end tile, first partial row); the partial rows of a chunk are
-    its sequence's query rows, chunk after chunk."""
+    sequence, says its rows are a draft tree's, and for the paged tree kernel's batch, ``tree_tiles``) is cut into
+    chunks of whole tiles, chunk_keys worth or more (at most max_splits chunks); one with more rows stays whole (its
+    rows are the parallel work, and its partials would be rows x chunks). Chunk c is (sequence, first tile, end
+    tile, first partial row); the partial rows of a chunk are its sequence's query rows, chunk after chunk."""
     tiles = -(-lengths // tile_keys)
-    split, chunk_tiles = DECODE_MAX_ROWS, max(1, config.chunk_keys // tile_keys)
+    split = TREE_DECODE_MAX_ROWS if tree_tiles else DECODE_MAX_ROWS
+    chunk_tiles = max(1, config.chunk_keys // tile_keys)
     if trees is not None:
         # A tree's rows walk each chunk once per node: half the keys keep its K and V in L2, as the decode
         # kernel's tree chunks (variants/decode.py default_config). Measured here (Zen 4), a 16-node tree over 8192
@@ -387,16 +415,21 @@ def plan_chunks(lengths: np.ndarray, counts: np.ndarray, config: DecodeConfig, t
 
 
 @functools.lru_cache(maxsize=64)
-def _build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig, target_json: str):
+def _build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig, target_json: str, tree_tiles: bool):
     target = resolve_target(target_json)
-    sch = s_tir.Schedule(tvm.IRModule({"main": paged.compute(kspec, page_size, config)}))
-    paged_schedule.schedule(sch, target)
+    compute, schedule = ((paged_tree.compute, paged_tree_schedule.schedule) if tree_tiles
+                         else (paged.compute, paged_schedule.schedule))
+    sch = s_tir.Schedule(tvm.IRModule({"main": compute(kspec, page_size, config)}))
+    schedule(sch, target)
     return compile_counted(sch.mod, target)
 
 
-def build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig(), target="host"):
-    """The compiled paged kernel (tvm_attn/variants/paged.py) for ``kspec`` over pages of ``page_size`` positions,
+def build_paged(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig(), target="host",
+                tree_tiles: bool = False):
+    """The compiled paged kernel (tvm_attn/variants/paged.py; ``tree_tiles``: the paged tree kernel,
+    variants/paged_tree.py, which takes the same arguments) for ``kspec`` over pages of ``page_size`` positions,
     keys in tiles of ``config.block_kv``: an executable whose "main" takes (q, k_pages, v_pages, page_table,
     seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part, out), with the (heads,) sinks
     (kspec.sinks) and the (rows, tree nodes) tree mask (kspec.tree; ``tree_rows``) before out. Cached."""
-    return _build_paged(kspec, positive_int("page_size", page_size), config, str(resolve_target(target)))
+    return _build_paged(kspec, positive_int("page_size", page_size), config, str(resolve_target(target)),
+                        bool(tree_tiles))

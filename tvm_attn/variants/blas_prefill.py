@@ -29,8 +29,8 @@ from tvm.script import tirx as T
 from ..blas import Blas
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, row_output,
-                     run_time_sizes, softmax_weights, update_output)
+from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, online_softmax_state,
+                     row_output, run_time_sizes, softmax_weights, update_output)
 
 CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
 
@@ -93,13 +93,7 @@ def compute(kspec: KernelSpec, blas: Blas, tiles: BlasTiles = BlasTiles()):
                     vb, vh, vrt = T.axis.remap("SSS", [b, h, rt])
                     S = T.sblock_alloc_buffer((BQ, BK), ACC)
                     P = T.sblock_alloc_buffer((BQ, BK), ACC)
-                    O = T.sblock_alloc_buffer((BQ, D), ACC)
-                    m = T.sblock_alloc_buffer((BQ,), ACC)
-                    t_max = T.sblock_alloc_buffer((BQ,), ACC)
-                    t_sum = T.sblock_alloc_buffer((BQ,), ACC)
-                    alpha = T.sblock_alloc_buffer((BQ,), ACC)
-                    l = T.sblock_alloc_buffer((BQ,), ACC)
-                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                    O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(BQ, D)
                     if blas.threads_local is not None:
                         with T.sblock("blas_threads"):
                             T.reads()

@@ -406,6 +406,13 @@ def softmax_weights_by_key(s_t, p_t, m, t_max, t_sum, alpha, key0, rows, block_k
                 t_sum[r] = t_sum[r] + p_t[j, r]
 
 
+def online_softmax_state(rows, head_dim: int):
+    """The online softmax's buffers, allocated in the enclosing block: (O: a tile's P V, m: the running max, t_max,
+    t_sum: the tile's max and sum, alpha: the rescale factor, l: the running sum, acc: the running output)."""
+    return (T.sblock_alloc_buffer((rows, head_dim), ACC), *(T.sblock_alloc_buffer((rows,), ACC) for _ in range(5)),
+            T.sblock_alloc_buffer((rows, head_dim), ACC))
+
+
 @T.macro
 def init_online_softmax(m, l, acc, rows, head_dim, neg, zero):
     """The online softmax's state before the first KV tile: running max m = neg, running sum l = 0, acc = 0."""

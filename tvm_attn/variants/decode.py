@@ -49,9 +49,9 @@ from ..fast_exp import softmax_exp
 from ..quantized_kv import KEY_BLOCK
 from ..spec import KernelSpec
 from .common import (ACC, BF16_BITS, INF, LANE_SUM_LANES, OptionalArguments, Visibility, adjusted, bhsd, bhsd_kernel,
-                     bits_of, ceil_div, fresh_block_names, init_online_softmax, merge_chunks, online_softmax_tile,
-                     poisoned, row_scales, run_time_sizes, softmax_weights, sum_lanes, update_output, value_weights,
-                     weighted_values, widen)
+                     bits_of, ceil_div, fresh_block_names, init_online_softmax, online_softmax_state, merge_chunks,
+                     online_softmax_tile, poisoned, row_scales, run_time_sizes, softmax_weights, sum_lanes,
+                     update_output, value_weights, weighted_values, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,13 +314,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig | None = None, pairs: bool =
                     half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
                 S = T.sblock_alloc_buffer((G, BK), ACC)
                 P = T.sblock_alloc_buffer((G, BK), ACC)
-                O = T.sblock_alloc_buffer((G, D), ACC)
-                m = T.sblock_alloc_buffer((G,), ACC)
-                t_max = T.sblock_alloc_buffer((G,), ACC)
-                t_sum = T.sblock_alloc_buffer((G,), ACC)
-                alpha = T.sblock_alloc_buffer((G,), ACC)
-                l = T.sblock_alloc_buffer((G,), ACC)
-                acc = T.sblock_alloc_buffer((G, D), ACC)
+                O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(G, D)
                 if quantized:  # (only then: a float kernel's workload, the key of its tuning records, is unchanged)
                     if byte_products:
                         q_peak = T.sblock_alloc_buffer((G,), ACC)  # max |q|, +Inf when q is not finite

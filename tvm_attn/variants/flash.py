@@ -35,9 +35,9 @@ from tvm.script import tirx as T
 from ..spec import KernelSpec
 from ..fast_exp import softmax_exp
 from .common import (ACC, BF16_BITS, Visibility, adjust_scores, adjusted, adjusts_scores, bhsd_kernel, bits_of,
-                     ceil_div, fresh_block_names, init_online_softmax, online_softmax_tile, pack_k_pairs, pack_v_pairs,
-                     pv_tile_pairs, qk_tile, qk_tile_pairs, row_output, run_time_sizes, sink_logit, softmax_weights,
-                     transpose_k, update_output, widen)
+                     ceil_div, fresh_block_names, init_online_softmax, online_softmax_state, online_softmax_tile,
+                     pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs, row_output, run_time_sizes,
+                     sink_logit, softmax_weights, transpose_k, update_output, widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -143,13 +143,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                 if ADJUST:
                     S_adjusted = T.sblock_alloc_buffer((BQ, BK), ACC)
                 P = T.sblock_alloc_buffer((BQ, BK), OPERAND)
-                O = T.sblock_alloc_buffer((BQ, D), ACC)
-                m = T.sblock_alloc_buffer((BQ,), ACC)
-                t_max = T.sblock_alloc_buffer((BQ,), ACC)
-                t_sum = T.sblock_alloc_buffer((BQ,), ACC)
-                alpha = T.sblock_alloc_buffer((BQ,), ACC)
-                l = T.sblock_alloc_buffer((BQ,), ACC)
-                acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(BQ, D)
                 for ri, d in T.grid(BQ, D):
                     with T.sblock("q_tile"):
                         r, dd = T.axis.remap("SS", [ri, d])

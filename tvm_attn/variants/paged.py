@@ -59,8 +59,8 @@ from tvm import tirx
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, ELEMENT_BYTES, LANE_SUM_LANES as LANES, OptionalArguments, Visibility, adjusted, ceil_div,
-                     fresh_block_names, init_online_softmax, row_output, sink_logit, softmax_weights, sum_lanes,
-                     update_output, widen)
+                     fresh_block_names, init_online_softmax, online_softmax_state, row_output, sink_logit,
+                     softmax_weights, sum_lanes, update_output, widen)
 from .decode import DecodeConfig
 
 
@@ -112,73 +112,175 @@ class PageTiling:
         return ceil_div(pages, self.pages) * self.pages
 
 
+class PagedLayout:
+    """What every paged kernel shares: its arguments and their run-time sizes (rows, sequences, pages, max_pages,
+    chunks, partial_rows, tree_nodes), how its KV tiles lie on pages (``tiling``), each sequence's mask, and the
+    second step merging each row's chunks (``kernel``)."""
+
+    def __init__(self, kspec: KernelSpec, page_size: int, config: DecodeConfig):
+        if kspec.knobs():
+            raise ValueError(f"the paged kernels compute dense attention; got the knob {kspec.knobs()}")
+        self.kspec, self.config = kspec, config
+        self.tiling = PageTiling(page_size, config.block_kv)
+        (self.rows, self.sequences, self.pages, self.max_pages, self.chunks, self.partial_rows,
+         self.tree_nodes) = (tirx.Var(name, "int32") for name in
+                             ("rows", "sequences", "pages", "max_pages", "chunks", "partial_rows", "tree_nodes"))
+        self.optional = OptionalArguments(kspec, (self.rows, self.tree_nodes))  # visibility binds the tree mask
+
+    def visibility(self, row_start, seq_lens, s) -> Visibility:
+        """The mask of sequence s: its rows are the last of its seq_lens[s] positions (a tree's nodes)."""
+        vis = Visibility(self.kspec, row_start[s + 1] - row_start[s], seq_lens[s])
+        if self.kspec.tree:
+            vis.bind_tree(self.optional.tree, row_start[s])
+        return vis
+
+    def page(self, page_table, s, t, p):
+        """The page holding page p of tile t of sequence s (past its end: the cache's zero page)."""
+        return page_table[s, (t * self.tiling.pages + p) // self.tiling.tiles_per_page]
+
+    def slot(self, t, j):
+        """Slot j of a tile's run of a page (tile t)."""
+        return (t % self.tiling.tiles_per_page) * self.tiling.slots + j
+
+    def tile_range(self, chunks, row_start, seq_lens, c, first_row, last_row):
+        """The tiles of chunk c that rows first_row..last_row of its sequence see: range(first, end) (empty when
+        none)."""
+        vis = self.visibility(row_start, seq_lens, chunks[c, 0])
+        block = self.tiling.keys
+        first = T.max(chunks[c, 1], vis.first(first_row) // block)
+        return first, T.max(first, T.min(chunks[c, 2], ceil_div(vis.end(last_row), block)))
+
+    def task_reads_writes(self, q, k_pages, v_pages, page_table, seq_lens, row_start, chunks, o_part, m_part,
+                          l_part, vc, vkh):
+        """T.reads and T.writes of a (chunk c, KV head kh) task."""
+        G, D, page_size = self.kspec.group_size, self.kspec.head_dim, self.tiling.page_size
+        T.reads(q[0:self.rows, vkh * G:vkh * G + G, 0:D], k_pages[vkh, 0:self.pages, 0:page_size, 0:D],
+                v_pages[vkh, 0:self.pages, 0:page_size, 0:D], page_table[0:self.sequences, 0:self.max_pages],
+                seq_lens[0:self.sequences], row_start[0:self.sequences + 1], chunks[vc, 0:4])
+        T.writes(o_part[0:self.partial_rows, vkh * G:vkh * G + G, 0:D],
+                 m_part[0:self.partial_rows, vkh * G:vkh * G + G], l_part[0:self.partial_rows, vkh * G:vkh * G + G])
+
+    def kernel(self, tasks):
+        """The PrimFunc: the ``@T.macro`` ``tasks(q, k_pages, v_pages, page_table, seq_lens, row_start, chunks,
+        o_part, m_part, l_part)`` writing every chunk's partial rows, then the merge (blocks merge, merge_init,
+        merge_max, merge_weight, merge_acc, out)."""
+        kspec, page_size, max_splits = self.kspec, self.tiling.page_size, self.config.max_splits
+        H, KVH, D, dtype = kspec.heads, kspec.kv_heads, kspec.head_dim, kspec.dtype
+        NR, NS, NP, MP, NC, PR = (self.rows, self.sequences, self.pages, self.max_pages, self.chunks,
+                                  self.partial_rows)
+        NEG = T.min_value("float32")
+        ZERO = T.float32(0)
+        optional = self.optional
+
+        @T.macro
+        def merge(o_part, m_part, l_part, chunks, row_start, row_seq, seq_chunks, sinks, out):
+            for r, h in T.grid(NR, H):
+                with T.sblock("merge"):
+                    vr, vh = T.axis.remap("SS", [r, h])
+                    if sinks is None:
+                        T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
+                                row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1])
+                    else:
+                        T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
+                                row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1], sinks[vh])
+                    T.writes(out[vr, vh, 0:D])
+                    row_max = T.sblock_alloc_buffer((1,), ACC)
+                    total = T.sblock_alloc_buffer((1,), ACC)
+                    weight = T.sblock_alloc_buffer((max_splits,), ACC)
+                    merged = T.sblock_alloc_buffer((D,), ACC)
+                    with T.sblock("merge_init"):
+                        row_max[0] = NEG
+                        total[0] = ZERO
+                    for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
+                        with T.sblock("merge_max"):
+                            vc = T.axis.opaque(NC, c)
+                            row_max[0] = T.max(row_max[0], m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh])
+                    for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
+                        with T.sblock("merge_weight"):
+                            vc = T.axis.opaque(NC, c)
+                            weight[vc - seq_chunks[row_seq[vr]]] = softmax_exp(
+                                m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh] - row_max[0])
+                            total[0] = total[0] + weight[vc - seq_chunks[row_seq[vr]]] * \
+                                l_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh]
+                    for c, d in T.grid(seq_chunks[row_seq[vr] + 1] - seq_chunks[row_seq[vr]], D):
+                        with T.sblock("merge_acc"):
+                            vc, vd = T.axis.remap("RS", [c, d])
+                            with T.init():
+                                merged[vd] = ZERO
+                            merged[vd] = merged[vd] + weight[vc] * o_part[
+                                chunks[seq_chunks[row_seq[vr]] + vc, 3] + vr - row_start[row_seq[vr]], vh, vd]
+                    for d in range(D):
+                        with T.sblock("out"):
+                            vd = T.axis.spatial(D, d)
+                            out[vr, vh, vd] = row_output(merged[vd], total[0], row_max[0], dtype,
+                                                         sink_logit(sinks, vh))
+
+        def arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h,
+                      m_part_h, l_part_h, out_h):
+            """The kernel's argument buffers (the sinks' aside) from their handles."""
+            return (_rows_buffer(q_h, NR, H, D, dtype), _pages_buffer(k_h, KVH, NP, page_size, D, dtype),
+                    _pages_buffer(v_h, KVH, NP, page_size, D, dtype), T.match_buffer(table_h, (NS, MP), "int32"),
+                    T.match_buffer(lens_h, (NS,), "int32"), T.match_buffer(start_h, (NS + 1,), "int32"),
+                    T.match_buffer(row_seq_h, (NR,), "int32"), T.match_buffer(chunks_h, (NC, 4), "int32"),
+                    T.match_buffer(seq_chunks_h, (NS + 1,), "int32"), T.match_buffer(o_part_h, (PR, H, D), ACC),
+                    T.match_buffer(m_part_h, (PR, H), ACC), T.match_buffer(l_part_h, (PR, H), ACC),
+                    _rows_buffer(out_h, NR, H, D, dtype))
+
+        @T.prim_func(s_tir=True)
+        def paged(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
+                  start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
+                  o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, sinks_h: T.handle, tree_h: T.handle,
+                  out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            (q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part,
+             l_part, out) = arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h,
+                                      o_part_h, m_part_h, l_part_h, out_h)
+            optional.declare(sinks_h, tree_h)
+            with T.sblock("root"):
+                tasks(q, k_pages, v_pages, page_table, seq_lens, row_start, chunks, o_part, m_part, l_part)
+                merge(o_part, m_part, l_part, chunks, row_start, row_seq, seq_chunks, optional.sinks, out)
+
+        return optional.signature(paged)
+
+
 def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConfig()):
     """The paged PrimFunc for ``kspec`` (dense attention: heads, kv_heads, head_dim, causal, window, scale, dtype,
     softcap, sinks, ALiBi, tree) over pages of ``page_size`` positions, keys in tiles of whole pages or whole parts
     of a page (PageTiling(page_size, config.block_kv)); the chunks are the caller's plan."""
-    if kspec.knobs():
-        raise ValueError(f"the paged kernel computes dense attention; got the knob {kspec.knobs()}")
+    layout = PagedLayout(kspec, page_size, config)
     fresh_block_names()
-    H, KVH, D = kspec.heads, kspec.kv_heads, kspec.head_dim
+    KVH, D = kspec.kv_heads, kspec.head_dim
     G = kspec.group_size
-    tiling = PageTiling(page_size, config.block_kv)
+    tiling = layout.tiling
     BK, NPT, SPT, TPP = tiling.keys, tiling.pages, tiling.slots, tiling.tiles_per_page
     DP = ceil_div(D, LANES) * LANES  # head_dim padded to whole partial vectors (q zero there)
     SCALE = T.float32(kspec.scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     ONE = T.float32(1)
-    dtype = kspec.dtype
-    NR, NS, NP, MP, NC, PR, NN = (tirx.Var(name, "int32") for name in
-                                  ("rows", "sequences", "pages", "max_pages", "chunks", "partial_rows", "tree_nodes"))
-    optional = OptionalArguments(kspec, (NR, NN))  # each sequence's Visibility binds the tree mask
+    NR, MP, NC = layout.rows, layout.max_pages, layout.chunks
 
     def dim(d):
         """Index d of a K row, clamped into head_dim where the padding reaches past it."""
         return d if DP == D else T.min(d, D - 1)
-
-    def visibility(row_start, seq_lens, s):
-        """The mask of sequence s: its rows are the last of its seq_lens[s] positions (a tree's nodes)."""
-        vis = Visibility(kspec, row_start[s + 1] - row_start[s], seq_lens[s])
-        if kspec.tree:
-            vis.bind_tree(optional.tree, row_start[s])
-        return vis
 
     def score_terms(kh, vis, i, t):
         """(dot, g, j) -> the score of row g (query head kh * G + g, row i of a sequence of visibility ``vis``) against
         key j of tile t from its dot product (q was scaled), adjusted (common.adjusted)."""
         return lambda dot, g, j: adjusted(kspec, dot, kh * G + g, vis.distance(i, t * BK + j))
 
-    def page(page_table, s, t, p):
-        """The page holding page p of tile t of sequence s (past its end: the cache's zero page)."""
-        return page_table[s, (t * NPT + p) // TPP]
-
-    def slot(t, j):
-        """Slot j of a tile's run of a page (tile t)."""
-        return (t % TPP) * SPT + j
-
     def row_sees(row_start, seq_lens, s):
         """sees(row0, r, j) for softmax_weights: every head r of a task's row is the same query, row0."""
-        vis = visibility(row_start, seq_lens, s)
+        vis = layout.visibility(row_start, seq_lens, s)
         return lambda row0, r, j: vis.sees(row0, j)
 
-    def tile_range(chunks, row_start, seq_lens, c, i):
-        """The tiles of chunk c that row i of its sequence sees: range(first, end) (empty when none)."""
-        vis = visibility(row_start, seq_lens, chunks[c, 0])
-        first = T.max(chunks[c, 1], vis.first(i) // BK)
-        return first, T.max(first, T.min(chunks[c, 2], ceil_div(vis.end(i), BK)))
-
     @T.macro
-    def body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
-             sinks, out):
+    def tasks(q, k_pages, v_pages, page_table, seq_lens, row_start, chunks, o_part, m_part, l_part):
         for c, kh in T.grid(NC, KVH):
             with T.sblock("task"):
                 vc, vkh = T.axis.remap("SS", [c, kh])
-                T.reads(q[0:NR, vkh * G:vkh * G + G, 0:D], k_pages[vkh, 0:NP, 0:page_size, 0:D],
-                        v_pages[vkh, 0:NP, 0:page_size, 0:D], page_table[0:NS, 0:MP], seq_lens[0:NS],
-                        row_start[0:NS + 1], chunks[vc, 0:4])
-                T.writes(o_part[0:PR, vkh * G:vkh * G + G, 0:D], m_part[0:PR, vkh * G:vkh * G + G],
-                         l_part[0:PR, vkh * G:vkh * G + G])
+                layout.task_reads_writes(q, k_pages, v_pages, page_table, seq_lens, row_start, chunks, o_part,
+                                         m_part, l_part, vc, vkh)
                 q_rows = T.sblock_alloc_buffer((G, DP), ACC)
                 part = T.sblock_alloc_buffer((G, BK, LANES), ACC)
                 half8 = T.sblock_alloc_buffer((G, BK, 8), ACC)
@@ -186,13 +288,7 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                 half2 = T.sblock_alloc_buffer((G, BK, 2), ACC)
                 S = T.sblock_alloc_buffer((G, BK), ACC)
                 P = T.sblock_alloc_buffer((G, BK), ACC)
-                O = T.sblock_alloc_buffer((G, D), ACC)
-                m = T.sblock_alloc_buffer((G,), ACC)
-                t_max = T.sblock_alloc_buffer((G,), ACC)
-                t_sum = T.sblock_alloc_buffer((G,), ACC)
-                alpha = T.sblock_alloc_buffer((G,), ACC)
-                l = T.sblock_alloc_buffer((G,), ACC)
-                acc = T.sblock_alloc_buffer((G, D), ACC)
+                O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(G, D)
                 for i in range(row_start[chunks[vc, 0] + 1] - row_start[chunks[vc, 0]]):
                     with T.sblock("row"):
                         vi = T.axis.opaque(NR, i)
@@ -203,8 +299,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                     vd < D, widen(q[row_start[chunks[vc, 0]] + vi, vkh * G + vg,
                                                     T.min(vd, D - 1)]) * SCALE, ZERO)
                         init_online_softmax(m, l, acc, G, D, NEG, ZERO)
-                        for t in range(tile_range(chunks, row_start, seq_lens, vc, vi)[0],
-                                       tile_range(chunks, row_start, seq_lens, vc, vi)[1]):
+                        for t in range(layout.tile_range(chunks, row_start, seq_lens, vc, vi, vi)[0],
+                                       layout.tile_range(chunks, row_start, seq_lens, vc, vi, vi)[1]):
                             with T.sblock("kv_tile"):
                                 vt = T.axis.opaque(MP * TPP, t)
                                 for g, p, jj, dc, lane in T.grid(G, NPT, SPT, DP // LANES, LANES):
@@ -214,14 +310,14 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                             part[vg, vp * SPT + j, vl] = ZERO
                                         part[vg, vp * SPT + j, vl] = part[vg, vp * SPT + j, vl] + q_rows[
                                             vg, vdc * LANES + vl] * widen(k_pages[
-                                                vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j),
-                                                dim(vdc * LANES + vl)])
+                                                vkh, layout.page(page_table, chunks[vc, 0], vt, vp),
+                                                layout.slot(vt, j), dim(vdc * LANES + vl)])
                                 sum_lanes(part, half8, half4, half2, S, G, BK, score_terms(
-                                    vkh, visibility(row_start, seq_lens, chunks[vc, 0]), vi, vt))
+                                    vkh, layout.visibility(row_start, seq_lens, chunks[vc, 0]), vi, vt))
                                 softmax_weights(
                                     S, P, m, t_max, t_sum, alpha, vt * BK, G, BK, vi,
                                     row_sees(row_start, seq_lens, chunks[vc, 0]),
-                                    visibility(row_start, seq_lens, chunks[vc, 0]).all_see(
+                                    layout.visibility(row_start, seq_lens, chunks[vc, 0]).all_see(
                                         vi, vi, vt * BK, vt * BK + BK),
                                     NEG, ZERO, ONE, softmax_exp)
                                 for g, p, jj, d in T.grid(G, NPT, SPT, D):
@@ -230,7 +326,8 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                         with T.init():
                                             O[vg, vd] = ZERO
                                         O[vg, vd] = O[vg, vd] + P[vg, vp * SPT + j] * widen(v_pages[
-                                            vkh, page(page_table, chunks[vc, 0], vt, vp), slot(vt, j), vd])
+                                            vkh, layout.page(page_table, chunks[vc, 0], vt, vp),
+                                            layout.slot(vt, j), vd])
                                 update_output(acc, O, alpha, l, t_sum, G, D)
                         for g, d in T.grid(G, D):
                             with T.sblock("save_acc"):
@@ -241,69 +338,5 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                 vg = T.axis.spatial(G, g)
                                 m_part[chunks[vc, 3] + vi, vkh * G + vg] = m[vg]
                                 l_part[chunks[vc, 3] + vi, vkh * G + vg] = l[vg]
-        for r, h in T.grid(NR, H):
-            with T.sblock("merge"):
-                vr, vh = T.axis.remap("SS", [r, h])
-                if sinks is None:
-                    T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
-                            row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1])
-                else:
-                    T.reads(m_part[0:PR, vh], l_part[0:PR, vh], o_part[0:PR, vh, 0:D], chunks[0:NC, 0:4],
-                            row_seq[vr], row_start[0:NS + 1], seq_chunks[0:NS + 1], sinks[vh])
-                T.writes(out[vr, vh, 0:D])
-                row_max = T.sblock_alloc_buffer((1,), ACC)
-                total = T.sblock_alloc_buffer((1,), ACC)
-                weight = T.sblock_alloc_buffer((config.max_splits,), ACC)
-                merged = T.sblock_alloc_buffer((D,), ACC)
-                with T.sblock("merge_init"):
-                    row_max[0] = NEG
-                    total[0] = ZERO
-                for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
-                    with T.sblock("merge_max"):
-                        vc = T.axis.opaque(NC, c)
-                        row_max[0] = T.max(row_max[0], m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh])
-                for c in range(seq_chunks[row_seq[vr]], seq_chunks[row_seq[vr] + 1]):
-                    with T.sblock("merge_weight"):
-                        vc = T.axis.opaque(NC, c)
-                        weight[vc - seq_chunks[row_seq[vr]]] = softmax_exp(
-                            m_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh] - row_max[0])
-                        total[0] = total[0] + weight[vc - seq_chunks[row_seq[vr]]] * \
-                            l_part[chunks[vc, 3] + vr - row_start[row_seq[vr]], vh]
-                for c, d in T.grid(seq_chunks[row_seq[vr] + 1] - seq_chunks[row_seq[vr]], D):
-                    with T.sblock("merge_acc"):
-                        vc, vd = T.axis.remap("RS", [c, d])
-                        with T.init():
-                            merged[vd] = ZERO
-                        merged[vd] = merged[vd] + weight[vc] * o_part[
-                            chunks[seq_chunks[row_seq[vr]] + vc, 3] + vr - row_start[row_seq[vr]], vh, vd]
-                for d in range(D):
-                    with T.sblock("out"):
-                        vd = T.axis.spatial(D, d)
-                        out[vr, vh, vd] = row_output(merged[vd], total[0], row_max[0], dtype, sink_logit(sinks, vh))
 
-    def arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h, m_part_h,
-                  l_part_h, out_h):
-        """The kernel's argument buffers (the sinks' aside) from their handles."""
-        return (_rows_buffer(q_h, NR, H, D, dtype), _pages_buffer(k_h, KVH, NP, page_size, D, dtype),
-                _pages_buffer(v_h, KVH, NP, page_size, D, dtype), T.match_buffer(table_h, (NS, MP), "int32"),
-                T.match_buffer(lens_h, (NS,), "int32"), T.match_buffer(start_h, (NS + 1,), "int32"),
-                T.match_buffer(row_seq_h, (NR,), "int32"), T.match_buffer(chunks_h, (NC, 4), "int32"),
-                T.match_buffer(seq_chunks_h, (NS + 1,), "int32"), T.match_buffer(o_part_h, (PR, H, D), ACC),
-                T.match_buffer(m_part_h, (PR, H), ACC), T.match_buffer(l_part_h, (PR, H), ACC),
-                _rows_buffer(out_h, NR, H, D, dtype))
-
-    @T.prim_func(s_tir=True)
-    def paged(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle, lens_h: T.handle,
-              start_h: T.handle, row_seq_h: T.handle, chunks_h: T.handle, seq_chunks_h: T.handle,
-              o_part_h: T.handle, m_part_h: T.handle, l_part_h: T.handle, sinks_h: T.handle, tree_h: T.handle,
-              out_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        (q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part, l_part,
-         out) = arguments(q_h, k_h, v_h, table_h, lens_h, start_h, row_seq_h, chunks_h, seq_chunks_h, o_part_h,
-                          m_part_h, l_part_h, out_h)
-        optional.declare(sinks_h, tree_h)
-        with T.sblock("root"):
-            body(q, k_pages, v_pages, page_table, seq_lens, row_start, row_seq, chunks, seq_chunks, o_part, m_part,
-                 l_part, optional.sinks, out)
-
-    return optional.signature(paged)
+    return layout.kernel(tasks)

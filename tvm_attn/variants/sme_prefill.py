@@ -34,8 +34,8 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from . import sme_matmul
-from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, row_output,
-                     run_time_sizes, softmax_weights_by_key, transpose_k, update_output, widen)
+from .common import (ACC, Visibility, bhsd, ceil_div, fresh_block_names, init_online_softmax, online_softmax_state,
+                     row_output, run_time_sizes, softmax_weights_by_key, transpose_k, update_output, widen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +108,7 @@ def compute(kspec: KernelSpec, tiles: SmeTiles = SmeTiles()) -> tvm.IRModule:
                     q_t = T.sblock_alloc_buffer((D, BQ), ACC)
                     s_t = T.sblock_alloc_buffer((BK, BQ), ACC)
                     p_t = T.sblock_alloc_buffer((BK, BQ), ACC)
-                    O = T.sblock_alloc_buffer((BQ, D), ACC)
-                    m = T.sblock_alloc_buffer((BQ,), ACC)
-                    t_max = T.sblock_alloc_buffer((BQ,), ACC)
-                    t_sum = T.sblock_alloc_buffer((BQ,), ACC)
-                    alpha = T.sblock_alloc_buffer((BQ,), ACC)
-                    l = T.sblock_alloc_buffer((BQ,), ACC)
-                    acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                    O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(BQ, D)
                     for d, ri in T.grid(D, BQ):
                         with T.sblock("q_t"):
                             dd, r = T.axis.remap("SS", [d, ri])

@@ -35,8 +35,8 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, BF16_PAIR, Visibility, adjusted, adjusts_scores, bhsd_kernel, ceil_div, fresh_block_names,
-                     init_online_softmax, merge_chunks, pair_half, pair_of, run_time_sizes, softmax_weights_by_key,
-                     update_output, widen)
+                     init_online_softmax, online_softmax_state, merge_chunks, pair_half, pair_of, run_time_sizes,
+                     softmax_weights_by_key, update_output, widen)
 from .decode import DecodeConfig
 
 NODES_PER_TILE = 16  # a row tile holds this many nodes' rows (variants.TREE_DECODE_MAX_ROWS)
@@ -173,13 +173,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
                 if ADJUST:
                     S_adjusted = T.sblock_alloc_buffer((BK, BQ), ACC)
                 P = T.sblock_alloc_buffer((BK // PACK, BQ), OPERAND)
-                O = T.sblock_alloc_buffer((BQ, D), ACC)
-                m = T.sblock_alloc_buffer((BQ,), ACC)
-                t_max = T.sblock_alloc_buffer((BQ,), ACC)
-                t_sum = T.sblock_alloc_buffer((BQ,), ACC)
-                alpha = T.sblock_alloc_buffer((BQ,), ACC)
-                l = T.sblock_alloc_buffer((BQ,), ACC)
-                acc = T.sblock_alloc_buffer((BQ, D), ACC)
+                O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(BQ, D)
                 if pairs:
                     for p, ri in T.grid(D // 2, BQ):
                         with T.sblock("q_tile"):
