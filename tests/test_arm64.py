@@ -22,6 +22,7 @@ from conftest import (TREE_16, assert_matches_reference, float16_products_here, 
                       output_tolerance, pair_products_here)
 from tvm_attn import certificate, export, runtime, shadow
 from tvm_attn.kernel import build_shadow, scheduled_module
+from tvm_attn.paged_cache import build_paged, tree_rows
 from tvm_attn.runtime import numpy_dtype
 from tvm_attn.variants import path_for
 
@@ -137,6 +138,26 @@ def _tree_call(dtype: str):
     return (spec, *make_inputs(spec, seed=5, q_scale=2.0))
 
 
+PAGED_TREE_CONFIG = tvm_attn.DecodeConfig(block_kv=16, chunk_keys=48, max_splits=8)  # 156 positions: 4 chunks
+
+
+def _paged_tree_call(dtype: str):
+    """(spec, arguments of the paged tree kernel's call, q, k, v as the reference takes them) of a 16-node draft
+    tree over 140 cached positions in a PagedKVCache's pages of 8."""
+    rng = np.random.default_rng(11)
+    spec = tvm_attn.AttentionSpec(batch=1, heads=6, kv_heads=2, seq_q=16, seq_kv=156, head_dim=64, causal=True,
+                                  dtype=dtype, tree_parents=TREE_16)
+    cache = tvm_attn.PagedKVCache(num_pages=24, page_size=8, kv_heads=2, head_dim=64, dtype=dtype,
+                                  config=PAGED_TREE_CONFIG)
+    seq = cache.add_sequence()
+    cache.append(seq, *(rng.standard_normal((2, 156, 64)).astype(numpy_dtype(dtype)) for _ in "kv"))
+    q = (2 * rng.standard_normal((16, 6, 64))).astype(numpy_dtype(dtype))
+    arguments = cache.kernel_arguments(q, [seq], [16], (), tree_rows([TREE_16], [seq], [16], True),
+                                       np.zeros(q.shape, q.dtype), tree_tiles=True)
+    k, v = cache.gather(seq)
+    return spec, arguments, q.transpose(1, 0, 2)[None].copy(), k[None], v[None]
+
+
 def break_tail_predicate(mod: tvm.IRModule) -> tvm.IRModule:
     """The kernel with an off-by-one tail: every `... < seq_kv` of its TVMScript becomes `... <= seq_kv`, so the key
     past the end (read clamped to the last one) is counted."""
@@ -204,6 +225,11 @@ def emulated(emulator_ready, tmp_path_factory):
                       kernel.arguments(q, k, v, np.zeros(spec.q_shape, numpy_dtype(dtype)), tree=spec.tree_mask),
                       outputs=[-1])
         given[f"tree-{dtype}"] = (spec, q, k, v)
+    for dtype in ("float32", "bfloat16"):  # a PagedKVCache's paged tree kernel
+        spec, arguments, q, k, v = _paged_tree_call(dtype)
+        executable = build_paged(spec.kernel, 8, PAGED_TREE_CONFIG, target=TARGET, tree_tiles=True)
+        emulator.call(f"paged-tree-{dtype}", executable, arguments, outputs=[-1])
+        given[f"paged-tree-{dtype}"] = (spec, q, k, v)
     spec = BROKEN.spec(*BROKEN.lengths[0])
     broken = scheduled_module(tvm_attn.get_variant("flash"), spec, tvm_attn.resolve_target(TARGET), "hand")
     executable = tvm.compile(break_tail_predicate(broken.mod), target=tvm_attn.resolve_target(TARGET))
@@ -227,6 +253,14 @@ def test_the_tree_kernel_matches_reference_under_emulation(emulated, dtype):
     spec, q, k, v = given[f"tree-{dtype}"]
     assert tvm_attn.build("flash", spec, target=TARGET).path == "tree"
     assert_matches_reference("flash", spec, results[f"tree-{dtype}"][0], q, k, v, TARGET)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_paged_tree_kernel_matches_reference_under_emulation(emulated, dtype):
+    results, given = emulated
+    spec, q, k, v = given[f"paged-tree-{dtype}"]
+    out = results[f"paged-tree-{dtype}"][0]  # (rows, heads, head_dim)
+    assert_matches_reference("flash", spec, out.transpose(1, 0, 2)[None].copy(), q, k, v, TARGET)
 
 
 @pytest.mark.parametrize("variant,dtype", CACHE_CASES, ids=[f"{v}-{d}" for v, d in CACHE_CASES])

@@ -267,21 +267,21 @@ class PagedKVCache:
                 continue
             kernel = self._kernel(heads, causal, scale, window, softcap, sinks is not None, slopes, mask is not None,
                                   tree_tiles)
-            if len(members) == len(seqs):
-                self._attend_rows(kernel, q, [seqs[n] for n in members], [counts[n] for n in members], logits, mask,
-                                  out, tree_tiles, trees=tree_parents)
-                continue
-            rows = np.concatenate([np.arange(starts[n], starts[n + 1]) for n in members])
-            part = np.empty((len(rows), heads, d), out.dtype)
-            self._attend_rows(kernel, q[rows], [seqs[n] for n in members], [counts[n] for n in members], logits,
-                              None if mask is None else mask[rows], part, tree_tiles,
-                              trees=None if tree_parents is None else [tree_parents[n] for n in members])
-            out[rows] = part
+            whole = len(members) == len(seqs)
+            rows = slice(None) if whole else np.concatenate([np.arange(starts[n], starts[n + 1]) for n in members])
+            part = out if whole else np.empty((len(rows), heads, d), out.dtype)
+            kernel(*map(dlpack_argument, self.kernel_arguments(
+                q[rows], [seqs[n] for n in members], [counts[n] for n in members], logits,
+                None if mask is None else mask[rows], part, tree_tiles,
+                None if tree_parents is None else [tree_parents[n] for n in members])))
+            if not whole:
+                out[rows] = part
         return result
 
-    def _attend_rows(self, kernel, q, seqs, counts, logits, mask, out, tree_tiles: bool, trees=None) -> None:
-        """One paged kernel call: q's rows are counts[0] rows of seqs[0], then counts[1] of seqs[1], ...; ``mask``
-        their tree mask (the tree kernels'), ``trees`` the sequences' tree_parents entries (None: no trees)."""
+    def kernel_arguments(self, q, seqs, counts, logits, mask, out, tree_tiles: bool, trees=None) -> tuple:
+        """The arguments of one call of the paged kernel (``tree_tiles``: the paged tree kernel's; build_paged):
+        q's rows are counts[0] rows of seqs[0], then counts[1] of seqs[1], ...; ``logits`` () or (the sinks,);
+        ``mask`` their tree mask (tree kernels'), ``trees`` the sequences' tree_parents entries (None: no trees)."""
         max_pages = self._tiling.table_columns(max(len(self._pages[s]) for s in seqs))
         table = np.full((len(seqs), max_pages), self.num_pages, np.int32)  # past a sequence's pages: zeros
         for n, seq in enumerate(seqs):
@@ -293,9 +293,8 @@ class PagedKVCache:
         walks = None if trees is None or tree_tiles else np.array([parents is not None for parents in trees])
         chunks, seq_chunks = plan_chunks(lengths, counts, self.config, self._tiling.keys, walks, tree_tiles)
         o_part, m_part, l_part = self._partials(q.shape[1], int(chunks[-1, 3] + counts[chunks[-1, 0]]))
-        kernel(*map(dlpack_argument, (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq,
-                                      chunks, seq_chunks, o_part, m_part, l_part, *logits,
-                                      *(() if mask is None else (mask,)), out)))
+        return (as_kernel_argument(q), self._k, self._v, table, lengths, starts, row_seq, chunks, seq_chunks, o_part,
+                m_part, l_part, *logits, *(() if mask is None else (mask,)), out)
 
     def keep_tree_path(self, seq: int, tree_parents, path) -> None:
         """After verifying a draft tree of sequence ``seq`` (``attend`` with its tree_parents over the tree's nodes,

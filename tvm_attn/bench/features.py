@@ -7,7 +7,7 @@ of the kernel without).
 
 Tree verification: the kernel ``build`` takes for the tree (the tree kernel for 12-16 nodes,
 ``variants.TREE_KERNEL_MIN_ROWS``) and, for comparison, the split-KV decode kernel, flash's and mqa's prefill kernels
-and a ``PagedKVCache`` holding the same keys (its own kernel), against flash's decode kernel called once per node
+and a ``PagedKVCache`` holding the same keys (its paged tree kernel), against flash's decode kernel called once per node
 over the cache and the node's path (cache + depth keys), as verifying each root-to-node path as its own sequence
 would run.
 """
@@ -259,7 +259,7 @@ def features_section(rows, ctx) -> list[str]:
                   f"{nodes} decode calls, one per node over the cache and its path, in one interleaved round. "
                   f"\"{TAKEN}\" is the kernel `build` and `KVCache.attend` take (the tree kernel for trees of 12-16 "
                   "nodes); the split-KV decode kernel (which took such trees before), the prefill kernels and a "
-                  "`PagedKVCache` call (its own kernel) for comparison.", "",
+                  "`PagedKVCache` call (its paged tree kernel) for comparison.", "",
                   table(["shape", "dtype", f"{nodes} decode calls ms"] + providers, body), ""]
         if worst is not None:
             goal = GOALS["tree_vs_decode"]
