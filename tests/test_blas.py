@@ -112,7 +112,8 @@ def test_a_mac_build_calls_accelerate():
 @needs_blas
 def test_best_builds_blas_where_tune_measured_it_faster(tmp_path, monkeypatch):
     """confirmed.json's "blas:<family>" entries (written by `tune`) decide whether "best" builds the BLAS-backed
-    kernel, for the target itself and for other CPUs of its ISA class; exports never do (they link no BLAS yet)."""
+    kernel, for the target itself and for other CPUs of its ISA class (where every one that measured it found it
+    faster); exports never do (they link no BLAS yet)."""
     from tvm_attn import tuning
     from tvm_attn.kernel import scheduled_module
     from tvm_attn.tune import _family
@@ -137,6 +138,13 @@ def test_best_builds_blas_where_tune_measured_it_faster(tmp_path, monkeypatch):
         assert_matches_reference("flash", spec, np.asarray(kernel(q, k, v)), q, k, v)
         assert scheduled_module(flash, spec, tvm_attn.resolve_target(avx2), "best", blas_allowed=False).schedule \
             != "blas"
+        znver1 = {"kind": "llvm", "mcpu": "znver1"}  # another CPU of the class, where it measured slower
+        tuning.open_database(znver1, tmp_path, create=True)
+        tuning.write_blas_choice(znver1, tmp_path, _family(flash, spec, znver1), None)
+        tuning._cached_database.cache_clear()
+        assert tuning.blas_measured_faster(flash, spec, avx2, root=tmp_path)  # its own measurement
+        assert not tuning.blas_measured_faster(flash, spec, znver1, root=tmp_path)
+        assert not tuning.blas_measured_faster(flash, spec, haswell, root=tmp_path)  # the class disagrees
         tuning.write_blas_choice(avx2, tmp_path, _family(flash, spec, avx2), None)  # measured, not faster
         tuning._cached_database.cache_clear()
         assert not tuning.blas_measured_faster(flash, spec, avx2, root=tmp_path)
