@@ -21,6 +21,7 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     register_blocked_matmul(sch, "pv", row=-4, col=-1, red=-2, lanes=lanes, limit=limit)
     for name in ("tile_max", "tile_sum", "p", "q_tile", "init_acc", "save_acc"):
         vectorize_last(sch, name, lanes)
-    if has_block(sch, "score_terms"):
-        vectorize_last(sch, "score_terms", lanes)
+    for name in ("score_terms", "k_wide", "v_wide"):
+        if has_block(sch, name):
+            vectorize_last(sch, name, lanes)
     schedule_merge(sch, lanes)

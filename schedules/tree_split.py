@@ -29,6 +29,9 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
         # qk: (key, row, d), the rows along the lanes and each K element broadcast; pv: (row, key, d) as flash's.
         register_blocked_matmul(sch, "qk", row=-3, col=-2, red=-1, lanes=lanes, limit=limit)
         register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=limit)
+    for name in ("k_wide", "v_wide"):  # 16-bit KV tiles widened to float32
+        if has_block(sch, name):
+            vectorize_last(sch, name, lanes)
     for name in ("tile_max", "tile_sum"):  # (key, row): the reduction over keys outside, rows along the lanes
         vectorize_last(sch, name, lanes)
     vectorize_last(sch, "p", lanes)

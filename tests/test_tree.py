@@ -81,6 +81,29 @@ def test_tree_rows_equal_their_paths(variant, parents, shape):
     assert np.abs(causal - out.astype(np.float64)).max() > 0.05
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_tree_kernel_widens_16_bit_tiles_once_without_pair_products(dtype):
+    """AVX2 code (x86-64-v3: no pair products, as on AVX-512 without BF16 and NEON without it) widens each 16-bit
+    KV tile to float32 once (blocks k_wide, v_wide), here over three chunks of keys with a window, against the
+    float64 reference."""
+    from tvm import s_tir
+
+    from tvm_attn.kernel import scheduled_module
+    from tvm_attn.schedules.common import has_block
+
+    avx2 = {"kind": "llvm", "mcpu": "x86-64-v3"}
+    if not tvm_attn.targets.runs_on_host(avx2):
+        pytest.skip("this host does not run AVX2 code")
+    spec = tvm_attn.AttentionSpec(batch=1, heads=6, kv_heads=2, seq_q=16, seq_kv=2100, head_dim=40, causal=True,
+                                  window=1800, dtype=dtype, tree_parents=TREE_16)
+    kernel = tvm_attn.build("flash", spec, target=avx2)
+    assert kernel.path == "tree"
+    mod = scheduled_module(tvm_attn.get_variant("flash"), spec, tvm_attn.resolve_target(avx2), "hand", "tree").mod
+    assert has_block(s_tir.Schedule(mod), "k_wide") and has_block(s_tir.Schedule(mod), "v_wide")
+    q, k, v = make_inputs(spec, seed=8, q_scale=2.0)
+    assert_matches_reference("flash", spec, kernel(q, k, v, tree_parents=TREE_16), q, k, v, avx2)
+
+
 # top_k 12 with 3 keys before the tree: deep nodes see 3 + depth keys, fewer than top_k and fewer than the causal
 # range, so the selection reaches keys the tree hides.
 PRUNED_CASES = [(variant, knob, TREE_16, 3) for variant, knob in (

@@ -8,16 +8,19 @@ the sequences whose draft trees have TREE_KERNEL_MIN_ROWS..TREE_DECODE_MAX_ROWS 
 Each (chunk, KV head) task runs its sequence's row tiles one after another (a tree of 16 nodes is one tile up to
 groups of 4 heads), each the online softmax over the chunk's tiles of keys with both matmuls register-blocked:
 scores kept keys x rows, the rows along the vector lanes, each K element broadcast; a tile's keys are runs of slots of
-whole pages (PageTiling), so the page table is read once per page. float32 arithmetic for every dtype.
+whole pages (PageTiling), so the page table is read once per page. float32 arithmetic for every dtype (16-bit
+tiles widened once).
 
 Blocks (the contract with schedules/paged_tree.py):
   task       one per (chunk, KV head); inside it, per row tile of the chunk's sequence (row_tile):
     q_tile     q^T of the tile's rows, pre-scaled, float32 (zero past the sequence's rows)
     init_stats, init_acc
     kv_tile    one per tile of the chunk some row of the row tile sees:
+      k_wide     (16-bit) the tile's K in float32       (loops page, slot, d)
       qk         S[j, r] = k_j . q_r                    (loops page, slot, row, d)
       score_terms                                       (softcap, ALiBi: common.adjusted)
       tile_max, rescale, p, tile_sum                    (common.softmax_weights_by_key: loops key, row)
+      v_wide     (16-bit) the tile's V in float32
       pv         O = P V                                (loops row, page, slot, d)
       update, update_sum                                (common.update_output)
     save_acc, save_stats   the chunk's (output, max, sum) per row of the sequence
@@ -57,6 +60,7 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
     ZERO = T.float32(0)
     ONE = T.float32(1)
     ADJUST = adjusts_scores(kspec)
+    WIDE_TILES = kspec.dtype != "float32"  # 16-bit KV tiles widened to float32 once, as the tree kernel's
     NR, MP, NC = layout.rows, layout.max_pages, layout.chunks
 
     class Rows:
@@ -89,18 +93,37 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
         return adjust
 
     @T.macro
+    def widened_tile(wide, pages, page_table, rows, vkh, vt, name):
+        """wide = tile vt's keys (or values) of KV head vkh, in float32."""
+        for p, jj, d in T.grid(PAGES, SLOTS, D):
+            with T.sblock(name):
+                vp, j, dd = T.axis.remap("SSS", [p, jj, d])
+                wide[vp * SLOTS + j, dd] = widen(pages[vkh, layout.page(page_table, rows.seq, vt, vp),
+                                                       layout.slot(vt, j), dd])
+
+    @T.macro
     def scores_to_output(S, P, O, m, t_max, t_sum, alpha, l, acc, v_pages, page_table, rows, vkh, vt, vrt):
         """The online softmax of one tile of keys whose scores S (keys x rows) are computed, and its P V added to
         the running output."""
         softmax_weights_by_key(S, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt, rows.sees,
                                tile_sees_all(rows, vrt, vt), NEG, ZERO, ONE, softmax_exp, False)
-        for ri, p, jj, d in T.grid(BQ, PAGES, SLOTS, D):
-            with T.sblock("pv"):
-                r, vp, j, dd = T.axis.remap("SRRS", [ri, p, jj, d])
-                with T.init():
-                    O[r, dd] = ZERO
-                O[r, dd] = O[r, dd] + P[vp * SLOTS + j, r] * widen(
-                    v_pages[vkh, layout.page(page_table, rows.seq, vt, vp), layout.slot(vt, j), dd])
+        if WIDE_TILES:
+            v_w = T.sblock_alloc_buffer((BK, D), ACC)
+            widened_tile(v_w, v_pages, page_table, rows, vkh, vt, "v_wide")
+            for ri, p, jj, d in T.grid(BQ, PAGES, SLOTS, D):
+                with T.sblock("pv"):
+                    r, vp, j, dd = T.axis.remap("SRRS", [ri, p, jj, d])
+                    with T.init():
+                        O[r, dd] = ZERO
+                    O[r, dd] = O[r, dd] + P[vp * SLOTS + j, r] * v_w[vp * SLOTS + j, dd]
+        else:
+            for ri, p, jj, d in T.grid(BQ, PAGES, SLOTS, D):
+                with T.sblock("pv"):
+                    r, vp, j, dd = T.axis.remap("SRRS", [ri, p, jj, d])
+                    with T.init():
+                        O[r, dd] = ZERO
+                    O[r, dd] = O[r, dd] + P[vp * SLOTS + j, r] * widen(
+                        v_pages[vkh, layout.page(page_table, rows.seq, vt, vp), layout.slot(vt, j), dd])
         update_output(acc, O, alpha, l, t_sum, BQ, D)
 
     rows = Rows()
@@ -136,14 +159,25 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                                          rows.node(vrt, BQ - 1))[1]):
                             with T.sblock("kv_tile"):
                                 vt = T.axis.opaque(MP * TPP, t)
-                                for p, jj, ri, d in T.grid(PAGES, SLOTS, BQ, D):
-                                    with T.sblock("qk"):
-                                        vp, j, r, dd = T.axis.remap("SSSR", [p, jj, ri, d])
-                                        with T.init():
-                                            S[vp * SLOTS + j, r] = ZERO
-                                        S[vp * SLOTS + j, r] = S[vp * SLOTS + j, r] + widen(k_pages[
-                                            vkh, layout.page(page_table, rows.seq, vt, vp), layout.slot(vt, j),
-                                            dd]) * q_t[dd, r]
+                                if WIDE_TILES:
+                                    k_w = T.sblock_alloc_buffer((BK, D), ACC)
+                                    widened_tile(k_w, k_pages, page_table, rows, vkh, vt, "k_wide")
+                                    for p, jj, ri, d in T.grid(PAGES, SLOTS, BQ, D):
+                                        with T.sblock("qk"):
+                                            vp, j, r, dd = T.axis.remap("SSSR", [p, jj, ri, d])
+                                            with T.init():
+                                                S[vp * SLOTS + j, r] = ZERO
+                                            S[vp * SLOTS + j, r] = S[vp * SLOTS + j, r] + k_w[vp * SLOTS + j,
+                                                                                              dd] * q_t[dd, r]
+                                else:
+                                    for p, jj, ri, d in T.grid(PAGES, SLOTS, BQ, D):
+                                        with T.sblock("qk"):
+                                            vp, j, r, dd = T.axis.remap("SSSR", [p, jj, ri, d])
+                                            with T.init():
+                                                S[vp * SLOTS + j, r] = ZERO
+                                            S[vp * SLOTS + j, r] = S[vp * SLOTS + j, r] + widen(k_pages[
+                                                vkh, layout.page(page_table, rows.seq, vt, vp), layout.slot(vt, j),
+                                                dd]) * q_t[dd, r]
                                 if ADJUST:
                                     for jj, ri in T.grid(BK, BQ):
                                         with T.sblock("score_terms"):

@@ -11,17 +11,21 @@ In bfloat16 pair products (``pairs``; schedules/pair_products.py) the operands a
 q^T as (d / 2, row), P as (key / 2, row) and each KV tile's V as (key / 2, d) (block v_pairs); K is read in place,
 a pair of head dims broadcast. Row tiles are then whole vectors of rows (PAIR_ROWS), the rows past the tile's nodes
 padding. Measured here (Zen 4, a 16-node tree over 8192 positions, bfloat16, one interleaved round): GQA 32/8 D128
-7.9 ms against 13.0 widened to float32, MHA 32 D128 13.1 against 20.9.
+7.9 ms against 13.0 widened to float32, MHA 32 D128 13.1 against 20.9. Without pair products, 16-bit KV tiles are
+widened to float32 once per tile: on a Zen 1 (AVX2), bfloat16 GQA 34.1 ms against 49.1 widened per use, MHA 40.7
+against 47.8; float16 GQA 37.4 against 56.7 (runs a few minutes apart; the same copy of float32 tiles gained 2-11%
+there, not taken: a 128 x 128 float32 tile passes L1).
 
 Blocks (the contract with schedules/tree_split.py):
   tile       one per (batch, KV head, chunk, row tile):
     q_tile     q^T of the tile's rows, pre-scaled, float32 (zero past the last row); pairs: unscaled words
     init_stats, init_acc
     kv_tile    one per KV tile of the chunk some row of the tile sees:
+      k_wide     (16-bit without pairs) the tile's K in float32
       qk         S[j, r] = k_j . q_r                    (loops key, row, d; pairs: key, row, d / 2, pair)
       score_terms                                       (softcap, ALiBi: common.adjusted)
       tile_max, rescale, p, tile_sum                    (common.softmax_weights_by_key: loops key, row)
-      v_pairs    (pairs) the tile's V in words of two keys' elements
+      v_pairs    (pairs) the tile's V in words of two keys' elements; v_wide (16-bit without pairs) in float32
       pv         O = P V                                (loops row, key, d; pairs: row, key / 2, d, pair)
       update, update_sum                                (common.update_output)
     save_acc, save_stats   the chunk's (output, max, sum) per row
@@ -72,6 +76,8 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
     ZERO = T.float32(0)
     ONE = T.float32(1)
     ADJUST = adjusts_scores(kspec)
+    # 16-bit K and V without pair products: each KV tile widened to float32 once (k_wide, v_wide), not once per use.
+    WIDE_TILES = kspec.dtype != "float32" and not pairs
     # Pair products take q as given (negated for a negative scale, which is exact) and the scale in the exp, or in
     # the adjusted scores: the running max is then unscaled, and scaled when saved for the merge.
     SIGN_BITS = T.uint32(0 if kspec.scale > 0 else 0x80008000)
@@ -147,6 +153,18 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
                     with T.init():
                         O[r, dd] = ZERO
                     O[r, dd] = O[r, dd] + pair_half(P[i, r], vpair) * pair_half(v_w[i, dd], vpair)
+        elif WIDE_TILES:
+            v_w = T.sblock_alloc_buffer((BK, D), ACC)
+            for jj, d in T.grid(BK, D):
+                with T.sblock("v_wide"):
+                    j, dd = T.axis.remap("SS", [jj, d])
+                    v_w[j, dd] = widen(v[vb, vkh, key(vt, j), dd])
+            for ri, jj, d in T.grid(BQ, BK, D):
+                with T.sblock("pv"):
+                    r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+                    with T.init():
+                        O[r, dd] = ZERO
+                    O[r, dd] = O[r, dd] + P[j, r] * v_w[j, dd]
         else:
             for ri, jj, d in T.grid(BQ, BK, D):
                 with T.sblock("pv"):
@@ -201,6 +219,18 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
                                         S[j, r] = ZERO
                                     S[j, r] = S[j, r] + widen(k[vb, vkh, key(vt, j), 2 * vp + vpair]) * pair_half(
                                         q_t[vp, r], vpair)
+                        elif WIDE_TILES:
+                            k_w = T.sblock_alloc_buffer((BK, D), ACC)
+                            for jj, d in T.grid(BK, D):
+                                with T.sblock("k_wide"):
+                                    j, dd = T.axis.remap("SS", [jj, d])
+                                    k_w[j, dd] = widen(k[vb, vkh, key(vt, j), dd])
+                            for jj, ri, d in T.grid(BK, BQ, D):
+                                with T.sblock("qk"):
+                                    j, r, dd = T.axis.remap("SSR", [jj, ri, d])
+                                    with T.init():
+                                        S[j, r] = ZERO
+                                    S[j, r] = S[j, r] + k_w[j, dd] * q_t[dd, r]
                         else:
                             for jj, ri, d in T.grid(BK, BQ, D):
                                 with T.sblock("qk"):
