@@ -3,6 +3,8 @@ that fail loudly when corrupt, and measuring through an RPC tracker on loopback.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import socket
@@ -99,6 +101,13 @@ def test_tuned_record_is_used(tuned_logs, monkeypatch):
         assert kernel.schedule == "tuned"
         q, k, v = make_inputs(spec)
         assert_matches_reference("flash", spec, kernel(q, k, v), q, k, v)
+        # A kernel with softcapping, ALiBi or sinks replays the record of the kernel without.
+        for feature in (dict(softcap=5.0), dict(alibi_slopes=(0.5, 0.25)), dict(sinks=True)):
+            featured = dataclasses.replace(spec, **feature)
+            kernel = tvm_attn.build("flash", featured, schedule="tuned")
+            assert kernel.schedule == "tuned", feature
+            sinks = np.array([0.5, -1.0], np.float32) if featured.sinks else None
+            assert_matches_reference("flash", featured, kernel(q, k, v, sinks=sinks), q, k, v, sinks=sinks)
     finally:
         tuning._cached_database.cache_clear()
 

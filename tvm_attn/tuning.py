@@ -267,11 +267,12 @@ def tuned_record(variant, spec: AttentionSpec, target, root: Path | None = None)
     same_class = (_noted_record(family, key, target_from_key(key), logs_root)
                   for logs_root in roots for key in class_record_keys(t, Path(logs_root)))
     record = next((record for record in itertools.chain(own, same_class) if record is not None), None)
-    if record is None and (spec.sinks or spec.alibi_slopes is not None or spec.tree_parents is not None):
-        # A kernel with sinks differs from the one without in its output block, one with ALiBi in a block adding
-        # its biases to the scores, one with a tree mask in its masked tiles' key test: that one's record serves it.
-        return tuned_record(variant, dataclasses.replace(spec, sinks=False, alibi_slopes=None, tree_parents=None),
-                            target, root)
+    if record is None and (spec.sinks or spec.softcap is not None or spec.alibi_slopes is not None
+                           or spec.tree_parents is not None):
+        # A kernel with sinks differs from the one without in its output block, one with softcapping or ALiBi in a
+        # block adjusting the scores, one with a tree mask in its masked tiles' key test: that one's record serves it.
+        return tuned_record(variant, dataclasses.replace(spec, sinks=False, softcap=None, alibi_slopes=None,
+                                                         tree_parents=None), target, root)
     return record
 
 

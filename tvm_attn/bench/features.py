@@ -2,8 +2,8 @@
 without them (goal: at most 1.10x; flash's kernels, and the kernels reading a KVCache's shadow of K), and what
 verifying a speculative decoding draft tree in one call costs against a decode call per node (goal: at most 0.25x of
 16 calls for a 16-node tree over 8192 cached positions). Each point is timed in one interleaved round, float32 unless
-said, schedule "best" (tuned records where this CPU has them; a kernel with sinks, ALiBi or a tree replays the record
-of the kernel without).
+said, schedule "best" (tuned records where this CPU has them; a kernel with softcapping, sinks, ALiBi or a tree
+replays the record of the kernel without).
 
 Tree verification: the kernel ``build`` takes for the tree (the tree kernel for 12-16 nodes,
 ``variants.TREE_KERNEL_MIN_ROWS``) and, for comparison, the split-KV decode kernel, flash's and mqa's prefill kernels
