@@ -198,6 +198,22 @@ def test_trees_of_12_to_16_nodes_take_row_tiles(dtype, page_size, heads, kv_head
     np.testing.assert_array_equal(alone, out[:16])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_paged_tree_kernel_widens_16_bit_tiles_in_the_blocks_its_schedule_names(dtype):
+    """Each 16-bit KV tile is widened to float32 once, in blocks k_wide and v_wide, the names schedules/paged_tree.py
+    vectorizes (a macro's second call renames its blocks: v_wide_1 would go unscheduled)."""
+    import tvm
+    from tvm import s_tir
+
+    from tvm_attn.schedules.common import has_block
+    from tvm_attn.variants import paged_tree
+
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=1, head_dim=32, causal=True,
+                                  dtype=dtype, tree_parents=(-1,))
+    sch = s_tir.Schedule(tvm.IRModule({"main": paged_tree.compute(spec.kernel, 8, SMALL)}))
+    assert has_block(sch, "k_wide") and has_block(sch, "v_wide")
+
+
 def test_keep_tree_path_copies_pages_shared_with_forks():
     """The accepted path moves into pages a fork shares: they are copied first, and the fork keeps what it held;
     the sequence then holds what appending the path alone would have. With no page free for the copies, nothing

@@ -92,14 +92,33 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
             return adjusted(kspec, s, kh * G + row % G, rows.vis.distance(row // G, t * BK + j))
         return adjust
 
+    def in_place(pages, page_table, rows, kh, t):
+        """(p, j, d) -> element d of slot j of page p of tile t of ``pages`` (K or V), widened to float32."""
+        return lambda p, j, d: widen(pages[kh, layout.page(page_table, rows.seq, t, p), layout.slot(t, j), d])
+
+    def from_tile(tile):
+        """(p, j, d) -> the element of a tile widened once (keys in order)."""
+        return lambda p, j, d: tile[p * SLOTS + j, d]
+
     @T.macro
-    def widened_tile(wide, pages, page_table, rows, vkh, vt, name):
-        """wide = tile vt's keys (or values) of KV head vkh, in float32."""
-        for p, jj, d in T.grid(PAGES, SLOTS, D):
-            with T.sblock(name):
-                vp, j, dd = T.axis.remap("SSS", [p, jj, d])
-                wide[vp * SLOTS + j, dd] = widen(pages[vkh, layout.page(page_table, rows.seq, vt, vp),
-                                                       layout.slot(vt, j), dd])
+    def scores(S, q_t, k_at):
+        """S[j, r] = k_j . q_r in float32, key p * SLOTS + j's elements k_at(p, j, d)."""
+        for p, jj, ri, d in T.grid(PAGES, SLOTS, BQ, D):
+            with T.sblock("qk"):
+                vp, j, r, dd = T.axis.remap("SSSR", [p, jj, ri, d])
+                with T.init():
+                    S[vp * SLOTS + j, r] = ZERO
+                S[vp * SLOTS + j, r] = S[vp * SLOTS + j, r] + k_at(vp, j, dd) * q_t[dd, r]
+
+    @T.macro
+    def weighted_values(O, P, v_at):
+        """O = P V in float32, V's elements v_at(p, j, d)."""
+        for ri, p, jj, d in T.grid(BQ, PAGES, SLOTS, D):
+            with T.sblock("pv"):
+                r, vp, j, dd = T.axis.remap("SRRS", [ri, p, jj, d])
+                with T.init():
+                    O[r, dd] = ZERO
+                O[r, dd] = O[r, dd] + P[vp * SLOTS + j, r] * v_at(vp, j, dd)
 
     @T.macro
     def scores_to_output(S, P, O, m, t_max, t_sum, alpha, l, acc, v_pages, page_table, rows, vkh, vt, vrt):
@@ -109,21 +128,13 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                tile_sees_all(rows, vrt, vt), NEG, ZERO, ONE, softmax_exp, False)
         if WIDE_TILES:
             v_w = T.sblock_alloc_buffer((BK, D), ACC)
-            widened_tile(v_w, v_pages, page_table, rows, vkh, vt, "v_wide")
-            for ri, p, jj, d in T.grid(BQ, PAGES, SLOTS, D):
-                with T.sblock("pv"):
-                    r, vp, j, dd = T.axis.remap("SRRS", [ri, p, jj, d])
-                    with T.init():
-                        O[r, dd] = ZERO
-                    O[r, dd] = O[r, dd] + P[vp * SLOTS + j, r] * v_w[vp * SLOTS + j, dd]
+            for p, jj, d in T.grid(PAGES, SLOTS, D):
+                with T.sblock("v_wide"):
+                    vp, j, dd = T.axis.remap("SSS", [p, jj, d])
+                    v_w[vp * SLOTS + j, dd] = in_place(v_pages, page_table, rows, vkh, vt)(vp, j, dd)
+            weighted_values(O, P, from_tile(v_w))
         else:
-            for ri, p, jj, d in T.grid(BQ, PAGES, SLOTS, D):
-                with T.sblock("pv"):
-                    r, vp, j, dd = T.axis.remap("SRRS", [ri, p, jj, d])
-                    with T.init():
-                        O[r, dd] = ZERO
-                    O[r, dd] = O[r, dd] + P[vp * SLOTS + j, r] * widen(
-                        v_pages[vkh, layout.page(page_table, rows.seq, vt, vp), layout.slot(vt, j), dd])
+            weighted_values(O, P, in_place(v_pages, page_table, rows, vkh, vt))
         update_output(acc, O, alpha, l, t_sum, BQ, D)
 
     rows = Rows()
@@ -159,25 +170,16 @@ def compute(kspec: KernelSpec, page_size: int, config: DecodeConfig = DecodeConf
                                                          rows.node(vrt, BQ - 1))[1]):
                             with T.sblock("kv_tile"):
                                 vt = T.axis.opaque(MP * TPP, t)
-                                if WIDE_TILES:
+                                if WIDE_TILES:  # (a macro's second call would rename its block: no shared one)
                                     k_w = T.sblock_alloc_buffer((BK, D), ACC)
-                                    widened_tile(k_w, k_pages, page_table, rows, vkh, vt, "k_wide")
-                                    for p, jj, ri, d in T.grid(PAGES, SLOTS, BQ, D):
-                                        with T.sblock("qk"):
-                                            vp, j, r, dd = T.axis.remap("SSSR", [p, jj, ri, d])
-                                            with T.init():
-                                                S[vp * SLOTS + j, r] = ZERO
-                                            S[vp * SLOTS + j, r] = S[vp * SLOTS + j, r] + k_w[vp * SLOTS + j,
-                                                                                              dd] * q_t[dd, r]
+                                    for p, jj, d in T.grid(PAGES, SLOTS, D):
+                                        with T.sblock("k_wide"):
+                                            vp, j, dd = T.axis.remap("SSS", [p, jj, d])
+                                            k_w[vp * SLOTS + j, dd] = in_place(k_pages, page_table, rows, vkh,
+                                                                               vt)(vp, j, dd)
+                                    scores(S, q_t, from_tile(k_w))
                                 else:
-                                    for p, jj, ri, d in T.grid(PAGES, SLOTS, BQ, D):
-                                        with T.sblock("qk"):
-                                            vp, j, r, dd = T.axis.remap("SSSR", [p, jj, ri, d])
-                                            with T.init():
-                                                S[vp * SLOTS + j, r] = ZERO
-                                            S[vp * SLOTS + j, r] = S[vp * SLOTS + j, r] + widen(k_pages[
-                                                vkh, layout.page(page_table, rows.seq, vt, vp), layout.slot(vt, j),
-                                                dd]) * q_t[dd, r]
+                                    scores(S, q_t, in_place(k_pages, page_table, rows, vkh, vt))
                                 if ADJUST:
                                     for jj, ri in T.grid(BK, BQ):
                                         with T.sblock("score_terms"):

@@ -135,6 +135,34 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
     def key(t, j):
         return T.min(t * BK + j, SKV - 1)
 
+    def in_place(x, b, kh, t):
+        """(j, d) -> element d of key j of KV tile t of x (K or V), widened to float32."""
+        return lambda j, d: widen(x[b, kh, key(t, j), d])
+
+    def from_tile(tile):
+        """(j, d) -> tile[j, d]: a KV tile widened once."""
+        return lambda j, d: tile[j, d]
+
+    @T.macro
+    def scores(S, q_t, k_at):
+        """S[j, r] = k_j . q_r in float32, k_j's elements k_at(j, d)."""
+        for jj, ri, d in T.grid(BK, BQ, D):
+            with T.sblock("qk"):
+                j, r, dd = T.axis.remap("SSR", [jj, ri, d])
+                with T.init():
+                    S[j, r] = ZERO
+                S[j, r] = S[j, r] + k_at(j, dd) * q_t[dd, r]
+
+    @T.macro
+    def weighted_values(O, P, v_at):
+        """O = P V in float32, V's elements v_at(j, d)."""
+        for ri, jj, d in T.grid(BQ, BK, D):
+            with T.sblock("pv"):
+                r, j, dd = T.axis.remap("SRS", [ri, jj, d])
+                with T.init():
+                    O[r, dd] = ZERO
+                O[r, dd] = O[r, dd] + P[j, r] * v_at(j, dd)
+
     @T.macro
     def scores_to_output(S, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt, vrt):
         """The online softmax of one KV tile whose scores S (keys x rows: the rows along the vector lanes) are
@@ -158,20 +186,10 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
             for jj, d in T.grid(BK, D):
                 with T.sblock("v_wide"):
                     j, dd = T.axis.remap("SS", [jj, d])
-                    v_w[j, dd] = widen(v[vb, vkh, key(vt, j), dd])
-            for ri, jj, d in T.grid(BQ, BK, D):
-                with T.sblock("pv"):
-                    r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                    with T.init():
-                        O[r, dd] = ZERO
-                    O[r, dd] = O[r, dd] + P[j, r] * v_w[j, dd]
+                    v_w[j, dd] = in_place(v, vb, vkh, vt)(j, dd)
+            weighted_values(O, P, from_tile(v_w))
         else:
-            for ri, jj, d in T.grid(BQ, BK, D):
-                with T.sblock("pv"):
-                    r, j, dd = T.axis.remap("SRS", [ri, jj, d])
-                    with T.init():
-                        O[r, dd] = ZERO
-                    O[r, dd] = O[r, dd] + P[j, r] * widen(v[vb, vkh, key(vt, j), dd])
+            weighted_values(O, P, in_place(v, vb, vkh, vt))
         update_output(acc, O, alpha, l, t_sum, BQ, D)
 
     @T.macro
@@ -221,23 +239,13 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
                                         q_t[vp, r], vpair)
                         elif WIDE_TILES:
                             k_w = T.sblock_alloc_buffer((BK, D), ACC)
-                            for jj, d in T.grid(BK, D):
+                            for jj, d in T.grid(BK, D):  # (a macro's second call would rename its block)
                                 with T.sblock("k_wide"):
                                     j, dd = T.axis.remap("SS", [jj, d])
-                                    k_w[j, dd] = widen(k[vb, vkh, key(vt, j), dd])
-                            for jj, ri, d in T.grid(BK, BQ, D):
-                                with T.sblock("qk"):
-                                    j, r, dd = T.axis.remap("SSR", [jj, ri, d])
-                                    with T.init():
-                                        S[j, r] = ZERO
-                                    S[j, r] = S[j, r] + k_w[j, dd] * q_t[dd, r]
+                                    k_w[j, dd] = in_place(k, vb, vkh, vt)(j, dd)
+                            scores(S, q_t, from_tile(k_w))
                         else:
-                            for jj, ri, d in T.grid(BK, BQ, D):
-                                with T.sblock("qk"):
-                                    j, r, dd = T.axis.remap("SSR", [jj, ri, d])
-                                    with T.init():
-                                        S[j, r] = ZERO
-                                    S[j, r] = S[j, r] + widen(k[vb, vkh, key(vt, j), dd]) * q_t[dd, r]
+                            scores(S, q_t, in_place(k, vb, vkh, vt))
                         if ADJUST:
                             for jj, ri in T.grid(BK, BQ):
                                 with T.sblock("score_terms"):
