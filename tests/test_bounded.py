@@ -115,6 +115,28 @@ def test_shadow_kernels_take_softcap_alibi_and_sinks(variant, knob):
         np.testing.assert_allclose(direct, out, rtol=1e-5, atol=1e-6)  # the kernel quantizing K itself
 
 
+@pytest.mark.parametrize("top_k,slopes", [(5, (6.0, 8.0)), (64, (0.4, 0.5))])
+def test_topk_cut_past_the_bins_through_the_shadow(top_k, slopes):
+    """Steep ALiBi slopes put each row's k-th key 17-40 logits below its top, past the 16 logits of the shadow's
+    bins: the kernel cuts on the bounds themselves. Each key's value is scaled by e^(its gap to the top), so every
+    key of the top k moves the output as much as the top one: a key missed at the cut shows."""
+    n, heads = 700, KVH
+    rng = np.random.default_rng(21)
+    spec = tvm_attn.AttentionSpec(batch=B, heads=heads, kv_heads=KVH, seq_q=1, seq_kv=n, head_dim=D, causal=True,
+                                  top_k=top_k, alibi_slopes=slopes)
+    q, k, v = (rng.standard_normal(shape) for shape in (spec.q_shape, spec.kv_shape, spec.kv_shape))
+    s = references.scores(spec, q, k)
+    gap = s.max(axis=-1, keepdims=True) - s  # (B, heads, 1, n); one query row per KV head
+    kth = np.sort(gap, axis=-1)[..., top_k - 1]
+    assert ((kth > 17) & (kth < 40)).all()
+    v = (v * np.exp(np.minimum(gap, 40.0))[0, :, 0, :, None]).astype(np.float32)
+    q, k = q.astype(np.float32), k.astype(np.float32)
+    out = _filled_cache(k, v).attend(q, variant="topk", top_k=top_k, alibi_slopes=slopes)
+    ref = references.topk(spec, q, k, v)
+    assert np.abs(ref).max() < 100  # the kept keys' terms are all O(1)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_topk_ties_go_to_the_lower_index_through_the_shadow():
     """Equal scores straddling the cut: the lower key indices fill the quota, as in the reference (and with every
     score equal, the first top_k keys)."""

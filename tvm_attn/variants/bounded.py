@@ -44,6 +44,7 @@ from .pruned import INT32_MIN, order_key
 LANES = 16
 SB = certificate.BLOCK
 PREFETCH = 8  # kept keys ahead whose K and V rows are prefetched
+FAR_ROUNDS = 48  # at most this many halvings find a top-k cut past the bins (float32 has 24 bits per octave)
 EXTEND = 16  # bins (2 logits) scored exactly in the first round while a threshold weight is undecided (doubling)
 
 
@@ -180,6 +181,61 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         halve_to_two(pk, pk, 0, _add)
         rest_hi[0] = rest_hi[0] + (pd[0] + pd[1])
         rest_lo[0] = rest_lo[0] + (pk[0] + pk[1])
+
+    @T.macro
+    def far_cut(pc, upper, bins, bin_min, seen, count, kk, widest, top, b, h, i):
+        """Top-k when fewer than kk keys lie in the bins (16 logits below the top: steep ALiBi slopes, huge logits):
+        a bisection on the upper bounds themselves for a value cut_lo that at least kk keys reach, to within
+        CUT_STEP (at most FAR_ROUNDS rounds; blocks wholly above or below a cut count at once). The candidates, keys
+        with u >= cut_lo - 2 widest (less CUT_STEP and 2^-20 of its magnitude, for float32 rounding), get bin 0 and
+        the other keys seen bin CUTS: bins < 1 are the candidates."""
+        u_min = T.sblock_alloc_buffer((NB,), ACC)  # per block, of the keys seen
+        u_max = T.sblock_alloc_buffer((NB,), ACC)
+        pu = T.sblock_alloc_buffer((SB,), ACC)
+        cut_lo = T.sblock_alloc_buffer((1,), ACC)
+        cut_hi = T.sblock_alloc_buffer((1,), ACC)
+        cut_mid = T.sblock_alloc_buffer((1,), ACC)
+        rounds = T.sblock_alloc_buffer((1,), "int32")
+        for t in range(NB):
+            for lane in T.vectorized(SB):
+                pu[lane] = T.Select(bins[t * SB + lane] <= CUTS, upper[b, h, i, t * SB + lane], T.float32(INF))
+            halve_to_two(pu, pu, 0, T.min)
+            u_min[t] = T.min(pu[0], pu[1])
+            for lane in T.vectorized(SB):
+                pu[lane] = T.Select(bins[t * SB + lane] <= CUTS, upper[b, h, i, t * SB + lane], T.float32(-INF))
+            halve_to_two(pu, pu, 0, T.max)
+            u_max[t] = T.max(pu[0], pu[1])
+        cut_lo[0] = T.float32(INF)
+        for t in range(NB):
+            cut_lo[0] = T.min(cut_lo[0], u_min[t])  # every key seen reaches it
+        cut_hi[0] = top[0]
+        rounds[0] = 0
+        while T.And(cut_hi[0] - cut_lo[0] > T.float32(certificate.CUT_STEP), rounds[0] < FAR_ROUNDS):
+            cut_mid[0] = cut_lo[0] + (cut_hi[0] - cut_lo[0]) * HALF
+            count[0] = 0
+            for lane in T.vectorized(SB):
+                pc[lane] = 0
+            for t in range(NB):
+                if u_min[t] >= cut_mid[0]:
+                    count[0] = count[0] + seen[t]
+                elif u_max[t] >= cut_mid[0]:
+                    for lane in T.vectorized(SB):
+                        pc[lane] = pc[lane] + T.Cast("int32", T.And(bins[t * SB + lane] <= CUTS,
+                                                                    upper[b, h, i, t * SB + lane] >= cut_mid[0]))
+            for lane in range(SB):
+                count[0] = count[0] + pc[lane]
+            if count[0] >= kk[0]:
+                cut_lo[0] = cut_mid[0]
+            else:
+                cut_hi[0] = cut_mid[0]
+            rounds[0] = rounds[0] + 1
+        cut_lo[0] = cut_lo[0] - T.float32(2) * widest[0]
+        cut_lo[0] = cut_lo[0] - (T.float32(certificate.CUT_STEP) + T.fabs(cut_lo[0]) * T.float32(2.0**-20))
+        for t in range(NB):
+            for lane in T.vectorized(SB):
+                bins[t * SB + lane] = T.Select(bins[t * SB + lane] <= CUTS, T.Select(
+                    upper[b, h, i, t * SB + lane] >= cut_lo[0], 0, CUTS), bins[t * SB + lane])
+            bin_min[t] = T.Select(u_max[t] >= cut_lo[0], 0, CUTS)
 
     @T.macro
     def body(q, k, v, codes, lo, step, sinks, out):
@@ -396,7 +452,11 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                             hi_n[0] = mid[0]
                         else:
                             lo_n[0] = mid[0]
-                    hi_n[0] = T.min(hi_n[0] + T.Cast("int32", T.float32(2) * widest[0] * INV_STEP) + 2, CUTS + 1)
+                    if T.And(hi_n[0] > CUTS, top[0] < T.float32(INF)):
+                        far_cut(pc, upper, bins, bin_min, seen, count, kk, widest, top, vb, vh, vi)
+                        hi_n[0] = 1
+                    else:
+                        hi_n[0] = T.min(hi_n[0] + T.Cast("int32", T.float32(2) * widest[0] * INV_STEP) + 2, CUTS + 1)
                 else:
                     # Bisection for the smallest n whose bins < n certify (n = CUTS + 1: every key). Invariant: lo_n
                     # does not certify (0 keeps nothing), hi_n does. A block wholly on one side of a cut adds its
