@@ -9,6 +9,7 @@ import pytest
 
 import tvm_attn
 from conftest import assert_matches_reference, knobs_for, make_inputs, tolerance
+from tvm_attn.variants import path_for
 
 HEADS = 4
 SEQ_Q = (1, 7, 100, 128)
@@ -16,12 +17,16 @@ SEQ_KV = (1, 33, 100, 256)
 HEAD_DIMS = (32, 64, 80)
 KV_HEADS = (1, 2, HEADS)
 
-# The full (seq_q, seq_kv, causal) grid for every variant; kv_heads and head_dim cycle through their values
-# so that each appears with short and long, causal and non-causal shapes.
-GRID = [
-    (sq, skv, causal, KV_HEADS[n % 3], HEAD_DIMS[(n // 3 + n) % 3])
-    for n, (sq, skv, causal) in enumerate(itertools.product(SEQ_Q, SEQ_KV, (False, True)))
-]
+# Sequence lengths are run-time sizes: one kernel serves every length of its path. So each variant takes the full
+# (seq_q, seq_kv, causal) grid with one (kv_heads, head_dim) per path and causal flag, four kernels (compiles) checked
+# at every length; the pairs rotate over the variants (test_every_head_grouping_and_head_dim takes each through all).
+HEAD_SHAPES = list(itertools.product(KV_HEADS, HEAD_DIMS))
+
+
+def _grid(variant_index: int) -> list[tuple]:
+    return [(sq, skv, causal,
+             *HEAD_SHAPES[(4 * variant_index + 2 * (path_for(sq) == "prefill") + causal) % len(HEAD_SHAPES)])
+            for sq, skv, causal in itertools.product(SEQ_Q, SEQ_KV, (False, True))]
 
 
 def _spec(variant, sq, skv, causal, kvh, d, batch=2, **knobs):
@@ -37,12 +42,7 @@ def _check(variant, spec, schedule="best", seed=0):
     assert_matches_reference(variant, spec, out, q, k, v)
 
 
-# Every shape is a kernel compile of its own (~1 s; bounded's ~3 s): the dense variants take the whole grid, the
-# pruned ones and bounded half of it, with each (seq_kv, causal) pair at two seq_q (their tails are the pruned
-# kernels' shared code, and tests/test_half_precision.py and tests/test_arm64.py run them on more shapes).
-HALF_GRID = [shape for n, shape in enumerate(GRID) if (n + n // 2 + n // 8) % 2 == 0]
-AWKWARD = [(variant, *shape) for variant in tvm_attn.VARIANTS
-           for shape in (GRID if variant in ("standard", "flash", "mqa") else HALF_GRID)]
+AWKWARD = [(variant, *shape) for n, variant in enumerate(tvm_attn.VARIANTS) for shape in _grid(n)]
 
 
 @pytest.mark.parametrize("variant,sq,skv,causal,kvh,d", AWKWARD, ids=lambda x: str(x))
@@ -50,8 +50,13 @@ def test_matches_reference_on_awkward_shapes(variant, sq, skv, causal, kvh, d):
     _check(variant, _spec(variant, sq, skv, causal, kvh, d, **knobs_for(variant)[0]))
 
 
-@pytest.mark.parametrize("kvh,d", list(itertools.product(KV_HEADS, HEAD_DIMS)))
-@pytest.mark.parametrize("variant", list(tvm_attn.VARIANTS))
+# threshold, topk and mass share one kernel (variants/pruned.py) but for the selection: they split the pairs among them.
+PRUNED = ("threshold", "topk", "mass")
+HEAD_GROUPINGS = [(variant, *shape) for variant in tvm_attn.VARIANTS for n, shape in enumerate(HEAD_SHAPES)
+                  if variant not in PRUNED or n % len(PRUNED) == PRUNED.index(variant)]
+
+
+@pytest.mark.parametrize("variant,kvh,d", HEAD_GROUPINGS)
 def test_every_head_grouping_and_head_dim(variant, kvh, d):
     _check(variant, _spec(variant, 100, 33, True, kvh, d, batch=1, **knobs_for(variant)[0]))
 

@@ -28,9 +28,9 @@ known exactly: it joins the kept side of the certificate, e^(sink - U), and the 
 
 Top-k through a cache is exact: with n the smallest bin count whose keys (bins < n) number at least k, those keys all
 score above U - n CUT_STEP - 2 R (R: the row's largest radius), so a key whose upper bound is below that is not in
-the top k; the rest (bins < n + 2 R / CUT_STEP + 2) get exact scores from K, and the top k of those are the answer. Where fewer
-than k keys lie in the bins (steep ALiBi slopes, huge logits), the same argument runs on a value c found by
-bisecting the upper bounds themselves (at least k keys have u_j >= c): the candidates are the keys with
+the top k; the rest (bins < n + 2 R / CUT_STEP + 2) get exact scores from K, and the top k of those are the answer.
+Where fewer than k keys lie in the bins (steep ALiBi slopes, huge logits), the same argument runs on a value c found
+by bisecting the upper bounds themselves (at least k keys have u_j >= c): the candidates are the keys with
 u_j >= c - 2 R.
 
 Threshold through a cache is exact too: candidates are the keys that may weigh >= tau (e^u >= tau sum_j e^(l_j)),
