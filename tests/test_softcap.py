@@ -40,8 +40,9 @@ def test_variants_cap_their_scores(variant, shape):
 
 
 def test_top_k_decode_through_a_cache_caps_in_the_shadow_kernel():
-    """A softcapped top-k decode call through a cache takes the kernel reading the cache's shadow of K, which caps
-    the bounds as the scores (tests/test_bounded.py has the other shadow kernels)."""
+    """A softcapped top-k decode call through a cache takes the kernel reading the cache's shadow of K, which cuts
+    on the uncapped bounds (capping keeps the scores' order) and caps the candidates' exact scores
+    (tests/test_bounded.py has the other shadow kernels, and top-k with softcap and ALiBi)."""
     rng = np.random.default_rng(4)
     cache = tvm_attn.KVCache(batch=1, kv_heads=2, head_dim=32, capacity=200)
     cache.append(*(rng.standard_normal((1, 2, 200, 32)).astype(np.float32) for _ in "kv"))

@@ -50,6 +50,9 @@ COST_POINTS = (
     CostPoint("top-k 64 decode MHA 32 D64, 8192 keys (shadow)",
               dict(batch=1, heads=32, seq_q=1, seq_kv=8192, head_dim=64, causal=True, top_k=64),
               variant="topk", shadow=True, q_scale=3.0),
+    CostPoint("threshold 0.001 decode GQA 32/8 D128, 8192 keys (shadow)",
+              dict(batch=1, heads=32, kv_heads=8, seq_q=1, seq_kv=8192, head_dim=128, causal=True, threshold=0.001),
+              variant="threshold", shadow=True, q_scale=3.0),
 )
 FEATURES = {"softcap 30": dict(softcap=30.0), "sinks": dict(sinks=True), "ALiBi": dict(alibi_slopes="bloom")}
 # A pruned kernel's softcap and ALiBi also change which keys it keeps (capped scores are flatter: more keys hold the

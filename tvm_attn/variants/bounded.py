@@ -137,6 +137,16 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         twice the radius stays a lower bound: softcapping moves no two scores farther apart."""
         return adjusted(kspec, s, head, vis.distance(i, j))
 
+    # Top-k without ALiBi cuts on the uncapped bounds: softcapping is monotone, so it keeps the order of the scores,
+    # and moves no two farther apart, so the cut's argument holds for the exact capped scores of the candidates.
+    # The bounds (every key's) then skip the tanh; only the candidates' exact scores take it.
+    BOUNDS_CAPPED = not (IS_TOPK and kspec.alibi_slopes is None)
+
+    def bound_terms(u, head, i, j):
+        """The upper bound u of key j's score as the cut compares it: as score_terms maps scores, uncapped for
+        top-k without ALiBi."""
+        return score_terms(u, head, i, j) if BOUNDS_CAPPED else u
+
     @T.macro
     def exact_score(pd, qr, k, b, kh, j):
         """q . k[b, kh, j] (q pre-scaled in qr, zero-padded to DP) as pd[0] + pd[1]: LANES partial sums, then
@@ -299,7 +309,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                                     with T.sblock("upper"):
                                         vg, j = T.axis.remap("SS", [g, jj])
                                         # Keys past seq_kv hold stale codes: masked here.
-                                        u[vg, j] = T.Select(vis.sees(vi, vt * SB + j), score_terms(
+                                        u[vg, j] = T.Select(vis.sees(vi, vt * SB + j), bound_terms(
                                             qo[vg] + s_hat[vg, j] + rad[vg], vkh * G + vg, vi, vt * SB + j), NEG)
                                 for g, jj in T.grid(G, SB):
                                     with T.sblock("save_upper"):
