@@ -192,6 +192,54 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         rest_hi[0] = rest_hi[0] + (pd[0] + pd[1])
         rest_lo[0] = rest_lo[0] + (pk[0] + pk[1])
 
+    class BinsBelow:
+        """Keys seen in bins < cut (blocks: bin_min, bin_max) as count_keys asks."""
+
+        def __init__(self, bins, bin_min, bin_max, cut):
+            self.bins, self.bin_min, self.bin_max, self.cut = bins, bin_min, bin_max, cut
+
+        def all_in(self, t):
+            return self.bin_max[t] < self.cut
+
+        def some_in(self, t):
+            return self.bin_min[t] < self.cut
+
+        def key_in(self, t, lane):
+            return self.bins[t * SB + lane] < self.cut
+
+    class BoundsAbove:
+        """Keys seen whose upper bound (of row b, h, i) is >= cut (blocks: u_min, u_max) as count_keys asks."""
+
+        def __init__(self, upper, bins, u_min, u_max, cut, b, h, i):
+            self.upper, self.bins, self.u_min, self.u_max, self.cut = upper, bins, u_min, u_max, cut
+            self.b, self.h, self.i = b, h, i
+
+        def all_in(self, t):
+            return self.u_min[t] >= self.cut
+
+        def some_in(self, t):
+            return self.u_max[t] >= self.cut
+
+        def key_in(self, t, lane):
+            return T.And(self.bins[t * SB + lane] <= CUTS,
+                         self.upper[self.b, self.h, self.i, t * SB + lane] >= self.cut)
+
+    @T.macro
+    def count_keys(count, pc, seen, rule):
+        """count[0] = the keys seen that ``rule`` (BinsBelow, BoundsAbove) takes: a block it takes all of adds its
+        count, one it may take some of a vectorized count."""
+        count[0] = 0
+        for lane in T.vectorized(SB):
+            pc[lane] = 0
+        for t in range(NB):
+            if rule.all_in(t):
+                count[0] = count[0] + seen[t]
+            elif rule.some_in(t):
+                for lane in T.vectorized(SB):
+                    pc[lane] = pc[lane] + T.Cast("int32", rule.key_in(t, lane))
+        for lane in range(SB):
+            count[0] = count[0] + pc[lane]
+
     @T.macro
     def far_cut(pc, upper, bins, bin_min, seen, count, kk, widest, top, b, h, i):
         """Top-k when fewer than kk keys lie in the bins (16 logits below the top: steep ALiBi slopes, huge logits):
@@ -222,18 +270,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         rounds[0] = 0
         while T.And(cut_hi[0] - cut_lo[0] > T.float32(certificate.CUT_STEP), rounds[0] < FAR_ROUNDS):
             cut_mid[0] = cut_lo[0] + (cut_hi[0] - cut_lo[0]) * HALF
-            count[0] = 0
-            for lane in T.vectorized(SB):
-                pc[lane] = 0
-            for t in range(NB):
-                if u_min[t] >= cut_mid[0]:
-                    count[0] = count[0] + seen[t]
-                elif u_max[t] >= cut_mid[0]:
-                    for lane in T.vectorized(SB):
-                        pc[lane] = pc[lane] + T.Cast("int32", T.And(bins[t * SB + lane] <= CUTS,
-                                                                    upper[b, h, i, t * SB + lane] >= cut_mid[0]))
-            for lane in range(SB):
-                count[0] = count[0] + pc[lane]
+            count_keys(count, pc, seen, BoundsAbove(upper, bins, u_min, u_max, cut_mid[0], b, h, i))
             if count[0] >= kk[0]:
                 cut_lo[0] = cut_mid[0]
             else:
@@ -447,17 +484,7 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
                     hi_n[0] = CUTS + 1
                     while hi_n[0] - lo_n[0] > 1:
                         mid[0] = (lo_n[0] + hi_n[0]) // 2
-                        count[0] = 0
-                        for lane in T.vectorized(SB):
-                            pc[lane] = 0
-                        for t in range(NB):
-                            if bin_max[t] < mid[0]:
-                                count[0] = count[0] + seen[t]
-                            elif bin_min[t] < mid[0]:
-                                for lane in T.vectorized(SB):
-                                    pc[lane] = pc[lane] + T.Cast("int32", bins[t * SB + lane] < mid[0])
-                        for lane in range(SB):
-                            count[0] = count[0] + pc[lane]
+                        count_keys(count, pc, seen, BinsBelow(bins, bin_min, bin_max, mid[0]))
                         if count[0] >= kk[0]:
                             hi_n[0] = mid[0]
                         else:
