@@ -24,9 +24,9 @@ n in 1..CUT_STEPS such that
 Softcapping and ALiBi (AttentionSpec.softcap, alibi_slopes) map u_j as they map the score (capped, then biased): an
 upper bound of the score the softmax takes. u_j - 2 radius stays a lower bound, since cap tanh(x / cap) moves no two
 scores farther apart, so every rule here holds for those scores unchanged. (Top-k without ALiBi cuts on the
-uncapped bounds: capping keeps the scores' order and moves none farther apart, so the cut below holds for the capped
-scores too; only the candidates' exact scores are capped.) A sink (AttentionSpec.sinks) is a term
-known exactly: it joins the kept side of the certificate, e^(sink - U), and the sum threshold compares weights with.
+uncapped bounds: capping is monotone, so the top k of the capped scores are those of the uncapped ones; only the
+candidates' exact scores are capped.) A sink (AttentionSpec.sinks) is a term known exactly: it joins the kept side
+of the certificate, e^(sink - U), and the sum threshold compares weights with.
 
 Top-k through a cache is exact: with n the smallest bin count whose keys (bins < n) number at least k, those keys all
 score above U - n CUT_STEP - 2 R (R: the row's largest radius), so a key whose upper bound is below that is not in

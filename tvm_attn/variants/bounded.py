@@ -137,9 +137,8 @@ def _kernel(kspec: KernelSpec, config: BoundedConfig, reads_shadow: bool):
         twice the radius stays a lower bound: softcapping moves no two scores farther apart."""
         return adjusted(kspec, s, head, vis.distance(i, j))
 
-    # Top-k without ALiBi cuts on the uncapped bounds: softcapping is monotone, so it keeps the order of the scores,
-    # and moves no two farther apart, so the cut's argument holds for the exact capped scores of the candidates.
-    # The bounds (every key's) then skip the tanh; only the candidates' exact scores take it.
+    # Top-k without ALiBi cuts on the uncapped bounds: softcapping is monotone, so the top k of the capped scores are
+    # those of the uncapped ones, and every key's bound skips the tanh; only the candidates' exact scores take it.
     BOUNDS_CAPPED = not (IS_TOPK and kspec.alibi_slopes is None)
 
     def bound_terms(u, head, i, j):
