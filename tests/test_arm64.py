@@ -80,6 +80,9 @@ CALLS = [(case, n) for case in CASES for n in range(len(case.lengths))]
 CACHE_CASES = [("flash", "float32"), ("flash", "float16"), ("flash", "int8"), ("topk", "float32"),
                ("threshold", "float32"), ("bounded", "float32"), ("bounded", "bfloat16")]
 CACHE_APPENDS = (37, 1, 90, 30)  # 158 positions: whole and partial shadow blocks of 32
+# top-k's cache case adds ALiBi slopes so steep for heads 0 and 1 that their 5th key lies past the shadow's 16 logits
+# of bins: those rows take the kernel's cut on the bounds themselves (variants/bounded.py far_cut)
+TOPK_CACHE_SLOPES = (8.0, 6.0, 0.5, 0.0)
 
 
 # Decode over int8 caches with q . K and P V in byte products (sdot: tvm_attn/schedules/byte_products.py):
@@ -127,6 +130,7 @@ def _cache_for(variant: str, dtype: str):
     q = (2 * rng.standard_normal((1, 4, 1, 64))).astype(numpy_dtype(cache.input_dtype))
     spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=1, seq_kv=cache.length, head_dim=64,
                                   causal=True, dtype=cache.input_dtype, kv_dtype=dtype if cache.integer else None,
+                                  alibi_slopes=TOPK_CACHE_SLOPES if variant == "topk" else None,
                                   **knobs_for(variant)[0])
     return cache, q, spec
 
