@@ -19,7 +19,8 @@ KV_HEADS = (1, 2, HEADS)
 
 # Sequence lengths are run-time sizes: one kernel serves every length of its path. So each variant takes the full
 # (seq_q, seq_kv, causal) grid with one (kv_heads, head_dim) per path and causal flag, four kernels (compiles) checked
-# at every length; the pairs rotate over the variants (test_every_head_grouping_and_head_dim takes each through all).
+# at every length; the pairs rotate over the variants (test_every_head_grouping_and_head_dim takes every pair through
+# each kernel).
 HEAD_SHAPES = list(itertools.product(KV_HEADS, HEAD_DIMS))
 
 
