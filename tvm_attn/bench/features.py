@@ -227,8 +227,8 @@ def features_section(rows, ctx) -> list[str]:
                   "time with / time without. In a pruned kernel softcap 30 and ALiBi also change which keys it keeps "
                   "(capped scores are flatter, so more keys hold the mass; BLOOM's slopes drop distant keys, and put "
                   "a top-k cut past the 16 logits the shadow's bins separate, where the kernel bisects on the "
-                  "bounds themselves): their ratios there are the data's as much as the arithmetic's. Softcap 1e4 moves no "
-                  "score by 0.01 and keeps the same keys: the cap's arithmetic alone.", "",
+                  "bounds themselves): their ratios there are the data's as much as the arithmetic's. Softcap 1e4 "
+                  "moves no score by 0.01 and keeps the same keys: the cap's arithmetic alone.", "",
                   table(["kernel", "without ms"] + names, body), ""]
         goal = GOALS["feature_cost"]
         for kind, ratio in worst.items():
