@@ -26,7 +26,8 @@ from ..timing import measure
 
 # float32 flops per cycle and core of the FMA units (2 FMA pipes x lanes x 2), by LLVM CPU name
 FMA_FLOPS_PER_CYCLE = {
-    **{f"znver{n}": 32 for n in (1, 2, 3, 4)},  # 2 x 256-bit (Zen 4 splits AVX-512 into two halves)
+    "znver1": 16,  # 2 x 128-bit (a 256-bit FMA takes both pipes)
+    **{f"znver{n}": 32 for n in (2, 3, 4)},  # 2 x 256-bit (Zen 4 splits AVX-512 into two halves)
     "znver5": 64,  # 2 x 512-bit
     **{cpu: 64 for cpu in ("skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
                            "emeraldrapids", "graniterapids")},  # 2 x 512-bit
