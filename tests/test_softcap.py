@@ -69,10 +69,12 @@ def test_softcap_through_a_cache(dtype):
         assert_matches_reference("flash", spec, cache.attend(q, softcap=4.0), q, k, v)
 
 
-def test_softcapped_scores_are_float32_close_to_tanh():
+@pytest.mark.parametrize("cap", [5.0, 30.0, 1e30])
+def test_softcapped_scores_are_float32_close_to_tanh(cap):
     """softcapped near 0 (down to subnormal and zero arguments), around its clamp, over +-10 cap, +-Inf and NaN:
-    within a few float32 ulps of cap (absolute) of the float64 cap tanh(s / cap)."""
-    cap = 30.0
+    within 5 float32 ulps of cap (absolute) of the float64 cap tanh(s / cap) (compiled for generic x86-64 or
+    arm64, whichever the host is: the x86 code has no FMA, its worst case). A cap of 1e30 multiplies the
+    quotient rather than the numerator's coefficients (which would overflow)."""
     n = 4096
 
     @T.prim_func(s_tir=True)
@@ -91,7 +93,7 @@ def test_softcapped_scores_are_float32_close_to_tanh():
     f(tvm.runtime.tensor(s), out := tvm.runtime.tensor(got))
     got = out.numpy()
     want = cap * np.tanh(s.astype(np.float64) / cap)
-    assert np.abs(got - want).max() <= 4 * np.finfo(np.float32).eps * cap
+    assert np.abs(got - want).max() <= 5 * np.finfo(np.float32).eps * cap
     s[0] = np.nan
     f(tvm.runtime.tensor(s), out)
     assert np.isnan(out.numpy()[0])
