@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .common import (has_block, register_block, register_blocked_matmul, schedule_target, vectorize_last,
-                     vectorized_row_reduction)
+from .common import (register_block, register_blocked_matmul, schedule_score_terms, schedule_target,
+                     vectorize_last, vectorized_row_reduction)
 from .pair_products import in_pair_products, pair_dot, pair_product_intrin
 
 
@@ -36,7 +36,6 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     vectorized_row_reduction(sch, "tile_max", lanes)
     vectorized_row_reduction(sch, "tile_sum", lanes)
     vectorize_last(sch, "p", lanes)
-    if has_block(sch, "score_terms"):
-        vectorize_last(sch, "score_terms", lanes)
+    schedule_score_terms(sch, lanes)
     for name in ("q_tile", "init_acc", "out"):
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])

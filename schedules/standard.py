@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .common import has_block, register_block, register_blocked_matmul, schedule_target, vectorize_last
+from .common import register_block, register_blocked_matmul, schedule_score_terms, schedule_target, vectorize_last
 
 
 def schedule(sch: s_tir.Schedule, target=None) -> None:
@@ -18,5 +18,4 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     register_blocked_matmul(sch, "pv", row=-3, col=-1, red=-2, lanes=lanes, limit=limit)
     for name in ("row_max_part", "row_sum_part", "exp", "q_tile", "init_acc", "out"):
         vectorize_last(sch, name, lanes)
-    if has_block(sch, "score_terms"):
-        vectorize_last(sch, "score_terms", lanes)
+    schedule_score_terms(sch, lanes)

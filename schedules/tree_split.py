@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .common import has_block, register_block, register_blocked_matmul, schedule_target, vectorize_last
+from .common import (has_block, register_block, register_blocked_matmul, schedule_score_terms, schedule_target,
+                     vectorize_last)
 from .decode import schedule_merge
 from .pair_products import in_pair_products, pair_dot, pair_product_intrin
 
@@ -35,8 +36,7 @@ def schedule(sch: s_tir.Schedule, target=None) -> None:
     for name in ("tile_max", "tile_sum"):  # (key, row): the reduction over keys outside, rows along the lanes
         vectorize_last(sch, name, lanes)
     vectorize_last(sch, "p", lanes)
-    if has_block(sch, "score_terms"):
-        vectorize_last(sch, "score_terms", lanes)
+    schedule_score_terms(sch, lanes)
     for name in ("q_tile", "init_acc", "save_acc"):
         vectorize_last(sch, name, lanes)
     schedule_merge(sch, lanes)

@@ -25,6 +25,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from .schedules import register_tensor_intrinsics
+from .schedules.common import schedule_score_terms, schedule_target
 from .spec import AttentionSpec, KernelSpec
 from .targets import capabilities, resolve_target, target_from_key, target_key
 from .variants import path_for
@@ -335,6 +336,8 @@ def apply_record(variant, spec: AttentionSpec, record, target) -> s_tir.Schedule
     """Replay a record's trace on the kernel serving ``spec`` on ``target`` (generic over batch and lengths)."""
     sch = s_tir.Schedule(generic_workload(variant, spec.kernel, path_for(spec.seq_q), target))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
+    if "score_terms" not in str(record.trace):  # the record of the kernel without softcap and ALiBi (tuned_record)
+        schedule_score_terms(sch, schedule_target(target)[1])
     return sch
 
 
