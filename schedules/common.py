@@ -136,9 +136,9 @@ def schedule_score_terms(sch: s_tir.Schedule, lanes: int) -> None:
     come from a register-blocked matmul (``register_blocked_matmul``: its accumulators written back by a local-copy
     block), it runs per register tile right after the write-back, its rows and vectors unrolled as the
     micro-kernel's, rather than in a pass of its own over the score tile. Measured here (Zen 1, flash prefill D64
-    1024 causal, tuned, against the kernel without, one interleaved round): softcap 30 1.114x -> 1.096x; ALiBi 1.055x
-    as a vectorized pass of its own, 1.02x-1.04x so (1.02x left to LLVM's vectorizer, which the pass was in tuned
-    kernels)."""
+    1024 causal, tuned, against the kernel without, three interleaved rounds): softcap 30 1.114x as a pass, 1.096x
+    so; ALiBi 1.055x as a vectorized pass, 1.02x as a pass LLVM vectorized (tuned kernels had it so), 1.02x-1.03x
+    so."""
     if not has_block(sch, "score_terms"):
         return
     block = sch.get_sblock("score_terms")
