@@ -132,16 +132,21 @@ def vectorize_last(sch: s_tir.Schedule, name: str, lanes: int):
 
 
 def schedule_score_terms(sch: s_tir.Schedule, lanes: int) -> None:
-    """The block adjusting the scores (score_terms: softcap, ALiBi; absent without them), vectorized. Where the scores
-    come from a register-blocked matmul (``register_blocked_matmul``: its accumulators written back by a local-copy
-    block), it runs per register tile right after the write-back, its rows and vectors unrolled as the
-    micro-kernel's, rather than in a pass of its own over the score tile. Measured here (Zen 1, flash prefill D64
-    1024 causal, tuned, against the kernel without, three interleaved rounds): softcap 30 1.114x as a pass, 1.096x
-    so; ALiBi 1.055x as a vectorized pass, 1.02x as a pass LLVM vectorized (tuned kernels had it so), 1.02x-1.03x
-    so."""
+    """The block adjusting the scores (score_terms; absent without softcap and ALiBi). Terms of the score alone
+    (softcap), where the scores come from a register-blocked matmul (``register_blocked_matmul``: its accumulators
+    written back by a local-copy block), run per register tile right after the write-back, rows and vectors unrolled
+    as the micro-kernel's, rather than in a pass of its own over the score tile; elsewhere vectorized as a pass.
+    Terms of the positions (ALiBi: the block's annotation "position_terms") stay a pass that LLVM vectorizes: per
+    register tile their unrolled index arithmetic took 6-33 s to compile, not unrolled they ran slower.
+    Measured here (Zen 1, flash prefill D64 1024 causal, tuned, against the kernel without, three interleaved rounds):
+    softcap 30 1.114x as a pass, 1.096x per register tile; ALiBi 1.055x as a pass vectorized by the schedule, 1.02x
+    as one LLVM vectorized, 1.053x-1.070x per register tile not unrolled (D128, hand: 1.032x-1.035x vectorized by
+    the schedule, 1.010x-1.019x by LLVM)."""
     if not has_block(sch, "score_terms"):
         return
     block = sch.get_sblock("score_terms")
+    if bool(sch.get(block).annotations.get("position_terms", False)):
+        return
     producers = sch.get_producers(block)
     in_register_tiles = len(producers) == 1 and sch.get(producers[0]).name_hint.endswith("_local")
     if in_register_tiles:

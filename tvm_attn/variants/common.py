@@ -96,12 +96,20 @@ def row_score_terms(kspec: KernelSpec, head, row0, vis):
     return lambda r, j, s: adjusted(kspec, s, head, vis.distance(T.min(row0 + r, vis.seq_q - 1), j))
 
 
+def adjusts_by_position(kspec: KernelSpec) -> bool:
+    """Whether kspec's score terms depend on the query's and the key's positions (ALiBi), not on the score alone
+    (softcap): the "score_terms" blocks carry it as their annotation "position_terms", for the schedules."""
+    return kspec.alibi_slopes is not None
+
+
 @T.macro
-def adjust_scores(S, adjusted_scores, rows, tiles, block_kv, adjust):
-    """adjusted_scores = adjust(r, key, S[r, key]) (block "score_terms") for rows x (tiles x block_kv) scores."""
+def adjust_scores(S, adjusted_scores, rows, tiles, block_kv, adjust, by_position):
+    """adjusted_scores = adjust(r, key, S[r, key]) (block "score_terms", annotated with ``by_position``:
+    adjusts_by_position) for rows x (tiles x block_kv) scores."""
     for ri, t, jj in T.grid(rows, tiles, block_kv):
         with T.sblock("score_terms"):
             r, vt, j = T.axis.remap("SSS", [ri, t, jj])
+            T.sblock_attr({"position_terms": by_position})
             adjusted_scores[r, vt * block_kv + j] = adjust(r, vt * block_kv + j, S[r, vt * block_kv + j])
 
 

@@ -34,10 +34,10 @@ from tvm.script import tirx as T
 
 from ..spec import KernelSpec
 from ..fast_exp import softmax_exp
-from .common import (ACC, BF16_BITS, Visibility, adjust_scores, adjusted, adjusts_scores, bhsd_kernel, bits_of,
-                     ceil_div, fresh_block_names, init_online_softmax, online_softmax_state, online_softmax_tile,
-                     pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs, row_output, run_time_sizes,
-                     sink_logit, softmax_weights, transpose_k, update_output, widen)
+from .common import (ACC, BF16_BITS, Visibility, adjust_scores, adjusted, adjusts_by_position, adjusts_scores,
+                     bhsd_kernel, bits_of, ceil_div, fresh_block_names, init_online_softmax, online_softmax_state,
+                     online_softmax_tile, pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs,
+                     row_output, run_time_sizes, sink_logit, softmax_weights, transpose_k, update_output, widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -74,6 +74,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
     score_exp = (lambda x: softmax_exp(x * T.float32(abs(kspec.scale)))) if pairs else softmax_exp
     # Softcap and ALiBi: the adjusted scores (scaled first where pairs left them unscaled) in S_adjusted
     ADJUST = adjusts_scores(kspec)
+    BY_POSITION = adjusts_by_position(kspec)
     PRESCALE = abs(kspec.scale) if pairs else 1.0
     OPERAND = BF16_BITS if pairs else ACC  # q_tile and P
     # The running max in score units, for the sink's term (pairs without softcap keep it unscaled).
@@ -172,7 +173,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                         if pairs:
                             qk_tile_pairs(S, q_tile, k_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
                             if ADJUST:
-                                adjust_scores(S, S_adjusted, BQ, 1, BK, score_terms(vkh, vgo, vrt, vt))
+                                adjust_scores(S, S_adjusted, BQ, 1, BK, score_terms(vkh, vgo, vrt, vt), BY_POSITION)
                                 softmax_weights(S_adjusted, P, m, t_max, t_sum, alpha, vt * BK, BQ, BK, vrt * BQ,
                                                 row_sees, tile_sees_all(vrt, vt), NEG, ZERO, ONE, softmax_exp)
                             else:
@@ -182,7 +183,7 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                             update_output(acc, O, alpha, l, t_sum, BQ, D)
                         elif ADJUST:
                             qk_tile(S, 0, q_tile, k_t, vb, vkh, vt * BK, BQ, BK, D, ZERO)
-                            adjust_scores(S, S_adjusted, BQ, 1, BK, score_terms(vkh, vgo, vrt, vt))
+                            adjust_scores(S, S_adjusted, BQ, 1, BK, score_terms(vkh, vgo, vrt, vt), BY_POSITION)
                             online_softmax_tile(S_adjusted, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh,
                                                 vt * BK, BQ, BK, D, SKV, vrt * BQ, row_sees,
                                                 tile_sees_all(vrt, vt), NEG, ZERO, ONE)

@@ -38,9 +38,9 @@ from tvm.script import tirx as T
 
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
-from .common import (ACC, BF16_PAIR, Visibility, adjusted, adjusts_scores, bhsd_kernel, ceil_div, fresh_block_names,
-                     init_online_softmax, online_softmax_state, merge_chunks, pair_half, pair_of, run_time_sizes,
-                     softmax_weights_by_key, update_output, widen)
+from .common import (ACC, BF16_PAIR, Visibility, adjusted, adjusts_by_position, adjusts_scores, bhsd_kernel, ceil_div,
+                     fresh_block_names, init_online_softmax, online_softmax_state, merge_chunks, pair_half, pair_of,
+                     run_time_sizes, softmax_weights_by_key, update_output, widen)
 from .decode import DecodeConfig
 
 NODES_PER_TILE = 16  # a row tile holds this many nodes' rows (variants.TREE_DECODE_MAX_ROWS)
@@ -76,6 +76,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
     ZERO = T.float32(0)
     ONE = T.float32(1)
     ADJUST = adjusts_scores(kspec)
+    BY_POSITION = adjusts_by_position(kspec)
     # 16-bit K and V without pair products: each KV tile widened to float32 once (k_wide, v_wide), not once per use.
     WIDE_TILES = kspec.dtype != "float32" and not pairs
     # Pair products take q as given (negated for a negative scale, which is exact) and the scale in the exp, or in
@@ -250,6 +251,7 @@ def compute(kspec: KernelSpec, config: DecodeConfig = DecodeConfig(), block_q: i
                             for jj, ri in T.grid(BK, BQ):
                                 with T.sblock("score_terms"):
                                     j, r = T.axis.remap("SS", [jj, ri])
+                                    T.sblock_attr({"position_terms": BY_POSITION})
                                     S_adjusted[j, r] = score_terms(vkh, vrt, vt)(r, j, S[j, r])
                             scores_to_output(S_adjusted, P, O, m, t_max, t_sum, alpha, l, acc, v, vb, vkh, vt, vrt)
                         else:
