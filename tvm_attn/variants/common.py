@@ -54,9 +54,10 @@ def softcapped(s, cap: float):
     x = T.max(T.float32(-TANH_CLAMP), T.min(T.float32(TANH_CLAMP), s * T.float32(1 / cap)))
     x2 = x * x
     fold = cap < 2.0**64  # x p(x^2) reaches 7.4e8 cap: finite in float32 for such caps
-    p = T.float32(_TANH_NUMERATOR[-1] * (cap if fold else 1.0))
+    p_scale = cap if fold else 1.0
+    p = T.float32(_TANH_NUMERATOR[-1] * p_scale)
     for c in _TANH_NUMERATOR[-2::-1]:
-        p = p * x2 + T.float32(c * (cap if fold else 1.0))
+        p = p * x2 + T.float32(c * p_scale)
     q = x2 + T.float32(_TANH_DENOMINATOR[-1])
     for c in _TANH_DENOMINATOR[-2::-1]:
         q = q * x2 + T.float32(c)
