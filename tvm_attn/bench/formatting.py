@@ -14,7 +14,7 @@ NUMERIC = ("x", "batch", "heads", "kv_heads", "seq_q", "seq_kv", "head_dim", "th
            "q25_ms", "q75_ms", "repeats", "flops", "gflops", "bytes_inputs", "bytes_output", "bytes_intermediate",
            "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats", "threads",
            "layers", "bytes_kv", "gbs", "kernel_ms", "overhead_us", "compiles", "prefill_ms", "perplexity",
-           "top1_agreement", "tokens_per_s", "certificate")
+           "top1_agreement", "tokens_per_s", "certificate", "round")
 
 
 def load(path: str) -> list[dict]:

@@ -38,7 +38,7 @@ FIELDS = (
     "bytes_inputs", "bytes_output", "bytes_intermediate",
     "rel_err_dense", "max_abs_err_dense", "rel_err_own", "kept_fraction", "entropy_nats",
     "threads", "target", "kernel_ms", "overhead_us", "compiles", "prefill_ms",
-    "perplexity", "top1_agreement", "tokens_per_s", "certificate", "feature",
+    "perplexity", "top1_agreement", "tokens_per_s", "certificate", "feature", "round",
 )
 MAX_LAYERS = 64
 SLOW_PROVIDERS = ("untuned", "numpy")
