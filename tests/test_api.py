@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,21 @@ def test_kernels_are_cached_per_spec():
     spec = tvm_attn.AttentionSpec(batch=1, heads=2, seq_q=9, head_dim=16)
     assert tvm_attn.build("flash", spec) is tvm_attn.build("flash", spec)
     assert tvm_attn.build("flash", spec) is not tvm_attn.build("flash", spec, schedule="untuned")
+
+
+def test_identical_modules_compile_once():
+    """standard, flash and mqa share their decode kernel: it compiles once; a different kernel still compiles."""
+    spec = tvm_attn.AttentionSpec(batch=2, heads=4, kv_heads=2, seq_q=1, seq_kv=37, head_dim=24, causal=True)
+    before = tvm_attn.compile_count()
+    kernels = [tvm_attn.build(variant, spec, schedule="hand") for variant in ("standard", "flash", "mqa")]
+    assert tvm_attn.compile_count() == before + 1
+    assert {k.variant for k in kernels} == {"standard", "flash", "mqa"}
+    assert all(k.executable is kernels[0].executable for k in kernels)
+    q, k, v = make_inputs(spec)
+    for kernel in kernels:
+        np.testing.assert_array_equal(kernel(q, k, v), kernels[0](q, k, v))
+    windowed = tvm_attn.build("flash", dataclasses.replace(spec, window=16), schedule="hand")
+    assert tvm_attn.compile_count() == before + 2 and windowed.executable is not kernels[0].executable
 
 
 def test_spec_defaults_are_the_seeds():

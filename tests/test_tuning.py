@@ -22,7 +22,7 @@ from tvm.s_tir.schedule import Trace
 import tvm_attn
 from conftest import assert_matches_reference, make_inputs
 from tvm_attn import kernel as kernel_module
-from tvm_attn import tuning
+from tvm_attn import tune, tuning
 from tvm_attn.variants import path_for
 
 TINY = dict(batch=1, heads=2, seq_q=32, head_dim=32)
@@ -121,7 +121,7 @@ def test_records_of_another_target_are_never_applied(tuned_logs, tmp_path):
     assert tuning.tuned_record(tvm_attn.get_variant("flash"), spec, "host", root=tuned_logs[0]) is not None
 
 
-def test_truncated_log_is_a_clear_error(tuned_logs, tmp_path):
+def test_truncated_log_is_a_clear_error(tuned_logs, tmp_path, capsys):
     logs = tmp_path / "logs"
     shutil.copytree(tuned_logs[0], logs)
     path = logs / tvm_attn.target_key("host") / tuning.RECORD_FILE
@@ -130,10 +130,10 @@ def test_truncated_log_is_a_clear_error(tuned_logs, tmp_path):
     n_lines = text.count("\n")
     with pytest.raises(tuning.CorruptTuningLog, match=f"{tuning.RECORD_FILE}:{n_lines} is not valid JSON"):
         tuning.open_database("host", logs)
-    proc = subprocess.run([sys.executable, "-m", "tvm_attn.tune", "--variant", "flash", "--seq", "32", "--batch",
-                           "1", "--heads", "2", "--head-dim", "32", "--trials", "1", "--logs", str(logs)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "is not valid JSON" in proc.stderr
+    with pytest.raises(SystemExit) as exited:
+        tune.main(["--variant", "flash", "--seq", "32", "--batch", "1", "--heads", "2", "--head-dim", "32",
+                   "--trials", "1", "--logs", str(logs)])
+    assert exited.value.code == 2 and "is not valid JSON" in capsys.readouterr().err
     assert path.read_text() == text[: len(text) - 40]  # nothing overwritten
 
 
@@ -212,10 +212,16 @@ def test_running_again_through_an_rpc_tracker_resumes_and_adds_trials(tuned_logs
                 p.kill()
 
 
-def test_rpc_options_are_checked():
-    proc = subprocess.run([sys.executable, "-m", "tvm_attn.tune", "--variant", "flash", "--rpc-tracker", "nohost"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--rpc-tracker must be HOST:PORT, got 'nohost'" in proc.stderr
+@pytest.mark.parametrize("options,message", [
+    (["--rpc-tracker", "nohost"], "--rpc-tracker must be HOST:PORT, got 'nohost'"),
+    (["--rpc-tracker", "127.0.0.1:9190"], "--rpc-key is required with --rpc-tracker")])
+def test_rpc_options_are_checked(options, message, tmp_path, capsys):
+    """A usage error (exit 2, no traceback), before anything is written."""
+    with pytest.raises(SystemExit) as exited:
+        tune.main(["--variant", "flash", "--logs", str(tmp_path / "logs"), *options])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()
 
 
 def test_lookup_follows_the_confirmed_winner(tuned_logs, tmp_path):

@@ -3,12 +3,14 @@ target, schedule). Batch, seq_q and seq_kv are run-time sizes: a kernel serves e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import s_tir
 
 from . import blas, tuning
@@ -21,6 +23,8 @@ SCHEDULES = ("best", "tuned", "hand", "untuned", "blas", "sme")
 
 _compiles = 0
 _compiles_lock = threading.Lock()
+COMPILED_KEPT = 256  # modules whose executables compile_counted keeps for reuse, least recently used dropped
+_compiled: collections.OrderedDict = collections.OrderedDict()  # (hash, target) -> [(module, executable)]
 
 
 def compile_count() -> int:
@@ -357,11 +361,22 @@ def _representative(kspec: KernelSpec, path: str) -> AttentionSpec:
 
 
 def compile_counted(mod: tvm.IRModule, target) -> object:
-    """tvm.compile, counted by ``compile_count``."""
+    """tvm.compile, counted by ``compile_count``; a module structurally equal to one this process compiled for the
+    same target (the decode kernel that standard, flash and mqa share, say) takes that one's executable."""
     global _compiles
+    key = (tvm_ffi.structural_hash(mod), str(target))
+    with _compiles_lock:
+        for seen, executable in _compiled.get(key, ()):
+            if tvm_ffi.structural_equal(seen, mod):
+                _compiled.move_to_end(key)
+                return executable
     executable = tvm.compile(mod, target=target)
     with _compiles_lock:
         _compiles += 1
+        _compiled.setdefault(key, []).append((mod, executable))
+        _compiled.move_to_end(key)
+        while len(_compiled) > COMPILED_KEPT:
+            _compiled.popitem(last=False)
     return executable
 
 

@@ -381,7 +381,7 @@ def main(argv=None) -> None:
         rows = run(plan, args.target, trials=args.trials, budget_min=args.time_budget, logs_root=logs_root,
                    rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, seed=args.seed,
                    untuned_only=args.untuned_only)
-    except tuning.CorruptTuningLog as err:
+    except ValueError as err:  # a corrupt log (CorruptTuningLog), RPC options, a target this host cannot run
         parser.error(str(err))
     print("\nhand/tuned: MetaSchedule's runner; confirmed: hand vs the kept schedule, timed here interleaved")
     print(f"{'workload':60s} {'hand ms':>10s} {'tuned ms':>10s} {'speedup':>8s} {'GFLOP/s':>8s} "
