@@ -104,12 +104,16 @@ def adjusts_by_position(kspec: KernelSpec) -> bool:
 
 
 @T.macro
-def adjust_scores(S, adjusted_scores, rows, tiles, block_kv, adjust, by_position):
+def adjust_scores(S, adjusted_scores, rows, tiles, block_kv, adjust, by_position, computed=None):
     """adjusted_scores = adjust(r, key, S[r, key]) (block "score_terms", annotated with ``by_position``:
-    adjusts_by_position) for rows x (tiles x block_kv) scores."""
+    adjusts_by_position) for rows x (tiles x block_kv) scores; with ``computed`` (a one-element int32 buffer: an
+    expression there made TVM's buffer compaction overflow int32), of its first computed[0] tiles only, those
+    scores_of_rows computed (past a causal tile's diagonal, half of them on average, the rest were never read)."""
     for ri, t, jj in T.grid(rows, tiles, block_kv):
         with T.sblock("score_terms"):
             r, vt, j = T.axis.remap("SSS", [ri, t, jj])
+            if computed is not None:
+                T.where(t < computed[0])
             T.sblock_attr({"position_terms": by_position})
             adjusted_scores[r, vt * block_kv + j] = adjust(r, vt * block_kv + j, S[r, vt * block_kv + j])
 
@@ -563,12 +567,17 @@ def load_q_rows(q_tile, q, vb, vh, row0, rows, seq_q, head_dim, scale, zero):
                                             zero)
 
 
+def computed_tiles(vis, row0, rows, seq_q, n_tiles, block_kv):
+    """One past the last KV tile scores_of_rows computes for rows row0.. (the tiles after it are never read)."""
+    return T.min(vis.end_tile(T.min(row0 + rows, seq_q) - 1, block_kv), n_tiles)
+
+
 @T.macro
 def scores_of_rows(S, q_tile, k_t, vb, vkh, row0, rows, seq_q, n_tiles, block_kv, head_dim, vis, zero):
     """S = q_tile k^T over the KV tiles some row of the tile sees; other tiles of S are left unwritten."""
     # Tiles before the window are skipped by a test rather than a loop start: TVM's buffer compaction cannot bound
     # S's region when the loop starts at a run-time tile.
-    for t in range(T.min(vis.end_tile(T.min(row0 + rows, seq_q) - 1, block_kv), n_tiles)):
+    for t in range(computed_tiles(vis, row0, rows, seq_q, n_tiles, block_kv)):
         with T.sblock("kv_tile"):
             vt = T.axis.opaque(n_tiles, t)
             if vt >= vis.first_tile(row0, block_kv):

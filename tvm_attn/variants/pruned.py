@@ -34,8 +34,8 @@ from tvm.script import tirx as T
 from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_by_position, adjusts_scores, bhsd_kernel, ceil_div,
-                     fresh_block_names, load_q_rows, row_max_of_scores, row_output, row_score_terms, run_time_sizes,
-                     scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen, with_sink)
+                     computed_tiles, fresh_block_names, load_q_rows, row_max_of_scores, row_output, row_score_terms,
+                     run_time_sizes, scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen, with_sink)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -122,8 +122,10 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                 if adjusts_scores(spec):  # S the adjusted scores (softcap, ALiBi), from here on
                     S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
                     scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
+                    n_computed = T.sblock_alloc_buffer((1,), "int32")
+                    n_computed[0] = computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK)
                     adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, vis),
-                                  adjusts_by_position(spec))
+                                  adjusts_by_position(spec), n_computed)
                 else:
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)

@@ -20,8 +20,8 @@ from tvm.script import tirx as T
 
 from ..spec import KernelSpec
 from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_by_position, adjusts_scores, bhsd_kernel, ceil_div,
-                     fresh_block_names, load_q_rows, row_max_of_scores, row_output, row_score_terms, run_time_sizes,
-                     scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen)
+                     computed_tiles, fresh_block_names, load_q_rows, row_max_of_scores, row_output, row_score_terms,
+                     run_time_sizes, scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen)
 
 BLOCK_Q = 16
 BLOCK_KV = 64
@@ -62,8 +62,10 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                 scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 if adjusts_scores(kspec):
                     S_adjusted = T.sblock_alloc_buffer((BQ, SKVP), ACC)
+                    n_computed = T.sblock_alloc_buffer((1,), "int32")
+                    n_computed[0] = computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK)
                     adjust_scores(S, S_adjusted, BQ, NK, BK, row_score_terms(kspec, vh, vrt * BQ, vis),
-                                  adjusts_by_position(kspec))
+                                  adjusts_by_position(kspec), n_computed)
                     row_max_of_scores(S_adjusted, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
                     softmax_numerators(S_adjusted, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
                 else:
