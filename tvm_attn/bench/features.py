@@ -47,6 +47,11 @@ COST_POINTS = (
                                                             head_dim=128, causal=True)),
     CostPoint("flash decode MHA 32 D64, 4096 keys", dict(batch=1, heads=32, seq_q=1, seq_kv=4096, head_dim=64,
                                                          causal=True)),
+    # the materialized-score kernels (threshold, top-k and mass take the same score terms)
+    CostPoint("threshold 0.01 prefill B1 H8 D64, 1024, causal",
+              dict(batch=1, heads=8, seq_q=1024, head_dim=64, causal=True, threshold=0.01), variant="threshold"),
+    CostPoint("top-k 64 prefill B1 H8 D64, 1024, causal",
+              dict(batch=1, heads=8, seq_q=1024, head_dim=64, causal=True, top_k=64), variant="topk"),
     CostPoint("bounded eps 0.05 decode GQA 32/8 D128, 8192 keys (shadow)",
               dict(batch=1, heads=32, kv_heads=8, seq_q=1, seq_kv=8192, head_dim=128, causal=True, eps=0.05),
               variant="bounded", shadow=True, q_scale=3.0),
