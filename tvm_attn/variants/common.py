@@ -106,14 +106,18 @@ def adjusts_by_position(kspec: KernelSpec) -> bool:
 @T.macro
 def adjust_scores(S, adjusted_scores, rows, tiles, block_kv, adjust, by_position, computed=None):
     """adjusted_scores = adjust(r, key, S[r, key]) (block "score_terms", annotated with ``by_position``:
-    adjusts_by_position) for rows x (tiles x block_kv) scores; with ``computed`` (a one-element int32 buffer: an
-    expression there made TVM's buffer compaction overflow int32), of its first computed[0] tiles only, those
-    scores_of_rows computed (past a causal tile's diagonal, half of them on average, the rest were never read)."""
+    adjusts_by_position) for rows x (tiles x block_kv) scores; with ``computed`` (computed_tiles), of the tiles
+    scores_of_rows computed only (past a causal tile's diagonal, half of them on average, the rest are never read)."""
+    if computed is not None:
+        # the bound read from a buffer: as an expression in the predicate it made TVM's buffer compaction overflow
+        # int32
+        n_computed = T.sblock_alloc_buffer((1,), "int32")
+        n_computed[0] = computed
     for ri, t, jj in T.grid(rows, tiles, block_kv):
         with T.sblock("score_terms"):
             r, vt, j = T.axis.remap("SSS", [ri, t, jj])
             if computed is not None:
-                T.where(t < computed[0])
+                T.where(t < n_computed[0])
             T.sblock_attr({"position_terms": by_position})
             adjusted_scores[r, vt * block_kv + j] = adjust(r, vt * block_kv + j, S[r, vt * block_kv + j])
 

@@ -122,10 +122,8 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                 if adjusts_scores(spec):  # S the adjusted scores (softcap, ALiBi), from here on
                     S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
                     scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                    n_computed = T.sblock_alloc_buffer((1,), "int32")
-                    n_computed[0] = computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK)
                     adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, vis),
-                                  adjusts_by_position(spec), n_computed)
+                                  adjusts_by_position(spec), computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK))
                 else:
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 row_max_of_scores(S, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)

@@ -62,10 +62,8 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                 scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 if adjusts_scores(kspec):
                     S_adjusted = T.sblock_alloc_buffer((BQ, SKVP), ACC)
-                    n_computed = T.sblock_alloc_buffer((1,), "int32")
-                    n_computed[0] = computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK)
                     adjust_scores(S, S_adjusted, BQ, NK, BK, row_score_terms(kspec, vh, vrt * BQ, vis),
-                                  adjusts_by_position(kspec), n_computed)
+                                  adjusts_by_position(kspec), computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK))
                     row_max_of_scores(S_adjusted, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
                     softmax_numerators(S_adjusted, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
                 else:
