@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.schedule import Trace
 
 import tvm_attn
@@ -281,7 +282,7 @@ def test_records_serve_other_cpus_of_their_isa_class(tmp_path):
     avx2 = '{"kind": "llvm", "mcpu": "x86-64-v3"}'
     if not tvm_attn.targets.runs_on_host(avx2):
         pytest.skip("this host does not run AVX2 code")
-    _tune(logs, "--target", avx2, trials=1)
+    _tune(logs, "--target", avx2, trials=0)  # the hand schedule measured and recorded: a record like any other
     spec = tvm_attn.AttentionSpec(**TINY)
     flash = tvm_attn.get_variant("flash")
     record = tuning.tuned_record(flash, spec, avx2, root=logs)
@@ -291,3 +292,25 @@ def test_records_serve_other_cpus_of_their_isa_class(tmp_path):
         == tuning.record_digest(record)
     for other in ({"kind": "llvm", "mcpu": "znver4"}, "apple-m3"):
         assert tuning.tuned_record(flash, spec, other, root=logs) is None
+
+
+def test_the_builder_keeps_its_workers_between_batches():
+    """One pool of build workers per tuning run: a second batch reuses the first's workers (each new worker pays
+    `import tvm`), and a module that does not build is that input's error, not the batch's."""
+    target = tvm_attn.resolve_target("host")
+    v = tvm_attn.get_variant("flash")
+    spec = tvm_attn.AttentionSpec(**TINY)
+    sch = s_tir.Schedule(tuning.workload(v, spec, target))
+    v.kernel_parts("prefill")[1](sch, target)
+    broken = tvm.IRModule({"main": tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0))})  # no global symbol
+    builder = tune.make_builder(target)
+    try:
+        first = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+        workers = {w._proc.pid for w in builder.pool._worker_map.values()}
+        second = builder.build([ms.builder.BuilderInput(broken, target),
+                                ms.builder.BuilderInput(sch.mod, target)])
+        assert {w._proc.pid for w in builder.pool._worker_map.values()} >= workers
+    finally:
+        builder.close()
+    assert first[0].error_msg is None and second[1].error_msg is None
+    assert second[0].error_msg is not None and second[0].artifact_path is None

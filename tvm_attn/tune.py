@@ -26,6 +26,8 @@ import tvm
 from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import local_builder
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from . import tuning
 from .runtime import dlpack_argument, numpy_dtype
@@ -58,7 +60,7 @@ BUILD_FUNC = "tvm_attn.tune.build"
 @tvm.register_global_func(BUILD_FUNC, override=True)
 def _build(mod: tvm.IRModule, target, _params):
     """MetaSchedule's default_build without its `import tvm.s_tir.tensor_intrin`, which takes ~27 s in every
-    builder worker (the pool restarts each batch) and which these kernels do not use."""
+    builder worker (each new one: PooledBuilder) and which these kernels do not use."""
     return tvm.driver.build(mod, target=target)
 
 
@@ -89,11 +91,40 @@ def _init_builder_worker() -> None:
     import tvm_attn.tune  # noqa: F401
 
 
+@derived_object
+class PooledBuilder(ms.builder.PyBuilder):
+    """MetaSchedule's LocalBuilder (the same build and export in worker processes, the same timeout and errors),
+    with one pool of workers for the whole run. LocalBuilder starts a new pool for every batch and one more for its
+    sanity check, and each new worker pays ``import tvm`` (6-9 s on a 2-core Zen 1). TVM restarts the pool against
+    the workers' memory growth; here each worker is recycled after ``uses`` builds instead."""
+
+    def __init__(self, max_workers: int, timeout_sec: float, uses: int = 32):
+        super().__init__()
+        self.timeout_sec = timeout_sec
+        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=uses,
+                                      initializer=_init_builder_worker)
+
+    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
+        jobs = [(BUILD_FUNC, None, b.mod, b.target, None) for b in build_inputs]
+        results = []
+        for done in self.pool.map_with_error_catching(lambda job: local_builder._worker_func(*job), jobs):
+            if done.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(done.value, None))
+            elif done.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(
+                    None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"LocalBuilder: An exception occurred\n{done.value}"))
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 def make_builder(target):
     """Builds in worker processes; artifacts are MetaSchedule's default .tar of objects (an RPC server links them
     on the device, e.g. with the Mac's own clang)."""
-    return ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=60, f_build=BUILD_FUNC,
-                                   initializer=_init_builder_worker)
+    return PooledBuilder(max_workers=_cores(), timeout_sec=60)
 
 
 def _measure_hand(variant, spec, target, mod, builder, runner):
@@ -323,23 +354,23 @@ def run(plan: list[Workload], target, *, trials: int, budget_min: float, logs_ro
         searched = [w for w in plan if _searched(db, w, t)]
         plan = [w for w in plan if w not in searched]
         print(f"{len(searched)} workloads already tuned, skipped", file=out, flush=True)
-    builder = make_builder(t)
-    progress = Progress(len(plan), trials, budget_min * 60, out)
-    rows = []
-    for w in plan:
-        if time.time() - progress.started > budget_min * 60:
-            print(f"time budget of {budget_min:g} min used: {len(plan) - len(rows)} workloads not tuned",
-                  file=out, flush=True)
-            break
-        row = tune_workload(w, t, db, trials=trials, builder=builder, runner=runner, work_dir=str(work_dir),
-                            logs_root=logs_root,
-                            progress=progress, seed=seed)
-        row.update(workload=w.name, gflops=w.spec.dense_flops() / (row["best_ms"] * 1e-3) / 1e9)
-        if not rpc_tracker and weighs_blas(get_variant(w.variant), w.spec, t):
-            row.update(weigh_blas(get_variant(w.variant), w.spec, t, logs_root, out))
-        rows.append(row)
-        print(f"  done {w.name}: hand {row['hand_ms']:.3f} ms -> best {row['best_ms']:.3f} ms "
-              f"({row['hand_ms'] / row['best_ms']:.2f}x)", file=out, flush=True)
+    with contextlib.closing(make_builder(t)) as builder:
+        progress = Progress(len(plan), trials, budget_min * 60, out)
+        rows = []
+        for w in plan:
+            if time.time() - progress.started > budget_min * 60:
+                print(f"time budget of {budget_min:g} min used: {len(plan) - len(rows)} workloads not tuned",
+                      file=out, flush=True)
+                break
+            row = tune_workload(w, t, db, trials=trials, builder=builder, runner=runner, work_dir=str(work_dir),
+                                logs_root=logs_root,
+                                progress=progress, seed=seed)
+            row.update(workload=w.name, gflops=w.spec.dense_flops() / (row["best_ms"] * 1e-3) / 1e9)
+            if not rpc_tracker and weighs_blas(get_variant(w.variant), w.spec, t):
+                row.update(weigh_blas(get_variant(w.variant), w.spec, t, logs_root, out))
+            rows.append(row)
+            print(f"  done {w.name}: hand {row['hand_ms']:.3f} ms -> best {row['best_ms']:.3f} ms "
+                  f"({row['hand_ms'] / row['best_ms']:.2f}x)", file=out, flush=True)
     tuning._cached_database.cache_clear()
     return rows
 
