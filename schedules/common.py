@@ -131,17 +131,29 @@ def vectorize_last(sch: s_tir.Schedule, name: str, lanes: int):
     return outer
 
 
+def _scope_allocates(sch: s_tir.Schedule, block, buffers) -> bool:
+    """Whether the block scope of ``block`` (its nearest enclosing block) allocates each of ``buffers``: then they
+    are none of the scope's outputs, which reverse_compute_inline may not remove."""
+    sref = sch.get_sref(block).parent
+    while not isinstance(sref.stmt, s_tir.SBlock):
+        sref = sref.parent
+    return all(any(buffer.same_as(a) for a in sref.stmt.alloc_buffers) for buffer in buffers)
+
+
 def schedule_score_terms(sch: s_tir.Schedule, lanes: int) -> None:
     """The block adjusting the scores (score_terms; absent without softcap and ALiBi). Terms of the score alone
     (softcap), where the scores come from a register-blocked matmul (``register_blocked_matmul``: its accumulators
-    written back by a local-copy block), run per register tile right after the write-back, rows and vectors unrolled
-    as the micro-kernel's, rather than in a pass of its own over the score tile; elsewhere vectorized as a pass.
+    written back by a local-copy block), are computed by that write-back where the compute allocates both score
+    buffers in the scope of score_terms (flash's KV tile: the raw scores then never reach memory), else run per
+    register tile right after the write-back, rows and vectors unrolled as the micro-kernel's, rather than in a pass
+    of its own over the score tile; elsewhere vectorized as a pass.
     Terms of the positions (ALiBi: the block's annotation "position_terms") stay a pass that LLVM vectorizes: per
     register tile their unrolled index arithmetic took 6-33 s to compile, not unrolled they ran slower.
     Measured here (Zen 1, flash prefill D64 1024 causal, tuned, against the kernel without, three interleaved rounds):
-    softcap 30 1.114x as a pass, 1.096x per register tile; ALiBi 1.055x as a pass vectorized by the schedule, 1.02x
-    as one LLVM vectorized, 1.053x-1.070x per register tile not unrolled (D128, hand: 1.032x-1.035x vectorized by
-    the schedule, 1.010x-1.019x by LLVM)."""
+    softcap 30 1.114x as a pass, 1.096x per register tile, 1.064x-1.091x in the write-back with q scaled by
+    1 / softcap (common.score_scales; 1.087x-1.123x per register tile, interleaved with it); ALiBi 1.055x as a pass
+    vectorized by the schedule, 1.02x as one LLVM vectorized, 1.053x-1.070x per register tile not unrolled (D128,
+    hand: 1.032x-1.035x vectorized by the schedule, 1.010x-1.019x by LLVM)."""
     if not has_block(sch, "score_terms"):
         return
     block = sch.get_sblock("score_terms")
@@ -149,6 +161,11 @@ def schedule_score_terms(sch: s_tir.Schedule, lanes: int) -> None:
         return
     producers = sch.get_producers(block)
     in_register_tiles = len(producers) == 1 and sch.get(producers[0]).name_hint.endswith("_local")
+    buffers = [region.source for region in (*sch.get(block).reads, *sch.get(block).writes)]
+    if in_register_tiles and _scope_allocates(sch, block, buffers):
+        # the write-back then writes the adjusted scores from the accumulators (no store and load of the raw ones)
+        sch.reverse_compute_inline(block)
+        return
     if in_register_tiles:
         write_back = producers[0]
         own_loops = len(sch.get(write_back).iter_vars)

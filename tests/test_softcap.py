@@ -69,6 +69,30 @@ def test_softcap_through_a_cache(dtype):
         assert_matches_reference("flash", spec, cache.attend(q, softcap=4.0), q, k, v)
 
 
+@pytest.mark.parametrize("variant", ["flash", "topk"])
+@pytest.mark.parametrize("cap", [0.5, 1e30])
+def test_caps_kept_out_of_q_cap_the_scores(variant, cap):
+    """Caps of 1 to 2^64 scale q by scale / cap, so that the scores come divided by it (common.score_scales); a
+    smaller cap (q would grow) or a larger one (q would shrink to subnormals) divides the scores instead."""
+    knob = knobs_for(variant)[0]
+    spec = tvm_attn.AttentionSpec(batch=2, heads=4, kv_heads=2, seq_q=70, seq_kv=130, head_dim=40, causal=True,
+                                  softcap=cap, **knob)
+    q, k, v = make_inputs(spec, seed=5, q_scale=min(cap, 3.0) / 3)  # scores about the cap (not all tied in it)
+    assert_matches_reference(variant, spec, tvm_attn.build(variant, spec)(q, k, v), q, k, v)
+
+
+def test_flash_caps_the_scores_in_the_write_back_of_its_register_tiles():
+    """flash's prefill kernel with a softcap has no pass of its own for it: the write-back of qk's register tiles
+    computes the capped scores from the accumulators, and the raw scores never reach memory
+    (schedules/common.schedule_score_terms)."""
+    spec = tvm_attn.AttentionSpec(batch=1, heads=4, kv_heads=2, seq_q=64, seq_kv=64, head_dim=32, causal=True,
+                                  softcap=5.0)
+    text = tvm_attn.kernel.scheduled_module(tvm_attn.get_variant("flash"), spec, tvm_attn.resolve_target("host"),
+                                            "hand", "prefill").mod.script()
+    assert 'T.sblock("score_terms")' not in text and "S = T.sblock_alloc_buffer" not in text
+    assert "S_adjusted = T.sblock_alloc_buffer" in text
+
+
 @pytest.mark.parametrize("cap", [5.0, 30.0, 1e30])
 def test_softcapped_scores_are_float32_close_to_tanh(cap):
     """softcapped near 0 (down to subnormal and zero arguments), around its clamp, over +-10 cap, +-Inf and NaN:

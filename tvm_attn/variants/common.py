@@ -47,11 +47,13 @@ _TANH_NUMERATOR = (4014758.25, 519267.46875, 11883.6240234375, 46.27597808837890
 _TANH_DENOMINATOR = (4014757.75, 1857516.0, 95760.3984375, 963.31103515625)  # x^0, x^2, x^4, x^6 (and 1 x^8)
 
 
-def softcapped(s, cap: float):
-    """cap * tanh(s / cap) (logit softcapping) in vectorizable float32 arithmetic (one division, no exp): x = s / cap
+def softcapped(s, cap: float, prescale: float = 1.0):
+    """cap * tanh(prescale * s / cap) (logit softcapping) in vectorizable float32 arithmetic (one division, no exp):
+    x = s * (prescale / cap) (no multiply where that is 1: a kernel that scaled q by 1 / cap passes prescale = cap)
     clamped to +-TANH_CLAMP, then x p(x^2) / q(x^2) with cap folded into p (caps below 2^64); NaN stays NaN (each
     clamp returns its second operand when the comparison fails, and the constant is the first), +-Inf become +-cap."""
-    x = T.max(T.float32(-TANH_CLAMP), T.min(T.float32(TANH_CLAMP), s * T.float32(1 / cap)))
+    factor = prescale / cap
+    x = T.max(T.float32(-TANH_CLAMP), T.min(T.float32(TANH_CLAMP), s * T.float32(factor) if factor != 1.0 else s))
     x2 = x * x
     fold = cap < 2.0**64  # x p(x^2) reaches 7.4e8 cap: finite in float32 for such caps
     p_scale = cap if fold else 1.0
@@ -74,12 +76,14 @@ def constant_of(values: tuple, i, first: int = 0):
 
 
 def adjusted(kspec: KernelSpec, s, head, distance, prescale: float = 1.0):
-    """Score s as the softmax takes it: times ``prescale`` (the scale of scores computed unscaled, else 1),
-    softcapped where kspec.softcap is set, then minus kspec's ALiBi slope of query ``head`` times ``distance`` (the
-    query's position minus the key's, an int) where kspec.alibi_slopes is set."""
-    x = s * T.float32(prescale) if prescale != 1.0 else s
+    """Score s as the softmax takes it: times ``prescale`` (the scale of scores computed unscaled, the softcap of
+    scores computed divided by it: ``score_scales``, else 1), softcapped where kspec.softcap is set, then minus
+    kspec's ALiBi slope of query ``head`` times ``distance`` (the query's position minus the key's, an int) where
+    kspec.alibi_slopes is set."""
     if kspec.softcap is not None:
-        x = softcapped(x, kspec.softcap)
+        x = softcapped(s, kspec.softcap, prescale)
+    else:
+        x = s * T.float32(prescale) if prescale != 1.0 else s
     if kspec.alibi_slopes is not None:
         x = x - constant_of(kspec.alibi_slopes, head) * T.Cast(ACC, distance)
     return x
@@ -91,10 +95,19 @@ def adjusts_scores(kspec: KernelSpec) -> bool:
     return kspec.softcap is not None or kspec.alibi_slopes is not None
 
 
-def row_score_terms(kspec: KernelSpec, head, row0, vis):
-    """(r, j, s) -> score s of query row0 + r (of query ``head``) against key j, adjusted (``adjusted``, at the
-    distance ``vis`` says; rows past seq_q count as its last)."""
-    return lambda r, j, s: adjusted(kspec, s, head, vis.distance(T.min(row0 + r, vis.seq_q - 1), j))
+def row_score_terms(kspec: KernelSpec, head, row0, vis, prescale: float = 1.0):
+    """(r, j, s) -> score s of query row0 + r (of query ``head``) against key j, adjusted (``adjusted``, with
+    ``prescale``, at the distance ``vis`` says; rows past seq_q count as its last)."""
+    return lambda r, j, s: adjusted(kspec, s, head, vis.distance(T.min(row0 + r, vis.seq_q - 1), j), prescale)
+
+
+def score_scales(kspec: KernelSpec) -> tuple[float, float]:
+    """(what a kernel computing scaled scores multiplies q by, the prescale ``adjusted`` then takes): with a softcap
+    of 1 to 2^64, scale / softcap and softcap, so that the scores come as the tanh's argument (one multiply per score
+    fewer; such a q neither overflows nor, at any useful size, underflows); else scale and 1."""
+    if kspec.softcap is not None and 1.0 <= kspec.softcap < 2.0**64:
+        return kspec.scale / kspec.softcap, kspec.softcap
+    return kspec.scale, 1.0
 
 
 def adjusts_by_position(kspec: KernelSpec) -> bool:

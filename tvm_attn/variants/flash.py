@@ -11,12 +11,15 @@ visit only the KV tiles some of their rows can see.
 Blocks (the contract with schedules/flash.py):
   k_t          K transposed to (d, key), zero-padded to whole KV tiles: keys lie along vector lanes in qk
   tile         one per row tile, owning the scratch buffers; inside it:
-    q_tile     the tile's query rows, pre-scaled, zero-padded past the last row
+    q_tile     the tile's query rows, pre-scaled (by scale / softcap where common.score_scales says), zero-padded past
+               the last row
     init_stats, init_acc
     kv_tile    one per KV tile (causal: only tiles some row of the tile can see); inside it:
       qk         S = q_tile k_t                               (a BQ x BK x D matmul)
       score_terms  (kspec.softcap, kspec.alibi_slopes) S_adjusted = S softcapped, then with the ALiBi bias:
-                   what the softmax then reads (common.adjusted)
+                   what the softmax then reads (common.adjusted); with softcap alone, S and S_adjusted are the KV
+                   tile's own buffers (not the row tile's), so that the schedule may inline score_terms into the
+                   write-back of qk's register tiles
       tile_max   the tile's row max over visible keys         (pure reductions, so rfactor/cache_write apply)
       rescale    m_new = max(m, tile_max), alpha = exp(m - m_new)
       p          P = exp(S - m_new), 0 where masked
@@ -37,7 +40,8 @@ from ..fast_exp import softmax_exp
 from .common import (ACC, BF16_BITS, Visibility, adjust_scores, adjusted, adjusts_by_position, adjusts_scores,
                      bhsd_kernel, bits_of, ceil_div, fresh_block_names, init_online_softmax, online_softmax_state,
                      online_softmax_tile, pack_k_pairs, pack_v_pairs, pv_tile_pairs, qk_tile, qk_tile_pairs,
-                     row_output, run_time_sizes, sink_logit, softmax_weights, transpose_k, update_output, widen)
+                     row_output, run_time_sizes, score_scales, sink_logit, softmax_weights, transpose_k, update_output,
+                     widen)
 
 # 48 rows: a multiple of the 6-row register block (schedules/common.py). Measured here against 32 rows (4-row blocks),
 # B2 H8 D64: AVX-512 (znver4 code on Zen 5) 1024 keys 17.2 -> 14.4 ms, causal 2048 48.1 -> 34.5 ms; AVX2
@@ -63,7 +67,8 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
     GO = G // GI  # query heads of a group handled by separate tiles
     BQ = block_q
     BK = block_kv
-    SCALE = T.float32(kspec.scale)
+    q_scale, score_prescale = score_scales(kspec)
+    SCALE = T.float32(q_scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     ONE = T.float32(1)
@@ -75,7 +80,10 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
     # Softcap and ALiBi: the adjusted scores (scaled first where pairs left them unscaled) in S_adjusted
     ADJUST = adjusts_scores(kspec)
     BY_POSITION = adjusts_by_position(kspec)
-    PRESCALE = abs(kspec.scale) if pairs else 1.0
+    # Terms of the score alone (softcap): S and S_adjusted belong to the KV tile, so that the schedule may compute
+    # the terms in the write-back of the register tiles (schedule_score_terms; S then disappears)
+    SCORES_PER_KV_TILE = ADJUST and not BY_POSITION
+    PRESCALE = abs(kspec.scale) if pairs else score_prescale
     OPERAND = BF16_BITS if pairs else ACC  # q_tile and P
     # The running max in score units, for the sink's term (pairs without softcap keep it unscaled).
     MAX_SCALE = abs(kspec.scale) if pairs and not ADJUST else 1.0
@@ -156,9 +164,10 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
             with T.sblock("tile"):
                 vb, vkh, vgo, vrt = T.axis.remap("SSSS", [b, kh, go, rt])
                 q_tile = T.sblock_alloc_buffer((BQ, D), OPERAND)
-                S = T.sblock_alloc_buffer((BQ, BK), ACC)
-                if ADJUST:
-                    S_adjusted = T.sblock_alloc_buffer((BQ, BK), ACC)
+                if not SCORES_PER_KV_TILE:
+                    S = T.sblock_alloc_buffer((BQ, BK), ACC)
+                    if ADJUST:
+                        S_adjusted = T.sblock_alloc_buffer((BQ, BK), ACC)
                 P = T.sblock_alloc_buffer((BQ, BK), OPERAND)
                 O, m, t_max, t_sum, alpha, l, acc = online_softmax_state(BQ, D)
                 for ri, d in T.grid(BQ, D):
@@ -186,6 +195,9 @@ def compute(kspec: KernelSpec, *, group_rows: bool = False, pairs: bool = False,
                         # substituted into every index: a windowed mqa kernel (h4 kv1 d40) took 13 s to compile.
                         if kspec.window is not None:
                             T.where(needs_tile(vrt, t))
+                        if SCORES_PER_KV_TILE:
+                            S = T.sblock_alloc_buffer((BQ, BK), ACC)
+                            S_adjusted = T.sblock_alloc_buffer((BQ, BK), ACC)
                         if pairs:
                             qk_tile_pairs(S, q_tile, k_p, vb, vkh, vt * BK, BQ, BK, D, ZERO)
                             if ADJUST:

@@ -35,7 +35,8 @@ from ..fast_exp import softmax_exp
 from ..spec import KernelSpec
 from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_by_position, adjusts_scores, bhsd_kernel, ceil_div,
                      computed_tiles, fresh_block_names, load_q_rows, row_max_of_scores, row_output, row_score_terms,
-                     run_time_sizes, scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen, with_sink)
+                     run_time_sizes, score_scales, scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen,
+                     with_sink)
 
 BLOCK_Q = 32
 BLOCK_KV = 64
@@ -63,7 +64,8 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
     TAU = T.float32(spec.threshold or 0.0)
     BQ = block_q
     BK = block_kv
-    SCALE = T.float32(spec.scale)
+    q_scale, PRESCALE = score_scales(spec)
+    SCALE = T.float32(q_scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     ONE = T.float32(1)
@@ -122,7 +124,7 @@ def compute(spec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_K
                 if adjusts_scores(spec):  # S the adjusted scores (softcap, ALiBi), from here on
                     S_raw = T.sblock_alloc_buffer((BQ, SKVP), ACC)
                     scores_of_rows(S_raw, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
-                    adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, vis),
+                    adjust_scores(S_raw, S, BQ, NK, BK, row_score_terms(spec, vh, vrt * BQ, vis, PRESCALE),
                                   adjusts_by_position(spec), computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK))
                 else:
                     scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)

@@ -21,7 +21,7 @@ from tvm.script import tirx as T
 from ..spec import KernelSpec
 from .common import (ACC, LANES, Visibility, adjust_scores, adjusts_by_position, adjusts_scores, bhsd_kernel, ceil_div,
                      computed_tiles, fresh_block_names, load_q_rows, row_max_of_scores, row_output, row_score_terms,
-                     run_time_sizes, scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen)
+                     run_time_sizes, score_scales, scores_of_rows, sink_logit, softmax_numerators, transpose_k, widen)
 
 BLOCK_Q = 16
 BLOCK_KV = 64
@@ -32,7 +32,8 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
     G = kspec.group_size
     BQ = block_q
     BK = block_kv
-    SCALE = T.float32(kspec.scale)
+    q_scale, PRESCALE = score_scales(kspec)
+    SCALE = T.float32(q_scale)
     NEG = T.min_value("float32")
     ZERO = T.float32(0)
     dtype = kspec.dtype
@@ -62,7 +63,7 @@ def compute(kspec: KernelSpec, *, block_q: int = BLOCK_Q, block_kv: int = BLOCK_
                 scores_of_rows(S, q_tile, k_t, vb, vh // G, vrt * BQ, BQ, SQ, NK, BK, D, vis, ZERO)
                 if adjusts_scores(kspec):
                     S_adjusted = T.sblock_alloc_buffer((BQ, SKVP), ACC)
-                    adjust_scores(S, S_adjusted, BQ, NK, BK, row_score_terms(kspec, vh, vrt * BQ, vis),
+                    adjust_scores(S, S_adjusted, BQ, NK, BK, row_score_terms(kspec, vh, vrt * BQ, vis, PRESCALE),
                                   adjusts_by_position(kspec), computed_tiles(vis, vrt * BQ, BQ, SQ, NK, BK))
                     row_max_of_scores(S_adjusted, max_part, row_max, vrt * BQ, BQ, SKVP, vis, NEG)
                     softmax_numerators(S_adjusted, E, row_max, sum_part, row_sum, vrt * BQ, BQ, SKVP, vis, ZERO)
